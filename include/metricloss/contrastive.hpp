@@ -1,0 +1,165 @@
+#pragma once
+// Contrastive loss over pairs (a_i, b_i), d_i = ||a_i - b_i||_2:
+//
+//   L = 1/(2N) sum_i [ s_i d_i^2 + (1 - s_i) h_i ]
+//     hadsell: h_i = max(m - d_i, 0)^2     legacy: h_i = max(m - d_i^2, 0)
+//
+//   dL/da_i = -dL/db_i = top_diff/N * c_i (a_i - b_i), with
+//     c_i = 1 (similar);  hadsell: -(m - d_i)/d_i if 0 < d_i < m, else 0;
+//     legacy: -1 if d_i^2 < m, else 0.
+// No epsilon: at d_i = 0 the subgradient is exactly 0.
+#include <metricloss/detail/contrastive_math.hpp>
+#include <metricloss/detail/validate.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/exec.hpp>
+#include <metricloss/types.hpp>
+
+#include <type_traits>
+#include <utility>
+
+namespace metricloss {
+
+namespace detail {
+
+/// Similarity of pair i from one similarity vector (Caffe's third bottom blob).
+template <class S>
+struct SimilarityVector {
+  VectorView<S> sim;
+  METRICLOSS_HOST_DEVICE Similarity operator()(Index i) const { return similarity_of(sim[i]); }
+};
+
+/// Similarity of pair i from two label vectors: similar when the labels are equal.
+template <class L, class M>
+struct LabelPair {
+  VectorView<L> labels_a;
+  VectorView<M> labels_b;
+  METRICLOSS_HOST_DEVICE Similarity operator()(Index i) const {
+    return similarity_of(labels_a[i], labels_b[i]);
+  }
+};
+
+/// The fused pass shared by the CPU backends, parameterised on their row primitives.
+/// Each row of a and b is read from memory once: the second touch (the gradient) hits L1.
+template <class RowOps, class T, class Source>
+double contrastive_forward_backward(const MatrixView<const T>& a, const MatrixView<const T>& b,
+                                    const Source& similarity, double margin,
+                                    ContrastiveForm form, const MatrixView<T>& grad_a,
+                                    const MatrixView<T>& grad_b, double top_diff) {
+  const Index n = a.rows, d = a.cols;
+  const bool any_gradient = !grad_a.empty() || !grad_b.empty();
+  const double scale = top_diff / static_cast<double>(n);
+  double sum = 0.0;
+  for (Index i = 0; i < n; ++i) {
+    const T* ai = a.row(i);
+    const T* bi = b.row(i);
+    const PairTerm t =
+        contrastive_pair(RowOps::squared_distance(ai, bi, d), similarity(i), margin, form);
+    sum += t.term;
+    if (any_gradient)
+      RowOps::scaled_difference(grad_a.empty() ? nullptr : grad_a.row(i),
+                                grad_b.empty() ? nullptr : grad_b.row(i), ai, bi,
+                                scale * t.coefficient, d);
+  }
+  return sum / (2.0 * static_cast<double>(n));
+}
+
+}  // namespace detail
+
+/// Contrastive loss (Hadsell et al. 2006; Caffe's ContrastiveLossLayer). See the formula
+/// at the top of this header. One instance per thread.
+template <class T>
+class ContrastiveLoss {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "metricloss::ContrastiveLoss<T>: T must be float or double");
+
+ public:
+  using scalar_type = T;
+
+  T margin;
+  ContrastiveForm form;
+
+  explicit ContrastiveLoss(T margin_ = T(1), ContrastiveForm form_ = ContrastiveForm::hadsell)
+      : margin(margin_), form(form_) {}
+
+  /// Loss only; `sim` nonzero (after truncation to an integer, as Caffe) = similar pair.
+  template <class Tag, class A, class B, class S,
+            std::enable_if_t<detail::is_label_vector_v<S>, int> = 0>
+  T forward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
+            const Eigen::MatrixBase<S>& sim) {
+    return forward_backward(tag, a, b, sim, skip, skip);
+  }
+
+  /// Loss only; pair i is similar when labels_a[i] == labels_b[i].
+  template <class Tag, class A, class B, class L, class M,
+            std::enable_if_t<detail::is_label_vector_v<L> && detail::is_label_vector_v<M>, int> = 0>
+  T forward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
+            const Eigen::MatrixBase<L>& labels_a, const Eigen::MatrixBase<M>& labels_b) {
+    return forward_backward(tag, a, b, labels_a, labels_b, skip, skip);
+  }
+
+  /// Loss, and the gradients times top_diff written into grad_a and grad_b (either may be
+  /// `metricloss::skip`).
+  template <class Tag, class A, class B, class S, class GA, class GB,
+            std::enable_if_t<detail::is_label_vector_v<S> && detail::is_gradient_output_v<GA> &&
+                                 detail::is_gradient_output_v<GB>,
+                             int> = 0>
+  T forward_backward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
+                     const Eigen::MatrixBase<S>& sim, GA&& grad_a, GB&& grad_b,
+                     T top_diff = T(1)) {
+    detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), "forward_backward");
+    const auto av = input(check, "a", a);
+    const auto bv = input(check, "b", b);
+    check.same_shape("b", bv, "a", av);
+    const auto sv = detail::label_view(sim);
+    check.labels("sim", sv, av.rows, "a");
+    return run(tag, check, av, bv, detail::SimilarityVector<typename S::Scalar>{sv},
+               std::forward<GA>(grad_a), std::forward<GB>(grad_b), top_diff);
+  }
+
+  template <class Tag, class A, class B, class L, class M, class GA, class GB,
+            std::enable_if_t<detail::is_label_vector_v<L> && detail::is_label_vector_v<M> &&
+                                 detail::is_gradient_output_v<GA> &&
+                                 detail::is_gradient_output_v<GB>,
+                             int> = 0>
+  T forward_backward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
+                     const Eigen::MatrixBase<L>& labels_a, const Eigen::MatrixBase<M>& labels_b,
+                     GA&& grad_a, GB&& grad_b, T top_diff = T(1)) {
+    detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), "forward_backward");
+    const auto av = input(check, "a", a);
+    const auto bv = input(check, "b", b);
+    check.same_shape("b", bv, "a", av);
+    const auto la = detail::label_view(labels_a);
+    const auto lb = detail::label_view(labels_b);
+    check.labels("labels_a", la, av.rows, "a");
+    check.labels("labels_b", lb, av.rows, "a");
+    return run(tag, check, av, bv,
+               detail::LabelPair<typename L::Scalar, typename M::Scalar>{la, lb},
+               std::forward<GA>(grad_a), std::forward<GB>(grad_b), top_diff);
+  }
+
+ private:
+  template <class X>
+  static detail::MatrixView<const T> input(detail::Validator& check, const char* name,
+                                           const Eigen::MatrixBase<X>& x) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::ContrastiveLoss<T>: embeddings must have scalar type T");
+    const auto view = detail::input_view(x);
+    check.embeddings(name, view);
+    return view;
+  }
+
+  template <class Tag, class Source, class GA, class GB>
+  T run(const Tag& tag, detail::Validator& check, const detail::MatrixView<const T>& av,
+        const detail::MatrixView<const T>& bv, const Source& similarity, GA&& grad_a,
+        GB&& grad_b, T top_diff) {
+    check.margin(margin);
+    const auto ga = detail::gradient_view<T>(std::forward<GA>(grad_a));
+    const auto gb = detail::gradient_view<T>(std::forward<GB>(grad_b));
+    check.gradient("grad_a", ga, "a", av);
+    check.gradient("grad_b", gb, "a", av);
+    return detail::Backend<ContrastiveLoss, Tag>::forward_backward(*this, tag, av, bv, similarity,
+                                                                   ga, gb, top_diff);
+  }
+};
+
+}  // namespace metricloss

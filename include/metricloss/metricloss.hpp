@@ -1,0 +1,15 @@
+#pragma once
+// The CPU umbrella: every loss with its scalar and SIMD backends. Never includes CUDA
+// (that is <metricloss/cuda.cuh>, compiled by nvcc).
+//
+// Order: configuration and core types, then per loss its public functor followed by its
+// backends (a backend specialises detail::Backend<Loss, Tag> declared in exec.hpp).
+#include <metricloss/version.hpp>
+#include <metricloss/config.hpp>
+#include <metricloss/types.hpp>
+#include <metricloss/errors.hpp>
+#include <metricloss/exec.hpp>
+
+#include <metricloss/contrastive.hpp>
+#include <metricloss/backend/scalar/contrastive.hpp>
+#include <metricloss/backend/simd/contrastive.hpp>

@@ -1,0 +1,8 @@
+#pragma once
+// The single source of the version: CMakeLists.txt parses these three lines.
+#define METRICLOSS_VERSION_MAJOR 0
+#define METRICLOSS_VERSION_MINOR 1
+#define METRICLOSS_VERSION_PATCH 0
+
+#define METRICLOSS_VERSION \
+  (METRICLOSS_VERSION_MAJOR * 10000 + METRICLOSS_VERSION_MINOR * 100 + METRICLOSS_VERSION_PATCH)

@@ -1,0 +1,34 @@
+// Explicit instantiation: every member of every functor is compiled for float and double
+// (a member template is instantiated here through each overload below).
+#include "support.hpp"
+
+template class metricloss::ContrastiveLoss<float>;
+template class metricloss::ContrastiveLoss<double>;
+
+namespace {
+template <class T, class Tag>
+void instantiate_contrastive() {
+  using namespace mltest;
+  Matrix<T> a = Matrix<T>::Ones(2, 3), b = Matrix<T>::Zero(2, 3), ga(2, 3), gb(2, 3);
+  Eigen::VectorXi s = Eigen::VectorXi::Ones(2);
+  Eigen::Map<const Matrix<T>> am(a.data(), 2, 3);
+  ml::ConstRowMap<T> bm(b.data(), 2, 3, Eigen::OuterStride<>(3));
+  Eigen::Map<Matrix<T>> gam(ga.data(), 2, 3);
+  ml::RowMap<T> gbm(gb.data(), 2, 3, Eigen::OuterStride<>(3));
+  ml::ContrastiveLoss<T> loss(T(1), ml::ContrastiveForm::legacy);
+  loss.margin = T(2);
+  loss.form = ml::ContrastiveForm::hadsell;
+  const Tag tag{};
+  CHECK(loss.forward(tag, am, bm, s) == loss.forward(tag, a, b, s, s));
+  loss.forward_backward(tag, am, bm, s, gam, gbm, T(0.5));
+  loss.forward_backward(tag, a, b, s, s, ga, ml::skip);
+  loss.forward_backward(tag, a, b, s, ml::skip, gb);
+}
+}  // namespace
+
+TEST_CASE("every loss compiles for float and double on every CPU tag", "[instantiation]") {
+  instantiate_contrastive<float, metricloss::scalar_tag>();
+  instantiate_contrastive<double, metricloss::scalar_tag>();
+  instantiate_contrastive<float, metricloss::simd_tag>();
+  instantiate_contrastive<double, metricloss::simd_tag>();
+}
