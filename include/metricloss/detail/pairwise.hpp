@@ -1,0 +1,222 @@
+#pragma once
+// Pairwise squared distances between the rows of one batch, and the gradient that flows
+// back through them, for the SIMD path of the batch losses (batch triplet, lifted).
+//
+// Distances. D2_ij = n_i + n_j - 2 <xc_i, xc_j> on the batch centred at its mean
+// (xc = x - mean, n_i = ||xc_i||^2), so that one GEMM-class product does the O(N^2 D) work.
+// Centring removes a common offset (every coordinate ~ 100: ||x||^2 ~ 1e6 against
+// distances ~ 1e-1) that would otherwise cancel every significant digit. The expansion
+// still loses digits when D2_ij is small against n_i + n_j, so those entries are recomputed
+// directly by differences; losses also recompute, with exact_squared(), every distance that
+// carries weight in their result (mined pairs, positive pairs).
+//
+// Gradient. For a loss L(D2) with W_ij = dL/dD2_ij (one entry per ordered pair),
+//   dL/dx_i = 2 sum_j S_ij (x_i - x_j),  S = W + W^T,   i.e.  dX = 2 (diag(S 1) - S) X,
+// one (N x N)(N x D) product. Rows of diag(S 1) - S sum to zero, so X may be replaced by the
+// centred xc, which keeps the product free of the offset's cancellation too.
+//
+// Products run through Eigen in tiles whose packing buffers fit Eigen's stack-allocation
+// limit, so that no call allocates once the workspace is warm.
+#include <metricloss/backend/simd/rowops.hpp>
+#include <metricloss/detail/views.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+namespace metricloss {
+namespace detail {
+
+/// Grow-only storage: a call at the same or a smaller size than an earlier one allocates
+/// nothing.
+template <class T>
+class GrowOnlyBuffer {
+ public:
+  T* data(std::size_t size) {
+    if (storage_.size() < size) storage_.resize(size);
+    return storage_.data();
+  }
+
+ private:
+  std::vector<T> storage_;
+};
+
+template <class T>
+using StridedMap = Eigen::Map<RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+template <class T>
+using ConstStridedMap = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// Depth and width of product tiles: each of Eigen's packed panels (depth x width) stays
+/// within its stack-allocation limit, so Eigen never calls malloc.
+template <class T>
+struct ProductTiles {
+  static constexpr Index bytes = EIGEN_STACK_ALLOCATION_LIMIT / 2;
+  static Index depth(Index k) { return std::min<Index>(k, 256); }
+  static Index width(Index k) {
+    const Index w = bytes / static_cast<Index>(sizeof(T)) / std::max<Index>(depth(k), 1);
+    return std::max<Index>(16, w / 16 * 16);
+  }
+};
+
+/// C = A B, (m x k)(k x n), computed tile by tile without heap allocation.
+template <class T, class DA, class DB, class DC>
+void product_without_allocation(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
+                                const Eigen::MatrixBase<DC>& c_out) {
+  auto& c = const_cast<Eigen::MatrixBase<DC>&>(c_out);
+  const Index m = a.rows(), k = a.cols(), n = b.cols();
+  const Index depth = ProductTiles<T>::depth(k), width = ProductTiles<T>::width(k);
+  for (Index i0 = 0; i0 < m; i0 += width) {
+    const Index mi = std::min(width, m - i0);
+    for (Index j0 = 0; j0 < n; j0 += width) {
+      const Index nj = std::min(width, n - j0);
+      auto tile = c.block(i0, j0, mi, nj);
+      for (Index k0 = 0; k0 < k; k0 += depth) {
+        const Index kk = std::min(depth, k - k0);
+        if (k0 == 0)
+          tile.noalias() = a.block(i0, k0, mi, kk) * b.block(k0, j0, kk, nj);
+        else
+          tile.noalias() += a.block(i0, k0, mi, kk) * b.block(k0, j0, kk, nj);
+      }
+    }
+  }
+}
+
+template <class T>
+class PairwiseDistances {
+ public:
+  /// Below this fraction of n_i + n_j a squared distance is recomputed by differences:
+  /// the expansion's rounding error is about eps (n_i + n_j), so what is kept has a
+  /// relative error of at most ~ eps / ratio (float: ~5e-7; double: ~2e-13).
+  static constexpr double recompute_ratio = std::is_same<T, float>::value ? 0.125 : 1.0 / 1024;
+
+  /// Fills squared() for the rows of x; the diagonal is exactly 0 and the matrix symmetric.
+  void compute(const MatrixView<const T>& x) {
+    x_ = x;
+    const Index n = x.rows, d = x.cols;
+    centre(x);
+    T* squared = squared_.data(static_cast<std::size_t>(n * n));
+    StridedMap<T> sq(squared, n, n, Eigen::OuterStride<>(n));
+    const ConstStridedMap<T> xc = centred();
+    // Lower-triangular tiles of xc xc^T only, mirrored below: half the product's FLOPs.
+    const Index width = ProductTiles<T>::width(d), depth = ProductTiles<T>::depth(d);
+    for (Index i0 = 0; i0 < n; i0 += width) {
+      const Index mi = std::min(width, n - i0);
+      for (Index j0 = 0; j0 <= i0; j0 += width) {
+        const Index nj = std::min(width, n - j0);
+        auto tile = sq.block(i0, j0, mi, nj);
+        for (Index k0 = 0; k0 < d; k0 += depth) {
+          const Index kk = std::min(depth, d - k0);
+          if (k0 == 0)
+            tile.noalias() = xc.block(i0, k0, mi, kk) * xc.block(j0, k0, nj, kk).transpose();
+          else
+            tile.noalias() += xc.block(i0, k0, mi, kk) * xc.block(j0, k0, nj, kk).transpose();
+        }
+      }
+    }
+    const T* norms = norms_.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) {
+      T* row = squared + i * n;
+      for (Index j = 0; j < i; ++j) {
+        const T scale = norms[i] + norms[j];
+        T value = scale - T(2) * row[j];
+        if (!(value > T(recompute_ratio) * scale))  // small, zero, negative or NaN
+          value = static_cast<T>(exact_squared(i, j));
+        row[j] = value;
+        squared[j * n + i] = value;
+      }
+      row[i] = T(0);
+    }
+  }
+
+  Index size() const { return x_.rows; }
+
+  /// N x N squared distances of the last compute().
+  StridedMap<T> squared() {
+    const Index n = x_.rows;
+    return StridedMap<T>(squared_.data(static_cast<std::size_t>(n * n)), n, n,
+                         Eigen::OuterStride<>(n));
+  }
+  const T* squared_row(Index i) { return squared_.data(0) + i * x_.rows; }
+
+  /// ||x_i - x_j||^2 by differences of the original rows, totalled in double: what a loss
+  /// uses for every distance that carries weight in its result.
+  double exact_squared(Index i, Index j) const {
+    return SimdRowOps::squared_distance(x_.row(i), x_.row(j), x_.cols);
+  }
+
+  /// N x N weight matrix W (dL/dD2_ij), set to zero, for the caller to fill.
+  StridedMap<T> zeroed_weights() {
+    const Index n = x_.rows;
+    StridedMap<T> w(weights_.data(static_cast<std::size_t>(n * n)), n, n, Eigen::OuterStride<>(n));
+    w.setZero();
+    return w;
+  }
+
+  /// grad = scale * 2 (diag(S 1) - S) X with S = W + W^T, W from zeroed_weights()
+  /// (destroyed: it is symmetrised in place).
+  void gradient_from_weights(T scale, const MatrixView<T>& grad) {
+    const Index n = x_.rows, d = x_.cols;
+    T* w = weights_.data(static_cast<std::size_t>(n * n));
+    T* row_sums = row_sums_.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) {
+      w[i * n + i] = T(0);  // cancels in diag(S 1) - S
+      for (Index j = 0; j < i; ++j) {
+        const T s = w[i * n + j] + w[j * n + i];
+        w[i * n + j] = s;
+        w[j * n + i] = s;
+      }
+    }
+    for (Index i = 0; i < n; ++i) {
+      const T* row = w + i * n;
+      double sum = 0.0;
+      for (Index j = 0; j < n; ++j) sum += static_cast<double>(row[j]);
+      row_sums[i] = static_cast<T>(sum);
+    }
+    const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(n));
+    StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
+    product_without_allocation<T>(s, centred(), out);  // out = S xc
+    const ConstStridedMap<T> xc = centred();
+    const T two_scale = T(2) * scale;
+    for (Index i = 0; i < n; ++i)
+      out.row(i) = two_scale * (row_sums[i] * xc.row(i) - out.row(i));
+  }
+
+  /// The centred batch xc = x - mean (N x D, contiguous).
+  ConstStridedMap<T> centred() {
+    return ConstStridedMap<T>(centred_.data(static_cast<std::size_t>(x_.rows * x_.cols)), x_.rows,
+                              x_.cols, Eigen::OuterStride<>(x_.cols));
+  }
+
+ private:
+  void centre(const MatrixView<const T>& x) {
+    const Index n = x.rows, d = x.cols;
+    double* mean = mean_.data(static_cast<std::size_t>(d));
+    std::fill(mean, mean + d, 0.0);
+    for (Index i = 0; i < n; ++i) {
+      const T* row = x.row(i);
+      for (Index j = 0; j < d; ++j) mean[j] += static_cast<double>(row[j]);
+    }
+    for (Index j = 0; j < d; ++j) mean[j] /= static_cast<double>(n);
+    T* xc = centred_.data(static_cast<std::size_t>(n * d));
+    T* norms = norms_.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) {
+      const T* row = x.row(i);
+      T* out = xc + i * d;
+      double norm = 0.0;
+      for (Index j = 0; j < d; ++j) {
+        out[j] = static_cast<T>(static_cast<double>(row[j]) - mean[j]);
+        norm += static_cast<double>(out[j]) * static_cast<double>(out[j]);
+      }
+      norms[i] = static_cast<T>(norm);
+    }
+  }
+
+  MatrixView<const T> x_{};
+  GrowOnlyBuffer<T> centred_, squared_, weights_, norms_, row_sums_;
+  GrowOnlyBuffer<double> mean_;
+};
+
+}  // namespace detail
+}  // namespace metricloss
