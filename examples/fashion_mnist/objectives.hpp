@@ -1,0 +1,197 @@
+#pragma once
+// A training objective = a batch sampler + a metricloss functor. Each turns the embeddings
+// of its batch into a loss value and d(loss)/d(embeddings) with forward_backward(simd, ...),
+// exactly as a user's training code calls the library.
+#include "samplers.hpp"
+
+#include <metricloss/metricloss.hpp>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace fashion_mnist {
+
+namespace ml = metricloss;
+
+/// Hyper-parameters of one training run; per-loss defaults come from default_settings().
+struct Settings {
+  std::string loss = "batch-hard";
+  float margin = 0.2f;
+  float learning_rate = 1e-3f;
+  bool l2_normalize = true;
+  Index anchors_per_batch = 128;  // pairs / triplets per batch
+  int classes_per_batch = 10;     // P of the P x K sampler
+  int images_per_class = 16;      // K
+  double positive_fraction = 0.5; // contrastive pairs that share a class
+};
+
+class Objective {
+ public:
+  virtual ~Objective() = default;
+  /// Called at the start of every epoch.
+  virtual void start_epoch(std::mt19937& rng) = 0;
+  virtual Index batches_per_epoch() const = 0;
+  /// Training-set indices of the images of batch `batch` of this epoch, in the loss's order.
+  virtual std::vector<Index> sample(Index batch, std::mt19937& rng) = 0;
+  /// The loss of the batch whose embeddings are `embeddings`, and its gradient.
+  virtual double loss_and_gradient(const Matrix& embeddings, const Labels& labels,
+                                   Matrix& gradient) = 0;
+};
+
+namespace detail {
+
+using ConstRows = Eigen::Map<const Matrix>;
+using Rows = Eigen::Map<Matrix>;
+
+/// Block `part` of `parts` equal row blocks of `m`, as the maps the losses take.
+inline ConstRows block(const Matrix& m, int part, int parts) {
+  const Index rows = m.rows() / parts;
+  return ConstRows(m.data() + part * rows * m.cols(), rows, m.cols());
+}
+inline Rows block(Matrix& m, int part, int parts) {
+  const Index rows = m.rows() / parts;
+  return Rows(m.data() + part * rows * m.cols(), rows, m.cols());
+}
+inline Eigen::Map<const Labels> block(const Labels& v, int part, int parts) {
+  const Index rows = v.size() / parts;
+  return Eigen::Map<const Labels>(v.data() + part * rows, rows);
+}
+
+/// Sampling shared by the pair and triplet objectives: one pass of shuffled anchors.
+class AnchoredObjective : public Objective {
+ public:
+  AnchoredObjective(const Dataset& train, Index anchors_per_batch)
+      : labels_(train.labels), classes_(train.labels), anchors_(train.size()),
+        anchors_per_batch_(anchors_per_batch) {}
+  void start_epoch(std::mt19937& rng) override { anchors_.shuffle(rng); }
+  Index batches_per_epoch() const override {
+    return (anchors_.size() + anchors_per_batch_ - 1) / anchors_per_batch_;
+  }
+
+ protected:
+  std::vector<Index> anchors(Index batch) const {
+    return anchors_.slice(batch * anchors_per_batch_, anchors_per_batch_);
+  }
+  const Labels& labels_;
+  ClassIndex classes_;
+
+ private:
+  AnchorStream anchors_;
+  Index anchors_per_batch_;
+};
+
+class ContrastiveObjective final : public AnchoredObjective {
+ public:
+  ContrastiveObjective(const Dataset& train, const Settings& s, ml::ContrastiveForm form)
+      : AnchoredObjective(train, s.anchors_per_batch), loss_(s.margin, form),
+        positive_fraction_(s.positive_fraction) {}
+  std::vector<Index> sample(Index batch, std::mt19937& rng) override {
+    return sample_pairs(anchors(batch), labels_, classes_, positive_fraction_, rng);
+  }
+  double loss_and_gradient(const Matrix& x, const Labels& y, Matrix& g) override {
+    return loss_.forward_backward(ml::simd, block(x, 0, 2), block(x, 1, 2), block(y, 0, 2),
+                                  block(y, 1, 2), block(g, 0, 2), block(g, 1, 2));
+  }
+
+ private:
+  ml::ContrastiveLoss<float> loss_;
+  double positive_fraction_;
+};
+
+class TripletObjective final : public AnchoredObjective {
+ public:
+  TripletObjective(const Dataset& train, const Settings& s)
+      : AnchoredObjective(train, s.anchors_per_batch),
+        loss_(s.margin, ml::Distance::squared_euclidean) {}
+  std::vector<Index> sample(Index batch, std::mt19937& rng) override {
+    return sample_triplets(anchors(batch), labels_, classes_, rng);
+  }
+  double loss_and_gradient(const Matrix& x, const Labels&, Matrix& g) override {
+    return loss_.forward_backward(ml::simd, block(x, 0, 3), block(x, 1, 3), block(x, 2, 3),
+                                  block(g, 0, 3), block(g, 1, 3), block(g, 2, 3));
+  }
+
+ private:
+  ml::TripletLoss<float> loss_;
+};
+
+/// A loss over one labelled batch (batch triplet, lifted structure) with a P x K sampler;
+/// an epoch draws as many images as the training set holds.
+template <class Loss>
+class LabelledBatchObjective final : public Objective {
+ public:
+  LabelledBatchObjective(const Dataset& train, const Settings& s, Loss loss)
+      : classes_(train.labels), train_size_(train.size()), loss_(std::move(loss)),
+        classes_per_batch_(s.classes_per_batch), images_per_class_(s.images_per_class) {}
+  void start_epoch(std::mt19937&) override {}
+  Index batches_per_epoch() const override {
+    const Index batch = Index(classes_per_batch_) * images_per_class_;
+    return (train_size_ + batch - 1) / batch;
+  }
+  std::vector<Index> sample(Index, std::mt19937& rng) override {
+    return sample_classes_by_images(classes_, classes_per_batch_, images_per_class_, rng);
+  }
+  double loss_and_gradient(const Matrix& x, const Labels& y, Matrix& g) override {
+    return loss_.forward_backward(ml::simd, x, y, g);
+  }
+
+ private:
+  ClassIndex classes_;
+  Index train_size_;
+  Loss loss_;
+  int classes_per_batch_, images_per_class_;
+};
+
+template <class Loss>
+std::unique_ptr<Objective> labelled_batch(const Dataset& train, const Settings& s, Loss loss) {
+  return std::make_unique<LabelledBatchObjective<Loss>>(train, s, std::move(loss));
+}
+
+}  // namespace detail
+
+inline const std::vector<std::string>& loss_names() {
+  static const std::vector<std::string> names = {"contrastive", "legacy",     "triplet", "batch-all",
+                                                 "batch-hard",  "semihard",   "lifted"};
+  return names;
+}
+
+/// Margins and learning rates tuned on this data set (see RESULTS.md).
+inline Settings default_settings(const std::string& loss) {
+  Settings s;
+  s.loss = loss;
+  if (loss == "contrastive") s.margin = 1.0f;
+  else if (loss == "legacy") s.margin = 1.0f;
+  else if (loss == "triplet") s.margin = 0.2f;
+  else if (loss == "batch-all") s.margin = 0.2f;
+  else if (loss == "batch-hard") s.margin = 0.2f;
+  else if (loss == "semihard") s.margin = 0.2f;
+  else if (loss == "lifted") s.margin = 1.0f;
+  else throw std::invalid_argument("unknown loss '" + loss + "'");
+  return s;
+}
+
+/// The objective that trains with the loss `s.loss`; training must outlive it.
+inline std::unique_ptr<Objective> make_objective(const Dataset& train, const Settings& s) {
+  using ml::Distance;
+  using ml::Mining;
+  if (s.loss == "contrastive")
+    return std::make_unique<detail::ContrastiveObjective>(train, s, ml::ContrastiveForm::hadsell);
+  if (s.loss == "legacy")
+    return std::make_unique<detail::ContrastiveObjective>(train, s, ml::ContrastiveForm::legacy);
+  if (s.loss == "triplet") return std::make_unique<detail::TripletObjective>(train, s);
+  if (s.loss == "batch-all")
+    return detail::labelled_batch(train, s,
+                                  ml::BatchTripletLoss<float>(s.margin, Mining::all, Distance::euclidean));
+  if (s.loss == "batch-hard")
+    return detail::labelled_batch(train, s,
+                                  ml::BatchTripletLoss<float>(s.margin, Mining::hard, Distance::euclidean));
+  if (s.loss == "semihard")
+    return detail::labelled_batch(
+        train, s, ml::BatchTripletLoss<float>(s.margin, Mining::semihard, Distance::euclidean));
+  if (s.loss == "lifted")
+    return detail::labelled_batch(train, s, ml::LiftedStructureLoss<float>(s.margin));
+  throw std::invalid_argument("unknown loss '" + s.loss + "'");
+}
+
+}  // namespace fashion_mnist
