@@ -1,0 +1,184 @@
+#pragma once
+// The CUDA execution tag, the error type, and the workspace cache behind the functor path.
+//
+// Layering (as CUB): each loss has a `noexcept` core in namespace metricloss::cuda_core that
+// returns cudaError_t and works in caller-owned device workspace (with a size query); the
+// functor path (detail::Backend<Loss, cuda_tag>) takes its workspace from a cache, throws
+// metricloss::cuda_error, and synchronises only to copy the loss back to the host.
+#include <metricloss/detail/views.hpp>
+#include <metricloss/errors.hpp>
+#include <metricloss/exec.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace metricloss {
+
+/// A CUDA runtime failure on the functor path: carries the cudaError_t and its string.
+class cuda_error : public std::runtime_error {
+ public:
+  cuda_error(cudaError_t code, const std::string& where)
+      : std::runtime_error(where + ": " + cudaGetErrorName(code) + ": " +
+                           cudaGetErrorString(code)),
+        code_(code) {}
+  cudaError_t code() const noexcept { return code_; }
+
+ private:
+  cudaError_t code_;
+};
+
+/// Loss on device memory: every embedding, label and gradient map wraps device pointers
+/// (or managed memory) of the current device. Work is ordered on `stream`; the returned
+/// host loss value is the only synchronisation (of that stream alone).
+template <class T>
+struct cuda_deferred_tag;
+
+struct cuda_tag {
+  cudaStream_t stream = nullptr;
+
+  constexpr cuda_tag() = default;
+  explicit constexpr cuda_tag(cudaStream_t stream_) : stream(stream_) {}
+
+  /// The same path on another stream (thrust's `par.on(stream)`).
+  constexpr cuda_tag on(cudaStream_t stream_) const { return cuda_tag(stream_); }
+
+  /// Never synchronises: the loss is written to `device_loss` (device memory, one T) in
+  /// stream order, and the call returns NaN instead of the value.
+  template <class T>
+  constexpr cuda_deferred_tag<T> loss_to(T* device_loss) const;
+};
+
+/// cuda_tag whose loss goes to device memory; see cuda_tag::loss_to.
+template <class T>
+struct cuda_deferred_tag {
+  cudaStream_t stream = nullptr;
+  T* device_loss = nullptr;
+  constexpr cuda_deferred_tag(cudaStream_t stream_, T* device_loss_)
+      : stream(stream_), device_loss(device_loss_) {}
+};
+
+template <class T>
+constexpr cuda_deferred_tag<T> cuda_tag::loss_to(T* device_loss) const {
+  return cuda_deferred_tag<T>(stream, device_loss);
+}
+
+/// `metricloss::cuda` (legacy default stream) and `metricloss::cuda.on(stream)`.
+inline constexpr cuda_tag cuda{};
+
+namespace cuda_core {
+
+/// Device views used by the cores: {data, rows, cols, stride} over device memory; an empty
+/// matrix view (data == nullptr) is a gradient not wanted.
+template <class T>
+using DeviceMatrix = detail::MatrixView<T>;
+template <class L>
+using DeviceVector = detail::VectorView<L>;
+
+}  // namespace cuda_core
+
+namespace detail {
+namespace cuda {
+
+/// Bytes rounded up so that consecutive workspace parts stay 256-byte aligned.
+constexpr std::size_t aligned_bytes(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+inline void throw_on_error(cudaError_t code, const char* where) {
+  if (code != cudaSuccess) throw cuda_error(code, where);
+}
+
+/// loss_to(nullptr) is a caller's mistake, reported like every other bad argument.
+template <class T>
+void require_device_loss(const T* device_loss, const char* function) {
+  if (device_loss == nullptr)
+    throw metricloss::invalid_argument(std::string(function) +
+                                       ": cuda.loss_to(device_loss) was given a null pointer");
+}
+
+/// Growth-only scratch of one (thread, device, stream): device bytes, allocated and freed in
+/// stream order (cudaMallocAsync), and one pinned host slot to receive a loss value. Being
+/// keyed by stream, consecutive uses are ordered by the stream itself.
+class Workspace {
+ public:
+  Workspace(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace() {
+    // Errors are ignored: at process exit the runtime may already be unloading.
+    int current = 0;
+    if (cudaGetDevice(&current) != cudaSuccess) return;
+    if (current != device_ && cudaSetDevice(device_) != cudaSuccess) return;
+    if (device_bytes_) (void)cudaFree(device_memory_);  // synchronising, so no work is cut off
+    if (host_slot_) (void)cudaFreeHost(host_slot_);
+    if (current != device_) (void)cudaSetDevice(current);
+  }
+
+  int device() const { return device_; }
+  cudaStream_t stream() const { return stream_; }
+
+  /// At least `bytes` of device memory, reallocated in stream order only when it grows.
+  void* device_memory(std::size_t bytes) {
+    if (bytes > device_bytes_) {
+      if (device_memory_) throw_on_error(cudaFreeAsync(device_memory_, stream_), "metricloss: cudaFreeAsync");
+      device_memory_ = nullptr;
+      device_bytes_ = 0;
+      throw_on_error(cudaMallocAsync(&device_memory_, bytes, stream_), "metricloss: cudaMallocAsync");
+      device_bytes_ = bytes;
+    }
+    return device_memory_;
+  }
+
+  /// Pinned host memory for one loss value (a double, enough for any T).
+  void* host_slot() {
+    if (!host_slot_) throw_on_error(cudaMallocHost(&host_slot_, sizeof(double)), "metricloss: cudaMallocHost");
+    return host_slot_;
+  }
+
+ private:
+  int device_;
+  cudaStream_t stream_;
+  void* device_memory_ = nullptr;
+  std::size_t device_bytes_ = 0;
+  void* host_slot_ = nullptr;
+};
+
+/// The calling thread's workspace for the current device and `stream`. Functors are used one
+/// per thread, so a per-thread cache never hands one buffer to two concurrent calls, and
+/// keying by stream lets one thread drive several streams without false dependencies.
+inline Workspace& thread_workspace(cudaStream_t stream) {
+  thread_local std::vector<std::unique_ptr<Workspace>> cache;
+  int device = 0;
+  throw_on_error(cudaGetDevice(&device), "metricloss: cudaGetDevice");
+  for (auto& w : cache)
+    if (w->device() == device && w->stream() == stream) return *w;
+  cache.push_back(std::make_unique<Workspace>(device, stream));
+  return *cache.back();
+}
+
+/// Runs a core on the functor path: workspace from the cache plus one slot for the loss,
+/// errors thrown. `core(workspace, bytes, device_loss)` enqueues everything on the stream.
+/// With `deferred_loss` the loss is left in device memory and NaN is returned; otherwise the
+/// value is copied to pinned memory and the stream alone is synchronised.
+template <class T, class Core>
+T run_functor_path(const char* where, cudaStream_t stream, std::size_t core_bytes,
+                   T* deferred_loss, Core&& core) {
+  Workspace& workspace = thread_workspace(stream);
+  const std::size_t core_part = aligned_bytes(core_bytes);
+  char* memory = static_cast<char*>(workspace.device_memory(core_part + sizeof(double)));
+  T* device_loss = deferred_loss ? deferred_loss : reinterpret_cast<T*>(memory + core_part);
+  throw_on_error(core(static_cast<void*>(memory), core_bytes, device_loss), where);
+  if (deferred_loss) return std::numeric_limits<T>::quiet_NaN();
+  T* host = static_cast<T*>(workspace.host_slot());
+  throw_on_error(cudaMemcpyAsync(host, device_loss, sizeof(T), cudaMemcpyDeviceToHost, stream), where);
+  throw_on_error(cudaStreamSynchronize(stream), where);
+  return *host;
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace metricloss

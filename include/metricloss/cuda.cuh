@@ -1,0 +1,40 @@
+#pragma once
+// The CUDA umbrella (opt-in, compiled by nvcc; link metricloss::cuda): every loss on device
+// memory through the execution tag `metricloss::cuda`. The CPU umbrella metricloss.hpp never
+// includes this header; include both to have every path.
+//
+//   namespace ml = metricloss;
+//   ml::ContrastiveLoss<float> loss(1.0f);
+//   // a, b, sim, ga, gb: Eigen maps over device pointers, as on the CPU path
+//   float value = loss.forward_backward(ml::cuda.on(stream), a, b, sim, ga, gb);
+//   // never synchronises: the loss lands in device memory (d_loss: one float), NaN returned
+//   loss.forward_backward(ml::cuda.on(stream).loss_to(d_loss), a, b, sim, ga, gb);
+//
+// Semantics: work is ordered on the tag's stream (legacy default stream for plain
+// `ml::cuda`); the only synchronisation is the stream sync that returns a host loss value.
+// Device scratch comes from a per-thread cache keyed by (device, stream), allocated in
+// stream order (cudaMallocAsync) only when a call needs more than before: no allocation per
+// call once warmed. CUDA failures throw metricloss::cuda_error; bad arguments throw
+// metricloss::invalid_argument before anything is enqueued.
+//
+// Below the functors, namespace metricloss::cuda_core has the CUB-style layer: noexcept
+// functions returning cudaError_t that work in caller-owned workspace, with a size query
+// (e.g. cuda_core::contrastive_workspace_bytes / contrastive_forward_backward).
+//
+// Compile with --expt-relaxed-constexpr (the metricloss::cuda target adds it): Eigen and
+// the shared host/device maths need it under nvcc.
+#if !defined(__CUDACC__)
+#error "<metricloss/cuda.cuh> must be compiled by nvcc (or another CUDA compiler)"
+#endif
+
+#include <metricloss/version.hpp>
+#include <metricloss/config.hpp>
+#include <metricloss/types.hpp>
+#include <metricloss/errors.hpp>
+#include <metricloss/exec.hpp>
+
+#include <metricloss/backend/cuda/runtime.cuh>
+#include <metricloss/backend/cuda/reduce.cuh>
+
+#include <metricloss/contrastive.hpp>
+#include <metricloss/backend/cuda/contrastive.cuh>
