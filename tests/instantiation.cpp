@@ -32,3 +32,33 @@ TEST_CASE("every loss compiles for float and double on every CPU tag", "[instant
   instantiate_contrastive<float, metricloss::simd_tag>();
   instantiate_contrastive<double, metricloss::simd_tag>();
 }
+
+template class metricloss::TripletLoss<float>;
+template class metricloss::TripletLoss<double>;
+
+namespace {
+template <class T, class Tag>
+void instantiate_triplet() {
+  using namespace mltest;
+  Matrix<T> a = Matrix<T>::Ones(2, 3), p = Matrix<T>::Zero(2, 3), n = Matrix<T>::Zero(2, 3);
+  Matrix<T> ga(2, 3), gp(2, 3), gn(2, 3);
+  Eigen::Map<const Matrix<T>> am(a.data(), 2, 3);
+  ml::ConstRowMap<T> pm(p.data(), 2, 3, Eigen::OuterStride<>(3));
+  Eigen::Map<Matrix<T>> gam(ga.data(), 2, 3);
+  ml::RowMap<T> gpm(gp.data(), 2, 3, Eigen::OuterStride<>(3));
+  ml::TripletLoss<T> loss(T(1), ml::Distance::euclidean);
+  loss.margin = T(2);
+  loss.distance = ml::Distance::squared_euclidean;
+  const Tag tag{};
+  CHECK(loss.forward(tag, am, pm, n) == loss.forward(tag, a, p, n));
+  loss.forward_backward(tag, am, pm, n, gam, gpm, gn, T(0.5));
+  loss.forward_backward(tag, a, p, n, ml::skip, ml::skip, gn);
+}
+}  // namespace
+
+TEST_CASE("TripletLoss compiles for float and double on every CPU tag", "[instantiation]") {
+  instantiate_triplet<float, metricloss::scalar_tag>();
+  instantiate_triplet<double, metricloss::scalar_tag>();
+  instantiate_triplet<float, metricloss::simd_tag>();
+  instantiate_triplet<double, metricloss::simd_tag>();
+}

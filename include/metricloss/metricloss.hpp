@@ -13,3 +13,8 @@
 #include <metricloss/contrastive.hpp>
 #include <metricloss/backend/scalar/contrastive.hpp>
 #include <metricloss/backend/simd/contrastive.hpp>
+
+#include <metricloss/options.hpp>
+#include <metricloss/triplet.hpp>
+#include <metricloss/backend/scalar/triplet.hpp>
+#include <metricloss/backend/simd/triplet.hpp>

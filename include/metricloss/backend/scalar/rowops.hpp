@@ -2,6 +2,8 @@
 // Row primitives of the scalar reference path: plain loops, differences and sums in double.
 #include <metricloss/types.hpp>
 
+#include <algorithm>
+
 namespace metricloss {
 namespace detail {
 
@@ -25,6 +27,44 @@ struct ScalarRowOps {
       const T value = static_cast<T>(c * (static_cast<double>(a[j]) - static_cast<double>(b[j])));
       if (out_pos) out_pos[j] = value;
       if (out_neg) out_neg[j] = -value;
+    }
+  }
+
+  /// ||a - p||^2 and ||a - n||^2 in one pass over the anchor row, accumulated in double.
+  template <class T>
+  static void anchor_squared_distances(const T* a, const T* p, const T* n, Index d,
+                                       double& positive, double& negative) {
+    double sum_p = 0.0, sum_n = 0.0;
+    for (Index j = 0; j < d; ++j) {
+      const double x = static_cast<double>(a[j]);
+      const double diff_p = x - static_cast<double>(p[j]);
+      const double diff_n = x - static_cast<double>(n[j]);
+      sum_p += diff_p * diff_p;
+      sum_n += diff_n * diff_n;
+    }
+    positive = sum_p;
+    negative = sum_n;
+  }
+
+  /// The three gradient rows of one triplet, each of which may be null (not wanted):
+  ///   grad_a = c_p (a - p) - c_n (a - n),  grad_p = -c_p (a - p),  grad_n = c_n (a - n).
+  /// An inactive triplet (c_p = c_n = 0) writes zeros without reading its rows.
+  template <class T>
+  static void triplet_gradients(T* grad_a, T* grad_p, T* grad_n, const T* a, const T* p,
+                                const T* n, double c_p, double c_n, Index d) {
+    if (c_p == 0.0 && c_n == 0.0) {
+      if (grad_a) std::fill(grad_a, grad_a + d, T(0));
+      if (grad_p) std::fill(grad_p, grad_p + d, T(0));
+      if (grad_n) std::fill(grad_n, grad_n + d, T(0));
+      return;
+    }
+    for (Index j = 0; j < d; ++j) {
+      const double x = static_cast<double>(a[j]);
+      const double to_p = c_p * (x - static_cast<double>(p[j]));
+      const double to_n = c_n * (x - static_cast<double>(n[j]));
+      if (grad_a) grad_a[j] = static_cast<T>(to_p - to_n);
+      if (grad_p) grad_p[j] = static_cast<T>(-to_p);
+      if (grad_n) grad_n[j] = static_cast<T>(to_n);
     }
   }
 };

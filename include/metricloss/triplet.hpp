@@ -1,0 +1,141 @@
+#pragma once
+// Triplet loss over explicit triplets (anchor_i, positive_i, negative_i):
+//
+//   L = 1/N sum_i max(d(a_i, p_i) - d(a_i, n_i) + margin, 0)
+//     d = ||.||^2 (Distance::squared_euclidean, FaceNet) or ||.||_2 (Distance::euclidean)
+//
+// With q_ap = ||a_i - p_i||^2, q_an = ||a_i - n_i||^2 and, for an active triplet (positive
+// hinge), w_p = dd/dq (q_ap), w_n = dd/dq (q_an)  (1 squared; 1/(2d) Euclidean, 0 at d = 0):
+//   dL/da_i = 2/N [w_p (a_i - p_i) - w_n (a_i - n_i)],
+//   dL/dp_i = -2/N w_p (a_i - p_i),   dL/dn_i = 2/N w_n (a_i - n_i),
+// and zero for inactive triplets (subgradient 0 at the hinge). No epsilon anywhere.
+#include <metricloss/detail/triplet_math.hpp>
+#include <metricloss/detail/validate.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/exec.hpp>
+#include <metricloss/options.hpp>
+#include <metricloss/types.hpp>
+
+#include <type_traits>
+#include <utility>
+
+namespace metricloss {
+
+namespace detail {
+
+/// The fused pass shared by the CPU backends, parameterised on their row primitives.
+/// Rows go in blocks: the two distances of each triplet of a block first (independent
+/// reductions that overlap in the pipeline), then its gradients while its rows are still in
+/// L1, so each input row is read from memory once and each output row written once.
+template <class RowOps, class T>
+double triplet_forward_backward(const MatrixView<const T>& anchor,
+                                const MatrixView<const T>& positive,
+                                const MatrixView<const T>& negative, double margin,
+                                Distance distance, const MatrixView<T>& grad_anchor,
+                                const MatrixView<T>& grad_positive,
+                                const MatrixView<T>& grad_negative, double top_diff) {
+  constexpr Index block = 16;  // 3 x 16 rows at D = 128 floats: 24 KiB, inside L1
+  const Index n = anchor.rows, d = anchor.cols;
+  const bool any_gradient = !grad_anchor.empty() || !grad_positive.empty() || !grad_negative.empty();
+  const double scale = 2.0 * top_diff / static_cast<double>(n);
+  double sum = 0.0;
+  double coefficient_positive[block], coefficient_negative[block];
+  for (Index i0 = 0; i0 < n; i0 += block) {
+    const Index rows = n - i0 < block ? n - i0 : block;
+    for (Index r = 0; r < rows; ++r) {
+      const Index i = i0 + r;
+      double squared_positive, squared_negative;
+      RowOps::anchor_squared_distances(anchor.row(i), positive.row(i), negative.row(i), d,
+                                       squared_positive, squared_negative);
+      const TripletTerm t = triplet_term(squared_positive, squared_negative, margin, distance,
+                                         /*soft_margin=*/false);
+      sum += t.loss;
+      coefficient_positive[r] = scale * t.positive_weight;
+      coefficient_negative[r] = scale * t.negative_weight;
+    }
+    if (!any_gradient) continue;
+    for (Index r = 0; r < rows; ++r) {
+      const Index i = i0 + r;
+      RowOps::triplet_gradients(grad_anchor.empty() ? nullptr : grad_anchor.row(i),
+                                grad_positive.empty() ? nullptr : grad_positive.row(i),
+                                grad_negative.empty() ? nullptr : grad_negative.row(i),
+                                anchor.row(i), positive.row(i), negative.row(i),
+                                coefficient_positive[r], coefficient_negative[r], d);
+    }
+  }
+  return sum / static_cast<double>(n);
+}
+
+/// Rejects an enumerator outside the declared ones (e.g. from a cast).
+inline void check_distance(Validator& check, Distance distance) {
+  if (distance != Distance::euclidean && distance != Distance::squared_euclidean)
+    check.fail("option 'distance' has the undeclared value " +
+               std::to_string(static_cast<int>(distance)));
+}
+
+}  // namespace detail
+
+/// Triplet loss over explicit triplets (Schroff, Kalenichenko, Philbin 2015). See the formula
+/// at the top of this header. One instance per thread.
+template <class T>
+class TripletLoss {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "metricloss::TripletLoss<T>: T must be float or double");
+
+ public:
+  using scalar_type = T;
+
+  T margin;
+  Distance distance;
+
+  explicit TripletLoss(T margin_ = T(0.2), Distance distance_ = Distance::squared_euclidean)
+      : margin(margin_), distance(distance_) {}
+
+  /// Loss only.
+  template <class Tag, class A, class P, class N>
+  T forward(Tag tag, const Eigen::MatrixBase<A>& anchor, const Eigen::MatrixBase<P>& positive,
+            const Eigen::MatrixBase<N>& negative) {
+    return forward_backward(tag, anchor, positive, negative, skip, skip, skip);
+  }
+
+  /// Loss, and the gradients times top_diff written into grad_anchor, grad_positive and
+  /// grad_negative (any of them may be `metricloss::skip`).
+  template <class Tag, class A, class P, class N, class GA, class GP, class GN,
+            std::enable_if_t<detail::is_gradient_output_v<GA> && detail::is_gradient_output_v<GP> &&
+                                 detail::is_gradient_output_v<GN>,
+                             int> = 0>
+  T forward_backward(Tag tag, const Eigen::MatrixBase<A>& anchor,
+                     const Eigen::MatrixBase<P>& positive, const Eigen::MatrixBase<N>& negative,
+                     GA&& grad_anchor, GP&& grad_positive, GN&& grad_negative,
+                     T top_diff = T(1)) {
+    detail::Validator check("TripletLoss", detail::scalar_name<T>(), "forward_backward");
+    const auto av = input(check, "anchor", anchor);
+    const auto pv = input(check, "positive", positive);
+    const auto nv = input(check, "negative", negative);
+    check.same_shape("positive", pv, "anchor", av);
+    check.same_shape("negative", nv, "anchor", av);
+    check.margin(margin);
+    detail::check_distance(check, distance);
+    const auto ga = detail::gradient_view<T>(std::forward<GA>(grad_anchor));
+    const auto gp = detail::gradient_view<T>(std::forward<GP>(grad_positive));
+    const auto gn = detail::gradient_view<T>(std::forward<GN>(grad_negative));
+    check.gradient("grad_anchor", ga, "anchor", av);
+    check.gradient("grad_positive", gp, "anchor", av);
+    check.gradient("grad_negative", gn, "anchor", av);
+    return detail::Backend<TripletLoss, Tag>::forward_backward(*this, tag, av, pv, nv, ga, gp,
+                                                               gn, top_diff);
+  }
+
+ private:
+  template <class X>
+  static detail::MatrixView<const T> input(detail::Validator& check, const char* name,
+                                           const Eigen::MatrixBase<X>& x) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::TripletLoss<T>: embeddings must have scalar type T");
+    const auto view = detail::input_view(x);
+    check.embeddings(name, view);
+    return view;
+  }
+};
+
+}  // namespace metricloss
