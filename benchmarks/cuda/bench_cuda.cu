@@ -1,0 +1,176 @@
+// CUDA benchmarks with their floors in one binary, all timed by cudaEvents around each
+// iteration (UseManualTime + SetIterationTime):
+//   contrastive fwd+bwd (and fwd only) vs. a device-to-device copy moving the same bytes;
+//   the cuBLAS GEMMs of the lifted/batch shapes (X X^T: N x N x D, and G X: N x D x N), the
+//   floor for the pairwise losses.
+// Run without a device, every benchmark reports "no CUDA device" through SkipWithError.
+#include <metricloss/cuda.cuh>
+
+#include "common.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace mlbench;
+
+bool device_present(benchmark::State& state) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) == cudaSuccess && count > 0) return true;
+  state.SkipWithError("no CUDA device");
+  return false;
+}
+
+void check(cudaError_t code) {
+  if (code != cudaSuccess) throw ml::cuda_error(code, "bench_cuda");
+}
+
+template <class T>
+struct DeviceArray {
+  T* data = nullptr;
+  explicit DeviceArray(std::size_t count) { check(cudaMalloc(&data, sizeof(T) * count)); }
+  DeviceArray(const T* host, std::size_t count) : DeviceArray(count) {
+    check(cudaMemcpy(data, host, sizeof(T) * count, cudaMemcpyHostToDevice));
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() { cudaFree(data); }
+};
+
+/// Times `enqueue` (stream-ordered work) per iteration with a pair of events.
+template <class Enqueue>
+void time_iterations(benchmark::State& state, cudaStream_t stream, Enqueue&& enqueue) {
+  cudaEvent_t start, stop;
+  check(cudaEventCreate(&start));
+  check(cudaEventCreate(&stop));
+  enqueue();  // warm-up: workspace, caches, lazy module loading
+  check(cudaStreamSynchronize(stream));
+  for (auto _ : state) {
+    check(cudaEventRecord(start, stream));
+    enqueue();
+    check(cudaEventRecord(stop, stream));
+    check(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(static_cast<double>(ms) * 1e-3);
+  }
+  check(cudaEventDestroy(start));
+  check(cudaEventDestroy(stop));
+}
+
+struct Stream {
+  cudaStream_t handle = nullptr;
+  Stream() { check(cudaStreamCreateWithFlags(&handle, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(handle); }
+};
+
+/// Contrastive: reads a, b (N x D) and an int sim, writes grad_a and grad_b when `backward`.
+template <class T, bool backward>
+void BM_cuda_contrastive(benchmark::State& state) {
+  if (!device_present(state)) return;
+  const Index n = state.range(0), d = state.range(1);
+  const Matrix<T> a = uniform<T>(n, d, 1), b = uniform<T>(n, d, 2);
+  Eigen::VectorXi sim = pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; });
+  const std::size_t count = static_cast<std::size_t>(n * d);
+  DeviceArray<T> da(a.data(), count), db(b.data(), count), dga(count), dgb(count), loss_value(1);
+  DeviceArray<int> dsim(sim.data(), static_cast<std::size_t>(n));
+  Eigen::Map<const Matrix<T>> A(da.data, n, d), B(db.data, n, d);
+  Eigen::Map<Matrix<T>> GA(dga.data, n, d), GB(dgb.data, n, d);
+  Eigen::Map<const Eigen::VectorXi> S(dsim.data, n);
+  ml::ContrastiveLoss<T> loss(T(std::sqrt(static_cast<double>(d)) * 0.8));
+  Stream stream;
+  const auto tag = ml::cuda.on(stream.handle).loss_to(loss_value.data);
+  time_iterations(state, stream.handle, [&] {
+    if constexpr (backward)
+      loss.forward_backward(tag, A, B, S, GA, GB);
+    else
+      loss.forward_backward(tag, A, B, S, ml::skip, ml::skip);
+  });
+  const double bytes = (backward ? 4.0 : 2.0) * static_cast<double>(count * sizeof(T)) +
+                       static_cast<double>(n) * sizeof(int);
+  // Per entry: difference and fma for the distance; difference and scale for the gradient.
+  set_rates(state, bytes, (backward ? 4.0 : 2.0) * static_cast<double>(count));
+}
+
+/// The bandwidth floor: a device-to-device copy moving the bytes contrastive fwd+bwd moves
+/// (2 N D elements read and written), reported as read + write bytes.
+template <class T>
+void BM_cuda_copy_floor(benchmark::State& state) {
+  if (!device_present(state)) return;
+  const Index n = state.range(0), d = state.range(1);
+  const std::size_t bytes = 2 * static_cast<std::size_t>(n * d) * sizeof(T);
+  DeviceArray<char> source(bytes), target(bytes);
+  check(cudaMemset(source.data, 0, bytes));
+  Stream stream;
+  time_iterations(state, stream.handle, [&] {
+    check(cudaMemcpyAsync(target.data, source.data, bytes, cudaMemcpyDeviceToDevice, stream.handle));
+  });
+  set_rates(state, 2.0 * static_cast<double>(bytes), 0.0);
+}
+
+void check(cublasStatus_t status) {
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error("bench_cuda: cuBLAS status " + std::to_string(static_cast<int>(status)));
+}
+
+cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                    int k, const float* alpha, const float* a, int lda, const float* b, int ldb,
+                    const float* beta, float* c, int ldc) {
+  return cublasSgemm(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                    int k, const double* alpha, const double* a, int lda, const double* b, int ldb,
+                    const double* beta, double* c, int ldc) {
+  return cublasDgemm(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+/// The compute floor of the pairwise losses (lifted structure, batch mining): the Gram
+/// matrix X X^T (N x N x D) and the gradient product W X (N x D x N), 4 N^2 D flops.
+template <class T>
+void BM_cublas_pairwise_gemms(benchmark::State& state) {
+  if (!device_present(state)) return;
+  const int n = static_cast<int>(state.range(0)), d = static_cast<int>(state.range(1));
+  const Matrix<T> x = uniform<T>(n, d, 4);
+  DeviceArray<T> dx(x.data(), static_cast<std::size_t>(n) * d);
+  DeviceArray<T> gram(static_cast<std::size_t>(n) * n), grad(static_cast<std::size_t>(n) * d);
+  Stream stream;
+  cublasHandle_t handle;
+  check(cublasCreate(&handle));
+  check(cublasSetStream(handle, stream.handle));
+  const T one = T(1), zero = T(0);
+  // Row-major X (n x d) is column-major X^T (d x n): Gram = (X^T)^T X^T; grad^T = X^T Gram.
+  time_iterations(state, stream.handle, [&] {
+    check(gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, d, &one, dx.data, d, dx.data, d, &zero,
+               gram.data, n));
+    check(gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, n, n, &one, dx.data, d, gram.data, n, &zero,
+               grad.data, d));
+  });
+  check(cublasDestroy(handle));
+  const double nn = static_cast<double>(n) * n;
+  set_rates(state, (2.0 * n * d + nn + nn + 2.0 * n * d) * sizeof(T), 4.0 * nn * d);
+}
+
+void contrastive_sizes(benchmark::internal::Benchmark* b) {
+  for (auto d : {32, 128, 512, 2048}) b->Args({65536, d});
+  b->Args({1024, 128})->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+void lifted_sizes(benchmark::internal::Benchmark* b) {
+  b->Args({1024, 128})->Args({8192, 512})->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+
+}  // namespace
+
+// <T, backward>: fwd+bwd, then fwd only.
+BENCHMARK_TEMPLATE(BM_cuda_contrastive, float, true)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_contrastive, float, false)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_copy_floor, float)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_contrastive, double, true)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_copy_floor, double)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, float)->Apply(lifted_sizes);
+BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, double)->Apply(lifted_sizes);
+
+BENCHMARK_MAIN();
