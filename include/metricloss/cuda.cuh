@@ -35,6 +35,10 @@
 
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
+#include <metricloss/backend/cuda/rows.cuh>
 
 #include <metricloss/contrastive.hpp>
 #include <metricloss/backend/cuda/contrastive.cuh>
+
+#include <metricloss/triplet.hpp>
+#include <metricloss/backend/cuda/triplet.cuh>
