@@ -62,3 +62,32 @@ TEST_CASE("TripletLoss compiles for float and double on every CPU tag", "[instan
   instantiate_triplet<float, metricloss::simd_tag>();
   instantiate_triplet<double, metricloss::simd_tag>();
 }
+
+template class metricloss::LiftedStructureLoss<float>;
+template class metricloss::LiftedStructureLoss<double>;
+
+namespace {
+template <class T, class Tag>
+void instantiate_lifted_structure() {
+  using namespace mltest;
+  Matrix<T> x = Matrix<T>::Identity(3, 2), gx(3, 2);
+  Eigen::VectorXf labels(3);
+  labels << 1.0f, 1.0f, 2.0f;
+  Eigen::Map<const Matrix<T>> xm(x.data(), 3, 2);
+  ml::RowMap<T> gxm(gx.data(), 3, 2, Eigen::OuterStride<>(2));
+  ml::LiftedStructureLoss<T> loss(T(0.5));
+  loss.margin = T(1);
+  const Tag tag{};
+  CHECK(loss.forward(tag, xm, labels) == loss.forward(tag, x, labels.cast<int>().eval()));
+  loss.forward_backward(tag, xm, labels, gxm, T(0.5));
+  loss.forward_backward(tag, x, labels, gx);
+  loss.forward_backward(tag, x, labels, ml::skip);
+}
+}  // namespace
+
+TEST_CASE("LiftedStructureLoss compiles for float and double on every CPU tag", "[instantiation]") {
+  instantiate_lifted_structure<float, metricloss::scalar_tag>();
+  instantiate_lifted_structure<double, metricloss::scalar_tag>();
+  instantiate_lifted_structure<float, metricloss::simd_tag>();
+  instantiate_lifted_structure<double, metricloss::simd_tag>();
+}

@@ -18,3 +18,7 @@
 #include <metricloss/triplet.hpp>
 #include <metricloss/backend/scalar/triplet.hpp>
 #include <metricloss/backend/simd/triplet.hpp>
+
+#include <metricloss/lifted_structure.hpp>
+#include <metricloss/backend/scalar/lifted_structure.hpp>
+#include <metricloss/backend/simd/lifted_structure.hpp>

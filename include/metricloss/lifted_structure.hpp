@@ -1,0 +1,212 @@
+#pragma once
+// Lifted structured loss (Song, Xiang, Jegelka, Savarese, CVPR 2016) as Caffe's layer
+// LiftedStructSimilaritySoftmaxLoss computes it, with exact distances:
+//
+//   D_ij = ||x_i - x_j||_2,   P = {(i, j) : i < j, y_i = y_j},   Neg(i) = {k : y_k != y_i}
+//   J_ij = log( sum_{k in Neg(i)} exp(m - D_ik) + sum_{l in Neg(j)} exp(m - D_jl) ) + D_ij
+//   L    = 1/(2|P|) sum_{(i,j) in P} max(J_ij, 0)^2
+//
+// Factorisation: O(N^2) work besides two GEMM-class products, where Caffe's loops over
+// every negative of every positive pair cost O(|P| N D).
+//
+//   The normaliser of a pair is the sum of two per-row sums s_i = sum_{k in Neg(i)} exp(m - D_ik).
+//   With a_i = log s_i (computed shifted by the row's nearest negative, so that no exp
+//   overflows: a_i = m - min_k D_ik + log sum_k exp(min_k D_ik - D_ik)),
+//     J_ij = logaddexp(a_i, a_j) + D_ij.
+//   Let h_ij = max(J_ij, 0), so dL/dJ_ij = h_ij / |P|. J_ij depends on
+//     D_ij:               dJ_ij/dD_ij = 1,
+//     D_ik, k in Neg(i):  dJ_ij/dD_ik = -exp(m - D_ik) / (s_i + s_j) = -p_ik sigma(a_i - a_j),
+//     D_jl, l in Neg(j):  the same with i and j exchanged,
+//   where p_ik = exp(m - D_ik) / s_i is row i's soft-max over its negatives and
+//   sigma(a_i - a_j) = s_i / (s_i + s_j) its share of the pair's normaliser. p_ik does not
+//   depend on j, so summing over the pairs that contain row i factors into one coefficient
+//   per row,
+//     c_i = sum_{j : y_j = y_i, j != i} h_ij sigma(a_i - a_j),
+//   and dL/dD_ik receives -c_i p_ik / |P| from row i's side (and -c_k p_ki / |P| from k's).
+//   Hence the derivatives with respect to the distances form one N x N matrix G / |P| of
+//   ordered entries (the unordered D_ik receives G_ik + G_ki):
+//     G_ij = h_ij            (i < j, y_i = y_j),
+//     G_ik = -c_i p_ik       (k in Neg(i)),
+//     G_ij = 0               otherwise.
+//   With W_ij = G_ij / (2 D_ij) = |P| dL/dD2_ij (0 where D_ij = 0) and S = W + W^T, since
+//   dD2_ij/dx_i = 2 (x_i - x_j),
+//     dL/dx_i = 2/|P| sum_j S_ij (x_i - x_j),   i.e.   dX = 2/|P| (diag(S 1) - S) X.
+//
+//   Cost: D2 by one X X^T product, O(N^2) exp/log/sqrt for a and W, O(|P|) for the pairs,
+//   and dX by one (N x N)(N x D) product. The SIMD path does exactly that
+//   (detail::PairwiseDistances, positive distances recomputed by differences); the scalar
+//   reference follows the same steps with loops and exact differences, in double.
+//
+// Edge cases. No epsilon: at D = 0 the (sub)gradient is 0. A row without negatives has
+// a_i = -inf, so its pairs (one class) have J = -inf and add 0. |P| = 0: L = 0 and a zero
+// gradient. A NaN label or a non-finite entry of x makes the loss and the gradient NaN.
+#include <metricloss/detail/lifted_structure_math.hpp>
+#include <metricloss/detail/pairwise.hpp>
+#include <metricloss/detail/validate.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/exec.hpp>
+#include <metricloss/types.hpp>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+namespace metricloss {
+
+namespace detail {
+
+/// The rows of one label vector grouped by class: dense class ids and each class's rows in
+/// increasing order. Labels compare with == (Caffe's rule). Allocates nothing once warm.
+class LabelClasses {
+ public:
+  /// Groups `labels`; false (and nothing usable) when a label is NaN.
+  template <class L>
+  bool assign(const VectorView<L>& labels) {
+    const Index n = labels.size;
+    size_ = n;
+    if constexpr (std::is_floating_point<L>::value) {
+      for (Index i = 0; i < n; ++i)
+        if (labels[i] != labels[i]) return false;
+    }
+    Index* order = order_storage_.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) order[i] = i;
+    std::sort(order, order + n, [&](Index a, Index b) {
+      const L la = labels[a], lb = labels[b];
+      return la < lb || (!(lb < la) && a < b);
+    });
+    Index* class_of = class_of_storage_.data(static_cast<std::size_t>(n));
+    Index* start = start_storage_.data(static_cast<std::size_t>(n + 1));
+    order_ = order;
+    class_of_ = class_of;
+    start_ = start;
+    classes_ = 0;
+    for (Index r = 0; r < n; ++r) {
+      if (r == 0 || labels[order[r - 1]] != labels[order[r]]) start[classes_++] = r;
+      class_of[order[r]] = classes_ - 1;
+    }
+    start[classes_] = n;
+    positive_pairs_ = 0;
+    for (Index c = 0; c < classes_; ++c) {
+      const Index k = class_size(c);
+      positive_pairs_ += k * (k - 1) / 2;
+    }
+    return true;
+  }
+
+  Index size() const { return size_; }
+  Index classes() const { return classes_; }
+  Index class_of(Index i) const { return class_of_[i]; }
+  Index class_size(Index c) const { return start_[c + 1] - start_[c]; }
+  /// |P|: the number of pairs i < j with equal labels.
+  Index positive_pairs() const { return positive_pairs_; }
+  bool has_negatives(Index i) const { return class_size(class_of(i)) < size_; }
+
+  /// f(i, j) for every positive pair, i < j, class by class.
+  template <class F>
+  void for_each_positive_pair(F&& f) const {
+    for (Index c = 0; c < classes_; ++c)
+      for (Index p = start_[c]; p < start_[c + 1]; ++p)
+        for (Index q = p + 1; q < start_[c + 1]; ++q) f(order_[p], order_[q]);
+  }
+
+ private:
+  Index size_ = 0, classes_ = 0, positive_pairs_ = 0;
+  // Rows sorted by (label, row); class of each row; first sorted position of each class.
+  const Index* order_ = nullptr;
+  const Index* class_of_ = nullptr;
+  const Index* start_ = nullptr;
+  GrowOnlyBuffer<Index> order_storage_, class_of_storage_, start_storage_;
+};
+
+/// Reusable memory of LiftedStructureLoss: nothing is allocated once warm at a given N, D.
+template <class T>
+struct LiftedStructureScratch {
+  LabelClasses classes;
+  PairwiseDistances<T> pairwise;                              // simd: D2, W, the products
+  GrowOnlyBuffer<T> class_values;                             // simd: class ids as T (masks)
+  GrowOnlyBuffer<double> distance, weight;                    // scalar: N x N
+  GrowOnlyBuffer<double> log_normaliser, min_distance, shifted_sum, coefficient, row;
+};
+
+template <class T>
+void fill_rows(const MatrixView<T>& m, T value) {
+  for (Index i = 0; i < m.rows; ++i) std::fill(m.row(i), m.row(i) + m.cols, value);
+}
+
+/// The calls that need no distances: a NaN label or non-finite data (NaN loss and
+/// gradient), and |P| = 0 (loss 0, zero gradient). Returns true, with the loss in `value`
+/// and the gradient written, when the call is finished; otherwise `classes` is ready.
+template <class T, class L>
+bool lifted_trivial_case(LabelClasses& classes, const VectorView<L>& labels, bool data_finite,
+                         const MatrixView<T>& grad, double& value) {
+  if (!classes.assign(labels) || !data_finite) {
+    value = std::numeric_limits<double>::quiet_NaN();
+    if (!grad.empty()) fill_rows(grad, std::numeric_limits<T>::quiet_NaN());
+    return true;
+  }
+  if (classes.positive_pairs() == 0) {
+    value = 0.0;
+    if (!grad.empty()) fill_rows(grad, T(0));
+    return true;
+  }
+  return false;
+}
+
+}  // namespace detail
+
+/// Lifted structured loss (Song et al. 2016; Caffe's LiftedStructSimilaritySoftmaxLoss) over
+/// one batch of embeddings with labels. See the formula and its factorisation at the top
+/// of this header. Holds reusable scratch memory: one instance per thread.
+template <class T>
+class LiftedStructureLoss {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "metricloss::LiftedStructureLoss<T>: T must be float or double");
+
+ public:
+  using scalar_type = T;
+
+  T margin;
+
+  explicit LiftedStructureLoss(T margin_ = T(1)) : margin(margin_) {}
+
+  /// Loss only.
+  template <class Tag, class X, class L, std::enable_if_t<detail::is_label_vector_v<L>, int> = 0>
+  T forward(Tag tag, const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels) {
+    return run(tag, "forward", x, labels, skip, T(1));
+  }
+
+  /// Loss, and the gradient times top_diff written into grad_x (or `metricloss::skip`).
+  template <class Tag, class X, class L, class G,
+            std::enable_if_t<detail::is_label_vector_v<L> && detail::is_gradient_output_v<G>,
+                             int> = 0>
+  T forward_backward(Tag tag, const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels,
+                     G&& grad_x, T top_diff = T(1)) {
+    return run(tag, "forward_backward", x, labels, std::forward<G>(grad_x), top_diff);
+  }
+
+ private:
+  template <class, class>
+  friend struct detail::Backend;
+
+  template <class Tag, class X, class L, class G>
+  T run(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& x,
+        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
+    detail::Validator check("LiftedStructureLoss", detail::scalar_name<T>(), method);
+    const auto xv = detail::input_view(x);
+    check.embeddings("x", xv);
+    const auto lv = detail::label_view(labels);
+    check.labels("labels", lv, xv.rows, "x");
+    check.margin(margin);
+    const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
+    check.gradient("grad_x", gv, "x", xv);
+    return detail::Backend<LiftedStructureLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
+                                                                       top_diff);
+  }
+
+  detail::LiftedStructureScratch<T> scratch_;
+};
+
+}  // namespace metricloss
