@@ -75,4 +75,18 @@ BENCHMARK_TEMPLATE(BM_contrastive, float, ml::scalar_tag)->Apply([](auto* b) { s
 BENCHMARK_TEMPLATE(BM_floor, double)->Apply([](auto* b) { sizes(b, false); });
 BENCHMARK_TEMPLATE(BM_contrastive, double, ml::simd_tag)->Apply([](auto* b) { sizes(b, true); });
 
+
+template <class T, class Tag>
+void BM_contrastive_forward(benchmark::State& state) {
+  const Index n = state.range(0), d = state.range(1);
+  const Matrix<T> a = uniform<T>(n, d, 1), b = uniform<T>(n, d, 2);
+  Eigen::VectorXi sim = pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; });
+  ml::ContrastiveLoss<T> loss(T(std::sqrt(static_cast<double>(d)) * 0.8));
+  for (auto _ : state) {
+    T value = loss.forward(Tag{}, a, b, sim);
+    benchmark::DoNotOptimize(value);
+  }
+  set_rates(state, 2.0 * n * d * sizeof(T) + n * sizeof(int), 3.0 * n * d);
+}
+BENCHMARK_TEMPLATE(BM_contrastive_forward, float, ml::simd_tag)->Args({256, 128})->Args({65536, 128});
 BENCHMARK_MAIN();

@@ -38,27 +38,24 @@ struct LabelPair {
   }
 };
 
-/// The fused pass shared by the CPU backends, parameterised on their row primitives.
-/// Each row of a and b is read from memory once: the second touch (the gradient) hits L1.
+/// The fused pass shared by the CPU backends, parameterised on their row primitives:
+/// each row of a and b is read once, its distance reduced, and its gradients written.
 template <class RowOps, class T, class Source>
 double contrastive_forward_backward(const MatrixView<const T>& a, const MatrixView<const T>& b,
                                     const Source& similarity, double margin,
                                     ContrastiveForm form, const MatrixView<T>& grad_a,
                                     const MatrixView<T>& grad_b, double top_diff) {
   const Index n = a.rows, d = a.cols;
-  const bool any_gradient = !grad_a.empty() || !grad_b.empty();
   const double scale = top_diff / static_cast<double>(n);
   double sum = 0.0;
   for (Index i = 0; i < n; ++i) {
-    const T* ai = a.row(i);
-    const T* bi = b.row(i);
-    const PairTerm t =
-        contrastive_pair(RowOps::squared_distance(ai, bi, d), similarity(i), margin, form);
-    sum += t.term;
-    if (any_gradient)
-      RowOps::scaled_difference(grad_a.empty() ? nullptr : grad_a.row(i),
-                                grad_b.empty() ? nullptr : grad_b.row(i), ai, bi,
-                                scale * t.coefficient, d);
+    RowOps::fused_pair(a.row(i), b.row(i), d, grad_a.empty() ? nullptr : grad_a.row(i),
+                       grad_b.empty() ? nullptr : grad_b.row(i), [&](double squared_distance) {
+                         const PairTerm t =
+                             contrastive_pair(squared_distance, similarity(i), margin, form);
+                         sum += t.term;
+                         return scale * t.coefficient;
+                       });
   }
   return sum / (2.0 * static_cast<double>(n));
 }

@@ -30,6 +30,14 @@ struct ScalarRowOps {
     }
   }
 
+  /// d2 = ||a - b||^2, c = coefficient_of(d2), then out_pos = c (a - b), out_neg = -out_pos.
+  template <class T, class CoefficientOf>
+  static void fused_pair(const T* a, const T* b, Index d, T* out_pos, T* out_neg,
+                         CoefficientOf&& coefficient_of) {
+    const double c = coefficient_of(squared_distance(a, b, d));
+    if (out_pos || out_neg) scaled_difference(out_pos, out_neg, a, b, c, d);
+  }
+
   /// ||a - p||^2 and ||a - n||^2 in one pass over the anchor row, accumulated in double.
   template <class T>
   static void anchor_squared_distances(const T* a, const T* p, const T* n, Index d,

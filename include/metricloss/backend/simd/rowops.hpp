@@ -6,6 +6,7 @@
 #include <xsimd/xsimd.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 namespace metricloss {
@@ -165,6 +166,68 @@ struct SimdRowOps {
     for (; j + width <= d; j += width)
       store_batch(j, cb * (batch::load_unaligned(a + j) - batch::load_unaligned(b + j)));
     for (; j < d; ++j) store_one(j, c * (a[j] - b[j]));
+  }
+
+ public:
+  /// The fused pair primitive: d2 = ||a - b||^2, c = coefficient_of(d2), then
+  /// out_pos = c (a - b), out_neg = -c (a - b). Rows of up to 8 batches keep a - b in
+  /// registers, so each input element is loaded once; longer rows take two passes (the
+  /// second from L1).
+  template <class T, class CoefficientOf>
+  static void fused_pair(const T* a, const T* b, Index d, T* out_pos, T* out_neg,
+                         CoefficientOf&& coefficient_of) {
+    using batch = xsimd::batch<T>;
+    constexpr Index width = static_cast<Index>(batch::size);
+    switch (d / width) {
+      case 0: return fused_pair_in_registers<0>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 1: return fused_pair_in_registers<1>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 2: return fused_pair_in_registers<2>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 3: return fused_pair_in_registers<3>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 4: return fused_pair_in_registers<4>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 5: return fused_pair_in_registers<5>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 6: return fused_pair_in_registers<6>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 7: return fused_pair_in_registers<7>(a, b, d, out_pos, out_neg, coefficient_of);
+      case 8: return fused_pair_in_registers<8>(a, b, d, out_pos, out_neg, coefficient_of);
+      default: {
+        const double c = coefficient_of(squared_distance(a, b, d));
+        scaled_difference(out_pos, out_neg, a, b, c, d);
+      }
+    }
+  }
+
+ private:
+  template <Index full_batches, class T, class CoefficientOf>
+  static void fused_pair_in_registers(const T* a, const T* b, Index d, T* out_pos, T* out_neg,
+                                      CoefficientOf& coefficient_of) {
+    using batch = xsimd::batch<T>;
+    constexpr Index width = static_cast<Index>(batch::size);
+    std::array<batch, full_batches + 1> diff;  // + 1: never a zero-size array
+    batch acc0(T(0)), acc1(T(0));
+    for (Index k = 0; k < full_batches; ++k) {
+      diff[k] = batch::load_unaligned(a + k * width) - batch::load_unaligned(b + k * width);
+      if (k % 2 == 0)
+        acc0 = xsimd::fma(diff[k], diff[k], acc0);
+      else
+        acc1 = xsimd::fma(diff[k], diff[k], acc1);
+    }
+    constexpr Index tail_begin = full_batches * width;
+    T tail[width];
+    double squared = full_batches > 0 ? static_cast<double>(xsimd::hadd(acc0 + acc1)) : 0.0;
+    for (Index j = tail_begin; j < d; ++j) {
+      const T t = a[j] - b[j];
+      tail[j - tail_begin] = t;
+      squared += static_cast<double>(t) * static_cast<double>(t);
+    }
+    const T c = static_cast<T>(coefficient_of(squared));
+    const batch positive(c), negative(-c);
+    if (out_pos) {
+      for (Index k = 0; k < full_batches; ++k) (positive * diff[k]).store_unaligned(out_pos + k * width);
+      for (Index j = tail_begin; j < d; ++j) out_pos[j] = c * tail[j - tail_begin];
+    }
+    if (out_neg) {
+      for (Index k = 0; k < full_batches; ++k) (negative * diff[k]).store_unaligned(out_neg + k * width);
+      for (Index j = tail_begin; j < d; ++j) out_neg[j] = -c * tail[j - tail_begin];
+    }
   }
 };
 
