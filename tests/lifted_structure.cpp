@@ -372,6 +372,33 @@ TEMPLATE_TEST_CASE("lifted structure on degenerate batches", "[lifted][degenerat
   }
 }
 
+TEMPLATE_TEST_CASE("lifted structure is accurate for near-duplicate points", "[lifted][numerics]",
+                   ALL_CASES) {
+  // Near pairs carry weights ~ 1/D: a product that forms S_ik x_i - S_ik x_k would lose
+  // every digit of their gradient; they must be applied by differences.
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  const double gap = GENERATE(1e-2, 1e-4, 1e-6);
+  const double offset = GENERATE(0.0, 100.0);
+  CAPTURE(gap, offset);
+  // Below ~100 ulp of the offset the nudged points round onto each other.
+  if (gap < 100.0 * std::numeric_limits<T>::epsilon() * offset) return;
+  std::mt19937_64 rng(81);
+  const Index n = 64, d = 32;
+  const Labels labels = pk_labels(n, 4, rng);
+  Matrix<T> x = uniform_matrix<T>(n, d, rng, offset - 1.0, offset + 1.0);
+  const Matrix<T> nudge = uniform_matrix<T>(n, d, rng, -gap, gap);
+  for (Index i = 1; i < n; ++i)
+    for (Index j = 0; j < i; ++j)
+      if (i % 5 == 0 && j == i - 1) x.row(i) = x.row(j) + nudge.row(i);  // positives and negatives
+  ml::LiftedStructureLoss<T> loss(T(1));
+  Matrix<T> grad(n, d);
+  const T value = loss.forward_backward(tag, x, labels, grad);
+  const CaffeResult reference = caffe_lifted(x, labels, 1.0, 1.0);
+  CHECK(relatively_close(value, reference.loss, Tolerance<T>::loss));
+  CHECK(gradient_error(grad, reference.grad) <= Tolerance<T>::gradient);
+}
+
 TEMPLATE_TEST_CASE("lifted structure in float is accurate at a large common offset",
                    "[lifted][numerics]", ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};

@@ -125,6 +125,7 @@ struct LiftedStructureScratch {
   LabelClasses classes;
   PairwiseDistances<T> pairwise;                              // simd: D2, W, the products
   GrowOnlyBuffer<T> class_values;                             // simd: class ids as T (masks)
+  GrowOnlyBuffer<T> distance_values, near_threshold, near_gradient;  // simd
   GrowOnlyBuffer<double> distance, weight;                    // scalar: N x N
   GrowOnlyBuffer<double> log_normaliser, min_distance, shifted_sum, coefficient, row;
 };

@@ -3,6 +3,14 @@
 // <metricloss/lifted_structure.hpp> with D2 from one X X^T product (detail::PairwiseDistances,
 // positive pairs recomputed by differences), the O(N^2) sqrt / exp of the row soft-maxes and
 // the weights in xsimd batches, and dX from one (N x N)(N x D) product.
+//
+// Near pairs. The product forms S_ik (xc_i - xc_k) as S_ik xc_i - S_ik xc_k, whose rounding
+// error is about eps |S_ik| (|xc_i| + |xc_k|) against a true size |S_ik| D_ik; with
+// S_ik ~ 1/D_ik it grows without bound as two points approach each other (near-duplicate
+// positives, and hard negatives, which carry the largest soft-max weight). Pairs with
+// D2_ik < near_ratio (||xc_i||^2 + ||xc_k||^2) are therefore taken out of S and applied
+// by differences of the original rows; what stays in the product has a relative error
+// of at most ~ 2 eps / sqrt(near_ratio) = 64 eps.
 #include <metricloss/backend/simd/rowops.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/lifted_structure.hpp>
@@ -33,15 +41,16 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     const double margin = loss.margin;
     PairwiseDistances<T>& pairwise = scratch.pairwise;
 
-    // D: the product's D2, exact for the positive pairs, then square roots in place.
+    // D2 from the product, exact for the positive pairs; D = its square roots.
     pairwise.compute(x);
-    T* distance = pairwise.squared().data();
+    T* squared = pairwise.squared().data();
     classes.for_each_positive_pair([&](Index i, Index j) {
       const T exact = static_cast<T>(pairwise.exact_squared(i, j));
-      distance[i * n + j] = exact;
-      distance[j * n + i] = exact;
+      squared[i * n + j] = exact;
+      squared[j * n + i] = exact;
     });
-    square_roots(distance, n * n);
+    T* distance = scratch.distance_values.data(static_cast<std::size_t>(n * n));
+    square_roots(squared, distance, n * n);
 
     // Class ids as T (exact below 2^24 classes), compared lane-wise to mask the negatives.
     T* class_value = scratch.class_values.data(static_cast<std::size_t>(n));
@@ -89,32 +98,96 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       if (classes.has_negatives(i))
         negative_weights(distance + i * n, class_value, class_value[i],
                          static_cast<T>(-coefficient[i] / shifted_sum[i]), n, weight + i * n);
-    pairwise.gradient_from_weights(static_cast<T>(static_cast<double>(top_diff) / pairs), grad);
+    const T scale = static_cast<T>(static_cast<double>(top_diff) / pairs);
+    const bool any_near = take_out_near_pairs(scratch, x, squared, weight);
+    pairwise.gradient_from_weights(scale, grad);
+    if (any_near) {
+      const T* near_sums = scratch.near_gradient.data(0);
+      const T two_scale = T(2) * scale;
+      for (Index i = 0; i < n; ++i) {
+        T* out = grad.row(i);
+        const T* add = near_sums + i * x.cols;
+        for (Index c = 0; c < x.cols; ++c) out[c] += two_scale * add[c];
+      }
+    }
     return static_cast<T>(sum / (2.0 * pairs));
   }
 
  private:
+  static constexpr double near_ratio = 1.0 / 1024;
+
   /// Finite iff every x - x is 0 (it is NaN for NaN and +-inf).
   static bool all_finite(const MatrixView<const T>& x) {
+    const Index d = x.cols, full = d / width * width;
     batch probe(T(0));
     T tail = T(0);
     for (Index i = 0; i < x.rows; ++i) {
       const T* row = x.row(i);
-      Index c = 0;
-      for (; c + width <= x.cols; c += width) {
+      for (Index c = 0; c < full; c += width) {
         const batch v = batch::load_unaligned(row + c);
         probe += v - v;
       }
-      for (; c < x.cols; ++c) tail += row[c] - row[c];
+      for (Index c = full; c < d; ++c) tail += row[c] - row[c];
     }
     return xsimd::all(probe == batch(T(0))) && tail == T(0);
   }
 
-  static void square_roots(T* values, Index size) {
+  static void square_roots(const T* squared, T* roots, Index size) {
     Index k = 0;
     for (; k + width <= size; k += width)
-      xsimd::sqrt(batch::load_unaligned(values + k)).store_unaligned(values + k);
-    for (; k < size; ++k) values[k] = std::sqrt(values[k]);
+      xsimd::sqrt(batch::load_unaligned(squared + k)).store_unaligned(roots + k);
+    for (; k < size; ++k) roots[k] = std::sqrt(squared[k]);
+  }
+
+  /// Moves the weight of every near pair (see the top of this file) out of W into
+  /// near_gradient = sum_k S_ik (x_i - x_k) by differences of the original rows. False
+  /// when there is none (near_gradient is then not written).
+  static bool take_out_near_pairs(LiftedStructureScratch<T>& scratch, const MatrixView<const T>& x,
+                                  const T* squared, T* weight) {
+    const Index n = x.rows;
+    const auto xc = scratch.pairwise.centred();
+    T* threshold = scratch.near_threshold.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i)
+      threshold[i] = static_cast<T>(near_ratio * static_cast<double>(xc.row(i).squaredNorm()));
+    T* near_sums = nullptr;
+    for (Index i = 0; i < n; ++i) {
+      const T* row = squared + i * n;
+      const batch own(threshold[i]);
+      Index k = 0;
+      for (; k + width <= i; k += width) {
+        // D2_ik < near_ratio n_i + near_ratio n_k, lane-wise: rare, so test before looking.
+        const auto near = batch::load_unaligned(row + k) < own + batch::load_unaligned(threshold + k);
+        if (xsimd::any(near))
+          for (Index lane = k; lane < k + width; ++lane)
+            move_if_near(i, lane, row[lane], threshold, x, weight, near_sums, scratch);
+      }
+      for (; k < i; ++k) move_if_near(i, k, row[k], threshold, x, weight, near_sums, scratch);
+    }
+    return near_sums != nullptr;
+  }
+
+  static void move_if_near(Index i, Index k, T squared, const T* threshold,
+                           const MatrixView<const T>& x, T* weight, T*& near_sums,
+                           LiftedStructureScratch<T>& scratch) {
+    if (!(squared < threshold[i] + threshold[k])) return;
+    const Index n = x.rows, d = x.cols;
+    const T s = weight[i * n + k] + weight[k * n + i];
+    weight[i * n + k] = T(0);
+    weight[k * n + i] = T(0);
+    if (s == T(0)) return;
+    if (near_sums == nullptr) {
+      near_sums = scratch.near_gradient.data(static_cast<std::size_t>(n * d));
+      std::fill(near_sums, near_sums + n * d, T(0));
+    }
+    const T* xi = x.row(i);
+    const T* xk = x.row(k);
+    T* gi = near_sums + i * d;
+    T* gk = near_sums + k * d;
+    for (Index c = 0; c < d; ++c) {
+      const T v = s * (xi[c] - xk[c]);
+      gi[c] += v;
+      gk[c] -= v;
+    }
   }
 
   /// min_k D_ik over the negatives k (class != own).
