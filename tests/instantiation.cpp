@@ -91,3 +91,34 @@ TEST_CASE("LiftedStructureLoss compiles for float and double on every CPU tag", 
   instantiate_lifted_structure<float, metricloss::simd_tag>();
   instantiate_lifted_structure<double, metricloss::simd_tag>();
 }
+
+template class metricloss::BatchTripletLoss<float>;
+template class metricloss::BatchTripletLoss<double>;
+
+namespace {
+template <class T, class Tag>
+void instantiate_batch_triplet() {
+  using namespace mltest;
+  Matrix<T> x = Matrix<T>::Random(4, 3), g(4, 3);
+  Eigen::VectorXi y(4);
+  y << 0, 0, 1, 1;
+  Eigen::Map<const Matrix<T>> xm(x.data(), 4, 3);
+  ml::RowMap<T> gm(g.data(), 4, 3, Eigen::OuterStride<>(3));
+  ml::BatchTripletLoss<T> loss(T(1), ml::Mining::all, ml::Distance::squared_euclidean, true);
+  loss.margin = T(2);
+  loss.mining = ml::Mining::semihard;
+  loss.distance = ml::Distance::euclidean;
+  loss.soft_margin = false;
+  const Tag tag{};
+  CHECK(loss.forward(tag, xm, y) == loss.forward(tag, x, y));
+  loss.forward_backward(tag, xm, y.cast<float>().eval(), gm, T(0.5));
+  loss.forward_backward(tag, x, y, ml::skip);
+}
+}  // namespace
+
+TEST_CASE("BatchTripletLoss compiles for float and double on every CPU tag", "[instantiation]") {
+  instantiate_batch_triplet<float, metricloss::scalar_tag>();
+  instantiate_batch_triplet<double, metricloss::scalar_tag>();
+  instantiate_batch_triplet<float, metricloss::simd_tag>();
+  instantiate_batch_triplet<double, metricloss::simd_tag>();
+}

@@ -22,3 +22,7 @@
 #include <metricloss/lifted_structure.hpp>
 #include <metricloss/backend/scalar/lifted_structure.hpp>
 #include <metricloss/backend/simd/lifted_structure.hpp>
+
+#include <metricloss/batch_triplet.hpp>
+#include <metricloss/backend/scalar/batch_triplet.hpp>
+#include <metricloss/backend/simd/batch_triplet.hpp>

@@ -72,6 +72,11 @@ inline void check_distance(Validator& check, Distance distance) {
     check.fail("option 'distance' has the undeclared value " +
                std::to_string(static_cast<int>(distance)));
 }
+inline void check_mining(Validator& check, Mining mining) {
+  if (mining != Mining::all && mining != Mining::hard && mining != Mining::semihard)
+    check.fail("option 'mining' has the undeclared value " +
+               std::to_string(static_cast<int>(mining)));
+}
 
 }  // namespace detail
 

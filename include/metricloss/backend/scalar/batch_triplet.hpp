@@ -1,0 +1,78 @@
+#pragma once
+// The reference path of BatchTripletLoss: exact distances by differences, the shared mining,
+// and dL/dx_i = 2 sum_j S_ij (x_i - x_j) by loops, all in double. O(N^2 D).
+#include <metricloss/backend/scalar/rowops.hpp>
+#include <metricloss/batch_triplet.hpp>
+
+namespace metricloss {
+namespace detail {
+
+/// N x N squared distances, all of them exact.
+struct ExactSquaredDistances {
+  const double* squared;
+  Index n;
+  const double* row(Index i) const { return squared + i * n; }
+  double exact(Index i, Index j) const { return squared[i * n + j]; }
+};
+
+/// W as a dense N x N matrix in double; empty when no gradient is wanted.
+struct DenseWeights {
+  double* weights;
+  Index n;
+  bool enabled() const { return weights != nullptr; }
+  void add(Index i, Index j, double w) { weights[i * n + j] += w; }
+};
+
+template <class T>
+struct Backend<BatchTripletLoss<T>, scalar_tag> {
+  template <class L>
+  static T forward_backward(BatchTripletLoss<T>& loss, scalar_tag, const MatrixView<const T>& x,
+                            const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
+    BatchTripletWorkspace<T>& work = loss.workspace_;
+    T value;
+    if (batch_triplet_not_finite(work.classes, x, labels, grad, value)) return value;
+    const Index n = x.rows, d = x.cols;
+    double* squared = work.squared.data(static_cast<std::size_t>(n * n));
+    for (Index i = 0; i < n; ++i) {
+      squared[i * n + i] = 0.0;
+      for (Index j = 0; j < i; ++j) {
+        const double q = ScalarRowOps::squared_distance(x.row(i), x.row(j), d);
+        squared[i * n + j] = q;
+        squared[j * n + i] = q;
+      }
+    }
+    DenseWeights weights{nullptr, n};
+    if (!grad.empty()) {
+      weights.weights = work.weights.data(static_cast<std::size_t>(n * n));
+      std::fill(weights.weights, weights.weights + n * n, 0.0);
+    }
+    const MiningResult result =
+        work.miner.mine(loss.mining, work.classes, ExactSquaredDistances{squared, n},
+                        loss.margin, loss.distance, loss.soft_margin, weights);
+    if (result.count == 0.0) {
+      fill_gradient(grad, T(0));
+      return T(0);
+    }
+    if (!grad.empty()) {
+      const double scale = 2.0 * static_cast<double>(top_diff) / result.count;
+      double* row = work.gradient_row.data(static_cast<std::size_t>(d));
+      for (Index i = 0; i < n; ++i) {
+        std::fill(row, row + d, 0.0);
+        const T* xi = x.row(i);
+        for (Index j = 0; j < n; ++j) {
+          const double s = weights.weights[i * n + j] + weights.weights[j * n + i];
+          if (s == 0.0 || j == i) continue;
+          const T* xj = x.row(j);
+          for (Index k = 0; k < d; ++k)
+            row[k] += s * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
+        }
+        T* out = grad.row(i);
+        for (Index k = 0; k < d; ++k) out[k] = static_cast<T>(scale * row[k]);
+      }
+    }
+    return static_cast<T>(result.sum / result.count);
+  }
+};
+
+}  // namespace detail
+}  // namespace metricloss

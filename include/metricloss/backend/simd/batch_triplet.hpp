@@ -1,0 +1,116 @@
+#pragma once
+// The SIMD path of BatchTripletLoss: distances by one product on the centred batch
+// (detail::PairwiseDistances), the shared mining with mined distances recomputed by
+// differences, and dX = 2 (diag(S 1) - S) X by one product, with close pairs by differences.
+#include <metricloss/backend/simd/rowops.hpp>
+#include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/pairwise.hpp>
+
+namespace metricloss {
+namespace detail {
+
+/// The product's squared distances to select, differences for the loss.
+template <class T>
+struct ProductSquaredDistances {
+  PairwiseDistances<T>* pairwise;
+  const T* row(Index i) const { return pairwise->squared_row(i); }
+  double exact(Index i, Index j) const { return pairwise->exact_squared(i, j); }
+};
+
+/// W for the product (in T), except for pairs close against their norms about the batch
+/// mean (||x_i - x_j||^2 <= ratio (n_i + n_j), the pairs whose distances PairwiseDistances
+/// recomputes): in diag(S 1) X - S X their term would cancel to rounding noise (and in
+/// Euclidean 1/(2d) may not fit in T), so they add 2 w (x_i - x_j) by differences in double.
+template <class T>
+class SplitWeights {
+ public:
+  SplitWeights() = default;
+  SplitWeights(BatchTripletWorkspace<T>& work, const MatrixView<const T>& x)
+      : x_(x), n_(x.rows) {
+    PairwiseDistances<T>& pairwise = work.pairwise;
+    weights_ = pairwise.zeroed_weights().data();
+    squared_ = pairwise.squared_row(0);
+    T* norms = work.norms.data(static_cast<std::size_t>(n_));
+    const auto centred = pairwise.centred();
+    for (Index i = 0; i < n_; ++i) {
+      double norm = 0.0;
+      for (Index k = 0; k < x.cols; ++k) {
+        const double v = static_cast<double>(centred(i, k));
+        norm += v * v;
+      }
+      norms[i] = static_cast<T>(norm);
+    }
+    norms_ = norms;
+    direct_storage_ = &work.direct_gradient;
+  }
+
+  bool enabled() const { return weights_ != nullptr; }
+
+  void add(Index i, Index j, double w) {
+    if (squared_[i * n_ + j] > ratio * (norms_[i] + norms_[j])) {
+      weights_[i * n_ + j] += static_cast<T>(w);
+      return;
+    }
+    const Index d = x_.cols;
+    if (!direct_) {
+      direct_ = direct_storage_->data(static_cast<std::size_t>(n_ * d));
+      std::fill(direct_, direct_ + n_ * d, 0.0);
+    }
+    const T *xi = x_.row(i), *xj = x_.row(j);
+    double *gi = direct_ + i * d, *gj = direct_ + j * d;
+    for (Index k = 0; k < d; ++k) {
+      const double term = 2.0 * w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
+      gi[k] += term;
+      gj[k] -= term;
+    }
+  }
+
+  /// grad = scale (2 (diag(S 1) - S) X + the close pairs' terms).
+  void gradient(PairwiseDistances<T>& pairwise, double scale, const MatrixView<T>& grad) const {
+    pairwise.gradient_from_weights(static_cast<T>(scale), grad);
+    if (!direct_) return;
+    for (Index i = 0; i < n_; ++i) {
+      T* out = grad.row(i);
+      const double* in = direct_ + i * x_.cols;
+      for (Index k = 0; k < x_.cols; ++k)
+        out[k] = static_cast<T>(static_cast<double>(out[k]) + scale * in[k]);
+    }
+  }
+
+ private:
+  static constexpr T ratio = static_cast<T>(PairwiseDistances<T>::recompute_ratio);
+  MatrixView<const T> x_{};
+  Index n_ = 0;
+  T* weights_ = nullptr;
+  const T* squared_ = nullptr;
+  const T* norms_ = nullptr;
+  GrowOnlyBuffer<double>* direct_storage_ = nullptr;
+  double* direct_ = nullptr;
+};
+
+template <class T>
+struct Backend<BatchTripletLoss<T>, simd_tag> {
+  template <class L>
+  static T forward_backward(BatchTripletLoss<T>& loss, simd_tag, const MatrixView<const T>& x,
+                            const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
+    BatchTripletWorkspace<T>& work = loss.workspace_;
+    T value;
+    if (batch_triplet_not_finite(work.classes, x, labels, grad, value)) return value;
+    work.pairwise.compute(x);
+    SplitWeights<T> weights;
+    if (!grad.empty()) weights = SplitWeights<T>(work, x);
+    const MiningResult result =
+        work.miner.mine(loss.mining, work.classes, ProductSquaredDistances<T>{&work.pairwise},
+                        loss.margin, loss.distance, loss.soft_margin, weights);
+    if (result.count == 0.0) {
+      fill_gradient(grad, T(0));
+      return T(0);
+    }
+    if (!grad.empty())
+      weights.gradient(work.pairwise, static_cast<double>(top_diff) / result.count, grad);
+    return static_cast<T>(result.sum / result.count);
+  }
+};
+
+}  // namespace detail
+}  // namespace metricloss

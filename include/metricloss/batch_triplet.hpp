@@ -1,0 +1,131 @@
+#pragma once
+// Triplet loss with online mining over one labelled batch x (N x D), labels y:
+//   P(a) = {p != a : y_p = y_a},  Neg(a) = {n : y_n != y_a},  d = ||.||_2 or ||.||^2,
+//   h(x) = max(x, 0), or softplus(x) = log(1 + e^x) with soft_margin.
+//
+//   all:      L = sum_{a, p in P(a), n in Neg(a)} h(d_ap - d_an + m) / Z, Z = number of
+//             triplets with h > 0 (every triplet with soft_margin); L = 0 when Z = 0.
+//   hard:     L = mean over anchors with P(a), Neg(a) non-empty of
+//             h(max_p d_ap - min_n d_an + m)                         (Hermans et al. 2017)
+//   semihard: L = mean over (a, p in P(a)) with Neg(a) non-empty of h(d_ap - d_an* + m),
+//             n* = argmin {d_an : d_an > d_ap}, else argmax_n d_an    (FaceNet; TF Addons)
+//
+// Gradient. Each mined term adds to W_ij = dL/dq_ij (q = squared distances, one entry per
+// ordered pair): h'(x) dd/dq (q_ap) to W_ap and -h'(x) dd/dq (q_an) to W_an, with
+// dd/dq = 1 (squared) or 1/(2d) (Euclidean; 0 at d = 0: no epsilon). The normaliser (Z,
+// the anchors, the pairs) is piecewise constant and carries no gradient. Then
+//   dL/dx_i = 2 sum_j S_ij (x_i - x_j),  S = W + W^T,   i.e.  dX = 2 (diag(S 1) - S) X.
+//
+// Paths. scalar: exact distances by differences and the sum above by loops, in double
+// (O(N^2 D)). simd: the distances by one product on the centred batch
+// (detail::PairwiseDistances), every distance that enters the loss of a mined term
+// recomputed by differences (positives always; for hard and semihard also the mined
+// negatives; for all the negatives keep the product's distances, accurate to ~1e-6
+// relative in float), dX by one (N x N)(N x D) product, except that the pairs close
+// against their distance to the batch mean add their gradient by differences, where the
+// product would cancel. Both paths share the mining (detail/batch_triplet_mining.hpp).
+//
+// Edge cases. Nothing to average (one class, singletons only, N = 1): L = 0 and a zero
+// gradient. A NaN label or a non-finite entry of x makes the loss and every gradient entry
+// NaN (mining is global: one NaN can change every selection).
+#include <metricloss/detail/batch_triplet_mining.hpp>
+#include <metricloss/detail/pairwise.hpp>
+#include <metricloss/detail/validate.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/exec.hpp>
+#include <metricloss/options.hpp>
+#include <metricloss/triplet.hpp>
+#include <metricloss/types.hpp>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+namespace metricloss {
+
+namespace detail {
+
+/// Reusable memory of BatchTripletLoss: nothing is allocated once warm at a given N, D.
+template <class T>
+struct BatchTripletWorkspace {
+  BatchClasses classes;
+  TripletMiner miner;
+  GrowOnlyBuffer<double> squared, weights, gradient_row;  // scalar: N x N, N x N, D
+  PairwiseDistances<T> pairwise;                           // simd: distances and products
+  GrowOnlyBuffer<T> norms;                                 // simd: ||x_i - mean||^2
+  GrowOnlyBuffer<double> direct_gradient;                  // simd: N x D, close pairs
+};
+
+template <class T>
+void fill_gradient(const MatrixView<T>& grad, T value) {
+  for (Index i = 0; i < grad.rows; ++i) std::fill(grad.row(i), grad.row(i) + grad.cols, value);
+}
+
+/// Groups the labels; a NaN label or a non-finite x finishes the call with a NaN loss and
+/// gradient (returns true, the loss in `value`).
+template <class T, class L>
+bool batch_triplet_not_finite(BatchClasses& classes, const MatrixView<const T>& x,
+                              const VectorView<L>& labels, const MatrixView<T>& grad, T& value) {
+  if (classes.assign(labels) && all_finite(x)) return false;
+  value = std::numeric_limits<T>::quiet_NaN();
+  fill_gradient(grad, value);
+  return true;
+}
+
+}  // namespace detail
+
+/// Triplet loss with online mining over a labelled batch (all, batch-hard, semihard). See the
+/// formulas at the top of this header. One instance per thread; it keeps scratch memory.
+template <class T>
+class BatchTripletLoss {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "metricloss::BatchTripletLoss<T>: T must be float or double");
+
+ public:
+  using scalar_type = T;
+
+  T margin;
+  Mining mining;
+  Distance distance;
+  /// softplus(x) in place of max(x, 0).
+  bool soft_margin;
+
+  explicit BatchTripletLoss(T margin_ = T(0.2), Mining mining_ = Mining::hard,
+                            Distance distance_ = Distance::euclidean, bool soft_margin_ = false)
+      : margin(margin_), mining(mining_), distance(distance_), soft_margin(soft_margin_) {}
+
+  /// Loss only.
+  template <class Tag, class X, class L, std::enable_if_t<detail::is_label_vector_v<L>, int> = 0>
+  T forward(Tag tag, const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels) {
+    return forward_backward(tag, x, labels, skip);
+  }
+
+  /// Loss, and its gradient times top_diff written into grad_x (or `metricloss::skip`).
+  template <class Tag, class X, class L, class G,
+            std::enable_if_t<detail::is_label_vector_v<L> && detail::is_gradient_output_v<G>, int> = 0>
+  T forward_backward(Tag tag, const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels,
+                     G&& grad_x, T top_diff = T(1)) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::BatchTripletLoss<T>: embeddings must have scalar type T");
+    detail::Validator check("BatchTripletLoss", detail::scalar_name<T>(), "forward_backward");
+    const auto xv = detail::input_view(x);
+    check.embeddings("x", xv);
+    const auto lv = detail::label_view(labels);
+    check.labels("labels", lv, xv.rows, "x");
+    check.margin(margin);
+    detail::check_mining(check, mining);
+    detail::check_distance(check, distance);
+    const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
+    check.gradient("grad_x", gv, "x", xv);
+    return detail::Backend<BatchTripletLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
+                                                                    top_diff);
+  }
+
+ private:
+  template <class, class>
+  friend struct detail::Backend;
+  detail::BatchTripletWorkspace<T> workspace_;
+};
+
+}  // namespace metricloss

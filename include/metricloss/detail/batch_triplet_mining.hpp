@@ -1,0 +1,327 @@
+#pragma once
+// Online triplet mining over one labelled batch, shared by the CPU backends of
+// BatchTripletLoss. A backend supplies the squared distances and receives the gradient as
+// weights on squared distances; the selection and the loss are decided here only.
+//
+//   Distances: row(a)[j]  squared distance used to select (approximate on the simd path),
+//              exact(a, j) squared distance by differences, used in the loss of mined pairs.
+//   Weights:   enabled()   false when no gradient is wanted;
+//              add(i, j, w) adds w = d(sum)/d q_ij, where sum is the loss before division by
+//              its count (the caller scales by top_diff / count).
+//
+// Selection compares squared distances: d is monotone in q for both Distance kinds. Costs,
+// with c = the largest class size:
+//   hard      O(N^2): one pass over each anchor's row.
+//   semihard  O(N^2 log c): the positives of an anchor sorted by distance cut its
+//             negatives into buckets; a suffix minimum over buckets gives every positive its
+//             nearest farther negative.
+//   all       O(N^2 log c): the same buckets with counts and prefix sums of the negatives'
+//             distances give, per positive, the number of active triplets and their summed
+//             hinge (sum over active n of d_ap + m - d_an), and per negative the number of
+//             positives it is active with. soft_margin: O(N^2 c), since softplus does not
+//             factor.
+#include <metricloss/detail/pairwise.hpp>
+#include <metricloss/detail/triplet_math.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/options.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace metricloss {
+namespace detail {
+
+/// The rows of one batch grouped by label (==): dense class ids, and each class's rows in
+/// increasing order. Allocates nothing once warm at a given N.
+class BatchClasses {
+ public:
+  /// Groups `labels`; false (nothing grouped) when a label is NaN.
+  template <class L>
+  bool assign(const VectorView<L>& labels) {
+    const Index n = labels.size;
+    size_ = n;
+    if constexpr (std::is_floating_point<L>::value) {
+      for (Index i = 0; i < n; ++i)
+        if (labels[i] != labels[i]) return false;
+    }
+    Index* order = grown(order_, n);
+    for (Index i = 0; i < n; ++i) order[i] = i;
+    std::sort(order, order + n, [&](Index a, Index b) {
+      const L la = labels[a], lb = labels[b];
+      return la < lb || (!(lb < la) && a < b);
+    });
+    Index* class_of = grown(class_of_, n);
+    Index* begin = grown(begin_, n + 1);
+    classes_ = 0;
+    for (Index r = 0; r < n; ++r) {
+      if (r == 0 || labels[order[r - 1]] != labels[order[r]]) begin[classes_++] = r;
+      class_of[order[r]] = classes_ - 1;
+    }
+    begin[classes_] = n;
+    return true;
+  }
+
+  Index size() const { return size_; }
+  const Index* class_of() const { return class_of_.data(); }
+  /// The rows of anchor a's class, including a, in increasing order.
+  const Index* members_begin(Index a) const { return order_.data() + begin_[class_of_[a]]; }
+  const Index* members_end(Index a) const { return order_.data() + begin_[class_of_[a] + 1]; }
+  /// |P(a)| = class size - 1 and |Neg(a)| = N - class size.
+  Index positives(Index a) const { return members_end(a) - members_begin(a) - 1; }
+  Index negatives(Index a) const { return size_ - (members_end(a) - members_begin(a)); }
+
+ private:
+  static Index* grown(std::vector<Index>& v, Index size) {
+    if (v.size() < static_cast<std::size_t>(size)) v.resize(static_cast<std::size_t>(size));
+    return v.data();
+  }
+
+  Index size_ = 0, classes_ = 0;
+  // Rows sorted by (label, row); the class of each row; each class's first sorted position.
+  std::vector<Index> order_, class_of_, begin_;
+};
+
+/// The loss before normalisation, and what it is divided by (anchors for hard, pairs for
+/// semihard, triplets with a positive hinge for all). L = sum / count, or 0 when count = 0.
+struct MiningResult {
+  double sum = 0.0;
+  double count = 0.0;
+};
+
+/// Mining with its per-anchor scratch memory (grow-only).
+class TripletMiner {
+ public:
+  template <class Distances, class Weights>
+  MiningResult mine(Mining mining, const BatchClasses& classes, const Distances& distances,
+                    double margin, Distance distance, bool soft_margin, Weights& weights) {
+    switch (mining) {
+      case Mining::hard: return hard(classes, distances, margin, distance, soft_margin, weights);
+      case Mining::semihard:
+        return semihard(classes, distances, margin, distance, soft_margin, weights);
+      case Mining::all:
+        return soft_margin ? all_soft(classes, distances, margin, distance, weights)
+                           : all_hinge(classes, distances, margin, distance, weights);
+    }
+    return {};
+  }
+
+ private:
+  struct Positive {
+    double key;  // what positives are sorted by
+    Index index;
+    DistanceTerm distance;
+  };
+  struct Negative {
+    Index index;
+    Index bucket;
+    DistanceTerm distance;
+  };
+
+  /// l_a = h(max_p d_ap - min_n d_an + m), over anchors with a positive and a negative.
+  template <class Distances, class Weights>
+  MiningResult hard(const BatchClasses& classes, const Distances& distances, double margin,
+                    Distance distance, bool soft_margin, Weights& weights) {
+    const Index n = classes.size();
+    const Index* class_of = classes.class_of();
+    MiningResult result;
+    for (Index a = 0; a < n; ++a) {
+      if (classes.positives(a) == 0 || classes.negatives(a) == 0) continue;
+      const auto* row = distances.row(a);
+      Index positive = -1;
+      for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+        if (*p != a && (positive < 0 || row[*p] > row[positive])) positive = *p;
+      const Index own = class_of[a];
+      Index negative = -1;
+      for (Index j = 0; j < n; ++j)
+        if (class_of[j] != own && (negative < 0 || row[j] < row[negative])) negative = j;
+      add_triplet(result, a, positive, negative, distances, margin, distance, soft_margin, weights);
+    }
+    return result;
+  }
+
+  /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
+  /// negative), over pairs (a, p) whose anchor has a negative.
+  template <class Distances, class Weights>
+  MiningResult semihard(const BatchClasses& classes, const Distances& distances, double margin,
+                        Distance distance, bool soft_margin, Weights& weights) {
+    const Index n = classes.size();
+    const Index* class_of = classes.class_of();
+    MiningResult result;
+    for (Index a = 0; a < n; ++a) {
+      const Index k = classes.positives(a);
+      if (k == 0 || classes.negatives(a) == 0) continue;
+      const auto* row = distances.row(a);
+      Positive* positives = sorted_positives(classes, a, [&](Index p) {
+        return Positive{static_cast<double>(row[p]), p, {}};
+      });
+      double* thresholds = thresholds_.data(static_cast<std::size_t>(k));
+      for (Index i = 0; i < k; ++i) thresholds[i] = positives[i].key;
+      // Bucket b holds the negatives farther than exactly the b nearest positives; each
+      // keeps its nearest (first in row order on ties).
+      Index* nearest = nearest_.data(static_cast<std::size_t>(k + 1));
+      std::fill(nearest, nearest + k + 1, Index(-1));
+      const Index own = class_of[a];
+      Index farthest = -1;
+      for (Index j = 0; j < n; ++j) {
+        if (class_of[j] == own) continue;
+        const double q = static_cast<double>(row[j]);
+        if (farthest < 0 || q > static_cast<double>(row[farthest])) farthest = j;
+        const Index b = std::lower_bound(thresholds, thresholds + k, q) - thresholds;
+        if (b > 0 && (nearest[b] < 0 || q < static_cast<double>(row[nearest[b]]))) nearest[b] = j;
+      }
+      // Suffix minimum: nearest[i] becomes the nearest negative farther than positive i - 1.
+      for (Index b = k - 1; b >= 1; --b)
+        if (nearest[b] < 0 || (nearest[b + 1] >= 0 && row[nearest[b + 1]] < row[nearest[b]]))
+          nearest[b] = nearest[b + 1];
+      for (Index i = 0; i < k; ++i) {
+        const Index negative = nearest[i + 1] >= 0 ? nearest[i + 1] : farthest;
+        add_triplet(result, a, positives[i].index, negative, distances, margin, distance,
+                    soft_margin, weights);
+      }
+    }
+    return result;
+  }
+
+  /// Every triplet with the hinge: sum of max(d_ap + m - d_an, 0), count = active triplets.
+  template <class Distances, class Weights>
+  MiningResult all_hinge(const BatchClasses& classes, const Distances& distances, double margin,
+                         Distance distance, Weights& weights) {
+    const Index n = classes.size();
+    const Index* class_of = classes.class_of();
+    MiningResult result;
+    for (Index a = 0; a < n; ++a) {
+      const Index k = classes.positives(a);
+      if (k == 0 || classes.negatives(a) == 0) continue;
+      // Positives by threshold t_p = d_ap + m; a negative is active with p when d_an < t_p.
+      Positive* positives = sorted_positives(classes, a, [&](Index p) {
+        const DistanceTerm d = distance_from_squared(distances.exact(a, p), distance);
+        return Positive{d.value + margin, p, d};
+      });
+      double* thresholds = thresholds_.data(static_cast<std::size_t>(k));
+      for (Index i = 0; i < k; ++i) thresholds[i] = positives[i].key;
+      // Bucket b: negatives with exactly b thresholds <= d_an, active with positives b..k-1.
+      double* count = bucket_count_.data(static_cast<std::size_t>(k + 1));
+      double* sum = bucket_sum_.data(static_cast<std::size_t>(k + 1));
+      std::fill(count, count + k + 1, 0.0);
+      std::fill(sum, sum + k + 1, 0.0);
+      Negative* negatives = negatives_.data(static_cast<std::size_t>(classes.negatives(a)));
+      Index m = 0;
+      const auto* row = distances.row(a);
+      const Index own = class_of[a];
+      for (Index j = 0; j < n; ++j) {
+        if (class_of[j] == own) continue;
+        const DistanceTerm d = distance_from_squared(static_cast<double>(row[j]), distance);
+        const Index b = std::upper_bound(thresholds, thresholds + k, d.value) - thresholds;
+        count[b] += 1.0;
+        sum[b] += d.value;
+        negatives[m++] = Negative{j, b, d};
+      }
+      double active = 0.0, active_sum = 0.0;
+      for (Index i = 0; i < k; ++i) {
+        active += count[i];
+        active_sum += sum[i];
+        result.sum += active * thresholds[i] - active_sum;
+        result.count += active;
+        if (weights.enabled() && active > 0.0)
+          weights.add(a, positives[i].index, active * positives[i].distance.derivative);
+      }
+      if (!weights.enabled()) continue;
+      for (Index r = 0; r < m; ++r) {
+        const double with = static_cast<double>(k - negatives[r].bucket);
+        if (with > 0.0) weights.add(a, negatives[r].index, -with * negatives[r].distance.derivative);
+      }
+    }
+    return result;
+  }
+
+  /// Every triplet with softplus: count = all triplets (softplus is positive everywhere).
+  template <class Distances, class Weights>
+  MiningResult all_soft(const BatchClasses& classes, const Distances& distances, double margin,
+                        Distance distance, Weights& weights) {
+    const Index n = classes.size();
+    const Index* class_of = classes.class_of();
+    MiningResult result;
+    for (Index a = 0; a < n; ++a) {
+      const Index k = classes.positives(a);
+      if (k == 0 || classes.negatives(a) == 0) continue;
+      Positive* positives = sorted_positives(classes, a, [&](Index p) {
+        const DistanceTerm d = distance_from_squared(distances.exact(a, p), distance);
+        return Positive{d.value + margin, p, d};
+      });
+      Negative* negatives = negatives_.data(static_cast<std::size_t>(classes.negatives(a)));
+      Index m = 0;
+      const auto* row = distances.row(a);
+      const Index own = class_of[a];
+      for (Index j = 0; j < n; ++j)
+        if (class_of[j] != own)
+          negatives[m++] = Negative{j, 0, distance_from_squared(static_cast<double>(row[j]), distance)};
+      double* negative_slope = negative_slope_.data(static_cast<std::size_t>(m));
+      std::fill(negative_slope, negative_slope + m, 0.0);
+      for (Index i = 0; i < k; ++i) {
+        double positive_slope = 0.0;
+        for (Index r = 0; r < m; ++r) {
+          const HingeTerm h = hinge(positives[i].key - negatives[r].distance.value, true);
+          result.sum += h.value;
+          positive_slope += h.slope;
+          negative_slope[r] += h.slope;
+        }
+        if (weights.enabled())
+          weights.add(a, positives[i].index, positive_slope * positives[i].distance.derivative);
+      }
+      result.count += static_cast<double>(k) * static_cast<double>(m);
+      if (!weights.enabled()) continue;
+      for (Index r = 0; r < m; ++r)
+        weights.add(a, negatives[r].index, -negative_slope[r] * negatives[r].distance.derivative);
+    }
+    return result;
+  }
+
+  /// The positives of anchor a made by `make`, sorted by key (ties by row).
+  template <class Make>
+  Positive* sorted_positives(const BatchClasses& classes, Index a, Make&& make) {
+    Positive* positives = positives_.data(static_cast<std::size_t>(classes.positives(a)));
+    Index k = 0;
+    for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+      if (*p != a) positives[k++] = make(*p);
+    std::sort(positives, positives + k, [](const Positive& x, const Positive& y) {
+      return x.key < y.key || (!(y.key < x.key) && x.index < y.index);
+    });
+    return positives;
+  }
+
+  /// One mined triplet, its distances recomputed by differences.
+  template <class Distances, class Weights>
+  static void add_triplet(MiningResult& result, Index a, Index positive, Index negative,
+                          const Distances& distances, double margin, Distance distance,
+                          bool soft_margin, Weights& weights) {
+    const TripletTerm t = triplet_term(distances.exact(a, positive), distances.exact(a, negative),
+                                       margin, distance, soft_margin);
+    result.sum += t.loss;
+    result.count += 1.0;
+    if (!weights.enabled()) return;
+    if (t.positive_weight != 0.0) weights.add(a, positive, t.positive_weight);
+    if (t.negative_weight != 0.0) weights.add(a, negative, -t.negative_weight);
+  }
+
+  GrowOnlyBuffer<Positive> positives_;
+  GrowOnlyBuffer<Negative> negatives_;
+  GrowOnlyBuffer<double> thresholds_, bucket_count_, bucket_sum_, negative_slope_;
+  GrowOnlyBuffer<Index> nearest_;
+};
+
+/// Whether every entry of x is finite (a non-finite batch gives a NaN loss and gradient).
+template <class T>
+bool all_finite(const MatrixView<const T>& x) {
+  for (Index i = 0; i < x.rows; ++i) {
+    const T* row = x.row(i);
+    for (Index j = 0; j < x.cols; ++j)
+      if (!std::isfinite(row[j])) return false;
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace metricloss
