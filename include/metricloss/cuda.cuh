@@ -36,9 +36,13 @@
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/rows.cuh>
+#include <metricloss/backend/cuda/pairwise.cuh>
 
 #include <metricloss/contrastive.hpp>
 #include <metricloss/backend/cuda/contrastive.cuh>
 
 #include <metricloss/triplet.hpp>
 #include <metricloss/backend/cuda/triplet.cuh>
+
+#include <metricloss/lifted_structure.hpp>
+#include <metricloss/backend/cuda/lifted_structure.cuh>

@@ -40,6 +40,23 @@ __device__ inline double block_sum(double value, double* shared) {
   return total;
 }
 
+/// Minimum over a block (exact, so any order gives the same value); every thread gets it.
+template <int Threads>
+__device__ inline double block_min(double value, double* shared) {
+  constexpr int warps = Threads / warp_size;
+#pragma unroll
+  for (int offset = warp_size / 2; offset > 0; offset /= 2)
+    value = fmin(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  const int warp = static_cast<int>(threadIdx.x) / warp_size;
+  if (threadIdx.x % warp_size == 0) shared[warp] = value;
+  __syncthreads();
+  double result = shared[0];
+#pragma unroll
+  for (int w = 1; w < warps; ++w) result = fmin(result, shared[w]);
+  __syncthreads();
+  return result;
+}
+
 constexpr int finalize_threads = 256;
 
 /// Second stage: out = scale * sum(partials[0 .. count)), one block, fixed order.

@@ -1,0 +1,243 @@
+#pragma once
+// Building blocks of the batch losses on CUDA (lifted structure; batch mining later):
+//   - the batch mean and the centred batch xc = x - mean with n_i = ||xc_i||^2 (centring
+//     removes a common offset that would cancel every digit of n_i + n_j - 2 xc_i.xc_j);
+//   - a shared-memory tiled product C = A B or A B^T with a per-entry epilogue, used for
+//     the squared distances (epilogue: n_i + n_j - 2 acc, recomputed by differences in
+//     double where small against n_i + n_j, as detail::PairwiseDistances does on the CPU)
+//     and for the gradient dX = 2 scale (diag(S 1) - S) xc.
+// Every reduction has a fixed order: results are deterministic. Each entry of a product is
+// one thread's ascending-k sum, so the distance matrix is bitwise symmetric.
+#include <metricloss/backend/cuda/reduce.cuh>
+#include <metricloss/detail/views.hpp>
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+namespace metricloss {
+namespace detail {
+namespace cuda {
+
+// ---- centring --------------------------------------------------------------------------
+
+constexpr int mean_chunk_rows = 64;
+constexpr int mean_threads = 256;
+
+inline Index mean_chunks(Index n) { return (n + mean_chunk_rows - 1) / mean_chunk_rows; }
+
+/// partial[c][j] = sum of x_ij over the rows of chunk c (ascending), in double.
+template <class T>
+__global__ void __launch_bounds__(mean_threads)
+    column_partial_sums_kernel(MatrixView<const T> x, double* partial) {
+  const Index j = Index(blockIdx.x) * mean_threads + threadIdx.x;
+  if (j >= x.cols) return;
+  const Index first = Index(blockIdx.y) * mean_chunk_rows;
+  const Index last = first + mean_chunk_rows < x.rows ? first + mean_chunk_rows : x.rows;
+  double sum = 0.0;
+  for (Index i = first; i < last; ++i) sum += static_cast<double>(x(i, j));
+  partial[Index(blockIdx.y) * x.cols + j] = sum;
+}
+
+/// mean_j = (sum over chunks, ascending) / N. A template (on the batch's T) so that the
+/// kernel, defined in a header, is not an ODR violation across translation units.
+template <class T>
+__global__ void __launch_bounds__(mean_threads)
+    column_mean_kernel(const double* partial, Index chunks, Index n, Index d, double* mean) {
+  const Index j = Index(blockIdx.x) * mean_threads + threadIdx.x;
+  if (j >= d) return;
+  double sum = 0.0;
+  for (Index c = 0; c < chunks; ++c) sum += partial[c * d + j];
+  mean[j] = sum / static_cast<double>(n);
+}
+
+constexpr int centre_threads = 256;
+
+/// xc_i = x_i - mean (rounded to T), n_i = ||xc_i||^2 in double; a warp per row. Sets
+/// *not_finite when x has a NaN or an infinity (an integer flag: no float atomics).
+template <class T>
+__global__ void __launch_bounds__(centre_threads)
+    centre_kernel(MatrixView<const T> x, const double* mean, T* centred, double* norms,
+                  int* not_finite) {
+  const Index row = Index(blockIdx.x) * (centre_threads / warp_size) + threadIdx.x / warp_size;
+  const int lane = static_cast<int>(threadIdx.x) % warp_size;
+  if (row >= x.rows) return;  // whole warps leave together
+  const Index d = x.cols;
+  double norm = 0.0;
+  bool finite = true;
+  for (Index j = lane; j < d; j += warp_size) {
+    const double value = static_cast<double>(x(row, j));
+    finite = finite && isfinite(value);
+    const T c = static_cast<T>(value - mean[j]);
+    centred[row * d + j] = c;
+    norm = fma(static_cast<double>(c), static_cast<double>(c), norm);
+  }
+  norm = group_sum(norm);
+  if (lane == 0) norms[row] = norm;
+  if (!finite) atomicOr(not_finite, 1);
+}
+
+/// Workspace part of the centring: mean partials and the mean.
+inline std::size_t centring_bytes(Index n, Index d) {
+  return aligned_bytes(sizeof(double) * static_cast<std::size_t>(mean_chunks(n) * d)) +
+         aligned_bytes(sizeof(double) * static_cast<std::size_t>(d));
+}
+
+template <class T>
+cudaError_t enqueue_centring(const MatrixView<const T>& x, void* workspace, T* centred,
+                             double* norms, int* not_finite, cudaStream_t stream) noexcept {
+  const Index n = x.rows, d = x.cols, chunks = mean_chunks(n);
+  double* partial = static_cast<double*>(workspace);
+  double* mean = reinterpret_cast<double*>(static_cast<char*>(workspace) +
+                                           aligned_bytes(sizeof(double) * static_cast<std::size_t>(chunks * d)));
+  const unsigned column_blocks = static_cast<unsigned>((d + mean_threads - 1) / mean_threads);
+  if (chunks > 65535) return cudaErrorInvalidValue;  // grid.y limit: N > 4 million rows
+  column_partial_sums_kernel<<<dim3(column_blocks, static_cast<unsigned>(chunks)), mean_threads, 0, stream>>>(x, partial);
+  column_mean_kernel<T><<<column_blocks, mean_threads, 0, stream>>>(partial, chunks, n, d, mean);
+  const Index rows_per_block = centre_threads / warp_size;
+  centre_kernel<<<static_cast<unsigned>((n + rows_per_block - 1) / rows_per_block), centre_threads, 0, stream>>>(
+      x, mean, centred, norms, not_finite);
+  return cudaGetLastError();
+}
+
+// ---- tiled products --------------------------------------------------------------------
+
+constexpr int tile_m = 64, tile_n = 64, tile_k = 16, tile_threads = 256;
+
+/// C_ij = sum_k A_ik B'_kj with A row-major (M x K, stride lda) and B' = B^T (B row-major
+/// N x K, TransposeB) or B' = B (row-major K x N). A 64 x 64 tile per block, 4 x 4 entries
+/// per thread (strided by 16, so shared-memory reads and global writes are conflict-free
+/// and coalesced), k in steps of 16 through shared memory. epilogue(i, j, acc) stores.
+template <class T, bool TransposeB, class Epilogue>
+__global__ void __launch_bounds__(tile_threads)
+    tiled_product_kernel(const T* a, Index lda, const T* b, Index ldb, Index m, Index n, Index k,
+                         Epilogue epilogue) {
+  __shared__ T a_tile[tile_k][tile_m + 1];  // +1: conflict-free transposing stores
+  __shared__ T b_tile[tile_k][tile_n + 1];
+  const int tx = static_cast<int>(threadIdx.x) % 16, ty = static_cast<int>(threadIdx.x) / 16;
+  const Index row0 = Index(blockIdx.y) * tile_m, col0 = Index(blockIdx.x) * tile_n;
+  T acc[4][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = T(0);
+  for (Index k0 = 0; k0 < k; k0 += tile_k) {
+    for (int e = static_cast<int>(threadIdx.x); e < tile_m * tile_k; e += tile_threads) {
+      const int r = e / tile_k, kk = e % tile_k;
+      const Index gi = row0 + r, gk = k0 + kk;
+      a_tile[kk][r] = (gi < m && gk < k) ? a[gi * lda + gk] : T(0);
+    }
+    for (int e = static_cast<int>(threadIdx.x); e < tile_n * tile_k; e += tile_threads) {
+      if constexpr (TransposeB) {
+        const int c = e / tile_k, kk = e % tile_k;
+        const Index gj = col0 + c, gk = k0 + kk;
+        b_tile[kk][c] = (gj < n && gk < k) ? b[gj * ldb + gk] : T(0);
+      } else {
+        const int kk = e / tile_n, c = e % tile_n;
+        const Index gj = col0 + c, gk = k0 + kk;
+        b_tile[kk][c] = (gj < n && gk < k) ? b[gk * ldb + gj] : T(0);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < tile_k; ++kk) {
+      T av[4], bv[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) av[r] = a_tile[kk][ty + 16 * r];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) bv[c] = b_tile[kk][tx + 16 * c];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = fma(av[r], bv[c], acc[r][c]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const Index i = row0 + ty + 16 * r, j = col0 + tx + 16 * c;
+      if (i < m && j < n) epilogue(i, j, acc[r][c]);
+    }
+}
+
+template <class T, bool TransposeB, class Epilogue>
+cudaError_t enqueue_tiled_product(const T* a, Index lda, const T* b, Index ldb, Index m, Index n,
+                                  Index k, const Epilogue& epilogue, cudaStream_t stream) noexcept {
+  const Index blocks_y = (m + tile_m - 1) / tile_m, blocks_x = (n + tile_n - 1) / tile_n;
+  if (blocks_y > 65535) return cudaErrorInvalidValue;  // M > 4 million rows
+  tiled_product_kernel<T, TransposeB><<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
+                                        tile_threads, 0, stream>>>(a, lda, b, ldb, m, n, k, epilogue);
+  return cudaGetLastError();
+}
+
+/// Below this fraction of n_i + n_j a squared distance is recomputed by differences (the
+/// same rule and ratios as detail::PairwiseDistances on the CPU).
+template <class T>
+constexpr double recompute_ratio = std::is_same<T, float>::value ? 0.125 : 1.0 / 1024;
+
+/// Epilogue of the distance product xc xc^T: D2_ij = n_i + n_j - 2 acc, exactly 0 on the
+/// diagonal, and by differences of the original rows (in double) where the expansion
+/// cancels or where exact(i, j) says the distance carries weight (e.g. positive pairs).
+template <class T, class Exact>
+struct SquaredDistanceEpilogue {
+  MatrixView<const T> x;
+  const double* norms;
+  T* squared;  // N x N, row-major, stride N
+  Exact exact;
+
+  __device__ void operator()(Index i, Index j, T acc) const {
+    const Index n = x.rows;
+    if (i == j) {
+      squared[i * n + j] = T(0);
+      return;
+    }
+    const double scale = norms[i] + norms[j];
+    double value = scale - 2.0 * static_cast<double>(acc);
+    if (!(value > recompute_ratio<T> * scale) || exact(i, j)) {  // small, zero, negative, NaN
+      const T* xi = x.row(i);
+      const T* xj = x.row(j);
+      double sum = 0.0;
+      for (Index c = 0; c < x.cols; ++c) {
+        const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
+        sum = fma(diff, diff, sum);
+      }
+      value = sum;
+    }
+    squared[i * n + j] = static_cast<T>(value);
+  }
+};
+
+/// exact(i, j) of the losses whose positive pairs carry weight: equal labels.
+template <class L>
+struct SameLabel {
+  VectorView<L> labels;
+  __device__ bool operator()(Index i, Index j) const { return labels[i] == labels[j]; }
+};
+
+/// Epilogue of the gradient product S xc:
+///   grad_ij = 2 scale (rowsum_i xc_ij - acc + near_ij),
+/// with scale read from device memory (known only once the loss is reduced), near (N x D,
+/// may be null) the near pairs' part computed by differences, and NaN where the data were
+/// not finite.
+template <class T>
+struct WeightedGradientEpilogue {
+  const T* centred;        // N x D, stride D
+  const double* row_sums;  // sum_k S_ik
+  const double* near;      // N x D or null
+  const double* scale;     // top_diff / normaliser
+  const int* not_finite;
+  MatrixView<T> grad;
+
+  __device__ void operator()(Index i, Index j, T acc) const {
+    const Index d = grad.cols;
+    double value = row_sums[i] * static_cast<double>(centred[i * d + j]) - static_cast<double>(acc);
+    if (near) value += near[i * d + j];
+    grad(i, j) = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(2.0 * *scale * value);
+  }
+};
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace metricloss
