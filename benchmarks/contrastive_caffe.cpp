@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 extern "C" void openblas_set_num_threads(int num_threads);
@@ -122,6 +123,27 @@ struct Inputs {
   }
 };
 
+/// A peer that computes something else measures nothing: its loss and gradients must match
+/// metricloss's scalar path (up to Caffe's float accumulation and its 1e-4 in the hadsell
+/// gradient's denominator).
+template <class T>
+bool agrees_with_metricloss(CaffeContrastiveLayer<T>& layer, Inputs<T>& in, bool legacy) {
+  const Index n = in.a.rows(), d = in.a.cols();
+  const T caffe_loss = layer.forward_cpu(in.a.data(), in.b.data(), in.sim.data());
+  layer.backward_cpu(T(1), in.sim.data(), in.grad_a.data(), in.grad_b.data());
+  ml::ContrastiveLoss<T> loss(in.margin, legacy ? ml::ContrastiveForm::legacy : ml::ContrastiveForm::hadsell);
+  Matrix<T> grad_a(n, d), grad_b(n, d);
+  const Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>> sim(in.sim.data(), n);
+  const T expected = loss.forward_backward(ml::scalar, in.a, in.b, sim, grad_a, grad_b);
+  const double tolerance = std::is_same_v<T, float> ? 1e-3 : 1e-8;
+  // Caffe's hadsell gradient divides by (d + 1e-4): about 1e-4 / d relative, d ~ 9 here.
+  const double grad_tolerance = legacy ? tolerance : std::max(tolerance, 1e-4);
+  const double scale = std::max<double>(grad_a.cwiseAbs().maxCoeff(), 1e-30);
+  return std::abs(double(caffe_loss) - double(expected)) <= tolerance * std::abs(double(expected)) &&
+         double((in.grad_a - grad_a).cwiseAbs().maxCoeff()) <= grad_tolerance * scale &&
+         double((in.grad_b - grad_b).cwiseAbs().maxCoeff()) <= grad_tolerance * scale;
+}
+
 // Args: N, D, form (0 = hadsell, 1 = legacy), as BM_contrastive in contrastive.cpp.
 template <class T>
 void BM_contrastive_caffe(benchmark::State& state) {
@@ -130,6 +152,10 @@ void BM_contrastive_caffe(benchmark::State& state) {
   openblas_set_num_threads(1);  // Caffe's CPU layer runs on one thread here, as metricloss
   Inputs<T> in(n, d);
   CaffeContrastiveLayer<T> layer(static_cast<int>(n), static_cast<int>(d), in.margin, legacy);
+  if (!agrees_with_metricloss(layer, in, legacy)) {
+    state.SkipWithError("the Caffe peer disagrees with metricloss's scalar path");
+    return;
+  }
   for (auto _ : state) {
     T value = layer.forward_cpu(in.a.data(), in.b.data(), in.sim.data());
     layer.backward_cpu(T(1), in.sim.data(), in.grad_a.data(), in.grad_b.data());
