@@ -46,3 +46,6 @@
 
 #include <metricloss/lifted_structure.hpp>
 #include <metricloss/backend/cuda/lifted_structure.cuh>
+
+#include <metricloss/batch_triplet.hpp>
+#include <metricloss/backend/cuda/batch_triplet.cuh>

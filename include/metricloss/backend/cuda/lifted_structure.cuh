@@ -26,7 +26,7 @@ namespace metricloss {
 namespace detail {
 namespace cuda {
 
-constexpr int lifted_threads = 256;
+constexpr int lifted_threads = weight_threads;  // add_near_chunk's block size
 
 /// Per-row arrays of the lifted kernels (each N doubles) and the call's scalars.
 struct LiftedRows {
@@ -122,15 +122,9 @@ __global__ void __launch_bounds__(finalize_threads)
   }
 }
 
-/// Near pairs: where D2_ik < near_ratio (n_i + n_k), S_ik ~ 1/D_ik and the product's
-/// S_ik xc_i - S_ik xc_k would lose every digit of S_ik (x_i - x_k) (near-duplicate
-/// positives, hard negatives). Those pairs are kept out of S and applied by differences
-/// (as the CPU path does); what stays in the product errs by at most ~ 64 eps relative.
-constexpr double near_ratio = 1.0 / 1024;
-
 /// Step 5: S_ik = W_ik + W_ki of row blockIdx.x written over its D2, sum_k S_ik (of the
 /// stored, rounded entries), and near_i = sum over near k of S_ik (x_i - x_k) in double
-/// (each column owned by one thread, k ascending: deterministic).
+/// (near pairs: see near_ratio in pairwise.cuh).
 template <class T, class L>
 __global__ void __launch_bounds__(lifted_threads)
     lifted_row_weights_kernel(T* squared, Index n, MatrixView<const T> x, const double* norms,
@@ -173,18 +167,7 @@ __global__ void __launch_bounds__(lifted_threads)
       row[k] = stored;
       row_sum += static_cast<double>(stored);
     }
-    if (!__syncthreads_or(is_near)) continue;  // rare: the chunk's near pairs, k ascending
-    near_weight[tid] = is_near ? s : 0.0;
-    __syncthreads();
-    const T* xi = x.row(i);
-    for (int t = 0; t < lifted_threads; ++t) {
-      const double weight = near_weight[t];
-      if (weight == 0.0) continue;
-      const T* xk = x.row(k0 + t);
-      for (Index c = tid; c < d; c += lifted_threads)
-        near_row[c] += weight * (static_cast<double>(xi[c]) - static_cast<double>(xk[c]));
-    }
-    __syncthreads();
+    add_near_chunk(is_near, s, i, k0, x, near_row, near_weight);
   }
   row_sum = block_sum<lifted_threads>(row_sum, shared);
   if (tid == 0) rows.row_sum[i] = row_sum;

@@ -57,6 +57,46 @@ __device__ inline double block_min(double value, double* shared) {
   return result;
 }
 
+/// A candidate of an arg-min / arg-max: index -1 is "none" and loses to any candidate.
+struct Candidate {
+  double value;
+  long long index;
+};
+
+/// The better of two candidates; ties go to the lower index, so the result is the one a
+/// sequential scan in index order with a strict comparison would keep.
+template <bool Largest>
+__device__ inline Candidate better(const Candidate& x, const Candidate& y) {
+  if (x.index < 0) return y;
+  if (y.index < 0) return x;
+  const bool x_wins = Largest ? x.value > y.value : x.value < y.value;
+  const bool y_wins = Largest ? y.value > x.value : y.value < x.value;
+  if (x_wins) return x;
+  if (y_wins) return y;
+  return x.index < y.index ? x : y;
+}
+
+/// Arg-min (Largest = false) or arg-max over a block; every thread gets the result (exact,
+/// so deterministic). `shared` holds Threads / 32 candidates.
+template <bool Largest, int Threads>
+__device__ inline Candidate block_best(Candidate c, Candidate* shared) {
+  constexpr int warps = Threads / warp_size;
+#pragma unroll
+  for (int offset = warp_size / 2; offset > 0; offset /= 2) {
+    const Candidate other{__shfl_xor_sync(0xffffffffu, c.value, offset),
+                          __shfl_xor_sync(0xffffffffu, c.index, offset)};
+    c = better<Largest>(c, other);
+  }
+  const int warp = static_cast<int>(threadIdx.x) / warp_size;
+  if (threadIdx.x % warp_size == 0) shared[warp] = c;
+  __syncthreads();
+  Candidate result = shared[0];
+#pragma unroll
+  for (int w = 1; w < warps; ++w) result = better<Largest>(result, shared[w]);
+  __syncthreads();
+  return result;
+}
+
 constexpr int finalize_threads = 256;
 
 /// Second stage: out = scale * sum(partials[0 .. count)), one block, fixed order.

@@ -1,0 +1,359 @@
+#pragma once
+// BatchTripletLoss on CUDA (all, hard and semihard mining; hinge or soft margin), the maths
+// of <metricloss/batch_triplet.hpp> and the selection rules of
+// detail/batch_triplet_mining.hpp:
+//   1. centre the batch; D2 by the tiled product into one N x N buffer of T, positive pairs
+//      and small entries by differences in double (pairwise.cuh);
+//   2. mining, a block per anchor a: selections compare D2 (ties to the lower index, as the
+//      CPU's ordered scans); hard and semihard terms use distances by differences; `all`
+//      uses D2 for the negatives (as the CPU's product path). Each anchor writes its row of
+//      W = d(sum)/dD2 (N x N doubles), its share of the sum and of the count;
+//   3. one block: L = sum / count (0 when count = 0; NaN for non-finite data or labels);
+//   4. (gradient) S = W + W^T in place; per row, S as T over D2 with near pairs applied by
+//      differences; dX = 2 top_diff/count ((diag(S 1) - S) xc + near) by the tiled product.
+// Memory: one N x N of T and one of double (N = 16384 in float: 3 GiB). Semihard and `all`
+// loop over an anchor's positives, each a pass over its row: O(N^2 K) work for classes of
+// size K (the CPU's bucketed O(N^2 log K) is not ported). Deterministic throughout.
+#include <metricloss/backend/cuda/pairwise.cuh>
+#include <metricloss/backend/cuda/reduce.cuh>
+#include <metricloss/backend/cuda/runtime.cuh>
+#include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/triplet_math.hpp>
+
+#include <cuda_runtime.h>
+
+#include <limits>
+#include <type_traits>
+
+namespace metricloss {
+namespace detail {
+namespace cuda {
+
+constexpr int mining_threads = 256;
+
+template <class L>
+__device__ inline bool batch_label_is_nan(L label) {
+  if constexpr (std::is_floating_point<L>::value) return label != label;
+  return false;
+}
+
+template <class T, class L>
+struct MiningArgs {
+  const T* squared;  // N x N
+  Index n;
+  MatrixView<const T> x;
+  VectorView<L> labels;
+  double margin;
+  Mining mining;
+  Distance distance;
+  bool soft_margin;
+  double* weights;  // N x N doubles, or null (no gradient)
+  double* anchor_sum;
+  double* anchor_count;
+  int* not_finite;
+};
+
+/// ||x_a - x_j||^2 by differences in double, summed over the block (every thread gets it).
+template <class T>
+__device__ inline double block_exact_squared(const MatrixView<const T>& x, Index a, Index j,
+                                             double* shared) {
+  const T* xa = x.row(a);
+  const T* xj = x.row(j);
+  double sum = 0.0;
+  for (Index c = threadIdx.x; c < x.cols; c += mining_threads) {
+    const double diff = static_cast<double>(xa[c]) - static_cast<double>(xj[c]);
+    sum = fma(diff, diff, sum);
+  }
+  return block_sum<mining_threads>(sum, shared);
+}
+
+/// The nearest negative (Largest = false) or farthest (true) of anchor a among those with
+/// D2 > above (pass -1 for all of them); index -1 when there is none.
+template <bool Largest, class T, class L>
+__device__ inline Candidate block_negative(const MiningArgs<T, L>& args, Index a, L label,
+                                           double above, Candidate* shared) {
+  const T* row = args.squared + a * args.n;
+  Candidate best{0.0, -1};
+  for (Index j = threadIdx.x; j < args.n; j += mining_threads) {
+    if (args.labels[j] == label) continue;
+    const double q = static_cast<double>(row[j]);
+    if (q > above) best = better<Largest>(best, Candidate{q, static_cast<long long>(j)});
+  }
+  return block_best<Largest, mining_threads>(best, shared);
+}
+
+/// One mined triplet (a, p, n) with distances by differences: its term, and (thread 0) its
+/// weights into row a of W. Returns the term's loss (on every thread).
+template <class T, class L>
+__device__ inline double mined_triplet(const MiningArgs<T, L>& args, Index a, Index p, Index n,
+                                       double* shared) {
+  const double squared_positive = block_exact_squared(args.x, a, p, shared);
+  const double squared_negative = block_exact_squared(args.x, a, n, shared);
+  const TripletTerm t = triplet_term(squared_positive, squared_negative, args.margin,
+                                     args.distance, args.soft_margin);
+  if (args.weights && threadIdx.x == 0) {
+    double* w = args.weights + a * args.n;
+    if (t.positive_weight != 0.0) w[p] += t.positive_weight;
+    if (t.negative_weight != 0.0) w[n] -= t.negative_weight;
+  }
+  return t.loss;
+}
+
+/// Step 2 for anchor blockIdx.x.
+template <class T, class L>
+__global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L> args) {
+  __shared__ double shared[mining_threads / warp_size];
+  __shared__ Candidate shared_candidates[mining_threads / warp_size];
+  __shared__ unsigned char is_positive[mining_threads];
+  const Index a = blockIdx.x, n = args.n;
+  const int tid = static_cast<int>(threadIdx.x);
+  const L label = args.labels[a];
+  if (tid == 0 && batch_label_is_nan(label)) atomicOr(args.not_finite, 1);
+  const T* row = args.squared + a * n;
+  double* w = args.weights ? args.weights + a * n : nullptr;
+  if (w)
+    for (Index j = tid; j < n; j += mining_threads) w[j] = 0.0;
+  // |P(a)| and whether Neg(a) is empty.
+  double positives = 0.0, negatives = 0.0;
+  for (Index j = tid; j < n; j += mining_threads) {
+    if (j == a) continue;
+    if (args.labels[j] == label) positives += 1.0;
+    else negatives += 1.0;
+  }
+  positives = block_sum<mining_threads>(positives, shared);
+  negatives = block_sum<mining_threads>(negatives, shared);  // ends with a barrier: w is zeroed
+  double sum = 0.0, count = 0.0;
+  if (positives > 0.0 && negatives > 0.0) {
+    if (args.mining == Mining::hard) {
+      Candidate farthest_positive{0.0, -1};
+      for (Index j = tid; j < n; j += mining_threads)
+        if (j != a && args.labels[j] == label)
+          farthest_positive = better<true>(farthest_positive, Candidate{static_cast<double>(row[j]), j});
+      farthest_positive = block_best<true, mining_threads>(farthest_positive, shared_candidates);
+      const Candidate nearest_negative = block_negative<false>(args, a, label, -1.0, shared_candidates);
+      sum = mined_triplet(args, a, farthest_positive.index, nearest_negative.index, shared);
+      count = 1.0;
+    } else {
+      // The positives one at a time, in row order (a block-uniform walk).
+      const Candidate farthest_negative = block_negative<true>(args, a, label, -1.0, shared_candidates);
+      for (Index j0 = 0; j0 < n; j0 += mining_threads) {
+        const Index j = j0 + tid;
+        is_positive[tid] = j < n && j != a && args.labels[j] == label;
+        __syncthreads();
+        for (int t = 0; t < mining_threads; ++t) {
+          if (!is_positive[t]) continue;
+          const Index p = j0 + t;
+          if (args.mining == Mining::semihard) {
+            const double q_ap = static_cast<double>(row[p]);
+            const Candidate farther = block_negative<false>(args, a, label, q_ap, shared_candidates);
+            const Index negative = farther.index >= 0 ? farther.index : farthest_negative.index;
+            sum += mined_triplet(args, a, p, negative, shared);
+            count += 1.0;
+            continue;
+          }
+          // all: every negative of a against positive p; t_p = d_ap + m.
+          const DistanceTerm positive = distance_from_squared(block_exact_squared(args.x, a, p, shared), args.distance);
+          const double threshold = positive.value + args.margin;
+          double active = 0.0, hinge_sum = 0.0, slope_sum = 0.0;
+          for (Index k = tid; k < n; k += mining_threads) {
+            if (args.labels[k] == label) continue;
+            const DistanceTerm negative = distance_from_squared(static_cast<double>(row[k]), args.distance);
+            const HingeTerm h = hinge(threshold - negative.value, args.soft_margin);
+            if (!args.soft_margin && !(negative.value < threshold)) continue;
+            active += 1.0;
+            hinge_sum += h.value;
+            slope_sum += h.slope;
+            if (w) w[k] -= h.slope * negative.derivative;  // column k: owned by this thread
+          }
+          active = block_sum<mining_threads>(active, shared);
+          hinge_sum = block_sum<mining_threads>(hinge_sum, shared);
+          slope_sum = block_sum<mining_threads>(slope_sum, shared);
+          sum += hinge_sum;
+          count += active;
+          if (w && tid == 0 && slope_sum != 0.0) w[p] += slope_sum * positive.derivative;
+        }
+        __syncthreads();  // is_positive is rewritten next
+      }
+    }
+  }
+  if (tid == 0) {
+    args.anchor_sum[a] = sum;
+    args.anchor_count[a] = count;
+  }
+}
+
+/// Step 3: L = sum / count, and the gradient's scale top_diff / count.
+template <class T>
+__global__ void __launch_bounds__(finalize_threads)
+    batch_finalize_kernel(Index n, const double* anchor_sum, const double* anchor_count,
+                          const int* not_finite, double top_diff, T* device_loss,
+                          double* gradient_scale) {
+  __shared__ double shared[finalize_threads / warp_size];
+  double sum = 0.0, count = 0.0;
+  for (Index i = threadIdx.x; i < n; i += finalize_threads) {
+    sum += anchor_sum[i];
+    count += anchor_count[i];
+  }
+  sum = block_sum<finalize_threads>(sum, shared);
+  count = block_sum<finalize_threads>(count, shared);
+  if (threadIdx.x == 0) {
+    const double value = count > 0.0 ? sum / count : 0.0;
+    *device_loss = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(value);
+    *gradient_scale = count > 0.0 ? top_diff / count : 0.0;
+  }
+}
+
+/// Carves the workspace (256-byte aligned parts); with base == nullptr it only counts.
+template <class T>
+struct BatchTripletLayout {
+  std::size_t bytes = 0;
+  char* base = nullptr;
+  void* centring = nullptr;
+  T* centred = nullptr;
+  T* squared = nullptr;    // N x N: D2, then S as T
+  double* weights = nullptr;  // N x N: W, then S
+  double* near = nullptr;  // N x D
+  double *norms = nullptr, *anchor_sum = nullptr, *anchor_count = nullptr, *row_sums = nullptr;
+  double* gradient_scale = nullptr;
+  int* not_finite = nullptr;
+
+  BatchTripletLayout(void* workspace, Index n, Index d) : base(static_cast<char*>(workspace)) {
+    const auto un = static_cast<std::size_t>(n), ud = static_cast<std::size_t>(d);
+    centring = take(centring_bytes(n, d));
+    centred = static_cast<T*>(take(sizeof(T) * un * ud));
+    squared = static_cast<T*>(take(sizeof(T) * un * un));
+    weights = static_cast<double*>(take(sizeof(double) * un * un));
+    near = static_cast<double*>(take(sizeof(double) * un * ud));
+    norms = static_cast<double*>(take(sizeof(double) * un));
+    anchor_sum = static_cast<double*>(take(sizeof(double) * un));
+    anchor_count = static_cast<double*>(take(sizeof(double) * un));
+    row_sums = static_cast<double*>(take(sizeof(double) * un));
+    gradient_scale = static_cast<double*>(take(sizeof(double)));
+    not_finite = static_cast<int*>(take(sizeof(int)));
+  }
+
+ private:
+  void* take(std::size_t part) {
+    void* p = base ? base + bytes : nullptr;
+    bytes += aligned_bytes(part);
+    return p;
+  }
+};
+
+template <class T, class L>
+cudaError_t batch_triplet_enqueue(void* workspace, std::size_t workspace_bytes,
+                                  const MatrixView<const T>& x, const VectorView<L>& labels,
+                                  double margin, Mining mining, Distance distance, bool soft_margin,
+                                  const MatrixView<T>& grad, double top_diff, T* device_loss,
+                                  cudaStream_t stream) noexcept {
+  const Index n = x.rows, d = x.cols;
+  if (n < 1 || d < 1 || device_loss == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
+  if (mining != Mining::all && mining != Mining::hard && mining != Mining::semihard) return cudaErrorInvalidValue;
+  const BatchTripletLayout<T> layout(workspace, n, d);
+  if (workspace_bytes < layout.bytes) return cudaErrorInvalidValue;
+  cudaError_t error = cudaMemsetAsync(layout.not_finite, 0, sizeof(int), stream);
+  if (error != cudaSuccess) return error;
+  error = enqueue_centring(x, layout.centring, layout.centred, layout.norms, layout.not_finite, stream);
+  if (error != cudaSuccess) return error;
+  error = enqueue_tiled_product<T, true>(layout.centred, d, layout.centred, d, n, n, d,
+                                         SquaredDistanceEpilogue<T, SameLabel<L>>{x, layout.norms, layout.squared, {labels}},
+                                         stream);
+  if (error != cudaSuccess) return error;
+  const bool gradient = !grad.empty();
+  const MiningArgs<T, L> args{layout.squared, n, x, labels, margin, mining, distance, soft_margin,
+                              gradient ? layout.weights : nullptr, layout.anchor_sum,
+                              layout.anchor_count, layout.not_finite};
+  const auto blocks = static_cast<unsigned>(n);
+  mining_kernel<<<blocks, mining_threads, 0, stream>>>(args);
+  batch_finalize_kernel<<<1, finalize_threads, 0, stream>>>(n, layout.anchor_sum, layout.anchor_count,
+                                                            layout.not_finite, top_diff, device_loss,
+                                                            layout.gradient_scale);
+  error = cudaGetLastError();
+  if (error != cudaSuccess || !gradient) return error;
+  const auto tiles = static_cast<unsigned>((n + symmetrise_tile - 1) / symmetrise_tile);
+  symmetrise_kernel<T><<<dim3(tiles, tiles), 256, 0, stream>>>(layout.weights, n);
+  finish_weights_kernel<<<blocks, weight_threads, 0, stream>>>(layout.weights, layout.squared, n, x,
+                                                               layout.norms, layout.row_sums, layout.near);
+  error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
+  return enqueue_tiled_product<T, false>(
+      layout.squared, n, layout.centred, d, n, d, n,
+      WeightedGradientEpilogue<T>{layout.centred, layout.row_sums, layout.near, layout.gradient_scale,
+                                  layout.not_finite, grad},
+      stream);
+}
+
+}  // namespace cuda
+}  // namespace detail
+
+namespace cuda_core {
+
+/// Device workspace (bytes) of batch_triplet_forward_backward for N rows of D columns:
+/// one N x N matrix of T and one of double.
+template <class T>
+std::size_t batch_triplet_workspace_bytes(Index n, Index d) noexcept {
+  return detail::cuda::BatchTripletLayout<T>(nullptr, n, d).bytes;
+}
+
+/// BatchTripletLoss of API.md on device memory, enqueued on `stream`; the loss goes to
+/// `device_loss` (one T in device memory); grad.data == nullptr skips the gradient. No
+/// allocation, no synchronisation, no exception: cudaErrorInvalidValue for N or D < 1, an
+/// undeclared mining, a null device_loss or too small a workspace, else the launch status.
+template <class T, class L>
+cudaError_t batch_triplet_forward_backward(void* workspace, std::size_t workspace_bytes,
+                                           const DeviceMatrix<const T>& x,
+                                           const DeviceVector<L>& labels, T margin, Mining mining,
+                                           Distance distance, bool soft_margin,
+                                           const DeviceMatrix<T>& grad, T top_diff, T* device_loss,
+                                           cudaStream_t stream) noexcept {
+  return detail::cuda::batch_triplet_enqueue(workspace, workspace_bytes, x, labels,
+                                             static_cast<double>(margin), mining, distance,
+                                             soft_margin, grad, static_cast<double>(top_diff),
+                                             device_loss, stream);
+}
+
+}  // namespace cuda_core
+
+namespace detail {
+
+/// The functor path for both cuda tags (see CudaContrastiveBackend).
+template <class T>
+struct CudaBatchTripletBackend {
+  template <class L>
+  static T run(BatchTripletLoss<T>& loss, cudaStream_t stream, T* deferred_loss,
+               const MatrixView<const T>& x, const VectorView<L>& labels,
+               const MatrixView<T>& grad, T top_diff) {
+    return cuda::run_functor_path<T>(
+        "metricloss::BatchTripletLoss::forward_backward (cuda)", stream,
+        cuda_core::batch_triplet_workspace_bytes<T>(x.rows, x.cols), deferred_loss,
+        [&](void* workspace, std::size_t bytes, T* device_loss) {
+          return cuda_core::batch_triplet_forward_backward<T, L>(
+              workspace, bytes, x, labels, loss.margin, loss.mining, loss.distance,
+              loss.soft_margin, grad, top_diff, device_loss, stream);
+        });
+  }
+};
+
+template <class T>
+struct Backend<BatchTripletLoss<T>, cuda_tag> {
+  template <class L>
+  static T forward_backward(BatchTripletLoss<T>& loss, cuda_tag tag, const MatrixView<const T>& x,
+                            const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
+    return CudaBatchTripletBackend<T>::run(loss, tag.stream, nullptr, x, labels, grad, top_diff);
+  }
+};
+
+template <class T>
+struct Backend<BatchTripletLoss<T>, cuda_deferred_tag<T>> {
+  template <class L>
+  static T forward_backward(BatchTripletLoss<T>& loss, cuda_deferred_tag<T> tag,
+                            const MatrixView<const T>& x, const VectorView<L>& labels,
+                            const MatrixView<T>& grad, T top_diff) {
+    cuda::require_device_loss(tag.device_loss, "metricloss::BatchTripletLoss<T>::forward_backward");
+    return CudaBatchTripletBackend<T>::run(loss, tag.stream, tag.device_loss, x, labels, grad,
+                                           top_diff);
+  }
+};
+
+}  // namespace detail
+}  // namespace metricloss
