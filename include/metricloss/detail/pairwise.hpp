@@ -83,6 +83,46 @@ void product_without_allocation(const Eigen::MatrixBase<DA>& a, const Eigen::Mat
   }
 }
 
+/// Square tiles for the transposed passes over an N x N matrix: a plain sweep that writes
+/// (j, i) while reading (i, j) strides by N, and at N = 1024 floats (4 KiB) every access of
+/// a column falls in the same cache set; by tiles both sides stay in L1.
+constexpr Index transpose_tile = 32;
+
+/// m(j, i) = m(i, j) for j < i: the lower triangle mirrored into the upper.
+template <class T>
+void mirror_lower_triangle(StridedMap<T>& m) {
+  const Index n = m.rows(), b = transpose_tile;
+  for (Index i0 = 0; i0 < n; i0 += b) {
+    const Index bi = std::min(b, n - i0);
+    for (Index j0 = 0; j0 < i0; j0 += b) m.block(j0, i0, b, bi) = m.block(i0, j0, bi, b).transpose();
+    for (Index i = i0; i < i0 + bi; ++i)
+      for (Index j = i0; j < i; ++j) m(j, i) = m(i, j);
+  }
+}
+
+/// m = m + m^T in place (both triangles; the diagonal doubles).
+template <class T>
+void add_transpose_in_place(StridedMap<T>& m) {
+  const Index n = m.rows(), b = transpose_tile;
+  for (Index i0 = 0; i0 < n; i0 += b) {
+    const Index bi = std::min(b, n - i0);
+    for (Index j0 = 0; j0 < i0; j0 += b) {
+      auto lower = m.block(i0, j0, bi, b);
+      auto upper = m.block(j0, i0, b, bi);
+      lower += upper.transpose();
+      upper = lower.transpose();
+    }
+    for (Index i = i0; i < i0 + bi; ++i) {
+      m(i, i) += m(i, i);
+      for (Index j = i0; j < i; ++j) {
+        const T s = m(i, j) + m(j, i);
+        m(i, j) = s;
+        m(j, i) = s;
+      }
+    }
+  }
+}
+
 template <class T>
 class PairwiseDistances {
  public:
@@ -115,19 +155,35 @@ class PairwiseDistances {
         }
       }
     }
+    // D2 = n_i + n_j - 2 g_ij on the lower triangle, row by row in batches; the rare small
+    // (or zero, negative, NaN) entries are recomputed by differences.
+    using batch = xsimd::batch<T>;
+    constexpr Index lanes = static_cast<Index>(batch::size);
     const T* norms = norms_.data(static_cast<std::size_t>(n));
+    const T ratio = static_cast<T>(recompute_ratio);
+    const auto fix = [&](Index i, Index j) {
+      const T scale = norms[i] + norms[j];
+      T value = scale - T(2) * squared[i * n + j];
+      if (!(value > ratio * scale)) value = static_cast<T>(exact_squared(i, j));
+      squared[i * n + j] = value;
+    };
     for (Index i = 0; i < n; ++i) {
       T* row = squared + i * n;
-      for (Index j = 0; j < i; ++j) {
-        const T scale = norms[i] + norms[j];
-        T value = scale - T(2) * row[j];
-        if (!(value > T(recompute_ratio) * scale))  // small, zero, negative or NaN
-          value = static_cast<T>(exact_squared(i, j));
-        row[j] = value;
-        squared[j * n + i] = value;
+      const batch norm_i(norms[i]);
+      Index j = 0;
+      for (; j + lanes <= i; j += lanes) {
+        const batch scale = norm_i + batch::load_unaligned(norms + j);
+        const batch value = scale - T(2) * batch::load_unaligned(row + j);
+        if (xsimd::all(value > ratio * scale)) {
+          value.store_unaligned(row + j);
+        } else {
+          for (Index k = j; k < j + lanes; ++k) fix(i, k);
+        }
       }
+      for (; j < i; ++j) fix(i, j);
       row[i] = T(0);
     }
+    mirror_lower_triangle(sq);
   }
 
   Index size() const { return x_.rows; }
@@ -160,14 +216,9 @@ class PairwiseDistances {
     const Index n = x_.rows, d = x_.cols;
     T* w = weights_.data(static_cast<std::size_t>(n * n));
     T* row_sums = row_sums_.data(static_cast<std::size_t>(n));
-    for (Index i = 0; i < n; ++i) {
-      w[i * n + i] = T(0);  // cancels in diag(S 1) - S
-      for (Index j = 0; j < i; ++j) {
-        const T s = w[i * n + j] + w[j * n + i];
-        w[i * n + j] = s;
-        w[j * n + i] = s;
-      }
-    }
+    StridedMap<T> symmetric(w, n, n, Eigen::OuterStride<>(n));
+    add_transpose_in_place(symmetric);
+    for (Index i = 0; i < n; ++i) w[i * n + i] = T(0);  // cancels in diag(S 1) - S
     for (Index i = 0; i < n; ++i) {
       const T* row = w + i * n;
       double sum = 0.0;
