@@ -1,8 +1,11 @@
 // CUDA benchmarks with their floors in one binary, all timed by cudaEvents around each
 // iteration (UseManualTime + SetIterationTime):
-//   contrastive fwd+bwd (and fwd only) vs. a device-to-device copy moving the same bytes;
-//   the cuBLAS GEMMs of the lifted/batch shapes (X X^T: N x N x D, and G X: N x D x N), the
-//   floor for the pairwise losses.
+//   contrastive fwd+bwd (and fwd only) and explicit triplets vs. a device-to-device copy
+//   moving the same bytes as contrastive;
+//   lifted structure and batch-hard triplets (fwd+bwd) vs. the cuBLAS GEMMs of their shapes
+//   (X X^T: N x N x D, and S X: N x D x N), their compute floor.
+// Targets (issue 5): contrastive at N = 65536, D = 128 >= 80% of the copy's GB/s; lifted at
+// N = 8192, D = 512 within 2x of the two GEMMs.
 // Run without a device, every benchmark reports "no CUDA device" through SkipWithError.
 #include <metricloss/cuda.cuh>
 
@@ -154,6 +157,46 @@ void BM_cublas_pairwise_gemms(benchmark::State& state) {
   set_rates(state, (2.0 * n * d + nn + nn + 2.0 * n * d) * sizeof(T), 4.0 * nn * d);
 }
 
+/// The pairwise losses end to end (forward and gradient), against the two GEMMs above.
+template <class Loss>
+void BM_cuda_pairwise_loss(benchmark::State& state) {
+  using T = typename Loss::scalar_type;
+  if (!device_present(state)) return;
+  const Index n = state.range(0), d = state.range(1);
+  const Matrix<T> x = uniform<T>(n, d, 5);
+  const Eigen::VectorXi labels = pk_labels(n, 4, 6);  // P x K batches, K = 4
+  DeviceArray<T> dx(x.data(), static_cast<std::size_t>(n * d)), dg(static_cast<std::size_t>(n * d)), loss_value(1);
+  DeviceArray<int> dl(labels.data(), static_cast<std::size_t>(n));
+  Eigen::Map<const Matrix<T>> X(dx.data, n, d);
+  Eigen::Map<Matrix<T>> G(dg.data, n, d);
+  Eigen::Map<const Eigen::VectorXi> Y(dl.data, n);
+  Loss loss;
+  Stream stream;
+  const auto tag = ml::cuda.on(stream.handle).loss_to(loss_value.data);
+  time_iterations(state, stream.handle, [&] { loss.forward_backward(tag, X, Y, G); });
+  const double nn = static_cast<double>(n) * static_cast<double>(n);
+  set_rates(state, 2.0 * static_cast<double>(n * d) * sizeof(T) + 4.0 * nn * sizeof(T),
+            4.0 * nn * static_cast<double>(d));
+}
+
+/// Explicit triplets: reads anchor, positive, negative and writes their three gradients.
+template <class T>
+void BM_cuda_triplet(benchmark::State& state) {
+  if (!device_present(state)) return;
+  const Index n = state.range(0), d = state.range(1);
+  const std::size_t count = static_cast<std::size_t>(n * d);
+  const Matrix<T> a = uniform<T>(n, d, 7), p = uniform<T>(n, d, 8), q = uniform<T>(n, d, 9);
+  DeviceArray<T> da(a.data(), count), dp(p.data(), count), dn(q.data(), count), ga(count), gp(count), gn(count),
+      loss_value(1);
+  Eigen::Map<const Matrix<T>> A(da.data, n, d), P(dp.data, n, d), N(dn.data, n, d);
+  Eigen::Map<Matrix<T>> GA(ga.data, n, d), GP(gp.data, n, d), GN(gn.data, n, d);
+  ml::TripletLoss<T> loss(T(0.5) * static_cast<T>(d) / T(3));
+  Stream stream;
+  const auto tag = ml::cuda.on(stream.handle).loss_to(loss_value.data);
+  time_iterations(state, stream.handle, [&] { loss.forward_backward(tag, A, P, N, GA, GP, GN); });
+  set_rates(state, 6.0 * static_cast<double>(count * sizeof(T)), 8.0 * static_cast<double>(count));
+}
+
 void contrastive_sizes(benchmark::internal::Benchmark* b) {
   for (auto d : {32, 128, 512, 2048}) b->Args({65536, d});
   b->Args({1024, 128})->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -170,7 +213,10 @@ BENCHMARK_TEMPLATE(BM_cuda_contrastive, float, false)->Apply(contrastive_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_copy_floor, float)->Apply(contrastive_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_contrastive, double, true)->Apply(contrastive_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_copy_floor, double)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_triplet, float)->Apply(contrastive_sizes);
 BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, float)->Apply(lifted_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss, ml::LiftedStructureLoss<float>)->Apply(lifted_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss, ml::BatchTripletLoss<float>)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, double)->Apply(lifted_sizes);
 
 BENCHMARK_MAIN();
