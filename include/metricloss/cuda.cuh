@@ -14,7 +14,8 @@
 // `ml::cuda`); the only synchronisation is the stream sync that returns a host loss value.
 // Device scratch comes from a per-thread cache keyed by (device, stream), allocated in
 // stream order (cudaMallocAsync) only when a call needs more than before: no allocation per
-// call once warmed. CUDA failures throw metricloss::cuda_error; bad arguments throw
+// call once warmed (metricloss::release_cuda_workspaces() frees the calling thread's cache).
+// CUDA failures throw metricloss::cuda_error; bad arguments throw
 // metricloss::invalid_argument before anything is enqueued.
 //
 // Below the functors, namespace metricloss::cuda_core has the CUB-style layer: noexcept

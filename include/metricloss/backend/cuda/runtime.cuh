@@ -150,8 +150,13 @@ class Workspace {
 /// The calling thread's workspace for the current device and `stream`. Functors are used one
 /// per thread, so a per-thread cache never hands one buffer to two concurrent calls, and
 /// keying by stream lets one thread drive several streams without false dependencies.
-inline Workspace& thread_workspace(cudaStream_t stream) {
+inline std::vector<std::unique_ptr<Workspace>>& thread_workspaces() {
   thread_local std::vector<std::unique_ptr<Workspace>> cache;
+  return cache;
+}
+
+inline Workspace& thread_workspace(cudaStream_t stream) {
+  std::vector<std::unique_ptr<Workspace>>& cache = thread_workspaces();
   int device = 0;
   throw_on_error(cudaGetDevice(&device), "metricloss: cudaGetDevice");
   for (auto& w : cache)
@@ -181,4 +186,10 @@ T run_functor_path(const char* where, cudaStream_t stream, std::size_t core_byte
 
 }  // namespace cuda
 }  // namespace detail
+
+/// Frees the calling thread's cached CUDA workspaces (every device and stream), e.g. after a
+/// large batch or before destroying a stream the losses ran on. Synchronising (cudaFree);
+/// the next call allocates again. Without it they live until the thread ends.
+inline void release_cuda_workspaces() { detail::cuda::thread_workspaces().clear(); }
+
 }  // namespace metricloss
