@@ -8,6 +8,7 @@
 #include "progress.hpp"
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -25,7 +26,7 @@ constexpr int exit_skipped = 77;
 struct Options {
   std::string data = "/usr/share/datasets/fashion-mnist";
   std::string loss = "batch-hard";
-  int epochs = 10;
+  int epochs = 20;
   unsigned seed = 1;
   Index train_subset = 0;  // 0 = all 60 000
   Index test_subset = 0;   // 0 = all 10 000
@@ -34,7 +35,10 @@ struct Options {
   bool check = false;
   // Overrides of the per-loss defaults.
   std::optional<float> margin, learning_rate;
-  std::optional<bool> l2_normalize;
+  std::optional<bool> l2_normalize, soft_margin;
+  std::optional<int> images_per_class;
+  std::optional<Index> anchors_per_batch;
+  std::optional<double> positive_fraction;
 };
 
 void print_usage() {
@@ -43,13 +47,17 @@ void print_usage() {
       "  --data DIR           Fashion-MNIST IDX .gz files (default /usr/share/datasets/fashion-mnist)\n"
       "  --loss NAME          contrastive|legacy|triplet|batch-all|batch-hard|semihard|lifted\n"
       "                       (default batch-hard)\n"
-      "  --epochs N           training epochs (default 10)\n"
+      "  --epochs N           training epochs (default 20)\n"
       "  --seed N             seed of initialisation and sampling (default 1)\n"
       "  --train-subset N     train on the first N training images only\n"
       "  --test-subset N      evaluate on the first N test images only\n"
       "  --svg PATH           PCA picture of the test embeddings (default fashion_mnist_LOSS.svg)\n"
       "  --margin M, --lr R   override the loss's tuned margin / Adam learning rate\n"
       "  --normalize on|off   override L2 normalisation of the embeddings\n"
+      "  --soft-margin on|off override softplus instead of the hinge (batch-* losses)\n"
+      "  --images-per-class K override K of the P x K batch sampler (batch-*, lifted)\n"
+      "  --pairs-per-batch B  override the pairs / triplets per batch (contrastive, legacy, triplet)\n"
+      "  --positive-fraction F override the share of similar pairs (contrastive, legacy)\n"
       "  --baselines-only     print the raw-pixel and untrained-network baselines and exit\n"
       "  --check              exit 1 unless the loss fell and Recall@1 beat the untrained\n"
       "                       network; exit 77 when the data set is missing (for ctest)\n");
@@ -77,6 +85,10 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--margin") o.margin = std::stof(value(i));
     else if (arg == "--lr") o.learning_rate = std::stof(value(i));
     else if (arg == "--normalize") o.l2_normalize = value(i) == "on";
+    else if (arg == "--soft-margin") o.soft_margin = value(i) == "on";
+    else if (arg == "--images-per-class") o.images_per_class = std::stoi(value(i));
+    else if (arg == "--pairs-per-batch") o.anchors_per_batch = std::stol(value(i));
+    else if (arg == "--positive-fraction") o.positive_fraction = std::stod(value(i));
     else if (arg == "--baselines-only") o.baselines_only = true;
     else if (arg == "--check") o.check = true;
     else if (arg == "--help" || arg == "-h") { print_usage(); std::exit(0); }
@@ -95,6 +107,10 @@ Settings settings_for(const Options& o) {
   if (o.margin) s.margin = *o.margin;
   if (o.learning_rate) s.learning_rate = *o.learning_rate;
   if (o.l2_normalize) s.l2_normalize = *o.l2_normalize;
+  if (o.soft_margin) s.soft_margin = *o.soft_margin;
+  if (o.images_per_class) s.images_per_class = *o.images_per_class;
+  if (o.anchors_per_batch) s.anchors_per_batch = *o.anchors_per_batch;
+  if (o.positive_fraction) s.positive_fraction = *o.positive_fraction;
   return s;
 }
 
@@ -130,8 +146,16 @@ struct EpochLoss {
   double mean = 0, first_quarter = 0, last_quarter = 0;
 };
 
-EpochLoss train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, Objective& objective,
-                          const Dataset& train, std::mt19937& rng, const std::string& label) {
+/// Cosine learning-rate decay (Loshchilov & Hutter 2017) from `peak` to 0 over training:
+/// large steps early, and small ones at the end so the last epochs settle.
+float cosine_learning_rate(float peak, double progress) {
+  return float(0.5 * peak * (1.0 + std::cos(3.14159265358979323846 * progress)));
+}
+
+/// One pass over the training set; `epoch` of `epochs` places it in the learning-rate schedule.
+EpochLoss train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_learning_rate,
+                          Objective& objective, const Dataset& train, std::mt19937& rng,
+                          int epoch, int epochs, const std::string& label) {
   objective.start_epoch(rng);
   const Index batches = objective.batches_per_epoch();
   const Index quarter = std::max<Index>(1, batches / 4);
@@ -139,6 +163,8 @@ EpochLoss train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, Objective&
   EpochLoss loss;
   Matrix gradient;
   for (Index b = 0; b < batches; ++b) {
+    optimizer.learning_rate = cosine_learning_rate(
+        peak_learning_rate, (double(epoch - 1) + double(b) / double(batches)) / double(epochs));
     const std::vector<Index> rows = objective.sample(b, rng);
     const Matrix input = gather_rows(train.images, rows);
     const Labels labels = gather(train.labels, rows);
@@ -187,14 +213,14 @@ int run(const Options& options) {
 
   const std::unique_ptr<Objective> objective = make_objective(train, settings);
   Adam optimizer;
-  optimizer.learning_rate = settings.learning_rate;
   EpochLoss first{}, last{};
   Recall recall = untrained;
   for (int epoch = 1; epoch <= options.epochs; ++epoch) {
     const Clock::time_point epoch_start = Clock::now();
     char label[32];
     std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
-    last = train_one_epoch(network, optimizer, *objective, train, rng, label);
+    last = train_one_epoch(network, optimizer, settings.learning_rate, *objective, train, rng,
+                           epoch, options.epochs, label);
     if (epoch == 1) first = last;
     recall = recall_at_k(network.embed(test.images), test.labels);
     std::printf("%s  loss %.4f  R@1 %.4f  R@2 %.4f  R@4 %.4f  R@8 %.4f  (%.1f s)\n", label,

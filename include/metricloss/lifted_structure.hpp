@@ -136,7 +136,8 @@ void fill_rows(const MatrixView<T>& m, T value) {
 }
 
 /// The calls that need no distances: a NaN label or non-finite data (NaN loss and
-/// gradient), and |P| = 0 (loss 0, zero gradient). Returns true, with the loss in `value`
+/// gradient), |P| = 0 or a single class (loss 0, zero gradient). Otherwise every row has
+/// negatives. Returns true, with the loss in `value`
 /// and the gradient written, when the call is finished; otherwise `classes` is ready.
 template <class T, class L>
 bool lifted_trivial_case(LabelClasses& classes, const VectorView<L>& labels, bool data_finite,
@@ -146,7 +147,8 @@ bool lifted_trivial_case(LabelClasses& classes, const VectorView<L>& labels, boo
     if (!grad.empty()) fill_rows(grad, std::numeric_limits<T>::quiet_NaN());
     return true;
   }
-  if (classes.positive_pairs() == 0) {
+  // No positive pair, or one class (no negatives: every J = -inf).
+  if (classes.positive_pairs() == 0 || classes.classes() == 1) {
     value = 0.0;
     if (!grad.empty()) fill_rows(grad, T(0));
     return true;

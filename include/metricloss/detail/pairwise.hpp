@@ -202,6 +202,13 @@ class PairwiseDistances {
     return SimdRowOps::squared_distance(x_.row(i), x_.row(j), x_.cols);
   }
 
+  /// N x N weight matrix W (dL/dD2_ij) as the last call left it, for a caller that writes
+  /// every entry (saves zeroed_weights()'s pass over N^2).
+  StridedMap<T> weights() {
+    const Index n = x_.rows;
+    return StridedMap<T>(weights_.data(static_cast<std::size_t>(n * n)), n, n, Eigen::OuterStride<>(n));
+  }
+
   /// N x N weight matrix W (dL/dD2_ij), set to zero, for the caller to fill.
   StridedMap<T> zeroed_weights() {
     const Index n = x_.rows;
@@ -219,10 +226,21 @@ class PairwiseDistances {
     StridedMap<T> symmetric(w, n, n, Eigen::OuterStride<>(n));
     add_transpose_in_place(symmetric);
     for (Index i = 0; i < n; ++i) w[i * n + i] = T(0);  // cancels in diag(S 1) - S
+    // Row sums: lane sums in T over blocks of 16 batches (no worse than the product's own
+    // N-term sums in T), totalled in double.
+    using batch = xsimd::batch<T>;
+    constexpr Index lanes = static_cast<Index>(batch::size), block = 16 * lanes;
     for (Index i = 0; i < n; ++i) {
       const T* row = w + i * n;
       double sum = 0.0;
-      for (Index j = 0; j < n; ++j) sum += static_cast<double>(row[j]);
+      Index j = 0;
+      while (j + lanes <= n) {
+        batch partial(T(0));
+        const Index end = std::min(n, j + block);
+        for (; j + lanes <= end; j += lanes) partial += batch::load_unaligned(row + j);
+        sum += static_cast<double>(xsimd::hadd(partial));
+      }
+      for (; j < n; ++j) sum += static_cast<double>(row[j]);
       row_sums[i] = static_cast<T>(sum);
     }
     const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(n));

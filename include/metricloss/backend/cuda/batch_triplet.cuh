@@ -203,40 +203,20 @@ __global__ void __launch_bounds__(finalize_threads)
   }
 }
 
-/// Carves the workspace (256-byte aligned parts); with base == nullptr it only counts.
+/// The workspace: the batch parts (pairwise.cuh), W and the per-anchor sums.
 template <class T>
 struct BatchTripletLayout {
-  std::size_t bytes = 0;
-  char* base = nullptr;
-  void* centring = nullptr;
-  T* centred = nullptr;
-  T* squared = nullptr;    // N x N: D2, then S as T
-  double* weights = nullptr;  // N x N: W, then S
-  double* near = nullptr;  // N x D
-  double *norms = nullptr, *anchor_sum = nullptr, *anchor_count = nullptr, *row_sums = nullptr;
-  double* gradient_scale = nullptr;
-  int* not_finite = nullptr;
+  WorkspaceCarver carve;
+  BatchParts<T> parts;
+  double* weights;  // N x N: W, then S
+  double* anchor_sum;
+  double* anchor_count;
 
-  BatchTripletLayout(void* workspace, Index n, Index d) : base(static_cast<char*>(workspace)) {
-    const auto un = static_cast<std::size_t>(n), ud = static_cast<std::size_t>(d);
-    centring = take(centring_bytes(n, d));
-    centred = static_cast<T*>(take(sizeof(T) * un * ud));
-    squared = static_cast<T*>(take(sizeof(T) * un * un));
-    weights = static_cast<double*>(take(sizeof(double) * un * un));
-    near = static_cast<double*>(take(sizeof(double) * un * ud));
-    norms = static_cast<double*>(take(sizeof(double) * un));
-    anchor_sum = static_cast<double*>(take(sizeof(double) * un));
-    anchor_count = static_cast<double*>(take(sizeof(double) * un));
-    row_sums = static_cast<double*>(take(sizeof(double) * un));
-    gradient_scale = static_cast<double*>(take(sizeof(double)));
-    not_finite = static_cast<int*>(take(sizeof(int)));
-  }
-
- private:
-  void* take(std::size_t part) {
-    void* p = base ? base + bytes : nullptr;
-    bytes += aligned_bytes(part);
-    return p;
+  BatchTripletLayout(void* workspace, Index n, Index d) : carve(workspace), parts(carve, n, d) {
+    const auto un = static_cast<std::size_t>(n);
+    weights = carve.take<double>(un * un);
+    anchor_sum = carve.take<double>(un);
+    anchor_count = carve.take<double>(un);
   }
 };
 
@@ -246,41 +226,32 @@ cudaError_t batch_triplet_enqueue(void* workspace, std::size_t workspace_bytes,
                                   double margin, Mining mining, Distance distance, bool soft_margin,
                                   const MatrixView<T>& grad, double top_diff, T* device_loss,
                                   cudaStream_t stream) noexcept {
-  const Index n = x.rows, d = x.cols;
-  if (n < 1 || d < 1 || device_loss == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
+  const Index n = x.rows;
+  if (n < 1 || x.cols < 1 || device_loss == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
   if (mining != Mining::all && mining != Mining::hard && mining != Mining::semihard) return cudaErrorInvalidValue;
-  const BatchTripletLayout<T> layout(workspace, n, d);
-  if (workspace_bytes < layout.bytes) return cudaErrorInvalidValue;
-  cudaError_t error = cudaMemsetAsync(layout.not_finite, 0, sizeof(int), stream);
-  if (error != cudaSuccess) return error;
-  error = enqueue_centring(x, layout.centring, layout.centred, layout.norms, layout.not_finite, stream);
-  if (error != cudaSuccess) return error;
-  error = enqueue_tiled_product<T, true>(layout.centred, d, layout.centred, d, n, n, d,
-                                         SquaredDistanceEpilogue<T, SameLabel<L>>{x, layout.norms, layout.squared, {labels}},
-                                         stream);
+  const BatchTripletLayout<T> layout(workspace, n, x.cols);
+  if (workspace_bytes < layout.carve.bytes()) return cudaErrorInvalidValue;
+  const BatchParts<T>& parts = layout.parts;
+  cudaError_t error = enqueue_batch_distances(parts, x, labels, stream);
   if (error != cudaSuccess) return error;
   const bool gradient = !grad.empty();
-  const MiningArgs<T, L> args{layout.squared, n, x, labels, margin, mining, distance, soft_margin,
+  const MiningArgs<T, L> args{parts.squared, n, x, labels, margin, mining, distance, soft_margin,
                               gradient ? layout.weights : nullptr, layout.anchor_sum,
-                              layout.anchor_count, layout.not_finite};
+                              layout.anchor_count, parts.not_finite};
   const auto blocks = static_cast<unsigned>(n);
   mining_kernel<<<blocks, mining_threads, 0, stream>>>(args);
   batch_finalize_kernel<<<1, finalize_threads, 0, stream>>>(n, layout.anchor_sum, layout.anchor_count,
-                                                            layout.not_finite, top_diff, device_loss,
-                                                            layout.gradient_scale);
+                                                            parts.not_finite, top_diff, device_loss,
+                                                            parts.gradient_scale);
   error = cudaGetLastError();
   if (error != cudaSuccess || !gradient) return error;
   const auto tiles = static_cast<unsigned>((n + symmetrise_tile - 1) / symmetrise_tile);
   symmetrise_kernel<T><<<dim3(tiles, tiles), 256, 0, stream>>>(layout.weights, n);
-  finish_weights_kernel<<<blocks, weight_threads, 0, stream>>>(layout.weights, layout.squared, n, x,
-                                                               layout.norms, layout.row_sums, layout.near);
+  finish_weights_kernel<<<blocks, weight_threads, 0, stream>>>(layout.weights, parts.squared, n, x,
+                                                               parts.norms, parts.row_sums, parts.near);
   error = cudaGetLastError();
   if (error != cudaSuccess) return error;
-  return enqueue_tiled_product<T, false>(
-      layout.squared, n, layout.centred, d, n, d, n,
-      WeightedGradientEpilogue<T>{layout.centred, layout.row_sums, layout.near, layout.gradient_scale,
-                                  layout.not_finite, grad},
-      stream);
+  return enqueue_weighted_gradient(parts, n, grad, stream);
 }
 
 }  // namespace cuda
@@ -292,7 +263,7 @@ namespace cuda_core {
 /// one N x N matrix of T and one of double.
 template <class T>
 std::size_t batch_triplet_workspace_bytes(Index n, Index d) noexcept {
-  return detail::cuda::BatchTripletLayout<T>(nullptr, n, d).bytes;
+  return detail::cuda::BatchTripletLayout<T>(nullptr, n, d).carve.bytes();
 }
 
 /// BatchTripletLoss of API.md on device memory, enqueued on `stream`; the loss goes to
@@ -335,25 +306,9 @@ struct CudaBatchTripletBackend {
 };
 
 template <class T>
-struct Backend<BatchTripletLoss<T>, cuda_tag> {
-  template <class L>
-  static T forward_backward(BatchTripletLoss<T>& loss, cuda_tag tag, const MatrixView<const T>& x,
-                            const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
-    return CudaBatchTripletBackend<T>::run(loss, tag.stream, nullptr, x, labels, grad, top_diff);
-  }
-};
-
+struct Backend<BatchTripletLoss<T>, cuda_tag> : cuda::FunctorBackend<CudaBatchTripletBackend<T>> {};
 template <class T>
-struct Backend<BatchTripletLoss<T>, cuda_deferred_tag<T>> {
-  template <class L>
-  static T forward_backward(BatchTripletLoss<T>& loss, cuda_deferred_tag<T> tag,
-                            const MatrixView<const T>& x, const VectorView<L>& labels,
-                            const MatrixView<T>& grad, T top_diff) {
-    cuda::require_device_loss(tag.device_loss, "metricloss::BatchTripletLoss<T>::forward_backward");
-    return CudaBatchTripletBackend<T>::run(loss, tag.stream, tag.device_loss, x, labels, grad,
-                                           top_diff);
-  }
-};
+struct Backend<BatchTripletLoss<T>, cuda_deferred_tag<T>> : cuda::FunctorBackend<CudaBatchTripletBackend<T>> {};
 
 }  // namespace detail
 }  // namespace metricloss

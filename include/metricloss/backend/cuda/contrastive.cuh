@@ -137,28 +137,9 @@ struct CudaContrastiveBackend {
 };
 
 template <class T>
-struct Backend<ContrastiveLoss<T>, cuda_tag> {
-  template <class Source>
-  static T forward_backward(ContrastiveLoss<T>& loss, cuda_tag tag, const MatrixView<const T>& a,
-                            const MatrixView<const T>& b, const Source& similarity,
-                            const MatrixView<T>& grad_a, const MatrixView<T>& grad_b, T top_diff) {
-    return CudaContrastiveBackend<T>::run(loss, tag.stream, nullptr, a, b, similarity, grad_a,
-                                          grad_b, top_diff);
-  }
-};
-
+struct Backend<ContrastiveLoss<T>, cuda_tag> : cuda::FunctorBackend<CudaContrastiveBackend<T>> {};
 template <class T>
-struct Backend<ContrastiveLoss<T>, cuda_deferred_tag<T>> {
-  template <class Source>
-  static T forward_backward(ContrastiveLoss<T>& loss, cuda_deferred_tag<T> tag,
-                            const MatrixView<const T>& a, const MatrixView<const T>& b,
-                            const Source& similarity, const MatrixView<T>& grad_a,
-                            const MatrixView<T>& grad_b, T top_diff) {
-    cuda::require_device_loss(tag.device_loss, "metricloss::ContrastiveLoss<T>::forward_backward");
-    return CudaContrastiveBackend<T>::run(loss, tag.stream, tag.device_loss, a, b, similarity,
-                                          grad_a, grad_b, top_diff);
-  }
-};
+struct Backend<ContrastiveLoss<T>, cuda_deferred_tag<T>> : cuda::FunctorBackend<CudaContrastiveBackend<T>> {};
 
 }  // namespace detail
 }  // namespace metricloss

@@ -36,7 +36,7 @@ struct LiftedRows {
   double* coefficient;
   double* pair_loss;   // sum_{j > i, y_j = y_i} h_ij^2
   double* pair_count;  // |{j > i : y_j = y_i}|
-  double* row_sum;     // sum_k S_ik
+  double* row_sum;     // sum_k S_ik (BatchParts)
   double* gradient_scale;
   int* not_finite;
 };
@@ -173,39 +173,20 @@ __global__ void __launch_bounds__(lifted_threads)
   if (tid == 0) rows.row_sum[i] = row_sum;
 }
 
-/// Carves the workspace: every part 256-byte aligned. With base == nullptr it only counts.
+/// The workspace: the batch parts (pairwise.cuh), then the per-row arrays.
 template <class T>
 struct LiftedLayout {
-  std::size_t bytes = 0;
-  char* base = nullptr;
-  void* centring = nullptr;
-  T* centred = nullptr;
-  double* norms = nullptr;
-  T* squared = nullptr;
-  double* near = nullptr;  // N x D
+  WorkspaceCarver carve;
+  BatchParts<T> parts;
   LiftedRows rows{};
 
-  LiftedLayout(void* workspace, Index n, Index d) : base(static_cast<char*>(workspace)) {
-    const auto nn = static_cast<std::size_t>(n) * static_cast<std::size_t>(n);
-    const auto un = static_cast<std::size_t>(n);
-    centring = take(centring_bytes(n, d));
-    centred = static_cast<T*>(take(sizeof(T) * un * static_cast<std::size_t>(d)));
-    norms = static_cast<double*>(take(sizeof(double) * un));
-    squared = static_cast<T*>(take(sizeof(T) * nn));
-    near = static_cast<double*>(take(sizeof(double) * un * static_cast<std::size_t>(d)));
+  LiftedLayout(void* workspace, Index n, Index d) : carve(workspace), parts(carve, n, d) {
     double** arrays[] = {&rows.log_normaliser, &rows.min_distance, &rows.shifted_sum,
-                         &rows.coefficient,    &rows.pair_loss,    &rows.pair_count,
-                         &rows.row_sum};
-    for (double** array : arrays) *array = static_cast<double*>(take(sizeof(double) * un));
-    rows.gradient_scale = static_cast<double*>(take(sizeof(double)));
-    rows.not_finite = static_cast<int*>(take(sizeof(int)));
-  }
-
- private:
-  void* take(std::size_t part) {
-    void* p = base ? base + bytes : nullptr;
-    bytes += aligned_bytes(part);
-    return p;
+                         &rows.coefficient,    &rows.pair_loss,    &rows.pair_count};
+    for (double** array : arrays) *array = carve.take<double>(static_cast<std::size_t>(n));
+    rows.row_sum = parts.row_sums;
+    rows.gradient_scale = parts.gradient_scale;
+    rows.not_finite = parts.not_finite;
   }
 };
 
@@ -213,34 +194,25 @@ template <class T, class L>
 cudaError_t lifted_enqueue(void* workspace, std::size_t workspace_bytes, const MatrixView<const T>& x,
                            const VectorView<L>& labels, double margin, const MatrixView<T>& grad,
                            double top_diff, T* device_loss, cudaStream_t stream) noexcept {
-  const Index n = x.rows, d = x.cols;
-  if (n < 1 || d < 1 || device_loss == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
-  const LiftedLayout<T> layout(workspace, n, d);
-  if (workspace_bytes < layout.bytes) return cudaErrorInvalidValue;
+  const Index n = x.rows;
+  if (n < 1 || x.cols < 1 || device_loss == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
+  const LiftedLayout<T> layout(workspace, n, x.cols);
+  if (workspace_bytes < layout.carve.bytes()) return cudaErrorInvalidValue;
+  const BatchParts<T>& parts = layout.parts;
   const LiftedRows& rows = layout.rows;
-  cudaError_t error = cudaMemsetAsync(rows.not_finite, 0, sizeof(int), stream);
-  if (error != cudaSuccess) return error;
-  error = enqueue_centring(x, layout.centring, layout.centred, layout.norms, rows.not_finite, stream);
-  if (error != cudaSuccess) return error;
-  error = enqueue_tiled_product<T, true>(layout.centred, d, layout.centred, d, n, n, d,
-                                         SquaredDistanceEpilogue<T, SameLabel<L>>{x, layout.norms, layout.squared, {labels}},
-                                         stream);
+  cudaError_t error = enqueue_batch_distances(parts, x, labels, stream);
   if (error != cudaSuccess) return error;
   const auto blocks = static_cast<unsigned>(n);
-  lifted_row_normaliser_kernel<<<blocks, lifted_threads, 0, stream>>>(layout.squared, n, labels, margin, rows);
-  lifted_row_pairs_kernel<<<blocks, lifted_threads, 0, stream>>>(layout.squared, n, labels, rows);
+  lifted_row_normaliser_kernel<<<blocks, lifted_threads, 0, stream>>>(parts.squared, n, labels, margin, rows);
+  lifted_row_pairs_kernel<<<blocks, lifted_threads, 0, stream>>>(parts.squared, n, labels, rows);
   lifted_finalize_kernel<<<1, finalize_threads, 0, stream>>>(n, rows, top_diff, device_loss);
   error = cudaGetLastError();
   if (error != cudaSuccess || grad.empty()) return error;
-  lifted_row_weights_kernel<<<blocks, lifted_threads, 0, stream>>>(layout.squared, n, x, layout.norms,
-                                                                   labels, rows, layout.near);
+  lifted_row_weights_kernel<<<blocks, lifted_threads, 0, stream>>>(parts.squared, n, x, parts.norms,
+                                                                   labels, rows, parts.near);
   error = cudaGetLastError();
   if (error != cudaSuccess) return error;
-  return enqueue_tiled_product<T, false>(
-      layout.squared, n, layout.centred, d, n, d, n,
-      WeightedGradientEpilogue<T>{layout.centred, rows.row_sum, layout.near, rows.gradient_scale,
-                                  rows.not_finite, grad},
-      stream);
+  return enqueue_weighted_gradient(parts, n, grad, stream);
 }
 
 }  // namespace cuda
@@ -252,7 +224,7 @@ namespace cuda_core {
 /// dominated by one N x N matrix of T.
 template <class T>
 std::size_t lifted_structure_workspace_bytes(Index n, Index d) noexcept {
-  return detail::cuda::LiftedLayout<T>(nullptr, n, d).bytes;
+  return detail::cuda::LiftedLayout<T>(nullptr, n, d).carve.bytes();
 }
 
 /// The lifted structured loss of API.md on device memory, enqueued on `stream`; the loss
@@ -293,25 +265,9 @@ struct CudaLiftedStructureBackend {
 };
 
 template <class T>
-struct Backend<LiftedStructureLoss<T>, cuda_tag> {
-  template <class L>
-  static T forward_backward(LiftedStructureLoss<T>& loss, cuda_tag tag, const MatrixView<const T>& x,
-                            const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
-    return CudaLiftedStructureBackend<T>::run(loss, tag.stream, nullptr, x, labels, grad, top_diff);
-  }
-};
-
+struct Backend<LiftedStructureLoss<T>, cuda_tag> : cuda::FunctorBackend<CudaLiftedStructureBackend<T>> {};
 template <class T>
-struct Backend<LiftedStructureLoss<T>, cuda_deferred_tag<T>> {
-  template <class L>
-  static T forward_backward(LiftedStructureLoss<T>& loss, cuda_deferred_tag<T> tag,
-                            const MatrixView<const T>& x, const VectorView<L>& labels,
-                            const MatrixView<T>& grad, T top_diff) {
-    cuda::require_device_loss(tag.device_loss, "metricloss::LiftedStructureLoss<T>::forward_backward");
-    return CudaLiftedStructureBackend<T>::run(loss, tag.stream, tag.device_loss, x, labels, grad,
-                                              top_diff);
-  }
-};
+struct Backend<LiftedStructureLoss<T>, cuda_deferred_tag<T>> : cuda::FunctorBackend<CudaLiftedStructureBackend<T>> {};
 
 }  // namespace detail
 }  // namespace metricloss

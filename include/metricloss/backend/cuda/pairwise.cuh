@@ -9,6 +9,7 @@
 // Every reduction has a fixed order: results are deterministic. Each entry of a product is
 // one thread's ascending-k sum, so the distance matrix is bitwise symmetric.
 #include <metricloss/backend/cuda/reduce.cuh>
+#include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/detail/views.hpp>
 
 #include <cuda_runtime.h>
@@ -336,6 +337,59 @@ __global__ void __launch_bounds__(weight_threads)
   }
   row_sum = block_sum<weight_threads>(row_sum, shared);
   if (tid == 0) row_sums[i] = row_sum;
+}
+
+// ---- what the batch losses share --------------------------------------------------------
+
+/// The workspace parts every batch loss uses, carved in a fixed order.
+template <class T>
+struct BatchParts {
+  void* centring;
+  T* centred;               // N x D, stride D
+  double* norms;            // ||xc_i||^2
+  T* squared;               // N x N: D2, later S as T
+  double* near;             // N x D: near pairs' gradient by differences
+  double* row_sums;         // sum_k S_ik
+  double* gradient_scale;   // top_diff / normaliser, set by the loss's reduction
+  int* not_finite;          // non-finite data or NaN labels
+
+  BatchParts(WorkspaceCarver& carve, Index n, Index d) {
+    const auto un = static_cast<std::size_t>(n), ud = static_cast<std::size_t>(d);
+    centring = carve.take<char>(centring_bytes(n, d));
+    centred = carve.take<T>(un * ud);
+    norms = carve.take<double>(un);
+    squared = carve.take<T>(un * un);
+    near = carve.take<double>(un * ud);
+    row_sums = carve.take<double>(un);
+    gradient_scale = carve.take<double>(1);
+    not_finite = carve.take<int>(1);
+  }
+};
+
+/// Clears the flag, centres the batch and fills D2 (positive pairs by differences).
+template <class T, class L>
+cudaError_t enqueue_batch_distances(const BatchParts<T>& parts, const MatrixView<const T>& x,
+                                    const VectorView<L>& labels, cudaStream_t stream) noexcept {
+  const Index n = x.rows, d = x.cols;
+  cudaError_t error = cudaMemsetAsync(parts.not_finite, 0, sizeof(int), stream);
+  if (error != cudaSuccess) return error;
+  error = enqueue_centring(x, parts.centring, parts.centred, parts.norms, parts.not_finite, stream);
+  if (error != cudaSuccess) return error;
+  return enqueue_tiled_product<T, true>(
+      parts.centred, d, parts.centred, d, n, n, d,
+      SquaredDistanceEpilogue<T, SameLabel<L>>{x, parts.norms, parts.squared, {labels}}, stream);
+}
+
+/// grad = 2 scale ((diag(S 1) - S) xc + near), S in parts.squared (as T).
+template <class T>
+cudaError_t enqueue_weighted_gradient(const BatchParts<T>& parts, Index n, const MatrixView<T>& grad,
+                                      cudaStream_t stream) noexcept {
+  const Index d = grad.cols;
+  return enqueue_tiled_product<T, false>(
+      parts.squared, n, parts.centred, d, n, d, n,
+      WeightedGradientEpilogue<T>{parts.centred, parts.row_sums, parts.near, parts.gradient_scale,
+                                  parts.not_finite, grad},
+      stream);
 }
 
 }  // namespace cuda

@@ -92,12 +92,30 @@ inline void throw_on_error(cudaError_t code, const char* where) {
   if (code != cudaSuccess) throw cuda_error(code, where);
 }
 
+/// Carves one workspace into 256-byte aligned parts, in order; with a null base it only
+/// counts the bytes (the size query and the carving share one description).
+class WorkspaceCarver {
+ public:
+  explicit WorkspaceCarver(void* base) : base_(static_cast<char*>(base)) {}
+  template <class U>
+  U* take(std::size_t count) {
+    U* part = base_ ? reinterpret_cast<U*>(base_ + bytes_) : nullptr;
+    bytes_ += aligned_bytes(sizeof(U) * count);
+    return part;
+  }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  char* base_;
+  std::size_t bytes_ = 0;
+};
+
 /// loss_to(nullptr) is a caller's mistake, reported like every other bad argument.
 template <class T>
 void require_device_loss(const T* device_loss, const char* function) {
   if (device_loss == nullptr)
     throw metricloss::invalid_argument(std::string(function) +
-                                       ": cuda.loss_to(device_loss) was given a null pointer");
+                                       "(device_loss): device_loss is a null pointer");
 }
 
 /// Growth-only scratch of one (thread, device, stream): device bytes, allocated and freed in
@@ -183,6 +201,22 @@ T run_functor_path(const char* where, cudaStream_t stream, std::size_t core_byte
   throw_on_error(cudaStreamSynchronize(stream), where);
   return *host;
 }
+
+/// detail::Backend<Loss, cuda_tag> and <Loss, cuda_deferred_tag<T>> of every loss derive from
+/// this: both tags reach Impl::run(loss, stream, deferred_loss or null, views...).
+template <class Impl>
+struct FunctorBackend {
+  template <class Loss, class... Views>
+  static auto forward_backward(Loss& loss, cuda_tag tag, const Views&... views) {
+    using T = typename Loss::scalar_type;
+    return Impl::run(loss, tag.stream, static_cast<T*>(nullptr), views...);
+  }
+  template <class Loss, class T, class... Views>
+  static T forward_backward(Loss& loss, cuda_deferred_tag<T> tag, const Views&... views) {
+    require_device_loss(tag.device_loss, "metricloss: cuda.loss_to");
+    return Impl::run(loss, tag.stream, tag.device_loss, views...);
+  }
+};
 
 }  // namespace cuda
 }  // namespace detail

@@ -130,29 +130,9 @@ struct CudaTripletBackend {
 };
 
 template <class T>
-struct Backend<TripletLoss<T>, cuda_tag> {
-  static T forward_backward(TripletLoss<T>& loss, cuda_tag tag, const MatrixView<const T>& anchor,
-                            const MatrixView<const T>& positive,
-                            const MatrixView<const T>& negative, const MatrixView<T>& grad_anchor,
-                            const MatrixView<T>& grad_positive,
-                            const MatrixView<T>& grad_negative, T top_diff) {
-    return CudaTripletBackend<T>::run(loss, tag.stream, nullptr, anchor, positive, negative,
-                                      grad_anchor, grad_positive, grad_negative, top_diff);
-  }
-};
-
+struct Backend<TripletLoss<T>, cuda_tag> : cuda::FunctorBackend<CudaTripletBackend<T>> {};
 template <class T>
-struct Backend<TripletLoss<T>, cuda_deferred_tag<T>> {
-  static T forward_backward(TripletLoss<T>& loss, cuda_deferred_tag<T> tag,
-                            const MatrixView<const T>& anchor, const MatrixView<const T>& positive,
-                            const MatrixView<const T>& negative, const MatrixView<T>& grad_anchor,
-                            const MatrixView<T>& grad_positive,
-                            const MatrixView<T>& grad_negative, T top_diff) {
-    cuda::require_device_loss(tag.device_loss, "metricloss::TripletLoss<T>::forward_backward");
-    return CudaTripletBackend<T>::run(loss, tag.stream, tag.device_loss, anchor, positive,
-                                      negative, grad_anchor, grad_positive, grad_negative, top_diff);
-  }
-};
+struct Backend<TripletLoss<T>, cuda_deferred_tag<T>> : cuda::FunctorBackend<CudaTripletBackend<T>> {};
 
 }  // namespace detail
 }  // namespace metricloss

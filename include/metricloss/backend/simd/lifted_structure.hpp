@@ -50,28 +50,22 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       squared[j * n + i] = exact;
     });
     T* distance = scratch.distance_values.data(static_cast<std::size_t>(n * n));
-    square_roots(squared, distance, n * n);
 
     // Class ids as T (exact below 2^24 classes), compared lane-wise to mask the negatives.
     T* class_value = scratch.class_values.data(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) class_value[i] = static_cast<T>(classes.class_of(i));
 
-    // a_i, shifted by the nearest negative; with a gradient, exp(min_i - D_ik) of the
-    // negatives is kept in row i of the weights (0 elsewhere).
+    // D and a_i, shifted by the nearest negative (every row has negatives: two classes at
+    // least); with a gradient, exp(min_i - D_ik) of the negatives is kept in row i of the
+    // weights, 0 elsewhere, so that every entry of W is written.
     const bool gradient = !grad.empty();
-    T* weight = gradient ? pairwise.zeroed_weights().data() : nullptr;
+    T* weight = gradient ? pairwise.weights().data() : nullptr;
     double* log_normaliser = scratch.log_normaliser.data(static_cast<std::size_t>(n));
     double* min_distance = scratch.min_distance.data(static_cast<std::size_t>(n));
     double* shifted_sum = scratch.shifted_sum.data(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) {
-      if (!classes.has_negatives(i)) {
-        min_distance[i] = std::numeric_limits<double>::infinity();
-        shifted_sum[i] = 0.0;
-        log_normaliser[i] = -std::numeric_limits<double>::infinity();
-        continue;
-      }
-      const T* row = distance + i * n;
-      const T nearest = nearest_negative(row, class_value, class_value[i], n);
+      T* row = distance + i * n;
+      const T nearest = roots_and_nearest_negative(squared + i * n, row, class_value, class_value[i], n);
       min_distance[i] = static_cast<double>(nearest);
       shifted_sum[i] = shifted_exp_sum(row, class_value, class_value[i], nearest, n,
                                        gradient ? weight + i * n : nullptr);
@@ -95,9 +89,8 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     if (!gradient) return static_cast<T>(sum / (2.0 * pairs));
 
     for (Index i = 0; i < n; ++i)
-      if (classes.has_negatives(i))
-        negative_weights(distance + i * n, class_value, class_value[i],
-                         static_cast<T>(-coefficient[i] / shifted_sum[i]), n, weight + i * n);
+      negative_weights(distance + i * n, class_value, class_value[i],
+                       static_cast<T>(-coefficient[i] / shifted_sum[i]), n, weight + i * n);
     const T scale = static_cast<T>(static_cast<double>(top_diff) / pairs);
     const bool any_near = take_out_near_pairs(scratch, x, squared, weight);
     pairwise.gradient_from_weights(scale, grad);
@@ -132,12 +125,6 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     return xsimd::all(probe == batch(T(0))) && tail == T(0);
   }
 
-  static void square_roots(const T* squared, T* roots, Index size) {
-    Index k = 0;
-    for (; k + width <= size; k += width)
-      xsimd::sqrt(batch::load_unaligned(squared + k)).store_unaligned(roots + k);
-    for (; k < size; ++k) roots[k] = std::sqrt(squared[k]);
-  }
 
   /// Moves the weight of every near pair (see the top of this file) out of W into
   /// near_gradient = sum_k S_ik (x_i - x_k) by differences of the original rows. False
@@ -190,22 +177,27 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     }
   }
 
-  /// min_k D_ik over the negatives k (class != own).
-  static T nearest_negative(const T* row, const T* class_value, T own, Index n) {
+  /// Row i of D = sqrt(D2), and min_k D_ik over the negatives k (class != own).
+  static T roots_and_nearest_negative(const T* squared, T* row, const T* class_value, T own,
+                                      Index n) {
     const T infinity = std::numeric_limits<T>::infinity();
     const batch own_class(own), far(infinity);
     batch nearest(infinity);
     Index k = 0;
     for (; k + width <= n; k += width) {
+      const batch dik = xsimd::sqrt(batch::load_unaligned(squared + k));
+      dik.store_unaligned(row + k);
       const auto negative = batch::load_unaligned(class_value + k) != own_class;
-      nearest = xsimd::min(nearest, xsimd::select(negative, batch::load_unaligned(row + k), far));
+      nearest = xsimd::min(nearest, xsimd::select(negative, dik, far));
     }
     alignas(64) T lanes[width];
     nearest.store_aligned(lanes);
     T result = infinity;
     for (Index lane = 0; lane < width; ++lane) result = std::min(result, lanes[lane]);
-    for (; k < n; ++k)
+    for (; k < n; ++k) {
+      row[k] = std::sqrt(squared[k]);
       if (class_value[k] != own) result = std::min(result, row[k]);
+    }
     return result;
   }
 
