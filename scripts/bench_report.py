@@ -269,7 +269,9 @@ def goal_summary(rows):
             total += 1
             met += bool(ok)
             mark = "not measured" if ok is None else "met" if ok else "MISSED"
-            lines.append(f"- {LOSS_TITLE.get(r['loss'], r['loss'])} {variant_text(r['variant'])}, "
+            variant = variant_text(r["variant"])
+            variant = "" if variant == "—" else f" {variant}"
+            lines.append(f"- {LOSS_TITLE.get(r['loss'], r['loss'])}{variant}, "
                          f"N = {r['N']}, D = {r['D']}: {format_ratio(value)} (goal {text}): {mark}")
     return [f"Ratio goals of issues 2–4 (float, simd, forward_backward): {met} of {total} met."] + lines
 
@@ -279,8 +281,14 @@ def cpu_model():
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         model = fields.get("Model name", "?").strip()
+        family, number = fields.get("CPU family", "").strip(), fields.get("Model", "").strip()
+        if family and number:
+            model += f" (family {family}, model {number})"
+        flags = fields.get("Flags", "").split()
+        isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sse4_2", "SSE4.2"))
+                    if flag in flags), None)
         cpus = fields.get("CPU(s)", "?").strip()
-        return f"{model}, {cpus} CPUs"
+        return f"{model}, {cpus} CPUs" + (f", {isa}" if isa else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown CPU"
 
