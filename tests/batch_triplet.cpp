@@ -284,6 +284,30 @@ TEMPLATE_TEST_CASE("batch triplet simd agrees with scalar over sizes and strides
   CHECK(ml::testing::compare_gradients(g_scalar.map(), r.grad).relative(1e-30) <= Tolerance<T>::gradient);
 }
 
+TEMPLATE_TEST_CASE("batch triplet with large classes", "[batch_triplet]", ALL_CASES) {
+  // More than 16 positives per anchor: the buckets come from a binary search per negative
+  // rather than one pass per positive.
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  const Mining mining = GENERATE(Mining::all, Mining::hard, Mining::semihard);
+  const bool soft_margin = GENERATE(false, true);
+  const Distance distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
+  CAPTURE(name_of(mining, distance, soft_margin));
+  std::mt19937_64 rng(97);
+  const Index n = 70, d = 9;
+  const Labels y = labels_of(random_labels(n, 2, rng));
+  const double margin = distance == Distance::euclidean ? 0.3 : 1.0;
+  const Matrix<T> x = untied_batch<T>(n, d, y, static_cast<T>(margin), mining, distance, soft_margin, rng,
+                                      std::is_same<T, float>::value ? 1e-5 : 0.0);
+  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
+  Matrix<T> grad(n, d);
+  const T value = loss.forward_backward(tag, x, y, grad);
+  const Reference r = brute_force(x.template cast<double>(), y, static_cast<T>(margin), mining, distance,
+                                  soft_margin, 1.0);
+  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+}
+
 TEMPLATE_TEST_CASE("batch triplet on degenerate batches", "[batch_triplet][degenerate]", ALL_CASES) {
   using T = typename TestType::T;
   const typename TestType::Tag tag{};

@@ -91,10 +91,46 @@ struct MiningResult {
   double count = 0.0;
 };
 
-/// Mining with its per-anchor scratch memory (grow-only).
+/// The number of sorted thresholds t[0..k) below v (strictly, or at most v): a binary search
+/// whose steps are conditional moves, since which way a random distance goes is a coin flip
+/// that a branch would mispredict.
+template <bool OrEqual>
+inline Index count_thresholds_below(const double* t, Index k, double v) {
+  if (k == 0) return 0;
+  const double* base = t;
+  Index length = k;
+  while (length > 1) {
+    const Index half = length / 2;
+    base = (OrEqual ? base[half - 1] <= v : base[half - 1] < v) ? base + half : base;
+    length -= half;
+  }
+  return (base - t) + ((OrEqual ? *base <= v : *base < v) ? 1 : 0);
+}
+
+/// bucket[j] = the number of sorted thresholds below value[j] (strictly, or at most), for
+/// j < n. Few thresholds (the usual handful of positives per class): one pass per threshold
+/// over the row, which vectorises; many: a branch-free binary search per entry.
+template <bool OrEqual>
+inline void count_thresholds_below(const double* t, Index k, const double* value, Index n,
+                                   Index* bucket) {
+  if (k > 16) {
+    for (Index j = 0; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
+    return;
+  }
+  std::fill(bucket, bucket + n, Index(0));
+  for (Index i = 0; i < k; ++i) {
+    const double threshold = t[i];
+    for (Index j = 0; j < n; ++j)
+      bucket[j] += (OrEqual ? threshold <= value[j] : threshold < value[j]) ? 1 : 0;
+  }
+}
+
+/// Mining with its per-anchor scratch memory (grow-only). RowOps (the backend's row
+/// primitives) supplies soft_margin_row, the O(N^2 c) inner loop of Mining::all with
+/// soft_margin.
 class TripletMiner {
  public:
-  template <class Distances, class Weights>
+  template <class RowOps, class Distances, class Weights>
   MiningResult mine(Mining mining, const BatchClasses& classes, const Distances& distances,
                     double margin, Distance distance, bool soft_margin, Weights& weights) {
     switch (mining) {
@@ -102,8 +138,7 @@ class TripletMiner {
       case Mining::semihard:
         return semihard(classes, distances, margin, distance, soft_margin, weights);
       case Mining::all:
-        return soft_margin ? all_soft(classes, distances, margin, distance, weights)
-                           : all_hinge(classes, distances, margin, distance, weights);
+        return all<RowOps>(classes, distances, margin, distance, soft_margin, weights);
     }
     return {};
   }
@@ -112,11 +147,6 @@ class TripletMiner {
   struct Positive {
     double key;  // what positives are sorted by
     Index index;
-    DistanceTerm distance;
-  };
-  struct Negative {
-    Index index;
-    Index bucket;
     DistanceTerm distance;
   };
 
@@ -154,28 +184,43 @@ class TripletMiner {
       const Index k = classes.positives(a);
       if (k == 0 || classes.negatives(a) == 0) continue;
       const auto* row = distances.row(a);
-      Positive* positives = sorted_positives(classes, a, [&](Index p) {
+      const Positive* positives = sorted_positives(classes, a, [&](Index p) {
         return Positive{static_cast<double>(row[p]), p, {}};
       });
-      double* thresholds = thresholds_.data(static_cast<std::size_t>(k));
-      for (Index i = 0; i < k; ++i) thresholds[i] = positives[i].key;
+      const double* thresholds = thresholds_of(positives, k);
       // Bucket b holds the negatives farther than exactly the b nearest positives; each
       // keeps its nearest (first in row order on ties).
       Index* nearest = nearest_.data(static_cast<std::size_t>(k + 1));
+      double* nearest_value = bucket_sum_.data(static_cast<std::size_t>(k + 1));
       std::fill(nearest, nearest + k + 1, Index(-1));
+      std::fill(nearest_value, nearest_value + k + 1, std::numeric_limits<double>::infinity());
+      double* value = values_.data(static_cast<std::size_t>(n));
+      Index* bucket = buckets_.data(static_cast<std::size_t>(n));
+      for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
+      count_thresholds_below<false>(thresholds, k, value, n, bucket);
       const Index own = class_of[a];
       Index farthest = -1;
+      double farthest_value = -std::numeric_limits<double>::infinity();
       for (Index j = 0; j < n; ++j) {
         if (class_of[j] == own) continue;
-        const double q = static_cast<double>(row[j]);
-        if (farthest < 0 || q > static_cast<double>(row[farthest])) farthest = j;
-        const Index b = std::lower_bound(thresholds, thresholds + k, q) - thresholds;
-        if (b > 0 && (nearest[b] < 0 || q < static_cast<double>(row[nearest[b]]))) nearest[b] = j;
+        const double q = value[j];
+        if (q > farthest_value) {
+          farthest_value = q;
+          farthest = j;
+        }
+        const Index b = bucket[j];
+        if (q < nearest_value[b]) {
+          nearest_value[b] = q;
+          nearest[b] = j;
+        }
       }
-      // Suffix minimum: nearest[i] becomes the nearest negative farther than positive i - 1.
+      // Suffix minimum: nearest[i] becomes the nearest negative farther than positive i - 1
+      // (bucket 0, nearer than every positive, never counts).
       for (Index b = k - 1; b >= 1; --b)
-        if (nearest[b] < 0 || (nearest[b + 1] >= 0 && row[nearest[b + 1]] < row[nearest[b]]))
+        if (nearest_value[b + 1] < nearest_value[b]) {
+          nearest_value[b] = nearest_value[b + 1];
           nearest[b] = nearest[b + 1];
+        }
       for (Index i = 0; i < k; ++i) {
         const Index negative = nearest[i + 1] >= 0 ? nearest[i + 1] : farthest;
         add_triplet(result, a, positives[i].index, negative, distances, margin, distance,
@@ -185,40 +230,58 @@ class TripletMiner {
     return result;
   }
 
-  /// Every triplet with the hinge: sum of max(d_ap + m - d_an, 0), count = active triplets.
-  template <class Distances, class Weights>
-  MiningResult all_hinge(const BatchClasses& classes, const Distances& distances, double margin,
-                         Distance distance, Weights& weights) {
+  /// Every triplet. Hinge: sum of max(d_ap + m - d_an, 0), count = active triplets, by
+  /// buckets with prefix sums. Softplus: count = all triplets (softplus is positive).
+  template <class RowOps, class Distances, class Weights>
+  MiningResult all(const BatchClasses& classes, const Distances& distances, double margin,
+                   Distance distance, bool soft_margin, Weights& weights) {
     const Index n = classes.size();
     const Index* class_of = classes.class_of();
+    double* value = values_.data(static_cast<std::size_t>(n));
+    Index* bucket = buckets_.data(static_cast<std::size_t>(n));
+    double* slope = negative_slope_.data(static_cast<std::size_t>(n));
     MiningResult result;
     for (Index a = 0; a < n; ++a) {
       const Index k = classes.positives(a);
       if (k == 0 || classes.negatives(a) == 0) continue;
       // Positives by threshold t_p = d_ap + m; a negative is active with p when d_an < t_p.
-      Positive* positives = sorted_positives(classes, a, [&](Index p) {
+      const Positive* positives = sorted_positives(classes, a, [&](Index p) {
         const DistanceTerm d = distance_from_squared(distances.exact(a, p), distance);
         return Positive{d.value + margin, p, d};
       });
-      double* thresholds = thresholds_.data(static_cast<std::size_t>(k));
-      for (Index i = 0; i < k; ++i) thresholds[i] = positives[i].key;
-      // Bucket b: negatives with exactly b thresholds <= d_an, active with positives b..k-1.
-      double* count = bucket_count_.data(static_cast<std::size_t>(k + 1));
-      double* sum = bucket_sum_.data(static_cast<std::size_t>(k + 1));
-      std::fill(count, count + k + 1, 0.0);
-      std::fill(sum, sum + k + 1, 0.0);
-      Negative* negatives = negatives_.data(static_cast<std::size_t>(classes.negatives(a)));
-      Index m = 0;
+      const double* thresholds = thresholds_of(positives, k);
+      // Distances of the whole row (one vectorisable pass; the anchor's class is skipped).
       const auto* row = distances.row(a);
+      for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
+      if (distance == Distance::euclidean) RowOps::square_root_in_place(value, n);
       const Index own = class_of[a];
+      if (soft_margin) {
+        all_soft_anchor<RowOps>(result, a, positives, k, n, class_of, own, value, slope, distance, weights);
+        continue;
+      }
+      // Bucket b: negatives with exactly b thresholds <= d_an, active with positives b..k-1.
+      // Four interleaved copies of the counts and sums, so that runs of one bucket do not
+      // chain every add through the same memory word.
+      constexpr Index copies = 4;
+      const Index stride = k + 1;
+      double* counts = bucket_count_.data(static_cast<std::size_t>(copies * stride));
+      double* sums = bucket_sum_.data(static_cast<std::size_t>(copies * stride));
+      std::fill(counts, counts + copies * stride, 0.0);
+      std::fill(sums, sums + copies * stride, 0.0);
+      count_thresholds_below<true>(thresholds, k, value, n, bucket);
       for (Index j = 0; j < n; ++j) {
         if (class_of[j] == own) continue;
-        const DistanceTerm d = distance_from_squared(static_cast<double>(row[j]), distance);
-        const Index b = std::upper_bound(thresholds, thresholds + k, d.value) - thresholds;
-        count[b] += 1.0;
-        sum[b] += d.value;
-        negatives[m++] = Negative{j, b, d};
+        const Index slot = (j % copies) * stride + bucket[j];
+        counts[slot] += 1.0;
+        sums[slot] += value[j];
       }
+      for (Index c = 1; c < copies; ++c)
+        for (Index b = 0; b < stride; ++b) {
+          counts[b] += counts[c * stride + b];
+          sums[b] += sums[c * stride + b];
+        }
+      const double* count = counts;
+      const double* sum = sums;
       double active = 0.0, active_sum = 0.0;
       for (Index i = 0; i < k; ++i) {
         active += count[i];
@@ -229,59 +292,46 @@ class TripletMiner {
           weights.add(a, positives[i].index, active * positives[i].distance.derivative);
       }
       if (!weights.enabled()) continue;
-      for (Index r = 0; r < m; ++r) {
-        const double with = static_cast<double>(k - negatives[r].bucket);
-        if (with > 0.0) weights.add(a, negatives[r].index, -with * negatives[r].distance.derivative);
+      for (Index j = 0; j < n; ++j) {
+        if (class_of[j] == own || bucket[j] == k) continue;
+        const double with = static_cast<double>(k - bucket[j]);
+        weights.add(a, j, -with * distance_derivative(value[j], distance));
       }
     }
     return result;
   }
 
-  /// Every triplet with softplus: count = all triplets (softplus is positive everywhere).
-  template <class Distances, class Weights>
-  MiningResult all_soft(const BatchClasses& classes, const Distances& distances, double margin,
-                        Distance distance, Weights& weights) {
-    const Index n = classes.size();
-    const Index* class_of = classes.class_of();
-    MiningResult result;
-    for (Index a = 0; a < n; ++a) {
-      const Index k = classes.positives(a);
-      if (k == 0 || classes.negatives(a) == 0) continue;
-      Positive* positives = sorted_positives(classes, a, [&](Index p) {
-        const DistanceTerm d = distance_from_squared(distances.exact(a, p), distance);
-        return Positive{d.value + margin, p, d};
-      });
-      Negative* negatives = negatives_.data(static_cast<std::size_t>(classes.negatives(a)));
-      Index m = 0;
-      const auto* row = distances.row(a);
-      const Index own = class_of[a];
-      for (Index j = 0; j < n; ++j)
-        if (class_of[j] != own)
-          negatives[m++] = Negative{j, 0, distance_from_squared(static_cast<double>(row[j]), distance)};
-      double* negative_slope = negative_slope_.data(static_cast<std::size_t>(m));
-      std::fill(negative_slope, negative_slope + m, 0.0);
-      for (Index i = 0; i < k; ++i) {
-        double positive_slope = 0.0;
-        for (Index r = 0; r < m; ++r) {
-          const HingeTerm h = hinge(positives[i].key - negatives[r].distance.value, true);
-          result.sum += h.value;
-          positive_slope += h.slope;
-          negative_slope[r] += h.slope;
-        }
-        if (weights.enabled())
-          weights.add(a, positives[i].index, positive_slope * positives[i].distance.derivative);
-      }
-      result.count += static_cast<double>(k) * static_cast<double>(m);
-      if (!weights.enabled()) continue;
-      for (Index r = 0; r < m; ++r)
-        weights.add(a, negatives[r].index, -negative_slope[r] * negatives[r].distance.derivative);
+  /// One anchor of Mining::all with soft_margin: every (p, n) pair, O(k N).
+  template <class RowOps, class Weights>
+  void all_soft_anchor(MiningResult& result, Index a, const Positive* positives, Index k,
+                       Index n, const Index* class_of, Index own, const double* value,
+                       double* slope, Distance distance, Weights& weights) {
+    // The negatives' distances, packed.
+    double* packed = packed_.data(static_cast<std::size_t>(n));
+    Index m = 0;
+    for (Index j = 0; j < n; ++j)
+      if (class_of[j] != own) packed[m++] = value[j];
+    std::fill(slope, slope + m, 0.0);
+    for (Index i = 0; i < k; ++i) {
+      // sum_n softplus(t_p - d_an), and its slopes, summed for p and added per n.
+      double positive_slope = 0.0;
+      result.sum += RowOps::soft_margin_row(positives[i].key, packed, m, slope, positive_slope);
+      if (weights.enabled())
+        weights.add(a, positives[i].index, positive_slope * positives[i].distance.derivative);
     }
-    return result;
+    result.count += static_cast<double>(k) * static_cast<double>(m);
+    if (!weights.enabled()) return;
+    Index r = 0;
+    for (Index j = 0; j < n; ++j)
+      if (class_of[j] != own) {
+        weights.add(a, j, -slope[r] * distance_derivative(packed[r], distance));
+        ++r;
+      }
   }
 
   /// The positives of anchor a made by `make`, sorted by key (ties by row).
   template <class Make>
-  Positive* sorted_positives(const BatchClasses& classes, Index a, Make&& make) {
+  const Positive* sorted_positives(const BatchClasses& classes, Index a, Make&& make) {
     Positive* positives = positives_.data(static_cast<std::size_t>(classes.positives(a)));
     Index k = 0;
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
@@ -290,6 +340,12 @@ class TripletMiner {
       return x.key < y.key || (!(y.key < x.key) && x.index < y.index);
     });
     return positives;
+  }
+
+  const double* thresholds_of(const Positive* positives, Index k) {
+    double* thresholds = thresholds_.data(static_cast<std::size_t>(k));
+    for (Index i = 0; i < k; ++i) thresholds[i] = positives[i].key;
+    return thresholds;
   }
 
   /// One mined triplet, its distances recomputed by differences.
@@ -307,9 +363,8 @@ class TripletMiner {
   }
 
   GrowOnlyBuffer<Positive> positives_;
-  GrowOnlyBuffer<Negative> negatives_;
-  GrowOnlyBuffer<double> thresholds_, bucket_count_, bucket_sum_, negative_slope_;
-  GrowOnlyBuffer<Index> nearest_;
+  GrowOnlyBuffer<double> thresholds_, bucket_count_, bucket_sum_, values_, negative_slope_, packed_;
+  GrowOnlyBuffer<Index> nearest_, buckets_;
 };
 
 /// Whether every entry of x is finite (a non-finite batch gives a NaN loss and gradient).

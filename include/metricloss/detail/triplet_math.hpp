@@ -11,6 +11,20 @@
 namespace metricloss {
 namespace detail {
 
+/// a b + c, rounded once where the target has an FMA instruction. Written out because the
+/// compiler's own contraction of a b + c depends on the surrounding code (which outputs a
+/// caller stores), and so would the result's bits; without FMA nothing is contracted.
+template <class T>
+METRICLOSS_HOST_DEVICE inline T multiply_add(T a, T b, T c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#elif defined(FP_FAST_FMA) || defined(__FP_FAST_FMA)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 /// d(q) and dd/dq. Euclidean: d = sqrt(q), dd/dq = 1 / (2 d), and 0 at q = 0 (the zero
 /// subgradient at zero distance; no epsilon). Squared: d = q, dd/dq = 1.
 struct DistanceTerm {
@@ -18,11 +32,16 @@ struct DistanceTerm {
   double derivative;
 };
 
+/// dd/dq at distance d.
+METRICLOSS_HOST_DEVICE inline double distance_derivative(double d, Distance distance) {
+  if (distance == Distance::squared_euclidean) return 1.0;
+  return d > 0.0 ? 0.5 / d : 0.0;
+}
+
 METRICLOSS_HOST_DEVICE inline DistanceTerm distance_from_squared(double squared,
                                                                  Distance distance) {
-  if (distance == Distance::squared_euclidean) return {squared, 1.0};
-  const double d = sqrt(squared);
-  return {d, d > 0.0 ? 0.5 / d : 0.0};
+  const double d = distance == Distance::squared_euclidean ? squared : sqrt(squared);
+  return {d, distance_derivative(d, distance)};
 }
 
 /// h(x) and dh/dx for the hinge max(x, 0) (subgradient 0 at x = 0), or, with soft_margin,

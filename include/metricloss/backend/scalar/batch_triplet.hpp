@@ -47,7 +47,7 @@ struct Backend<BatchTripletLoss<T>, scalar_tag> {
       std::fill(weights.weights, weights.weights + n * n, 0.0);
     }
     const MiningResult result =
-        work.miner.mine(loss.mining, work.classes, ExactSquaredDistances{squared, n},
+        work.miner.template mine<ScalarRowOps>(loss.mining, work.classes, ExactSquaredDistances{squared, n},
                         loss.margin, loss.distance, loss.soft_margin, weights);
     if (result.count == 0.0) {
       fill_gradient(grad, T(0));

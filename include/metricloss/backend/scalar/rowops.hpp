@@ -1,8 +1,10 @@
 #pragma once
 // Row primitives of the scalar reference path: plain loops, differences and sums in double.
+#include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/types.hpp>
 
 #include <algorithm>
+#include <cmath>
 
 namespace metricloss {
 namespace detail {
@@ -68,12 +70,33 @@ struct ScalarRowOps {
     }
     for (Index j = 0; j < d; ++j) {
       const double x = static_cast<double>(a[j]);
+      const double x_minus_n = x - static_cast<double>(n[j]);
       const double to_p = c_p * (x - static_cast<double>(p[j]));
-      const double to_n = c_n * (x - static_cast<double>(n[j]));
-      if (grad_a) grad_a[j] = static_cast<T>(to_p - to_n);
+      const double to_n = c_n * x_minus_n;
+      if (grad_a) grad_a[j] = static_cast<T>(multiply_add(-c_n, x_minus_n, to_p));
       if (grad_p) grad_p[j] = static_cast<T>(-to_p);
       if (grad_n) grad_n[j] = static_cast<T>(to_n);
     }
+  }
+
+  /// values[r] = sqrt(values[r]) (Euclidean distances from squared ones).
+  static void square_root_in_place(double* values, Index m) {
+    for (Index r = 0; r < m; ++r) values[r] = std::sqrt(values[r]);
+  }
+
+  /// sum_r softplus(t - values[r]); each sigmoid(t - values[r]) is added to slopes[r] and
+  /// their sum returned in slope_sum. (Mining::all with soft_margin, one positive.)
+  static double soft_margin_row(double t, const double* values, Index m, double* slopes,
+                                double& slope_sum) {
+    double sum = 0.0, slope = 0.0;
+    for (Index r = 0; r < m; ++r) {
+      const HingeTerm h = hinge(t - values[r], /*soft_margin=*/true);
+      sum += h.value;
+      slope += h.slope;
+      slopes[r] += h.slope;
+    }
+    slope_sum = slope;
+    return sum;
   }
 };
 

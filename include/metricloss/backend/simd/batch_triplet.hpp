@@ -100,7 +100,7 @@ struct Backend<BatchTripletLoss<T>, simd_tag> {
     SplitWeights<T> weights;
     if (!grad.empty()) weights = SplitWeights<T>(work, x);
     const MiningResult result =
-        work.miner.mine(loss.mining, work.classes, ProductSquaredDistances<T>{&work.pairwise},
+        work.miner.template mine<SimdRowOps>(loss.mining, work.classes, ProductSquaredDistances<T>{&work.pairwise},
                         loss.margin, loss.distance, loss.soft_margin, weights);
     if (result.count == 0.0) {
       fill_gradient(grad, T(0));

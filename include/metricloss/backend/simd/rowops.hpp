@@ -1,6 +1,7 @@
 #pragma once
 // Row primitives of the SIMD path: xsimd batches over D for the compile-time best
 // instruction set, with scalar tails for D not a multiple of the batch width.
+#include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/types.hpp>
 
 #include <xsimd/xsimd.hpp>
@@ -129,6 +130,46 @@ struct SimdRowOps {
     }
   }
 
+  /// values[r] = sqrt(values[r]) (Euclidean distances from squared ones), in batches: the
+  /// scalar loop does not vectorise where sqrt may set errno.
+  static void square_root_in_place(double* values, Index m) {
+    using batch = xsimd::batch<double>;
+    constexpr Index width = static_cast<Index>(batch::size);
+    Index r = 0;
+    for (; r + width <= m; r += width) xsimd::sqrt(batch::load_unaligned(values + r)).store_unaligned(values + r);
+    for (; r < m; ++r) values[r] = std::sqrt(values[r]);
+  }
+
+  /// sum_r softplus(t - values[r]); each sigmoid(t - values[r]) is added to slopes[r] and
+  /// their sum returned in slope_sum (Mining::all with soft_margin, one positive). The
+  /// formulas of detail::hinge, batched: e = exp(-|x|), softplus = max(x, 0) + log1p(e),
+  /// sigmoid = (x >= 0 ? 1 : e) / (1 + e).
+  static double soft_margin_row(double t, const double* values, Index m, double* slopes,
+                                double& slope_sum) {
+    using batch = xsimd::batch<double>;
+    constexpr Index width = static_cast<Index>(batch::size);
+    const batch tb(t), zero(0.0), one(1.0);
+    batch sum(0.0), slope(0.0);
+    Index r = 0;
+    for (; r + width <= m; r += width) {
+      const batch x = tb - batch::load_unaligned(values + r);
+      const batch e = xsimd::exp(-xsimd::abs(x));
+      const batch s = xsimd::select(x >= zero, one, e) / (one + e);
+      sum += xsimd::max(x, zero) + xsimd::log1p(e);
+      slope += s;
+      (batch::load_unaligned(slopes + r) + s).store_unaligned(slopes + r);
+    }
+    double total = xsimd::hadd(sum), total_slope = xsimd::hadd(slope);
+    for (; r < m; ++r) {
+      const HingeTerm h = hinge(t - values[r], /*soft_margin=*/true);
+      total += h.value;
+      total_slope += h.slope;
+      slopes[r] += h.slope;
+    }
+    slope_sum = total_slope;
+    return total;
+  }
+
  private:
   template <bool WantA, bool WantP, bool WantN, class T>
   static void triplet_gradient_rows(T* grad_a, T* grad_p, T* grad_n, const T* a, const T* p,
@@ -150,7 +191,7 @@ struct SimdRowOps {
     for (; j < d; ++j) {
       const T to_p = c_p * (a[j] - p[j]);
       const T to_n = c_n * (a[j] - n[j]);
-      if constexpr (WantA) grad_a[j] = std::fma(-c_n, a[j] - n[j], to_p);
+      if constexpr (WantA) grad_a[j] = multiply_add(-c_n, a[j] - n[j], to_p);
       if constexpr (WantP) grad_p[j] = -to_p;
       if constexpr (WantN) grad_n[j] = to_n;
     }
