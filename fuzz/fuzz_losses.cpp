@@ -1,0 +1,707 @@
+// libFuzzer target: every loss, scalar and simd paths, on inputs decoded from the fuzzer's
+// bytes. Build and run with scripts/fuzz (clang 14, -fsanitize=fuzzer,address,undefined).
+//
+// Decoded: the scalar type, the loss and its options (margins including 0, negative, NaN
+// and infinite; forms, mining, distances, soft_margin, top_diff), N and D (including 0),
+// outer strides (including one below D), which gradients are wanted, shape and length
+// mismatches, gradients aliasing inputs, label types, and values (0, denormals, huge, NaN,
+// +-inf, a large common offset, raw bit patterns, rows copied from earlier rows).
+//
+// Checked, besides the sanitizers:
+//   1. A call throws metricloss::invalid_argument exactly when the input is malformed (an
+//      oracle computed here), the same on both paths, and then writes nothing.
+//   2. No call writes outside its gradients' rows (padding between rows is a sentinel).
+//   3. NaN in the embeddings or labels gives a NaN loss.
+//   4. Finite data with every |value| <= bound<T> (no overflow of d^2 or of the gradients)
+//      gives a finite loss and finite gradients, on both paths.
+//   5. On such data, without values so small that d^2 underflows in T, simd agrees with
+//      scalar within twice API.md's tolerance (each path is within it of the exact value),
+//      NaN-aware. Where the loss is discontinuous (semihard selection, Mining::all's count)
+//      or its gradient is (hinge kinks, ties in mining) and the input sits within rounding
+//      of the discontinuity, the paths may legitimately take different sides: those
+//      comparisons are skipped (see ambiguity below).
+//   6. A functor reused across inputs of every shape (grow-only scratch) gives bitwise the
+//      result of a fresh one.
+#include <metricloss/metricloss.hpp>
+
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include "support.hpp"  // mltest::Tolerance: API.md's tolerances, in one place
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace ml = metricloss;
+using ml::Index;
+
+[[noreturn]] void fail(const char* what, const std::string& detail = "") {
+  std::fprintf(stderr, "fuzz_losses: %s %s\n", what, detail.c_str());
+  std::abort();
+}
+#define FUZZ_CHECK(condition, detail) \
+  do {                                \
+    if (!(condition)) fail("check failed: " #condition, detail); \
+  } while (0)
+
+template <class T>
+struct Limits {
+  /// Largest |value| called "finite data": d^2 over D <= 24 coordinates, the gradients times
+  /// |top_diff| <= 1e3 and the lifted loss's exp terms all stay far inside T's range.
+  static constexpr double bound = std::is_same<T, float>::value ? 1e12 : 1e140;
+  /// Smallest nonzero |value| for which simd and scalar are compared: below it, squares
+  /// underflow in T on the simd path while the scalar path squares in double.
+  static constexpr double tiny = std::is_same<T, float>::value ? 1e-15 : 1e-140;
+  /// Relative closeness to a discontinuity within which the paths may take either side:
+  /// far above the simd path's distance error (~5e-7 float, ~2e-13 double, relative).
+  static constexpr double ambiguity = std::is_same<T, float>::value ? 1e-4 : 1e-9;
+};
+
+/// Row-major storage with an outer stride, allocated to its exact extent so that ASan sees
+/// any read or write past the last row; padding holds a sentinel.
+template <class T>
+struct Strided {
+  std::vector<T> storage;
+  Index rows = 0, cols = 0, stride = 0;
+  Strided() = default;
+  Strided(Index r, Index c, Index s, T sentinel) : rows(r), cols(c), stride(s) {
+    const Index extent = r == 0 || c == 0 ? 0 : (r - 1) * s + c;
+    storage.assign(static_cast<std::size_t>(extent), sentinel);
+  }
+  T& at(Index i, Index j) { return storage[static_cast<std::size_t>(i * stride + j)]; }
+  T at(Index i, Index j) const { return storage[static_cast<std::size_t>(i * stride + j)]; }
+  ml::ConstRowMap<T> cmap() const {
+    return ml::ConstRowMap<T>(storage.data(), rows, cols, Eigen::OuterStride<>(stride));
+  }
+  ml::RowMap<T> map() { return ml::RowMap<T>(storage.data(), rows, cols, Eigen::OuterStride<>(stride)); }
+  bool padding_untouched(T sentinel) const {
+    for (Index i = 0; i + 1 < rows; ++i)
+      for (Index j = cols; j < stride; ++j)
+        if (std::memcmp(&storage[static_cast<std::size_t>(i * stride + j)], &sentinel, sizeof(T)) != 0)
+          return false;
+    return true;
+  }
+};
+
+struct DataFacts {
+  bool any_nan = false;
+  bool finite = true;     // every value finite
+  bool bounded = true;    // finite and every |value| <= bound
+  bool comparable = true; // bounded and every nonzero |value| >= tiny
+};
+
+template <class T>
+void note(DataFacts& facts, double v) {
+  if (v != v) facts.any_nan = true;
+  if (!std::isfinite(v)) facts.finite = false;
+  if (!(std::abs(v) <= Limits<T>::bound)) facts.bounded = facts.comparable = false;
+  if (v != 0.0 && !(std::abs(v) >= Limits<T>::tiny)) facts.comparable = false;
+}
+
+/// Values from one selector byte (and more bytes where needed).
+template <class T>
+T decode_value(FuzzedDataProvider& in) {
+  const auto selector = in.ConsumeIntegral<std::uint8_t>();
+  const double sign = (selector & 1) ? -1.0 : 1.0;
+  if (selector < 150) {
+    // A grid of multiples of 1/16 in [-8, 8): distances are exact in float and double, so
+    // ties (equal distances, hinges exactly at 0) are frequent and seen alike by both paths.
+    return static_cast<T>(static_cast<double>(in.ConsumeIntegral<std::int8_t>()) / 16.0);
+  }
+  if (selector < 166) return T(0);
+  if (selector < 174) return static_cast<T>(sign * std::numeric_limits<T>::denorm_min() *
+                                            (1 + in.ConsumeIntegral<std::uint8_t>()));
+  if (selector < 180) return static_cast<T>(sign * std::numeric_limits<T>::min());
+  if (selector < 186) {
+    const double huge[] = {1e6, 1e12, 1e18, 1e30, 1e150, 1e300};
+    const double value = huge[in.ConsumeIntegralInRange<int>(0, 5)];
+    // Beyond T's range the conversion would be undefined: those become the largest T.
+    return static_cast<T>(sign * std::min(value, static_cast<double>(std::numeric_limits<T>::max())));
+  }
+  if (selector < 190) return std::numeric_limits<T>::quiet_NaN();
+  if (selector < 194) return static_cast<T>(sign * std::numeric_limits<T>::infinity());
+  if (selector < 212)  // a large common offset: every coordinate ~ 100 +- 2
+    return static_cast<T>(100.0 + static_cast<double>(in.ConsumeIntegral<std::int8_t>()) / 64.0);
+  if (selector < 228) {
+    // Arbitrary bits.
+    T value;
+    if constexpr (std::is_same<T, float>::value) {
+      const auto bits = in.ConsumeIntegral<std::uint32_t>();
+      std::memcpy(&value, &bits, sizeof value);
+    } else {
+      const auto bits = in.ConsumeIntegral<std::uint64_t>();
+      std::memcpy(&value, &bits, sizeof value);
+    }
+    return value;
+  }
+  // Uniform in [-1, 1) with full mantissas (generic positions, rounding in every step).
+  return static_cast<T>(in.ConsumeFloatingPointInRange<double>(-1.0, 1.0));
+}
+
+template <class T>
+T decode_margin(FuzzedDataProvider& in) {
+  switch (in.ConsumeIntegralInRange<int>(0, 11)) {
+    case 0: return T(0);
+    case 1: return T(0.2);
+    case 2: return T(1);
+    case 3: return T(2.5);
+    case 4: return T(-1);  // invalid
+    case 5: return std::numeric_limits<T>::quiet_NaN();  // invalid
+    case 6: return std::numeric_limits<T>::infinity();   // invalid
+    case 7: return -std::numeric_limits<T>::denorm_min();  // invalid (< 0)
+    case 8: return std::numeric_limits<T>::denorm_min();
+    case 9: return T(1e3);
+    case 10: return T(0.5);
+    default: return static_cast<T>(in.ConsumeIntegral<std::uint8_t>()) / T(16);
+  }
+}
+
+template <class T>
+T decode_top_diff(FuzzedDataProvider& in) {
+  const T values[] = {T(1), T(0.5), T(0), T(-2), T(1e-3), T(1e3), std::numeric_limits<T>::quiet_NaN()};
+  return values[in.ConsumeIntegralInRange<int>(0, 6)];
+}
+
+/// One embedding matrix: shape and stride from the shared decode, values from the bytes,
+/// rows sometimes copied from a pool of earlier rows (coincident points). Input padding is
+/// NaN, so a kernel that reads it turns finite data into a NaN result.
+template <class T>
+Strided<T> decode_matrix(FuzzedDataProvider& in, Index rows, Index cols, Index stride,
+                         std::vector<std::vector<T>>& pool, DataFacts& facts) {
+  Strided<T> m(rows, cols, stride, std::numeric_limits<T>::quiet_NaN());
+  for (Index i = 0; i < rows; ++i) {
+    const auto how = in.ConsumeIntegral<std::uint8_t>();
+    std::vector<T> row(static_cast<std::size_t>(cols));
+    if (how < 64 && !pool.empty()) {
+      row = pool[how % pool.size()];
+    } else if (how < 80 && !pool.empty()) {  // an earlier row, one coordinate changed
+      row = pool[how % pool.size()];
+      if (cols > 0) row[static_cast<std::size_t>(how % cols)] = decode_value<T>(in);
+    } else {
+      const bool constant = how >= 248;  // a row of one repeated value
+      const T first = decode_value<T>(in);
+      for (Index j = 0; j < cols; ++j) row[static_cast<std::size_t>(j)] = (constant || j == 0) ? first : decode_value<T>(in);
+    }
+    for (Index j = 0; j < cols; ++j) {
+      m.at(i, j) = row[static_cast<std::size_t>(j)];
+      note<T>(facts, static_cast<double>(row[static_cast<std::size_t>(j)]));
+    }
+    if (cols > 0 && pool.size() < 64) pool.push_back(row);
+  }
+  return m;
+}
+
+/// Labels of type L, length n; float labels may be NaN.
+template <class L>
+std::vector<L> decode_labels(FuzzedDataProvider& in, Index n, int classes, DataFacts& facts) {
+  std::vector<L> labels(static_cast<std::size_t>(n));
+  for (auto& label : labels) {
+    const auto byte = in.ConsumeIntegral<std::uint8_t>();
+    if (std::is_floating_point<L>::value && byte == 255) {
+      label = static_cast<L>(std::numeric_limits<double>::quiet_NaN());
+      facts.any_nan = true;
+      facts.finite = facts.bounded = facts.comparable = false;
+    } else if (std::is_floating_point<L>::value && byte == 254) {
+      label = static_cast<L>(0.5);  // a fractional label (similarity: dissimilar, |s| < 1)
+    } else if (byte == 253) {
+      label = static_cast<L>(-3);
+    } else {
+      label = static_cast<L>(byte % classes);
+    }
+  }
+  return labels;
+}
+
+template <class L>
+Eigen::Map<const Eigen::Matrix<L, Eigen::Dynamic, 1>> label_map(const std::vector<L>& labels) {
+  return Eigen::Map<const Eigen::Matrix<L, Eigen::Dynamic, 1>>(labels.data(),
+                                                                static_cast<Index>(labels.size()));
+}
+
+/// A gradient output: wanted or not, its storage (sentinel-filled), or an alias into an
+/// input's storage (expected to be rejected).
+template <class T>
+struct Gradient {
+  bool wanted = false;
+  Strided<T> own;
+  T* alias = nullptr;  // when set: the gradient map points here instead
+  Index rows = 0, cols = 0, stride = 0;
+
+  ml::RowMap<T> map() {
+    if (alias) return ml::RowMap<T>(alias, rows, cols, Eigen::OuterStride<>(stride));
+    return own.map();
+  }
+};
+
+template <class T>
+constexpr T sentinel() {
+  return T(-12345.25);
+}
+
+/// Calls f with the gradient map, or with metricloss::skip when it is not wanted.
+template <class T, class F>
+decltype(auto) with_gradient(Gradient<T>& g, F&& f) {
+  if (g.wanted) return f(g.map());
+  return f(ml::skip);
+}
+
+/// The outcome of one call.
+template <class T>
+struct Outcome {
+  bool threw = false;
+  std::string message;
+  double loss = 0.0;
+  std::vector<std::vector<T>> gradients;  // each wanted gradient's rows, contiguous
+};
+
+template <class T>
+std::vector<T> rows_of(const Strided<T>& m) {
+  std::vector<T> out;
+  for (Index i = 0; i < m.rows; ++i)
+    for (Index j = 0; j < m.cols; ++j) out.push_back(m.at(i, j));
+  return out;
+}
+
+std::string describe(const char* what, double a, double b) {
+  char buffer[256];
+  std::snprintf(buffer, sizeof buffer, "%s: scalar %.17g simd %.17g", what, a, b);
+  return buffer;
+}
+
+/// Runs `call(tag, loss)` with gradients reset to the sentinel, catching invalid_argument.
+template <class T, class Call>
+Outcome<T> run(Call&& call, const std::vector<Gradient<T>*>& gradients) {
+  for (Gradient<T>* g : gradients)
+    if (g->wanted && !g->alias) std::fill(g->own.storage.begin(), g->own.storage.end(), sentinel<T>());
+  Outcome<T> outcome;
+  try {
+    outcome.loss = static_cast<double>(call());
+  } catch (const ml::invalid_argument& error) {
+    outcome.threw = true;
+    outcome.message = error.what();
+  }
+  for (Gradient<T>* g : gradients) {
+    if (!g->wanted || g->alias) continue;
+    if (outcome.threw) {
+      const T unwritten = sentinel<T>();
+      for (const T& v : g->own.storage)
+        FUZZ_CHECK(std::memcmp(&v, &unwritten, sizeof(T)) == 0,
+                   "a throwing call wrote a gradient: " + outcome.message);
+    } else {
+      FUZZ_CHECK(g->own.padding_untouched(sentinel<T>()), "a gradient's padding was written");
+      outcome.gradients.push_back(rows_of(g->own));
+    }
+  }
+  return outcome;
+}
+
+bool bitwise_equal(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+/// What the comparison of scalar and simd may skip for one input.
+struct Ambiguity {
+  bool loss = false;      // within rounding of a discontinuity of the loss
+  bool gradient = false;  // within rounding of a discontinuity of the gradient
+};
+
+template <class T>
+void compare(const Outcome<T>& scalar, const Outcome<T>& simd, const DataFacts& facts,
+             const Ambiguity& ambiguity, bool expect_throw) {
+  FUZZ_CHECK(scalar.threw == expect_throw, (scalar.threw ? "unexpected throw: " + scalar.message
+                                                          : std::string("no throw on bad input")));
+  FUZZ_CHECK(simd.threw == scalar.threw, "paths disagree on throwing");
+  if (scalar.threw) {
+    FUZZ_CHECK(scalar.message == simd.message, scalar.message + " | " + simd.message);
+    FUZZ_CHECK(scalar.message.rfind("metricloss::", 0) == 0, scalar.message);
+    return;
+  }
+  if (facts.any_nan) {
+    FUZZ_CHECK(std::isnan(scalar.loss), describe("NaN data, loss not NaN", scalar.loss, simd.loss));
+    FUZZ_CHECK(std::isnan(simd.loss), describe("NaN data, loss not NaN", scalar.loss, simd.loss));
+  }
+  if (facts.bounded) {
+    FUZZ_CHECK(std::isfinite(scalar.loss), describe("finite data, loss not finite", scalar.loss, simd.loss));
+    FUZZ_CHECK(std::isfinite(simd.loss), describe("finite data, loss not finite", scalar.loss, simd.loss));
+    for (const auto* outcome : {&scalar, &simd})
+      for (const auto& g : outcome->gradients)
+        for (std::size_t k = 0; k < g.size(); ++k)
+          FUZZ_CHECK(std::isfinite(g[k]), describe(outcome == &scalar ? "finite data, scalar gradient not finite"
+                                                                      : "finite data, simd gradient not finite",
+                                                   static_cast<double>(k), static_cast<double>(g[k])));
+  }
+  if (!facts.comparable) return;
+  const double loss_tolerance = 2.0 * mltest::Tolerance<T>::loss;
+  const double gradient_tolerance = 2.0 * mltest::Tolerance<T>::gradient;
+  if (!ambiguity.loss)
+    FUZZ_CHECK(mltest::relatively_close(simd.loss, scalar.loss, loss_tolerance),
+               describe("loss", scalar.loss, simd.loss));
+  if (ambiguity.gradient) return;
+  for (std::size_t g = 0; g < scalar.gradients.size(); ++g) {
+    const auto& reference = scalar.gradients[g];
+    const auto& value = simd.gradients[g];
+    double largest = 0.0;
+    for (const T& r : reference) largest = std::max(largest, std::abs(static_cast<double>(r)));
+    for (std::size_t k = 0; k < reference.size(); ++k) {
+      const double r = static_cast<double>(reference[k]), v = static_cast<double>(value[k]);
+      if (std::isnan(r) || std::isnan(v)) {
+        FUZZ_CHECK(std::isnan(r) && std::isnan(v), describe("gradient NaN on one path", r, v));
+        continue;
+      }
+      FUZZ_CHECK(std::abs(v - r) <= gradient_tolerance * std::max(largest, 1e-30),
+                 describe(("gradient " + std::to_string(g) + " entry " + std::to_string(k) +
+                           " largest " + std::to_string(largest)).c_str(), r, v));
+    }
+  }
+}
+
+/// Same input, reused functor against a fresh one: bitwise the same.
+template <class T>
+void check_reuse(const Outcome<T>& reused, const Outcome<T>& fresh) {
+  FUZZ_CHECK(reused.threw == fresh.threw, "reused functor throws differently");
+  if (reused.threw) return;
+  FUZZ_CHECK(bitwise_equal(reused.loss, fresh.loss) || (std::isnan(reused.loss) && std::isnan(fresh.loss)),
+             describe("reused vs fresh functor loss", reused.loss, fresh.loss));
+  for (std::size_t g = 0; g < reused.gradients.size(); ++g)
+    FUZZ_CHECK(reused.gradients[g].size() == fresh.gradients[g].size() &&
+                   std::memcmp(reused.gradients[g].data(), fresh.gradients[g].data(),
+                               reused.gradients[g].size() * sizeof(T)) == 0,
+               "reused vs fresh functor gradients differ");
+}
+
+template <class T>
+double exact_squared(const Strided<T>& a, Index i, const Strided<T>& b, Index j) {
+  double sum = 0.0;
+  for (Index k = 0; k < a.cols; ++k) {
+    const double diff = static_cast<double>(a.at(i, k)) - static_cast<double>(b.at(j, k));
+    sum += diff * diff;
+  }
+  return sum;
+}
+
+bool near(double x, double y, double scale, double relative) {
+  return std::abs(x - y) <= relative * scale;
+}
+
+/// Shapes, strides and malformations shared by every loss.
+struct Shape {
+  Index n = 0, d = 0, stride = 0;
+  bool bad_stride = false;
+};
+
+Shape decode_shape(FuzzedDataProvider& in) {
+  Shape s;
+  s.n = in.ConsumeIntegralInRange<Index>(0, 12);
+  s.d = in.ConsumeIntegralInRange<Index>(0, 20);
+  const int pad = in.ConsumeIntegralInRange<int>(-1, 3);
+  s.stride = s.d + std::max(pad, 0);
+  if (pad < 0 && s.d >= 2 && s.n >= 2) {
+    s.stride = s.d - 1;  // outer stride < D: rejected
+    s.bad_stride = true;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// The losses.
+
+template <class T>
+struct Functors {
+  ml::ContrastiveLoss<T> contrastive;
+  ml::TripletLoss<T> triplet;
+  ml::LiftedStructureLoss<T> lifted;
+  ml::BatchTripletLoss<T> batch_triplet;
+  static Functors& reused() {
+    static Functors f;
+    return f;
+  }
+};
+
+/// Runs call(tag, functor) on scalar, simd, and simd with a fresh functor; checks all.
+template <class T, class Loss, class Configure, class Call>
+void exercise(Loss& reused, Configure&& configure, Call&& call,
+              const std::vector<Gradient<T>*>& gradients, const DataFacts& facts,
+              const Ambiguity& ambiguity, bool expect_throw) {
+  configure(reused);
+  const Outcome<T> scalar = run<T>([&] { return call(ml::scalar, reused); }, gradients);
+  const Outcome<T> simd = run<T>([&] { return call(ml::simd, reused); }, gradients);
+  compare(scalar, simd, facts, ambiguity, expect_throw);
+  Loss fresh;
+  configure(fresh);
+  check_reuse(simd, run<T>([&] { return call(ml::simd, fresh); }, gradients));
+  check_reuse(scalar, run<T>([&] { return call(ml::scalar, fresh); }, gradients));
+}
+
+/// A gradient of shape rows x cols: own storage (with its own padding), possibly of a wrong
+/// shape, or aliasing `input`.
+template <class T>
+void decode_gradient(FuzzedDataProvider& in, Gradient<T>& g, Index rows, Index cols,
+                     Strided<T>* input, bool& malformed) {
+  g.wanted = in.ConsumeBool();
+  if (!g.wanted) return;
+  const auto kind = in.ConsumeIntegral<std::uint8_t>();
+  Index r = rows, c = cols;
+  if (kind == 250) {
+    r = rows + 1;
+    malformed = true;
+  } else if (kind == 251 && cols > 0) {
+    c = cols - 1;
+    malformed = true;
+  } else if (kind >= 252 && input && !input->storage.empty() && input->rows == rows && input->cols == cols) {
+    g.alias = input->storage.data();
+    g.rows = rows;
+    g.cols = cols;
+    g.stride = input->stride;
+    malformed = true;
+    return;
+  }
+  const Index stride = c + in.ConsumeIntegralInRange<Index>(0, 2);
+  g.own = Strided<T>(r, c, stride, sentinel<T>());
+}
+
+template <class T, class F>
+void with_label_type(FuzzedDataProvider& in, F&& f) {
+  switch (in.ConsumeIntegralInRange<int>(0, 3)) {
+    case 0: return f(std::int32_t{});
+    case 1: return f(std::int64_t{});
+    case 2: return f(float{});
+    default: return f(double{});
+  }
+}
+
+bool margin_invalid(double margin) { return !(std::isfinite(margin) && margin >= 0.0); }
+
+template <class T>
+void fuzz_contrastive(FuzzedDataProvider& in) {
+  const Shape shape = decode_shape(in);
+  const T margin = decode_margin<T>(in);
+  const auto form = in.ConsumeBool() ? ml::ContrastiveForm::legacy : ml::ContrastiveForm::hadsell;
+  const T top_diff = decode_top_diff<T>(in);
+  bool malformed = shape.n == 0 || shape.d == 0 || shape.bad_stride || margin_invalid(margin);
+  Index b_rows = shape.n, b_cols = shape.d;
+  const auto mismatch = in.ConsumeIntegral<std::uint8_t>();
+  if (mismatch == 255) { b_rows += 1; malformed = true; }
+  if (mismatch == 254 && shape.d > 0) { b_cols -= 1; malformed = true; }
+  DataFacts facts;
+  std::vector<std::vector<T>> pool;
+  Strided<T> a = decode_matrix<T>(in, shape.n, shape.d, shape.stride, pool, facts);
+  Strided<T> b = decode_matrix<T>(in, b_rows, b_cols, std::max(shape.stride, b_cols), pool, facts);
+  if (!std::isfinite(static_cast<double>(top_diff))) facts.bounded = facts.comparable = false;
+  Gradient<T> grad_a, grad_b;
+  decode_gradient(in, grad_a, shape.n, shape.d, &a, malformed);
+  decode_gradient(in, grad_b, shape.n, shape.d, &b, malformed);
+  const bool two_label_vectors = in.ConsumeBool();
+  const Index label_length = shape.n + (in.ConsumeIntegral<std::uint8_t>() == 255 ? 1 : 0);
+  if (label_length != shape.n) malformed = true;
+  // Both gradients aliasing the same input: also rejected; a gradient over the other one
+  // is covered by the unit tests.
+  with_label_type<T>(in, [&](auto label_type) {
+    using L = decltype(label_type);
+    auto labels_a = decode_labels<L>(in, label_length, 3, facts);
+    auto labels_b = decode_labels<L>(in, shape.n, 3, facts);
+    Ambiguity ambiguity;
+    if (facts.comparable && !malformed) {
+      for (Index i = 0; i < shape.n; ++i) {
+        const double q = exact_squared(a, i, b, i);
+        bool similar;
+        if (two_label_vectors)
+          similar = labels_a[static_cast<std::size_t>(i)] == labels_b[static_cast<std::size_t>(i)];
+        else
+          similar = std::abs(static_cast<double>(labels_a[static_cast<std::size_t>(i)])) >= 1.0;
+        if (!similar && form == ml::ContrastiveForm::legacy &&
+            near(q, margin, std::max(q, static_cast<double>(margin)), Limits<T>::ambiguity))
+          ambiguity.gradient = true;
+      }
+    }
+    const auto configure = [&](ml::ContrastiveLoss<T>& loss) {
+      loss.margin = margin;
+      loss.form = form;
+    };
+    const auto call = [&](auto tag, ml::ContrastiveLoss<T>& loss) {
+      return with_gradient(grad_a, [&](auto&& ga) {
+        return with_gradient(grad_b, [&](auto&& gb) {
+          if (two_label_vectors)
+            return loss.forward_backward(tag, a.cmap(), b.cmap(), label_map(labels_a),
+                                         label_map(labels_b), ga, gb, top_diff);
+          if (!grad_a.wanted && !grad_b.wanted)
+            return loss.forward(tag, a.cmap(), b.cmap(), label_map(labels_a));
+          return loss.forward_backward(tag, a.cmap(), b.cmap(), label_map(labels_a), ga, gb,
+                                       top_diff);
+        });
+      });
+    };
+    exercise<T>(Functors<T>::reused().contrastive, configure, call, {&grad_a, &grad_b}, facts,
+                ambiguity, malformed);
+  });
+}
+
+template <class T>
+void fuzz_triplet(FuzzedDataProvider& in) {
+  const Shape shape = decode_shape(in);
+  const T margin = decode_margin<T>(in);
+  const auto distance = static_cast<ml::Distance>(in.ConsumeIntegralInRange<int>(0, 2));
+  const T top_diff = decode_top_diff<T>(in);
+  bool malformed = shape.n == 0 || shape.d == 0 || shape.bad_stride || margin_invalid(margin) ||
+                   (distance != ml::Distance::euclidean && distance != ml::Distance::squared_euclidean);
+  Index n_rows = shape.n, n_cols = shape.d;
+  const auto mismatch = in.ConsumeIntegral<std::uint8_t>();
+  if (mismatch == 255) { n_rows += 1; malformed = true; }
+  if (mismatch == 254 && shape.d > 0) { n_cols -= 1; malformed = true; }
+  DataFacts facts;
+  std::vector<std::vector<T>> pool;
+  Strided<T> anchor = decode_matrix<T>(in, shape.n, shape.d, shape.stride, pool, facts);
+  Strided<T> positive = decode_matrix<T>(in, shape.n, shape.d, shape.stride, pool, facts);
+  Strided<T> negative = decode_matrix<T>(in, n_rows, n_cols, std::max(shape.stride, n_cols), pool, facts);
+  if (!std::isfinite(static_cast<double>(top_diff))) facts.bounded = facts.comparable = false;
+  Gradient<T> ga, gp, gn;
+  decode_gradient(in, ga, shape.n, shape.d, &anchor, malformed);
+  decode_gradient(in, gp, shape.n, shape.d, &positive, malformed);
+  decode_gradient(in, gn, shape.n, shape.d, &negative, malformed);
+  Ambiguity ambiguity;
+  if (facts.comparable && !malformed) {
+    for (Index i = 0; i < shape.n; ++i) {
+      double dp = exact_squared(anchor, i, positive, i), dn = exact_squared(anchor, i, negative, i);
+      if (distance == ml::Distance::euclidean) { dp = std::sqrt(dp); dn = std::sqrt(dn); }
+      if (near(dp + margin, dn, dp + dn + margin, Limits<T>::ambiguity)) ambiguity.gradient = true;
+    }
+  }
+  const auto configure = [&](ml::TripletLoss<T>& loss) {
+    loss.margin = margin;
+    loss.distance = distance;
+  };
+  const auto call = [&](auto tag, ml::TripletLoss<T>& loss) {
+    return with_gradient(ga, [&](auto&& g1) {
+      return with_gradient(gp, [&](auto&& g2) {
+        return with_gradient(gn, [&](auto&& g3) {
+          return loss.forward_backward(tag, anchor.cmap(), positive.cmap(), negative.cmap(), g1,
+                                       g2, g3, top_diff);
+        });
+      });
+    });
+  };
+  exercise<T>(Functors<T>::reused().triplet, configure, call, {&ga, &gp, &gn}, facts, ambiguity,
+              malformed);
+}
+
+/// Ties and near-discontinuities of the batch losses, from exact distances.
+template <class T, class L>
+Ambiguity batch_triplet_ambiguity(const Strided<T>& x, const std::vector<L>& labels, double margin,
+                                  ml::Distance distance, ml::Mining mining, bool soft_margin) {
+  Ambiguity result;
+  const Index n = x.rows;
+  const double relative = Limits<T>::ambiguity;
+  std::vector<double> d(static_cast<std::size_t>(n * n));
+  double scale = margin;
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < n; ++j) {
+      double q = exact_squared(x, i, x, j);
+      if (distance == ml::Distance::euclidean) q = std::sqrt(q);
+      d[static_cast<std::size_t>(i * n + j)] = q;
+      scale = std::max(scale, q);
+    }
+  scale = std::max(scale, 1e-30);
+  for (Index a = 0; a < n; ++a) {
+    const auto at = [&](Index j) { return d[static_cast<std::size_t>(a * n + j)]; };
+    for (Index j = 0; j < n; ++j) {
+      if (j == a) continue;
+      // Ties among candidates: a selection may differ (gradient only; the loss is the same).
+      for (Index k = j + 1; k < n; ++k)
+        if (k != a && near(at(j), at(k), scale, relative)) result.gradient = true;
+      if (labels[static_cast<std::size_t>(j)] != labels[static_cast<std::size_t>(a)]) continue;
+      // j is a positive of a: against every negative k.
+      for (Index k = 0; k < n; ++k) {
+        if (labels[static_cast<std::size_t>(k)] == labels[static_cast<std::size_t>(a)]) continue;
+        if (near(at(j) + margin, at(k), scale, relative)) {
+          result.gradient = true;  // a hinge at its kink
+          if (mining == ml::Mining::all && !soft_margin) result.loss = true;  // Z jumps
+        }
+        if (mining == ml::Mining::semihard && near(at(j), at(k), scale, relative))
+          result.loss = result.gradient = true;  // n* jumps
+      }
+    }
+  }
+  return result;
+}
+
+template <class T>
+void fuzz_batch(FuzzedDataProvider& in, bool lifted) {
+  const Shape shape = decode_shape(in);
+  const T margin = decode_margin<T>(in);
+  const auto mining = static_cast<ml::Mining>(in.ConsumeIntegralInRange<int>(0, 3));
+  const auto distance = static_cast<ml::Distance>(in.ConsumeIntegralInRange<int>(0, 2));
+  const bool soft_margin = in.ConsumeBool();
+  const T top_diff = decode_top_diff<T>(in);
+  bool malformed = shape.n == 0 || shape.d == 0 || shape.bad_stride || margin_invalid(margin);
+  if (!lifted)
+    malformed = malformed || static_cast<int>(mining) > 2 ||
+                (distance != ml::Distance::euclidean && distance != ml::Distance::squared_euclidean);
+  const int classes = in.ConsumeIntegralInRange<int>(1, 5);
+  DataFacts facts;
+  std::vector<std::vector<T>> pool;
+  Strided<T> x = decode_matrix<T>(in, shape.n, shape.d, shape.stride, pool, facts);
+  if (!std::isfinite(static_cast<double>(top_diff))) facts.bounded = facts.comparable = false;
+  Gradient<T> grad;
+  decode_gradient(in, grad, shape.n, shape.d, &x, malformed);
+  const Index label_length = shape.n + (in.ConsumeIntegral<std::uint8_t>() == 255 ? 1 : 0);
+  if (label_length != shape.n) malformed = true;
+  with_label_type<T>(in, [&](auto label_type) {
+    using L = decltype(label_type);
+    auto labels = decode_labels<L>(in, label_length, classes, facts);
+    Ambiguity ambiguity;
+    if (!lifted && facts.comparable && !malformed)
+      ambiguity = batch_triplet_ambiguity(x, labels, margin, distance, mining, soft_margin);
+    if (lifted) {
+      const auto configure = [&](ml::LiftedStructureLoss<T>& loss) { loss.margin = margin; };
+      const auto call = [&](auto tag, ml::LiftedStructureLoss<T>& loss) {
+        return with_gradient(grad, [&](auto&& g) {
+          if (!grad.wanted) return loss.forward(tag, x.cmap(), label_map(labels));
+          return loss.forward_backward(tag, x.cmap(), label_map(labels), g, top_diff);
+        });
+      };
+      exercise<T>(Functors<T>::reused().lifted, configure, call, {&grad}, facts, ambiguity,
+                  malformed);
+    } else {
+      const auto configure = [&](ml::BatchTripletLoss<T>& loss) {
+        loss.margin = margin;
+        loss.mining = mining;
+        loss.distance = distance;
+        loss.soft_margin = soft_margin;
+      };
+      const auto call = [&](auto tag, ml::BatchTripletLoss<T>& loss) {
+        return with_gradient(grad, [&](auto&& g) {
+          if (!grad.wanted) return loss.forward(tag, x.cmap(), label_map(labels));
+          return loss.forward_backward(tag, x.cmap(), label_map(labels), g, top_diff);
+        });
+      };
+      exercise<T>(Functors<T>::reused().batch_triplet, configure, call, {&grad}, facts, ambiguity,
+                  malformed);
+    }
+  });
+}
+
+template <class T>
+void fuzz_one(FuzzedDataProvider& in) {
+  switch (in.ConsumeIntegralInRange<int>(0, 3)) {
+    case 0: return fuzz_contrastive<T>(in);
+    case 1: return fuzz_triplet<T>(in);
+    case 2: return fuzz_batch<T>(in, /*lifted=*/true);
+    default: return fuzz_batch<T>(in, /*lifted=*/false);
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  FuzzedDataProvider in(data, size);
+  if (in.ConsumeBool())
+    fuzz_one<double>(in);
+  else
+    fuzz_one<float>(in);
+  return 0;
+}

@@ -1,0 +1,180 @@
+// API.md: functors hold reusable scratch memory; a loss inside a training loop must not
+// allocate per step. After one warm-up call, forward_backward of every loss, every option,
+// both CPU paths, performs no heap allocation at the same shapes.
+//
+// Two counters, since Eigen does not allocate through operator new:
+//   - this binary replaces the global operator new / delete (std::vector growth, strings);
+//   - Eigen's aligned_malloc (temporaries, GEMM packing buffers above
+//     EIGEN_STACK_ALLOCATION_LIMIT) is caught by EIGEN_RUNTIME_NO_MALLOC, whose check goes
+//     through eigen_assert, redefined here to record instead of abort.
+// This is the only translation unit of the binary that includes Eigen, so the definitions
+// below cannot disagree with another one (ODR).
+#undef NDEBUG  // keep eigen_assert, and so the malloc check, in every build type
+#define EIGEN_RUNTIME_NO_MALLOC
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <string>
+
+namespace mltest {
+/// Eigen assertions that failed while counting: each one is a heap allocation by Eigen
+/// (or a real assertion, reported the same way with its text).
+inline std::atomic<long> eigen_assertions{0};
+inline std::string last_eigen_assertion;
+inline void eigen_assertion_failed(const char* condition, const char* file, int line) {
+  ++eigen_assertions;
+  last_eigen_assertion = std::string(condition) + " at " + file + ":" + std::to_string(line);
+}
+}  // namespace mltest
+#define eigen_assert(x) \
+  ((x) ? static_cast<void>(0) : ::mltest::eigen_assertion_failed(#x, __FILE__, __LINE__))
+
+#include "support.hpp"
+
+namespace {
+std::atomic<long> allocations{0};
+}
+
+void* operator new(std::size_t size) {
+  ++allocations;
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t size) { return ::operator new(size); }
+void* operator new(std::size_t size, std::align_val_t alignment) {
+  ++allocations;
+  const auto a = static_cast<std::size_t>(alignment);
+  if (void* p = std::aligned_alloc(a, (size + a - 1) / a * a)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t size, std::align_val_t alignment) {
+  return ::operator new(size, alignment);
+}
+// Not inlined: GCC would otherwise see new's result reach free() (-Wmismatched-new-delete).
+[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+namespace {
+
+using mltest::Matrix;
+using mltest::ml::Index;
+namespace ml = metricloss;
+
+/// Heap allocations (operator new and Eigen's malloc) made by f.
+struct Counted {
+  long news = 0;
+  long eigen = 0;
+  std::string eigen_what;
+};
+
+template <class F>
+Counted count_allocations(F&& f) {
+  const long news_before = allocations.load();
+  const long eigen_before = mltest::eigen_assertions.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  f();
+  Eigen::internal::set_is_malloc_allowed(true);
+  Counted c{allocations.load() - news_before, mltest::eigen_assertions.load() - eigen_before, {}};
+  if (c.eigen > 0) c.eigen_what = mltest::last_eigen_assertion;
+  return c;
+}
+
+/// Warm-up call, then the same call counted: it must allocate nothing.
+template <class F>
+void expect_no_allocation_once_warm(F&& call) {
+  call();
+  const Counted counted = count_allocations(call);
+  CAPTURE(counted.news, counted.eigen, counted.eigen_what);
+  CHECK(counted.news == 0);
+  CHECK(counted.eigen == 0);
+}
+
+struct Shape {
+  Index n, d;
+};
+// Small; D with a tail; past the product tiles' depth (256) and width; a larger batch
+// (Eigen's GEMM blocking and packing at full size).
+const Shape shapes[] = {{1, 1}, {7, 5}, {40, 37}, {33, 300}, {160, 96}};
+
+template <class T, class Tag>
+void check_all_losses() {
+  const Tag tag{};
+  for (const Shape shape : shapes) {
+    const Index n = shape.n, d = shape.d;
+    CAPTURE(n, d);
+    std::mt19937_64 rng(static_cast<std::uint64_t>(n * 1000 + d));
+    const Matrix<T> a = mltest::uniform_matrix<T>(n, d, rng), b = mltest::uniform_matrix<T>(n, d, rng),
+                    c = mltest::uniform_matrix<T>(n, d, rng);
+    Matrix<T> offset = mltest::uniform_matrix<T>(n, d, rng, 99.9, 100.1);
+    if (n > 3) offset.row(3) = offset.row(1);  // coincident rows: near-pair paths
+    const auto labels64 = mltest::random_labels(n, 4, rng);
+    Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels(n);
+    Eigen::VectorXf float_labels(n), sim(n);
+    for (Index i = 0; i < n; ++i) {
+      labels[i] = labels64[static_cast<std::size_t>(i)];
+      float_labels[i] = static_cast<float>(labels[i]);
+      sim[i] = static_cast<float>(labels[i] % 2);
+    }
+    const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> other_labels = labels.reverse();
+    Matrix<T> g1(n, d), g2(n, d), g3(n, d);
+    // Strided gradient maps.
+    std::vector<T> strided_storage(static_cast<std::size_t>(n * (d + 3)));
+    ml::RowMap<T> strided(strided_storage.data(), n, d, Eigen::OuterStride<>(d + 3));
+
+    for (auto form : {ml::ContrastiveForm::hadsell, ml::ContrastiveForm::legacy}) {
+      CAPTURE(static_cast<int>(form));
+      ml::ContrastiveLoss<T> loss(T(1.2), form);
+      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, sim, g1, g2, T(0.5)); });
+      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, labels, other_labels, strided, ml::skip); });
+      expect_no_allocation_once_warm([&] { loss.forward(tag, a, b, sim); });
+    }
+    for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean}) {
+      CAPTURE(static_cast<int>(distance));
+      ml::TripletLoss<T> loss(T(0.3), distance);
+      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, c, g1, g2, g3); });
+      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, c, ml::skip, strided, ml::skip); });
+      expect_no_allocation_once_warm([&] { loss.forward(tag, a, b, c); });
+    }
+    const Matrix<T>* const batches[] = {&a, &offset};
+    for (const Matrix<T>* x : batches) {
+      CAPTURE(x == &offset);
+      ml::LiftedStructureLoss<T> loss(T(1));
+      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, *x, labels, g1, T(2)); });
+      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, *x, float_labels, strided); });
+      expect_no_allocation_once_warm([&] { loss.forward(tag, *x, labels); });
+      for (auto mining : {ml::Mining::all, ml::Mining::hard, ml::Mining::semihard})
+        for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
+          for (bool soft : {false, true}) {
+            CAPTURE(static_cast<int>(mining), static_cast<int>(distance), soft);
+            ml::BatchTripletLoss<T> batch(T(0.2), mining, distance, soft);
+            expect_no_allocation_once_warm([&] { batch.forward_backward(tag, *x, labels, g1); });
+            expect_no_allocation_once_warm([&] { batch.forward_backward(tag, *x, float_labels, strided, T(-1)); });
+            expect_no_allocation_once_warm([&] { batch.forward(tag, *x, labels); });
+          }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("the counters see allocations", "[allocation]") {
+  const Counted by_new = count_allocations([] { std::vector<int> v(100); (void)v; });
+  CHECK(by_new.news >= 1);
+  const Counted by_eigen = count_allocations([] {
+    Eigen::MatrixXd m = Eigen::MatrixXd::Ones(50, 50);
+    (void)m;
+  });
+  CHECK(by_eigen.eigen >= 1);
+}
+
+TEMPLATE_TEST_CASE("warm functors allocate nothing", "[allocation]", ml::scalar_tag, ml::simd_tag) {
+  SECTION("float") { check_all_losses<float, TestType>(); }
+  SECTION("double") { check_all_losses<double, TestType>(); }
+}

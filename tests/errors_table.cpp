@@ -1,0 +1,284 @@
+// Every malformed input of every loss and the exact message it produces, as the Markdown
+// table in docs/errors.md, so that the table is generated and cannot drift.
+//
+//   errors_table OUT                      writes the table to OUT
+//   errors_table OUT --compare REFERENCE  also fails (exit 1) unless OUT equals REFERENCE
+//
+// The ctest errors_table_in_sync runs the second form against docs/errors.md.
+// Every case must throw metricloss::invalid_argument on both CPU paths with the same
+// message and leave its gradients unwritten; otherwise the program fails.
+#include <metricloss/metricloss.hpp>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace ml = metricloss;
+using ml::Index;
+using Mat = ml::RowMatrix<float>;
+
+struct Row {
+  std::string loss;
+  std::string input;
+  std::string message;
+};
+
+bool failed = false;
+
+/// Runs one malformed call on both paths; `call(tag)` must throw. `outputs` are checked to
+/// be unchanged afterwards.
+template <class Call>
+void add_case(std::vector<Row>& rows, const std::string& loss, const std::string& input,
+              Call&& call, std::vector<Mat*> outputs = {}) {
+  std::vector<Mat> before;
+  for (Mat* m : outputs) before.push_back(*m);
+  std::string messages[2];
+  int path = 0;
+  const auto attempt = [&](auto tag) {
+    try {
+      call(tag);
+      std::cerr << "errors_table: no error for " << loss << ": " << input << "\n";
+      failed = true;
+    } catch (const ml::invalid_argument& error) {
+      messages[path] = error.what();
+    }
+    ++path;
+  };
+  attempt(ml::scalar);
+  attempt(ml::simd);
+  if (messages[0] != messages[1]) {
+    std::cerr << "errors_table: scalar and simd messages differ for " << input << ":\n  "
+              << messages[0] << "\n  " << messages[1] << "\n";
+    failed = true;
+  }
+  for (std::size_t k = 0; k < outputs.size(); ++k)
+    if (!(*outputs[k]).cwiseEqual(before[k]).all()) {
+      std::cerr << "errors_table: a gradient was written by the failing call " << input << "\n";
+      failed = true;
+    }
+  rows.push_back({loss, input, messages[0]});
+}
+
+Mat filled(Index rows, Index cols, float value = 0.5f) { return Mat::Constant(rows, cols, value); }
+
+const float nan = std::numeric_limits<float>::quiet_NaN();
+const float inf = std::numeric_limits<float>::infinity();
+
+std::string margin_text(float margin) {
+  if (margin != margin) return "NaN";
+  if (margin == inf) return "+inf";
+  std::ostringstream out;
+  out << margin;
+  return out.str();
+}
+
+void contrastive_cases(std::vector<Row>& rows) {
+  const std::string loss = "ContrastiveLoss";
+  const Mat a = filled(4, 3), b = filled(4, 3);
+  Mat ga = filled(4, 3, 9.0f), gb = filled(4, 3, 9.0f);
+  const Eigen::VectorXf sim = Eigen::VectorXf::Ones(4);
+  const Eigen::VectorXi labels = Eigen::VectorXi::Zero(4);
+  ml::ContrastiveLoss<float> f;
+  add_case(rows, loss, "`b` has fewer columns than `a` (4x2 vs 4x3)",
+           [&](auto tag) { f.forward_backward(tag, a, filled(4, 2), sim, ga, gb); }, {&ga, &gb});
+  add_case(rows, loss, "`b` has more rows than `a` (5x3 vs 4x3)",
+           [&](auto tag) { f.forward_backward(tag, a, filled(5, 3), sim, ga, gb); }, {&ga, &gb});
+  add_case(rows, loss, "N = 0 (`a` is 0x3)",
+           [&](auto tag) { f.forward_backward(tag, filled(0, 3), filled(0, 3), Eigen::VectorXf(0), ml::skip, ml::skip); });
+  add_case(rows, loss, "D = 0 (`a` is 4x0)",
+           [&](auto tag) { f.forward_backward(tag, filled(4, 0), filled(4, 0), sim, ml::skip, ml::skip); });
+  add_case(rows, loss, "`sim` of length 3 for N = 4",
+           [&](auto tag) { f.forward_backward(tag, a, b, Eigen::VectorXf::Ones(3).eval(), ga, gb); }, {&ga, &gb});
+  add_case(rows, loss, "`labels_a` of length 5 for N = 4",
+           [&](auto tag) { f.forward_backward(tag, a, b, Eigen::VectorXi::Zero(5).eval(), labels, ga, gb); }, {&ga, &gb});
+  add_case(rows, loss, "`labels_b` of length 3 for N = 4",
+           [&](auto tag) { f.forward_backward(tag, a, b, labels, Eigen::VectorXi::Zero(3).eval(), ga, gb); }, {&ga, &gb});
+  add_case(rows, loss, "`a` with outer stride 2 < D = 3",
+           [&](auto tag) {
+             ml::ConstRowMap<float> strided(a.data(), 4, 3, Eigen::OuterStride<>(2));
+             f.forward_backward(tag, strided, b, sim, ga, gb);
+           }, {&ga, &gb});
+  add_case(rows, loss, "`grad_a` of shape 3x3 for 4x3 inputs",
+           [&](auto tag) { Mat g = filled(3, 3); f.forward_backward(tag, a, b, sim, g, gb); }, {&gb});
+  add_case(rows, loss, "`grad_b` of shape 4x4 for 4x3 inputs",
+           [&](auto tag) { Mat g = filled(4, 4); f.forward_backward(tag, a, b, sim, ga, g); }, {&ga});
+  add_case(rows, loss, "`grad_b` with outer stride 2 < D = 3",
+           [&](auto tag) {
+             Mat storage = filled(4, 3);
+             ml::RowMap<float> strided(storage.data(), 4, 3, Eigen::OuterStride<>(2));
+             f.forward_backward(tag, a, b, sim, ga, strided);
+           }, {&ga});
+  add_case(rows, loss, "`grad_a` is `a`",
+           [&](auto tag) { Mat same = a; f.forward_backward(tag, same, b, sim, same, gb); }, {&gb});
+  add_case(rows, loss, "`grad_b` is `grad_a`",
+           [&](auto tag) { f.forward_backward(tag, a, b, sim, ga, ga); }, {&ga});
+  add_case(rows, loss, "`grad_a` overlaps `sim`",
+           [&](auto tag) {
+             Eigen::VectorXf storage = Eigen::VectorXf::Ones(12);
+             ml::RowMap<float> over(storage.data(), 4, 3, Eigen::OuterStride<>(3));
+             f.forward_backward(tag, a, b, storage.head(4), over, gb);
+           }, {&gb});
+  for (float margin : {-1.0f, nan, inf}) {
+    ml::ContrastiveLoss<float> bad(margin);
+    add_case(rows, loss, "`margin` = " + margin_text(margin),
+             [&](auto tag) { bad.forward_backward(tag, a, b, sim, ga, gb); }, {&ga, &gb});
+  }
+  ml::ContrastiveLoss<float> bad(-1.0f);
+  add_case(rows, loss, "`margin` = -1, `forward`", [&](auto tag) { bad.forward(tag, a, b, sim); });
+}
+
+void triplet_cases(std::vector<Row>& rows) {
+  const std::string loss = "TripletLoss";
+  const Mat a = filled(4, 3), p = filled(4, 3), n = filled(4, 3);
+  Mat ga = filled(4, 3, 9.0f), gp = filled(4, 3, 9.0f), gn = filled(4, 3, 9.0f);
+  ml::TripletLoss<float> f;
+  add_case(rows, loss, "`positive` has fewer columns than `anchor` (4x2 vs 4x3)",
+           [&](auto tag) { f.forward_backward(tag, a, filled(4, 2), n, ga, gp, gn); }, {&ga, &gp, &gn});
+  add_case(rows, loss, "`negative` has more rows than `anchor` (5x3 vs 4x3)",
+           [&](auto tag) { f.forward_backward(tag, a, p, filled(5, 3), ga, gp, gn); }, {&ga, &gp, &gn});
+  add_case(rows, loss, "N = 0 (`anchor` is 0x3)",
+           [&](auto tag) { f.forward(tag, filled(0, 3), filled(0, 3), filled(0, 3)); });
+  add_case(rows, loss, "D = 0 (`anchor` is 4x0)",
+           [&](auto tag) { f.forward(tag, filled(4, 0), filled(4, 0), filled(4, 0)); });
+  add_case(rows, loss, "`negative` with outer stride 2 < D = 3",
+           [&](auto tag) {
+             ml::ConstRowMap<float> strided(n.data(), 4, 3, Eigen::OuterStride<>(2));
+             f.forward_backward(tag, a, p, strided, ga, gp, gn);
+           }, {&ga, &gp, &gn});
+  add_case(rows, loss, "`grad_positive` of shape 4x2 for 4x3 inputs",
+           [&](auto tag) { Mat g = filled(4, 2); f.forward_backward(tag, a, p, n, ga, g, gn); }, {&ga, &gn});
+  add_case(rows, loss, "`grad_negative` is `negative`",
+           [&](auto tag) { Mat same = n; f.forward_backward(tag, a, p, same, ga, gp, same); }, {&ga, &gp});
+  add_case(rows, loss, "`grad_negative` is `grad_anchor`",
+           [&](auto tag) { f.forward_backward(tag, a, p, n, ga, gp, ga); }, {&ga, &gp});
+  for (float margin : {-1.0f, nan, inf}) {
+    ml::TripletLoss<float> bad(margin);
+    add_case(rows, loss, "`margin` = " + margin_text(margin),
+             [&](auto tag) { bad.forward_backward(tag, a, p, n, ga, gp, gn); }, {&ga, &gp, &gn});
+  }
+  ml::TripletLoss<float> bad_distance(0.2f, static_cast<ml::Distance>(7));
+  add_case(rows, loss, "`distance` = Distance(7)",
+           [&](auto tag) { bad_distance.forward_backward(tag, a, p, n, ga, gp, gn); }, {&ga, &gp, &gn});
+}
+
+/// LiftedStructureLoss and BatchTripletLoss share their inputs: x, labels, grad_x.
+template <class Loss>
+void batch_cases(std::vector<Row>& rows, const std::string& loss, Loss f,
+                 const std::function<void(Loss&, float)>& set_margin) {
+  const Mat x = filled(4, 3);
+  Mat g = filled(4, 3, 9.0f);
+  const Eigen::VectorXi labels = (Eigen::VectorXi(4) << 0, 0, 1, 1).finished();
+  add_case(rows, loss, "N = 0 (`x` is 0x3)",
+           [&](auto tag) { f.forward(tag, filled(0, 3), Eigen::VectorXi(0)); });
+  add_case(rows, loss, "D = 0 (`x` is 4x0)", [&](auto tag) { f.forward(tag, filled(4, 0), labels); });
+  add_case(rows, loss, "`labels` of length 3 for N = 4",
+           [&](auto tag) { f.forward_backward(tag, x, Eigen::VectorXi::Zero(3).eval(), g); }, {&g});
+  add_case(rows, loss, "`labels` of length 5 for N = 4",
+           [&](auto tag) { f.forward_backward(tag, x, Eigen::VectorXf::Zero(5).eval(), g); }, {&g});
+  add_case(rows, loss, "`x` with outer stride 2 < D = 3",
+           [&](auto tag) {
+             ml::ConstRowMap<float> strided(x.data(), 4, 3, Eigen::OuterStride<>(2));
+             f.forward_backward(tag, strided, labels, g);
+           }, {&g});
+  add_case(rows, loss, "`grad_x` of shape 4x2 for 4x3 `x`",
+           [&](auto tag) { Mat bad = filled(4, 2); f.forward_backward(tag, x, labels, bad); });
+  add_case(rows, loss, "`grad_x` of shape 3x3 for 4x3 `x`",
+           [&](auto tag) { Mat bad = filled(3, 3); f.forward_backward(tag, x, labels, bad); });
+  add_case(rows, loss, "`grad_x` is `x`",
+           [&](auto tag) { Mat same = x; f.forward_backward(tag, same, labels, same); });
+  add_case(rows, loss, "`grad_x` overlaps `labels`",
+           [&](auto tag) {
+             Eigen::VectorXf storage = Eigen::VectorXf::Zero(12);
+             ml::RowMap<float> over(storage.data(), 4, 3, Eigen::OuterStride<>(3));
+             f.forward_backward(tag, x, storage.head(4), over);
+           });
+  for (float margin : {-1.0f, nan, inf}) {
+    Loss bad = f;
+    set_margin(bad, margin);
+    add_case(rows, loss, "`margin` = " + margin_text(margin),
+             [&](auto tag) { bad.forward_backward(tag, x, labels, g); }, {&g});
+  }
+}
+
+void batch_triplet_option_cases(std::vector<Row>& rows) {
+  const Mat x = filled(4, 3);
+  Mat g = filled(4, 3, 9.0f);
+  const Eigen::VectorXi labels = (Eigen::VectorXi(4) << 0, 0, 1, 1).finished();
+  ml::BatchTripletLoss<float> bad_mining(0.2f, static_cast<ml::Mining>(5));
+  add_case(rows, "BatchTripletLoss", "`mining` = Mining(5)",
+           [&](auto tag) { bad_mining.forward_backward(tag, x, labels, g); }, {&g});
+  ml::BatchTripletLoss<float> bad_distance(0.2f, ml::Mining::hard, static_cast<ml::Distance>(7));
+  add_case(rows, "BatchTripletLoss", "`distance` = Distance(7)",
+           [&](auto tag) { bad_distance.forward_backward(tag, x, labels, g); }, {&g});
+}
+
+std::string escape(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '|') out += "\\|";
+    else out += c;
+  }
+  return out;
+}
+
+std::string table(const std::vector<Row>& rows) {
+  std::ostringstream out;
+  out << "# Malformed input and the error it produces\n\n"
+         "Every call below throws `metricloss::invalid_argument` (derived from\n"
+         "`std::invalid_argument`) before writing anything, with the same message on the\n"
+         "`scalar` and `simd` paths. The examples use `float` (a `double` loss says `<double>`)\n"
+         "and N = 4, D = 3. Generated by `tests/errors_table.cpp`; do not edit by hand.\n"
+         "Regenerate with `build/test/tests/errors_table docs/errors.md` after `scripts/test`.\n\n"
+         "| Loss | Malformed input | Message of `what()` |\n"
+         "|---|---|---|\n";
+  for (const Row& row : rows)
+    out << "| " << row.loss << " | " << escape(row.input) << " | `" << escape(row.message) << "` |\n";
+  return out.str();
+}
+
+std::string read_file(const char* path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* out_path = argc > 1 ? argv[1] : std::getenv("METRICLOSS_ERRORS_TABLE");
+  const char* reference = argc > 3 && std::strcmp(argv[2], "--compare") == 0 ? argv[3] : nullptr;
+  if (!out_path) {
+    std::cerr << "usage: errors_table OUT [--compare REFERENCE]   (or METRICLOSS_ERRORS_TABLE=OUT)\n";
+    return 2;
+  }
+  std::vector<Row> rows;
+  contrastive_cases(rows);
+  triplet_cases(rows);
+  batch_cases<ml::LiftedStructureLoss<float>>(
+      rows, "LiftedStructureLoss", ml::LiftedStructureLoss<float>(),
+      [](ml::LiftedStructureLoss<float>& f, float m) { f.margin = m; });
+  batch_cases<ml::BatchTripletLoss<float>>(
+      rows, "BatchTripletLoss", ml::BatchTripletLoss<float>(),
+      [](ml::BatchTripletLoss<float>& f, float m) { f.margin = m; });
+  batch_triplet_option_cases(rows);
+  const std::string text = table(rows);
+  std::ofstream(out_path, std::ios::binary) << text;
+  if (failed) return 1;
+  if (reference && read_file(reference) != text) {
+    std::cerr << "errors_table: " << reference << " is out of date with the library's messages.\n"
+              << "Regenerate it with:\n  " << argv[0] << " " << reference << "\n"
+              << "(the new table is in " << out_path << ")\n";
+    return 1;
+  }
+  std::cout << "errors_table: " << rows.size() << " malformed inputs written to " << out_path << "\n";
+  return 0;
+}
