@@ -77,9 +77,6 @@ class LabelClasses {
     });
     Index* class_of = class_of_storage_.data(static_cast<std::size_t>(n));
     Index* start = start_storage_.data(static_cast<std::size_t>(n + 1));
-    order_ = order;
-    class_of_ = class_of;
-    start_ = start;
     classes_ = 0;
     for (Index r = 0; r < n; ++r) {
       if (r == 0 || labels[order[r - 1]] != labels[order[r]]) start[classes_++] = r;
@@ -96,27 +93,29 @@ class LabelClasses {
 
   Index size() const { return size_; }
   Index classes() const { return classes_; }
-  Index class_of(Index i) const { return class_of_[i]; }
-  Index class_size(Index c) const { return start_[c + 1] - start_[c]; }
+  Index class_of(Index i) const { return class_of_storage_.data(0)[i]; }
+  Index class_size(Index c) const {
+    const Index* start = start_storage_.data(0);
+    return start[c + 1] - start[c];
+  }
   /// |P|: the number of pairs i < j with equal labels.
   Index positive_pairs() const { return positive_pairs_; }
-  bool has_negatives(Index i) const { return class_size(class_of(i)) < size_; }
 
   /// f(i, j) for every positive pair, i < j, class by class.
   template <class F>
   void for_each_positive_pair(F&& f) const {
+    const Index* order = order_storage_.data(0);
+    const Index* start = start_storage_.data(0);
     for (Index c = 0; c < classes_; ++c)
-      for (Index p = start_[c]; p < start_[c + 1]; ++p)
-        for (Index q = p + 1; q < start_[c + 1]; ++q) f(order_[p], order_[q]);
+      for (Index p = start[c]; p < start[c + 1]; ++p)
+        for (Index q = p + 1; q < start[c + 1]; ++q) f(order[p], order[q]);
   }
 
  private:
   Index size_ = 0, classes_ = 0, positive_pairs_ = 0;
   // Rows sorted by (label, row); class of each row; first sorted position of each class.
-  const Index* order_ = nullptr;
-  const Index* class_of_ = nullptr;
-  const Index* start_ = nullptr;
-  GrowOnlyBuffer<Index> order_storage_, class_of_storage_, start_storage_;
+  // Mutable: data(0) reads what assign() sized without growing it.
+  mutable GrowOnlyBuffer<Index> order_storage_, class_of_storage_, start_storage_;
 };
 
 /// Reusable memory of LiftedStructureLoss: nothing is allocated once warm at a given N, D.

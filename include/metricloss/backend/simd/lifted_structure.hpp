@@ -125,7 +125,6 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     return xsimd::all(probe == batch(T(0))) && tail == T(0);
   }
 
-
   /// Moves the weight of every near pair (see the top of this file) out of W into
   /// near_gradient = sum_k S_ik (x_i - x_k) by differences of the original rows. False
   /// when there is none (near_gradient is then not written).
