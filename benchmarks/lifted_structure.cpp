@@ -47,6 +47,11 @@ void BM_lifted(benchmark::State& state) {
   const Eigen::VectorXi labels = pk_labels(n, per_class, 3);
   ml::LiftedStructureLoss<T> loss(T(1));
   Matrix<T> grad(n, d);
+  const T first = loss.forward_backward(Tag{}, x, labels, grad);
+  if (!(std::isfinite(first) && first > T(0) && grad.allFinite())) {
+    state.SkipWithError("LiftedStructureLoss returned a non-finite or zero loss");
+    return;
+  }
   for (auto _ : state) {
     const T value = gradient ? loss.forward_backward(Tag{}, x, labels, grad)
                              : loss.forward(Tag{}, x, labels);
@@ -135,8 +140,18 @@ void BM_caffe_peer(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const Matrix<float> x = uniform<float>(n, d, 1);
   const Eigen::VectorXi labels = pk_labels(n, per_class, 3);
-  Matrix<float> grad(n, d);
+  Matrix<float> grad(n, d), ours(n, d);
   CaffeLiftedStruct caffe(n, d);
+  // The peer must compute what we compute (to float accuracy: its distances come from the
+  // dot-product expansion) before its time means anything.
+  const float peer_value = caffe.forward_backward(x.data(), labels.data(), n, d, 1.0f, grad.data(), 1.0f);
+  ml::LiftedStructureLoss<float> loss(1.0f);
+  const float value = loss.forward_backward(ml::simd, x, labels, ours);
+  const double grad_error = (grad - ours).cwiseAbs().maxCoeff() / ours.cwiseAbs().maxCoeff();
+  if (!(std::abs(peer_value - value) <= 1e-3f * std::abs(value)) || !(grad_error <= 1e-2)) {
+    state.SkipWithError("the Caffe peer disagrees with LiftedStructureLoss");
+    return;
+  }
   for (auto _ : state) {
     const float value = caffe.forward_backward(x.data(), labels.data(), n, d, 1.0f, grad.data(), 1.0f);
     benchmark::DoNotOptimize(value);
