@@ -19,8 +19,17 @@
 // metricloss::invalid_argument before anything is enqueued.
 //
 // Below the functors, namespace metricloss::cuda_core has the CUB-style layer: noexcept
-// functions returning cudaError_t that work in caller-owned workspace, with a size query
-// (e.g. cuda_core::contrastive_workspace_bytes / contrastive_forward_backward).
+// functions returning cudaError_t that work in caller-owned workspace, with a size query:
+//   contrastive_workspace_bytes<T>(N, D)       contrastive_forward_backward (sim or two labels)
+//   triplet_workspace_bytes<T>(N, D)           triplet_forward_backward
+//   lifted_structure_workspace_bytes<T>(N, D)  lifted_structure_forward_backward
+//   batch_triplet_workspace_bytes<T>(N, D)     batch_triplet_forward_backward
+// Each takes DeviceMatrix / DeviceVector views ({data, rows, cols, stride}), the options, the
+// gradients (data == nullptr: skipped), top_diff, a device pointer for the loss and a stream.
+//
+// Memory: contrastive and triplet need 16 KiB of workspace; the batch losses one N x N
+// matrix of T (lifted) or of T and of double (batch triplet), e.g. 1 GiB / 3 GiB at
+// N = 16384 in float.
 //
 // Compile with --expt-relaxed-constexpr (the metricloss::cuda target adds it): Eigen and
 // the shared host/device maths need it under nvcc.
