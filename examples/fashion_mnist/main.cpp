@@ -7,12 +7,14 @@
 #include "plot.hpp"
 #include "progress.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <optional>
+#include <stdexcept>
 #include <string>
 
 namespace {
@@ -25,7 +27,7 @@ constexpr int exit_skipped = 77;
 
 struct Options {
   std::string data = "/usr/share/datasets/fashion-mnist";
-  std::string loss = "batch-hard";
+  std::string loss = "batch-all";
   int epochs = 20;
   unsigned seed = 1;
   Index train_subset = 0;  // 0 = all 60 000
@@ -41,12 +43,12 @@ struct Options {
   std::optional<double> positive_fraction;
 };
 
-void print_usage() {
-  std::printf(
+void print_usage(std::FILE* out) {
+  std::fprintf(out,
       "usage: fashion_mnist [options]\n"
       "  --data DIR           Fashion-MNIST IDX .gz files (default /usr/share/datasets/fashion-mnist)\n"
       "  --loss NAME          contrastive|legacy|triplet|batch-all|batch-hard|semihard|lifted\n"
-      "                       (default batch-hard)\n"
+      "                       (default batch-all)\n"
       "  --epochs N           training epochs (default 20)\n"
       "  --seed N             seed of initialisation and sampling (default 1)\n"
       "  --train-subset N     train on the first N training images only\n"
@@ -63,41 +65,57 @@ void print_usage() {
       "                       network; exit 77 when the data set is missing (for ctest)\n");
 }
 
+[[noreturn]] void usage_error(const std::string& message) {
+  std::fprintf(stderr, "fashion_mnist: %s\n", message.c_str());
+  print_usage(stderr);
+  std::exit(2);
+}
+
 /// Parses argv; prints usage and exits on --help or a bad option.
 Options parse_options(int argc, char** argv) {
   Options o;
   auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) {
-      std::fprintf(stderr, "fashion_mnist: %s needs a value\n", argv[i]);
-      std::exit(2);
-    }
+    if (i + 1 >= argc) usage_error(std::string(argv[i]) + " needs a value");
     return argv[++i];
   };
+  // std::stoi and friends, with the option named when its value is not a number.
+  auto number = [&](int& i, auto convert) {
+    const char* option = argv[i];
+    const std::string text = value(i);
+    try {
+      return convert(text);
+    } catch (const std::logic_error&) {
+      usage_error(std::string(option) + " expects a number, not '" + text + "'");
+    }
+  };
+  const auto to_int = [](const std::string& t) { return std::stoi(t); };
+  const auto to_long = [](const std::string& t) { return Index(std::stol(t)); };
+  const auto to_float = [](const std::string& t) { return std::stof(t); };
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--data") o.data = value(i);
     else if (arg == "--loss") o.loss = value(i);
-    else if (arg == "--epochs") o.epochs = std::stoi(value(i));
-    else if (arg == "--seed") o.seed = unsigned(std::stoul(value(i)));
-    else if (arg == "--train-subset") o.train_subset = std::stol(value(i));
-    else if (arg == "--test-subset") o.test_subset = std::stol(value(i));
+    else if (arg == "--epochs") o.epochs = number(i, to_int);
+    else if (arg == "--seed") o.seed = unsigned(number(i, to_long));
+    else if (arg == "--train-subset") o.train_subset = number(i, to_long);
+    else if (arg == "--test-subset") o.test_subset = number(i, to_long);
     else if (arg == "--svg") o.svg = value(i);
-    else if (arg == "--margin") o.margin = std::stof(value(i));
-    else if (arg == "--lr") o.learning_rate = std::stof(value(i));
+    else if (arg == "--margin") o.margin = number(i, to_float);
+    else if (arg == "--lr") o.learning_rate = number(i, to_float);
     else if (arg == "--normalize") o.l2_normalize = value(i) == "on";
     else if (arg == "--soft-margin") o.soft_margin = value(i) == "on";
-    else if (arg == "--images-per-class") o.images_per_class = std::stoi(value(i));
-    else if (arg == "--pairs-per-batch") o.anchors_per_batch = std::stol(value(i));
-    else if (arg == "--positive-fraction") o.positive_fraction = std::stod(value(i));
+    else if (arg == "--images-per-class") o.images_per_class = number(i, to_int);
+    else if (arg == "--pairs-per-batch") o.anchors_per_batch = number(i, to_long);
+    else if (arg == "--positive-fraction") o.positive_fraction = double(number(i, to_float));
     else if (arg == "--baselines-only") o.baselines_only = true;
     else if (arg == "--check") o.check = true;
-    else if (arg == "--help" || arg == "-h") { print_usage(); std::exit(0); }
-    else {
-      std::fprintf(stderr, "fashion_mnist: unknown option '%s'\n", arg.c_str());
-      print_usage();
-      std::exit(2);
-    }
+    else if (arg == "--help" || arg == "-h") { print_usage(stdout); std::exit(0); }
+    else usage_error("unknown option '" + arg + "'");
   }
+  const auto& names = loss_names();
+  if (std::find(names.begin(), names.end(), o.loss) == names.end())
+    usage_error("unknown loss '" + o.loss + "'");
+  if (o.epochs < 1) usage_error("--epochs must be at least 1");
   if (o.svg.empty()) o.svg = "fashion_mnist_" + o.loss + ".svg";
   return o;
 }
@@ -186,6 +204,46 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+/// What training leaves behind: the epochs' losses and the final Recall@K.
+struct Outcome {
+  EpochLoss first_epoch, last_epoch;
+  Recall recall;
+};
+
+/// Trains for options.epochs epochs, printing the loss and Recall@K of every epoch.
+Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options& options,
+              const Dataset& training, const Dataset& test, std::mt19937& rng) {
+  const std::unique_ptr<Objective> objective = make_objective(training, settings);
+  Adam optimizer;
+  Outcome outcome;
+  for (int epoch = 1; epoch <= options.epochs; ++epoch) {
+    const Clock::time_point epoch_start = Clock::now();
+    char label[32];
+    std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
+    outcome.last_epoch = train_one_epoch(network, optimizer, settings.learning_rate, *objective,
+                                         training, rng, epoch, options.epochs, label);
+    if (epoch == 1) outcome.first_epoch = outcome.last_epoch;
+    const Recall& r = outcome.recall = recall_at_k(network.embed(test.images), test.labels);
+    std::printf("%s  loss %.4f  R@1 %.4f  R@2 %.4f  R@4 %.4f  R@8 %.4f  (%.1f s)\n", label,
+                outcome.last_epoch.mean, r.at[0], r.at[1], r.at[2], r.at[3],
+                seconds_since(epoch_start));
+    std::fflush(stdout);
+  }
+  return outcome;
+}
+
+/// The ctest's criterion: the training loss fell (first quarter of the first epoch against
+/// the last quarter of the last) and Recall@1 beats the untrained network.
+bool passes_check(const Outcome& outcome, const Recall& untrained) {
+  const double before = outcome.first_epoch.first_quarter, after = outcome.last_epoch.last_quarter;
+  const bool loss_fell = after < before;
+  const bool beats_untrained = outcome.recall.at[0] > untrained.at[0];
+  std::printf("check: training loss %.4f -> %.4f (%s); Recall@1 %.4f vs untrained %.4f (%s)\n",
+              before, after, loss_fell ? "fell" : "DID NOT FALL", outcome.recall.at[0],
+              untrained.at[0], beats_untrained ? "better" : "NOT BETTER");
+  return loss_fell && beats_untrained;
+}
+
 int run(const Options& options) {
   if (!files_present(options.data)) {
     std::fprintf(stderr,
@@ -196,51 +254,28 @@ int run(const Options& options) {
   }
   const Clock::time_point start = Clock::now();
   const Settings settings = settings_for(options);
-  Dataset train = head(load_split(options.data, "train"), options.train_subset);
+  Dataset training = head(load_split(options.data, "train"), options.train_subset);
   Dataset test = head(load_split(options.data, "t10k"), options.test_subset);
   std::printf("Fashion-MNIST: %ld training, %ld test images; loss %s, margin %g, lr %g, %s\n",
-              long(train.size()), long(test.size()), settings.loss.c_str(), double(settings.margin),
-              double(settings.learning_rate),
+              long(training.size()), long(test.size()), settings.loss.c_str(),
+              double(settings.margin), double(settings.learning_rate),
               settings.l2_normalize ? "L2-normalised embeddings" : "unnormalised embeddings");
   print_recall("raw pixels", recall_at_k(test.images, test.labels));
-  standardize(train, test);
+  standardize(training, test);
 
   std::mt19937 rng(options.seed);
-  EmbeddingNetwork network(train.images.cols(), 256, 64, settings.l2_normalize, rng);
+  EmbeddingNetwork network(training.images.cols(), 256, 64, settings.l2_normalize, rng);
   const Recall untrained = recall_at_k(network.embed(test.images), test.labels);
   print_recall("untrained network", untrained);
   if (options.baselines_only) return 0;
 
-  const std::unique_ptr<Objective> objective = make_objective(train, settings);
-  Adam optimizer;
-  EpochLoss first{}, last{};
-  Recall recall = untrained;
-  for (int epoch = 1; epoch <= options.epochs; ++epoch) {
-    const Clock::time_point epoch_start = Clock::now();
-    char label[32];
-    std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
-    last = train_one_epoch(network, optimizer, settings.learning_rate, *objective, train, rng,
-                           epoch, options.epochs, label);
-    if (epoch == 1) first = last;
-    recall = recall_at_k(network.embed(test.images), test.labels);
-    std::printf("%s  loss %.4f  R@1 %.4f  R@2 %.4f  R@4 %.4f  R@8 %.4f  (%.1f s)\n", label,
-                last.mean, recall.at[0], recall.at[1], recall.at[2], recall.at[3],
-                seconds_since(epoch_start));
-    std::fflush(stdout);
-  }
-  const Matrix embeddings = network.embed(test.images);
-  write_svg(options.svg, pca_2d(embeddings), test.labels,
+  const Outcome outcome = train(network, settings, options, training, test, rng);
+  write_svg(options.svg, pca_2d(network.embed(test.images)), test.labels,
             "Fashion-MNIST test embeddings (PCA), loss " + settings.loss + ", Recall@1 " +
-                std::to_string(recall.at[0]).substr(0, 6));
+                std::to_string(outcome.recall.at[0]).substr(0, 6));
   std::printf("wrote %s\ntotal %.1f s\n", options.svg.c_str(), seconds_since(start));
-
   if (!options.check) return 0;
-  const bool loss_fell = last.last_quarter < first.first_quarter;
-  const bool beats_untrained = recall.at[0] > untrained.at[0];
-  std::printf("check: training loss %.4f -> %.4f (%s); Recall@1 %.4f vs untrained %.4f (%s)\n",
-              first.first_quarter, last.last_quarter, loss_fell ? "fell" : "DID NOT FALL",
-              recall.at[0], untrained.at[0], beats_untrained ? "better" : "NOT BETTER");
-  return loss_fell && beats_untrained ? 0 : 1;
+  return passes_check(outcome, untrained) ? 0 : 1;
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ namespace ml = metricloss;
 
 /// Hyper-parameters of one training run; per-loss defaults come from default_settings().
 struct Settings {
-  std::string loss = "batch-hard";
+  std::string loss = "batch-all";
   float margin = 0.2f;
   float learning_rate = 1e-3f;
   bool l2_normalize = true;
