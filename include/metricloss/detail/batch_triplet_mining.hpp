@@ -7,7 +7,8 @@
 //              exact(a, j) squared distance by differences, used in the loss of mined pairs.
 //   Weights:   enabled()   false when no gradient is wanted;
 //              add(i, j, w) adds w = d(sum)/d q_ij, where sum is the loss before division by
-//              its count (the caller scales by top_diff / count).
+//              its count (the caller scales by top_diff / count);
+//              add_row(i, w, n) adds w[j] to every (i, j) (zeros included).
 //
 // Selection compares squared distances: d is monotone in q for both Distance kinds. Costs,
 // with c = the largest class size:
@@ -292,11 +293,12 @@ class TripletMiner {
           weights.add(a, positives[i].index, active * positives[i].distance.derivative);
       }
       if (!weights.enabled()) continue;
+      // Negative j is active with k - bucket[j] positives (one branch-free pass).
       for (Index j = 0; j < n; ++j) {
-        if (class_of[j] == own || bucket[j] == k) continue;
-        const double with = static_cast<double>(k - bucket[j]);
-        weights.add(a, j, -with * distance_derivative(value[j], distance));
+        const double with = class_of[j] == own ? 0.0 : static_cast<double>(k - bucket[j]);
+        slope[j] = -with * distance_derivative(value[j], distance);
       }
+      weights.add_row(a, slope, n);
     }
     return result;
   }
@@ -321,12 +323,11 @@ class TripletMiner {
     }
     result.count += static_cast<double>(k) * static_cast<double>(m);
     if (!weights.enabled()) return;
-    Index r = 0;
-    for (Index j = 0; j < n; ++j)
-      if (class_of[j] != own) {
-        weights.add(a, j, -slope[r] * distance_derivative(packed[r], distance));
-        ++r;
-      }
+    // Unpacked in place, from the last: slope[j] for every j (0 in the anchor's class).
+    Index r = m;
+    for (Index j = n - 1; j >= 0; --j)
+      slope[j] = class_of[j] == own ? 0.0 : -slope[--r] * distance_derivative(value[j], distance);
+    weights.add_row(a, slope, n);
   }
 
   /// The positives of anchor a made by `make`, sorted by key (ties by row).

@@ -21,6 +21,10 @@ struct DenseWeights {
   Index n;
   bool enabled() const { return weights != nullptr; }
   void add(Index i, Index j, double w) { weights[i * n + j] += w; }
+  void add_row(Index i, const double* w, Index) {
+    double* row = weights + i * n;
+    for (Index j = 0; j < n; ++j) row[j] += w[j];
+  }
 };
 
 template <class T>

@@ -47,22 +47,25 @@ class SplitWeights {
   bool enabled() const { return weights_ != nullptr; }
 
   void add(Index i, Index j, double w) {
-    if (squared_[i * n_ + j] > ratio * (norms_[i] + norms_[j])) {
+    if (far(i, j)) {
       weights_[i * n_ + j] += static_cast<T>(w);
       return;
     }
-    const Index d = x_.cols;
-    if (!direct_) {
-      direct_ = direct_storage_->data(static_cast<std::size_t>(n_ * d));
-      std::fill(direct_, direct_ + n_ * d, 0.0);
-    }
-    const T *xi = x_.row(i), *xj = x_.row(j);
-    double *gi = direct_ + i * d, *gj = direct_ + j * d;
-    for (Index k = 0; k < d; ++k) {
-      const double term = 2.0 * w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
-      gi[k] += term;
-      gj[k] -= term;
-    }
+    add_by_differences(i, j, w);
+  }
+
+  /// add(i, j, w[j]) for every j: the far pairs in one branch-free pass, then the close ones.
+  void add_row(Index i, const double* w, Index) {
+    // Restrict: the row of W, the distances and the norms never alias (and the loop
+    // vectorises only if the compiler knows).
+    T* __restrict row = weights_ + i * n_;
+    const T* __restrict squared = squared_ + i * n_;
+    const T* __restrict norms = norms_;
+    const T bound = norms_[i];
+    for (Index j = 0; j < n_; ++j)
+      row[j] += squared[j] > ratio * (bound + norms[j]) ? static_cast<T>(w[j]) : T(0);
+    for (Index j = 0; j < n_; ++j)
+      if (!far(i, j) && w[j] != 0.0) add_by_differences(i, j, w[j]);
   }
 
   /// grad = scale (2 (diag(S 1) - S) X + the close pairs' terms).
@@ -74,6 +77,24 @@ class SplitWeights {
       const double* in = direct_ + i * x_.cols;
       for (Index k = 0; k < x_.cols; ++k)
         out[k] = static_cast<T>(static_cast<double>(out[k]) + scale * in[k]);
+    }
+  }
+
+ private:
+  bool far(Index i, Index j) const { return squared_[i * n_ + j] > ratio * (norms_[i] + norms_[j]); }
+
+  void add_by_differences(Index i, Index j, double w) {
+    const Index d = x_.cols;
+    if (!direct_) {
+      direct_ = direct_storage_->data(static_cast<std::size_t>(n_ * d));
+      std::fill(direct_, direct_ + n_ * d, 0.0);
+    }
+    const T *xi = x_.row(i), *xj = x_.row(j);
+    double *gi = direct_ + i * d, *gj = direct_ + j * d;
+    for (Index k = 0; k < d; ++k) {
+      const double term = 2.0 * w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
+      gi[k] += term;
+      gj[k] -= term;
     }
   }
 
