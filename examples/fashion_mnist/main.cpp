@@ -61,8 +61,9 @@ void print_usage(std::FILE* out) {
       "  --pairs-per-batch B  override the pairs / triplets per batch (contrastive, legacy, triplet)\n"
       "  --positive-fraction F override the share of similar pairs (contrastive, legacy)\n"
       "  --baselines-only     print the raw-pixel and untrained-network baselines and exit\n"
-      "  --check              exit 1 unless the loss fell and Recall@1 beat the untrained\n"
-      "                       network; exit 77 when the data set is missing (for ctest)\n");
+      "  --check              exit 1 unless the loss on fixed probe batches fell and\n"
+      "                       Recall@1 beat the untrained network;\n"
+      "                       exit 77 when the data set is missing (for ctest)\n");
 }
 
 [[noreturn]] void usage_error(const std::string& message) {
@@ -159,10 +160,29 @@ Labels gather(const Labels& v, const std::vector<Index>& rows) {
   return out;
 }
 
-/// Mean loss over the first and the last quarter of an epoch's batches.
-struct EpochLoss {
-  double mean = 0, first_quarter = 0, last_quarter = 0;
-};
+/// Fixed batches on which the loss is measured before and after training: unlike the
+/// running training loss they do not change with the sampler or the learning-rate schedule.
+std::vector<std::vector<Index>> probe_batches(Objective& objective, unsigned seed) {
+  constexpr Index count = 32;
+  std::mt19937 rng(seed);
+  objective.start_epoch(rng);
+  std::vector<std::vector<Index>> batches;
+  for (Index b = 0; b < std::min(count, objective.batches_per_epoch()); ++b)
+    batches.push_back(objective.sample(b, rng));
+  return batches;
+}
+
+double mean_loss(EmbeddingNetwork& network, Objective& objective, const Dataset& training,
+                 const std::vector<std::vector<Index>>& batches) {
+  double sum = 0.0;
+  Matrix gradient;
+  for (const std::vector<Index>& rows : batches) {
+    const Matrix& embeddings = network.forward(gather_rows(training.images, rows));
+    gradient.resize(embeddings.rows(), embeddings.cols());
+    sum += objective.loss_and_gradient(embeddings, gather(training.labels, rows), gradient);
+  }
+  return sum / double(batches.size());
+}
 
 /// Cosine learning-rate decay (Loshchilov & Hutter 2017) from `peak` to 0 over training:
 /// large steps early, and small ones at the end so the last epochs settle.
@@ -170,15 +190,15 @@ float cosine_learning_rate(float peak, double progress) {
   return float(0.5 * peak * (1.0 + std::cos(3.14159265358979323846 * progress)));
 }
 
-/// One pass over the training set; `epoch` of `epochs` places it in the learning-rate schedule.
-EpochLoss train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_learning_rate,
+/// One pass over the training set, returning its mean loss; `epoch` of `epochs` places it in
+/// the learning-rate schedule.
+double train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_learning_rate,
                           Objective& objective, const Dataset& train, std::mt19937& rng,
                           int epoch, int epochs, const std::string& label) {
   objective.start_epoch(rng);
   const Index batches = objective.batches_per_epoch();
-  const Index quarter = std::max<Index>(1, batches / 4);
   ProgressBar progress(label, long(batches));
-  EpochLoss loss;
+  double loss_sum = 0.0;
   Matrix gradient;
   for (Index b = 0; b < batches; ++b) {
     optimizer.learning_rate = cosine_learning_rate(
@@ -191,13 +211,11 @@ EpochLoss train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak
     const double value = objective.loss_and_gradient(embeddings, labels, gradient);
     network.backward(input, gradient);
     network.update(optimizer);
-    loss.mean += value / double(batches);
-    if (b < quarter) loss.first_quarter += value / double(quarter);
-    if (b >= batches - quarter) loss.last_quarter += value / double(quarter);
-    progress.update(long(b + 1), loss.mean * double(batches) / double(b + 1));
+    loss_sum += value;
+    progress.update(long(b + 1), loss_sum / double(b + 1));
   }
   progress.finish();
-  return loss;
+  return loss_sum / double(batches);
 }
 
 double seconds_since(Clock::time_point start) {
@@ -206,7 +224,7 @@ double seconds_since(Clock::time_point start) {
 
 /// What training leaves behind: the epochs' losses and the final Recall@K.
 struct Outcome {
-  EpochLoss first_epoch, last_epoch;
+  double probe_loss_before = 0, probe_loss_after = 0;  // on the same fixed batches
   Recall recall;
 };
 
@@ -216,26 +234,28 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
   const std::unique_ptr<Objective> objective = make_objective(training, settings);
   Adam optimizer;
   Outcome outcome;
+  const auto probe = probe_batches(*objective, options.seed + 1);
+  outcome.probe_loss_before = mean_loss(network, *objective, training, probe);
   for (int epoch = 1; epoch <= options.epochs; ++epoch) {
     const Clock::time_point epoch_start = Clock::now();
     char label[32];
     std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
-    outcome.last_epoch = train_one_epoch(network, optimizer, settings.learning_rate, *objective,
-                                         training, rng, epoch, options.epochs, label);
-    if (epoch == 1) outcome.first_epoch = outcome.last_epoch;
+    const double epoch_loss = train_one_epoch(network, optimizer, settings.learning_rate,
+                                              *objective, training, rng, epoch, options.epochs, label);
     const Recall& r = outcome.recall = recall_at_k(network.embed(test.images), test.labels);
     std::printf("%s  loss %.4f  R@1 %.4f  R@2 %.4f  R@4 %.4f  R@8 %.4f  (%.1f s)\n", label,
-                outcome.last_epoch.mean, r.at[0], r.at[1], r.at[2], r.at[3],
+                epoch_loss, r.at[0], r.at[1], r.at[2], r.at[3],
                 seconds_since(epoch_start));
     std::fflush(stdout);
   }
+  outcome.probe_loss_after = mean_loss(network, *objective, training, probe);
   return outcome;
 }
 
-/// The ctest's criterion: the training loss fell (first quarter of the first epoch against
-/// the last quarter of the last) and Recall@1 beats the untrained network.
+/// The ctest's criterion: the loss on the probe batches fell and Recall@1 beats the
+/// untrained network.
 bool passes_check(const Outcome& outcome, const Recall& untrained) {
-  const double before = outcome.first_epoch.first_quarter, after = outcome.last_epoch.last_quarter;
+  const double before = outcome.probe_loss_before, after = outcome.probe_loss_after;
   const bool loss_fell = after < before;
   const bool beats_untrained = outcome.recall.at[0] > untrained.at[0];
   std::printf("check: training loss %.4f -> %.4f (%s); Recall@1 %.4f vs untrained %.4f (%s)\n",

@@ -166,7 +166,7 @@ inline Settings default_settings(const std::string& loss) {
   Settings s;
   s.loss = loss;
   if (loss == "contrastive") {
-    s.margin = 1.0f;
+    s.margin = 0.7f;  // dissimilar pairs pushed to ~41 degrees apart on the unit sphere
     // Fewer similar pairs than half: pulling every same-class pair to distance 0 fights
     // the spread that nearest-neighbour retrieval needs within a class.
     s.positive_fraction = 0.25;

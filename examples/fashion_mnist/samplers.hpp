@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -58,10 +59,14 @@ class ClassIndex {
 class AnchorStream {
  public:
   explicit AnchorStream(Index size) : order_(std::size_t(size)) {
-    for (Index i = 0; i < size; ++i) order_[std::size_t(i)] = i;
+    std::iota(order_.begin(), order_.end(), Index(0));
   }
   Index size() const { return Index(order_.size()); }
-  void shuffle(std::mt19937& rng) { std::shuffle(order_.begin(), order_.end(), rng); }
+  /// A fresh permutation that depends on `rng` only, not on earlier epochs.
+  void shuffle(std::mt19937& rng) {
+    std::iota(order_.begin(), order_.end(), Index(0));
+    std::shuffle(order_.begin(), order_.end(), rng);
+  }
   /// Anchors [first, first + count) of this epoch's order, clipped at the end.
   std::vector<Index> slice(Index first, Index count) const {
     const Index last = std::min(first + count, size());
