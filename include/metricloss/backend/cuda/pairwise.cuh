@@ -103,61 +103,74 @@ cudaError_t enqueue_centring(const MatrixView<const T>& x, void* workspace, T* c
 
 // ---- tiled products --------------------------------------------------------------------
 
-constexpr int tile_m = 64, tile_n = 64, tile_k = 16, tile_threads = 256;
+constexpr int tile_threads = 256;  // 16 x 16 threads
+
+/// Register blocking by type: 8 x 8 entries per thread in float (a 128 x 128 tile, four
+/// FMAs per shared-memory load), 4 x 4 in double (64 x 64: a double accumulator block
+/// twice the size would not fit the registers). k advances 16 at a time.
+template <class T>
+struct ProductShape {
+  static constexpr int per_thread = sizeof(T) <= 4 ? 8 : 4;
+  static constexpr int tile = 16 * per_thread;
+  static constexpr int depth = 16;
+};
 
 /// C_ij = sum_k A_ik B'_kj with A row-major (M x K, stride lda) and B' = B^T (B row-major
-/// N x K, TransposeB) or B' = B (row-major K x N). A 64 x 64 tile per block, 4 x 4 entries
-/// per thread (strided by 16, so shared-memory reads and global writes are conflict-free
-/// and coalesced), k in steps of 16 through shared memory. epilogue(i, j, acc) stores.
+/// N x K, TransposeB) or B' = B (row-major K x N). A square tile per block, per_thread^2
+/// entries per thread (strided by 16, so shared-memory reads and global writes are
+/// conflict-free and coalesced), k through shared memory. Each entry is one thread's
+/// ascending-k sum. epilogue(i, j, acc) stores.
 template <class T, bool TransposeB, class Epilogue>
 __global__ void __launch_bounds__(tile_threads)
     tiled_product_kernel(const T* a, Index lda, const T* b, Index ldb, Index m, Index n, Index k,
                          Epilogue epilogue) {
-  __shared__ T a_tile[tile_k][tile_m + 1];  // +1: conflict-free transposing stores
-  __shared__ T b_tile[tile_k][tile_n + 1];
+  using Shape = ProductShape<T>;
+  constexpr int p = Shape::per_thread, tile = Shape::tile, depth = Shape::depth;
+  __shared__ T a_tile[depth][tile + 1];  // +1: conflict-free transposing stores
+  __shared__ T b_tile[depth][tile + 1];
   const int tx = static_cast<int>(threadIdx.x) % 16, ty = static_cast<int>(threadIdx.x) / 16;
-  const Index row0 = Index(blockIdx.y) * tile_m, col0 = Index(blockIdx.x) * tile_n;
-  T acc[4][4];
+  const Index row0 = Index(blockIdx.y) * tile, col0 = Index(blockIdx.x) * tile;
+  T acc[p][p];
 #pragma unroll
-  for (int r = 0; r < 4; ++r)
+  for (int r = 0; r < p; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) acc[r][c] = T(0);
-  for (Index k0 = 0; k0 < k; k0 += tile_k) {
-    for (int e = static_cast<int>(threadIdx.x); e < tile_m * tile_k; e += tile_threads) {
-      const int r = e / tile_k, kk = e % tile_k;
+    for (int c = 0; c < p; ++c) acc[r][c] = T(0);
+  for (Index k0 = 0; k0 < k; k0 += depth) {
+    for (int e = static_cast<int>(threadIdx.x); e < tile * depth; e += tile_threads) {
+      const int r = e / depth, kk = e % depth;
       const Index gi = row0 + r, gk = k0 + kk;
       a_tile[kk][r] = (gi < m && gk < k) ? a[gi * lda + gk] : T(0);
     }
-    for (int e = static_cast<int>(threadIdx.x); e < tile_n * tile_k; e += tile_threads) {
+    for (int e = static_cast<int>(threadIdx.x); e < tile * depth; e += tile_threads) {
       if constexpr (TransposeB) {
-        const int c = e / tile_k, kk = e % tile_k;
+        const int c = e / depth, kk = e % depth;
         const Index gj = col0 + c, gk = k0 + kk;
         b_tile[kk][c] = (gj < n && gk < k) ? b[gj * ldb + gk] : T(0);
       } else {
-        const int kk = e / tile_n, c = e % tile_n;
+        const int kk = e / tile, c = e % tile;
         const Index gj = col0 + c, gk = k0 + kk;
         b_tile[kk][c] = (gj < n && gk < k) ? b[gk * ldb + gj] : T(0);
       }
     }
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < tile_k; ++kk) {
-      T av[4], bv[4];
+    for (int kk = 0; kk < depth; ++kk) {
+      T av[p], bv[p];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) av[r] = a_tile[kk][ty + 16 * r];
+      for (int r = 0; r < p; ++r) av[r] = a_tile[kk][ty + 16 * r];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) bv[c] = b_tile[kk][tx + 16 * c];
+      for (int c = 0; c < p; ++c) bv[c] = b_tile[kk][tx + 16 * c];
 #pragma unroll
-      for (int r = 0; r < 4; ++r)
+      for (int r = 0; r < p; ++r)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] = fma(av[r], bv[c], acc[r][c]);
+        for (int c = 0; c < p; ++c) acc[r][c] = fma(av[r], bv[c], acc[r][c]);
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int r = 0; r < 4; ++r)
+  for (int r = 0; r < p; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < p; ++c) {
       const Index i = row0 + ty + 16 * r, j = col0 + tx + 16 * c;
       if (i < m && j < n) epilogue(i, j, acc[r][c]);
     }
@@ -166,8 +179,9 @@ __global__ void __launch_bounds__(tile_threads)
 template <class T, bool TransposeB, class Epilogue>
 cudaError_t enqueue_tiled_product(const T* a, Index lda, const T* b, Index ldb, Index m, Index n,
                                   Index k, const Epilogue& epilogue, cudaStream_t stream) noexcept {
-  const Index blocks_y = (m + tile_m - 1) / tile_m, blocks_x = (n + tile_n - 1) / tile_n;
-  if (blocks_y > 65535) return cudaErrorInvalidValue;  // M > 4 million rows
+  constexpr int tile = ProductShape<T>::tile;
+  const Index blocks_y = (m + tile - 1) / tile, blocks_x = (n + tile - 1) / tile;
+  if (blocks_y > 65535) return cudaErrorInvalidValue;  // M > 8 million rows
   tiled_product_kernel<T, TransposeB><<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
                                         tile_threads, 0, stream>>>(a, lda, b, ldb, m, n, k, epilogue);
   return cudaGetLastError();
