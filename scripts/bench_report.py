@@ -293,6 +293,17 @@ def cpu_model():
         return "unknown CPU"
 
 
+def shrink_png(path):
+    """A 64-colour palette: the plot has a handful of colours, and the PNG is committed to docs/."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=64)
+    small.save(path, optimize=True)
+
+
 def plot(entries, out_dir):
     try:
         import matplotlib
@@ -336,6 +347,8 @@ def plot(entries, out_dir):
     for ext in ("png", "svg"):
         path = os.path.join(out_dir, f"plot.{ext}")
         figure.savefig(path, dpi=90 if ext == "png" else None)
+        if ext == "png":
+            shrink_png(path)
         written.append(path)
     plt.close(figure)
     return written
