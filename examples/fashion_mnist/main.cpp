@@ -193,8 +193,8 @@ float cosine_learning_rate(float peak, double progress) {
 /// One pass over the training set, returning its mean loss; `epoch` of `epochs` places it in
 /// the learning-rate schedule.
 double train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_learning_rate,
-                          Objective& objective, const Dataset& train, std::mt19937& rng,
-                          int epoch, int epochs, const std::string& label) {
+                       Objective& objective, const Dataset& train, std::mt19937& rng, int epoch,
+                       int epochs, const std::string& label) {
   objective.start_epoch(rng);
   const Index batches = objective.batches_per_epoch();
   ProgressBar progress(label, long(batches));

@@ -55,8 +55,6 @@ class EmbeddingNetwork {
         bias2_(Matrix::Zero(1, outputs)),
         l2_normalize_(l2_normalize) {}
 
-  Eigen::Index output_size() const { return weights2_.value.cols(); }
-
   /// Embeddings of a batch, keeping the activations that backward() needs.
   const Matrix& forward(const Matrix& input) {
     hidden_.noalias() = input * weights1_.value;
@@ -69,7 +67,7 @@ class EmbeddingNetwork {
     return output_;
   }
 
-  /// Embeddings without training state, in blocks so that memory stays small.
+  /// Embeddings of `input` for evaluation; leaves what backward() needs untouched.
   Matrix embed(const Matrix& input) const;
 
   /// Gradients of every parameter from d(loss)/d(embeddings), for the `input` of the last
