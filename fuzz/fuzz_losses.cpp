@@ -36,6 +36,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <functional>
 #include <vector>
 
 namespace {
@@ -43,8 +44,12 @@ namespace {
 namespace ml = metricloss;
 using ml::Index;
 
+/// Prints the decoded input of the current call (set by each fuzz_* before its calls).
+std::function<void()> dump_input;
+
 [[noreturn]] void fail(const char* what, const std::string& detail = "") {
   std::fprintf(stderr, "fuzz_losses: %s %s\n", what, detail.c_str());
+  if (dump_input) dump_input();
   std::abort();
 }
 #define FUZZ_CHECK(condition, detail) \
@@ -60,6 +65,9 @@ struct Limits {
   /// Smallest nonzero |value| for which simd and scalar are compared: below it, squares
   /// underflow in T on the simd path while the scalar path squares in double.
   static constexpr double tiny = std::is_same<T, float>::value ? 1e-15 : 1e-140;
+  /// Smallest nonzero squared distance for which the paths are compared: below it the simd
+  /// path's squares in T lose precision (subnormal) while the scalar path's in double do not.
+  static constexpr double tiny_squared = std::is_same<T, float>::value ? 1e-28 : 1e-280;
   /// Relative closeness to a discontinuity within which the paths may take either side:
   /// far above the simd path's distance error (~5e-7 float, ~2e-13 double, relative).
   static constexpr double ambiguity = std::is_same<T, float>::value ? 1e-4 : 1e-9;
@@ -83,6 +91,7 @@ struct Strided {
   }
   ml::RowMap<T> map() { return ml::RowMap<T>(storage.data(), rows, cols, Eigen::OuterStride<>(stride)); }
   bool padding_untouched(T sentinel) const {
+    if (storage.empty()) return true;
     for (Index i = 0; i + 1 < rows; ++i)
       for (Index j = cols; j < stride; ++j)
         if (std::memcmp(&storage[static_cast<std::size_t>(i * stride + j)], &sentinel, sizeof(T)) != 0)
@@ -96,11 +105,13 @@ struct DataFacts {
   bool finite = true;     // every value finite
   bool bounded = true;    // finite and every |value| <= bound
   bool comparable = true; // bounded and every nonzero |value| >= tiny
+  double max_abs = 0.0;    // largest finite |value|
 };
 
 template <class T>
 void note(DataFacts& facts, double v) {
   if (v != v) facts.any_nan = true;
+  if (std::isfinite(v)) facts.max_abs = std::max(facts.max_abs, std::abs(v));
   if (!std::isfinite(v)) facts.finite = false;
   if (!(std::abs(v) <= Limits<T>::bound)) facts.bounded = facts.comparable = false;
   if (v != 0.0 && !(std::abs(v) >= Limits<T>::tiny)) facts.comparable = false;
@@ -303,6 +314,28 @@ Outcome<T> run(Call&& call, const std::vector<Gradient<T>*>& gradients) {
   return outcome;
 }
 
+template <class T>
+void print_matrix(const char* name, const Strided<T>& m) {
+  std::fprintf(stderr, "%s (%ldx%ld, stride %ld):\n", name, static_cast<long>(m.rows),
+               static_cast<long>(m.cols), static_cast<long>(m.stride));
+  for (Index i = 0; i < m.rows; ++i) {
+    for (Index j = 0; j < m.cols; ++j) std::fprintf(stderr, " %.9g", static_cast<double>(m.at(i, j)));
+    std::fprintf(stderr, "\n");
+  }
+}
+template <class L>
+void print_labels(const char* name, const std::vector<L>& labels) {
+  std::fprintf(stderr, "%s:", name);
+  for (const L& l : labels) std::fprintf(stderr, " %.9g", static_cast<double>(l));
+  std::fprintf(stderr, "\n");
+}
+void print_options(const char* loss, bool is_double, double margin, int option_1, int option_2,
+                   int option_3, double top_diff, bool malformed) {
+  std::fprintf(stderr, "%s<%s> margin %.9g options %d %d %d top_diff %.9g malformed %d\n", loss,
+               is_double ? "double" : "float", margin, option_1, option_2, option_3, top_diff,
+               static_cast<int>(malformed));
+}
+
 bool bitwise_equal(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
 /// What the comparison of scalar and simd may skip for one input.
@@ -311,9 +344,18 @@ struct Ambiguity {
   bool gradient = false;  // within rounding of a discontinuity of the gradient
 };
 
+/// The size below which a gradient entry is rounding noise: where the exact gradient
+/// vanishes by cancellation (e.g. an anchor whose positive and negative coincide), "relative
+/// to the largest entry" would demand bitwise agreement of noise. 1e-3 of one term's bound,
+/// |top_diff| (1 + largest distance) / N, is far below any real discrepancy.
+struct GradientScale {
+  double top_diff = 1.0;
+  Index n = 1, d = 1;
+};
+
 template <class T>
 void compare(const Outcome<T>& scalar, const Outcome<T>& simd, const DataFacts& facts,
-             const Ambiguity& ambiguity, bool expect_throw) {
+             const Ambiguity& ambiguity, bool expect_throw, const GradientScale& scale) {
   FUZZ_CHECK(scalar.threw == expect_throw, (scalar.threw ? "unexpected throw: " + scalar.message
                                                           : std::string("no throw on bad input")));
   FUZZ_CHECK(simd.threw == scalar.threw, "paths disagree on throwing");
@@ -343,10 +385,13 @@ void compare(const Outcome<T>& scalar, const Outcome<T>& simd, const DataFacts& 
     FUZZ_CHECK(mltest::relatively_close(simd.loss, scalar.loss, loss_tolerance),
                describe("loss", scalar.loss, simd.loss));
   if (ambiguity.gradient) return;
+  const double largest_distance = 2.0 * facts.max_abs * std::sqrt(static_cast<double>(scale.d));
+  const double noise = 1e-3 * std::abs(scale.top_diff) * (1.0 + largest_distance) /
+                       static_cast<double>(std::max<Index>(scale.n, 1));
   for (std::size_t g = 0; g < scalar.gradients.size(); ++g) {
     const auto& reference = scalar.gradients[g];
     const auto& value = simd.gradients[g];
-    double largest = 0.0;
+    double largest = noise;
     for (const T& r : reference) largest = std::max(largest, std::abs(static_cast<double>(r)));
     for (std::size_t k = 0; k < reference.size(); ++k) {
       const double r = static_cast<double>(reference[k]), v = static_cast<double>(value[k]);
@@ -354,7 +399,7 @@ void compare(const Outcome<T>& scalar, const Outcome<T>& simd, const DataFacts& 
         FUZZ_CHECK(std::isnan(r) && std::isnan(v), describe("gradient NaN on one path", r, v));
         continue;
       }
-      FUZZ_CHECK(std::abs(v - r) <= gradient_tolerance * std::max(largest, 1e-30),
+      FUZZ_CHECK(std::abs(v - r) <= gradient_tolerance * std::max(largest, 1e-300),
                  describe(("gradient " + std::to_string(g) + " entry " + std::to_string(k) +
                            " largest " + std::to_string(largest)).c_str(), r, v));
     }
@@ -383,6 +428,12 @@ double exact_squared(const Strided<T>& a, Index i, const Strided<T>& b, Index j)
     sum += diff * diff;
   }
   return sum;
+}
+
+/// A squared distance too small to compare the paths at (see Limits::tiny_squared).
+template <class T>
+bool too_small(double squared) {
+  return squared > 0.0 && squared < Limits<T>::tiny_squared;
 }
 
 bool near(double x, double y, double scale, double relative) {
@@ -427,11 +478,11 @@ struct Functors {
 template <class T, class Loss, class Configure, class Call>
 void exercise(Loss& reused, Configure&& configure, Call&& call,
               const std::vector<Gradient<T>*>& gradients, const DataFacts& facts,
-              const Ambiguity& ambiguity, bool expect_throw) {
+              const Ambiguity& ambiguity, bool expect_throw, const GradientScale& scale) {
   configure(reused);
   const Outcome<T> scalar = run<T>([&] { return call(ml::scalar, reused); }, gradients);
   const Outcome<T> simd = run<T>([&] { return call(ml::simd, reused); }, gradients);
-  compare(scalar, simd, facts, ambiguity, expect_throw);
+  compare(scalar, simd, facts, ambiguity, expect_throw, scale);
   Loss fresh;
   configure(fresh);
   check_reuse(simd, run<T>([&] { return call(ml::simd, fresh); }, gradients));
@@ -504,11 +555,13 @@ void fuzz_contrastive(FuzzedDataProvider& in) {
   with_label_type<T>(in, [&](auto label_type) {
     using L = decltype(label_type);
     auto labels_a = decode_labels<L>(in, label_length, 3, facts);
-    auto labels_b = decode_labels<L>(in, shape.n, 3, facts);
+    DataFacts labels_b_facts;  // labels_b enters the call only with two label vectors
+    auto labels_b = decode_labels<L>(in, shape.n, 3, two_label_vectors ? facts : labels_b_facts);
     Ambiguity ambiguity;
     if (facts.comparable && !malformed) {
       for (Index i = 0; i < shape.n; ++i) {
         const double q = exact_squared(a, i, b, i);
+        if (too_small<T>(q)) ambiguity.loss = ambiguity.gradient = true;
         bool similar;
         if (two_label_vectors)
           similar = labels_a[static_cast<std::size_t>(i)] == labels_b[static_cast<std::size_t>(i)];
@@ -519,6 +572,14 @@ void fuzz_contrastive(FuzzedDataProvider& in) {
           ambiguity.gradient = true;
       }
     }
+    dump_input = [&] {
+      print_options("ContrastiveLoss", std::is_same<T, double>::value, margin, static_cast<int>(form),
+                    two_label_vectors, grad_a.wanted * 2 + grad_b.wanted, top_diff, malformed);
+      print_matrix("a", a);
+      print_matrix("b", b);
+      print_labels(two_label_vectors ? "labels_a" : "sim", labels_a);
+      if (two_label_vectors) print_labels("labels_b", labels_b);
+    };
     const auto configure = [&](ml::ContrastiveLoss<T>& loss) {
       loss.margin = margin;
       loss.form = form;
@@ -537,7 +598,7 @@ void fuzz_contrastive(FuzzedDataProvider& in) {
       });
     };
     exercise<T>(Functors<T>::reused().contrastive, configure, call, {&grad_a, &grad_b}, facts,
-                ambiguity, malformed);
+                ambiguity, malformed, GradientScale{static_cast<double>(top_diff), shape.n, shape.d});
   });
 }
 
@@ -567,10 +628,18 @@ void fuzz_triplet(FuzzedDataProvider& in) {
   if (facts.comparable && !malformed) {
     for (Index i = 0; i < shape.n; ++i) {
       double dp = exact_squared(anchor, i, positive, i), dn = exact_squared(anchor, i, negative, i);
+      if (too_small<T>(dp) || too_small<T>(dn)) ambiguity.loss = ambiguity.gradient = true;
       if (distance == ml::Distance::euclidean) { dp = std::sqrt(dp); dn = std::sqrt(dn); }
       if (near(dp + margin, dn, dp + dn + margin, Limits<T>::ambiguity)) ambiguity.gradient = true;
     }
   }
+  dump_input = [&] {
+    print_options("TripletLoss", std::is_same<T, double>::value, margin, static_cast<int>(distance), 0,
+                  ga.wanted * 4 + gp.wanted * 2 + gn.wanted, top_diff, malformed);
+    print_matrix("anchor", anchor);
+    print_matrix("positive", positive);
+    print_matrix("negative", negative);
+  };
   const auto configure = [&](ml::TripletLoss<T>& loss) {
     loss.margin = margin;
     loss.distance = distance;
@@ -586,7 +655,7 @@ void fuzz_triplet(FuzzedDataProvider& in) {
     });
   };
   exercise<T>(Functors<T>::reused().triplet, configure, call, {&ga, &gp, &gn}, facts, ambiguity,
-              malformed);
+              malformed, GradientScale{static_cast<double>(top_diff), shape.n, shape.d});
 }
 
 /// Ties and near-discontinuities of the batch losses, from exact distances.
@@ -601,6 +670,7 @@ Ambiguity batch_triplet_ambiguity(const Strided<T>& x, const std::vector<L>& lab
   for (Index i = 0; i < n; ++i)
     for (Index j = 0; j < n; ++j) {
       double q = exact_squared(x, i, x, j);
+      if (too_small<T>(q)) result.loss = result.gradient = true;
       if (distance == ml::Distance::euclidean) q = std::sqrt(q);
       d[static_cast<std::size_t>(i * n + j)] = q;
       scale = std::max(scale, q);
@@ -656,6 +726,18 @@ void fuzz_batch(FuzzedDataProvider& in, bool lifted) {
     Ambiguity ambiguity;
     if (!lifted && facts.comparable && !malformed)
       ambiguity = batch_triplet_ambiguity(x, labels, margin, distance, mining, soft_margin);
+    if (lifted && facts.comparable && !malformed)
+      for (Index i = 0; i < x.rows; ++i)
+        for (Index j = 0; j < i; ++j)
+          if (too_small<T>(exact_squared(x, i, x, j))) ambiguity.loss = ambiguity.gradient = true;
+    dump_input = [&] {
+      print_options(lifted ? "LiftedStructureLoss" : "BatchTripletLoss", std::is_same<T, double>::value,
+                    margin, static_cast<int>(mining), static_cast<int>(distance), soft_margin,
+                    top_diff, malformed);
+      std::fprintf(stderr, "gradient wanted %d\n", static_cast<int>(grad.wanted));
+      print_matrix("x", x);
+      print_labels("labels", labels);
+    };
     if (lifted) {
       const auto configure = [&](ml::LiftedStructureLoss<T>& loss) { loss.margin = margin; };
       const auto call = [&](auto tag, ml::LiftedStructureLoss<T>& loss) {
@@ -665,7 +747,7 @@ void fuzz_batch(FuzzedDataProvider& in, bool lifted) {
         });
       };
       exercise<T>(Functors<T>::reused().lifted, configure, call, {&grad}, facts, ambiguity,
-                  malformed);
+                  malformed, GradientScale{static_cast<double>(top_diff), shape.n, shape.d});
     } else {
       const auto configure = [&](ml::BatchTripletLoss<T>& loss) {
         loss.margin = margin;
@@ -680,7 +762,7 @@ void fuzz_batch(FuzzedDataProvider& in, bool lifted) {
         });
       };
       exercise<T>(Functors<T>::reused().batch_triplet, configure, call, {&grad}, facts, ambiguity,
-                  malformed);
+                  malformed, GradientScale{static_cast<double>(top_diff), shape.n, shape.d});
     }
   });
 }
@@ -699,6 +781,7 @@ void fuzz_one(FuzzedDataProvider& in) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   FuzzedDataProvider in(data, size);
+  dump_input = nullptr;
   if (in.ConsumeBool())
     fuzz_one<double>(in);
   else

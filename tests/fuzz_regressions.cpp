@@ -70,3 +70,44 @@ TEST_CASE("fuzz finding 1: batch triplet soft margin (double, simd) with distanc
     check_finite_and_paths_agree(loss, x, labels);
   }
 }
+
+// Finding 2 (open; reported to the owner of backend/simd/rowops.hpp): the SIMD row
+// primitives round the per-row gradient coefficient to T before multiplying it by the row
+// difference (triplet_gradients: c_p, c_n; fused_pair: c). For a Euclidean distance d the
+// coefficient carries 1/d, so a subnormal distance (d ~ 3e-43 in float) makes it overflow
+// to inf although the gradient, ~ (a - p)/d / N, is ~ 1/N: finite data, representable exact
+// loss and gradient, and an infinite (or NaN) gradient. The scalar path multiplies in
+// double. Fix: form coefficient * difference in double where the coefficient does not fit
+// in T (or scale the difference first).
+TEST_CASE("fuzz finding 2: triplet (float, simd, euclidean) at a subnormal distance",
+          "[.][fuzz][triplet]") {
+  Matrix<float> anchor(2, 1), positive(2, 1), negative(2, 1);
+  anchor << 0.0f, 1.0f;
+  positive << -2.77457096e-43f, 0.5f;  // d(a, p) subnormal in row 0
+  negative << 1.0f, -3.0f;  // row 0 active: d(a, n) = 1 < d(a, p) + margin
+  ml::TripletLoss<float> loss(2.5f, ml::Distance::euclidean);
+  Matrix<float> ga_s(2, 1), gp_s(2, 1), gn_s(2, 1), ga(2, 1), gp(2, 1), gn(2, 1);
+  const float scalar = loss.forward_backward(ml::scalar, anchor, positive, negative, ga_s, gp_s, gn_s);
+  const float simd = loss.forward_backward(ml::simd, anchor, positive, negative, ga, gp, gn);
+  CHECK(std::isfinite(scalar));
+  CHECK(mltest::relatively_close(simd, scalar, 2 * mltest::Tolerance<float>::loss));
+  CHECK(ga.allFinite());
+  CHECK(gp.allFinite());
+  CHECK(gn.allFinite());
+  CHECK(ml::testing::compare_gradients(gp, gp_s).relative() <= 2 * mltest::Tolerance<float>::gradient);
+}
+
+TEST_CASE("fuzz finding 2: contrastive (float, simd, hadsell) at a subnormal distance",
+          "[.][fuzz][contrastive]") {
+  Matrix<float> a(2, 1), b(2, 1);
+  a << 0.0f, 1.0f;
+  b << 2.8e-43f, 0.25f;
+  const Eigen::VectorXf sim = Eigen::VectorXf::Zero(2);  // dissimilar: h = (m - d)^2
+  ml::ContrastiveLoss<float> loss(1.0f);
+  Matrix<float> ga_s(2, 1), ga(2, 1);
+  const float scalar = loss.forward_backward(ml::scalar, a, b, sim, ga_s, ml::skip);
+  const float simd = loss.forward_backward(ml::simd, a, b, sim, ga, ml::skip);
+  CHECK(mltest::relatively_close(simd, scalar, 2 * mltest::Tolerance<float>::loss));
+  CHECK(ga.allFinite());
+  CHECK(ml::testing::compare_gradients(ga, ga_s).relative() <= 2 * mltest::Tolerance<float>::gradient);
+}
