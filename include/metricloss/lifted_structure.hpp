@@ -34,7 +34,8 @@
 //
 //   Cost: D2 by one X X^T product, O(N^2) exp/log/sqrt for a and W, O(|P|) for the pairs,
 //   and dX by one (N x N)(N x D) product. The SIMD path does exactly that
-//   (detail::PairwiseDistances, positive distances recomputed by differences); the scalar
+//   (detail::PairwiseDistances, positive distances recomputed by differences), sweeping
+//   the lower triangle only (each unordered pair once, for its row and its column); the scalar
 //   reference follows the same steps with loops and exact differences, in double.
 //
 // Edge cases. No epsilon: at D = 0 the (sub)gradient is 0. A row without negatives has
@@ -124,7 +125,10 @@ struct LiftedStructureScratch {
   LabelClasses classes;
   PairwiseDistances<T> pairwise;                              // simd: D2, W, the products
   GrowOnlyBuffer<T> class_values;                             // simd: class ids as T (masks)
-  GrowOnlyBuffer<T> distance_values, near_threshold, near_gradient;  // simd
+  GrowOnlyBuffer<T> near_threshold, near_gradient;                  // simd
+  GrowOnlyBuffer<T> row_nearest, column_nearest, row_factor, column_partial;  // simd: N
+  GrowOnlyBuffer<double> column_total;                               // simd: N
+  GrowOnlyBuffer<T> symmetric;  // simd: S = W + W^T, lower triangle, padded rows
   GrowOnlyBuffer<double> distance, weight;                    // scalar: N x N
   GrowOnlyBuffer<double> log_normaliser, min_distance, shifted_sum, coefficient, row;
 };

@@ -60,10 +60,11 @@ struct ProductTiles {
   }
 };
 
-/// C = A B, (m x k)(k x n), computed tile by tile without heap allocation.
+/// C = A B (or C += A B when `accumulate`), (m x k)(k x n), computed tile by tile without
+/// heap allocation.
 template <class T, class DA, class DB, class DC>
 void product_without_allocation(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
-                                const Eigen::MatrixBase<DC>& c_out) {
+                                const Eigen::MatrixBase<DC>& c_out, bool accumulate = false) {
   auto& c = const_cast<Eigen::MatrixBase<DC>&>(c_out);
   const Index m = a.rows(), k = a.cols(), n = b.cols();
   const Index depth = ProductTiles<T>::depth(k), width = ProductTiles<T>::width(k);
@@ -74,7 +75,7 @@ void product_without_allocation(const Eigen::MatrixBase<DA>& a, const Eigen::Mat
       auto tile = c.block(i0, j0, mi, nj);
       for (Index k0 = 0; k0 < k; k0 += depth) {
         const Index kk = std::min(depth, k - k0);
-        if (k0 == 0)
+        if (k0 == 0 && !accumulate)
           tile.noalias() = a.block(i0, k0, mi, kk) * b.block(k0, j0, kk, nj);
         else
           tile.noalias() += a.block(i0, k0, mi, kk) * b.block(k0, j0, kk, nj);
@@ -133,13 +134,33 @@ class PairwiseDistances {
 
   /// Fills squared() for the rows of x; the diagonal is exactly 0 and the matrix symmetric.
   void compute(const MatrixView<const T>& x) {
+    compute_lower(x);
+    StridedMap<T> sq(squared_.data(0), x.rows, x.rows, Eigen::OuterStride<>(x.rows));
+    mirror_lower_triangle(sq);
+  }
+
+  /// compute() without the mirror: only the lower triangle j < i of squared() (and its zero
+  /// diagonal) is written, with the same values as compute(); the upper triangle is left as
+  /// it was. For callers that sweep the triangle once (each unordered pair once).
+  void compute_lower(const MatrixView<const T>& x) {
     x_ = x;
     const Index n = x.rows, d = x.cols;
     centre(x);
     T* squared = squared_.data(static_cast<std::size_t>(n * n));
     StridedMap<T> sq(squared, n, n, Eigen::OuterStride<>(n));
     const ConstStridedMap<T> xc = centred();
-    // Lower-triangular tiles of xc xc^T only, mirrored below: half the product's FLOPs.
+    using batch = xsimd::batch<T>;
+    constexpr Index lanes = static_cast<Index>(batch::size);
+    const T* norms = norms_.data(static_cast<std::size_t>(n));
+    const T ratio = static_cast<T>(recompute_ratio);
+    const auto fix = [&](Index i, Index j) {
+      const T scale = norms[i] + norms[j];
+      T value = scale - T(2) * squared[i * n + j];
+      if (!(value > ratio * scale)) value = static_cast<T>(exact_squared(i, j));
+      squared[i * n + j] = value;
+    };
+    // Lower-triangular tiles of xc xc^T only: half the product's FLOPs. Each block row is
+    // turned into D2 right after its tiles, while it is still in cache.
     const Index width = ProductTiles<T>::width(d), depth = ProductTiles<T>::depth(d);
     for (Index i0 = 0; i0 < n; i0 += width) {
       const Index mi = std::min(width, n - i0);
@@ -154,36 +175,25 @@ class PairwiseDistances {
             tile.noalias() += xc.block(i0, k0, mi, kk) * xc.block(j0, k0, nj, kk).transpose();
         }
       }
-    }
-    // D2 = n_i + n_j - 2 g_ij on the lower triangle, row by row in batches; the rare small
-    // (or zero, negative, NaN) entries are recomputed by differences.
-    using batch = xsimd::batch<T>;
-    constexpr Index lanes = static_cast<Index>(batch::size);
-    const T* norms = norms_.data(static_cast<std::size_t>(n));
-    const T ratio = static_cast<T>(recompute_ratio);
-    const auto fix = [&](Index i, Index j) {
-      const T scale = norms[i] + norms[j];
-      T value = scale - T(2) * squared[i * n + j];
-      if (!(value > ratio * scale)) value = static_cast<T>(exact_squared(i, j));
-      squared[i * n + j] = value;
-    };
-    for (Index i = 0; i < n; ++i) {
-      T* row = squared + i * n;
-      const batch norm_i(norms[i]);
-      Index j = 0;
-      for (; j + lanes <= i; j += lanes) {
-        const batch scale = norm_i + batch::load_unaligned(norms + j);
-        const batch value = scale - T(2) * batch::load_unaligned(row + j);
-        if (xsimd::all(value > ratio * scale)) {
-          value.store_unaligned(row + j);
-        } else {
-          for (Index k = j; k < j + lanes; ++k) fix(i, k);
+      // D2 = n_i + n_j - 2 g_ij on the lower triangle, row by row in batches; the rare small
+      // (or zero, negative, NaN) entries are recomputed by differences.
+      for (Index i = i0; i < i0 + mi; ++i) {
+        T* row = squared + i * n;
+        const batch norm_i(norms[i]);
+        Index j = 0;
+        for (; j + lanes <= i; j += lanes) {
+          const batch scale = norm_i + batch::load_unaligned(norms + j);
+          const batch value = scale - T(2) * batch::load_unaligned(row + j);
+          if (xsimd::all(value > ratio * scale)) {
+            value.store_unaligned(row + j);
+          } else {
+            for (Index k = j; k < j + lanes; ++k) fix(i, k);
+          }
         }
+        for (; j < i; ++j) fix(i, j);
+        row[i] = T(0);
       }
-      for (; j < i; ++j) fix(i, j);
-      row[i] = T(0);
     }
-    mirror_lower_triangle(sq);
   }
 
   Index size() const { return x_.rows; }
@@ -247,6 +257,46 @@ class PairwiseDistances {
     StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
     product_without_allocation<T>(s, centred(), out);  // out = S xc
     const ConstStridedMap<T> xc = centred();
+    const T two_scale = T(2) * scale;
+    for (Index i = 0; i < n; ++i)
+      out.row(i) = two_scale * (row_sums[i] * xc.row(i) - out.row(i));
+  }
+
+  /// Diagonal block of the symmetric weights: gradient_from_symmetric_weights() reads the
+  /// strictly lower triangle, and mirrors it within the diagonal blocks of this size.
+  static constexpr Index symmetric_block = 64;
+
+  /// grad = scale * 2 (diag(r) - S) X for a symmetric S with zero diagonal whose strictly
+  /// lower triangle (j < i) the caller wrote into `s` (N x N, row i at s + i * stride; a
+  /// stride that is not a multiple of 4 KiB keeps the product's strided reads of S out of
+  /// the same cache sets), and r = row_sums (normally
+  /// S 1; a caller that applies some pairs by other means leaves them out of both). No
+  /// W + W^T pass: the product runs over the lower triangle by row panels, S[I, :I] xc,
+  /// and transposed column panels, S[below K, K]^T xc; only the diagonal blocks are
+  /// completed in place (their upper parts and the diagonal are overwritten). Entries
+  /// above the diagonal blocks are never read.
+  void gradient_from_symmetric_weights(T* w, Index stride, T scale, const T* row_sums,
+                                       const MatrixView<T>& grad) {
+    const Index n = x_.rows, d = x_.cols, b = symmetric_block;
+    for (Index i0 = 0; i0 < n; i0 += b) {
+      const Index end = std::min(n, i0 + b);
+      for (Index i = i0; i < end; ++i) {
+        w[i * stride + i] = T(0);
+        for (Index j = i + 1; j < end; ++j) w[i * stride + j] = w[j * stride + i];
+      }
+    }
+    const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(stride));
+    const ConstStridedMap<T> xc = centred();
+    StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
+    for (Index i0 = 0; i0 < n; i0 += b) {  // out[I] = S[I, :end(I)] xc[:end(I)]
+      const Index mi = std::min(b, n - i0), end = i0 + mi;
+      product_without_allocation<T>(s.block(i0, 0, mi, end), xc.topRows(end), out.middleRows(i0, mi));
+    }
+    for (Index k0 = 0; k0 + b < n; k0 += b) {  // out[K] += S[below, K]^T xc[below]
+      const Index below = k0 + b, rest = n - below;
+      product_without_allocation<T>(s.block(below, k0, rest, b).transpose(), xc.middleRows(below, rest),
+                                    out.middleRows(k0, b), true);
+    }
     const T two_scale = T(2) * scale;
     for (Index i = 0; i < n; ++i)
       out.row(i) = two_scale * (row_sums[i] * xc.row(i) - out.row(i));

@@ -1,8 +1,16 @@
 #pragma once
 // The SIMD path of the lifted structured loss: the factorisation of
 // <metricloss/lifted_structure.hpp> with D2 from one X X^T product (detail::PairwiseDistances,
-// positive pairs recomputed by differences), the O(N^2) sqrt / exp of the row soft-maxes and
-// the weights in xsimd batches, and dX from one (N x N)(N x D) product.
+// lower triangle only, positive pairs recomputed by differences), the O(N^2) sqrt / exp of
+// the row soft-maxes and the weights in xsimd batches, and dX from one (N x N)(N x D) product.
+//
+// Every N x N pass sweeps the lower triangle only, row by row: an entry (i, k), k < i, serves
+// row i (row-wise, in registers) and row k (lane-wise into an N-vector of column sums, which
+// stays in L1). Three sweeps: (1) D = sqrt(D2) in place and the nearest negatives; (2) the
+// shifted exp-sums s_i; (3) after the O(|P|) pair terms, S = W + W^T of the negatives
+// computed directly from both rows' soft-max factors, near pairs taken out, and S 1. The
+// gradient product reads S from its lower triangle (row panels and transposed column
+// panels), so neither D2 nor S is ever mirrored.
 //
 // Near pairs. The product forms S_ik (xc_i - xc_k) as S_ik xc_i - S_ik xc_k, whose rounding
 // error is about eps |S_ik| (|xc_i| + |xc_k|) against a true size |S_ik| D_ik; with
@@ -41,61 +49,90 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     const double margin = loss.margin;
     PairwiseDistances<T>& pairwise = scratch.pairwise;
 
-    // D2 from the product, exact for the positive pairs; D = its square roots.
-    pairwise.compute(x);
-    T* squared = pairwise.squared().data();
-    classes.for_each_positive_pair([&](Index i, Index j) {
-      const T exact = static_cast<T>(pairwise.exact_squared(i, j));
-      squared[i * n + j] = exact;
-      squared[j * n + i] = exact;
+    // D2 on the lower triangle only (each unordered pair once), exact for the positive pairs.
+    pairwise.compute_lower(x);
+    T* distance = pairwise.squared().data();  // D2, then D in place; lower triangle k < i
+    classes.for_each_positive_pair([&](Index i, Index j) {  // i < j: entry (j, i)
+      distance[j * n + i] = static_cast<T>(pairwise.exact_squared(i, j));
     });
-    T* distance = scratch.distance_values.data(static_cast<std::size_t>(n * n));
 
     // Class ids as T (exact below 2^24 classes), compared lane-wise to mask the negatives.
     T* class_value = scratch.class_values.data(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) class_value[i] = static_cast<T>(classes.class_of(i));
 
-    // D and a_i, shifted by the nearest negative (every row has negatives: two classes at
-    // least); with a gradient, exp(min_i - D_ik) of the negatives is kept in row i of the
-    // weights, 0 elsewhere, so that every entry of W is written.
-    const bool gradient = !grad.empty();
-    T* weight = gradient ? pairwise.weights().data() : nullptr;
+    // Sweep 1: D = sqrt(D2) in place, and the nearest negative of every row, from its part
+    // left of the diagonal (row-wise) and right of it (the column, lane-wise).
+    T* nearest = scratch.row_nearest.data(static_cast<std::size_t>(n));
+    T* column_nearest = scratch.column_nearest.data(static_cast<std::size_t>(n));
+    std::fill(column_nearest, column_nearest + n, std::numeric_limits<T>::infinity());
+    for (Index i = 0; i < n; ++i)
+      nearest[i] = roots_and_nearest_negative(distance + i * n, class_value, class_value[i], i,
+                                              column_nearest);
+    for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
+
+    // Sweep 2: s_i = sum_k exp(nearest_i - D_ik) over the negatives, again from the row
+    // part and the column part of the triangle; a_i = log s_i + margin - nearest_i (every
+    // row has negatives: two classes at least).
     double* log_normaliser = scratch.log_normaliser.data(static_cast<std::size_t>(n));
-    double* min_distance = scratch.min_distance.data(static_cast<std::size_t>(n));
     double* shifted_sum = scratch.shifted_sum.data(static_cast<std::size_t>(n));
-    for (Index i = 0; i < n; ++i) {
-      T* row = distance + i * n;
-      const T nearest = roots_and_nearest_negative(squared + i * n, row, class_value, class_value[i], n);
-      min_distance[i] = static_cast<double>(nearest);
-      shifted_sum[i] = shifted_exp_sum(row, class_value, class_value[i], nearest, n,
-                                       gradient ? weight + i * n : nullptr);
-      log_normaliser[i] = lifted_log_normaliser(margin, min_distance[i], shifted_sum[i]);
+    {
+      ColumnSums columns(scratch, n);
+      for (Index i = 0; i < n; ++i) {
+        shifted_sum[i] = shifted_exp_sums(distance + i * n, class_value, class_value[i], nearest, i,
+                                          columns.partial);
+        columns.row_done(i);
+      }
+      columns.finish();
+      for (Index i = 0; i < n; ++i) {
+        shifted_sum[i] += columns.total[i];
+        log_normaliser[i] = lifted_log_normaliser(margin, static_cast<double>(nearest[i]), shifted_sum[i]);
+      }
     }
 
-    // Positive pairs: O(|P|) scalar work.
+    // Positive pairs: O(|P|) scalar work; their weights h_ij / (2 D_ij) go to (j, i).
+    const bool gradient = !grad.empty();
+    // S in its own buffer, rows padded by one cache line (no 4 KiB-aliasing stride).
+    const Index stride = n + 64 / static_cast<Index>(sizeof(T));
+    T* weight = gradient ? scratch.symmetric.data(static_cast<std::size_t>(n * stride)) : nullptr;
     double* coefficient = scratch.coefficient.data(static_cast<std::size_t>(n));
     std::fill(coefficient, coefficient + n, 0.0);
     double sum = 0.0;
     classes.for_each_positive_pair([&](Index i, Index j) {
-      const double dij = static_cast<double>(distance[i * n + j]);
+      const double dij = static_cast<double>(distance[j * n + i]);
       const LiftedPair pair = lifted_pair(log_normaliser[i], log_normaliser[j], dij);
       sum += pair.hinge * pair.hinge;
       if (!gradient) return;
       coefficient[i] += pair.hinge * pair.share_i;
       coefficient[j] += pair.hinge * pair.share_j;
-      weight[i * n + j] = static_cast<T>(weight_on_squared(pair.hinge, dij));
+      weight[j * stride + i] = static_cast<T>(weight_on_squared(pair.hinge, dij));
     });
     const auto pairs = static_cast<double>(classes.positive_pairs());
     if (!gradient) return static_cast<T>(sum / (2.0 * pairs));
 
+    // Sweep 3: the symmetric weights S_ik = W_ik + W_ki of the negatives, straight into the
+    // lower triangle, near pairs taken out, and the row sums S 1 (row and column parts).
+    T* row_factor = scratch.row_factor.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) row_factor[i] = static_cast<T>(-coefficient[i] / shifted_sum[i]);
+    const auto xc = pairwise.centred();
+    T* threshold = scratch.near_threshold.data(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i)
-      negative_weights(distance + i * n, class_value, class_value[i],
-                       static_cast<T>(-coefficient[i] / shifted_sum[i]), n, weight + i * n);
+      threshold[i] = static_cast<T>(near_ratio * static_cast<double>(xc.row(i).squaredNorm()));
+    T* row_sums = scratch.column_nearest.data(0);  // free again: N entries
+    T* near_sums = nullptr;
+    {
+      ColumnSums columns(scratch, n);
+      for (Index i = 0; i < n; ++i) {
+        const double own = symmetric_weights(i, distance, class_value, nearest, row_factor, threshold,
+                                             x, weight + i * stride, columns.partial, near_sums, scratch);
+        columns.row_done(i);
+        shifted_sum[i] = own;  // reused: the row part of S 1
+      }
+      columns.finish();
+      for (Index i = 0; i < n; ++i) row_sums[i] = static_cast<T>(shifted_sum[i] + columns.total[i]);
+    }
     const T scale = static_cast<T>(static_cast<double>(top_diff) / pairs);
-    const bool any_near = take_out_near_pairs(scratch, x, squared, weight);
-    pairwise.gradient_from_weights(scale, grad);
-    if (any_near) {
-      const T* near_sums = scratch.near_gradient.data(0);
+    pairwise.gradient_from_symmetric_weights(weight, stride, scale, row_sums, grad);
+    if (near_sums != nullptr) {
       const T two_scale = T(2) * scale;
       for (Index i = 0; i < n; ++i) {
         T* out = grad.row(i);
@@ -108,6 +145,169 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
 
  private:
   static constexpr double near_ratio = 1.0 / 1024;
+
+  /// Column sums over the lower triangle: lane-wise partial sums in T over blocks of
+  /// `rows` rows, totalled in double.
+  struct ColumnSums {
+    static constexpr Index rows = 32;
+    T* partial;
+    double* total;
+    Index n;
+    ColumnSums(LiftedStructureScratch<T>& scratch, Index n_)
+        : partial(scratch.column_partial.data(static_cast<std::size_t>(n_))),
+          total(scratch.column_total.data(static_cast<std::size_t>(n_))), n(n_) {
+      std::fill(partial, partial + n, T(0));
+      std::fill(total, total + n, 0.0);
+    }
+    void row_done(Index i) {
+      if ((i + 1) % rows == 0) flush(i);
+    }
+    void finish() { flush(n); }
+    void flush(Index end) {  // rows up to `end` have written columns k < end
+      for (Index k = 0; k < end; ++k) {
+        total[k] += static_cast<double>(partial[k]);
+        partial[k] = T(0);
+      }
+    }
+  };
+
+  /// Row i of the lower triangle: D_ik = sqrt(D2_ik) in place for k < i; returns the
+  /// nearest negative among them, and lowers column_nearest[k] to D_ik for negatives k.
+  static T roots_and_nearest_negative(T* row, const T* class_value, T own, Index i,
+                                      T* column_nearest) {
+    const T infinity = std::numeric_limits<T>::infinity();
+    const batch own_class(own), far(infinity);
+    batch nearest(infinity);
+    Index k = 0;
+    for (; k + width <= i; k += width) {
+      const batch dik = xsimd::sqrt(batch::load_unaligned(row + k));
+      dik.store_unaligned(row + k);
+      const batch masked =
+          xsimd::select(batch::load_unaligned(class_value + k) != own_class, dik, far);
+      nearest = xsimd::min(nearest, masked);
+      xsimd::min(batch::load_unaligned(column_nearest + k), masked).store_unaligned(column_nearest + k);
+    }
+    alignas(64) T lanes[width];
+    nearest.store_aligned(lanes);
+    T result = infinity;
+    for (Index lane = 0; lane < width; ++lane) result = std::min(result, lanes[lane]);
+    for (; k < i; ++k) {
+      row[k] = std::sqrt(row[k]);
+      if (class_value[k] != own) {
+        result = std::min(result, row[k]);
+        column_nearest[k] = std::min(column_nearest[k], row[k]);
+      }
+    }
+    return result;
+  }
+
+  /// Row i of the lower triangle: returns sum_{k < i} exp(nearest_i - D_ik) over the
+  /// negatives (lane sums in T over blocks of `block` batches, totalled in double) and adds
+  /// exp(nearest_k - D_ik) to column_partial[k].
+  static double shifted_exp_sums(const T* row, const T* class_value, T own, const T* nearest,
+                                 Index i, T* column_partial) {
+    constexpr Index block = 32;
+    const batch own_class(own), shift(nearest[i]), zero(T(0));
+    double total = 0.0;
+    Index k = 0;
+    while (k + width <= i) {
+      batch lanes(T(0));
+      for (Index b = 0; b < block && k + width <= i; ++b, k += width) {
+        const auto negative = batch::load_unaligned(class_value + k) != own_class;
+        const batch dik = batch::load_unaligned(row + k);
+        lanes += xsimd::select(negative, xsimd::exp(shift - dik), zero);
+        const batch column = xsimd::select(negative, xsimd::exp(batch::load_unaligned(nearest + k) - dik), zero);
+        (batch::load_unaligned(column_partial + k) + column).store_unaligned(column_partial + k);
+      }
+      total += static_cast<double>(xsimd::hadd(lanes));
+    }
+    for (; k < i; ++k) {
+      if (class_value[k] == own) continue;
+      total += static_cast<double>(std::exp(nearest[i] - row[k]));
+      column_partial[k] += std::exp(nearest[k] - row[k]);
+    }
+    return total;
+  }
+
+  /// Row i of the lower triangle of S: for a negative k,
+  ///   S_ik = (f_i exp(nearest_i - D_ik) + f_k exp(nearest_k - D_ik)) / (2 D_ik)
+  /// (0 at D_ik = 0) with f = row_factor; positive entries keep the pair weight already
+  /// there. Near pairs (see the top of this file) are moved out of S into near_sums by
+  /// differences of the original rows. Returns the row part of S 1 (k < i) and adds S_ik
+  /// to column_partial[k].
+  static double symmetric_weights(Index i, const T* distance, const T* class_value,
+                                  const T* nearest, const T* row_factor, const T* threshold,
+                                  const MatrixView<const T>& x, T* out, T* column_partial,
+                                  T*& near_sums, LiftedStructureScratch<T>& scratch) {
+    constexpr Index block = 32;
+    const T* row = distance + i * x.rows;
+    const T own = class_value[i];
+    const batch own_class(own), shift(nearest[i]), factor(row_factor[i]), zero(T(0)),
+        own_threshold(threshold[i]);
+    double total = 0.0;
+    Index k = 0;
+    while (k + width <= i) {
+      batch lanes(T(0));
+      for (Index b = 0; b < block && k + width <= i; ++b, k += width) {
+        const auto negative = batch::load_unaligned(class_value + k) != own_class;
+        const batch dik = batch::load_unaligned(row + k);
+        const batch both = factor * xsimd::exp(shift - dik) +
+                           batch::load_unaligned(row_factor + k) *
+                               xsimd::exp(batch::load_unaligned(nearest + k) - dik);
+        const batch w = xsimd::select(dik > zero, both / (dik + dik), zero);
+        batch s = xsimd::select(negative, w, batch::load_unaligned(out + k));
+        // D2_ik < near_ratio n_i + near_ratio n_k, lane-wise: rare, so test before looking.
+        if (xsimd::any(dik * dik < own_threshold + batch::load_unaligned(threshold + k))) {
+          s.store_unaligned(out + k);
+          for (Index lane = k; lane < k + width; ++lane)
+            move_if_near(i, lane, row[lane], threshold, x, out[lane], near_sums, scratch);
+          s = batch::load_unaligned(out + k);
+        }
+        s.store_unaligned(out + k);
+        lanes += s;
+        (batch::load_unaligned(column_partial + k) + s).store_unaligned(column_partial + k);
+      }
+      total += static_cast<double>(xsimd::hadd(lanes));
+    }
+    for (; k < i; ++k) {
+      const T dik = row[k];
+      T s = out[k];
+      if (class_value[k] != own)
+        s = dik > T(0) ? (row_factor[i] * std::exp(nearest[i] - dik) +
+                          row_factor[k] * std::exp(nearest[k] - dik)) / (dik + dik)
+                       : T(0);
+      out[k] = s;
+      move_if_near(i, k, dik, threshold, x, out[k], near_sums, scratch);
+      total += static_cast<double>(out[k]);
+      column_partial[k] += out[k];
+    }
+    return total;
+  }
+
+  /// When (i, k) is a near pair, moves s = S_ik out: near_sums_i += s (x_i - x_k),
+  /// near_sums_k -= s (x_i - x_k), and s = 0.
+  static void move_if_near(Index i, Index k, T distance, const T* threshold,
+                           const MatrixView<const T>& x, T& s, T*& near_sums,
+                           LiftedStructureScratch<T>& scratch) {
+    if (!(distance * distance < threshold[i] + threshold[k])) return;
+    const Index n = x.rows, d = x.cols;
+    const T value = s;
+    s = T(0);
+    if (value == T(0)) return;
+    if (near_sums == nullptr) {
+      near_sums = scratch.near_gradient.data(static_cast<std::size_t>(n * d));
+      std::fill(near_sums, near_sums + n * d, T(0));
+    }
+    const T* xi = x.row(i);
+    const T* xk = x.row(k);
+    T* gi = near_sums + i * d;
+    T* gk = near_sums + k * d;
+    for (Index c = 0; c < d; ++c) {
+      const T v = value * (xi[c] - xk[c]);
+      gi[c] += v;
+      gk[c] -= v;
+    }
+  }
 
   /// Finite iff every x - x is 0 (it is NaN for NaN and +-inf).
   static bool all_finite(const MatrixView<const T>& x) {
@@ -123,129 +323,6 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       for (Index c = full; c < d; ++c) tail += row[c] - row[c];
     }
     return xsimd::all(probe == batch(T(0))) && tail == T(0);
-  }
-
-  /// Moves the weight of every near pair (see the top of this file) out of W into
-  /// near_gradient = sum_k S_ik (x_i - x_k) by differences of the original rows. False
-  /// when there is none (near_gradient is then not written).
-  static bool take_out_near_pairs(LiftedStructureScratch<T>& scratch, const MatrixView<const T>& x,
-                                  const T* squared, T* weight) {
-    const Index n = x.rows;
-    const auto xc = scratch.pairwise.centred();
-    T* threshold = scratch.near_threshold.data(static_cast<std::size_t>(n));
-    for (Index i = 0; i < n; ++i)
-      threshold[i] = static_cast<T>(near_ratio * static_cast<double>(xc.row(i).squaredNorm()));
-    T* near_sums = nullptr;
-    for (Index i = 0; i < n; ++i) {
-      const T* row = squared + i * n;
-      const batch own(threshold[i]);
-      Index k = 0;
-      for (; k + width <= i; k += width) {
-        // D2_ik < near_ratio n_i + near_ratio n_k, lane-wise: rare, so test before looking.
-        const auto near = batch::load_unaligned(row + k) < own + batch::load_unaligned(threshold + k);
-        if (xsimd::any(near))
-          for (Index lane = k; lane < k + width; ++lane)
-            move_if_near(i, lane, row[lane], threshold, x, weight, near_sums, scratch);
-      }
-      for (; k < i; ++k) move_if_near(i, k, row[k], threshold, x, weight, near_sums, scratch);
-    }
-    return near_sums != nullptr;
-  }
-
-  static void move_if_near(Index i, Index k, T squared, const T* threshold,
-                           const MatrixView<const T>& x, T* weight, T*& near_sums,
-                           LiftedStructureScratch<T>& scratch) {
-    if (!(squared < threshold[i] + threshold[k])) return;
-    const Index n = x.rows, d = x.cols;
-    const T s = weight[i * n + k] + weight[k * n + i];
-    weight[i * n + k] = T(0);
-    weight[k * n + i] = T(0);
-    if (s == T(0)) return;
-    if (near_sums == nullptr) {
-      near_sums = scratch.near_gradient.data(static_cast<std::size_t>(n * d));
-      std::fill(near_sums, near_sums + n * d, T(0));
-    }
-    const T* xi = x.row(i);
-    const T* xk = x.row(k);
-    T* gi = near_sums + i * d;
-    T* gk = near_sums + k * d;
-    for (Index c = 0; c < d; ++c) {
-      const T v = s * (xi[c] - xk[c]);
-      gi[c] += v;
-      gk[c] -= v;
-    }
-  }
-
-  /// Row i of D = sqrt(D2), and min_k D_ik over the negatives k (class != own).
-  static T roots_and_nearest_negative(const T* squared, T* row, const T* class_value, T own,
-                                      Index n) {
-    const T infinity = std::numeric_limits<T>::infinity();
-    const batch own_class(own), far(infinity);
-    batch nearest(infinity);
-    Index k = 0;
-    for (; k + width <= n; k += width) {
-      const batch dik = xsimd::sqrt(batch::load_unaligned(squared + k));
-      dik.store_unaligned(row + k);
-      const auto negative = batch::load_unaligned(class_value + k) != own_class;
-      nearest = xsimd::min(nearest, xsimd::select(negative, dik, far));
-    }
-    alignas(64) T lanes[width];
-    nearest.store_aligned(lanes);
-    T result = infinity;
-    for (Index lane = 0; lane < width; ++lane) result = std::min(result, lanes[lane]);
-    for (; k < n; ++k) {
-      row[k] = std::sqrt(squared[k]);
-      if (class_value[k] != own) result = std::min(result, row[k]);
-    }
-    return result;
-  }
-
-  /// sum_k exp(nearest - D_ik) over the negatives; exp values written to `exps` (negatives)
-  /// and 0 (others) when it is not null. Lane sums in T over blocks of `block` batches,
-  /// totalled in double.
-  static double shifted_exp_sum(const T* row, const T* class_value, T own, T nearest, Index n,
-                                T* exps) {
-    constexpr Index block = 32;
-    const batch own_class(own), shift(nearest), zero(T(0));
-    double total = 0.0;
-    Index k = 0;
-    while (k + width <= n) {
-      batch lanes(T(0));
-      for (Index b = 0; b < block && k + width <= n; ++b, k += width) {
-        const auto negative = batch::load_unaligned(class_value + k) != own_class;
-        const batch e =
-            xsimd::select(negative, xsimd::exp(shift - batch::load_unaligned(row + k)), zero);
-        lanes += e;
-        if (exps) e.store_unaligned(exps + k);
-      }
-      total += static_cast<double>(xsimd::hadd(lanes));
-    }
-    for (; k < n; ++k) {
-      const T e = class_value[k] != own ? std::exp(nearest - row[k]) : T(0);
-      total += static_cast<double>(e);
-      if (exps) exps[k] = e;
-    }
-    return total;
-  }
-
-  /// W_ik = row_factor exp(min_i - D_ik) / (2 D_ik) over the negatives k (0 at D_ik = 0),
-  /// from the exp values held in `weights`; positive entries are left as they are.
-  static void negative_weights(const T* row, const T* class_value, T own, T row_factor, Index n,
-                               T* weights) {
-    const batch own_class(own), factor(row_factor), zero(T(0));
-    Index k = 0;
-    for (; k + width <= n; k += width) {
-      const auto negative = batch::load_unaligned(class_value + k) != own_class;
-      const batch dik = batch::load_unaligned(row + k);
-      const batch current = batch::load_unaligned(weights + k);
-      const batch w = xsimd::select(dik > zero, factor * current / (dik + dik), zero);
-      xsimd::select(negative, w, current).store_unaligned(weights + k);
-    }
-    for (; k < n; ++k)
-      if (class_value[k] != own)
-        weights[k] = static_cast<T>(lifted_negative_weight(static_cast<double>(row_factor),
-                                                           static_cast<double>(weights[k]),
-                                                           static_cast<double>(row[k])));
   }
 };
 
