@@ -96,15 +96,13 @@ def cases(torch, quick):
             return tuple(uniform(torch, n, d, generator) for _ in range(3)), ()
         out.append((f"torch_triplet/N:{n}/D:{d}/distance:1", make_triplet,
                     lambda t, s: triplet_facenet(torch, *t, 0.2)))
+    def make_batch(n, d):  # one P x K batch: embeddings and labels
+        return (uniform(torch, n, d, generator),), (pk_labels(torch, n, PER_CLASS, generator),)
     for n in (256,) if quick else (256, 1024, 4096):
-        def make_batch(n=n, d=128):
-            return (uniform(torch, n, d, generator),), (pk_labels(torch, n, PER_CLASS, generator),)
-        out.append((f"torch_batch_triplet/N:{n}/D:128/mining:1/soft:0", make_batch,
+        out.append((f"torch_batch_triplet/N:{n}/D:128/mining:1/soft:0", lambda n=n: make_batch(n, 128),
                     lambda t, s: batch_hard(torch, *t, *s, 0.2)))
         for d in (128, 512):
-            def make_lifted(n=n, d=d):
-                return (uniform(torch, n, d, generator),), (pk_labels(torch, n, PER_CLASS, generator),)
-            out.append((f"torch_lifted_structure/N:{n}/D:{d}/grad:1", make_lifted,
+            out.append((f"torch_lifted_structure/N:{n}/D:{d}/grad:1", lambda n=n, d=d: make_batch(n, d),
                         lambda t, s: lifted(torch, *t, *s, 1.0)))
     return out
 
