@@ -14,7 +14,7 @@ template <class T>
 void BM_products(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const Matrix<T> x = uniform<T>(n, d, 1), w = uniform<T>(n, n, 2);
-  Matrix<T> gram(n, n), out(n, d);
+  Matrix<T> gram = Matrix<T>::Zero(n, n), out = Matrix<T>::Zero(n, d);
   for (auto _ : state) {
     gram.noalias() = x * x.transpose();
     out.noalias() = w * x;
@@ -32,7 +32,7 @@ void BM_batch_triplet(benchmark::State& state) {
   const bool soft_margin = state.range(3) != 0;
   const Matrix<T> x = uniform<T>(n, d, 1);
   const Eigen::VectorXi labels = pk_labels(n, per_class, 3);
-  Matrix<T> grad(n, d);
+  Matrix<T> grad = Matrix<T>::Zero(n, d);
   ml::BatchTripletLoss<T> loss(T(0.2), mining, ml::Distance::euclidean, soft_margin);
   for (auto _ : state) {
     T value = loss.forward_backward(Tag{}, x, labels, grad);

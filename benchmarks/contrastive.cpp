@@ -31,7 +31,7 @@ template <class T>
 void BM_floor(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const Matrix<T> a = uniform<T>(n, d, 1), b = uniform<T>(n, d, 2);
-  Matrix<T> ga(n, d), gb(n, d);
+  Matrix<T> ga = Matrix<T>::Zero(n, d), gb = Matrix<T>::Zero(n, d);
   for (auto _ : state) {
     floor_stream(a, b, ga, gb);
     benchmark::DoNotOptimize(ga.data());
@@ -47,7 +47,7 @@ void BM_contrastive(benchmark::State& state) {
   const auto form = static_cast<ml::ContrastiveForm>(state.range(2));
   const Matrix<T> a = uniform<T>(n, d, 1), b = uniform<T>(n, d, 2);
   Eigen::VectorXi sim = pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; });
-  Matrix<T> ga(n, d), gb(n, d);
+  Matrix<T> ga = Matrix<T>::Zero(n, d), gb = Matrix<T>::Zero(n, d);
   ml::ContrastiveLoss<T> loss(T(std::sqrt(static_cast<double>(d)) * 0.8), form);
   for (auto _ : state) {
     T value = loss.forward_backward(Tag{}, a, b, sim, ga, gb);

@@ -116,7 +116,7 @@ struct Inputs {
   std::vector<T> sim;  // Caffe passes the similarity blob as Dtype
   T margin;
   Inputs(Index n, Index d)
-      : a(uniform<T>(n, d, 1)), b(uniform<T>(n, d, 2)), grad_a(n, d), grad_b(n, d), sim(n),
+      : a(uniform<T>(n, d, 1)), b(uniform<T>(n, d, 2)), grad_a(Matrix<T>::Zero(n, d)), grad_b(Matrix<T>::Zero(n, d)), sim(n),
         margin(T(std::sqrt(static_cast<double>(d)) * 0.8)) {
     const Eigen::VectorXi pattern = pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; });
     for (Index i = 0; i < n; ++i) sim[i] = static_cast<T>(pattern(i));
@@ -132,7 +132,7 @@ bool agrees_with_metricloss(CaffeContrastiveLayer<T>& layer, Inputs<T>& in, bool
   const T caffe_loss = layer.forward_cpu(in.a.data(), in.b.data(), in.sim.data());
   layer.backward_cpu(T(1), in.sim.data(), in.grad_a.data(), in.grad_b.data());
   ml::ContrastiveLoss<T> loss(in.margin, legacy ? ml::ContrastiveForm::legacy : ml::ContrastiveForm::hadsell);
-  Matrix<T> grad_a(n, d), grad_b(n, d);
+  Matrix<T> grad_a = Matrix<T>::Zero(n, d), grad_b = Matrix<T>::Zero(n, d);
   const Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>> sim(in.sim.data(), n);
   const T expected = loss.forward_backward(ml::scalar, in.a, in.b, sim, grad_a, grad_b);
   const double tolerance = std::is_same_v<T, float> ? 1e-3 : 1e-8;

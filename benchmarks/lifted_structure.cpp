@@ -28,7 +28,7 @@ void BM_floor_products(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const Matrix<T> x = uniform<T>(n, d, 1);
   const Matrix<T> weights = uniform<T>(n, n, 2);
-  Matrix<T> gram(n, n), propagated(n, d);
+  Matrix<T> gram = Matrix<T>::Zero(n, n), propagated = Matrix<T>::Zero(n, d);
   for (auto _ : state) {
     gram.noalias() = x * x.transpose();
     propagated.noalias() = weights * x;
@@ -46,7 +46,7 @@ void BM_lifted(benchmark::State& state) {
   const Matrix<T> x = uniform<T>(n, d, 1);
   const Eigen::VectorXi labels = pk_labels(n, per_class, 3);
   ml::LiftedStructureLoss<T> loss(T(1));
-  Matrix<T> grad(n, d);
+  Matrix<T> grad = Matrix<T>::Zero(n, d);
   const T first = loss.forward_backward(Tag{}, x, labels, grad);
   if (!(std::isfinite(first) && first > T(0) && grad.allFinite())) {
     state.SkipWithError("LiftedStructureLoss returned a non-finite or zero loss");
@@ -140,7 +140,7 @@ void BM_caffe_peer(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const Matrix<float> x = uniform<float>(n, d, 1);
   const Eigen::VectorXi labels = pk_labels(n, per_class, 3);
-  Matrix<float> grad(n, d), ours(n, d);
+  Matrix<float> grad = Matrix<float>::Zero(n, d), ours = Matrix<float>::Zero(n, d);
   CaffeLiftedStruct caffe(n, d);
   // The peer must compute what we compute (to float accuracy: its distances come from the
   // dot-product expansion) before its time means anything.

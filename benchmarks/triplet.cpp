@@ -36,7 +36,7 @@ template <class T>
 void BM_floor(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const Matrix<T> a = uniform<T>(n, d, 1), p = uniform<T>(n, d, 2), neg = uniform<T>(n, d, 3);
-  Matrix<T> ga(n, d), gp(n, d), gn(n, d);
+  Matrix<T> ga = Matrix<T>::Zero(n, d), gp = Matrix<T>::Zero(n, d), gn = Matrix<T>::Zero(n, d);
   for (auto _ : state) {
     floor_stream(a, p, neg, ga, gp, gn);
     benchmark::DoNotOptimize(ga.data());
@@ -52,7 +52,7 @@ void BM_triplet(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const auto distance = static_cast<ml::Distance>(state.range(2));
   const Matrix<T> a = uniform<T>(n, d, 1), p = uniform<T>(n, d, 2), neg = uniform<T>(n, d, 3);
-  Matrix<T> ga(n, d), gp(n, d), gn(n, d);
+  Matrix<T> ga = Matrix<T>::Zero(n, d), gp = Matrix<T>::Zero(n, d), gn = Matrix<T>::Zero(n, d);
   // About half the triplets active: d_ap - d_an is spread around 0 for uniform rows.
   ml::TripletLoss<T> loss(T(0.2), distance);
   for (auto _ : state) {
