@@ -342,7 +342,18 @@ bool bitwise_equal(double a, double b) { return std::memcmp(&a, &b, sizeof a) ==
 struct Ambiguity {
   bool loss = false;      // within rounding of a discontinuity of the loss
   bool gradient = false;  // within rounding of a discontinuity of the gradient
+  /// Absolute loss error that rounding the distances in T alone can cause (a hinge is a
+  /// difference of two distances; float lanes accumulate d^2 to ~eps d^2): finding 3, an
+  /// open question on API.md's float contract. The loss comparison allows this much.
+  double loss_noise = 0.0;
 };
+
+/// loss_noise for distances up to `scale` (in the loss's own units): linear terms (hinges
+/// of distances) err by ~eps scale; squared terms (hadsell, lifted: h^2) by ~eps scale h.
+template <class T>
+double rounding_noise(double scale, double term_size) {
+  return 64.0 * std::numeric_limits<T>::epsilon() * scale * (1.0 + term_size);
+}
 
 /// The size below which a gradient entry is rounding noise: where the exact gradient
 /// vanishes by cancellation (e.g. an anchor whose positive and negative coincide), "relative
@@ -382,7 +393,9 @@ void compare(const Outcome<T>& scalar, const Outcome<T>& simd, const DataFacts& 
   const double loss_tolerance = 2.0 * mltest::Tolerance<T>::loss;
   const double gradient_tolerance = 2.0 * mltest::Tolerance<T>::gradient;
   if (!ambiguity.loss)
-    FUZZ_CHECK(mltest::relatively_close(simd.loss, scalar.loss, loss_tolerance),
+    FUZZ_CHECK(std::abs(simd.loss - scalar.loss) <=
+                   std::max(loss_tolerance * std::abs(scalar.loss), ambiguity.loss_noise) ||
+                   mltest::relatively_close(simd.loss, scalar.loss, loss_tolerance),
                describe("loss", scalar.loss, simd.loss));
   if (ambiguity.gradient) return;
   const double largest_distance = 2.0 * facts.max_abs * std::sqrt(static_cast<double>(scale.d));
@@ -562,6 +575,8 @@ void fuzz_contrastive(FuzzedDataProvider& in) {
       for (Index i = 0; i < shape.n; ++i) {
         const double q = exact_squared(a, i, b, i);
         if (too_small<T>(q)) ambiguity.loss = ambiguity.gradient = true;
+        const double gap = std::abs(static_cast<double>(margin) - std::sqrt(q));
+        ambiguity.loss_noise = std::max(ambiguity.loss_noise, rounding_noise<T>(q + margin, gap));
         bool similar;
         if (two_label_vectors)
           similar = labels_a[static_cast<std::size_t>(i)] == labels_b[static_cast<std::size_t>(i)];
@@ -631,6 +646,7 @@ void fuzz_triplet(FuzzedDataProvider& in) {
       if (too_small<T>(dp) || too_small<T>(dn)) ambiguity.loss = ambiguity.gradient = true;
       if (distance == ml::Distance::euclidean) { dp = std::sqrt(dp); dn = std::sqrt(dn); }
       if (near(dp + margin, dn, dp + dn + margin, Limits<T>::ambiguity)) ambiguity.gradient = true;
+      ambiguity.loss_noise = std::max(ambiguity.loss_noise, rounding_noise<T>(dp + dn, 0.0));
     }
   }
   dump_input = [&] {
@@ -676,6 +692,7 @@ Ambiguity batch_triplet_ambiguity(const Strided<T>& x, const std::vector<L>& lab
       scale = std::max(scale, q);
     }
   scale = std::max(scale, 1e-30);
+  result.loss_noise = rounding_noise<T>(2.0 * scale, 0.0);
   for (Index a = 0; a < n; ++a) {
     const auto at = [&](Index j) { return d[static_cast<std::size_t>(a * n + j)]; };
     for (Index j = 0; j < n; ++j) {
@@ -726,10 +743,18 @@ void fuzz_batch(FuzzedDataProvider& in, bool lifted) {
     Ambiguity ambiguity;
     if (!lifted && facts.comparable && !malformed)
       ambiguity = batch_triplet_ambiguity(x, labels, margin, distance, mining, soft_margin);
-    if (lifted && facts.comparable && !malformed)
+    if (lifted && facts.comparable && !malformed) {
+      double largest = 0.0;
       for (Index i = 0; i < x.rows; ++i)
-        for (Index j = 0; j < i; ++j)
-          if (too_small<T>(exact_squared(x, i, x, j))) ambiguity.loss = ambiguity.gradient = true;
+        for (Index j = 0; j < i; ++j) {
+          const double q = exact_squared(x, i, x, j);
+          if (too_small<T>(q)) ambiguity.loss = ambiguity.gradient = true;
+          largest = std::max(largest, std::sqrt(q));
+        }
+      // J <= largest distance + margin + log(2N): h^2 errs by ~2 h eps (distance scale).
+      ambiguity.loss_noise = rounding_noise<T>(
+          largest + margin, largest + margin + std::log(2.0 * static_cast<double>(x.rows) + 1.0));
+    }
     dump_input = [&] {
       print_options(lifted ? "LiftedStructureLoss" : "BatchTripletLoss", std::is_same<T, double>::value,
                     margin, static_cast<int>(mining), static_cast<int>(distance), soft_margin,
