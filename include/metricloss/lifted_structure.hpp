@@ -102,6 +102,15 @@ class LabelClasses {
   /// |P|: the number of pairs i < j with equal labels.
   Index positive_pairs() const { return positive_pairs_; }
 
+  /// f(k) for every row k < i of row i's class, in increasing k.
+  template <class F>
+  void for_each_earlier_positive(Index i, F&& f) const {
+    const Index* order = order_storage_.data(0);
+    const Index* start = start_storage_.data(0);
+    const Index c = class_of(i);
+    for (Index p = start[c]; p < start[c + 1] && order[p] < i; ++p) f(order[p]);
+  }
+
   /// f(i, j) for every positive pair, i < j, class by class.
   template <class F>
   void for_each_positive_pair(F&& f) const {

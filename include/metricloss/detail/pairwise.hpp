@@ -143,6 +143,13 @@ class PairwiseDistances {
   /// diagonal) is written, with the same values as compute(); the upper triangle is left as
   /// it was. For callers that sweep the triangle once (each unordered pair once).
   void compute_lower(const MatrixView<const T>& x) {
+    compute_lower(x, [](Index) {});
+  }
+
+  /// compute_lower(), calling row_done(i) as soon as row i (j < i) is final, while the
+  /// block of rows it belongs to is still in cache, in increasing i.
+  template <class F>
+  void compute_lower(const MatrixView<const T>& x, F&& row_done) {
     x_ = x;
     const Index n = x.rows, d = x.cols;
     centre(x);
@@ -192,6 +199,7 @@ class PairwiseDistances {
         }
         for (; j < i; ++j) fix(i, j);
         row[i] = T(0);
+        row_done(i);
       }
     }
   }
@@ -264,7 +272,7 @@ class PairwiseDistances {
 
   /// Diagonal block of the symmetric weights: gradient_from_symmetric_weights() reads the
   /// strictly lower triangle, and mirrors it within the diagonal blocks of this size.
-  static constexpr Index symmetric_block = 64;
+  static constexpr Index symmetric_block = 128;
 
   /// grad = scale * 2 (diag(r) - S) X for a symmetric S with zero diagonal whose strictly
   /// lower triangle (j < i) the caller wrote into `s` (N x N, row i at s + i * stride; a
@@ -288,14 +296,31 @@ class PairwiseDistances {
     const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(stride));
     const ConstStridedMap<T> xc = centred();
     StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
+    // Products of (b x chunk)(chunk x chunk) panels, each packed panel within Eigen's
+    // stack-allocation limit; every entry of S is packed once when D <= chunk.
+    constexpr Index chunk = sizeof(T) <= 4 ? 128 : 64;
+    const auto accumulate = [&](const auto& lhs, const auto& rhs, auto&& c, bool first) {
+      const Index depth = lhs.cols();
+      for (Index j0 = 0; j0 < d; j0 += chunk) {
+        const Index nj = std::min(chunk, d - j0);
+        auto tile = c.middleCols(j0, nj);
+        for (Index k0 = 0; k0 < depth; k0 += chunk) {
+          const Index kk = std::min(chunk, depth - k0);
+          if (first && k0 == 0)
+            tile.noalias() = lhs.middleCols(k0, kk) * rhs.block(k0, j0, kk, nj);
+          else
+            tile.noalias() += lhs.middleCols(k0, kk) * rhs.block(k0, j0, kk, nj);
+        }
+      }
+    };
     for (Index i0 = 0; i0 < n; i0 += b) {  // out[I] = S[I, :end(I)] xc[:end(I)]
       const Index mi = std::min(b, n - i0), end = i0 + mi;
-      product_without_allocation<T>(s.block(i0, 0, mi, end), xc.topRows(end), out.middleRows(i0, mi));
+      accumulate(s.block(i0, 0, mi, end), xc.topRows(end), out.middleRows(i0, mi), true);
     }
     for (Index k0 = 0; k0 + b < n; k0 += b) {  // out[K] += S[below, K]^T xc[below]
       const Index below = k0 + b, rest = n - below;
-      product_without_allocation<T>(s.block(below, k0, rest, b).transpose(), xc.middleRows(below, rest),
-                                    out.middleRows(k0, b), true);
+      accumulate(s.block(below, k0, rest, b).transpose(), xc.middleRows(below, rest),
+                 out.middleRows(k0, b), false);
     }
     const T two_scale = T(2) * scale;
     for (Index i = 0; i < n; ++i)

@@ -49,26 +49,26 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     const double margin = loss.margin;
     PairwiseDistances<T>& pairwise = scratch.pairwise;
 
-    // D2 on the lower triangle only (each unordered pair once), exact for the positive pairs.
-    pairwise.compute_lower(x);
-    T* distance = pairwise.squared().data();  // D2, then D in place; lower triangle k < i
-    classes.for_each_positive_pair([&](Index i, Index j) {  // i < j: entry (j, i)
-      distance[j * n + i] = static_cast<T>(pairwise.exact_squared(i, j));
-    });
-
     // Class ids as T (exact below 2^24 classes), compared lane-wise to mask the negatives.
     T* class_value = scratch.class_values.data(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) class_value[i] = static_cast<T>(classes.class_of(i));
 
-    // Sweep 1: D = sqrt(D2) in place, and the nearest negative of every row, from its part
-    // left of the diagonal (row-wise) and right of it (the column, lane-wise).
+    // D2 on the lower triangle only (each unordered pair once), exact for the positive
+    // pairs; fused with sweep 1, on each row as soon as it is final: D = sqrt(D2) in place,
+    // and the nearest negative of every row, from its part left of the diagonal (row-wise)
+    // and right of it (the column, lane-wise).
     T* nearest = scratch.row_nearest.data(static_cast<std::size_t>(n));
     T* column_nearest = scratch.column_nearest.data(static_cast<std::size_t>(n));
     std::fill(column_nearest, column_nearest + n, std::numeric_limits<T>::infinity());
-    for (Index i = 0; i < n; ++i)
-      nearest[i] = roots_and_nearest_negative(distance + i * n, class_value, class_value[i], i,
-                                              column_nearest);
+    pairwise.compute_lower(x, [&](Index i) {
+      T* row = pairwise.squared().data() + i * n;  // sized by compute_lower
+      classes.for_each_earlier_positive(i, [&](Index k) {
+        row[k] = static_cast<T>(pairwise.exact_squared(k, i));
+      });
+      nearest[i] = roots_and_nearest_negative(row, class_value, class_value[i], i, column_nearest);
+    });
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
+    T* distance = pairwise.squared().data();  // D, lower triangle k < i
 
     // Sweep 2: s_i = sum_k exp(nearest_i - D_ik) over the negatives, again from the row
     // part and the column part of the triangle; a_i = log s_i + margin - nearest_i (every
