@@ -1,7 +1,15 @@
-# The README's first ```cpp block must be tests/readme_example.cpp, verbatim.
+# The README's first ```cpp block must be tests/readme_example.cpp, verbatim, and its table of
+# malformed inputs must be the generated docs/errors.md's.
 file(READ "${README}" readme)
 file(READ "${EXAMPLE}" example)
 string(FIND "${readme}" "```cpp\n${example}```" position)
 if(position EQUAL -1)
   message(FATAL_ERROR "README.md's example differs from ${EXAMPLE}; copy the file into the README")
 endif()
+file(STRINGS "${ERRORS}" error_rows REGEX "^\\|")
+foreach(row IN LISTS error_rows)
+  string(FIND "${readme}" "${row}" position)
+  if(position EQUAL -1)
+    message(FATAL_ERROR "README.md lacks this row of ${ERRORS}; copy its table into the README:\n${row}")
+  endif()
+endforeach()
