@@ -30,6 +30,7 @@
 // NaN (mining is global: one NaN can change every selection).
 #include <metricloss/detail/batch_triplet_mining.hpp>
 #include <metricloss/detail/pairwise.hpp>
+#include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -123,6 +124,8 @@ class BatchTripletLoss {
   }
 
  private:
+  friend struct detail::BackendSlotAccess;
+  detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
   template <class, class>
   friend struct detail::Backend;
   detail::BatchTripletWorkspace<T> workspace_;

@@ -9,6 +9,7 @@
 //     legacy: -1 if d_i^2 < m, else 0.
 // No epsilon: at d_i = 0 the subgradient is exactly 0.
 #include <metricloss/detail/contrastive_math.hpp>
+#include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -135,6 +136,8 @@ class ContrastiveLoss {
   }
 
  private:
+  friend struct detail::BackendSlotAccess;
+  detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
   template <class X>
   static detail::MatrixView<const T> input(detail::Validator& check, const char* name,
                                            const Eigen::MatrixBase<X>& x) {

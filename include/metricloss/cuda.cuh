@@ -12,9 +12,9 @@
 //
 // Semantics: work is ordered on the tag's stream (legacy default stream for plain
 // `ml::cuda`); the only synchronisation is the stream sync that returns a host loss value.
-// Device scratch comes from a per-thread cache keyed by (device, stream), allocated in
+// Device scratch lives in the functor, one workspace per (device, stream), allocated in
 // stream order (cudaMallocAsync) only when a call needs more than before: no allocation per
-// call once warmed (metricloss::release_cuda_workspaces() frees the calling thread's cache).
+// call once warmed; it is freed with the functor (or by metricloss::release_cuda_workspaces(loss)).
 // CUDA failures throw metricloss::cuda_error; bad arguments throw
 // metricloss::invalid_argument before anything is enqueued.
 //

@@ -43,6 +43,7 @@
 // gradient. A NaN label or a non-finite entry of x makes the loss and the gradient NaN.
 #include <metricloss/detail/lifted_structure_math.hpp>
 #include <metricloss/detail/pairwise.hpp>
+#include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -201,6 +202,8 @@ class LiftedStructureLoss {
   }
 
  private:
+  friend struct detail::BackendSlotAccess;
+  detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
   template <class, class>
   friend struct detail::Backend;
 

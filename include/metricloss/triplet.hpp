@@ -10,6 +10,7 @@
 //   dL/dp_i = -2/N w_p (a_i - p_i),   dL/dn_i = 2/N w_n (a_i - n_i),
 // and zero for inactive triplets (subgradient 0 at the hinge). No epsilon anywhere.
 #include <metricloss/detail/triplet_math.hpp>
+#include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -132,6 +133,8 @@ class TripletLoss {
   }
 
  private:
+  friend struct detail::BackendSlotAccess;
+  detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
   template <class X>
   static detail::MatrixView<const T> input(detail::Validator& check, const char* name,
                                            const Eigen::MatrixBase<X>& x) {

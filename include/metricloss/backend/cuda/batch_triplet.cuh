@@ -295,7 +295,7 @@ struct CudaBatchTripletBackend {
                const MatrixView<const T>& x, const VectorView<L>& labels,
                const MatrixView<T>& grad, T top_diff) {
     return cuda::run_functor_path<T>(
-        "metricloss::BatchTripletLoss::forward_backward (cuda)", stream,
+        BackendSlotAccess::of(loss), "metricloss::BatchTripletLoss::forward_backward (cuda)", stream,
         cuda_core::batch_triplet_workspace_bytes<T>(x.rows, x.cols), deferred_loss,
         [&](void* workspace, std::size_t bytes, T* device_loss) {
           return cuda_core::batch_triplet_forward_backward<T, L>(

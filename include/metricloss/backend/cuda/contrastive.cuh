@@ -115,7 +115,7 @@ cudaError_t contrastive_forward_backward(void* workspace, std::size_t workspace_
 
 namespace detail {
 
-/// The functor path: validated views in, workspace from the per-thread cache, cuda_error on
+/// The functor path: validated views in, workspace from the functor's slot, cuda_error on
 /// failure. Also serves cuda_deferred_tag<T> (loss left in device memory, NaN returned).
 template <class T>
 struct CudaContrastiveBackend {
@@ -128,7 +128,7 @@ struct CudaContrastiveBackend {
         a, b, similarity, static_cast<double>(loss.margin), loss.form, grad_a, grad_b,
         static_cast<double>(top_diff) / static_cast<double>(a.rows)};
     return cuda::run_functor_path<T>(
-        "metricloss::ContrastiveLoss::forward_backward (cuda)", stream,
+        BackendSlotAccess::of(loss), "metricloss::ContrastiveLoss::forward_backward (cuda)", stream,
         cuda_core::contrastive_workspace_bytes<T>(a.rows, a.cols), deferred_loss,
         [&](void* workspace, std::size_t bytes, T* device_loss) {
           return cuda::contrastive_enqueue(workspace, bytes, work, device_loss, stream);

@@ -255,7 +255,7 @@ struct CudaLiftedStructureBackend {
                const MatrixView<const T>& x, const VectorView<L>& labels,
                const MatrixView<T>& grad, T top_diff) {
     return cuda::run_functor_path<T>(
-        "metricloss::LiftedStructureLoss::forward_backward (cuda)", stream,
+        BackendSlotAccess::of(loss), "metricloss::LiftedStructureLoss::forward_backward (cuda)", stream,
         cuda_core::lifted_structure_workspace_bytes<T>(x.rows, x.cols), deferred_loss,
         [&](void* workspace, std::size_t bytes, T* device_loss) {
           return cuda_core::lifted_structure_forward_backward<T, L>(

@@ -5,6 +5,7 @@
 // returns cudaError_t and works in caller-owned device workspace (with a size query); the
 // functor path (detail::Backend<Loss, cuda_tag>) takes its workspace from a cache, throws
 // metricloss::cuda_error, and synchronises only to copy the loss back to the host.
+#include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/errors.hpp>
 #include <metricloss/exec.hpp>
@@ -165,32 +166,31 @@ class Workspace {
   void* host_slot_ = nullptr;
 };
 
-/// The calling thread's workspace for the current device and `stream`. Functors are used one
-/// per thread, so a per-thread cache never hands one buffer to two concurrent calls, and
-/// keying by stream lets one thread drive several streams without false dependencies.
-inline std::vector<std::unique_ptr<Workspace>>& thread_workspaces() {
-  thread_local std::vector<std::unique_ptr<Workspace>> cache;
-  return cache;
-}
+/// A functor's CUDA workspaces, one per (device, stream), kept in the functor's backend
+/// slot: they live and die with the functor (functors are used one per thread, so a
+/// workspace never serves two concurrent calls), and keying by stream lets one functor drive
+/// several streams without false dependencies.
+struct FunctorWorkspaces : BackendSlot::Contents {
+  std::vector<std::unique_ptr<Workspace>> workspaces;
 
-inline Workspace& thread_workspace(cudaStream_t stream) {
-  std::vector<std::unique_ptr<Workspace>>& cache = thread_workspaces();
-  int device = 0;
-  throw_on_error(cudaGetDevice(&device), "metricloss: cudaGetDevice");
-  for (auto& w : cache)
-    if (w->device() == device && w->stream() == stream) return *w;
-  cache.push_back(std::make_unique<Workspace>(device, stream));
-  return *cache.back();
-}
+  Workspace& for_stream(cudaStream_t stream) {
+    int device = 0;
+    throw_on_error(cudaGetDevice(&device), "metricloss: cudaGetDevice");
+    for (auto& w : workspaces)
+      if (w->device() == device && w->stream() == stream) return *w;
+    workspaces.push_back(std::make_unique<Workspace>(device, stream));
+    return *workspaces.back();
+  }
+};
 
 /// Runs a core on the functor path: workspace from the cache plus one slot for the loss,
 /// errors thrown. `core(workspace, bytes, device_loss)` enqueues everything on the stream.
 /// With `deferred_loss` the loss is left in device memory and NaN is returned; otherwise the
 /// value is copied to pinned memory and the stream alone is synchronised.
 template <class T, class Core>
-T run_functor_path(const char* where, cudaStream_t stream, std::size_t core_bytes,
-                   T* deferred_loss, Core&& core) {
-  Workspace& workspace = thread_workspace(stream);
+T run_functor_path(BackendSlot& slot, const char* where, cudaStream_t stream,
+                   std::size_t core_bytes, T* deferred_loss, Core&& core) {
+  Workspace& workspace = slot.get<FunctorWorkspaces>().for_stream(stream);
   const std::size_t core_part = aligned_bytes(core_bytes);
   char* memory = static_cast<char*>(workspace.device_memory(core_part + sizeof(double)));
   T* device_loss = deferred_loss ? deferred_loss : reinterpret_cast<T*>(memory + core_part);
@@ -221,9 +221,12 @@ struct FunctorBackend {
 }  // namespace cuda
 }  // namespace detail
 
-/// Frees the calling thread's cached CUDA workspaces (every device and stream), e.g. after a
-/// large batch or before destroying a stream the losses ran on. Synchronising (cudaFree);
-/// the next call allocates again. Without it they live until the thread ends.
-inline void release_cuda_workspaces() { detail::cuda::thread_workspaces().clear(); }
+/// Frees a functor's CUDA workspaces now (e.g. after an unusually large batch, or before
+/// destroying a stream it ran on); they are otherwise freed with the functor. Synchronising
+/// (cudaFree); the next call allocates again.
+template <class Loss>
+void release_cuda_workspaces(Loss& loss) {
+  detail::BackendSlotAccess::of(loss).reset();
+}
 
 }  // namespace metricloss

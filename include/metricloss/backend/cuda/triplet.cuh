@@ -119,7 +119,7 @@ struct CudaTripletBackend {
                const MatrixView<T>& grad_positive, const MatrixView<T>& grad_negative,
                T top_diff) {
     return cuda::run_functor_path<T>(
-        "metricloss::TripletLoss::forward_backward (cuda)", stream,
+        BackendSlotAccess::of(loss), "metricloss::TripletLoss::forward_backward (cuda)", stream,
         cuda_core::triplet_workspace_bytes<T>(anchor.rows, anchor.cols), deferred_loss,
         [&](void* workspace, std::size_t bytes, T* device_loss) {
           return cuda_core::triplet_forward_backward<T>(
