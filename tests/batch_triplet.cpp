@@ -466,22 +466,6 @@ TEMPLATE_TEST_CASE("batch triplet computes the gradient only when asked", "[batc
   CHECK(ml::testing::compare_gradients(scaled, (T(-2) * grad).eval()).relative() <= Tolerance<T>::gradient);
 }
 
-namespace {
-template <class Call>
-void expect_invalid(Call&& call, std::initializer_list<const char*> fragments,
-                    const Matrix<float>& output, const Matrix<float>& before) {
-  try {
-    call();
-    FAIL("no exception thrown");
-  } catch (const ml::invalid_argument& e) {
-    const std::string message = e.what();
-    CAPTURE(message);
-    for (const char* fragment : fragments) CHECK(message.find(fragment) != std::string::npos);
-  }
-  CHECK(output == before);
-}
-}  // namespace
-
 TEMPLATE_TEST_CASE("batch triplet rejects bad input and writes nothing", "[batch_triplet][errors]",
                    ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};

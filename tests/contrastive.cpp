@@ -306,24 +306,6 @@ TEMPLATE_TEST_CASE("contrastive follows Caffe's similarity semantics", "[contras
   }
 }
 
-namespace {
-/// Runs `call` and checks that it throws ml::invalid_argument whose message contains
-/// every fragment, and that `outputs` are unchanged.
-template <class Call>
-void expect_invalid(Call&& call, std::initializer_list<const char*> fragments,
-                    const Matrix<float>& output, const Matrix<float>& before) {
-  try {
-    call();
-    FAIL("no exception thrown");
-  } catch (const ml::invalid_argument& e) {
-    const std::string message = e.what();
-    CAPTURE(message);
-    for (const char* fragment : fragments) CHECK(message.find(fragment) != std::string::npos);
-  }
-  CHECK(output == before);
-}
-}  // namespace
-
 TEMPLATE_TEST_CASE("contrastive rejects bad input and writes nothing", "[contrastive][errors]",
                    ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};

@@ -455,22 +455,6 @@ TEMPLATE_TEST_CASE("lifted structure accepts every label type", "[lifted]", ml::
   CHECK(loss.forward_backward(tag, x, labels, ml::skip) == value);
 }
 
-namespace {
-template <class Call>
-void expect_invalid(Call&& call, std::initializer_list<const char*> fragments,
-                    const Matrix<float>& output, const Matrix<float>& before) {
-  try {
-    call();
-    FAIL("no exception thrown");
-  } catch (const ml::invalid_argument& e) {
-    const std::string message = e.what();
-    CAPTURE(message);
-    for (const char* fragment : fragments) CHECK(message.find(fragment) != std::string::npos);
-  }
-  CHECK(output == before);
-}
-}  // namespace
-
 TEMPLATE_TEST_CASE("lifted structure rejects bad input and writes nothing", "[lifted][errors]",
                    ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};

@@ -7,6 +7,8 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <initializer_list>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -91,4 +93,21 @@ namespace mltest {
 /// transcription of Caffe's loops): they differ by rounding only (~1e-14 relative for the
 /// batch sizes tested), so they must agree far inside API.md's 1e-10.
 inline constexpr double same_formula_tolerance = 1e-12;
+
+/// Runs `call` and checks that it throws ml::invalid_argument whose message contains every
+/// fragment, and that `output` still equals `before` (nothing written).
+template <class Call, class Output>
+void expect_invalid(Call&& call, std::initializer_list<const char*> fragments,
+                    const Output& output, const Output& before) {
+  try {
+    call();
+    FAIL("no exception thrown");
+  } catch (const ml::invalid_argument& e) {
+    const std::string message = e.what();
+    CAPTURE(message);
+    for (const char* fragment : fragments) CHECK(message.find(fragment) != std::string::npos);
+  }
+  CHECK(output == before);
+}
+
 }  // namespace mltest

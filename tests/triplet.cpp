@@ -280,24 +280,6 @@ TEMPLATE_TEST_CASE("triplet in float is accurate at a large common offset", "[tr
   CHECK(ml::testing::compare_gradients(gn, r.grad_negative).relative() <= Tolerance<float>::gradient);
 }
 
-namespace {
-/// Runs `call` and checks that it throws ml::invalid_argument whose message contains
-/// every fragment, and that `output` is unchanged.
-template <class Call>
-void expect_invalid(Call&& call, std::initializer_list<const char*> fragments,
-                    const Matrix<float>& output, const Matrix<float>& before) {
-  try {
-    call();
-    FAIL("no exception thrown");
-  } catch (const ml::invalid_argument& e) {
-    const std::string message = e.what();
-    CAPTURE(message);
-    for (const char* fragment : fragments) CHECK(message.find(fragment) != std::string::npos);
-  }
-  CHECK(output == before);
-}
-}  // namespace
-
 TEMPLATE_TEST_CASE("triplet rejects bad input and writes nothing", "[triplet][errors]",
                    ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};
