@@ -132,3 +132,21 @@ TEST_CASE("fuzz finding 3: triplet (float, simd) hinge between two large distanc
   CHECK(scalar == 0.0f);
   CHECK(simd == scalar);
 }
+
+// Finding 4 (open; reported to the owner of detail/views.hpp and detail/validate.hpp): a
+// gradient output whose data pointer is null (an empty Eigen matrix, e.g. one the caller
+// forgot to resize, or a 3x0 map) is taken for `metricloss::skip`: Validator::gradient
+// returns early on MatrixView::empty() (data == nullptr), so the shape mismatch is never
+// reported and the gradient is silently not computed. Fix: mark skip views explicitly
+// (e.g. a flag or stride -1 in gradient_view(skip)) and validate every other view's shape.
+TEST_CASE("fuzz finding 4: an empty gradient matrix is rejected, not skipped",
+          "[.][fuzz][contrastive]") {
+  const Matrix<float> a = Matrix<float>::Ones(3, 2), b = Matrix<float>::Zero(3, 2);
+  const Eigen::VectorXf sim = Eigen::VectorXf::Zero(3);
+  Matrix<float> not_resized, grad_b(3, 2);
+  ml::ContrastiveLoss<float> loss;
+  CHECK_THROWS_AS(loss.forward_backward(ml::simd, a, b, sim, not_resized, grad_b), ml::invalid_argument);
+  ml::LiftedStructureLoss<float> lifted;
+  const Eigen::VectorXi labels = Eigen::VectorXi::Zero(3);
+  CHECK_THROWS_AS(lifted.forward_backward(ml::simd, a, labels, not_resized), ml::invalid_argument);
+}
