@@ -80,7 +80,12 @@ class Validator {
   template <class T, class U>
   void gradient(const char* name, const MatrixView<T>& g, const char* ref_name,
                 const MatrixView<U>& ref) {
-    if (g.empty()) return;
+    if (g.empty()) {
+      if (g.stride < 0)
+        fail(std::string("argument '") + name + "' has shape " + shape_string(g.rows, g.cols) +
+             " and no storage (null data); pass metricloss::skip for a gradient not wanted");
+      return;
+    }
     same_shape(name, g, ref_name, ref);
     if (g.rows > 1 && g.stride < g.cols)
       fail(std::string("argument '") + name + "' has outer stride " + std::to_string(g.stride) +

@@ -75,6 +75,9 @@ auto output_view(X&& out) {
   }
 }
 
+/// View of a gradient argument: empty for `skip`. A matrix without storage (null data, e.g.
+/// one never resized) is not a skip: its view keeps its shape with stride -1, which
+/// Validator::gradient rejects.
 template <class T, class X>
 MatrixView<T> gradient_view(X&& out) {
   using D = remove_cvref_t<X>;
@@ -83,6 +86,7 @@ MatrixView<T> gradient_view(X&& out) {
   } else {
     static_assert(std::is_same<typename D::Scalar, T>::value,
                   "metricloss: a gradient must have the loss's scalar type");
+    if (out.data() == nullptr) return MatrixView<T>{nullptr, out.rows(), out.cols(), -1};
     return output_view(std::forward<X>(out));
   }
 }
