@@ -1,6 +1,7 @@
 #pragma once
 // Row primitives of the SIMD path: xsimd batches over D for the compile-time best
 // instruction set, with scalar tails for D not a multiple of the batch width.
+#include <metricloss/backend/scalar/rowops.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/types.hpp>
 
@@ -9,11 +10,19 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 
 namespace metricloss {
 namespace detail {
 
 struct SimdRowOps {
+  /// A coefficient too large for T (1/d at a subnormal distance d, in float) would turn a
+  /// finite gradient into inf in T arithmetic; such rows are scaled in double instead.
+  template <class T>
+  static bool fits(double c) {
+    return std::abs(c) <= static_cast<double>(std::numeric_limits<T>::max());
+  }
+
   /// ||a - b||^2: lane sums in T over D / width entries, then the total in double.
   /// Two accumulators hide the FMA latency.
   template <class T>
@@ -45,6 +54,7 @@ struct SimdRowOps {
   template <class T>
   static void scaled_difference(T* out_pos, T* out_neg, const T* a, const T* b, double c,
                                 Index d) {
+    if (!fits<T>(c)) return ScalarRowOps::scaled_difference(out_pos, out_neg, a, b, c, d);
     if (out_pos && out_neg) {
       run(a, b, static_cast<T>(c), d, [&](Index j, auto v) {
         v.store_unaligned(out_pos + j);
@@ -115,6 +125,8 @@ struct SimdRowOps {
       if (grad_n) std::fill(grad_n, grad_n + d, T(0));
       return;
     }
+    if (!fits<T>(c_p) || !fits<T>(c_n))
+      return ScalarRowOps::triplet_gradients(grad_a, grad_p, grad_n, a, p, n, c_p, c_n, d);
     // One loop per subset of wanted outputs, so the loop body has no branches.
     const int wanted = (grad_a ? 1 : 0) | (grad_p ? 2 : 0) | (grad_n ? 4 : 0);
     const T cp = static_cast<T>(c_p), cn = static_cast<T>(c_n);
@@ -259,7 +271,10 @@ struct SimdRowOps {
       tail[j - tail_begin] = t;
       squared += static_cast<double>(t) * static_cast<double>(t);
     }
-    const T c = static_cast<T>(coefficient_of(squared));
+    const double coefficient = coefficient_of(squared);
+    if (!fits<T>(coefficient))
+      return ScalarRowOps::scaled_difference(out_pos, out_neg, a, b, coefficient, d);
+    const T c = static_cast<T>(coefficient);
     const batch positive(c), negative(-c);
     if (out_pos) {
       for (Index k = 0; k < full_batches; ++k) (positive * diff[k]).store_unaligned(out_pos + k * width);
