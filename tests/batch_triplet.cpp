@@ -17,14 +17,6 @@ using ml::Mining;
 
 namespace {
 
-template <class T_, class Tag_>
-struct Case {
-  using T = T_;
-  using Tag = Tag_;
-};
-#define ALL_CASES                                                                     \
-  (Case<float, ml::scalar_tag>), (Case<float, ml::simd_tag>), (Case<double, ml::scalar_tag>), \
-      (Case<double, ml::simd_tag>)
 
 std::string name_of(Mining mining, Distance distance, bool soft_margin) {
   std::string name = mining == Mining::all ? "all" : mining == Mining::hard ? "hard" : "semihard";

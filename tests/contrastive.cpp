@@ -11,14 +11,6 @@ using ml::ContrastiveForm;
 
 namespace {
 
-template <class T_, class Tag_>
-struct Case {
-  using T = T_;
-  using Tag = Tag_;
-};
-#define ALL_CASES                                                                     \
-  (Case<float, ml::scalar_tag>), (Case<float, ml::simd_tag>), (Case<double, ml::scalar_tag>), \
-      (Case<double, ml::simd_tag>)
 
 /// Test-only reference written from API.md's formula, in double.
 struct Reference {

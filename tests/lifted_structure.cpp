@@ -48,14 +48,6 @@ void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); 
 
 namespace {
 
-template <class T_, class Tag_>
-struct Case {
-  using T = T_;
-  using Tag = Tag_;
-};
-#define ALL_CASES                                                                     \
-  (Case<float, ml::scalar_tag>), (Case<float, ml::simd_tag>), (Case<double, ml::scalar_tag>), \
-      (Case<double, ml::simd_tag>)
 
 using Labels = Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>;
 

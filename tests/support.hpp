@@ -110,4 +110,15 @@ void expect_invalid(Call&& call, std::initializer_list<const char*> fragments,
   CHECK(output == before);
 }
 
+
+/// One test body per scalar type and CPU path: TEMPLATE_TEST_CASE(..., ALL_CASES).
+template <class T_, class Tag_>
+struct Case {
+  using T = T_;
+  using Tag = Tag_;
+};
+#define ALL_CASES                                                                     \
+  (mltest::Case<float, metricloss::scalar_tag>), (mltest::Case<float, metricloss::simd_tag>), \
+      (mltest::Case<double, metricloss::scalar_tag>), (mltest::Case<double, metricloss::simd_tag>)
+
 }  // namespace mltest

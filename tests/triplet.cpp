@@ -13,14 +13,6 @@ using ml::Distance;
 
 namespace {
 
-template <class T_, class Tag_>
-struct Case {
-  using T = T_;
-  using Tag = Tag_;
-};
-#define ALL_CASES                                                                     \
-  (Case<float, ml::scalar_tag>), (Case<float, ml::simd_tag>), (Case<double, ml::scalar_tag>), \
-      (Case<double, ml::simd_tag>)
 
 const char* name_of(Distance distance) {
   return distance == Distance::euclidean ? "euclidean" : "squared_euclidean";
