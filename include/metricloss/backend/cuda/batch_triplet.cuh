@@ -18,6 +18,7 @@
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/rounding.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 
 #include <cuda_runtime.h>
@@ -40,6 +41,7 @@ __device__ inline bool batch_label_is_nan(L label) {
 template <class T, class L>
 struct MiningArgs {
   const T* squared;  // N x N
+  const double* norms;  // ||xc_i||^2 of the centred batch
   Index n;
   MatrixView<const T> x;
   VectorView<L> labels;
@@ -67,19 +69,53 @@ __device__ inline double block_exact_squared(const MatrixView<const T>& x, Index
   return block_sum<mining_threads>(sum, shared);
 }
 
-/// The nearest negative (Largest = false) or farthest (true) of anchor a among those with
-/// D2 > above (pass -1 for all of them); index -1 when there is none.
+/// ||x_a - x_j||^2 by differences in double, one thread's ascending sum: semihard's
+/// comparisons use this one order for both sides, so duplicate rows tie exactly.
+template <class T>
+__device__ inline double thread_exact_squared(const MatrixView<const T>& x, Index a, Index j) {
+  const T* xa = x.row(a);
+  const T* xj = x.row(j);
+  double sum = 0.0;
+  for (Index c = 0; c < x.cols; ++c) {
+    const double diff = static_cast<double>(xa[c]) - static_cast<double>(xj[c]);
+    sum = fma(diff, diff, sum);
+  }
+  return sum;
+}
+
+/// The nearest negative (Largest = false) or the farthest (true) of anchor a by D2; index -1
+/// only when there is none (NaN entries take part, so a non-finite row still names a valid
+/// row: the loss is NaN then anyway).
 template <bool Largest, class T, class L>
 __device__ inline Candidate block_negative(const MiningArgs<T, L>& args, Index a, L label,
-                                           double above, Candidate* shared) {
+                                           Candidate* shared) {
   const T* row = args.squared + a * args.n;
   Candidate best{0.0, -1};
   for (Index j = threadIdx.x; j < args.n; j += mining_threads) {
     if (args.labels[j] == label) continue;
-    const double q = static_cast<double>(row[j]);
-    if (q > above) best = better<Largest>(best, Candidate{q, static_cast<long long>(j)});
+    best = better<Largest>(best, Candidate{static_cast<double>(row[j]), static_cast<long long>(j)});
   }
   return block_best<Largest, mining_threads>(best, shared);
+}
+
+/// Semihard's nearest negative of anchor a strictly farther than `above`, an exact squared
+/// distance from thread_exact_squared (index -1 when there is none). A product entry within its rounding bound of
+/// `above` is recomputed by differences, so that a negative tied with the positive (a
+/// duplicate row, say) is never taken for a farther one by rounding.
+template <class T, class L>
+__device__ inline Candidate block_nearest_farther(const MiningArgs<T, L>& args, Index a, L label,
+                                                  double above, Candidate* shared) {
+  const T* row = args.squared + a * args.n;
+  const double unit = product_rounding_unit<T>(args.x.cols);
+  Candidate best{0.0, -1};
+  for (Index j = threadIdx.x; j < args.n; j += mining_threads) {
+    if (args.labels[j] == label) continue;
+    double q = static_cast<double>(row[j]);
+    if (fabs(q - above) <= unit * (args.norms[a] + args.norms[j]))  // rare
+      q = thread_exact_squared(args.x, a, j);
+    if (q > above) best = better<false>(best, Candidate{q, static_cast<long long>(j)});
+  }
+  return block_best<false, mining_threads>(best, shared);
 }
 
 /// One mined triplet (a, p, n) with distances by differences: its term, and (thread 0) its
@@ -130,12 +166,12 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
         if (j != a && args.labels[j] == label)
           farthest_positive = better<true>(farthest_positive, Candidate{static_cast<double>(row[j]), j});
       farthest_positive = block_best<true, mining_threads>(farthest_positive, shared_candidates);
-      const Candidate nearest_negative = block_negative<false>(args, a, label, -1.0, shared_candidates);
+      const Candidate nearest_negative = block_negative<false>(args, a, label, shared_candidates);
       sum = mined_triplet(args, a, farthest_positive.index, nearest_negative.index, shared);
       count = 1.0;
     } else {
       // The positives one at a time, in row order (a block-uniform walk).
-      const Candidate farthest_negative = block_negative<true>(args, a, label, -1.0, shared_candidates);
+      const Candidate farthest_negative = block_negative<true>(args, a, label, shared_candidates);
       for (Index j0 = 0; j0 < n; j0 += mining_threads) {
         const Index j = j0 + tid;
         is_positive[tid] = j < n && j != a && args.labels[j] == label;
@@ -144,8 +180,8 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
           if (!is_positive[t]) continue;
           const Index p = j0 + t;
           if (args.mining == Mining::semihard) {
-            const double q_ap = static_cast<double>(row[p]);
-            const Candidate farther = block_negative<false>(args, a, label, q_ap, shared_candidates);
+            const double q_ap = thread_exact_squared(args.x, a, p);  // every thread, same bits
+            const Candidate farther = block_nearest_farther(args, a, label, q_ap, shared_candidates);
             const Index negative = farther.index >= 0 ? farther.index : farthest_negative.index;
             sum += mined_triplet(args, a, p, negative, shared);
             count += 1.0;
@@ -235,7 +271,7 @@ cudaError_t batch_triplet_enqueue(void* workspace, std::size_t workspace_bytes,
   cudaError_t error = enqueue_batch_distances(parts, x, labels, stream);
   if (error != cudaSuccess) return error;
   const bool gradient = !grad.empty();
-  const MiningArgs<T, L> args{parts.squared, n, x, labels, margin, mining, distance, soft_margin,
+  const MiningArgs<T, L> args{parts.squared, parts.norms, n, x, labels, margin, mining, distance, soft_margin,
                               gradient ? layout.weights : nullptr, layout.anchor_sum,
                               layout.anchor_count, parts.not_finite};
   const auto blocks = static_cast<unsigned>(n);
