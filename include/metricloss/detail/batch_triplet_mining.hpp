@@ -8,7 +8,9 @@
 //   Weights:   enabled()   false when no gradient is wanted;
 //              add(i, j, w) adds w = d(sum)/d q_ij, where sum is the loss before division by
 //              its count (the caller scales by top_diff / count);
-//              add_row(i, w, n) adds w[j] to every (i, j) (zeros included).
+//              add_row(i, w, n) adds w[j] to every (i, j) (zeros included);
+//              add_row_lanes(i, w, n) the same with w in the distances' type (only where
+//              RowOps has the soft-margin lane kernels).
 //
 // Selection compares squared distances: d is monotone in q for both Distance kinds. Costs,
 // with c = the largest class size:
@@ -20,7 +22,7 @@
 //             distances give, per positive, the number of active triplets and their summed
 //             hinge (sum over active n of d_ap + m - d_an), and per negative the number of
 //             positives it is active with. soft_margin: O(N^2 c), since softplus does not
-//             factor.
+//             factor (its exp does: see SimdRowOps' lane kernels).
 // A negative's bucket (how many positive thresholds lie below it) is found by one
 // vectorised pass over the row per positive while c <= 17 (O(N^2 c) compares, but a few
 // cycles per 8 of them), else by a branch-free binary search (O(N^2 log c)).
@@ -129,9 +131,19 @@ inline void count_thresholds_below(const double* t, Index k, const double* value
   }
 }
 
+/// Whether RowOps runs Mining::all with soft_margin in lanes of the distances' type
+/// (soft_margin_row_lanes and its helpers, SimdRowOps) rather than by soft_margin_row.
+template <class RowOps, class = void>
+struct soft_margin_in_lanes : std::false_type {};
+template <class RowOps>
+struct soft_margin_in_lanes<
+    RowOps, std::void_t<decltype(&RowOps::template soft_margin_padded<float>)>>
+    : std::true_type {};
+
 /// Mining with its per-anchor scratch memory (grow-only). RowOps (the backend's row
-/// primitives) supplies soft_margin_row, the O(N^2 c) inner loop of Mining::all with
-/// soft_margin.
+/// primitives) supplies the O(N^2 c) inner loop of Mining::all with soft_margin:
+/// soft_margin_row over double distances, or the soft_margin_*lanes kernels over the
+/// distances in their own type (see all_soft_anchor_lanes).
 class TripletMiner {
  public:
   template <class RowOps, class Distances, class Weights>
@@ -254,8 +266,14 @@ class TripletMiner {
         return Positive{d.value + margin, p, d};
       });
       const double* thresholds = thresholds_of(positives, k);
-      // Distances of the whole row (one vectorisable pass; the anchor's class is skipped).
       const auto* row = distances.row(a);
+      if constexpr (soft_margin_in_lanes<RowOps>::value) {
+        if (soft_margin) {
+          all_soft_anchor_lanes<RowOps>(result, a, positives, k, classes, row, distance, weights);
+          continue;
+        }
+      }
+      // Distances of the whole row (one vectorisable pass; the anchor's class is skipped).
       for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
       if (distance == Distance::euclidean) RowOps::square_root_in_place(value, n);
       const Index own = class_of[a];
@@ -333,6 +351,53 @@ class TripletMiner {
     weights.add_row(a, slope, n);
   }
 
+  /// One anchor of Mining::all with soft_margin in lanes of T, the distances' type: the
+  /// row's distances once (+inf off the negatives), then one kernel pass per positive over
+  /// the whole row, and the negatives' weights in one pass. O(k N).
+  template <class RowOps, class T, class Weights>
+  void all_soft_anchor_lanes(MiningResult& result, Index a, const Positive* positives, Index k,
+                             const BatchClasses& classes, const T* row, Distance distance,
+                             Weights& weights) {
+    const Index n = classes.size();
+    const Index padded = RowOps::template soft_margin_padded<T>(n);
+    T* dist = lanes_scratch<T>(static_cast<std::size_t>(4 * padded));
+    T* factor = dist + padded;
+    T* inverse = factor + padded;
+    T* slope = inverse + padded;
+    RowOps::soft_margin_distances(row, n, padded, distance, dist);
+    for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+      dist[*p] = std::numeric_limits<T>::infinity();
+    // Positives are sorted by threshold: the first and last span them.
+    double centre = 0.0;
+    const bool factored = RowOps::soft_margin_factors(dist, padded, positives[0].key,
+                                                      positives[k - 1].key, factor, inverse, centre);
+    const bool wanted = weights.enabled();
+    if (wanted) std::fill(slope, slope + padded, T(0));
+    for (Index i = 0; i < k; ++i) {
+      double positive_slope = 0.0;
+      const double t = positives[i].key;
+      if (factored && wanted)
+        result.sum += RowOps::template soft_margin_row_lanes<true, true>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+      else if (factored)
+        result.sum += RowOps::template soft_margin_row_lanes<true, false>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+      else if (wanted)
+        result.sum += RowOps::template soft_margin_row_lanes<false, true>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+      else
+        result.sum += RowOps::template soft_margin_row_lanes<false, false>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+      if (wanted) weights.add(a, positives[i].index, positive_slope * positives[i].distance.derivative);
+    }
+    result.count += static_cast<double>(k) * static_cast<double>(classes.negatives(a));
+    if (!wanted) return;
+    RowOps::soft_margin_negative_weights(slope, dist, padded, distance);
+    weights.add_row_lanes(a, static_cast<const T*>(slope), n);
+  }
+
+  template <class T>
+  T* lanes_scratch(std::size_t size) {
+    if constexpr (std::is_same<T, float>::value) return lanes_float_.data(size);
+    else return lanes_double_.data(size);
+  }
+
   /// The positives of anchor a made by `make`, sorted by key (ties by row).
   template <class Make>
   const Positive* sorted_positives(const BatchClasses& classes, Index a, Make&& make) {
@@ -369,6 +434,8 @@ class TripletMiner {
   GrowOnlyBuffer<Positive> positives_;
   GrowOnlyBuffer<double> thresholds_, bucket_count_, bucket_sum_, values_, negative_slope_, packed_;
   GrowOnlyBuffer<Index> nearest_, buckets_;
+  GrowOnlyBuffer<float> lanes_float_;  // all_soft_anchor_lanes: 4 rows of the distances' type
+  GrowOnlyBuffer<double> lanes_double_;
 };
 
 /// Whether every entry of x is finite (a non-finite batch gives a NaN loss and gradient).

@@ -68,6 +68,30 @@ class SplitWeights {
       if (!far(i, j) && w[j] != 0.0) add_by_differences(i, j, w[j]);
   }
 
+  /// add_row with w in T (Mining::all with soft_margin in lanes): the far pairs in
+  /// batches, the close ones (rare) by differences where their weight is not 0.
+  void add_row_lanes(Index i, const T* w, Index) {
+    using batch = xsimd::batch<T>;
+    constexpr Index width = static_cast<Index>(batch::size);
+    T* row = weights_ + i * n_;
+    const T* squared = squared_ + i * n_;
+    const batch bound(norms_[i]), scale(ratio), zero(T(0));
+    Index j = 0;
+    for (; j + width <= n_; j += width) {
+      const batch wj = batch::load_unaligned(w + j);
+      const auto far_lanes =
+          batch::load_unaligned(squared + j) > scale * (bound + batch::load_unaligned(norms_ + j));
+      (batch::load_unaligned(row + j) + xsimd::select(far_lanes, wj, zero)).store_unaligned(row + j);
+      if (!xsimd::all(far_lanes | (wj == zero)))
+        for (Index r = j; r < j + width; ++r)
+          if (!far(i, r) && w[r] != T(0)) add_by_differences(i, r, static_cast<double>(w[r]));
+    }
+    for (; j < n_; ++j) {
+      if (far(i, j)) row[j] += w[j];
+      else if (w[j] != T(0)) add_by_differences(i, j, static_cast<double>(w[j]));
+    }
+  }
+
   /// grad = scale (2 (diag(S 1) - S) X + the close pairs' terms).
   void gradient(PairwiseDistances<T>& pairwise, double scale, const MatrixView<T>& grad) const {
     pairwise.gradient_from_weights(static_cast<T>(scale), grad);
