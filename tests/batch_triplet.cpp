@@ -276,6 +276,30 @@ TEMPLATE_TEST_CASE("batch triplet simd agrees with scalar over sizes and strides
   CHECK(ml::testing::compare_gradients(g_scalar.map(), r.grad).relative(1e-30) <= Tolerance<T>::gradient);
 }
 
+TEMPLATE_TEST_CASE("batch triplet soft margin at every distance scale", "[batch_triplet][numerics]",
+                   ALL_CASES) {
+  // Mining::all with soft_margin: the simd path takes exp(-|x|) from per-row factors where a
+  // row's distances and thresholds span little enough, else one exp per entry with its
+  // argument clamped; at the large scales many softplus terms underflow to 0 and others are
+  // in the thousands.
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  const Distance distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
+  const double scale = GENERATE(0.01, 1.0, 30.0, 300.0);
+  CAPTURE(name_of(Mining::all, distance, true), scale);
+  std::mt19937_64 rng(123);
+  const Index n = 45, d = 12;
+  const Labels y = labels_of(random_labels(n, 6, rng));
+  const Matrix<T> x = uniform_matrix<T>(n, d, rng, -scale, scale);
+  ml::BatchTripletLoss<T> loss(T(0.2), Mining::all, distance, true);
+  Matrix<T> grad(n, d);
+  const T value = loss.forward_backward(tag, x, y, grad);
+  const Reference r = brute_force(x.template cast<double>(), y, T(0.2), Mining::all, distance, true, 1.0);
+  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+  CHECK(loss.forward(tag, x, y) == value);
+}
+
 TEMPLATE_TEST_CASE("batch triplet with large classes", "[batch_triplet]", ALL_CASES) {
   // More than 16 positives per anchor: the buckets come from a binary search per negative
   // rather than one pass per positive.
