@@ -27,6 +27,23 @@ Matrix<double> far_apart(Eigen::VectorXi& labels) {
   return x;
 }
 
+/// 24 rows in 1-D: rows 0 and 9 (class 4) 2^14 apart at 1e20, the rest near 0 in classes
+/// 0..3: rows 0 and 9 are positives whose nearest negative is 1e20 away, so the exponent
+/// nearest - D of that pair (not used: no negative) is about +1e20, in a full SIMD batch.
+Matrix<double> far_positive_pair(Eigen::VectorXi& labels) {
+  const Index n = 24;
+  Matrix<double> x(n, 1);
+  labels.resize(n);
+  for (Index i = 0; i < n; ++i) {
+    x(i, 0) = 0.125 * static_cast<double>(i);
+    labels[i] = static_cast<int>(i % 4);
+  }
+  x(0, 0) = 1e20;
+  x(9, 0) = 1e20 + 16384.0;
+  labels[0] = labels[9] = 4;
+  return x;
+}
+
 template <class Loss>
 void check_finite_and_paths_agree(Loss& loss, const Matrix<double>& x, const Eigen::VectorXi& labels) {
   Matrix<double> g_scalar(x.rows(), x.cols()), g_simd(x.rows(), x.cols());
@@ -42,32 +59,57 @@ void check_finite_and_paths_agree(Loss& loss, const Matrix<double>& x, const Eig
 
 }  // namespace
 
-// Finding 1 (open; reported to the owner of backend/simd/lifted_structure.hpp): xsimd 8.1's
-// exp for double batches on AVX-512 converts its exponent with a scalar double -> int64
-// cast, undefined behaviour for arguments below about -6.4e18 (and NaN). The SIMD lifted
-// loss takes exp(min_k D_ik - D_ik) of every entry of a row, so finite data whose distances
-// differ by more than that (representable in double) execute it. UBSan
-// (-fsanitize=float-cast-overflow) reports it; x86 happens to give a value that exp's
-// range select then discards. Fix: clamp the argument (e.g. max(arg, -1000): exp is 0 below
-// -745 either way) before xsimd::exp.
+// Finding 1 (fixed: the argument is clamped before the exp): xsimd 8.1's exp for double
+// batches on AVX-512 converts its exponent with a scalar double -> int64 cast, undefined
+// behaviour for arguments below about -6.4e18 (and NaN). The SIMD lifted loss takes
+// exp(min_k D_ik - D_ik) of every entry of a row, so finite data whose distances differ by
+// more than that (representable in double) executed it; UBSan (-fsanitize=float-cast-overflow)
+// reports it, x86 happened to give a value that exp's range select then discarded.
 TEST_CASE("fuzz finding 1: lifted structure (double, simd) with distances 1e20 apart",
-          "[.][fuzz][lifted_structure]") {
+          "[fuzz][lifted_structure]") {
   Eigen::VectorXi labels;
   const Matrix<double> x = far_apart(labels);
   ml::LiftedStructureLoss<double> loss(1.0);
   check_finite_and_paths_agree(loss, x, labels);
+  const Matrix<double> y = far_positive_pair(labels);  // exponents of about +1e20 too
+  check_finite_and_paths_agree(loss, y, labels);
 }
 
-// Finding 1, second site (open; same cause): the soft margin of BatchTripletLoss<double>
-// (simd, Mining::all) takes xsimd::exp(-|t - d_an|) over rows of negatives.
+// The clamp must not hide the scalar path's NaN: d^2 overflows to +inf between rows 0..7
+// (one class each) and rows 8..15 (class 0, the only positive pairs), so each of rows 8..15
+// has all its negatives at +inf and exp(inf - inf) = NaN; with 8 double lanes, their sums
+// come from full batches only (what the scalar tails see is skipped or unused).
+TEST_CASE("fuzz finding 1: lifted structure (double, simd) keeps NaN from overflowed distances",
+          "[fuzz][lifted_structure]") {
+  const Index n = 16;
+  Matrix<double> x(n, 1);
+  Eigen::VectorXi labels(n);
+  for (Index i = 0; i < n; ++i) {
+    labels[i] = i < 8 ? static_cast<int>(i) + 1 : 0;
+    x(i, 0) = i < 8 ? 0.0 : 1e200;
+  }
+  ml::LiftedStructureLoss<double> loss(1.0);
+  Matrix<double> g_scalar(n, 1), g_simd(n, 1);
+  CHECK(std::isnan(loss.forward_backward(ml::scalar, x, labels, g_scalar)));
+  CHECK(std::isnan(loss.forward_backward(ml::simd, x, labels, g_simd)));
+  CHECK(std::isnan(loss.forward(ml::simd, x, labels)));
+}
+
+// Finding 1, second site (fixed: the soft margin's exp argument is clamped, NaN kept): the
+// soft margin of BatchTripletLoss<double> (simd, Mining::all) takes xsimd::exp(-|t - d_an|)
+// over rows of negatives.
 TEST_CASE("fuzz finding 1: batch triplet soft margin (double, simd) with distances 1e20 apart",
-          "[.][fuzz][batch_triplet]") {
-  Eigen::VectorXi labels;
-  const Matrix<double> x = far_apart(labels);
-  for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean}) {
-    CAPTURE(static_cast<int>(distance));
-    ml::BatchTripletLoss<double> loss(0.2, ml::Mining::all, distance, /*soft_margin=*/true);
-    check_finite_and_paths_agree(loss, x, labels);
+          "[fuzz][batch_triplet]") {
+  for (int data = 0; data < 2; ++data) {
+    Eigen::VectorXi labels;
+    // far_apart's far row is the last negative of every row, in the SIMD kernels' scalar
+    // tail; far_positive_pair's come first, in full batches.
+    const Matrix<double> x = data == 0 ? far_apart(labels) : far_positive_pair(labels);
+    for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean}) {
+      CAPTURE(data, static_cast<int>(distance));
+      ml::BatchTripletLoss<double> loss(0.2, ml::Mining::all, distance, /*soft_margin=*/true);
+      check_finite_and_paths_agree(loss, x, labels);
+    }
   }
 }
 

@@ -85,6 +85,10 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       columns.finish();
       for (Index i = 0; i < n; ++i) {
         shifted_sum[i] += columns.total[i];
+        // Every negative at +inf (d^2 overflowed): the scalar path's exp(inf - inf) is NaN,
+        // which clamped_exp turns into 0.
+        if (!(nearest[i] < std::numeric_limits<T>::infinity()))
+          shifted_sum[i] = std::numeric_limits<double>::quiet_NaN();
         log_normaliser[i] = lifted_log_normaliser(margin, static_cast<double>(nearest[i]), shifted_sum[i]);
       }
     }
@@ -145,6 +149,16 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
 
  private:
   static constexpr double near_ratio = 1.0 / 1024;
+
+  /// exp with its argument clamped from below (-inf, NaN included: x86's max returns its
+  /// second operand for NaN) to where exp is 0 in T anyway (e^-104 and e^-746 round to 0):
+  /// xsimd 8.1's double exp on AVX-512 converts the exponent to int64 with a scalar cast,
+  /// undefined below about -6.4e18 and for NaN. Callers keep the argument <= 0 (lanes
+  /// that are no negative get D = +inf) and restore the scalar path's NaN row by row.
+  static batch clamped_exp(const batch& argument) {
+    constexpr T lowest = std::is_same<T, float>::value ? T(-104) : T(-746);
+    return xsimd::exp(xsimd::max(argument, batch(lowest)));
+  }
 
   /// Column sums over the lower triangle: lane-wise partial sums in T over blocks of
   /// `rows` rows, totalled in double.
@@ -207,16 +221,17 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   static double shifted_exp_sums(const T* row, const T* class_value, T own, const T* nearest,
                                  Index i, T* column_partial) {
     constexpr Index block = 32;
-    const batch own_class(own), shift(nearest[i]), zero(T(0));
+    const batch own_class(own), shift(nearest[i]), far(std::numeric_limits<T>::infinity());
     double total = 0.0;
     Index k = 0;
     while (k + width <= i) {
       batch lanes(T(0));
       for (Index b = 0; b < block && k + width <= i; ++b, k += width) {
-        const auto negative = batch::load_unaligned(class_value + k) != own_class;
-        const batch dik = batch::load_unaligned(row + k);
-        lanes += xsimd::select(negative, xsimd::exp(shift - dik), zero);
-        const batch column = xsimd::select(negative, xsimd::exp(batch::load_unaligned(nearest + k) - dik), zero);
+        // No negative: D = +inf, so that its exp is 0 (and its argument never positive).
+        const batch dik = xsimd::select(batch::load_unaligned(class_value + k) != own_class,
+                                        batch::load_unaligned(row + k), far);
+        lanes += clamped_exp(shift - dik);
+        const batch column = clamped_exp(batch::load_unaligned(nearest + k) - dik);
         (batch::load_unaligned(column_partial + k) + column).store_unaligned(column_partial + k);
       }
       total += static_cast<double>(xsimd::hadd(lanes));
@@ -243,7 +258,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     const T* row = distance + i * x.rows;
     const T own = class_value[i];
     const batch own_class(own), shift(nearest[i]), factor(row_factor[i]), zero(T(0)),
-        own_threshold(threshold[i]);
+        own_threshold(threshold[i]), far(std::numeric_limits<T>::infinity());
     double total = 0.0;
     Index k = 0;
     while (k + width <= i) {
@@ -251,9 +266,10 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       for (Index b = 0; b < block && k + width <= i; ++b, k += width) {
         const auto negative = batch::load_unaligned(class_value + k) != own_class;
         const batch dik = batch::load_unaligned(row + k);
-        const batch both = factor * xsimd::exp(shift - dik) +
+        const batch negative_dik = xsimd::select(negative, dik, far);  // as in shifted_exp_sums
+        const batch both = factor * clamped_exp(shift - negative_dik) +
                            batch::load_unaligned(row_factor + k) *
-                               xsimd::exp(batch::load_unaligned(nearest + k) - dik);
+                               clamped_exp(batch::load_unaligned(nearest + k) - negative_dik);
         const batch w = xsimd::select(dik > zero, both / (dik + dik), zero);
         batch s = xsimd::select(negative, w, batch::load_unaligned(out + k));
         // D2_ik < near_ratio n_i + near_ratio n_k, lane-wise: rare, so test before looking.
