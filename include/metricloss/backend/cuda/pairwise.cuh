@@ -7,13 +7,15 @@
 //     double where small against n_i + n_j, as detail::PairwiseDistances does on the CPU)
 //     and for the gradient dX = 2 scale (diag(S 1) - S) xc.
 // Every reduction has a fixed order: results are deterministic. Each entry of a product is
-// one thread's ascending-k sum, so the distance matrix is bitwise symmetric.
+// one thread's ascending-k sum, so the distance matrix is bitwise symmetric (and only its
+// lower triangle of tiles is multiplied).
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/detail/views.hpp>
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <type_traits>
 
 namespace metricloss {
@@ -105,85 +107,185 @@ cudaError_t enqueue_centring(const MatrixView<const T>& x, void* workspace, T* c
 
 constexpr int tile_threads = 256;  // 16 x 16 threads
 
-/// Register blocking by type: 8 x 8 entries per thread in float (a 128 x 128 tile, four
-/// FMAs per shared-memory load), 4 x 4 in double (64 x 64: a double accumulator block
-/// twice the size would not fit the registers). k advances 16 at a time.
+/// Register blocking by type: 8 x 8 entries per thread in float (a 128 x 128 tile), 4 x 4
+/// in double (64 x 64: a double accumulator block twice the size would not fit the
+/// registers). A thread's rows (and columns) are two groups of `vector` adjacent ones, so
+/// that each k step reads its operands from shared memory in 16-byte loads (four FMAs per
+/// byte loaded in float). k advances 16 at a time.
 template <class T>
 struct ProductShape {
   static constexpr int per_thread = sizeof(T) <= 4 ? 8 : 4;
+  static constexpr int vector = 16 / static_cast<int>(sizeof(T));  // elements per 16 bytes
+  static constexpr int groups = per_thread / vector;
   static constexpr int tile = 16 * per_thread;
   static constexpr int depth = 16;
+  static constexpr int loads = tile * depth / vector / tile_threads;  // per operand and thread
+  static_assert(groups * vector == per_thread && loads * vector * tile_threads == tile * depth,
+                "tile shape");
+};
+
+/// Sixteen aligned bytes of T.
+template <class T>
+struct alignas(16) Vector16 {
+  T v[ProductShape<T>::vector];
+};
+
+/// One operand's slice of a k step, from global memory into registers: `Rows` (A, or B
+/// transposed: tile rows of depth k each, stored k-major) or B as given (depth rows of
+/// tile columns). Vectorised: 16-byte loads, which the launcher allows only for aligned
+/// pointers and strides and extents divisible by the vector width.
+template <class T, bool Rows, bool Vectorised>
+struct TileLoader {
+  using Shape = ProductShape<T>;
+  static constexpr int V = Shape::vector, tile = Shape::tile;
+  Vector16<T> frag[Shape::loads];
+
+  /// Rows: rows [first, first + tile) of `rows`, columns [k0, k0 + depth) of `cols`.
+  /// Not Rows: columns [first, first + tile) of `rows`, rows [k0, k0 + depth) of `cols`.
+  /// Entries outside are zero.
+  __device__ void load(const T* a, Index ld, Index first, Index rows, Index k0, Index cols) {
+#pragma unroll
+    for (int l = 0; l < Shape::loads; ++l) {
+      const int e = static_cast<int>(threadIdx.x) + l * tile_threads;
+      Index gi, gk;
+      if constexpr (Rows) {
+        gi = first + e % tile;       // a warp's threads: adjacent rows (conflict-free stores)
+        gk = k0 + (e / tile) * V;
+      } else {
+        gk = k0 + e / (tile / V);    // B as given: rows are k, a warp reads along a row
+        gi = first + (e % (tile / V)) * V;
+      }
+      const T* src = Rows ? a + gi * ld + gk : a + gk * ld + gi;
+      const bool inside = Rows ? gi < rows && gk < cols : gk < cols && gi < rows;
+      if constexpr (Vectorised) {
+        frag[l] = inside ? *reinterpret_cast<const Vector16<T>*>(src) : Vector16<T>{};
+      } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const bool in = Rows ? gi < rows && gk + v < cols : gk < cols && gi + v < rows;
+          frag[l].v[v] = in ? src[v] : T(0);
+        }
+      }
+    }
+  }
+
+  /// Into shared memory laid out [depth][tile] (k-major).
+  __device__ void store(T (*tile_k)[tile]) const {
+#pragma unroll
+    for (int l = 0; l < Shape::loads; ++l) {
+      const int e = static_cast<int>(threadIdx.x) + l * tile_threads;
+      if constexpr (Rows) {
+        const int r = e % tile, kk = (e / tile) * V;
+#pragma unroll
+        for (int v = 0; v < V; ++v) tile_k[kk + v][r] = frag[l].v[v];
+      } else {
+        const int kk = e / (tile / V), c = (e % (tile / V)) * V;
+        *reinterpret_cast<Vector16<T>*>(&tile_k[kk][c]) = frag[l];
+      }
+    }
+  }
 };
 
 /// C_ij = sum_k A_ik B'_kj with A row-major (M x K, stride lda) and B' = B^T (B row-major
 /// N x K, TransposeB) or B' = B (row-major K x N). A square tile per block, per_thread^2
-/// entries per thread (strided by 16, so shared-memory reads and global writes are
-/// conflict-free and coalesced), k through shared memory. Each entry is one thread's
-/// ascending-k sum. epilogue(i, j, acc) stores.
-template <class T, bool TransposeB, class Epilogue>
+/// entries per thread, k through double-buffered shared memory (the next slice's global
+/// loads are in flight while the current one is multiplied). Each entry is one thread's
+/// ascending-k sum of fmas, so for A = B the product is bitwise symmetric; Symmetric
+/// (A = B, M = N) computes the tiles on and below the diagonal only and hands each entry of
+/// an off-diagonal tile to be stored twice, as (i, j) and (j, i) (`mirror`).
+/// epilogue.tile<p, V>(rows, cols, acc, m, n, mirror) stores a thread's entries: acc[r][c]
+/// at (rows[r], cols[c]) where inside m x n; rows and columns come in runs of V adjacent
+/// ones.
+template <class T, bool TransposeB, bool Symmetric, bool Vectorised, class Epilogue>
 __global__ void __launch_bounds__(tile_threads)
     tiled_product_kernel(const T* a, Index lda, const T* b, Index ldb, Index m, Index n, Index k,
                          Epilogue epilogue) {
   using Shape = ProductShape<T>;
-  constexpr int p = Shape::per_thread, tile = Shape::tile, depth = Shape::depth;
-  __shared__ T a_tile[depth][tile + 1];  // +1: conflict-free transposing stores
-  __shared__ T b_tile[depth][tile + 1];
+  constexpr int p = Shape::per_thread, tile = Shape::tile, depth = Shape::depth, V = Shape::vector;
+  __shared__ alignas(16) T a_tile[2][depth][tile];
+  __shared__ alignas(16) T b_tile[2][depth][tile];
   const int tx = static_cast<int>(threadIdx.x) % 16, ty = static_cast<int>(threadIdx.x) / 16;
-  const Index row0 = Index(blockIdx.y) * tile, col0 = Index(blockIdx.x) * tile;
+  Index block_row = blockIdx.y, block_col = blockIdx.x;
+  if constexpr (Symmetric) {  // blockIdx.x enumerates the lower triangle row by row
+    const Index t = blockIdx.x;
+    Index r = static_cast<Index>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) / 2.0);
+    while (r * (r + 1) / 2 > t) --r;
+    while ((r + 1) * (r + 2) / 2 <= t) ++r;
+    block_row = r;
+    block_col = t - r * (r + 1) / 2;
+  }
+  const Index row0 = block_row * tile, col0 = block_col * tile;
+  TileLoader<T, true, Vectorised> a_loader;
+  TileLoader<T, TransposeB, Vectorised> b_loader;
   T acc[p][p];
 #pragma unroll
   for (int r = 0; r < p; ++r)
 #pragma unroll
     for (int c = 0; c < p; ++c) acc[r][c] = T(0);
+  a_loader.load(a, lda, row0, m, 0, k);
+  b_loader.load(b, ldb, col0, n, 0, k);
+  a_loader.store(a_tile[0]);
+  b_loader.store(b_tile[0]);
+  __syncthreads();
+  int current = 0;
   for (Index k0 = 0; k0 < k; k0 += depth) {
-    for (int e = static_cast<int>(threadIdx.x); e < tile * depth; e += tile_threads) {
-      const int r = e / depth, kk = e % depth;
-      const Index gi = row0 + r, gk = k0 + kk;
-      a_tile[kk][r] = (gi < m && gk < k) ? a[gi * lda + gk] : T(0);
+    const bool more = k0 + depth < k;
+    if (more) {
+      a_loader.load(a, lda, row0, m, k0 + depth, k);
+      b_loader.load(b, ldb, col0, n, k0 + depth, k);
     }
-    for (int e = static_cast<int>(threadIdx.x); e < tile * depth; e += tile_threads) {
-      if constexpr (TransposeB) {
-        const int c = e / depth, kk = e % depth;
-        const Index gj = col0 + c, gk = k0 + kk;
-        b_tile[kk][c] = (gj < n && gk < k) ? b[gj * ldb + gk] : T(0);
-      } else {
-        const int kk = e / tile, c = e % tile;
-        const Index gj = col0 + c, gk = k0 + kk;
-        b_tile[kk][c] = (gj < n && gk < k) ? b[gk * ldb + gj] : T(0);
-      }
-    }
-    __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < depth; ++kk) {
       T av[p], bv[p];
 #pragma unroll
-      for (int r = 0; r < p; ++r) av[r] = a_tile[kk][ty + 16 * r];
+      for (int g = 0; g < Shape::groups; ++g) {
+        const Vector16<T> x = *reinterpret_cast<const Vector16<T>*>(&a_tile[current][kk][g * 16 * V + ty * V]);
+        const Vector16<T> y = *reinterpret_cast<const Vector16<T>*>(&b_tile[current][kk][g * 16 * V + tx * V]);
 #pragma unroll
-      for (int c = 0; c < p; ++c) bv[c] = b_tile[kk][tx + 16 * c];
+        for (int v = 0; v < V; ++v) {
+          av[g * V + v] = x.v[v];
+          bv[g * V + v] = y.v[v];
+        }
+      }
 #pragma unroll
       for (int r = 0; r < p; ++r)
 #pragma unroll
         for (int c = 0; c < p; ++c) acc[r][c] = fma(av[r], bv[c], acc[r][c]);
     }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int r = 0; r < p; ++r)
-#pragma unroll
-    for (int c = 0; c < p; ++c) {
-      const Index i = row0 + ty + 16 * r, j = col0 + tx + 16 * c;
-      if (i < m && j < n) epilogue(i, j, acc[r][c]);
+    if (more) {
+      a_loader.store(a_tile[current ^ 1]);
+      b_loader.store(b_tile[current ^ 1]);
     }
+    __syncthreads();
+    current ^= 1;
+  }
+  Index rows[p], cols[p];
+#pragma unroll
+  for (int r = 0; r < p; ++r) rows[r] = row0 + (r / V) * 16 * V + ty * V + r % V;
+#pragma unroll
+  for (int c = 0; c < p; ++c) cols[c] = col0 + (c / V) * 16 * V + tx * V + c % V;
+  epilogue.template tile<p, V>(rows, cols, acc, m, n, Symmetric && block_row != block_col);
 }
 
-template <class T, bool TransposeB, class Epilogue>
+/// Launches the product; 16-byte loads where the pointers, strides and extents allow.
+/// Symmetric requires a == b, lda == ldb, m == n and TransposeB.
+template <class T, bool TransposeB, bool Symmetric = false, class Epilogue>
 cudaError_t enqueue_tiled_product(const T* a, Index lda, const T* b, Index ldb, Index m, Index n,
                                   Index k, const Epilogue& epilogue, cudaStream_t stream) noexcept {
-  constexpr int tile = ProductShape<T>::tile;
+  static_assert(!Symmetric || TransposeB, "a symmetric product is A A^T");
+  using Shape = ProductShape<T>;
+  constexpr int tile = Shape::tile, V = Shape::vector;
   const Index blocks_y = (m + tile - 1) / tile, blocks_x = (n + tile - 1) / tile;
   if (blocks_y > 65535) return cudaErrorInvalidValue;  // M > 8 million rows
-  tiled_product_kernel<T, TransposeB><<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)),
-                                        tile_threads, 0, stream>>>(a, lda, b, ldb, m, n, k, epilogue);
+  const auto aligned = [](const T* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; };
+  const bool vectorised = aligned(a) && aligned(b) && lda % V == 0 && ldb % V == 0 && k % V == 0 &&
+                          (TransposeB || n % V == 0);
+  const dim3 grid = Symmetric ? dim3(static_cast<unsigned>(blocks_y * (blocks_y + 1) / 2))
+                              : dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y));
+  if (vectorised)
+    tiled_product_kernel<T, TransposeB, Symmetric, true><<<grid, tile_threads, 0, stream>>>(a, lda, b, ldb, m, n, k, epilogue);
+  else
+    tiled_product_kernel<T, TransposeB, Symmetric, false><<<grid, tile_threads, 0, stream>>>(a, lda, b, ldb, m, n, k, epilogue);
   return cudaGetLastError();
 }
 
@@ -194,7 +296,9 @@ constexpr double recompute_ratio = std::is_same<T, float>::value ? 0.125 : 1.0 /
 
 /// Epilogue of the distance product xc xc^T: D2_ij = n_i + n_j - 2 acc, exactly 0 on the
 /// diagonal, and by differences of the original rows (in double) where the expansion
-/// cancels or where exact(i, j) says the distance carries weight (e.g. positive pairs).
+/// cancels or where the pair carries weight (exact.same(key_i, key_j), e.g. positive pairs).
+/// A thread's norms and keys are loaded once, and its results leave in 16-byte stores when
+/// N allows (rows, and for a mirrored tile columns, come in runs of V).
 template <class T, class Exact>
 struct SquaredDistanceEpilogue {
   MatrixView<const T> x;
@@ -202,33 +306,107 @@ struct SquaredDistanceEpilogue {
   T* squared;  // N x N, row-major, stride N
   Exact exact;
 
-  __device__ void operator()(Index i, Index j, T acc) const {
-    const Index n = x.rows;
-    if (i == j) {
-      squared[i * n + j] = T(0);
-      return;
-    }
-    const double scale = norms[i] + norms[j];
-    double value = scale - 2.0 * static_cast<double>(acc);
-    if (!(value > recompute_ratio<T> * scale) || exact(i, j)) {  // small, zero, negative, NaN
-      const T* xi = x.row(i);
-      const T* xj = x.row(j);
-      double sum = 0.0;
-      for (Index c = 0; c < x.cols; ++c) {
-        const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
-        sum = fma(diff, diff, sum);
+  /// ||x_i - x_j||^2 by differences in double, by one thread (its warp waits): four
+  /// independent sums keep several loads in flight. Symmetric in i and j, bit for bit.
+  __device__ double exact_squared(Index i, Index j) const {
+    const T* xi = x.row(i);
+    const T* xj = x.row(j);
+    const Index d = x.cols;
+    double sum[4] = {0.0, 0.0, 0.0, 0.0};
+    Index c = 0;
+#pragma unroll 2
+    for (; c + 4 <= d; c += 4)
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const double diff = static_cast<double>(xi[c + u]) - static_cast<double>(xj[c + u]);
+        sum[u] = fma(diff, diff, sum[u]);
       }
-      value = sum;
+    for (; c < d; ++c) {
+      const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
+      sum[0] = fma(diff, diff, sum[0]);
     }
-    squared[i * n + j] = static_cast<T>(value);
+    return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  }
+
+  __device__ T entry(Index i, Index j, double scale, bool exact_pair, T acc) const {
+    if (i == j) return T(0);
+    double value = scale - 2.0 * static_cast<double>(acc);
+    if (!(value > recompute_ratio<T> * scale) || exact_pair)  // small, zero, negative, NaN
+      value = exact_squared(i, j);
+    return static_cast<T>(value);
+  }
+
+  /// Stores run[0..V) at squared[i * N + j0 ..] (entries past N dropped).
+  template <int V>
+  __device__ void store_run(Index i, Index j0, const T (&run)[V]) const {
+    const Index n = x.rows;
+    if (n % V == 0 && j0 + V <= n) {
+      Vector16<T> packed;
+#pragma unroll
+      for (int v = 0; v < V; ++v) packed.v[v] = run[v];
+      *reinterpret_cast<Vector16<T>*>(squared + i * n + j0) = packed;
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        if (j0 + v < n) squared[i * n + j0 + v] = run[v];
+    }
+  }
+
+  template <int P, int V>
+  __device__ void tile(const Index (&rows)[P], const Index (&cols)[P], T (&acc)[P][P], Index m,
+                       Index n, bool mirror) const {
+    using Key = decltype(exact.key(0));
+    double row_norm[P], col_norm[P];
+    Key row_key[P], col_key[P];
+#pragma unroll
+    for (int r = 0; r < P; ++r) {
+      row_norm[r] = rows[r] < m ? norms[rows[r]] : 0.0;
+      row_key[r] = exact.key(rows[r] < m ? rows[r] : 0);
+    }
+#pragma unroll
+    for (int c = 0; c < P; ++c) {
+      col_norm[c] = cols[c] < n ? norms[cols[c]] : 0.0;
+      col_key[c] = exact.key(cols[c] < n ? cols[c] : 0);
+    }
+#pragma unroll
+    for (int r = 0; r < P; ++r)
+#pragma unroll
+      for (int c = 0; c < P; ++c)
+        if (rows[r] < m && cols[c] < n)
+          acc[r][c] = entry(rows[r], cols[c], row_norm[r] + col_norm[c],
+                            exact.same(row_key[r], col_key[c]), acc[r][c]);
+#pragma unroll
+    for (int r = 0; r < P; ++r) {
+      if (rows[r] >= m) continue;
+#pragma unroll
+      for (int g = 0; g < P / V; ++g) {
+        T run[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) run[v] = acc[r][g * V + v];
+        store_run<V>(rows[r], cols[g * V], run);
+      }
+    }
+    if (!mirror) return;
+#pragma unroll
+    for (int c = 0; c < P; ++c) {
+      if (cols[c] >= n) continue;
+#pragma unroll
+      for (int g = 0; g < P / V; ++g) {
+        T run[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) run[v] = acc[g * V + v][c];
+        store_run<V>(cols[c], rows[g * V], run);
+      }
+    }
   }
 };
 
-/// exact(i, j) of the losses whose positive pairs carry weight: equal labels.
+/// The pairs that carry weight in the losses whose positive pairs do: equal labels.
 template <class L>
 struct SameLabel {
   VectorView<L> labels;
-  __device__ bool operator()(Index i, Index j) const { return labels[i] == labels[j]; }
+  __device__ L key(Index i) const { return labels[i]; }
+  __device__ static bool same(L a, L b) { return a == b; }
 };
 
 /// Epilogue of the gradient product S xc:
@@ -245,11 +423,26 @@ struct WeightedGradientEpilogue {
   const int* not_finite;
   MatrixView<T> grad;
 
-  __device__ void operator()(Index i, Index j, T acc) const {
+  template <int P, int V>
+  __device__ void tile(const Index (&rows)[P], const Index (&cols)[P], const T (&acc)[P][P],
+                       Index m, Index n, bool) const {
     const Index d = grad.cols;
-    double value = row_sums[i] * static_cast<double>(centred[i * d + j]) - static_cast<double>(acc);
-    if (near) value += near[i * d + j];
-    grad(i, j) = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(2.0 * *scale * value);
+    const double factor = 2.0 * *scale;
+    const bool nan_out = *not_finite != 0;
+#pragma unroll
+    for (int r = 0; r < P; ++r) {
+      const Index i = rows[r];
+      if (i >= m) continue;
+      const double row_sum = row_sums[i];
+#pragma unroll
+      for (int c = 0; c < P; ++c) {
+        const Index j = cols[c];
+        if (j >= n) continue;
+        double value = row_sum * static_cast<double>(centred[i * d + j]) - static_cast<double>(acc[r][c]);
+        if (near) value += near[i * d + j];
+        grad(i, j) = nan_out ? static_cast<T>(nan("")) : static_cast<T>(factor * value);
+      }
+    }
   }
 };
 
@@ -389,7 +582,7 @@ cudaError_t enqueue_batch_distances(const BatchParts<T>& parts, const MatrixView
   if (error != cudaSuccess) return error;
   error = enqueue_centring(x, parts.centring, parts.centred, parts.norms, parts.not_finite, stream);
   if (error != cudaSuccess) return error;
-  return enqueue_tiled_product<T, true>(
+  return enqueue_tiled_product<T, true, true>(
       parts.centred, d, parts.centred, d, n, n, d,
       SquaredDistanceEpilogue<T, SameLabel<L>>{x, parts.norms, parts.squared, {labels}}, stream);
 }
