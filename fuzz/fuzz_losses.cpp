@@ -716,6 +716,66 @@ Ambiguity batch_triplet_ambiguity(const Strided<T>& x, const std::vector<L>& lab
   return result;
 }
 
+/// Whether the lifted gradient is ill-conditioned in T (finding 5). A pair's negatives weigh
+/// exp(-D) each, so an absolute error in a distance moves their weights by that much,
+/// relatively: where two terms of a pair's soft-max carry weight and their distances err
+/// by more than the tolerance, the gradient is rounding noise. Both paths err by ~eps D
+/// (the scalar path in double too), the simd path's product by eps (n_i + n_k) / 2D more
+/// (n: squared norms about the batch mean) where it keeps the product's D^2. At D ~ 1e120
+/// a tie below rounding then decides between weights (1/2, 1/2) and (1, 0).
+template <class T, class L>
+bool lifted_gradient_ill_conditioned(const Strided<T>& x, const std::vector<L>& labels) {
+  const Index n = x.rows, d = x.cols;
+  const auto at = [n](Index i, Index k) { return static_cast<std::size_t>(i * n + k); };
+  std::vector<double> mean(static_cast<std::size_t>(d), 0.0), norm(static_cast<std::size_t>(n), 0.0);
+  for (Index i = 0; i < n; ++i)
+    for (Index c = 0; c < d; ++c)
+      mean[static_cast<std::size_t>(c)] += static_cast<double>(x.at(i, c)) / static_cast<double>(n);
+  for (Index i = 0; i < n; ++i)
+    for (Index c = 0; c < d; ++c) {
+      const double v = static_cast<double>(x.at(i, c)) - mean[static_cast<std::size_t>(c)];
+      norm[static_cast<std::size_t>(i)] += v * v;
+    }
+  const double eps = std::numeric_limits<T>::epsilon();
+  const double ratio = ml::detail::PairwiseDistances<T>::recompute_ratio;
+  std::vector<double> distance(at(n, 0)), noise(at(n, 0));
+  for (Index i = 0; i < n; ++i)
+    for (Index k = 0; k < n; ++k) {
+      const double q = exact_squared(x, i, x, k), e = std::sqrt(q);
+      const double scale = norm[static_cast<std::size_t>(i)] + norm[static_cast<std::size_t>(k)];
+      const bool product = q >= ratio * scale && e > 0.0;  // else recomputed by differences
+      distance[at(i, k)] = e;
+      noise[at(i, k)] = eps * (e + (product ? scale / (2.0 * e) : 0.0));
+    }
+  constexpr double window = 40.0;  // exp(-40) ~ 4e-18: farther terms carry no weight
+  const double limit = mltest::Tolerance<T>::gradient / 4;
+  const auto label = [&](Index i) { return labels[static_cast<std::size_t>(i)]; };
+  for (Index i = 0; i < n; ++i)
+    for (Index j = i + 1; j < n; ++j) {
+      if (label(i) != label(j)) continue;
+      // The pair's soft-max runs over the negatives of i and of j.
+      double nearest = std::numeric_limits<double>::infinity(), nearest_noise = 0.0;
+      for (Index r : {i, j})
+        for (Index k = 0; k < n; ++k)
+          if (label(k) != label(i) && distance[at(r, k)] < nearest) {
+            nearest = distance[at(r, k)];
+            nearest_noise = noise[at(r, k)];
+          }
+      int weighted = 0;
+      double worst = 0.0;
+      for (Index r : {i, j})
+        for (Index k = 0; k < n; ++k) {
+          if (label(k) == label(i) ||
+              distance[at(r, k)] - nearest > window + noise[at(r, k)] + nearest_noise)
+            continue;
+          ++weighted;
+          worst = std::max(worst, noise[at(r, k)]);
+        }
+      if (weighted >= 2 && worst > limit) return true;
+    }
+  return false;
+}
+
 template <class T>
 void fuzz_batch(FuzzedDataProvider& in, bool lifted) {
   const Shape shape = decode_shape(in);
@@ -754,6 +814,7 @@ void fuzz_batch(FuzzedDataProvider& in, bool lifted) {
       // J <= largest distance + margin + log(2N): h^2 errs by ~2 h eps (distance scale).
       ambiguity.loss_noise = rounding_noise<T>(
           largest + margin, largest + margin + std::log(2.0 * static_cast<double>(x.rows) + 1.0));
+      if (lifted_gradient_ill_conditioned(x, labels)) ambiguity.gradient = true;
     }
     dump_input = [&] {
       print_options(lifted ? "LiftedStructureLoss" : "BatchTripletLoss", std::is_same<T, double>::value,

@@ -4,6 +4,8 @@
 #include "support.hpp"
 
 #include <cmath>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -173,6 +175,51 @@ TEST_CASE("fuzz finding 3: triplet (float, simd) hinge between two large distanc
   const float simd = loss.forward(ml::simd, anchor, positive, negative);
   CHECK(scalar == 0.0f);
   CHECK(simd == scalar);
+}
+
+// Finding 5 (not a bug in either path: an ill-conditioned gradient, which the fuzzer's oracle
+// now allows for): LiftedStructureLoss<double>, margin 0.5, top_diff 1000, coordinates ~1e120
+// (fuzz/corpus/regression-lifted-double-huge-values, decoded). The nearest negatives of rows
+// 3 and 7 (rows 1 and 0) are |h| (1 + 6.7e-18) and |h| away: equal once rounded to double,
+// so the scalar path splits pair (3, 7)'s soft-max 1/2, 1/2, while the SIMD product's
+// distance came out 1 ulp (1.5e104) longer under clang and gives 1, 0, as exact arithmetic
+// does: 4 gradient entries differ by 2x (also before the fused sweeps of c0c9809). A
+// negative weighs exp(-D), so at D ~ 1e120 rounding alone decides. Scaled by 2^-399
+// (exactly; D ~ 1) the paths agree to API.md's tolerance; as found, the loss agrees and
+// both gradients are finite and translation-invariant (columns sum to 0).
+TEST_CASE("fuzz finding 5: lifted structure (double) with a soft-max tie below rounding at 1e120",
+          "[fuzz][lifted_structure]") {
+  const double h = -1.0025205409043291e+120, a = 2.375, b = -8.0, c = 0.67855071210936901;
+  const double values[9][4] = {{a, b, c, h},
+                               {h, h, h, h},
+                               {h, h, h, h},
+                               {h, h, -1.0025205412721385e+120, 0.99997138927408713},
+                               {a, b, c, h},
+                               {h, h, h, h},
+                               {a, b, c, h},
+                               {7.1875, -6.625, 3.0, 0.010154773850702181},
+                               {h, h, h, h}};
+  Eigen::VectorXi labels(9);
+  labels << 4, 4, 0, 0, 0, 0, 0, 0, 0;
+  ml::LiftedStructureLoss<double> loss(0.5);
+  for (const double scale : {std::ldexp(1.0, -399), 1.0}) {
+    CAPTURE(scale);
+    // The fuzzer's layout: outer stride 6, NaN padding.
+    std::vector<double> storage(9 * 6, std::numeric_limits<double>::quiet_NaN());
+    for (Index i = 0; i < 9; ++i)
+      for (Index k = 0; k < 4; ++k) storage[static_cast<std::size_t>(i * 6 + k)] = scale * values[i][k];
+    const ml::ConstRowMap<double> x(storage.data(), 9, 4, Eigen::OuterStride<>(6));
+    Matrix<double> g_scalar(9, 4), g_simd(9, 4);
+    const double scalar = loss.forward_backward(ml::scalar, x, labels, g_scalar, 1000.0);
+    const double simd = loss.forward_backward(ml::simd, x, labels, g_simd, 1000.0);
+    CHECK(mltest::relatively_close(simd, scalar, mltest::Tolerance<double>::loss));
+    CHECK(g_scalar.allFinite());
+    CHECK(g_simd.allFinite());
+    for (const Matrix<double>* g : {&g_scalar, &g_simd})
+      CHECK(g->colwise().sum().cwiseAbs().maxCoeff() <= 1e-12 * g->cwiseAbs().maxCoeff());
+    if (scale != 1.0)
+      CHECK(ml::testing::compare_gradients(g_simd, g_scalar).relative() <= mltest::Tolerance<double>::gradient);
+  }
 }
 
 // Finding 4 (fixed): a gradient output whose data pointer is null (an empty Eigen matrix,
