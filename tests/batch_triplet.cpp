@@ -414,6 +414,33 @@ TEMPLATE_TEST_CASE("batch triplet on degenerate batches", "[batch_triplet][degen
   }
 }
 
+TEMPLATE_TEST_CASE("semihard never takes a negative tied with the positive for a farther one",
+                   "[batch_triplet][semihard][degenerate]", ALL_CASES) {
+  // A negative that duplicates a positive row has d_an == d_ap exactly: not "farther". The
+  // product's distances carry rounding (here at offset 100), so a path that compared them
+  // with exact ones would take the duplicate and pay the whole margin (first seen on CUDA).
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  const Distance distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
+  const bool soft_margin = GENERATE(false, true);
+  const std::uint64_t seed = GENERATE(71u, 72u, 73u);
+  CAPTURE(distance == Distance::euclidean, soft_margin, seed);
+  std::mt19937_64 rng(seed);
+  const Index n = 40, d = 16;
+  Labels y(n);
+  for (Index i = 0; i < n; ++i) y(i) = i % 5;
+  Matrix<T> x = uniform_matrix<T>(n, d, rng, 99.0, 101.0);
+  for (Index j = 2; j < n; j += 6) x.row(j) = x.row(j - 1);  // labels differ by one
+  const double margin = distance == Distance::euclidean ? 0.5 : 2.0;
+  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), Mining::semihard, distance, soft_margin);
+  Matrix<T> grad(n, d);
+  const T value = loss.forward_backward(tag, x, y, grad);
+  const Reference r = brute_force(x.template cast<double>(), y, margin, Mining::semihard, distance,
+                                  soft_margin, 1.0);
+  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+}
+
 TEMPLATE_TEST_CASE("batch triplet accepts labels of any arithmetic type", "[batch_triplet]",
                    ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};

@@ -200,8 +200,10 @@ class TripletMiner {
       const Index k = classes.positives(a);
       if (k == 0 || classes.negatives(a) == 0) continue;
       const auto* row = distances.row(a);
+      // Exact thresholds, and below exact values for negatives within the product's rounding
+      // of one: a negative tied with a positive (a duplicate row) is then never "farther".
       const Positive* positives = sorted_positives(classes, a, [&](Index p) {
-        return Positive{static_cast<double>(row[p]), p, {}};
+        return Positive{distances.exact(a, p), p, {}};
       });
       const double* thresholds = thresholds_of(positives, k);
       // Bucket b holds the negatives farther than exactly the b nearest positives; each
@@ -219,12 +221,17 @@ class TripletMiner {
       double farthest_value = -std::numeric_limits<double>::infinity();
       for (Index j = 0; j < n; ++j) {
         if (class_of[j] == own) continue;
-        const double q = value[j];
+        double q = value[j];
+        Index b = bucket[j];
+        const double bound = distances.rounding(a, j);
+        if (bound > 0.0 && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound))) {
+          q = distances.exact(a, j);  // rare
+          b = count_thresholds_below<false>(thresholds, k, q);
+        }
         if (q > farthest_value) {
           farthest_value = q;
           farthest = j;
         }
-        const Index b = bucket[j];
         if (q < nearest_value[b]) {
           nearest_value[b] = q;
           nearest[b] = j;

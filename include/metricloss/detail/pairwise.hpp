@@ -18,6 +18,7 @@
 // Products run through Eigen in tiles whose packing buffers fit Eigen's stack-allocation
 // limit, so that no call allocates once the workspace is warm.
 #include <metricloss/backend/simd/rowops.hpp>
+#include <metricloss/detail/rounding.hpp>
 #include <metricloss/detail/views.hpp>
 
 #include <Eigen/Core>
@@ -218,6 +219,12 @@ class PairwiseDistances {
   /// uses for every distance that carries weight in its result.
   double exact_squared(Index i, Index j) const {
     return SimdRowOps::squared_distance(x_.row(i), x_.row(j), x_.cols);
+  }
+
+  /// A bound on |squared()(i, j) - ||x_i - x_j||^2| (detail/rounding.hpp).
+  double rounding_bound(Index i, Index j) {
+    const T* norms = norms_.data(0);
+    return product_rounding_unit<T>(x_.cols) * (static_cast<double>(norms[i]) + static_cast<double>(norms[j]));
   }
 
   /// N x N weight matrix W (dL/dD2_ij) as the last call left it, for a caller that writes

@@ -15,6 +15,8 @@ struct ProductSquaredDistances {
   PairwiseDistances<T>* pairwise;
   const T* row(Index i) const { return pairwise->squared_row(i); }
   double exact(Index i, Index j) const { return pairwise->exact_squared(i, j); }
+  /// How far row(i)[j] may be from exact(i, j).
+  double rounding(Index i, Index j) const { return pairwise->rounding_bound(i, j); }
 };
 
 /// W for the product (in T), except for pairs close against their norms about the batch
