@@ -133,6 +133,9 @@ void contrastive_cases(std::vector<Row>& rows) {
   }
   ml::ContrastiveLoss<float> bad(-1.0f);
   add_case(rows, loss, "`margin` = -1, `forward`", [&](auto tag) { bad.forward(tag, a, b, sim); });
+  ml::ContrastiveLoss<float> bad_form(1.0f, static_cast<ml::ContrastiveForm>(7));
+  add_case(rows, loss, "`form` = ContrastiveForm(7)",
+           [&](auto tag) { bad_form.forward_backward(tag, a, b, sim, ga, gb); }, {&ga, &gb});
 }
 
 void triplet_cases(std::vector<Row>& rows) {

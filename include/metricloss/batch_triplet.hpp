@@ -99,7 +99,7 @@ class BatchTripletLoss {
   /// Loss only.
   template <class Tag, class X, class L, std::enable_if_t<detail::is_label_vector_v<L>, int> = 0>
   T forward(Tag tag, const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels) {
-    return forward_backward(tag, x, labels, skip);
+    return run(tag, "forward", x, labels, skip, T(1));
   }
 
   /// Loss, and its gradient times top_diff written into grad_x (or `metricloss::skip`).
@@ -107,9 +107,16 @@ class BatchTripletLoss {
             std::enable_if_t<detail::is_label_vector_v<L> && detail::is_gradient_output_v<G>, int> = 0>
   T forward_backward(Tag tag, const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels,
                      G&& grad_x, T top_diff = T(1)) {
+    return run(tag, "forward_backward", x, labels, std::forward<G>(grad_x), top_diff);
+  }
+
+ private:
+  template <class Tag, class X, class L, class G>
+  T run(Tag tag, const char* method, const Eigen::MatrixBase<X>& x,
+        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::BatchTripletLoss<T>: embeddings must have scalar type T");
-    detail::Validator check("BatchTripletLoss", detail::scalar_name<T>(), "forward_backward");
+    detail::Validator check("BatchTripletLoss", detail::scalar_name<T>(), method);
     const auto xv = detail::input_view(x);
     check.embeddings("x", xv);
     const auto lv = detail::label_view(labels);
@@ -123,7 +130,6 @@ class BatchTripletLoss {
                                                                     top_diff);
   }
 
- private:
   friend struct detail::BackendSlotAccess;
   detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
   template <class, class>

@@ -15,6 +15,7 @@
 #include <metricloss/exec.hpp>
 #include <metricloss/types.hpp>
 
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -84,7 +85,7 @@ class ContrastiveLoss {
             std::enable_if_t<detail::is_label_vector_v<S>, int> = 0>
   T forward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
             const Eigen::MatrixBase<S>& sim) {
-    return forward_backward(tag, a, b, sim, skip, skip);
+    return with_similarity(tag, "forward", a, b, sim, skip, skip, T(1));
   }
 
   /// Loss only; pair i is similar when labels_a[i] == labels_b[i].
@@ -92,7 +93,7 @@ class ContrastiveLoss {
             std::enable_if_t<detail::is_label_vector_v<L> && detail::is_label_vector_v<M>, int> = 0>
   T forward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
             const Eigen::MatrixBase<L>& labels_a, const Eigen::MatrixBase<M>& labels_b) {
-    return forward_backward(tag, a, b, labels_a, labels_b, skip, skip);
+    return with_labels(tag, "forward", a, b, labels_a, labels_b, skip, skip, T(1));
   }
 
   /// Loss, and the gradients times top_diff written into grad_a and grad_b (either may be
@@ -104,14 +105,8 @@ class ContrastiveLoss {
   T forward_backward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
                      const Eigen::MatrixBase<S>& sim, GA&& grad_a, GB&& grad_b,
                      T top_diff = T(1)) {
-    detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), "forward_backward");
-    const auto av = input(check, "a", a);
-    const auto bv = input(check, "b", b);
-    check.same_shape("b", bv, "a", av);
-    const auto sv = detail::label_view(sim);
-    check.labels("sim", sv, av.rows, "a");
-    return run(tag, check, av, bv, detail::SimilarityVector<typename S::Scalar>{sv},
-               std::forward<GA>(grad_a), std::forward<GB>(grad_b), top_diff);
+    return with_similarity(tag, "forward_backward", a, b, sim, std::forward<GA>(grad_a),
+                           std::forward<GB>(grad_b), top_diff);
   }
 
   template <class Tag, class A, class B, class L, class M, class GA, class GB,
@@ -122,7 +117,30 @@ class ContrastiveLoss {
   T forward_backward(Tag tag, const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b,
                      const Eigen::MatrixBase<L>& labels_a, const Eigen::MatrixBase<M>& labels_b,
                      GA&& grad_a, GB&& grad_b, T top_diff = T(1)) {
-    detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), "forward_backward");
+    return with_labels(tag, "forward_backward", a, b, labels_a, labels_b, std::forward<GA>(grad_a),
+                       std::forward<GB>(grad_b), top_diff);
+  }
+
+ private:
+  template <class Tag, class A, class B, class S, class GA, class GB>
+  T with_similarity(Tag tag, const char* method, const Eigen::MatrixBase<A>& a,
+                    const Eigen::MatrixBase<B>& b, const Eigen::MatrixBase<S>& sim, GA&& grad_a,
+                    GB&& grad_b, T top_diff) {
+    detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), method);
+    const auto av = input(check, "a", a);
+    const auto bv = input(check, "b", b);
+    check.same_shape("b", bv, "a", av);
+    const auto sv = detail::label_view(sim);
+    check.labels("sim", sv, av.rows, "a");
+    return run(tag, check, av, bv, detail::SimilarityVector<typename S::Scalar>{sv},
+               std::forward<GA>(grad_a), std::forward<GB>(grad_b), top_diff);
+  }
+
+  template <class Tag, class A, class B, class L, class M, class GA, class GB>
+  T with_labels(Tag tag, const char* method, const Eigen::MatrixBase<A>& a,
+                const Eigen::MatrixBase<B>& b, const Eigen::MatrixBase<L>& labels_a,
+                const Eigen::MatrixBase<M>& labels_b, GA&& grad_a, GB&& grad_b, T top_diff) {
+    detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), method);
     const auto av = input(check, "a", a);
     const auto bv = input(check, "b", b);
     check.same_shape("b", bv, "a", av);
@@ -135,7 +153,6 @@ class ContrastiveLoss {
                std::forward<GA>(grad_a), std::forward<GB>(grad_b), top_diff);
   }
 
- private:
   friend struct detail::BackendSlotAccess;
   detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
   template <class X>
@@ -153,6 +170,8 @@ class ContrastiveLoss {
         const detail::MatrixView<const T>& bv, const Source& similarity, GA&& grad_a,
         GB&& grad_b, T top_diff) {
     check.margin(margin);
+    if (form != ContrastiveForm::hadsell && form != ContrastiveForm::legacy)
+      check.fail("option 'form' has the undeclared value " + std::to_string(static_cast<int>(form)));
     const auto ga = detail::gradient_view<T>(std::forward<GA>(grad_a));
     const auto gb = detail::gradient_view<T>(std::forward<GB>(grad_b));
     check.gradient("grad_a", ga, "a", av);

@@ -101,7 +101,7 @@ class TripletLoss {
   template <class Tag, class A, class P, class N>
   T forward(Tag tag, const Eigen::MatrixBase<A>& anchor, const Eigen::MatrixBase<P>& positive,
             const Eigen::MatrixBase<N>& negative) {
-    return forward_backward(tag, anchor, positive, negative, skip, skip, skip);
+    return run(tag, "forward", anchor, positive, negative, skip, skip, skip, T(1));
   }
 
   /// Loss, and the gradients times top_diff written into grad_anchor, grad_positive and
@@ -114,7 +114,16 @@ class TripletLoss {
                      const Eigen::MatrixBase<P>& positive, const Eigen::MatrixBase<N>& negative,
                      GA&& grad_anchor, GP&& grad_positive, GN&& grad_negative,
                      T top_diff = T(1)) {
-    detail::Validator check("TripletLoss", detail::scalar_name<T>(), "forward_backward");
+    return run(tag, "forward_backward", anchor, positive, negative, std::forward<GA>(grad_anchor),
+               std::forward<GP>(grad_positive), std::forward<GN>(grad_negative), top_diff);
+  }
+
+ private:
+  template <class Tag, class A, class P, class N, class GA, class GP, class GN>
+  T run(Tag tag, const char* method, const Eigen::MatrixBase<A>& anchor,
+        const Eigen::MatrixBase<P>& positive, const Eigen::MatrixBase<N>& negative,
+        GA&& grad_anchor, GP&& grad_positive, GN&& grad_negative, T top_diff) {
+    detail::Validator check("TripletLoss", detail::scalar_name<T>(), method);
     const auto av = input(check, "anchor", anchor);
     const auto pv = input(check, "positive", positive);
     const auto nv = input(check, "negative", negative);
@@ -132,7 +141,6 @@ class TripletLoss {
                                                                gn, top_diff);
   }
 
- private:
   friend struct detail::BackendSlotAccess;
   detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
   template <class X>

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 namespace metricloss {
@@ -68,10 +69,17 @@ class Validator {
     add_input(name, v.data, v.extent_bytes());
   }
 
+  /// A value as a person writes it: -1, 0.25, 1e+30, nan, inf.
+  static std::string number(double value) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.7g", value);
+    return text;
+  }
+
   template <class T>
   void margin(T value) {
     if (!(std::isfinite(value) && value >= T(0)))
-      fail("option 'margin' is " + std::to_string(static_cast<double>(value)) +
+      fail("option 'margin' is " + number(static_cast<double>(value)) +
            "; it must be finite and >= 0");
   }
 
