@@ -17,12 +17,27 @@
 #include <metricloss/options.hpp>
 #include <metricloss/types.hpp>
 
+#include <cmath>
 #include <type_traits>
 #include <utility>
 
 namespace metricloss {
 
 namespace detail {
+
+/// Whether the hinge argument d_ap - d_an + m lies within 1024 times the rounding of its two
+/// distances (each q errs by up to unit * q) of the kink: there the sign, or the value's
+/// leading digits, would be the rounding's (two large nearly equal distances). Such rows are
+/// recomputed with every term in double.
+inline bool hinge_near_rounding(double squared_positive, double squared_negative, double margin,
+                                Distance distance, double unit) {
+  if (unit == 0.0) return false;
+  if (distance == Distance::squared_euclidean)
+    return std::fabs(squared_positive - squared_negative + margin) <=
+           1024.0 * unit * (squared_positive + squared_negative);
+  const double positive = std::sqrt(squared_positive), negative = std::sqrt(squared_negative);
+  return std::fabs(positive - negative + margin) <= 1024.0 * unit * (positive + negative);
+}
 
 /// The fused pass shared by the CPU backends, parameterised on their row primitives.
 /// Rows go in blocks: the two distances of each triplet of a block first (independent
@@ -48,6 +63,10 @@ double triplet_forward_backward(const MatrixView<const T>& anchor,
       double squared_positive, squared_negative;
       RowOps::anchor_squared_distances(anchor.row(i), positive.row(i), negative.row(i), d,
                                        squared_positive, squared_negative);
+      if (hinge_near_rounding(squared_positive, squared_negative, margin, distance,
+                              RowOps::template sum_rounding_unit<T>(d)))  // rare
+        RowOps::exact_anchor_squared_distances(anchor.row(i), positive.row(i), negative.row(i), d,
+                                               squared_positive, squared_negative);
       const TripletTerm t = triplet_term(squared_positive, squared_negative, margin, distance,
                                          /*soft_margin=*/false);
       sum += t.loss;

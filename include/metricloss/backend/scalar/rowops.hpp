@@ -41,6 +41,17 @@ struct ScalarRowOps {
   }
 
   /// ||a - p||^2 and ||a - n||^2 in one pass over the anchor row, accumulated in double.
+  /// Every term in double already: no rounding to guard against.
+  template <class T>
+  static constexpr double sum_rounding_unit(Index) {
+    return 0.0;
+  }
+  template <class T>
+  static void exact_anchor_squared_distances(const T* a, const T* p, const T* n, Index d,
+                                             double& positive, double& negative) {
+    anchor_squared_distances(a, p, n, d, positive, negative);
+  }
+
   template <class T>
   static void anchor_squared_distances(const T* a, const T* p, const T* n, Index d,
                                        double& positive, double& negative) {

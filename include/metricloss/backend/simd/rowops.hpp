@@ -73,6 +73,20 @@ struct SimdRowOps {
     }
   }
 
+  /// Lane sums in T: each squared distance errs by up to about (d + 8) u_T of itself.
+  template <class T>
+  static constexpr double sum_rounding_unit(Index d) {
+    return (static_cast<double>(d) + 8.0) * (static_cast<double>(std::numeric_limits<T>::epsilon()) / 2.0);
+  }
+
+  /// The same two distances with every term in double, for the rows where the lanes'
+  /// rounding could decide the result (a hinge within it of its kink).
+  template <class T>
+  static void exact_anchor_squared_distances(const T* a, const T* p, const T* n, Index d,
+                                             double& positive, double& negative) {
+    ScalarRowOps::anchor_squared_distances(a, p, n, d, positive, negative);
+  }
+
   /// ||a - p||^2 and ||a - n||^2 in one pass over the anchor row: lane sums in T, totals in
   /// double (as squared_distance).
   template <class T>
