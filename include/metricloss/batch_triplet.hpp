@@ -50,7 +50,7 @@ namespace detail {
 /// Reusable memory of BatchTripletLoss: nothing is allocated once warm at a given N, D.
 template <class T>
 struct BatchTripletWorkspace {
-  BatchClasses classes;
+  LabelClasses classes;
   TripletMiner miner;
   GrowOnlyBuffer<double> squared, weights, gradient_row;  // scalar: N x N, N x N, D
   PairwiseDistances<T> pairwise;                           // simd: distances and products
@@ -66,7 +66,7 @@ void fill_gradient(const MatrixView<T>& grad, T value) {
 /// Groups the labels; a NaN label or a non-finite x finishes the call with a NaN loss and
 /// gradient (returns true, the loss in `value`).
 template <class T, class L>
-bool batch_triplet_not_finite(BatchClasses& classes, const MatrixView<const T>& x,
+bool batch_triplet_not_finite(LabelClasses& classes, const MatrixView<const T>& x,
                               const VectorView<L>& labels, const MatrixView<T>& grad, T& value) {
   if (classes.assign(labels) && all_finite(x)) return false;
   value = std::numeric_limits<T>::quiet_NaN();

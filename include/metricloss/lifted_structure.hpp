@@ -41,6 +41,7 @@
 // Edge cases. No epsilon: at D = 0 the (sub)gradient is 0. A row without negatives has
 // a_i = -inf, so its pairs (one class) have J = -inf and add 0. |P| = 0: L = 0 and a zero
 // gradient. A NaN label or a non-finite entry of x makes the loss and the gradient NaN.
+#include <metricloss/detail/label_classes.hpp>
 #include <metricloss/detail/lifted_structure_math.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/detail/backend_slot.hpp>
@@ -57,77 +58,6 @@
 namespace metricloss {
 
 namespace detail {
-
-/// The rows of one label vector grouped by class: dense class ids and each class's rows in
-/// increasing order. Labels compare with == (Caffe's rule). Allocates nothing once warm.
-class LabelClasses {
- public:
-  /// Groups `labels`; false (and nothing usable) when a label is NaN.
-  template <class L>
-  bool assign(const VectorView<L>& labels) {
-    const Index n = labels.size;
-    size_ = n;
-    if constexpr (std::is_floating_point<L>::value) {
-      for (Index i = 0; i < n; ++i)
-        if (labels[i] != labels[i]) return false;
-    }
-    Index* order = order_storage_.data(static_cast<std::size_t>(n));
-    for (Index i = 0; i < n; ++i) order[i] = i;
-    std::sort(order, order + n, [&](Index a, Index b) {
-      const L la = labels[a], lb = labels[b];
-      return la < lb || (!(lb < la) && a < b);
-    });
-    Index* class_of = class_of_storage_.data(static_cast<std::size_t>(n));
-    Index* start = start_storage_.data(static_cast<std::size_t>(n + 1));
-    classes_ = 0;
-    for (Index r = 0; r < n; ++r) {
-      if (r == 0 || labels[order[r - 1]] != labels[order[r]]) start[classes_++] = r;
-      class_of[order[r]] = classes_ - 1;
-    }
-    start[classes_] = n;
-    positive_pairs_ = 0;
-    for (Index c = 0; c < classes_; ++c) {
-      const Index k = class_size(c);
-      positive_pairs_ += k * (k - 1) / 2;
-    }
-    return true;
-  }
-
-  Index size() const { return size_; }
-  Index classes() const { return classes_; }
-  Index class_of(Index i) const { return class_of_storage_.data(0)[i]; }
-  Index class_size(Index c) const {
-    const Index* start = start_storage_.data(0);
-    return start[c + 1] - start[c];
-  }
-  /// |P|: the number of pairs i < j with equal labels.
-  Index positive_pairs() const { return positive_pairs_; }
-
-  /// f(k) for every row k < i of row i's class, in increasing k.
-  template <class F>
-  void for_each_earlier_positive(Index i, F&& f) const {
-    const Index* order = order_storage_.data(0);
-    const Index* start = start_storage_.data(0);
-    const Index c = class_of(i);
-    for (Index p = start[c]; p < start[c + 1] && order[p] < i; ++p) f(order[p]);
-  }
-
-  /// f(i, j) for every positive pair, i < j, class by class.
-  template <class F>
-  void for_each_positive_pair(F&& f) const {
-    const Index* order = order_storage_.data(0);
-    const Index* start = start_storage_.data(0);
-    for (Index c = 0; c < classes_; ++c)
-      for (Index p = start[c]; p < start[c + 1]; ++p)
-        for (Index q = p + 1; q < start[c + 1]; ++q) f(order[p], order[q]);
-  }
-
- private:
-  Index size_ = 0, classes_ = 0, positive_pairs_ = 0;
-  // Rows sorted by (label, row); class of each row; first sorted position of each class.
-  // Mutable: data(0) reads what assign() sized without growing it.
-  mutable GrowOnlyBuffer<Index> order_storage_, class_of_storage_, start_storage_;
-};
 
 /// Reusable memory of LiftedStructureLoss: nothing is allocated once warm at a given N, D.
 template <class T>

@@ -26,6 +26,7 @@
 // A negative's bucket (how many positive thresholds lie below it) is found by one
 // vectorised pass over the row per positive while c <= 17 (O(N^2 c) compares, but a few
 // cycles per 8 of them), else by a branch-free binary search (O(N^2 log c)).
+#include <metricloss/detail/label_classes.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/detail/views.hpp>
@@ -39,56 +40,6 @@
 
 namespace metricloss {
 namespace detail {
-
-/// The rows of one batch grouped by label (==): dense class ids, and each class's rows in
-/// increasing order. Allocates nothing once warm at a given N.
-class BatchClasses {
- public:
-  /// Groups `labels`; false (nothing grouped) when a label is NaN.
-  template <class L>
-  bool assign(const VectorView<L>& labels) {
-    const Index n = labels.size;
-    size_ = n;
-    if constexpr (std::is_floating_point<L>::value) {
-      for (Index i = 0; i < n; ++i)
-        if (labels[i] != labels[i]) return false;
-    }
-    Index* order = grown(order_, n);
-    for (Index i = 0; i < n; ++i) order[i] = i;
-    std::sort(order, order + n, [&](Index a, Index b) {
-      const L la = labels[a], lb = labels[b];
-      return la < lb || (!(lb < la) && a < b);
-    });
-    Index* class_of = grown(class_of_, n);
-    Index* begin = grown(begin_, n + 1);
-    classes_ = 0;
-    for (Index r = 0; r < n; ++r) {
-      if (r == 0 || labels[order[r - 1]] != labels[order[r]]) begin[classes_++] = r;
-      class_of[order[r]] = classes_ - 1;
-    }
-    begin[classes_] = n;
-    return true;
-  }
-
-  Index size() const { return size_; }
-  const Index* class_of() const { return class_of_.data(); }
-  /// The rows of anchor a's class, including a, in increasing order.
-  const Index* members_begin(Index a) const { return order_.data() + begin_[class_of_[a]]; }
-  const Index* members_end(Index a) const { return order_.data() + begin_[class_of_[a] + 1]; }
-  /// |P(a)| = class size - 1 and |Neg(a)| = N - class size.
-  Index positives(Index a) const { return members_end(a) - members_begin(a) - 1; }
-  Index negatives(Index a) const { return size_ - (members_end(a) - members_begin(a)); }
-
- private:
-  static Index* grown(std::vector<Index>& v, Index size) {
-    if (v.size() < static_cast<std::size_t>(size)) v.resize(static_cast<std::size_t>(size));
-    return v.data();
-  }
-
-  Index size_ = 0, classes_ = 0;
-  // Rows sorted by (label, row); the class of each row; each class's first sorted position.
-  std::vector<Index> order_, class_of_, begin_;
-};
 
 /// The loss before normalisation, and what it is divided by (anchors for hard, pairs for
 /// semihard, triplets with a positive hinge for all). L = sum / count, or 0 when count = 0.
@@ -147,7 +98,7 @@ struct soft_margin_in_lanes<
 class TripletMiner {
  public:
   template <class RowOps, class Distances, class Weights>
-  MiningResult mine(Mining mining, const BatchClasses& classes, const Distances& distances,
+  MiningResult mine(Mining mining, const LabelClasses& classes, const Distances& distances,
                     double margin, Distance distance, bool soft_margin, Weights& weights) {
     switch (mining) {
       case Mining::hard: return hard(classes, distances, margin, distance, soft_margin, weights);
@@ -168,7 +119,7 @@ class TripletMiner {
 
   /// l_a = h(max_p d_ap - min_n d_an + m), over anchors with a positive and a negative.
   template <class Distances, class Weights>
-  MiningResult hard(const BatchClasses& classes, const Distances& distances, double margin,
+  MiningResult hard(const LabelClasses& classes, const Distances& distances, double margin,
                     Distance distance, bool soft_margin, Weights& weights) {
     const Index n = classes.size();
     const Index* class_of = classes.class_of();
@@ -191,7 +142,7 @@ class TripletMiner {
   /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
   /// negative), over pairs (a, p) whose anchor has a negative.
   template <class Distances, class Weights>
-  MiningResult semihard(const BatchClasses& classes, const Distances& distances, double margin,
+  MiningResult semihard(const LabelClasses& classes, const Distances& distances, double margin,
                         Distance distance, bool soft_margin, Weights& weights) {
     const Index n = classes.size();
     const Index* class_of = classes.class_of();
@@ -256,7 +207,7 @@ class TripletMiner {
   /// Every triplet. Hinge: sum of max(d_ap + m - d_an, 0), count = active triplets, by
   /// buckets with prefix sums. Softplus: count = all triplets (softplus is positive).
   template <class RowOps, class Distances, class Weights>
-  MiningResult all(const BatchClasses& classes, const Distances& distances, double margin,
+  MiningResult all(const LabelClasses& classes, const Distances& distances, double margin,
                    Distance distance, bool soft_margin, Weights& weights) {
     const Index n = classes.size();
     const Index* class_of = classes.class_of();
@@ -363,7 +314,7 @@ class TripletMiner {
   /// the whole row, and the negatives' weights in one pass. O(k N).
   template <class RowOps, class T, class Weights>
   void all_soft_anchor_lanes(MiningResult& result, Index a, const Positive* positives, Index k,
-                             const BatchClasses& classes, const T* row, Distance distance,
+                             const LabelClasses& classes, const T* row, Distance distance,
                              Weights& weights) {
     const Index n = classes.size();
     const Index padded = RowOps::template soft_margin_padded<T>(n);
@@ -407,7 +358,7 @@ class TripletMiner {
 
   /// The positives of anchor a made by `make`, sorted by key (ties by row).
   template <class Make>
-  const Positive* sorted_positives(const BatchClasses& classes, Index a, Make&& make) {
+  const Positive* sorted_positives(const LabelClasses& classes, Index a, Make&& make) {
     Positive* positives = positives_.data(static_cast<std::size_t>(classes.positives(a)));
     Index k = 0;
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
