@@ -1,9 +1,162 @@
 #pragma once
+// The SIMD path of TripletLoss. Rows of up to 8 batches (D <= 128 floats with AVX-512) go
+// through one pass per row: a - p and a - n are loaded once and stay in registers from the
+// two distances to the three gradient rows, so each input element is read once and each
+// output element written once. triplet_forward_backward's block pass (the distances of 16
+// rows, then their gradients from L1) serialises a read phase and a write phase, which at
+// L2-resident sizes do not overlap: at N = 256, D = 128 it took 1.4-2.0x the streaming
+// floor against 1.2-1.7x for this. Longer rows take the block pass. Rows whose hinge lies
+// near its kink against the lanes' rounding are recomputed in double, as there.
 #include <metricloss/backend/simd/rowops.hpp>
 #include <metricloss/triplet.hpp>
 
+#include <xsimd/xsimd.hpp>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
 namespace metricloss {
 namespace detail {
+
+/// sqrt(q) without a libm call: std::sqrt keeps errno for q < 0 by calling sqrt on that
+/// path, and a call in the row loop makes the compiler spill the row's registers around it.
+inline double square_root(double q) {
+#if defined(__SSE2__)
+  return _mm_cvtsd_f64(_mm_sqrt_pd(_mm_set_sd(q)));
+#else
+  return std::sqrt(q);
+#endif
+}
+
+/// distance_from_squared with square_root.
+inline DistanceTerm distance_term(double squared, Distance distance) {
+  const double d = distance == Distance::squared_euclidean ? squared : square_root(squared);
+  return {d, distance_derivative(d, distance)};
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define METRICLOSS_SIMD_TRIPLET_COLD __attribute__((noinline, cold))
+#elif defined(_MSC_VER)
+#define METRICLOSS_SIMD_TRIPLET_COLD __declspec(noinline)
+#else
+#define METRICLOSS_SIMD_TRIPLET_COLD
+#endif
+
+/// The gradient rows of a triplet whose coefficient does not fit in T, scaled in double.
+/// Out of line: inlined, its scalar loops make the row loop of every other row ~20% slower.
+template <class T>
+METRICLOSS_SIMD_TRIPLET_COLD void triplet_gradients_in_double(T* grad_a, T* grad_p, T* grad_n,
+                                                             const T* a, const T* p, const T* n,
+                                                             double c_p, double c_n, Index d) {
+  ScalarRowOps::triplet_gradients(grad_a, grad_p, grad_n, a, p, n, c_p, c_n, d);
+}
+
+/// triplet_forward_backward for rows of exactly `Batches` full batches and a tail shorter
+/// than one; `Wanted` is the set of gradients written (1: anchor, 2: positive, 4: negative),
+/// so that the row loop has no branches on it. The arithmetic of SimdRowOps'
+/// anchor_squared_distances and triplet_gradients, so every subset of the gradients has the
+/// same bits.
+template <Index Batches, int Wanted, class T>
+double triplet_rows_in_registers(const MatrixView<const T>& anchor,
+                                 const MatrixView<const T>& positive,
+                                 const MatrixView<const T>& negative, double margin,
+                                 Distance distance, const MatrixView<T>& grad_anchor,
+                                 const MatrixView<T>& grad_positive,
+                                 const MatrixView<T>& grad_negative, double top_diff) {
+  using batch = xsimd::batch<T>;
+  constexpr Index width = static_cast<Index>(batch::size);
+  constexpr Index tail_begin = Batches * width;
+  constexpr bool want_a = (Wanted & 1) != 0, want_p = (Wanted & 2) != 0, want_n = (Wanted & 4) != 0;
+  const Index n = anchor.rows, d = anchor.cols;
+  const double scale = 2.0 * top_diff / static_cast<double>(n);
+  const double unit = SimdRowOps::sum_rounding_unit<T>(d);
+  double sum = 0.0;
+  for (Index i = 0; i < n; ++i) {
+    const T *a = anchor.row(i), *p = positive.row(i), *q = negative.row(i);
+    batch to_p[Batches > 0 ? Batches : 1], to_n[Batches > 0 ? Batches : 1];  // a - p, a - n
+    batch acc_p0(T(0)), acc_p1(T(0)), acc_n0(T(0)), acc_n1(T(0));
+    for (Index k = 0; k < Batches; ++k) {
+      const batch x = batch::load_unaligned(a + k * width);
+      to_p[k] = x - batch::load_unaligned(p + k * width);
+      to_n[k] = x - batch::load_unaligned(q + k * width);
+      if (k % 2 == 0) {
+        acc_p0 = xsimd::fma(to_p[k], to_p[k], acc_p0);
+        acc_n0 = xsimd::fma(to_n[k], to_n[k], acc_n0);
+      } else {
+        acc_p1 = xsimd::fma(to_p[k], to_p[k], acc_p1);
+        acc_n1 = xsimd::fma(to_n[k], to_n[k], acc_n1);
+      }
+    }
+    double squared_positive = Batches > 0 ? static_cast<double>(xsimd::hadd(acc_p0 + acc_p1)) : 0.0;
+    double squared_negative = Batches > 0 ? static_cast<double>(xsimd::hadd(acc_n0 + acc_n1)) : 0.0;
+    for (Index j = tail_begin; j < d; ++j) {
+      const double x = static_cast<double>(a[j]);
+      const double diff_p = x - static_cast<double>(p[j]);
+      const double diff_n = x - static_cast<double>(q[j]);
+      squared_positive += diff_p * diff_p;
+      squared_negative += diff_n * diff_n;
+    }
+    // triplet_term, and triplet_forward_backward's recomputation in double of a row whose
+    // hinge lies near its kink against the lanes' rounding (hinge_near_rounding), from one
+    // pair of square roots: the divider is what the Euclidean rows wait on.
+    DistanceTerm d_p = distance_term(squared_positive, distance);
+    DistanceTerm d_n = distance_term(squared_negative, distance);
+    double x = d_p.value - d_n.value + margin;
+    if (std::fabs(x) <= 1024.0 * unit * (d_p.value + d_n.value)) {
+      SimdRowOps::exact_anchor_squared_distances(a, p, q, d, squared_positive, squared_negative);
+      d_p = distance_term(squared_positive, distance);
+      d_n = distance_term(squared_negative, distance);
+      x = d_p.value - d_n.value + margin;
+    }
+    const HingeTerm h = hinge(x, /*soft_margin=*/false);
+    sum += h.value;
+    if constexpr (Wanted != 0) {
+      const double c_p = scale * (h.slope * d_p.derivative), c_n = scale * (h.slope * d_n.derivative);
+      T* ga = want_a ? grad_anchor.row(i) : nullptr;
+      T* gp = want_p ? grad_positive.row(i) : nullptr;
+      T* gn = want_n ? grad_negative.row(i) : nullptr;
+      if (c_p == 0.0 && c_n == 0.0) {
+        // Inactive: zeros, whatever the rows hold. Batch stores, not std::fill: a memset
+        // call per row and output costs more than the row's arithmetic.
+        const batch zero(T(0));
+        for (Index k = 0; k < Batches; ++k) {
+          if constexpr (want_a) zero.store_unaligned(ga + k * width);
+          if constexpr (want_p) zero.store_unaligned(gp + k * width);
+          if constexpr (want_n) zero.store_unaligned(gn + k * width);
+        }
+        for (Index j = tail_begin; j < d; ++j) {
+          if constexpr (want_a) ga[j] = T(0);
+          if constexpr (want_p) gp[j] = T(0);
+          if constexpr (want_n) gn[j] = T(0);
+        }
+        continue;
+      }
+      if (!SimdRowOps::fits<T>(c_p) || !SimdRowOps::fits<T>(c_n)) {
+        triplet_gradients_in_double(ga, gp, gn, a, p, q, c_p, c_n, d);
+        continue;
+      }
+      const T cp = static_cast<T>(c_p), cn = static_cast<T>(c_n);
+      const batch cpb(cp), cnb(cn);
+      for (Index k = 0; k < Batches; ++k) {
+        const batch scaled_p = cpb * to_p[k];
+        if constexpr (want_a) xsimd::fnma(cnb, to_n[k], scaled_p).store_unaligned(ga + k * width);
+        if constexpr (want_p) (-scaled_p).store_unaligned(gp + k * width);
+        if constexpr (want_n) (cnb * to_n[k]).store_unaligned(gn + k * width);
+      }
+      for (Index j = tail_begin; j < d; ++j) {
+        const T scaled_p = cp * (a[j] - p[j]);
+        if constexpr (want_a) ga[j] = multiply_add(-cn, a[j] - q[j], scaled_p);
+        if constexpr (want_p) gp[j] = -scaled_p;
+        if constexpr (want_n) gn[j] = cn * (a[j] - q[j]);
+      }
+    }
+  }
+  return sum / static_cast<double>(n);
+}
 
 template <class T>
 struct Backend<TripletLoss<T>, simd_tag> {
@@ -12,11 +165,64 @@ struct Backend<TripletLoss<T>, simd_tag> {
                             const MatrixView<const T>& negative, const MatrixView<T>& grad_anchor,
                             const MatrixView<T>& grad_positive,
                             const MatrixView<T>& grad_negative, T top_diff) {
-    return static_cast<T>(triplet_forward_backward<SimdRowOps>(
-        anchor, positive, negative, loss.margin, loss.distance, grad_anchor, grad_positive,
-        grad_negative, top_diff));
+    constexpr Index width = static_cast<Index>(xsimd::batch<T>::size);
+    const int wanted = (grad_anchor.empty() ? 0 : 1) | (grad_positive.empty() ? 0 : 2) |
+                       (grad_negative.empty() ? 0 : 4);
+    const Args args{anchor, positive, negative, static_cast<double>(loss.margin), loss.distance,
+                    grad_anchor, grad_positive, grad_negative, static_cast<double>(top_diff)};
+    switch (anchor.cols / width) {
+      case 0: return static_cast<T>(by_wanted<0>(wanted, args));
+      case 1: return static_cast<T>(by_wanted<1>(wanted, args));
+      case 2: return static_cast<T>(by_wanted<2>(wanted, args));
+      case 3: return static_cast<T>(by_wanted<3>(wanted, args));
+      case 4: return static_cast<T>(by_wanted<4>(wanted, args));
+      case 5: return static_cast<T>(by_wanted<5>(wanted, args));
+      case 6: return static_cast<T>(by_wanted<6>(wanted, args));
+      case 7: return static_cast<T>(by_wanted<7>(wanted, args));
+      case 8: return static_cast<T>(by_wanted<8>(wanted, args));
+      default:
+        return static_cast<T>(triplet_forward_backward<SimdRowOps>(
+            anchor, positive, negative, loss.margin, loss.distance, grad_anchor, grad_positive,
+            grad_negative, top_diff));
+    }
+  }
+
+ private:
+  struct Args {
+    const MatrixView<const T>& anchor;
+    const MatrixView<const T>& positive;
+    const MatrixView<const T>& negative;
+    double margin;
+    Distance distance;
+    const MatrixView<T>& grad_anchor;
+    const MatrixView<T>& grad_positive;
+    const MatrixView<T>& grad_negative;
+    double top_diff;
+  };
+
+  template <Index Batches, int Wanted>
+  static double run(const Args& x) {
+    return triplet_rows_in_registers<Batches, Wanted, T>(x.anchor, x.positive, x.negative, x.margin,
+                                                         x.distance, x.grad_anchor, x.grad_positive,
+                                                         x.grad_negative, x.top_diff);
+  }
+
+  template <Index Batches>
+  static double by_wanted(int wanted, const Args& x) {
+    switch (wanted) {
+      case 0: return run<Batches, 0>(x);
+      case 1: return run<Batches, 1>(x);
+      case 2: return run<Batches, 2>(x);
+      case 3: return run<Batches, 3>(x);
+      case 4: return run<Batches, 4>(x);
+      case 5: return run<Batches, 5>(x);
+      case 6: return run<Batches, 6>(x);
+      default: return run<Batches, 7>(x);
+    }
   }
 };
 
 }  // namespace detail
 }  // namespace metricloss
+
+#undef METRICLOSS_SIMD_TRIPLET_COLD
