@@ -106,7 +106,7 @@ double triplet_rows_in_registers(const MatrixView<const T>& anchor,
     DistanceTerm d_p = distance_term(squared_positive, distance);
     DistanceTerm d_n = distance_term(squared_negative, distance);
     double x = d_p.value - d_n.value + margin;
-    if (std::fabs(x) <= 1024.0 * unit * (d_p.value + d_n.value)) {
+    if (std::fabs(x) <= hinge_rounding_factor * unit * (d_p.value + d_n.value)) {
       SimdRowOps::exact_anchor_squared_distances(a, p, q, d, squared_positive, squared_negative);
       d_p = distance_term(squared_positive, distance);
       d_n = distance_term(squared_negative, distance);
