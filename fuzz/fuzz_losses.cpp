@@ -719,10 +719,11 @@ Ambiguity batch_triplet_ambiguity(const Strided<T>& x, const std::vector<L>& lab
 /// Whether the lifted gradient is ill-conditioned in T (finding 5). A pair's negatives weigh
 /// exp(-D) each, so an absolute error in a distance moves their weights by that much,
 /// relatively: where two terms of a pair's soft-max carry weight and their distances err
-/// by more than the tolerance, the gradient is rounding noise. Both paths err by ~eps D
-/// (the scalar path in double too), the simd path's product by eps (n_i + n_k) / 2D more
-/// (n: squared norms about the batch mean) where it keeps the product's D^2. At D ~ 1e120
-/// a tie below rounding then decides between weights (1/2, 1/2) and (1, 0).
+/// by more than the tolerance, the gradient is rounding noise. Distances err by ~eps D
+/// (the scalar path's in double too), the simd path's product by eps (n_i + n_k) / 2D more
+/// (n: squared norms about the batch mean) where it keeps the product's D^2, unless the
+/// simd path recomputes them (see below). At D ~ 1e120 a tie below rounding then decides
+/// between weights (1/2, 1/2) and (1, 0).
 template <class T, class L>
 bool lifted_gradient_ill_conditioned(const Strided<T>& x, const std::vector<L>& labels) {
   const Index n = x.rows, d = x.cols;
@@ -738,6 +739,8 @@ bool lifted_gradient_ill_conditioned(const Strided<T>& x, const std::vector<L>& 
     }
   const double eps = std::numeric_limits<T>::epsilon();
   const double ratio = ml::detail::PairwiseDistances<T>::recompute_ratio;
+  constexpr bool is_float = std::is_same<T, float>::value;
+  const double limit = mltest::Tolerance<T>::gradient / 4;
   std::vector<double> distance(at(n, 0)), noise(at(n, 0));
   for (Index i = 0; i < n; ++i)
     for (Index k = 0; k < n; ++k) {
@@ -745,10 +748,16 @@ bool lifted_gradient_ill_conditioned(const Strided<T>& x, const std::vector<L>& 
       const double scale = norm[static_cast<std::size_t>(i)] + norm[static_cast<std::size_t>(k)];
       const bool product = q >= ratio * scale && e > 0.0;  // else recomputed by differences
       distance[at(i, k)] = e;
-      noise[at(i, k)] = eps * (e + (product ? scale / (2.0 * e) : 0.0));
+      // The simd path recomputes, by differences in double, every weighted negative whose
+      // estimated error (float: D held in float, eps D; the product's eps scale / 2D)
+      // exceeds the limit (backend/simd/lifted_structure.hpp): what is left is the error
+      // of an exact distance in double, eps_double D, which no path avoids (double: the
+      // limit is out of reach beyond D ~ 1e5..1e6).
+      const double removable = (is_float ? eps * e : 0.0) + (product ? eps * scale / (2.0 * e) : 0.0);
+      const double kept = is_float ? std::numeric_limits<double>::epsilon() * e : eps * e;
+      noise[at(i, k)] = removable > limit ? kept : kept + removable;
     }
   constexpr double window = 40.0;  // exp(-40) ~ 4e-18: farther terms carry no weight
-  const double limit = mltest::Tolerance<T>::gradient / 4;
   const auto label = [&](Index i) { return labels[static_cast<std::size_t>(i)]; };
   for (Index i = 0; i < n; ++i)
     for (Index j = i + 1; j < n; ++j) {

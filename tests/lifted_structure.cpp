@@ -426,6 +426,35 @@ TEMPLATE_TEST_CASE("lifted structure in float is accurate at a large common offs
   CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
 }
 
+TEST_CASE("lifted structure simd in float is accurate when distances are large",
+          "[lifted][numerics]") {
+  // A negative weighs exp(nearest - D): an absolute error in D moves its weight by as much,
+  // relatively, and float's distances (the product's, and D held in float) err by ~eps D.
+  // 16 tight sites at scale S, class c on sites c and c + 8: each row's nearest negatives
+  // are a whole site at D ~ S, all within a few units of each other (all carry weight),
+  // and pairs across a class's two sites have active hinges.
+  const double scale = GENERATE(1e3, 1e4, 1e5);
+  CAPTURE(scale);
+  const Index n = 64, d = 16;
+  for (std::uint64_t seed = 0; seed < 3; ++seed) {
+    CAPTURE(seed);
+    std::mt19937_64 rng(seed);
+    Labels labels(n);
+    for (Index i = 0; i < n; ++i) labels(i) = i % 8;
+    const Matrix<double> sites = uniform_matrix<double>(16, d, rng, -scale, scale);
+    const Matrix<double> noise = uniform_matrix<double>(n, d, rng);
+    Matrix<float> x(n, d);
+    for (Index i = 0; i < n; ++i) x.row(i) = (sites.row(i % 16) + noise.row(i)).cast<float>();
+    ml::LiftedStructureLoss<float> loss(1.0f);
+    Matrix<float> grad(n, d);
+    const float value = loss.forward_backward(ml::simd, x, labels, grad);
+    const CaffeResult reference = caffe_lifted(x, labels, 1.0, 1.0);  // double, same inputs
+    REQUIRE(reference.grad.cwiseAbs().maxCoeff() > 0.0);
+    CHECK(relatively_close(value, reference.loss, Tolerance<float>::loss));
+    CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
+  }
+}
+
 TEMPLATE_TEST_CASE("lifted structure accepts every label type", "[lifted]", ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};
   std::mt19937_64 rng(71);

@@ -227,6 +227,10 @@ class PairwiseDistances {
     return product_rounding_unit<T>(x_.cols) * (static_cast<double>(norms[i]) + static_cast<double>(norms[j]));
   }
 
+  /// The squared norms n_i = ||xc_i||^2 of the centred rows of the last compute() (in T,
+  /// as the expansion used them).
+  const T* centred_norms() { return norms_.data(0); }
+
   /// N x N weight matrix W (dL/dD2_ij) as the last call left it, for a caller that writes
   /// every entry (saves zeroed_weights()'s pass over N^2).
   StridedMap<T> weights() {

@@ -19,6 +19,16 @@
 // D2_ik < near_ratio (||xc_i||^2 + ||xc_k||^2) are therefore taken out of S and applied
 // by differences of the original rows; what stays in the product has a relative error
 // of at most ~ 2 eps / sqrt(near_ratio) = 64 eps.
+//
+// Far pairs. A negative's soft-max weight is exp(nearest_i - D_ik): an absolute error dD in
+// D_ik moves it by dD relatively, so the gradient (relative to its largest entry) errs by up
+// to ~2 max dD over the terms that carry weight. The product's D errs by about
+// eps (n_i + n_k) / (2 D) and T's storage of D by eps D, both growing with the scale of the
+// data (float: 1e-4 of the largest gradient entry is lost near D ~ 1e3). So every negative
+// within `window` of either row's nearest whose estimated error exceeds `tolerance` is
+// recomputed by differences in double, kept in a short list, and summed in double; its
+// entry in the T matrix becomes +inf, so that the vectorised sweeps give it weight 0. At
+// ordinary scales (float, D <~ 200) nothing is recomputed; see recompute_weighted.
 #include <metricloss/backend/simd/rowops.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/lifted_structure.hpp>
@@ -28,6 +38,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace metricloss {
 namespace detail {
@@ -70,6 +81,29 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
     T* distance = pairwise.squared().data();  // D, lower triangle k < i
 
+    // The weighted negatives that T cannot give to the tolerance, exact and in double (the
+    // scalar path's buffers, unused here, hold the list): (i n + k, D_ik) for k < i.
+    const Index recomputed =
+        recompute_weighted(pairwise, x, distance, class_value, nearest, column_nearest, scratch.distance);
+    const double* exact = scratch.distance.data(0);
+    // Each row's nearest in double, over the T entries and the list (T cannot hold a
+    // recomputed distance to within exp's range beyond D ~ 1e10 in float): the shift of
+    // the list's terms and of a_i. The T sweeps keep the T nearest (the least T entry) and
+    // their sums are rescaled by exp(nearest_double - nearest_T) <= 1. (The scalar path's
+    // buffers, unused here, hold these N-vectors.)
+    double* exact_nearest = scratch.min_distance.data(static_cast<std::size_t>(n));
+    double* rescale = scratch.weight.data(static_cast<std::size_t>(n));
+    double* list_factor = scratch.row.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) {
+      exact_nearest[i] = static_cast<double>(nearest[i]);
+      rescale[i] = 0.0;  // first: the list's part of s_i
+    }
+    for (Index e = 0; e < recomputed; ++e) {
+      const Index i = static_cast<Index>(exact[2 * e]) / n, k = static_cast<Index>(exact[2 * e]) % n;
+      exact_nearest[i] = std::min(exact_nearest[i], exact[2 * e + 1]);
+      exact_nearest[k] = std::min(exact_nearest[k], exact[2 * e + 1]);
+    }
+
     // Sweep 2: s_i = sum_k exp(nearest_i - D_ik) over the negatives, again from the row
     // part and the column part of the triangle; a_i = log s_i + margin - nearest_i (every
     // row has negatives: two classes at least).
@@ -83,13 +117,25 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
         columns.row_done(i);
       }
       columns.finish();
+      for (Index e = 0; e < recomputed; ++e) {
+        const Index i = static_cast<Index>(exact[2 * e]) / n, k = static_cast<Index>(exact[2 * e]) % n;
+        const double dik = exact[2 * e + 1];
+        rescale[i] += std::exp(exact_nearest[i] - dik);
+        rescale[k] += std::exp(exact_nearest[k] - dik);
+      }
       for (Index i = 0; i < n; ++i) {
+        const double list_part = rescale[i];
         shifted_sum[i] += columns.total[i];
+        // The T part, shifted by the T nearest (0 when there is none: no rescale).
+        rescale[i] = recomputed == 0 ? 1.0
+                     : shifted_sum[i] > 0.0 ? std::exp(exact_nearest[i] - static_cast<double>(nearest[i]))
+                                            : 0.0;
+        shifted_sum[i] = shifted_sum[i] * rescale[i] + list_part;
         // Every negative at +inf (d^2 overflowed): the scalar path's exp(inf - inf) is NaN,
         // which clamped_exp turns into 0.
-        if (!(nearest[i] < std::numeric_limits<T>::infinity()))
+        if (!(exact_nearest[i] < std::numeric_limits<double>::infinity()))
           shifted_sum[i] = std::numeric_limits<double>::quiet_NaN();
-        log_normaliser[i] = lifted_log_normaliser(margin, static_cast<double>(nearest[i]), shifted_sum[i]);
+        log_normaliser[i] = lifted_log_normaliser(margin, exact_nearest[i], shifted_sum[i]);
       }
     }
 
@@ -102,7 +148,9 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     std::fill(coefficient, coefficient + n, 0.0);
     double sum = 0.0;
     classes.for_each_positive_pair([&](Index i, Index j) {
-      const double dij = static_cast<double>(distance[j * n + i]);
+      double dij = static_cast<double>(distance[j * n + i]);
+      // J_ij = ... + D_ij: T's rounding of D_ij (eps D) moves the hinge by as much.
+      if (storage_unit * dij > tolerance) dij = std::sqrt(exact_squared(x, i, j));
       const LiftedPair pair = lifted_pair(log_normaliser[i], log_normaliser[j], dij);
       sum += pair.hinge * pair.hinge;
       if (!gradient) return;
@@ -116,7 +164,10 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     // Sweep 3: the symmetric weights S_ik = W_ik + W_ki of the negatives, straight into the
     // lower triangle, near pairs taken out, and the row sums S 1 (row and column parts).
     T* row_factor = scratch.row_factor.data(static_cast<std::size_t>(n));
-    for (Index i = 0; i < n; ++i) row_factor[i] = static_cast<T>(-coefficient[i] / shifted_sum[i]);
+    for (Index i = 0; i < n; ++i) {
+      list_factor[i] = -coefficient[i] / shifted_sum[i];
+      row_factor[i] = static_cast<T>(list_factor[i] * rescale[i]);
+    }
     const auto xc = pairwise.centred();
     T* threshold = scratch.near_threshold.data(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i)
@@ -132,6 +183,18 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
         shifted_sum[i] = own;  // reused: the row part of S 1
       }
       columns.finish();
+      // The recomputed negatives (0 in the sweep: D = +inf there), in double.
+      for (Index e = 0; e < recomputed; ++e) {
+        const Index i = static_cast<Index>(exact[2 * e]) / n, k = static_cast<Index>(exact[2 * e]) % n;
+        const double dik = exact[2 * e + 1];
+        const double both = list_factor[i] * std::exp(exact_nearest[i] - dik) +
+                            list_factor[k] * std::exp(exact_nearest[k] - dik);
+        T& slot = weight[i * stride + k];
+        slot = static_cast<T>(weight_on_squared(both, dik));
+        move_if_near(i, k, static_cast<T>(dik), threshold, x, slot, near_sums, scratch);
+        shifted_sum[i] += static_cast<double>(slot);
+        columns.total[k] += static_cast<double>(slot);
+      }
       for (Index i = 0; i < n; ++i) row_sums[i] = static_cast<T>(shifted_sum[i] + columns.total[i]);
     }
     const T scale = static_cast<T>(static_cast<double>(top_diff) / pairs);
@@ -150,6 +213,25 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
  private:
   static constexpr double near_ratio = 1.0 / 1024;
 
+  static constexpr bool is_float = std::is_same<T, float>::value;
+  static constexpr double eps = std::numeric_limits<T>::epsilon();
+  /// Error allowed in a weighted distance, i.e. in the exponent of its soft-max weight:
+  /// the gradient then errs by up to ~2 tolerance against its largest entry, half of
+  /// API.md's bound (float 1e-4, double 1e-10).
+  static constexpr double tolerance = is_float ? 2.5e-5 : 2.5e-11;
+  /// Relative error of D held in T (D2 rounded to T, then its sqrt), that a recompute in
+  /// double removes; none for double. Above D ~ tolerance / eps (double: ~1e5) the
+  /// scalar path's exact distances err by eps D as well: at D >~ 1e6 API.md's 1e-10 is out
+  /// of reach of every path in double, and recomputing cannot help.
+  static constexpr double storage_unit = is_float ? eps : 0.0;
+  /// exp(-40) ~ 4e-18: a negative farther than this beyond both rows' nearest weighs nothing.
+  static constexpr double window = 40.0;
+  /// ... once the window is widened by what the (T) distances that decide it may err: D and
+  /// the nearest each by ~ eps D (storage) + eps (n_i + n_k) / (2 D) < eps D / (2 ratio)
+  /// (the product's entries have D2 > ratio (n_i + n_k)), with a margin of 8.
+  static constexpr double slack =
+      16.0 * (1.0 + 1.0 / (2.0 * PairwiseDistances<T>::recompute_ratio)) * eps;
+
   /// exp with its argument clamped from below (-inf, NaN included: x86's max returns its
   /// second operand for NaN) to where exp is 0 in T anyway (e^-104 and e^-746 round to 0):
   /// xsimd 8.1's double exp on AVX-512 converts the exponent to int64 with a scalar cast,
@@ -158,6 +240,103 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   static batch clamped_exp(const batch& argument) {
     constexpr T lowest = std::is_same<T, float>::value ? T(-104) : T(-746);
     return xsimd::exp(xsimd::max(argument, batch(lowest)));
+  }
+
+  /// Finds the negatives (i, k), k < i, that carry weight in row i's or row k's soft-max
+  /// (D_ik - nearest < window + slack D_ik) and whose distance in T errs by more than the
+  /// tolerance by the estimate
+  ///   dD ~ storage_unit D + eps (n_i + n_k) / (2 D)
+  /// (the product's error on D2 is about eps/2 (n_i + n_k) rms, at most ~6x that in
+  /// practice, at d = 16..512; rounding.hpp's gamma_d bound is 30-200x larger and would
+  /// recompute everything at ordinary scales). Float at D ~ 1..10 and d = 128: dD ~ 1e-6,
+  /// nothing recomputed; D ~ 1e2: ~1e-5; beyond ~ 200 every weighted negative is. Those
+  /// are recomputed by differences into `storage` as pairs (i n + k, D_ik), their T entry
+  /// set to +inf, and the nearest found again over the T entries left (+inf if none).
+  /// Returns their count.
+  static Index recompute_weighted(PairwiseDistances<T>& pairwise, const MatrixView<const T>& x,
+                                  T* distance, const T* class_value, T* nearest,
+                                  T* column_nearest, GrowOnlyBuffer<double>& storage) {
+    const Index n = pairwise.size();
+    const T* norms = pairwise.centred_norms();
+    const T infinity = std::numeric_limits<T>::infinity();
+    const batch storage2(static_cast<T>(2.0 * storage_unit)), unit(static_cast<T>(eps)),
+        two_tolerance(static_cast<T>(2.0 * tolerance)), reach0(static_cast<T>(window)),
+        reach1(static_cast<T>(slack)), zero(T(0));
+    // 2 D dD > 2 D tolerance, for a weighted negative at D > 0 (D = 0 is exact).
+    const auto wanted = [&](Index i, Index k, T dik) {
+      if (class_value[k] == class_value[i] || !(dik > T(0))) return false;
+      const T reach = static_cast<T>(window) + static_cast<T>(slack) * dik;
+      if (!(dik - nearest[i] < reach || dik - nearest[k] < reach)) return false;
+      return static_cast<T>(2.0 * storage_unit) * dik * dik + static_cast<T>(eps) * (norms[i] + norms[k]) >
+             static_cast<T>(2.0 * tolerance) * dik;
+    };
+    // The usual case in one O(N) look: weighted negatives have D in [lo, hi] (lo the least
+    // nearest, hi the greatest plus the reach), where dD is at most the bound below.
+    {
+      double lo = std::numeric_limits<double>::infinity(), hi = 0.0, norm = 0.0;
+      for (Index i = 0; i < n; ++i) {
+        lo = std::min(lo, static_cast<double>(nearest[i]));
+        hi = std::max(hi, static_cast<double>(nearest[i]));
+        norm = std::max(norm, static_cast<double>(norms[i]));
+      }
+      hi = (hi + window) / (1.0 - slack);
+      if (lo > 0.0 && hi < std::numeric_limits<double>::infinity() &&
+          2.0 * (storage_unit * hi + eps * norm / lo) < tolerance)
+        return 0;
+    }
+    Index count = 0;
+    const auto record = [&](Index i, Index k, T* entry) {
+      double* list = storage.data(static_cast<std::size_t>(2 * (count + 1)));
+      list[2 * count] = static_cast<double>(i * n + k);
+      list[2 * count + 1] = std::sqrt(exact_squared(x, i, k));
+      ++count;
+      *entry = infinity;
+    };
+    for (Index i = 1; i < n; ++i) {
+      T* row = distance + i * n;
+      const batch own_class(class_value[i]), own_nearest(nearest[i]), own_norm(norms[i]);
+      Index k = 0;
+      for (; k + width <= i; k += width) {
+        const batch dik = batch::load_unaligned(row + k);
+        const batch reach = reach0 + reach1 * dik;
+        const auto weighted =
+            (dik - own_nearest < reach) | (dik - batch::load_unaligned(nearest + k) < reach);
+        const auto imprecise =
+            storage2 * dik * dik + unit * (own_norm + batch::load_unaligned(norms + k)) > two_tolerance * dik;
+        const auto negative = batch::load_unaligned(class_value + k) != own_class;
+        if (xsimd::any(negative & weighted & imprecise & (dik > zero))) {
+          for (Index lane = k; lane < k + width; ++lane)
+            if (wanted(i, lane, row[lane])) record(i, lane, row + lane);
+        }
+      }
+      for (; k < i; ++k)
+        if (wanted(i, k, row[k])) record(i, k, row + k);
+    }
+    if (count == 0) return 0;
+    // The nearest again, over the T entries the sweeps will use: the old one may come from
+    // a product entry too short by far more than the window.
+    std::fill(nearest, nearest + n, infinity);
+    std::fill(column_nearest, column_nearest + n, infinity);
+    for (Index i = 1; i < n; ++i)
+      nearest[i] = nearest_negative(distance + i * n, class_value, class_value[i], i, column_nearest);
+    for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
+    return count;
+  }
+
+  /// ||x_i - x_k||^2 with every difference and sum in double (PairwiseDistances'
+  /// exact_squared sums lanes in T: (d + 8) u_T of itself, ~eps D on D in float).
+  /// Vectorised by Eigen (at large scales every weighted negative comes here).
+  static double exact_squared(const MatrixView<const T>& x, Index i, Index k) {
+    using Row = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+    const Row a(x.row(i), x.cols), b(x.row(k), x.cols);
+    return (a.template cast<double>() - b.template cast<double>()).squaredNorm();
+  }
+
+  /// The same for one T, for the rows' tails: NaN (inf - inf: a recomputed entry, +inf,
+  /// of a row whose T nearest is +inf) gives 0 as in the batches.
+  static T clamped_exp(T argument) {
+    constexpr T lowest = std::is_same<T, float>::value ? T(-104) : T(-746);
+    return std::exp(argument > lowest ? argument : lowest);
   }
 
   /// Column sums over the lower triangle: lane-wise partial sums in T over blocks of
@@ -215,6 +394,30 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     return result;
   }
 
+  /// roots_and_nearest_negative() on a row of distances (no roots).
+  static T nearest_negative(const T* row, const T* class_value, T own, Index i, T* column_nearest) {
+    const T infinity = std::numeric_limits<T>::infinity();
+    const batch own_class(own), far(infinity);
+    batch nearest(infinity);
+    Index k = 0;
+    for (; k + width <= i; k += width) {
+      const batch masked = xsimd::select(batch::load_unaligned(class_value + k) != own_class,
+                                         batch::load_unaligned(row + k), far);
+      nearest = xsimd::min(nearest, masked);
+      xsimd::min(batch::load_unaligned(column_nearest + k), masked).store_unaligned(column_nearest + k);
+    }
+    alignas(64) T lanes[width];
+    nearest.store_aligned(lanes);
+    T result = infinity;
+    for (Index lane = 0; lane < width; ++lane) result = std::min(result, lanes[lane]);
+    for (; k < i; ++k)
+      if (class_value[k] != own) {
+        result = std::min(result, row[k]);
+        column_nearest[k] = std::min(column_nearest[k], row[k]);
+      }
+    return result;
+  }
+
   /// Row i of the lower triangle: returns sum_{k < i} exp(nearest_i - D_ik) over the
   /// negatives (lane sums in T over blocks of `block` batches, totalled in double) and adds
   /// exp(nearest_k - D_ik) to column_partial[k].
@@ -238,8 +441,8 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     }
     for (; k < i; ++k) {
       if (class_value[k] == own) continue;
-      total += static_cast<double>(std::exp(nearest[i] - row[k]));
-      column_partial[k] += std::exp(nearest[k] - row[k]);
+      total += static_cast<double>(clamped_exp(nearest[i] - row[k]));
+      column_partial[k] += clamped_exp(nearest[k] - row[k]);
     }
     return total;
   }
@@ -289,8 +492,8 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       const T dik = row[k];
       T s = out[k];
       if (class_value[k] != own)
-        s = dik > T(0) ? (row_factor[i] * std::exp(nearest[i] - dik) +
-                          row_factor[k] * std::exp(nearest[k] - dik)) / (dik + dik)
+        s = dik > T(0) ? (row_factor[i] * clamped_exp(nearest[i] - dik) +
+                          row_factor[k] * clamped_exp(nearest[k] - dik)) / (dik + dik)
                        : T(0);
       out[k] = s;
       move_if_near(i, k, dik, threshold, x, out[k], near_sums, scratch);
