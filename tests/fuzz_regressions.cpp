@@ -237,3 +237,23 @@ TEST_CASE("fuzz finding 4: an empty gradient matrix is rejected, not skipped",
   const Eigen::VectorXi labels = Eigen::VectorXi::Zero(3);
   CHECK_THROWS_AS(lifted.forward_backward(ml::simd, a, labels, not_resized), ml::invalid_argument);
 }
+
+// Finding 6 (fixed): BatchTripletLoss<float>, Mining::all, Euclidean, soft margin, margin 0,
+// one coordinate at -6.97e9: an anchor whose threshold and negative sit at ~7e9 took the
+// factored softplus, with its centre rounded to float (ulp 512 there) so that exp(t - c)
+// overflowed and inf * 0 gave a NaN loss (scalar: 3.49e9). The factored form is now used
+// only when the rounded centre keeps every argument within exp's range.
+TEST_CASE("fuzz finding 6: batch triplet all+soft margin (float) at distances ~7e9",
+          "[fuzz][batch_triplet]") {
+  Matrix<float> x = Matrix<float>::Constant(3, 6, 101.234375f);
+  x(2, 5) = -6.97300531e+09f;
+  const Eigen::VectorXi labels = (Eigen::VectorXi(3) << 0, 2, 0).finished();
+  ml::BatchTripletLoss<float> loss(0.0f, ml::Mining::all, ml::Distance::euclidean, /*soft_margin=*/true);
+  Matrix<float> g_scalar(3, 6), g_simd(3, 6);
+  const float scalar = loss.forward_backward(ml::scalar, x, labels, g_scalar, 0.001f);
+  const float simd = loss.forward_backward(ml::simd, x, labels, g_simd, 0.001f);
+  CHECK(std::isfinite(simd));
+  CHECK(mltest::relatively_close(simd, scalar, mltest::Tolerance<float>::loss));
+  CHECK(g_simd.allFinite());
+  CHECK(ml::testing::compare_gradients(g_simd, g_scalar).relative() <= mltest::Tolerance<float>::gradient);
+}

@@ -397,6 +397,9 @@ struct SimdRowOps {
     if (!(std::isfinite(lo) && std::isfinite(hi) && hi - lo <= 2.0 * span)) return false;
     const T c = static_cast<T>(0.5 * (lo + hi));
     centre = static_cast<double>(c);
+    // Rounded to T at a large magnitude the centre can sit far off the middle (ulp(7e9) =
+    // 512 in float), and exp(t - c) would overflow: only an exactly usable centre factors.
+    if (!(hi - centre <= span && centre - lo <= span)) return false;
     const batch cb(c), zero(T(0));
     for (Index r = 0; r < padded; r += width) {
       const batch d = batch::load_unaligned(dist + r);
