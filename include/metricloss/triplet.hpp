@@ -33,15 +33,21 @@ namespace detail {
 /// 1024 sent ~20% of Euclidean rows to double.
 constexpr double hinge_rounding_factor = 4.0;
 
-/// Whether a row's hinge lies within hinge_rounding_factor times the rounding of its kink.
+/// Whether a hinge argument lies within hinge_rounding_factor times the rounding of its two
+/// distances (or squared distances), `values` their sum.
+inline bool hinge_within_rounding(double argument, double values, double unit) {
+  return std::fabs(argument) <= hinge_rounding_factor * unit * values;
+}
+
+/// hinge_within_rounding from the two squared distances.
 inline bool hinge_near_rounding(double squared_positive, double squared_negative, double margin,
                                 Distance distance, double unit) {
   if (unit == 0.0) return false;
   if (distance == Distance::squared_euclidean)
-    return std::fabs(squared_positive - squared_negative + margin) <=
-           hinge_rounding_factor * unit * (squared_positive + squared_negative);
+    return hinge_within_rounding(squared_positive - squared_negative + margin,
+                                 squared_positive + squared_negative, unit);
   const double positive = std::sqrt(squared_positive), negative = std::sqrt(squared_negative);
-  return std::fabs(positive - negative + margin) <= hinge_rounding_factor * unit * (positive + negative);
+  return hinge_within_rounding(positive - negative + margin, positive + negative, unit);
 }
 
 /// The fused pass shared by the CPU backends, parameterised on their row primitives.

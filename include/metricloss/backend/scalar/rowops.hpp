@@ -40,7 +40,6 @@ struct ScalarRowOps {
     if (out_pos || out_neg) scaled_difference(out_pos, out_neg, a, b, c, d);
   }
 
-  /// ||a - p||^2 and ||a - n||^2 in one pass over the anchor row, accumulated in double.
   /// Every term in double already: no rounding to guard against.
   template <class T>
   static constexpr double sum_rounding_unit(Index) {
@@ -52,19 +51,28 @@ struct ScalarRowOps {
     anchor_squared_distances(a, p, n, d, positive, negative);
   }
 
+  /// ||a - p||^2 and ||a - n||^2 in one pass over the anchor row, accumulated in double.
   template <class T>
   static void anchor_squared_distances(const T* a, const T* p, const T* n, Index d,
                                        double& positive, double& negative) {
     double sum_p = 0.0, sum_n = 0.0;
-    for (Index j = 0; j < d; ++j) {
+    add_anchor_squared_distances(a, p, n, 0, d, sum_p, sum_n);
+    positive = sum_p;
+    negative = sum_n;
+  }
+
+  /// Adds the terms of entries [begin, d) to the two sums, in double (also the tail of the
+  /// SIMD rows).
+  template <class T>
+  static void add_anchor_squared_distances(const T* a, const T* p, const T* n, Index begin,
+                                           Index d, double& sum_p, double& sum_n) {
+    for (Index j = begin; j < d; ++j) {
       const double x = static_cast<double>(a[j]);
       const double diff_p = x - static_cast<double>(p[j]);
       const double diff_n = x - static_cast<double>(n[j]);
       sum_p += diff_p * diff_p;
       sum_n += diff_n * diff_n;
     }
-    positive = sum_p;
-    negative = sum_n;
   }
 
   /// The three gradient rows of one triplet, each of which may be null (not wanted):

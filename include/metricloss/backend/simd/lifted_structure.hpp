@@ -76,7 +76,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       classes.for_each_earlier_positive(i, [&](Index k) {
         row[k] = static_cast<T>(pairwise.exact_squared(k, i));
       });
-      nearest[i] = roots_and_nearest_negative(row, class_value, class_value[i], i, column_nearest);
+      nearest[i] = nearest_negative<true>(row, class_value, class_value[i], i, column_nearest);
     });
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
     T* distance = pairwise.squared().data();  // D, lower triangle k < i
@@ -318,7 +318,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     std::fill(nearest, nearest + n, infinity);
     std::fill(column_nearest, column_nearest + n, infinity);
     for (Index i = 1; i < n; ++i)
-      nearest[i] = nearest_negative(distance + i * n, class_value, class_value[i], i, column_nearest);
+      nearest[i] = nearest_negative<false>(distance + i * n, class_value, class_value[i], i, column_nearest);
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
     return count;
   }
@@ -364,17 +364,21 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     }
   };
 
-  /// Row i of the lower triangle: D_ik = sqrt(D2_ik) in place for k < i; returns the
-  /// nearest negative among them, and lowers column_nearest[k] to D_ik for negatives k.
-  static T roots_and_nearest_negative(T* row, const T* class_value, T own, Index i,
-                                      T* column_nearest) {
+  /// Row i's nearest negative among k < i, folding each such entry into column_nearest[k]
+  /// too (the column's part of row k's nearest). Roots: the row holds squared distances,
+  /// replaced by their roots on the way.
+  template <bool Roots>
+  static T nearest_negative(T* row, const T* class_value, T own, Index i, T* column_nearest) {
     const T infinity = std::numeric_limits<T>::infinity();
     const batch own_class(own), far(infinity);
     batch nearest(infinity);
     Index k = 0;
     for (; k + width <= i; k += width) {
-      const batch dik = xsimd::sqrt(batch::load_unaligned(row + k));
-      dik.store_unaligned(row + k);
+      batch dik = batch::load_unaligned(row + k);
+      if constexpr (Roots) {
+        dik = xsimd::sqrt(dik);
+        dik.store_unaligned(row + k);
+      }
       const batch masked =
           xsimd::select(batch::load_unaligned(class_value + k) != own_class, dik, far);
       nearest = xsimd::min(nearest, masked);
@@ -385,36 +389,12 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     T result = infinity;
     for (Index lane = 0; lane < width; ++lane) result = std::min(result, lanes[lane]);
     for (; k < i; ++k) {
-      row[k] = std::sqrt(row[k]);
+      if constexpr (Roots) row[k] = std::sqrt(row[k]);
       if (class_value[k] != own) {
         result = std::min(result, row[k]);
         column_nearest[k] = std::min(column_nearest[k], row[k]);
       }
     }
-    return result;
-  }
-
-  /// roots_and_nearest_negative() on a row of distances (no roots).
-  static T nearest_negative(const T* row, const T* class_value, T own, Index i, T* column_nearest) {
-    const T infinity = std::numeric_limits<T>::infinity();
-    const batch own_class(own), far(infinity);
-    batch nearest(infinity);
-    Index k = 0;
-    for (; k + width <= i; k += width) {
-      const batch masked = xsimd::select(batch::load_unaligned(class_value + k) != own_class,
-                                         batch::load_unaligned(row + k), far);
-      nearest = xsimd::min(nearest, masked);
-      xsimd::min(batch::load_unaligned(column_nearest + k), masked).store_unaligned(column_nearest + k);
-    }
-    alignas(64) T lanes[width];
-    nearest.store_aligned(lanes);
-    T result = infinity;
-    for (Index lane = 0; lane < width; ++lane) result = std::min(result, lanes[lane]);
-    for (; k < i; ++k)
-      if (class_value[k] != own) {
-        result = std::min(result, row[k]);
-        column_nearest[k] = std::min(column_nearest[k], row[k]);
-      }
     return result;
   }
 

@@ -93,20 +93,14 @@ double triplet_rows_in_registers(const MatrixView<const T>& anchor,
     }
     double squared_positive = Batches > 0 ? static_cast<double>(xsimd::hadd(acc_p0 + acc_p1)) : 0.0;
     double squared_negative = Batches > 0 ? static_cast<double>(xsimd::hadd(acc_n0 + acc_n1)) : 0.0;
-    for (Index j = tail_begin; j < d; ++j) {
-      const double x = static_cast<double>(a[j]);
-      const double diff_p = x - static_cast<double>(p[j]);
-      const double diff_n = x - static_cast<double>(q[j]);
-      squared_positive += diff_p * diff_p;
-      squared_negative += diff_n * diff_n;
-    }
+    ScalarRowOps::add_anchor_squared_distances(a, p, q, tail_begin, d, squared_positive, squared_negative);
     // triplet_term, and triplet_forward_backward's recomputation in double of a row whose
     // hinge lies near its kink against the lanes' rounding (hinge_near_rounding), from one
     // pair of square roots: the divider is what the Euclidean rows wait on.
     DistanceTerm d_p = distance_term(squared_positive, distance);
     DistanceTerm d_n = distance_term(squared_negative, distance);
     double x = d_p.value - d_n.value + margin;
-    if (std::fabs(x) <= hinge_rounding_factor * unit * (d_p.value + d_n.value)) {
+    if (hinge_within_rounding(x, d_p.value + d_n.value, unit)) {
       SimdRowOps::exact_anchor_squared_distances(a, p, q, d, squared_positive, squared_negative);
       d_p = distance_term(squared_positive, distance);
       d_n = distance_term(squared_negative, distance);
