@@ -235,9 +235,11 @@ class TripletMiner {
       for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
       if (distance == Distance::euclidean) RowOps::square_root_in_place(value, n);
       const Index own = class_of[a];
-      if (soft_margin) {
-        all_soft_anchor<RowOps>(result, a, positives, k, n, class_of, own, value, slope, distance, weights);
-        continue;
+      if constexpr (!soft_margin_in_lanes<RowOps>::value) {  // else taken above
+        if (soft_margin) {
+          all_soft_anchor<RowOps>(result, a, positives, k, n, class_of, own, value, slope, distance, weights);
+          continue;
+        }
       }
       // Bucket b: negatives with exactly b thresholds <= d_an, active with positives b..k-1.
       // Four interleaved copies of the counts and sums, so that runs of one bucket do not

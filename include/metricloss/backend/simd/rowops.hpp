@@ -82,8 +82,7 @@ struct SimdRowOps {
   /// The same two distances with every term in double, for the rows where the lanes'
   /// rounding could decide the result (a hinge within it of its kink): in double lanes (T
   /// widened as it is loaded), whose sums err by ~(d / lanes + log2 lanes) 2^-53 of the
-  /// total. Not the scalar loop: its one dependent chain of d double adds is ~4 d cycles,
-  /// and with typical data a fifth of the rows pass here.
+  /// total. Not the scalar loop: its one dependent chain of d double adds is ~4 d cycles.
   template <class T>
   static void exact_anchor_squared_distances(const T* a, const T* p, const T* n, Index d,
                                              double& positive, double& negative) {
@@ -101,13 +100,7 @@ struct SimdRowOps {
       acc_n1 = xsimd::fma(n1, n1, acc_n1);
     }
     double sum_p = xsimd::hadd(acc_p0 + acc_p1), sum_n = xsimd::hadd(acc_n0 + acc_n1);
-    for (; j < d; ++j) {
-      const double x = static_cast<double>(a[j]);
-      const double diff_p = x - static_cast<double>(p[j]);
-      const double diff_n = x - static_cast<double>(n[j]);
-      sum_p += diff_p * diff_p;
-      sum_n += diff_n * diff_n;
-    }
+    ScalarRowOps::add_anchor_squared_distances(a, p, n, j, d, sum_p, sum_n);
     positive = sum_p;
     negative = sum_n;
   }
@@ -142,13 +135,7 @@ struct SimdRowOps {
     }
     double sum_p = static_cast<double>(xsimd::hadd(acc_p0 + acc_p1));
     double sum_n = static_cast<double>(xsimd::hadd(acc_n0 + acc_n1));
-    for (; j < d; ++j) {
-      const double x = static_cast<double>(a[j]);
-      const double diff_p = x - static_cast<double>(p[j]);
-      const double diff_n = x - static_cast<double>(n[j]);
-      sum_p += diff_p * diff_p;
-      sum_n += diff_n * diff_n;
-    }
+    ScalarRowOps::add_anchor_squared_distances(a, p, n, j, d, sum_p, sum_n);
     positive = sum_p;
     negative = sum_n;
   }
@@ -190,36 +177,6 @@ struct SimdRowOps {
     Index r = 0;
     for (; r + width <= m; r += width) xsimd::sqrt(batch::load_unaligned(values + r)).store_unaligned(values + r);
     for (; r < m; ++r) values[r] = std::sqrt(values[r]);
-  }
-
-  /// sum_r softplus(t - values[r]); each sigmoid(t - values[r]) is added to slopes[r] and
-  /// their sum returned in slope_sum (Mining::all with soft_margin, one positive). The
-  /// formulas of detail::hinge, batched: e = exp(-|x|), softplus = max(x, 0) + log1p(e),
-  /// sigmoid = (x >= 0 ? 1 : e) / (1 + e).
-  static double soft_margin_row(double t, const double* values, Index m, double* slopes,
-                                double& slope_sum) {
-    using batch = xsimd::batch<double>;
-    constexpr Index width = static_cast<Index>(batch::size);
-    const batch tb(t), zero(0.0), one(1.0);
-    batch sum(0.0), slope(0.0);
-    Index r = 0;
-    for (; r + width <= m; r += width) {
-      const batch x = tb - batch::load_unaligned(values + r);
-      const batch e = xsimd::exp(-xsimd::abs(x));
-      const batch s = xsimd::select(x >= zero, one, e) / (one + e);
-      sum += xsimd::max(x, zero) + xsimd::log1p(e);
-      slope += s;
-      (batch::load_unaligned(slopes + r) + s).store_unaligned(slopes + r);
-    }
-    double total = xsimd::hadd(sum), total_slope = xsimd::hadd(slope);
-    for (; r < m; ++r) {
-      const HingeTerm h = hinge(t - values[r], /*soft_margin=*/true);
-      total += h.value;
-      total_slope += h.slope;
-      slopes[r] += h.slope;
-    }
-    slope_sum = total_slope;
-    return total;
   }
 
  private:
