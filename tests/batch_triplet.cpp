@@ -324,6 +324,37 @@ TEMPLATE_TEST_CASE("batch triplet with large classes", "[batch_triplet]", ALL_CA
   CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
 }
 
+TEMPLATE_TEST_CASE("batch triplet at the boundary between row scans and buckets", "[batch_triplet]",
+                   ALL_CASES) {
+  // Anchors with 16 positives take one scan per positive (MiningScans), with 17 the bucket
+  // sweeps; one batch holds both, and classes of 1 to 3 beside them.
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  const Mining mining = GENERATE(Mining::all, Mining::hard, Mining::semihard);
+  const bool soft_margin = GENERATE(false, true);
+  const Distance distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
+  const std::uint64_t seed = 515;
+  CAPTURE(name_of(mining, distance, soft_margin), seed);
+  std::mt19937_64 rng(seed);
+  std::vector<std::int64_t> labels;
+  for (int c : {17, 18, 1, 2, 3})
+    for (int r = 0; r < c; ++r) labels.push_back(c);
+  std::shuffle(labels.begin(), labels.end(), rng);
+  const Labels y = labels_of(labels);
+  const Index n = y.size(), d = 6;
+  const double margin = distance == Distance::euclidean ? 0.3 : 0.5;
+  const Matrix<T> x = untied_batch<T>(n, d, y, static_cast<T>(margin), mining, distance, soft_margin, rng,
+                                      std::is_same<T, float>::value ? 1e-5 : 0.0);
+  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
+  Matrix<T> grad(n, d);
+  const T value = loss.forward_backward(tag, x, y, grad);
+  const Reference r = brute_force(x.template cast<double>(), y, static_cast<T>(margin), mining, distance,
+                                  soft_margin, 1.0);
+  CHECK(r.loss > 0);
+  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+}
+
 TEMPLATE_TEST_CASE("batch triplet on degenerate batches", "[batch_triplet][degenerate]", ALL_CASES) {
   using T = typename TestType::T;
   const typename TestType::Tag tag{};

@@ -4,29 +4,31 @@
 // weights on squared distances; the selection and the loss are decided here only.
 //
 //   Distances: row(a)[j]  squared distance used to select (approximate on the simd path),
-//              exact(a, j) squared distance by differences, used in the loss of mined pairs.
+//              exact(a, j) squared distance by differences, used in the loss of mined pairs;
+//              rounding(a, j) a bound on |row(a)[j] - exact(a, j)| (0 when exact);
+//              widest() a j whose rounding(a, j) is the largest of row a, for every a.
 //   Weights:   enabled()   false when no gradient is wanted;
 //              add(i, j, w) adds w = d(sum)/d q_ij, where sum is the loss before division by
 //              its count (the caller scales by top_diff / count);
 //              add_row(i, w, n) adds w[j] to every (i, j) (zeros included);
 //              add_row_lanes(i, w, n) the same with w in the distances' type (only where
-//              RowOps has the soft-margin lane kernels).
+//              RowOps has lanes: soft_margin_in_lanes).
 //
 // Selection compares squared distances: d is monotone in q for both Distance kinds. Costs,
-// with c = the largest class size:
+// with c = the largest class size and k = c - 1 positives per anchor:
 //   hard      O(N^2): one pass over each anchor's row.
-//   semihard  O(N^2 log c): the positives of an anchor sorted by distance cut its
-//             negatives into buckets; a suffix minimum over buckets gives every positive its
-//             nearest farther negative.
-//   all       O(N^2 log c): the same buckets with counts and prefix sums of the negatives'
-//             distances give, per positive, the number of active triplets and their summed
-//             hinge (sum over active n of d_ap + m - d_an), and per negative the number of
-//             positives it is active with. soft_margin: O(N^2 c), since softplus does not
-//             factor (its exp does: see SimdRowOps' lane kernels).
-// A negative's bucket (how many positive thresholds lie below it) is found by one
-// vectorised pass over the row per positive while c <= 17 (O(N^2 c) compares, but a few
-// cycles per 8 of them), else by a branch-free binary search (O(N^2 log c)).
+//   semihard  k <= scan_limit (16): one scan of the anchor's row per positive, in lanes
+//             (MiningScans), for the nearest negative farther than it; O(N^2 c) but a few
+//             cycles per 8 entries. More positives: O(N^2 log c), the positives sorted by
+//             distance cut the negatives into buckets (binary search), and a suffix minimum
+//             over buckets gives every positive its nearest farther negative.
+//   all       the same two regimes with counts and sums of the negatives' distances below
+//             each threshold give, per positive, the number of active triplets and their
+//             summed hinge (sum over active n of d_ap + m - d_an), and per negative the
+//             number of positives it is active with. soft_margin: O(N^2 c), since softplus
+//             does not factor (its exp does: see SimdRowOps' lane kernels).
 #include <metricloss/detail/label_classes.hpp>
+#include <metricloss/detail/mining_scans.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/detail/views.hpp>
@@ -65,21 +67,12 @@ inline Index count_thresholds_below(const double* t, Index k, double v) {
 }
 
 /// bucket[j] = the number of sorted thresholds below value[j] (strictly, or at most), for
-/// j < n. Few thresholds (the usual handful of positives per class): one pass per threshold
-/// over the row, which vectorises; many: a branch-free binary search per entry.
+/// j < n, by a branch-free binary search per entry (the anchors with many positives; few
+/// take MiningScans).
 template <bool OrEqual>
 inline void count_thresholds_below(const double* t, Index k, const double* value, Index n,
                                    Index* bucket) {
-  if (k > 16) {
-    for (Index j = 0; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
-    return;
-  }
-  std::fill(bucket, bucket + n, Index(0));
-  for (Index i = 0; i < k; ++i) {
-    const double threshold = t[i];
-    for (Index j = 0; j < n; ++j)
-      bucket[j] += (OrEqual ? threshold <= value[j] : threshold < value[j]) ? 1 : 0;
-  }
+  for (Index j = 0; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
 }
 
 /// Whether RowOps runs Mining::all with soft_margin in lanes of the distances' type
@@ -103,7 +96,7 @@ class TripletMiner {
     switch (mining) {
       case Mining::hard: return hard(classes, distances, margin, distance, soft_margin, weights);
       case Mining::semihard:
-        return semihard(classes, distances, margin, distance, soft_margin, weights);
+        return semihard<RowOps>(classes, distances, margin, distance, soft_margin, weights);
       case Mining::all:
         return all<RowOps>(classes, distances, margin, distance, soft_margin, weights);
     }
@@ -141,11 +134,12 @@ class TripletMiner {
 
   /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
   /// negative), over pairs (a, p) whose anchor has a negative.
-  template <class Distances, class Weights>
+  template <class RowOps, class Distances, class Weights>
   MiningResult semihard(const LabelClasses& classes, const Distances& distances, double margin,
                         Distance distance, bool soft_margin, Weights& weights) {
+    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
     const Index n = classes.size();
-    const Index* class_of = classes.class_of();
+    const Index widest = distances.widest();
     MiningResult result;
     for (Index a = 0; a < n; ++a) {
       const Index k = classes.positives(a);
@@ -157,51 +151,89 @@ class TripletMiner {
         return Positive{distances.exact(a, p), p, {}};
       });
       const double* thresholds = thresholds_of(positives, k);
-      // Bucket b holds the negatives farther than exactly the b nearest positives; each
-      // keeps its nearest (first in row order on ties).
-      Index* nearest = nearest_.data(static_cast<std::size_t>(k + 1));
-      double* nearest_value = bucket_sum_.data(static_cast<std::size_t>(k + 1));
-      std::fill(nearest, nearest + k + 1, Index(-1));
-      std::fill(nearest_value, nearest_value + k + 1, std::numeric_limits<double>::infinity());
       double* value = values_.data(static_cast<std::size_t>(n));
-      Index* bucket = buckets_.data(static_cast<std::size_t>(n));
       for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
-      count_thresholds_below<false>(thresholds, k, value, n, bucket);
-      const Index own = class_of[a];
-      Index farthest = -1;
-      double farthest_value = -std::numeric_limits<double>::infinity();
-      for (Index j = 0; j < n; ++j) {
-        if (class_of[j] == own) continue;
-        double q = value[j];
-        Index b = bucket[j];
-        const double bound = distances.rounding(a, j);
-        if (bound > 0.0 && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound))) {
-          q = distances.exact(a, j);  // rare
-          b = count_thresholds_below<false>(thresholds, k, q);
-        }
-        if (q > farthest_value) {
-          farthest_value = q;
-          farthest = j;
-        }
-        if (q < nearest_value[b]) {
-          nearest_value[b] = q;
-          nearest[b] = j;
-        }
+      if (k > scan_limit) {
+        semihard_by_buckets(result, a, positives, k, classes, distances, value, margin, distance,
+                            soft_margin, weights);
+        continue;
       }
-      // Suffix minimum: nearest[i] becomes the nearest negative farther than positive i - 1
-      // (bucket 0, nearer than every positive, never counts).
-      for (Index b = k - 1; b >= 1; --b)
-        if (nearest_value[b + 1] < nearest_value[b]) {
-          nearest_value[b] = nearest_value[b + 1];
-          nearest[b] = nearest[b + 1];
-        }
+      // One scan per positive over the row, the anchor's class masked out by NaN; first the
+      // negatives near a threshold (within the largest bound of the row, then their own) get
+      // exact values.
+      for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+        value[*p] = std::numeric_limits<double>::quiet_NaN();
+      const double bound = distances.rounding(a, widest);
+      if (bound > 0.0)
+        Scans::near_thresholds(value, n, thresholds, k, bound, [&](Index j) {
+          const double own_bound = distances.rounding(a, j);
+          for (Index i = 0; i < k; ++i)
+            if (std::abs(value[j] - thresholds[i]) <= own_bound) {
+              value[j] = distances.exact(a, j);  // rare
+              return;
+            }
+        });
+      const Index farthest = Scans::farthest(value, n);
       for (Index i = 0; i < k; ++i) {
-        const Index negative = nearest[i + 1] >= 0 ? nearest[i + 1] : farthest;
-        add_triplet(result, a, positives[i].index, negative, distances, margin, distance,
-                    soft_margin, weights);
+        const Index nearest = Scans::nearest_above(value, n, thresholds[i]);
+        add_triplet(result, a, positives[i].index, nearest >= 0 ? nearest : farthest, distances,
+                    margin, distance, soft_margin, weights);
       }
     }
     return result;
+  }
+
+  /// One anchor of semihard with many positives: O(N log k) by buckets. value holds the
+  /// row's distances in double.
+  template <class Distances, class Weights>
+  void semihard_by_buckets(MiningResult& result, Index a, const Positive* positives, Index k,
+                           const LabelClasses& classes, const Distances& distances,
+                           const double* value, double margin, Distance distance,
+                           bool soft_margin, Weights& weights) {
+    const Index n = classes.size();
+    const Index* class_of = classes.class_of();
+    const double* thresholds = thresholds_.data(0);
+    // Bucket b holds the negatives farther than exactly the b nearest positives; each
+    // keeps its nearest (first in row order on ties).
+    Index* nearest = nearest_.data(static_cast<std::size_t>(k + 1));
+    double* nearest_value = bucket_sum_.data(static_cast<std::size_t>(k + 1));
+    std::fill(nearest, nearest + k + 1, Index(-1));
+    std::fill(nearest_value, nearest_value + k + 1, std::numeric_limits<double>::infinity());
+    Index* bucket = buckets_.data(static_cast<std::size_t>(n));
+    count_thresholds_below<false>(thresholds, k, value, n, bucket);
+    const Index own = class_of[a];
+    Index farthest = -1;
+    double farthest_value = -std::numeric_limits<double>::infinity();
+    for (Index j = 0; j < n; ++j) {
+      if (class_of[j] == own) continue;
+      double q = value[j];
+      Index b = bucket[j];
+      const double bound = distances.rounding(a, j);
+      if (bound > 0.0 && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound))) {
+        q = distances.exact(a, j);  // rare
+        b = count_thresholds_below<false>(thresholds, k, q);
+      }
+      if (q > farthest_value) {
+        farthest_value = q;
+        farthest = j;
+      }
+      if (q < nearest_value[b]) {
+        nearest_value[b] = q;
+        nearest[b] = j;
+      }
+    }
+    // Suffix minimum: nearest[i] becomes the nearest negative farther than positive i - 1
+    // (bucket 0, nearer than every positive, never counts).
+    for (Index b = k - 1; b >= 1; --b)
+      if (nearest_value[b + 1] < nearest_value[b]) {
+        nearest_value[b] = nearest_value[b + 1];
+        nearest[b] = nearest[b + 1];
+      }
+    for (Index i = 0; i < k; ++i) {
+      const Index negative = nearest[i + 1] >= 0 ? nearest[i + 1] : farthest;
+      add_triplet(result, a, positives[i].index, negative, distances, margin, distance,
+                  soft_margin, weights);
+    }
   }
 
   /// Every triplet. Hinge: sum of max(d_ap + m - d_an, 0), count = active triplets, by
@@ -240,6 +272,10 @@ class TripletMiner {
           all_soft_anchor<RowOps>(result, a, positives, k, n, class_of, own, value, slope, distance, weights);
           continue;
         }
+      }
+      if (k <= scan_limit) {
+        all_hinge_scan<RowOps>(result, a, positives, k, classes, row, value, slope, distance, weights);
+        continue;
       }
       // Bucket b: negatives with exactly b thresholds <= d_an, active with positives b..k-1.
       // Four interleaved copies of the counts and sums, so that runs of one bucket do not
@@ -282,6 +318,38 @@ class TripletMiner {
       weights.add_row(a, slope, n);
     }
     return result;
+  }
+
+  /// One anchor of Mining::all with the hinge and few positives: one scan per threshold
+  /// t_p counts the negatives with d_an < t_p and sums their distances, and counts per
+  /// negative the positives it is active with. value holds the row's distances.
+  template <class RowOps, class T, class Weights>
+  void all_hinge_scan(MiningResult& result, Index a, const Positive* positives, Index k,
+                      const LabelClasses& classes, const T*, double* value, double* slope,
+                      Distance distance, Weights& weights) {
+    constexpr bool lanes = soft_margin_in_lanes<RowOps>::value;
+    using Scans = MiningScans<lanes>;
+    const Index n = classes.size();
+    for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+      value[*p] = std::numeric_limits<double>::quiet_NaN();
+    double* active = bucket_count_.data(static_cast<std::size_t>(k));
+    double* active_sum = bucket_sum_.data(static_cast<std::size_t>(k));
+    Scans::below_thresholds(value, n, thresholds_.data(0), k, distance, active, active_sum, slope);
+    for (Index i = 0; i < k; ++i) {
+      result.sum += active[i] * positives[i].key - active_sum[i];
+      result.count += active[i];
+      if (weights.enabled() && active[i] > 0.0)
+        weights.add(a, positives[i].index, active[i] * positives[i].distance.derivative);
+    }
+    if (!weights.enabled()) return;
+    if constexpr (lanes) {
+      // In T, as W holds them: SplitWeights' batches then need no conversion.
+      T* w = lanes_scratch<T>(static_cast<std::size_t>(n));
+      for (Index j = 0; j < n; ++j) w[j] = static_cast<T>(slope[j]);
+      weights.add_row_lanes(a, static_cast<const T*>(w), n);
+    } else {
+      weights.add_row(a, slope, n);
+    }
   }
 
   /// One anchor of Mining::all with soft_margin: every (p, n) pair, O(k N).

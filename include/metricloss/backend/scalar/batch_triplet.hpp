@@ -14,6 +14,7 @@ struct ExactSquaredDistances {
   const double* row(Index i) const { return squared + i * n; }
   double exact(Index i, Index j) const { return squared[i * n + j]; }
   double rounding(Index, Index) const { return 0.0; }
+  Index widest() const { return 0; }
 };
 
 /// W as a dense N x N matrix in double; empty when no gradient is wanted.

@@ -17,6 +17,14 @@ struct ProductSquaredDistances {
   double exact(Index i, Index j) const { return pairwise->exact_squared(i, j); }
   /// How far row(i)[j] may be from exact(i, j).
   double rounding(Index i, Index j) const { return pairwise->rounding_bound(i, j); }
+  /// The row of the largest centred norm: rounding(i, widest()) bounds rounding(i, j).
+  Index widest() const {
+    const T* norms = pairwise->centred_norms();
+    Index w = 0;
+    for (Index j = 1; j < pairwise->size(); ++j)
+      if (norms[j] > norms[w]) w = j;
+    return w;
+  }
 };
 
 /// W for the product (in T), except for pairs close against their norms about the batch
