@@ -85,9 +85,21 @@ void product_without_allocation(const Eigen::MatrixBase<DA>& a, const Eigen::Mat
   }
 }
 
+/// The row stride of an N x N matrix of T: N padded to an odd number of 64-byte lines, so
+/// that the entries of a column spread over every cache set. With a stride of N at
+/// N = 1024 floats (4 KiB) they all fall in one set: the transposed passes ran 2-3x slower
+/// and the column sweeps thrash.
+template <class T>
+constexpr Index padded_stride(Index n) {
+  constexpr Index per_line = 64 / static_cast<Index>(sizeof(T));
+  Index lines = (n + per_line - 1) / per_line;
+  if (lines % 2 == 0) ++lines;
+  return lines * per_line;
+}
+
 /// Square tiles for the transposed passes over an N x N matrix: a plain sweep that writes
-/// (j, i) while reading (i, j) strides by N, and at N = 1024 floats (4 KiB) every access of
-/// a column falls in the same cache set; by tiles both sides stay in L1.
+/// (j, i) while reading (i, j) strides down a column; by tiles (and rows padded_stride
+/// apart) both sides stay in L1.
 constexpr Index transpose_tile = 32;
 
 /// m(j, i) = m(i, j) for j < i: the lower triangle mirrored into the upper.
@@ -136,7 +148,7 @@ class PairwiseDistances {
   /// Fills squared() for the rows of x; the diagonal is exactly 0 and the matrix symmetric.
   void compute(const MatrixView<const T>& x) {
     compute_lower(x);
-    StridedMap<T> sq(squared_.data(0), x.rows, x.rows, Eigen::OuterStride<>(x.rows));
+    StridedMap<T> sq(squared_.data(0), x.rows, x.rows, Eigen::OuterStride<>(stride_));
     mirror_lower_triangle(sq);
   }
 
@@ -154,8 +166,10 @@ class PairwiseDistances {
     x_ = x;
     const Index n = x.rows, d = x.cols;
     centre(x);
-    T* squared = squared_.data(static_cast<std::size_t>(n * n));
-    StridedMap<T> sq(squared, n, n, Eigen::OuterStride<>(n));
+    stride_ = padded_stride<T>(n);
+    const Index stride = stride_;
+    T* squared = squared_.data(static_cast<std::size_t>(n * stride));
+    StridedMap<T> sq(squared, n, n, Eigen::OuterStride<>(stride));
     const ConstStridedMap<T> xc = centred();
     using batch = xsimd::batch<T>;
     constexpr Index lanes = static_cast<Index>(batch::size);
@@ -163,9 +177,9 @@ class PairwiseDistances {
     const T ratio = static_cast<T>(recompute_ratio);
     const auto fix = [&](Index i, Index j) {
       const T scale = norms[i] + norms[j];
-      T value = scale - T(2) * squared[i * n + j];
+      T value = scale - T(2) * squared[i * stride + j];
       if (!(value > ratio * scale)) value = static_cast<T>(exact_squared(i, j));
-      squared[i * n + j] = value;
+      squared[i * stride + j] = value;
     };
     // Lower-triangular tiles of xc xc^T only: half the product's FLOPs. Each block row is
     // turned into D2 right after its tiles, while it is still in cache.
@@ -186,7 +200,7 @@ class PairwiseDistances {
       // D2 = n_i + n_j - 2 g_ij on the lower triangle, row by row in batches; the rare small
       // (or zero, negative, NaN) entries are recomputed by differences.
       for (Index i = i0; i < i0 + mi; ++i) {
-        T* row = squared + i * n;
+        T* row = squared + i * stride;
         const batch norm_i(norms[i]);
         Index j = 0;
         for (; j + lanes <= i; j += lanes) {
@@ -210,10 +224,13 @@ class PairwiseDistances {
   /// N x N squared distances of the last compute().
   StridedMap<T> squared() {
     const Index n = x_.rows;
-    return StridedMap<T>(squared_.data(static_cast<std::size_t>(n * n)), n, n,
-                         Eigen::OuterStride<>(n));
+    return StridedMap<T>(squared_.data(static_cast<std::size_t>(n * stride_)), n, n,
+                         Eigen::OuterStride<>(stride_));
   }
-  const T* squared_row(Index i) { return squared_.data(0) + i * x_.rows; }
+  const T* squared_row(Index i) { return squared_.data(0) + i * stride_; }
+
+  /// The row stride of squared() and of the weights (padded_stride).
+  Index stride() const { return stride_; }
 
   /// ||x_i - x_j||^2 by differences of the original rows, totalled in double: what a loss
   /// uses for every distance that carries weight in its result.
@@ -235,13 +252,13 @@ class PairwiseDistances {
   /// every entry (saves zeroed_weights()'s pass over N^2).
   StridedMap<T> weights() {
     const Index n = x_.rows;
-    return StridedMap<T>(weights_.data(static_cast<std::size_t>(n * n)), n, n, Eigen::OuterStride<>(n));
+    return StridedMap<T>(weights_.data(static_cast<std::size_t>(n * stride_)), n, n, Eigen::OuterStride<>(stride_));
   }
 
   /// N x N weight matrix W (dL/dD2_ij), set to zero, for the caller to fill.
   StridedMap<T> zeroed_weights() {
     const Index n = x_.rows;
-    StridedMap<T> w(weights_.data(static_cast<std::size_t>(n * n)), n, n, Eigen::OuterStride<>(n));
+    StridedMap<T> w(weights_.data(static_cast<std::size_t>(n * stride_)), n, n, Eigen::OuterStride<>(stride_));
     w.setZero();
     return w;
   }
@@ -250,17 +267,18 @@ class PairwiseDistances {
   /// (destroyed: it is symmetrised in place).
   void gradient_from_weights(T scale, const MatrixView<T>& grad) {
     const Index n = x_.rows, d = x_.cols;
-    T* w = weights_.data(static_cast<std::size_t>(n * n));
+    const Index stride = stride_;
+    T* w = weights_.data(static_cast<std::size_t>(n * stride));
     T* row_sums = row_sums_.data(static_cast<std::size_t>(n));
-    StridedMap<T> symmetric(w, n, n, Eigen::OuterStride<>(n));
+    StridedMap<T> symmetric(w, n, n, Eigen::OuterStride<>(stride));
     add_transpose_in_place(symmetric);
-    for (Index i = 0; i < n; ++i) w[i * n + i] = T(0);  // cancels in diag(S 1) - S
+    for (Index i = 0; i < n; ++i) w[i * stride + i] = T(0);  // cancels in diag(S 1) - S
     // Row sums: lane sums in T over blocks of 16 batches (no worse than the product's own
     // N-term sums in T), totalled in double.
     using batch = xsimd::batch<T>;
     constexpr Index lanes = static_cast<Index>(batch::size), block = 16 * lanes;
     for (Index i = 0; i < n; ++i) {
-      const T* row = w + i * n;
+      const T* row = w + i * stride;
       double sum = 0.0;
       Index j = 0;
       while (j + lanes <= n) {
@@ -272,7 +290,7 @@ class PairwiseDistances {
       for (; j < n; ++j) sum += static_cast<double>(row[j]);
       row_sums[i] = static_cast<T>(sum);
     }
-    const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(n));
+    const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(stride));
     StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
     product_without_allocation<T>(s, centred(), out);  // out = S xc
     const ConstStridedMap<T> xc = centred();
@@ -369,6 +387,7 @@ class PairwiseDistances {
   }
 
   MatrixView<const T> x_{};
+  Index stride_ = 0;
   GrowOnlyBuffer<T> centred_, squared_, weights_, norms_, row_sums_;
   GrowOnlyBuffer<double> mean_;
 };

@@ -36,7 +36,7 @@ class SplitWeights {
  public:
   SplitWeights() = default;
   SplitWeights(BatchTripletWorkspace<T>& work, const MatrixView<const T>& x)
-      : x_(x), n_(x.rows) {
+      : x_(x), n_(x.rows), stride_(work.pairwise.stride()) {
     PairwiseDistances<T>& pairwise = work.pairwise;
     weights_ = pairwise.zeroed_weights().data();
     squared_ = pairwise.squared_row(0);
@@ -58,7 +58,7 @@ class SplitWeights {
 
   void add(Index i, Index j, double w) {
     if (far(i, j)) {
-      weights_[i * n_ + j] += static_cast<T>(w);
+      weights_[i * stride_ + j] += static_cast<T>(w);
       return;
     }
     add_by_differences(i, j, w);
@@ -68,8 +68,8 @@ class SplitWeights {
   void add_row(Index i, const double* w, Index) {
     // Restrict: the row of W, the distances and the norms never alias (and the loop
     // vectorises only if the compiler knows).
-    T* __restrict row = weights_ + i * n_;
-    const T* __restrict squared = squared_ + i * n_;
+    T* __restrict row = weights_ + i * stride_;
+    const T* __restrict squared = squared_ + i * stride_;
     const T* __restrict norms = norms_;
     const T bound = norms_[i];
     for (Index j = 0; j < n_; ++j)
@@ -83,8 +83,8 @@ class SplitWeights {
   void add_row_lanes(Index i, const T* w, Index) {
     using batch = xsimd::batch<T>;
     constexpr Index width = static_cast<Index>(batch::size);
-    T* row = weights_ + i * n_;
-    const T* squared = squared_ + i * n_;
+    T* row = weights_ + i * stride_;
+    const T* squared = squared_ + i * stride_;
     const batch bound(norms_[i]), scale(ratio), zero(T(0));
     Index j = 0;
     for (; j + width <= n_; j += width) {
@@ -115,7 +115,7 @@ class SplitWeights {
   }
 
  private:
-  bool far(Index i, Index j) const { return squared_[i * n_ + j] > ratio * (norms_[i] + norms_[j]); }
+  bool far(Index i, Index j) const { return squared_[i * stride_ + j] > ratio * (norms_[i] + norms_[j]); }
 
   void add_by_differences(Index i, Index j, double w) {
     const Index d = x_.cols;
@@ -135,7 +135,7 @@ class SplitWeights {
  private:
   static constexpr T ratio = static_cast<T>(PairwiseDistances<T>::recompute_ratio);
   MatrixView<const T> x_{};
-  Index n_ = 0;
+  Index n_ = 0, stride_ = 0;  // rows of W and of the distances are stride_ apart
   T* weights_ = nullptr;
   const T* squared_ = nullptr;
   const T* norms_ = nullptr;

@@ -72,14 +72,15 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     T* column_nearest = scratch.column_nearest.data(static_cast<std::size_t>(n));
     std::fill(column_nearest, column_nearest + n, std::numeric_limits<T>::infinity());
     pairwise.compute_lower(x, [&](Index i) {
-      T* row = pairwise.squared().data() + i * n;  // sized by compute_lower
+      T* row = pairwise.squared().data() + i * pairwise.stride();  // sized by compute_lower
       classes.for_each_earlier_positive(i, [&](Index k) {
         row[k] = static_cast<T>(pairwise.exact_squared(k, i));
       });
       nearest[i] = nearest_negative<true>(row, class_value, class_value[i], i, column_nearest);
     });
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
-    T* distance = pairwise.squared().data();  // D, lower triangle k < i
+    T* distance = pairwise.squared().data();  // D, lower triangle k < i, rows `rows` apart
+    const Index rows = pairwise.stride();
 
     // The weighted negatives that T cannot give to the tolerance, exact and in double (the
     // scalar path's buffers, unused here, hold the list): (i n + k, D_ik) for k < i.
@@ -112,7 +113,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     {
       ColumnSums columns(scratch, n);
       for (Index i = 0; i < n; ++i) {
-        shifted_sum[i] = shifted_exp_sums(distance + i * n, class_value, class_value[i], nearest, i,
+        shifted_sum[i] = shifted_exp_sums(distance + i * rows, class_value, class_value[i], nearest, i,
                                           columns.partial);
         columns.row_done(i);
       }
@@ -141,14 +142,14 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
 
     // Positive pairs: O(|P|) scalar work; their weights h_ij / (2 D_ij) go to (j, i).
     const bool gradient = !grad.empty();
-    // S in its own buffer, rows padded by one cache line (no 4 KiB-aliasing stride).
-    const Index stride = n + 64 / static_cast<Index>(sizeof(T));
+    // S in its own buffer, rows padded (no 4 KiB-aliasing stride).
+    const Index stride = padded_stride<T>(n);
     T* weight = gradient ? scratch.symmetric.data(static_cast<std::size_t>(n * stride)) : nullptr;
     double* coefficient = scratch.coefficient.data(static_cast<std::size_t>(n));
     std::fill(coefficient, coefficient + n, 0.0);
     double sum = 0.0;
     classes.for_each_positive_pair([&](Index i, Index j) {
-      double dij = static_cast<double>(distance[j * n + i]);
+      double dij = static_cast<double>(distance[j * rows + i]);
       // J_ij = ... + D_ij: T's rounding of D_ij (eps D) moves the hinge by as much.
       if (storage_unit * dij > tolerance) dij = std::sqrt(exact_squared(x, i, j));
       const LiftedPair pair = lifted_pair(log_normaliser[i], log_normaliser[j], dij);
@@ -177,7 +178,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     {
       ColumnSums columns(scratch, n);
       for (Index i = 0; i < n; ++i) {
-        const double own = symmetric_weights(i, distance, class_value, nearest, row_factor, threshold,
+        const double own = symmetric_weights(i, distance + i * rows, class_value, nearest, row_factor, threshold,
                                              x, weight + i * stride, columns.partial, near_sums, scratch);
         columns.row_done(i);
         shifted_sum[i] = own;  // reused: the row part of S 1
@@ -293,7 +294,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       *entry = infinity;
     };
     for (Index i = 1; i < n; ++i) {
-      T* row = distance + i * n;
+      T* row = distance + i * pairwise.stride();
       const batch own_class(class_value[i]), own_nearest(nearest[i]), own_norm(norms[i]);
       Index k = 0;
       for (; k + width <= i; k += width) {
@@ -318,7 +319,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     std::fill(nearest, nearest + n, infinity);
     std::fill(column_nearest, column_nearest + n, infinity);
     for (Index i = 1; i < n; ++i)
-      nearest[i] = nearest_negative<false>(distance + i * n, class_value, class_value[i], i, column_nearest);
+      nearest[i] = nearest_negative<false>(distance + i * pairwise.stride(), class_value, class_value[i], i, column_nearest);
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
     return count;
   }
@@ -447,18 +448,17 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     return total;
   }
 
-  /// Row i of the lower triangle of S: for a negative k,
+  /// Row i of the lower triangle of S, from row i of D (`row`): for a negative k,
   ///   S_ik = (f_i exp(nearest_i - D_ik) + f_k exp(nearest_k - D_ik)) / (2 D_ik)
   /// (0 at D_ik = 0) with f = row_factor; positive entries keep the pair weight already
   /// there. Near pairs (see the top of this file) are moved out of S into near_sums by
   /// differences of the original rows. Returns the row part of S 1 (k < i) and adds S_ik
   /// to column_partial[k].
-  static double symmetric_weights(Index i, const T* distance, const T* class_value,
+  static double symmetric_weights(Index i, const T* row, const T* class_value,
                                   const T* nearest, const T* row_factor, const T* threshold,
                                   const MatrixView<const T>& x, T* out, T* column_partial,
                                   T*& near_sums, LiftedStructureScratch<T>& scratch) {
     constexpr Index block = 32;
-    const T* row = distance + i * x.rows;
     const T own = class_value[i];
     const batch own_class(own), shift(nearest[i]), factor(row_factor[i]), zero(T(0)),
         own_threshold(threshold[i]), far(std::numeric_limits<T>::infinity());
