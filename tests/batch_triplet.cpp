@@ -355,6 +355,52 @@ TEMPLATE_TEST_CASE("batch triplet at the boundary between row scans and buckets"
   CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
 }
 
+TEMPLATE_TEST_CASE("the simd path's sparse W gives the gradient of the dense W", "[batch_triplet]",
+                   float, double) {
+  // Hard and semihard keep W as a list of entries applied by differences; all keeps it
+  // dense (SplitWeights). The same entries, by add, add_row and add_row_lanes, must give
+  // the same gradient.
+  using T = TestType;
+  const std::uint64_t seed = 77;
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const Index n = 37, d = 19;
+  Matrix<T> x = uniform_matrix<T>(n, d, rng, 4.0, 6.0);
+  x.row(5) = x.row(2);  // a close pair: SplitWeights takes it by differences too
+  const auto view = ml::detail::input_view(x);
+  ml::detail::BatchTripletWorkspace<T> dense_work, sparse_work;
+  dense_work.pairwise.compute(view);
+  sparse_work.pairwise.compute(view);
+  ml::detail::SplitWeights<T> dense(dense_work, view);
+  ml::detail::SparseWeights<T> sparse(sparse_work, view);
+  std::uniform_int_distribution<Index> row(0, n - 1);
+  std::uniform_real_distribution<double> weight(-2.0, 2.0);
+  for (int e = 0; e < 50; ++e) {
+    const Index i = row(rng), j = row(rng);
+    const double w = weight(rng);
+    dense.add(i, j, w);
+    sparse.add(i, j, w);
+  }
+  dense.add(2, 5, 0.25);
+  sparse.add(2, 5, 0.25);
+  std::vector<double> wide(static_cast<std::size_t>(n));
+  std::vector<T> narrow(static_cast<std::size_t>(n));
+  for (Index j = 0; j < n; ++j) {
+    wide[static_cast<std::size_t>(j)] = j % 3 == 0 ? 0.0 : weight(rng);
+    narrow[static_cast<std::size_t>(j)] = j % 4 == 0 ? T(0) : static_cast<T>(weight(rng));
+  }
+  dense.add_row(7, wide.data(), n);
+  sparse.add_row(7, wide.data(), n);
+  dense.add_row_lanes(11, narrow.data(), n);
+  sparse.add_row_lanes(11, narrow.data(), n);
+  Matrix<T> g_dense(n, d), g_sparse(n, d);
+  dense.gradient(dense_work.pairwise, 0.7, ml::detail::output_view(g_dense));
+  sparse.gradient(sparse_work.pairwise, 0.7, ml::detail::output_view(g_sparse));
+  const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-12;
+  CHECK(ml::testing::compare_gradients(g_sparse, g_dense.template cast<double>()).relative(1e-30) <= tol);
+  CHECK(g_sparse.norm() > 0);
+}
+
 TEMPLATE_TEST_CASE("batch triplet on degenerate batches", "[batch_triplet][degenerate]", ALL_CASES) {
   using T = typename TestType::T;
   const typename TestType::Tag tag{};

@@ -21,9 +21,11 @@
 // (detail::PairwiseDistances), every distance that enters the loss of a mined term
 // recomputed by differences (positives always; for hard and semihard also the mined
 // negatives; for all the negatives keep the product's distances, accurate to ~1e-6
-// relative in float), dX by one (N x N)(N x D) product, except that the pairs close
-// against their distance to the batch mean add their gradient by differences, where the
-// product would cancel. Both paths share the mining (detail/batch_triplet_mining.hpp).
+// relative in float). For all, dX by one (N x N)(N x D) product, except that the pairs
+// close against their distance to the batch mean add their gradient by differences, where
+// the product would cancel; hard and semihard give W two entries per mined term (O(N c) of
+// N^2), applied by differences, 2 w (x_i - x_j), in O(entries D). Both paths share the
+// mining (detail/batch_triplet_mining.hpp).
 //
 // Edge cases. Nothing to average (one class, singletons only, N = 1): L = 0 and a zero
 // gradient. A NaN label or a non-finite entry of x makes the loss and every gradient entry
@@ -47,6 +49,12 @@ namespace metricloss {
 
 namespace detail {
 
+/// One entry of a sparse W (the simd path's hard and semihard).
+struct WeightEntry {
+  Index i, j;
+  double w;
+};
+
 /// Reusable memory of BatchTripletLoss: nothing is allocated once warm at a given N, D.
 template <class T>
 struct BatchTripletWorkspace {
@@ -55,7 +63,8 @@ struct BatchTripletWorkspace {
   GrowOnlyBuffer<double> squared, weights, gradient_row;  // scalar: N x N, N x N, D
   PairwiseDistances<T> pairwise;                           // simd: distances and products
   GrowOnlyBuffer<T> norms;                                 // simd: ||x_i - mean||^2
-  GrowOnlyBuffer<double> direct_gradient;                  // simd: N x D, close pairs
+  GrowOnlyBuffer<double> direct_gradient;                  // simd: N x D, close pairs / sparse W
+  GrowOnlyBuffer<WeightEntry> entries;                     // simd: W's entries, hard / semihard
 };
 
 template <class T>

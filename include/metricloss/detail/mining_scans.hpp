@@ -186,14 +186,20 @@ struct MiningScans<true> {
         lane_index[s] += step;
       }
     }
-    alignas(64) double lane_best[sets * width], lane_at[sets * width];
-    for (Index s = 0; s < sets; ++s) {
-      best[s].store_aligned(lane_best + s * width);
-      index[s].store_aligned(lane_at + s * width);
+    // The sets merged lane-wise by (value, index); a lane without a candidate holds `start`
+    // and index -1, which a candidate's value always beats.
+    for (Index s = 1; s < sets; ++s) {
+      const auto take = (Above ? best[s] < best[0] : best[s] > best[0]) |
+                        ((best[s] == best[0]) & (index[s] < index[0]));
+      best[0] = xsimd::select(take, best[s], best[0]);
+      index[0] = xsimd::select(take, index[s], index[0]);
     }
+    alignas(64) double lane_best[width], lane_at[width];
+    best[0].store_aligned(lane_best);
+    index[0].store_aligned(lane_at);
     double value = start;
     Index found = -1;
-    for (Index l = 0; l < sets * width; ++l) {
+    for (Index l = 0; l < width; ++l) {
       if (lane_at[l] < 0.0) continue;
       const Index at = static_cast<Index>(lane_at[l]);
       const bool wins = Above ? lane_best[l] < value : lane_best[l] > value;

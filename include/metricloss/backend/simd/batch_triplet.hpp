@@ -143,6 +143,74 @@ class SplitWeights {
   double* direct_ = nullptr;
 };
 
+/// W as a list of its entries, for hard and semihard (two per mined triplet, O(N c) in
+/// all): 2 w (x_i - x_j) by differences of the original rows in double lanes, O(entries D),
+/// where the dense W would cost an N x N fill, a transposed pass and an (N x N)(N x D)
+/// product, and would cancel for close pairs.
+template <class T>
+class SparseWeights {
+ public:
+  SparseWeights() = default;
+  SparseWeights(BatchTripletWorkspace<T>& work, const MatrixView<const T>& x)
+      : x_(x), entries_(&work.entries), accumulated_(&work.direct_gradient) {}
+
+  bool enabled() const { return entries_ != nullptr; }
+
+  void add(Index i, Index j, double w) {
+    WeightEntry* list = entries_->data(static_cast<std::size_t>(count_ + 1));
+    list[count_++] = WeightEntry{i, j, w};
+  }
+
+  /// Not taken by hard and semihard (which add single entries); correct for any W.
+  void add_row(Index i, const double* w, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (w[j] != 0.0) add(i, j, w[j]);
+  }
+  void add_row_lanes(Index i, const T* w, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (w[j] != T(0)) add(i, j, static_cast<double>(w[j]));
+  }
+
+  /// grad = scale sum over entries of 2 w (e_i - e_j)(x_i - x_j)^T, totalled in double.
+  void gradient(PairwiseDistances<T>&, double scale, const MatrixView<T>& grad) const {
+    using wide = xsimd::batch<double>;
+    constexpr Index lanes = static_cast<Index>(wide::size);
+    const Index n = x_.rows, d = x_.cols;
+    double* sum = accumulated_->data(static_cast<std::size_t>(n * d));
+    std::fill(sum, sum + n * d, 0.0);
+    const WeightEntry* list = entries_->data(0);
+    for (Index e = 0; e < count_; ++e) {
+      const Index i = list[e].i, j = list[e].j;
+      const T *xi = x_.row(i), *xj = x_.row(j);
+      double *gi = sum + i * d, *gj = sum + j * d;
+      const double two_w = 2.0 * list[e].w;
+      const wide w(two_w);
+      Index k = 0;
+      for (; k + lanes <= d; k += lanes) {
+        const wide term = w * (wide::load_unaligned(xi + k) - wide::load_unaligned(xj + k));
+        (wide::load_unaligned(gi + k) + term).store_unaligned(gi + k);
+        (wide::load_unaligned(gj + k) - term).store_unaligned(gj + k);
+      }
+      for (; k < d; ++k) {
+        const double term = two_w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
+        gi[k] += term;
+        gj[k] -= term;
+      }
+    }
+    for (Index i = 0; i < n; ++i) {
+      T* out = grad.row(i);
+      const double* in = sum + i * d;
+      for (Index k = 0; k < d; ++k) out[k] = static_cast<T>(scale * in[k]);
+    }
+  }
+
+ private:
+  MatrixView<const T> x_{};
+  GrowOnlyBuffer<WeightEntry>* entries_ = nullptr;
+  GrowOnlyBuffer<double>* accumulated_ = nullptr;
+  Index count_ = 0;
+};
+
 template <class T>
 struct Backend<BatchTripletLoss<T>, simd_tag> {
   template <class L>
@@ -152,8 +220,20 @@ struct Backend<BatchTripletLoss<T>, simd_tag> {
     T value;
     if (batch_triplet_not_finite(work.classes, x, labels, grad, value)) return value;
     work.pairwise.compute(x);
-    SplitWeights<T> weights;
-    if (!grad.empty()) weights = SplitWeights<T>(work, x);
+    if (loss.mining == Mining::all) {
+      SplitWeights<T> weights;
+      if (!grad.empty()) weights = SplitWeights<T>(work, x);
+      return run(loss, work, weights, grad, top_diff);
+    }
+    SparseWeights<T> weights;
+    if (!grad.empty()) weights = SparseWeights<T>(work, x);
+    return run(loss, work, weights, grad, top_diff);
+  }
+
+ private:
+  template <class Weights>
+  static T run(BatchTripletLoss<T>& loss, BatchTripletWorkspace<T>& work, Weights& weights,
+               const MatrixView<T>& grad, T top_diff) {
     const MiningResult result =
         work.miner.template mine<SimdRowOps>(loss.mining, work.classes, ProductSquaredDistances<T>{&work.pairwise},
                         loss.margin, loss.distance, loss.soft_margin, weights);
