@@ -129,7 +129,7 @@ TEMPLATE_TEST_CASE("triplet gradients match finite differences", "[triplet][grad
 TEMPLATE_TEST_CASE("triplet simd agrees with scalar over sizes and strides", "[triplet][parity]",
                    float, double) {
   using T = TestType;
-  const Index d = GENERATE(1, 3, 15, 16, 17, 128, 255);
+  const Index d = GENERATE(1, 3, 15, 16, 17, 128, 255, 1100, 2100);
   const Index n = GENERATE(1, 2, 7, 64, 301);
   const Index pad = GENERATE(0, 5);
   const auto distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
@@ -164,10 +164,12 @@ TEMPLATE_TEST_CASE("triplet computes only the gradients asked for", "[triplet]",
   using T = typename TestType::T;
   const typename TestType::Tag tag{};
   std::mt19937_64 rng(21);
-  const Index n = 9, d = 21;
+  // 21: rows of compile-time batches; 300: batches counted at run time (simd path).
+  const Index n = 9, d = GENERATE(21, 300);
+  CAPTURE(d);
   const Matrix<T> a = uniform_matrix<T>(n, d, rng), p = uniform_matrix<T>(n, d, rng),
                   neg = uniform_matrix<T>(n, d, rng);
-  ml::TripletLoss<T> loss(T(2));
+  ml::TripletLoss<T> loss(d == 21 ? T(2) : T(2.5));
   Matrix<T> ga(n, d), gp(n, d), gn(n, d);
   const T full = loss.forward_backward(tag, a, p, neg, ga, gp, gn);
   const int mask = GENERATE(0, 1, 2, 3, 4, 5, 6);

@@ -1,14 +1,16 @@
 #pragma once
-// The SIMD path of TripletLoss. Rows of up to 8 batches (D <= 128 floats with AVX-512) go
-// through one software-pipelined pass: while row i's roots, hinge and gradients are
-// computed, row i + 1's squared distances are loaded and reduced, so that row i's stores
-// wait only on its roots and division, not on its loads and reduction too. Each input row
-// comes from memory once (the gradients reread it from L1) and each output row is written
-// once. triplet_forward_backward's block pass (the distances of 16 rows, then their
-// gradients from L1) serialises a read phase and a write phase, which at L2-resident sizes
-// do not overlap: at N = 256, D = 128 it took 1.4-2.0x the streaming floor. Longer rows
-// take the block pass. Rows whose hinge lies near its kink against the lanes' rounding are
-// recomputed in double, as there.
+// The SIMD path of TripletLoss. Rows of up to 8 KiB per input go through one
+// software-pipelined pass: while row i's roots, hinge and gradients are computed, row
+// i + 1's squared distances are loaded and reduced, so that row i's stores wait only on its
+// roots and division, not on its loads and reduction too. Each input row comes from memory
+// once (the gradients reread it from L1) and each output row is written once. Up to 8
+// batches per row the batch count is a template argument (fully unrolled), beyond it a
+// run-time count. triplet_forward_backward's block pass (the distances of 16 rows, then
+// their gradients from L1) serialises a read phase and a write phase, which at L2-resident
+// sizes do not overlap: at N = 256, D = 128 it took 1.4-2.0x the streaming floor, and in
+// double at D = 128 it was 1.2x the time of the pipelined pass. Longer rows, which no
+// longer fit twice in L1, take the block pass. Rows whose hinge lies near its kink against
+// the lanes' rounding are recomputed in double, as there.
 #include <metricloss/backend/simd/rowops.hpp>
 #include <metricloss/triplet.hpp>
 
@@ -64,9 +66,9 @@ struct TripletCoefficients {
   double c_n = 0.0;
 };
 
-/// triplet_forward_backward for rows of exactly `Batches` full batches and a tail shorter
-/// than one; `Wanted` is the set of gradients written (1: anchor, 2: positive, 4: negative),
-/// so that the row loop has no branches on it. The arithmetic of SimdRowOps'
+/// triplet_forward_backward for rows of exactly `Batches` full batches (Batches < 0: counted
+/// at run time) and a tail shorter than one; `Wanted` is the set of gradients written (1:
+/// anchor, 2: positive, 4: negative), so that the row loop has no branches on it. The arithmetic of SimdRowOps'
 /// anchor_squared_distances and triplet_gradients, so every subset of the gradients has the
 /// same bits.
 ///
@@ -88,7 +90,9 @@ double triplet_rows_pipelined(const MatrixView<const T>& anchor_view,
                               const MatrixView<T>& grad_negative_view, double top_diff) {
   using batch = xsimd::batch<T>;
   constexpr Index width = static_cast<Index>(batch::size);
-  constexpr Index tail_begin = Batches * width;
+  // Batches < 0: as many as the row holds, counted at run time (long rows).
+  const Index batches = Batches >= 0 ? Batches : anchor_view.cols / width;
+  const Index tail_begin = batches * width;
   constexpr bool want_a = (Wanted & 1) != 0, want_p = (Wanted & 2) != 0, want_n = (Wanted & 4) != 0;
   // Copies: the loop then keeps the pointers and strides in registers.
   const MatrixView<const T> anchor = anchor_view, positive = positive_view, negative = negative_view;
@@ -102,7 +106,7 @@ double triplet_rows_pipelined(const MatrixView<const T>& anchor_view,
   const auto squared_distances = [&](Index i, double& squared_positive, double& squared_negative) {
     const T *a = anchor.row(i), *p = positive.row(i), *q = negative.row(i);
     batch acc_p0(T(0)), acc_p1(T(0)), acc_n0(T(0)), acc_n1(T(0));
-    for (Index k = 0; k < Batches; ++k) {
+    for (Index k = 0; k < batches; ++k) {
       const batch x = batch::load_unaligned(a + k * width);
       const batch to_p = x - batch::load_unaligned(p + k * width);
       const batch to_n = x - batch::load_unaligned(q + k * width);
@@ -114,8 +118,8 @@ double triplet_rows_pipelined(const MatrixView<const T>& anchor_view,
         acc_n1 = xsimd::fma(to_n, to_n, acc_n1);
       }
     }
-    squared_positive = Batches > 0 ? static_cast<double>(xsimd::hadd(acc_p0 + acc_p1)) : 0.0;
-    squared_negative = Batches > 0 ? static_cast<double>(xsimd::hadd(acc_n0 + acc_n1)) : 0.0;
+    squared_positive = batches > 0 ? static_cast<double>(xsimd::hadd(acc_p0 + acc_p1)) : 0.0;
+    squared_negative = batches > 0 ? static_cast<double>(xsimd::hadd(acc_n0 + acc_n1)) : 0.0;
     ScalarRowOps::add_anchor_squared_distances(a, p, q, tail_begin, d, squared_positive, squared_negative);
   };
 
@@ -146,7 +150,7 @@ double triplet_rows_pipelined(const MatrixView<const T>& anchor_view,
       // Inactive: zeros, whatever the rows hold. Batch stores, not std::fill: a memset
       // call per row and output costs more than the row's arithmetic.
       const batch zero(T(0));
-      for (Index k = 0; k < Batches; ++k) {
+      for (Index k = 0; k < batches; ++k) {
         if constexpr (want_a) zero.store_unaligned(ga + k * width);
         if constexpr (want_p) zero.store_unaligned(gp + k * width);
         if constexpr (want_n) zero.store_unaligned(gn + k * width);
@@ -165,7 +169,7 @@ double triplet_rows_pipelined(const MatrixView<const T>& anchor_view,
     }
     const T cp = static_cast<T>(c.c_p), cn = static_cast<T>(c.c_n);
     const batch cpb(cp), cnb(cn);
-    for (Index k = 0; k < Batches; ++k) {
+    for (Index k = 0; k < batches; ++k) {
       const batch x = batch::load_unaligned(a + k * width);
       const batch scaled_p = cpb * (x - batch::load_unaligned(p + k * width));
       const batch to_n = x - batch::load_unaligned(q + k * width);
@@ -218,6 +222,11 @@ struct Backend<TripletLoss<T>, simd_tag> {
       case 7: return static_cast<T>(by_wanted<7>(wanted, args));
       case 8: return static_cast<T>(by_wanted<8>(wanted, args));
       default:
+        // Rows of up to 8 KiB per input: two rows of the three inputs (the one being written
+        // and the next) stay in L1. Longer rows take the block pass, which was faster there
+        // (double, D = 2048: 457 against 494 us at N = 256).
+        if (anchor.cols * static_cast<Index>(sizeof(T)) <= 8192)
+          return static_cast<T>(by_wanted<-1>(wanted, args));
         return static_cast<T>(triplet_forward_backward<SimdRowOps>(
             anchor, positive, negative, loss.margin, loss.distance, grad_anchor, grad_positive,
             grad_negative, top_diff));
