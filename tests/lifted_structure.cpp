@@ -455,6 +455,35 @@ TEST_CASE("lifted structure simd in float is accurate when distances are large",
   }
 }
 
+TEST_CASE("lifted structure simd in float at large scales, by the list and in double",
+          "[lifted][numerics]") {
+  // Uniform data at +-30 per coordinate (D ~ 400 at d = 128): about two thirds of the pairs
+  // (21092 of the 32640) are weighted negatives that float cannot give to the tolerance, and
+  // the call runs in double (in_double_pays); at d = 16 and +-44, 1788 are, and they are
+  // recomputed into the list. Both against the double reference.
+  const Index d = GENERATE(16, 128);
+  const double scale = d == 16 ? 44.0 : 30.0;
+  const std::uint64_t seed = 404;
+  CAPTURE(d, scale, seed);
+  std::mt19937_64 rng(seed);
+  const Index n = 256;
+  const Labels labels = pk_labels(n, 8, rng);
+  const Matrix<float> x = uniform_matrix<float>(n, d, rng, -scale, scale);
+  ml::LiftedStructureLoss<float> loss(1.0f);
+  Matrix<float> grad(n, d);
+  const float value = loss.forward_backward(ml::simd, x, labels, grad);
+  const CaffeResult reference = caffe_lifted(x, labels, 1.0, 1.0);  // double, same inputs
+  REQUIRE(reference.grad.cwiseAbs().maxCoeff() > 0.0);
+  CHECK(relatively_close(value, reference.loss, Tolerance<float>::loss));
+  CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
+  CHECK(loss.forward(ml::simd, x, labels) == value);
+  // A copy starts with empty scratch and gives the same bits.
+  ml::LiftedStructureLoss<float> copy = loss;
+  Matrix<float> again(n, d);
+  CHECK(copy.forward_backward(ml::simd, x, labels, again) == value);
+  CHECK(again == grad);
+}
+
 TEMPLATE_TEST_CASE("lifted structure accepts every label type", "[lifted]", ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};
   std::mt19937_64 rng(71);

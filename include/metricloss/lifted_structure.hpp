@@ -71,6 +71,7 @@ struct LiftedStructureScratch {
   GrowOnlyBuffer<T> symmetric;  // simd: S = W + W^T, lower triangle, padded rows
   GrowOnlyBuffer<double> distance, weight;                    // scalar: N x N
   GrowOnlyBuffer<double> log_normaliser, min_distance, shifted_sum, coefficient, row;
+  BackendSlot in_double;  // simd, float at large scales: the call in double (created on use)
 };
 
 template <class T>

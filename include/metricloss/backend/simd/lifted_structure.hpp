@@ -28,7 +28,9 @@
 // within `window` of either row's nearest whose estimated error exceeds `tolerance` is
 // recomputed by differences in double, kept in a short list, and summed in double; its
 // entry in the T matrix becomes +inf, so that the vectorised sweeps give it weight 0. At
-// ordinary scales (float, D <~ 200) nothing is recomputed; see recompute_weighted.
+// ordinary scales (float, D <~ 200) nothing is recomputed; see recompute_weighted. Where
+// the list would hold a large share of the pairs (float, D of several hundred), the
+// whole call runs in double instead when that is cheaper (in_double_pays).
 #include <metricloss/backend/simd/rowops.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/lifted_structure.hpp>
@@ -81,6 +83,13 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
     T* distance = pairwise.squared().data();  // D, lower triangle k < i, rows `rows` apart
     const Index rows = pairwise.stride();
+
+    // Float at large scales, where many weighted distances would need the list below: the
+    // whole call in double when that is cheaper (in_double_pays).
+    if constexpr (is_float) {
+      const Index imprecise = count_imprecise(pairwise, distance, class_value, nearest);
+      if (in_double_pays(imprecise, n, x.cols)) return in_double(loss, x, labels, grad, top_diff);
+    }
 
     // The weighted negatives that T cannot give to the tolerance, exact and in double (the
     // scalar path's buffers, unused here, hold the list): (i n + k, D_ik) for k < i.
@@ -214,6 +223,46 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
  private:
   static constexpr double near_ratio = 1.0 / 1024;
 
+  /// Whether a float call with `imprecise` list entries runs faster in double. Fitted at
+  /// N = 256 and 1024 (AVX-512): an entry of the list costs ~(44 + 0.077 d) ns; the float
+  /// path ~N^2 (1.1 + 0.018 d) ns, the double call ~2.2x that, after ~0.4x of it is done.
+  /// N = 1024, uniform data, 8 per class: d = 128 at +-30 (24 % of N^2 listed) 15.8 ms by
+  /// the list, 9.8 in double; d = 512 at +-10 (50 %) 41.7 and 33.9; d = 32 at +-30 (3 %)
+  /// stays with the list (3.6 against 4.3); d = 512 at +-30 (24 %) goes to double, 34.0
+  /// against 31.5, the one case of those measured where the guess is wrong.
+  static bool in_double_pays(Index imprecise, Index n, Index d) {
+    const double entries = static_cast<double>(imprecise), dims = static_cast<double>(d);
+    const double pairs = static_cast<double>(n) * static_cast<double>(n);
+    return entries * (570.0 + dims) > pairs * (22.5 + 0.38 * dims);
+  }
+
+  /// What a float functor keeps for in_double.
+  struct InDouble : BackendSlot::Contents {
+    LiftedStructureLoss<double> loss;
+    GrowOnlyBuffer<double> x, grad;
+  };
+
+  /// The call in double: x widened, the double path, the gradient rounded to T. Its
+  /// distances meet double's tolerance, so every weighted one is within float's.
+  template <class L>
+  static T in_double(LiftedStructureLoss<T>& loss, const MatrixView<const T>& x,
+                     const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
+    InDouble& wide = loss.scratch_.in_double.template get<InDouble>();
+    const Index n = x.rows, d = x.cols;
+    double* xd = wide.x.data(static_cast<std::size_t>(n * d));
+    for (Index i = 0; i < n; ++i)
+      for (Index c = 0; c < d; ++c) xd[i * d + c] = static_cast<double>(x(i, c));
+    MatrixView<double> gd{};
+    if (!grad.empty()) gd = MatrixView<double>{wide.grad.data(static_cast<std::size_t>(n * d)), n, d, d};
+    wide.loss.margin = static_cast<double>(loss.margin);
+    const double value = Backend<LiftedStructureLoss<double>, simd_tag>::forward_backward(
+        wide.loss, simd_tag{}, MatrixView<const double>{xd, n, d, d}, labels, gd,
+        static_cast<double>(top_diff));
+    for (Index i = 0; i < gd.rows; ++i)
+      for (Index c = 0; c < d; ++c) grad(i, c) = static_cast<T>(gd(i, c));
+    return static_cast<T>(value);
+  }
+
   static constexpr bool is_float = std::is_same<T, float>::value;
   static constexpr double eps = std::numeric_limits<T>::epsilon();
   /// Error allowed in a weighted distance, i.e. in the exponent of its soft-max weight:
@@ -243,6 +292,89 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     return xsimd::exp(xsimd::max(argument, batch(lowest)));
   }
 
+  /// Whether the negative (i, k), k < i, at D_ik = dik carries weight in row i's or row k's
+  /// soft-max (D_ik - nearest < window + slack D_ik) and its distance in T errs by more
+  /// than the tolerance by the estimate of recompute_weighted: 2 D dD > 2 D tolerance, for
+  /// D > 0 (D = 0 is exact).
+  static bool imprecise_entry(Index i, Index k, T dik, const T* class_value, const T* nearest,
+                              const T* norms) {
+    if (class_value[k] == class_value[i] || !(dik > T(0))) return false;
+    const T reach = static_cast<T>(window) + static_cast<T>(slack) * dik;
+    if (!(dik - nearest[i] < reach || dik - nearest[k] < reach)) return false;
+    return static_cast<T>(2.0 * storage_unit) * dik * dik + static_cast<T>(eps) * (norms[i] + norms[k]) >
+           static_cast<T>(2.0 * tolerance) * dik;
+  }
+
+  /// Sweeps the lower triangle for imprecise_entry: on_batch(i, k, lanes) for each full
+  /// batch of row i from k (lanes: imprecise_entry lane-wise), on_entry(i, k) for the row's
+  /// tail; nothing in one O(N) look where no weighted distance can be imprecise (the usual
+  /// case).
+  template <class OnBatch, class OnEntry>
+  static void sweep_imprecise(PairwiseDistances<T>& pairwise, const T* distance,
+                              const T* class_value, const T* nearest, OnBatch&& on_batch,
+                              OnEntry&& on_entry) {
+    const Index n = pairwise.size(), rows = pairwise.stride();
+    const T* norms = pairwise.centred_norms();
+    const batch storage2(static_cast<T>(2.0 * storage_unit)), unit(static_cast<T>(eps)),
+        two_tolerance(static_cast<T>(2.0 * tolerance)), reach0(static_cast<T>(window)),
+        reach1(static_cast<T>(slack)), zero(T(0));
+    // Weighted negatives have D in [lo, hi] (lo the least nearest, hi the greatest plus the
+    // reach), where dD is at most the bound below.
+    {
+      double lo = std::numeric_limits<double>::infinity(), hi = 0.0, norm = 0.0;
+      for (Index i = 0; i < n; ++i) {
+        lo = std::min(lo, static_cast<double>(nearest[i]));
+        hi = std::max(hi, static_cast<double>(nearest[i]));
+        norm = std::max(norm, static_cast<double>(norms[i]));
+      }
+      hi = (hi + window) / (1.0 - slack);
+      if (lo > 0.0 && hi < std::numeric_limits<double>::infinity() &&
+          2.0 * (storage_unit * hi + eps * norm / lo) < tolerance)
+        return;
+    }
+    for (Index i = 1; i < n; ++i) {
+      const T* row = distance + i * rows;
+      const batch own_class(class_value[i]), own_nearest(nearest[i]), own_norm(norms[i]);
+      Index k = 0;
+      for (; k + width <= i; k += width) {
+        const batch dik = batch::load_unaligned(row + k);
+        const batch reach = reach0 + reach1 * dik;
+        const auto weighted =
+            (dik - own_nearest < reach) | (dik - batch::load_unaligned(nearest + k) < reach);
+        const auto imprecise =
+            storage2 * dik * dik + unit * (own_norm + batch::load_unaligned(norms + k)) > two_tolerance * dik;
+        const auto negative = batch::load_unaligned(class_value + k) != own_class;
+        on_batch(i, k, negative & weighted & imprecise & (dik > zero));
+      }
+      for (; k < i; ++k) on_entry(i, k);
+    }
+  }
+
+  /// How many entries recompute_weighted lists.
+  static Index count_imprecise(PairwiseDistances<T>& pairwise, const T* distance,
+                               const T* class_value, const T* nearest) {
+    const T* norms = pairwise.centred_norms();
+    const Index rows = pairwise.stride();
+    Index count = 0;
+    batch lanes(T(0));
+    Index row = -1;
+    const batch one(T(1)), zero(T(0));
+    sweep_imprecise(
+        pairwise, distance, class_value, nearest,
+        [&](Index i, Index, const auto& mask) {
+          if (i != row) {  // per row, so that T's lanes count exactly
+            count += static_cast<Index>(xsimd::hadd(lanes));
+            lanes = zero;
+            row = i;
+          }
+          lanes += xsimd::select(mask, one, zero);
+        },
+        [&](Index i, Index k) {
+          if (imprecise_entry(i, k, distance[i * rows + k], class_value, nearest, norms)) ++count;
+        });
+    return count + static_cast<Index>(xsimd::hadd(lanes));
+  }
+
   /// Finds the negatives (i, k), k < i, that carry weight in row i's or row k's soft-max
   /// (D_ik - nearest < window + slack D_ik) and whose distance in T errs by more than the
   /// tolerance by the estimate
@@ -258,61 +390,30 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
                                   T* distance, const T* class_value, T* nearest,
                                   T* column_nearest, GrowOnlyBuffer<double>& storage) {
     const Index n = pairwise.size();
-    const T* norms = pairwise.centred_norms();
     const T infinity = std::numeric_limits<T>::infinity();
-    const batch storage2(static_cast<T>(2.0 * storage_unit)), unit(static_cast<T>(eps)),
-        two_tolerance(static_cast<T>(2.0 * tolerance)), reach0(static_cast<T>(window)),
-        reach1(static_cast<T>(slack)), zero(T(0));
-    // 2 D dD > 2 D tolerance, for a weighted negative at D > 0 (D = 0 is exact).
-    const auto wanted = [&](Index i, Index k, T dik) {
-      if (class_value[k] == class_value[i] || !(dik > T(0))) return false;
-      const T reach = static_cast<T>(window) + static_cast<T>(slack) * dik;
-      if (!(dik - nearest[i] < reach || dik - nearest[k] < reach)) return false;
-      return static_cast<T>(2.0 * storage_unit) * dik * dik + static_cast<T>(eps) * (norms[i] + norms[k]) >
-             static_cast<T>(2.0 * tolerance) * dik;
-    };
-    // The usual case in one O(N) look: weighted negatives have D in [lo, hi] (lo the least
-    // nearest, hi the greatest plus the reach), where dD is at most the bound below.
-    {
-      double lo = std::numeric_limits<double>::infinity(), hi = 0.0, norm = 0.0;
-      for (Index i = 0; i < n; ++i) {
-        lo = std::min(lo, static_cast<double>(nearest[i]));
-        hi = std::max(hi, static_cast<double>(nearest[i]));
-        norm = std::max(norm, static_cast<double>(norms[i]));
-      }
-      hi = (hi + window) / (1.0 - slack);
-      if (lo > 0.0 && hi < std::numeric_limits<double>::infinity() &&
-          2.0 * (storage_unit * hi + eps * norm / lo) < tolerance)
-        return 0;
-    }
+    const T* norms = pairwise.centred_norms();
+    const Index rows = pairwise.stride();
     Index count = 0;
-    const auto record = [&](Index i, Index k, T* entry) {
+    const auto record = [&](Index i, Index k) {
       double* list = storage.data(static_cast<std::size_t>(2 * (count + 1)));
       list[2 * count] = static_cast<double>(i * n + k);
       list[2 * count + 1] = std::sqrt(exact_squared(x, i, k));
       ++count;
-      *entry = infinity;
+      distance[i * rows + k] = infinity;
     };
-    for (Index i = 1; i < n; ++i) {
-      T* row = distance + i * pairwise.stride();
-      const batch own_class(class_value[i]), own_nearest(nearest[i]), own_norm(norms[i]);
-      Index k = 0;
-      for (; k + width <= i; k += width) {
-        const batch dik = batch::load_unaligned(row + k);
-        const batch reach = reach0 + reach1 * dik;
-        const auto weighted =
-            (dik - own_nearest < reach) | (dik - batch::load_unaligned(nearest + k) < reach);
-        const auto imprecise =
-            storage2 * dik * dik + unit * (own_norm + batch::load_unaligned(norms + k)) > two_tolerance * dik;
-        const auto negative = batch::load_unaligned(class_value + k) != own_class;
-        if (xsimd::any(negative & weighted & imprecise & (dik > zero))) {
-          for (Index lane = k; lane < k + width; ++lane)
-            if (wanted(i, lane, row[lane])) record(i, lane, row + lane);
-        }
-      }
-      for (; k < i; ++k)
-        if (wanted(i, k, row[k])) record(i, k, row + k);
-    }
+    const batch one(T(1)), zero(T(0));
+    sweep_imprecise(
+        pairwise, distance, class_value, nearest,
+        [&](Index i, Index k, const auto& mask) {
+          if (!xsimd::any(mask)) return;
+          alignas(64) T lanes[width];
+          xsimd::select(mask, one, zero).store_aligned(lanes);
+          for (Index lane = 0; lane < width; ++lane)
+            if (lanes[lane] != T(0)) record(i, k + lane);
+        },
+        [&](Index i, Index k) {
+          if (imprecise_entry(i, k, distance[i * rows + k], class_value, nearest, norms)) record(i, k);
+        });
     if (count == 0) return 0;
     // The nearest again, over the T entries the sweeps will use: the old one may come from
     // a product entry too short by far more than the window.
