@@ -4,7 +4,9 @@
 #include "support.hpp"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -256,4 +258,35 @@ TEST_CASE("fuzz finding 6: batch triplet all+soft margin (float) at distances ~7
   CHECK(mltest::relatively_close(simd, scalar, mltest::Tolerance<float>::loss));
   CHECK(g_simd.allFinite());
   CHECK(ml::testing::compare_gradients(g_simd, g_scalar).relative() <= mltest::Tolerance<float>::gradient);
+}
+
+// Finding 7 (fixed before it landed): LiftedStructureLoss<float> on the simd path, rows 0
+// and 1 coincident in different classes and one coordinate at 1e12, which sends the call
+// into the double path (in_double). That path wrote its gradient into a buffer of the
+// functor whose alignment depended on the heap, and the sign of a zero entry followed the
+// alignment: a reused functor gave -0 where a fresh one gave +0. The buffer now starts on a
+// 64-byte boundary. Here, functors whose buffers land at different addresses agree bitwise.
+TEST_CASE("fuzz finding 7: lifted structure (float, simd) in double is bitwise reproducible",
+          "[fuzz][lifted_structure]") {
+  Matrix<float> x(3, 7);
+  x.row(0).setConstant(5.5f);
+  x.row(1).setConstant(5.5f);
+  x.row(2) << -6.75f, 0.4375f, -4.6875f, -4.3125f, 0.99999994f, 1.61149323e-43f, 9.99999996e+11f;
+  const Eigen::VectorXi labels = (Eigen::VectorXi(3) << 0, 2, 0).finished();
+  // As the fuzzer ran it: the reused functor's scalar call first, then simd; a fresh one.
+  ml::LiftedStructureLoss<float> reused(0.5f);
+  Matrix<float> first(3, 7), grad(3, 7);
+  reused.forward_backward(ml::scalar, x, labels, first, -2.0f);
+  const float value = reused.forward_backward(ml::simd, x, labels, first, -2.0f);
+  // Fresh functors kept alive, with allocations between them, so that their buffers land
+  // at addresses of every alignment.
+  std::vector<std::unique_ptr<ml::LiftedStructureLoss<float>>> fresh;
+  std::vector<std::vector<char>> spacers;
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    CAPTURE(attempt);
+    spacers.emplace_back(static_cast<std::size_t>(16 * attempt + 16));
+    fresh.push_back(std::make_unique<ml::LiftedStructureLoss<float>>(0.5f));
+    CHECK(fresh.back()->forward_backward(ml::simd, x, labels, grad, -2.0f) == value);
+    CHECK(std::memcmp(grad.data(), first.data(), sizeof(float) * 21) == 0);
+  }
 }

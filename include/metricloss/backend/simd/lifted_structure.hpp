@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -242,6 +243,15 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
     GrowOnlyBuffer<double> x, grad;
   };
 
+  /// `size` doubles of `buffer` from a 64-byte boundary: the sign of a zero in the double
+  /// path's gradient can follow the alignment of where it is written (fuzz finding 7), and
+  /// a reused functor must give the bits of a fresh one.
+  static double* aligned_doubles(GrowOnlyBuffer<double>& buffer, Index size) {
+    double* data = buffer.data(static_cast<std::size_t>(size) + 8);
+    const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(data);
+    return data + ((64 - address % 64) % 64) / sizeof(double);
+  }
+
   /// The call in double: x widened, the double path, the gradient rounded to T. Its
   /// distances meet double's tolerance, so every weighted one is within float's.
   template <class L>
@@ -249,11 +259,11 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
                      const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
     InDouble& wide = loss.scratch_.in_double.template get<InDouble>();
     const Index n = x.rows, d = x.cols;
-    double* xd = wide.x.data(static_cast<std::size_t>(n * d));
+    double* xd = aligned_doubles(wide.x, n * d);
     for (Index i = 0; i < n; ++i)
       for (Index c = 0; c < d; ++c) xd[i * d + c] = static_cast<double>(x(i, c));
     MatrixView<double> gd{};
-    if (!grad.empty()) gd = MatrixView<double>{wide.grad.data(static_cast<std::size_t>(n * d)), n, d, d};
+    if (!grad.empty()) gd = MatrixView<double>{aligned_doubles(wide.grad, n * d), n, d, d};
     wide.loss.margin = static_cast<double>(loss.margin);
     const double value = Backend<LiftedStructureLoss<double>, simd_tag>::forward_backward(
         wide.loss, simd_tag{}, MatrixView<const double>{xd, n, d, d}, labels, gd,
