@@ -1,53 +1,17 @@
 // LiftedStructureLoss: Caffe's loops as an independent reference, finite differences,
 // simd-vs-scalar parity, degenerate batches, float at a large offset, bad input,
 // determinism and allocation-free reuse.
+#include "allocation_counter.hpp"
 #include "support.hpp"
 
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <new>
 
 using namespace mltest;
 
-// Counts heap allocations while `counting` is set (this test binary only). GCC 12 flags
-// free() of memory from a replaced operator new as mismatched wherever it inlines them.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
 namespace {
-std::atomic<bool> counting{false};
-std::atomic<long> allocations{0};
-}  // namespace
-// Every form of new and delete is replaced, all on malloc and free, so that no pair mixes
-// ours with the runtime's (AddressSanitizer checks that they match).
-namespace {
-void* counted_allocation(std::size_t size) noexcept {
-  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
-  return std::malloc(size == 0 ? 1 : size);
-}
-}  // namespace
-void* operator new(std::size_t size) {
-  if (void* p = counted_allocation(size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t size) {
-  if (void* p = counted_allocation(size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept { return counted_allocation(size); }
-void* operator new[](std::size_t size, const std::nothrow_t&) noexcept { return counted_allocation(size); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-
-namespace {
-
 
 using Labels = Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>;
 
@@ -476,7 +440,11 @@ TEST_CASE("lifted structure simd in float at large scales, by the list and in do
   REQUIRE(reference.grad.cwiseAbs().maxCoeff() > 0.0);
   CHECK(relatively_close(value, reference.loss, Tolerance<float>::loss));
   CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
+  // Warm: the next call allocates nothing, in double too.
+  const long before = allocation_count();
   CHECK(loss.forward(ml::simd, x, labels) == value);
+  CHECK(loss.forward_backward(ml::simd, x, labels, grad) == value);
+  CHECK(allocation_count() - before == 0);
   // A copy starts with empty scratch and gives the same bits.
   ml::LiftedStructureLoss<float> copy = loss;
   Matrix<float> again(n, d);
@@ -572,13 +540,11 @@ TEMPLATE_TEST_CASE("lifted structure is deterministic and reuses its scratch", "
   CHECK(std::memcmp(g_small.data(), g_fresh.data(), sizeof(T) * static_cast<std::size_t>(g_small.size())) == 0);
 
   SECTION("no heap allocation once warm") {
-    allocations = 0;
-    counting = true;
+    const long before = allocation_count();
     const T v3 = loss.forward_backward(tag, x, labels, g2);
     const T v4 = loss.forward_backward(tag, small, small_labels, g_small);
     const T v5 = loss.forward(tag, x, labels);
-    counting = false;
-    CHECK(allocations.load() == 0);
+    CHECK(allocation_count() - before == 0);
     CHECK(v3 == v1);
     CHECK(v4 == v_small);
     CHECK(v5 == v1);
