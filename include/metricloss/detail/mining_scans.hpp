@@ -32,26 +32,41 @@ template <>
 struct MiningScans<false> {
   /// The smallest v[j] > t (first j on ties; NaN and +inf never), or -1.
   static Index nearest_above(const double* v, Index n, double t) {
-    Index best = -1;
     double value = std::numeric_limits<double>::infinity();
-    for (Index j = 0; j < n; ++j)
-      if (v[j] > t && v[j] < value) {
-        value = v[j];
-        best = j;
-      }
-    return best;
+    Index found = -1;
+    select<true>(v, 0, n, t, value, found);
+    return found;
   }
 
   /// The largest v[j] (first j on ties; NaN never), or -1.
   static Index farthest(const double* v, Index n) {
-    Index best = -1;
-    double value = -std::numeric_limits<double>::infinity();
-    for (Index j = 0; j < n; ++j)
-      if (v[j] > value) {
+    const double lowest = -std::numeric_limits<double>::infinity();
+    double value = lowest;
+    Index found = -1;
+    select<false>(v, 0, n, lowest, value, found);
+    return found;
+  }
+
+  /// Continues a selection over j in [begin, n): Above, the smallest v[j] > t; else the
+  /// largest v[j] (t unused). Strict compares: an earlier j keeps a tie.
+  template <bool Above>
+  static void select(const double* v, Index begin, Index n, double t, double& value, Index& found) {
+    for (Index j = begin; j < n; ++j)
+      if (Above ? (v[j] > t && v[j] < value) : v[j] > value) {
         value = v[j];
-        best = j;
+        found = j;
       }
-    return best;
+  }
+
+  /// Adds to count and sum the v[j] < t for j in [begin, n), and 1 to slope[j] for each.
+  static void below(const double* v, Index begin, Index n, double t, double& count, double& sum,
+                    double* slope) {
+    for (Index j = begin; j < n; ++j)
+      if (v[j] < t) {
+        count += 1.0;
+        sum += v[j];
+        slope[j] += 1.0;
+      }
   }
 
   /// Calls near(j) for every j with |v[j] - t[i]| <= bound for some i < k.
@@ -74,12 +89,7 @@ struct MiningScans<false> {
     for (Index j = 0; j < n; ++j) slope[j] = 0.0;
     for (Index i = 0; i < k; ++i) {
       double count = 0.0, sum = 0.0;
-      for (Index j = 0; j < n; ++j)
-        if (v[j] < t[i]) {
-          count += 1.0;
-          sum += v[j];
-          slope[j] += 1.0;
-        }
+      below(v, 0, n, t[i], count, sum, slope);
       active[i] = count;
       active_sum[i] = sum;
     }
@@ -132,12 +142,7 @@ struct MiningScans<true> {
         (batch::load_unaligned(slope + j) + xsimd::select(below, one, zero)).store_unaligned(slope + j);
       }
       double c = xsimd::hadd(count), s = xsimd::hadd(sum);
-      for (Index j = full; j < n; ++j)
-        if (v[j] < t[i]) {
-          c += 1.0;
-          s += v[j];
-          slope[j] += 1.0;
-        }
+      MiningScans<false>::below(v, full, n, t[i], c, s, slope);
       active[i] = c;
       active_sum[i] = s;
     }
@@ -208,11 +213,7 @@ struct MiningScans<true> {
         found = at;
       }
     }
-    for (; j < n; ++j)
-      if (Above ? (v[j] > t && v[j] < value) : v[j] > value) {
-        value = v[j];
-        found = j;
-      }
+    MiningScans<false>::select<Above>(v, j, n, t, value, found);
     return found;
   }
 };

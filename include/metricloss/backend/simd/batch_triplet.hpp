@@ -27,6 +27,30 @@ struct ProductSquaredDistances {
   }
 };
 
+/// sum_i += 2 w (x_i - x_j) and sum_j -= the same, rows of `sum` d apart, in double lanes
+/// (the values widened as they load): one weight applied by differences of the rows.
+template <class T>
+void add_pair_by_differences(double* sum, const MatrixView<const T>& x, Index i, Index j, double w) {
+  using wide = xsimd::batch<double>;
+  constexpr Index lanes = static_cast<Index>(wide::size);
+  const Index d = x.cols;
+  const T *xi = x.row(i), *xj = x.row(j);
+  double *gi = sum + i * d, *gj = sum + j * d;
+  const double two_w = 2.0 * w;
+  const wide factor(two_w);
+  Index k = 0;
+  for (; k + lanes <= d; k += lanes) {
+    const wide term = factor * (wide::load_unaligned(xi + k) - wide::load_unaligned(xj + k));
+    (wide::load_unaligned(gi + k) + term).store_unaligned(gi + k);
+    (wide::load_unaligned(gj + k) - term).store_unaligned(gj + k);
+  }
+  for (; k < d; ++k) {
+    const double term = two_w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
+    gi[k] += term;
+    gj[k] -= term;
+  }
+}
+
 /// W for the product (in T), except for pairs close against their norms about the batch
 /// mean (||x_i - x_j||^2 <= ratio (n_i + n_j), the pairs whose distances PairwiseDistances
 /// recomputes): in diag(S 1) X - S X their term would cancel to rounding noise (and in
@@ -123,13 +147,7 @@ class SplitWeights {
       direct_ = direct_storage_->data(static_cast<std::size_t>(n_ * d));
       std::fill(direct_, direct_ + n_ * d, 0.0);
     }
-    const T *xi = x_.row(i), *xj = x_.row(j);
-    double *gi = direct_ + i * d, *gj = direct_ + j * d;
-    for (Index k = 0; k < d; ++k) {
-      const double term = 2.0 * w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
-      gi[k] += term;
-      gj[k] -= term;
-    }
+    add_pair_by_differences(direct_, x_, i, j, w);
   }
 
  private:
@@ -173,30 +191,11 @@ class SparseWeights {
 
   /// grad = scale sum over entries of 2 w (e_i - e_j)(x_i - x_j)^T, totalled in double.
   void gradient(PairwiseDistances<T>&, double scale, const MatrixView<T>& grad) const {
-    using wide = xsimd::batch<double>;
-    constexpr Index lanes = static_cast<Index>(wide::size);
     const Index n = x_.rows, d = x_.cols;
     double* sum = accumulated_->data(static_cast<std::size_t>(n * d));
     std::fill(sum, sum + n * d, 0.0);
     const WeightEntry* list = entries_->data(0);
-    for (Index e = 0; e < count_; ++e) {
-      const Index i = list[e].i, j = list[e].j;
-      const T *xi = x_.row(i), *xj = x_.row(j);
-      double *gi = sum + i * d, *gj = sum + j * d;
-      const double two_w = 2.0 * list[e].w;
-      const wide w(two_w);
-      Index k = 0;
-      for (; k + lanes <= d; k += lanes) {
-        const wide term = w * (wide::load_unaligned(xi + k) - wide::load_unaligned(xj + k));
-        (wide::load_unaligned(gi + k) + term).store_unaligned(gi + k);
-        (wide::load_unaligned(gj + k) - term).store_unaligned(gj + k);
-      }
-      for (; k < d; ++k) {
-        const double term = two_w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
-        gi[k] += term;
-        gj[k] -= term;
-      }
-    }
+    for (Index e = 0; e < count_; ++e) add_pair_by_differences(sum, x_, list[e].i, list[e].j, list[e].w);
     for (Index i = 0; i < n; ++i) {
       T* out = grad.row(i);
       const double* in = sum + i * d;
