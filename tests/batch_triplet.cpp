@@ -158,6 +158,24 @@ Matrix<T> untied_batch(Index n, Index d, const Labels& y, double margin, Mining 
   return {};
 }
 
+/// One batch drawn by untied_batch (float: every decision 1e-5 from a tie) for labels y,
+/// through the loss on `tag` against the brute force; returns the reference loss.
+template <class T, class Tag>
+double check_untied_batch(Tag tag, const Labels& y, Index d, double margin, Mining mining,
+                          Distance distance, bool soft_margin, std::mt19937_64& rng) {
+  const Index n = y.size();
+  const Matrix<T> x = untied_batch<T>(n, d, y, static_cast<T>(margin), mining, distance, soft_margin, rng,
+                                      std::is_same<T, float>::value ? 1e-5 : 0.0);
+  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
+  Matrix<T> grad(n, d);
+  const T value = loss.forward_backward(tag, x, y, grad);
+  const Reference r = brute_force(x.template cast<double>(), y, static_cast<T>(margin), mining, distance,
+                                  soft_margin, 1.0);
+  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+  return r.loss;
+}
+
 const Mining all_minings[] = {Mining::all, Mining::hard, Mining::semihard};
 
 }  // namespace
@@ -313,15 +331,7 @@ TEMPLATE_TEST_CASE("batch triplet with large classes", "[batch_triplet]", ALL_CA
   const Index n = 70, d = 9;
   const Labels y = labels_of(random_labels(n, 2, rng));
   const double margin = distance == Distance::euclidean ? 0.3 : 1.0;
-  const Matrix<T> x = untied_batch<T>(n, d, y, static_cast<T>(margin), mining, distance, soft_margin, rng,
-                                      std::is_same<T, float>::value ? 1e-5 : 0.0);
-  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
-  Matrix<T> grad(n, d);
-  const T value = loss.forward_backward(tag, x, y, grad);
-  const Reference r = brute_force(x.template cast<double>(), y, static_cast<T>(margin), mining, distance,
-                                  soft_margin, 1.0);
-  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
-  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+  check_untied_batch<T>(tag, y, d, margin, mining, distance, soft_margin, rng);
 }
 
 TEMPLATE_TEST_CASE("batch triplet at the boundary between row scans and buckets", "[batch_triplet]",
@@ -341,18 +351,8 @@ TEMPLATE_TEST_CASE("batch triplet at the boundary between row scans and buckets"
     for (int r = 0; r < c; ++r) labels.push_back(c);
   std::shuffle(labels.begin(), labels.end(), rng);
   const Labels y = labels_of(labels);
-  const Index n = y.size(), d = 6;
   const double margin = distance == Distance::euclidean ? 0.3 : 0.5;
-  const Matrix<T> x = untied_batch<T>(n, d, y, static_cast<T>(margin), mining, distance, soft_margin, rng,
-                                      std::is_same<T, float>::value ? 1e-5 : 0.0);
-  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
-  Matrix<T> grad(n, d);
-  const T value = loss.forward_backward(tag, x, y, grad);
-  const Reference r = brute_force(x.template cast<double>(), y, static_cast<T>(margin), mining, distance,
-                                  soft_margin, 1.0);
-  CHECK(r.loss > 0);
-  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
-  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+  CHECK(check_untied_batch<T>(tag, y, 6, margin, mining, distance, soft_margin, rng) > 0);
 }
 
 TEMPLATE_TEST_CASE("the simd path's sparse W gives the gradient of the dense W", "[batch_triplet]",

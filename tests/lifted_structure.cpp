@@ -390,6 +390,22 @@ TEMPLATE_TEST_CASE("lifted structure in float is accurate at a large common offs
   CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
 }
 
+namespace {
+
+/// loss (margin 1) on the simd path against Caffe's loops in double on the same inputs,
+/// whose gradient must not be all zero; returns the loss, the gradient left in grad.
+float check_float_simd_against_caffe(ml::LiftedStructureLoss<float>& loss, const Matrix<float>& x,
+                                     const Labels& labels, Matrix<float>& grad) {
+  const float value = loss.forward_backward(ml::simd, x, labels, grad);
+  const CaffeResult reference = caffe_lifted(x, labels, 1.0, 1.0);
+  REQUIRE(reference.grad.cwiseAbs().maxCoeff() > 0.0);
+  CHECK(relatively_close(value, reference.loss, Tolerance<float>::loss));
+  CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
+  return value;
+}
+
+}  // namespace
+
 TEST_CASE("lifted structure simd in float is accurate when distances are large",
           "[lifted][numerics]") {
   // A negative weighs exp(nearest - D): an absolute error in D moves its weight by as much,
@@ -411,11 +427,7 @@ TEST_CASE("lifted structure simd in float is accurate when distances are large",
     for (Index i = 0; i < n; ++i) x.row(i) = (sites.row(i % 16) + noise.row(i)).cast<float>();
     ml::LiftedStructureLoss<float> loss(1.0f);
     Matrix<float> grad(n, d);
-    const float value = loss.forward_backward(ml::simd, x, labels, grad);
-    const CaffeResult reference = caffe_lifted(x, labels, 1.0, 1.0);  // double, same inputs
-    REQUIRE(reference.grad.cwiseAbs().maxCoeff() > 0.0);
-    CHECK(relatively_close(value, reference.loss, Tolerance<float>::loss));
-    CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
+    check_float_simd_against_caffe(loss, x, labels, grad);
   }
 }
 
@@ -435,11 +447,7 @@ TEST_CASE("lifted structure simd in float at large scales, by the list and in do
   const Matrix<float> x = uniform_matrix<float>(n, d, rng, -scale, scale);
   ml::LiftedStructureLoss<float> loss(1.0f);
   Matrix<float> grad(n, d);
-  const float value = loss.forward_backward(ml::simd, x, labels, grad);
-  const CaffeResult reference = caffe_lifted(x, labels, 1.0, 1.0);  // double, same inputs
-  REQUIRE(reference.grad.cwiseAbs().maxCoeff() > 0.0);
-  CHECK(relatively_close(value, reference.loss, Tolerance<float>::loss));
-  CHECK(gradient_error(grad, reference.grad) <= Tolerance<float>::gradient);
+  const float value = check_float_simd_against_caffe(loss, x, labels, grad);
   // Warm: the next call allocates nothing, in double too.
   const long before = allocation_count();
   CHECK(loss.forward(ml::simd, x, labels) == value);
