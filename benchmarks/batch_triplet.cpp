@@ -1,6 +1,7 @@
 // BatchTripletLoss forward_backward with online mining against the two GEMM-class products
 // any product-based implementation needs, at the same shapes and in the same binary:
-// X X^T (N x D by D x N) and (N x N) X. Batches of 8 samples per class.
+// X X^T (N x D by D x N) and (N x N) X. Batches of 8 samples per class. The products and the
+// losses of a shape read the same x and write the same N x D output (shape_buffers).
 #include "common.hpp"
 
 using namespace mlbench;
@@ -9,12 +10,24 @@ namespace {
 
 constexpr int per_class = 8;
 
+/// One shape's batch, labels and N x D output (the products' (N x N) X and the losses'
+/// gradient), and the products' own N x N operands.
+template <class T>
+struct Batch {
+  Matrix<T> x, w, gram, out;
+  Eigen::VectorXi labels;
+  Batch(Index n, Index d)
+      : x(uniform<T>(n, d, 1)), w(uniform<T>(n, n, 2)), gram(Matrix<T>::Zero(n, n)),
+        out(Matrix<T>::Zero(n, d)), labels(pk_labels(n, per_class, 3)) {}
+};
+
 /// The two Eigen products: the Gram matrix of the batch and an N x N matrix times the batch.
 template <class T>
 void BM_products(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
-  const Matrix<T> x = uniform<T>(n, d, 1), w = uniform<T>(n, n, 2);
-  Matrix<T> gram = Matrix<T>::Zero(n, n), out = Matrix<T>::Zero(n, d);
+  Batch<T>& data = shape_buffers<Batch<T>>(n, d);
+  const Matrix<T>&x = data.x, &w = data.w;
+  Matrix<T>&gram = data.gram, &out = data.out;
   for (auto _ : state) {
     gram.noalias() = x * x.transpose();
     out.noalias() = w * x;
@@ -30,9 +43,10 @@ void BM_batch_triplet(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const auto mining = static_cast<ml::Mining>(state.range(2));
   const bool soft_margin = state.range(3) != 0;
-  const Matrix<T> x = uniform<T>(n, d, 1);
-  const Eigen::VectorXi labels = pk_labels(n, per_class, 3);
-  Matrix<T> grad = Matrix<T>::Zero(n, d);
+  Batch<T>& data = shape_buffers<Batch<T>>(n, d);
+  const Matrix<T>& x = data.x;
+  const Eigen::VectorXi& labels = data.labels;
+  Matrix<T>& grad = data.out;
   ml::BatchTripletLoss<T> loss(T(0.2), mining, ml::Distance::euclidean, soft_margin);
   for (auto _ : state) {
     T value = loss.forward_backward(Tag{}, x, labels, grad);

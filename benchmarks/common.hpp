@@ -5,7 +5,10 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace mlbench {
@@ -31,6 +34,19 @@ inline Eigen::VectorXi pk_labels(Index n, int per_class, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::shuffle(labels.data(), labels.data() + n, rng);
   return labels;
+}
+
+/// The buffers of one benchmark shape (N, D), made on first use by Buffers(n, d) and kept for
+/// the life of the binary, so that a floor and every loss divided by it run on the same bytes
+/// at the same addresses. With buffers of their own per run they landed on different heap
+/// chunks, and at L2-resident sizes the placement alone moved a floor by up to 25 % (e464963):
+/// the ratio then measured the allocator as much as the kernel. One cache per Buffers type.
+template <class Buffers>
+Buffers& shape_buffers(Index n, Index d) {
+  static std::map<std::pair<Index, Index>, std::unique_ptr<Buffers>> shapes;
+  std::unique_ptr<Buffers>& slot = shapes[{n, d}];
+  if (!slot) slot = std::make_unique<Buffers>(n, d);
+  return *slot;
 }
 
 /// Bytes moved and floating-point operations per iteration, reported as rates.

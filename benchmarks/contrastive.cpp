@@ -1,5 +1,6 @@
 // Contrastive forward_backward against its floor: one streaming pass that reads a and b and
-// writes two N x D outputs (the bytes the fused kernel must move at least).
+// writes two N x D outputs (the bytes the fused kernel must move at least), on the same
+// buffers as the loss (shape_buffers).
 #include "common.hpp"
 
 #include <xsimd/xsimd.hpp>
@@ -27,11 +28,22 @@ void floor_stream(const Matrix<T>& a, const Matrix<T>& b, Matrix<T>& ga, Matrix<
   }
 }
 
+/// The pairs, similarities and gradients of one shape, shared by the floor and the losses.
+template <class T>
+struct Pairs {
+  Matrix<T> a, b, ga, gb;
+  Eigen::VectorXi sim;
+  Pairs(Index n, Index d)
+      : a(uniform<T>(n, d, 1)), b(uniform<T>(n, d, 2)), ga(Matrix<T>::Zero(n, d)),
+        gb(Matrix<T>::Zero(n, d)), sim(pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; })) {}
+};
+
 template <class T>
 void BM_floor(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
-  const Matrix<T> a = uniform<T>(n, d, 1), b = uniform<T>(n, d, 2);
-  Matrix<T> ga = Matrix<T>::Zero(n, d), gb = Matrix<T>::Zero(n, d);
+  Pairs<T>& data = shape_buffers<Pairs<T>>(n, d);
+  const Matrix<T>&a = data.a, &b = data.b;
+  Matrix<T>&ga = data.ga, &gb = data.gb;
   for (auto _ : state) {
     floor_stream(a, b, ga, gb);
     benchmark::DoNotOptimize(ga.data());
@@ -45,9 +57,10 @@ template <class T, class Tag>
 void BM_contrastive(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const auto form = static_cast<ml::ContrastiveForm>(state.range(2));
-  const Matrix<T> a = uniform<T>(n, d, 1), b = uniform<T>(n, d, 2);
-  Eigen::VectorXi sim = pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; });
-  Matrix<T> ga = Matrix<T>::Zero(n, d), gb = Matrix<T>::Zero(n, d);
+  Pairs<T>& data = shape_buffers<Pairs<T>>(n, d);
+  const Matrix<T>&a = data.a, &b = data.b;
+  const Eigen::VectorXi& sim = data.sim;
+  Matrix<T>&ga = data.ga, &gb = data.gb;
   ml::ContrastiveLoss<T> loss(T(std::sqrt(static_cast<double>(d)) * 0.8), form);
   for (auto _ : state) {
     T value = loss.forward_backward(Tag{}, a, b, sim, ga, gb);
@@ -79,8 +92,9 @@ BENCHMARK_TEMPLATE(BM_contrastive, double, ml::simd_tag)->Apply([](auto* b) { si
 template <class T, class Tag>
 void BM_contrastive_forward(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
-  const Matrix<T> a = uniform<T>(n, d, 1), b = uniform<T>(n, d, 2);
-  Eigen::VectorXi sim = pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; });
+  const Pairs<T>& data = shape_buffers<Pairs<T>>(n, d);
+  const Matrix<T>&a = data.a, &b = data.b;
+  const Eigen::VectorXi& sim = data.sim;
   ml::ContrastiveLoss<T> loss(T(std::sqrt(static_cast<double>(d)) * 0.8));
   for (auto _ : state) {
     T value = loss.forward(Tag{}, a, b, sim);

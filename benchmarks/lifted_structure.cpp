@@ -1,7 +1,8 @@
 // LiftedStructureLoss forward_backward against its floor and its peer, P x K batches of 8
 // samples per class.
 //   floor: the two GEMM-class products the factorisation cannot avoid, X X^T (N x N x D) and
-//          (N x N)(N x D), as plain Eigen products.
+//          (N x N)(N x D), as plain Eigen products, on the loss's x and N x D output
+//          (shape_buffers).
 //   peer:  Caffe's CPU layer (LiftedStructSimilaritySoftmaxLossLayer::Forward_cpu and
 //          Backward_cpu) reimplemented with the same BLAS calls (dot, gemm, axpy, scal) on
 //          single-threaded OpenBLAS: O(|P| N D), so it runs at the smaller sizes only.
@@ -23,12 +24,23 @@ namespace {
 
 constexpr int per_class = 8;
 
+/// One shape's batch, labels and N x D output (the floor's (N x N) X and the loss's
+/// gradient), and the floor's own N x N operands.
+template <class T>
+struct Batch {
+  Matrix<T> x, weights, gram, out;
+  Eigen::VectorXi labels;
+  Batch(Index n, Index d)
+      : x(uniform<T>(n, d, 1)), weights(uniform<T>(n, n, 2)), gram(Matrix<T>::Zero(n, n)),
+        out(Matrix<T>::Zero(n, d)), labels(pk_labels(n, per_class, 3)) {}
+};
+
 template <class T>
 void BM_floor_products(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
-  const Matrix<T> x = uniform<T>(n, d, 1);
-  const Matrix<T> weights = uniform<T>(n, n, 2);
-  Matrix<T> gram = Matrix<T>::Zero(n, n), propagated = Matrix<T>::Zero(n, d);
+  Batch<T>& data = shape_buffers<Batch<T>>(n, d);
+  const Matrix<T>&x = data.x, &weights = data.weights;
+  Matrix<T>&gram = data.gram, &propagated = data.out;
   for (auto _ : state) {
     gram.noalias() = x * x.transpose();
     propagated.noalias() = weights * x;
@@ -43,10 +55,11 @@ template <class T, class Tag>
 void BM_lifted(benchmark::State& state) {
   const Index n = state.range(0), d = state.range(1);
   const bool gradient = state.range(2) != 0;
-  const Matrix<T> x = uniform<T>(n, d, 1);
-  const Eigen::VectorXi labels = pk_labels(n, per_class, 3);
+  Batch<T>& data = shape_buffers<Batch<T>>(n, d);
+  const Matrix<T>& x = data.x;
+  const Eigen::VectorXi& labels = data.labels;
   ml::LiftedStructureLoss<T> loss(T(1));
-  Matrix<T> grad = Matrix<T>::Zero(n, d);
+  Matrix<T>& grad = data.out;
   const T first = loss.forward_backward(Tag{}, x, labels, grad);
   if (!(std::isfinite(first) && first > T(0) && grad.allFinite())) {
     state.SkipWithError("LiftedStructureLoss returned a non-finite or zero loss");
