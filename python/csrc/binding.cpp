@@ -1,0 +1,216 @@
+// metricloss._C: tensors in, metricloss (kernels_*.cpp) called once, loss and gradients out.
+// Every check on a tensor names the argument; metricloss::invalid_argument becomes ValueError
+// with the C++ message. The autograd side is metricloss/__init__.py.
+#include <torch/extension.h>
+
+#include "kernels.hpp"
+
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+namespace mlpy = metricloss_python;
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void value_error(const std::string& loss, const std::string& msg) {
+  throw py::value_error("metricloss." + loss + ": " + msg);
+}
+
+std::string sizes(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + (t.dim() == 1 ? ",)" : ")");
+}
+
+std::string strides(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.stride(i));
+  return s + ")";
+}
+
+void check_cpu_strided(const std::string& loss, const char* name, const at::Tensor& t) {
+  if (!t.defined()) value_error(loss, std::string("argument '") + name + "' is undefined");
+  if (!t.device().is_cpu())
+    value_error(loss, std::string("argument '") + name + "' is on device " + t.device().str() +
+                          "; this build of metricloss takes CPU tensors only (the installed "
+                          "PyTorch has no CUDA, or the CUDA path is not built)");
+  if (t.layout() != at::kStrided)
+    value_error(loss, std::string("argument '") + name + "' must be a dense (strided) tensor");
+}
+
+/// An N x D floating embedding tensor: float32 or float64 (equal to `scalar` when given),
+/// inner stride 1, rows any stride >= D apart. Never copies.
+mlpy::Rows rows_of(const std::string& loss, const char* name, const at::Tensor& t,
+                   at::ScalarType scalar) {
+  check_cpu_strided(loss, name, t);
+  if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)
+    throw py::type_error("metricloss." + loss + ": argument '" + name +
+                         "' must be float32 or float64, got " +
+                         std::string(c10::toString(t.scalar_type())));
+  if (t.scalar_type() != scalar)
+    throw py::type_error("metricloss." + loss + ": argument '" + name + "' has dtype " +
+                         std::string(c10::toString(t.scalar_type())) + " but the first input has " +
+                         std::string(c10::toString(scalar)) + "; all embeddings must share one dtype");
+  if (t.dim() != 2)
+    value_error(loss, std::string("argument '") + name + "' must be 2-D (N x D), got shape " +
+                          sizes(t));
+  const int64_t n = t.size(0), d = t.size(1);
+  if (d > 1 && t.stride(1) != 1)
+    value_error(loss, std::string("argument '") + name +
+                          "' must have a contiguous inner dimension (stride 1), got strides " +
+                          strides(t) + "; pass it through .contiguous()");
+  const int64_t stride = n <= 1 ? d : t.stride(0);
+  if (n > 1 && stride < d)
+    value_error(loss, std::string("argument '") + name + "' has overlapping rows (strides " +
+                          strides(t) + " for shape " + sizes(t) + "); pass it through .contiguous()");
+  return {t.data_ptr(), n, d, stride};
+}
+
+/// int64 labels prepared by metricloss/__init__.py (any stride).
+mlpy::Labels labels_of(const std::string& loss, const char* name, const at::Tensor& t) {
+  check_cpu_strided(loss, name, t);
+  if (t.scalar_type() != at::kLong)
+    throw py::type_error("metricloss." + loss + ": argument '" + name + "' must be int64 here");
+  if (t.dim() != 1)
+    value_error(loss, std::string("argument '") + name + "' must be 1-D, got shape " + sizes(t));
+  return {t.data_ptr<int64_t>(), t.size(0), t.size(0) <= 1 ? 1 : t.stride(0)};
+}
+
+/// A fresh contiguous gradient for `like` (never reused across calls), or undefined.
+std::pair<at::Tensor, mlpy::Grad> grad_for(const at::Tensor& like, const mlpy::Rows& r, bool want) {
+  if (!want) return {at::Tensor(), mlpy::Grad{nullptr, 0, 0, 0}};
+  at::Tensor g = at::empty({r.rows, r.cols}, like.options().requires_grad(false));
+  return {g, mlpy::Grad{g.data_ptr(), r.rows, r.cols, r.cols}};
+}
+
+mlpy::Scalar scalar_of(at::ScalarType s) {
+  return s == at::kFloat ? mlpy::Scalar::f32 : mlpy::Scalar::f64;
+}
+
+/// Runs f with the GIL released; metricloss::invalid_argument (a std::invalid_argument)
+/// becomes ValueError carrying the C++ message.
+template <class F>
+double call_kernel(std::mutex& m, F&& f) {
+  std::string error;
+  double value = 0;
+  {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(m);  // one functor per module: serialise its scratch
+    try {
+      value = f();
+    } catch (const std::invalid_argument& e) {
+      error = e.what();
+    }
+  }
+  if (!error.empty()) throw py::value_error(error);
+  return value;
+}
+
+at::Tensor loss_tensor(double v, const at::Tensor& like) {
+  return at::scalar_tensor(v, like.options().requires_grad(false));
+}
+
+struct Contrastive {
+  mlpy::Contrastive kernel;
+  std::mutex mutex;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& a, const at::Tensor& b,
+                                                     const c10::optional<at::Tensor>& sim,
+                                                     const c10::optional<at::Tensor>& labels_a,
+                                                     const c10::optional<at::Tensor>& labels_b,
+                                                     double margin,
+                                                     int form, bool want_a, bool want_b) {
+    const std::string loss = "ContrastiveLoss";
+    if (!a.defined()) value_error(loss, "argument 'a' is undefined");
+    const auto ra = rows_of(loss, "a", a, a.scalar_type());
+    const auto rb = rows_of(loss, "b", b, a.scalar_type());
+    auto [ta, ga] = grad_for(a, ra, want_a);
+    auto [tb, gb] = grad_for(b, rb, want_b);
+    const auto s = scalar_of(a.scalar_type());
+    double v;
+    if (sim.has_value()) {
+      const auto ls = labels_of(loss, "sim", *sim);
+      v = call_kernel(mutex, [&] { return kernel.run(s, margin, form, ra, rb, ls, ga, gb); });
+    } else {
+      if (!labels_a.has_value() || !labels_b.has_value())
+        value_error(loss, "pass either 'sim' or both 'labels_a' and 'labels_b'");
+      const auto la = labels_of(loss, "labels_a", *labels_a);
+      const auto lb = labels_of(loss, "labels_b", *labels_b);
+      v = call_kernel(mutex, [&] { return kernel.run(s, margin, form, ra, rb, la, lb, ga, gb); });
+    }
+    return {loss_tensor(v, a), ta, tb};
+  }
+};
+
+struct Triplet {
+  mlpy::Triplet kernel;
+  std::mutex mutex;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
+      const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
+      double margin, int distance, bool want_a, bool want_p, bool want_n) {
+    const std::string loss = "TripletLoss";
+    if (!anchor.defined()) value_error(loss, "argument 'anchor' is undefined");
+    const auto ra = rows_of(loss, "anchor", anchor, anchor.scalar_type());
+    const auto rp = rows_of(loss, "positive", positive, anchor.scalar_type());
+    const auto rn = rows_of(loss, "negative", negative, anchor.scalar_type());
+    auto [ta, ga] = grad_for(anchor, ra, want_a);
+    auto [tp, gp] = grad_for(positive, rp, want_p);
+    auto [tn, gn] = grad_for(negative, rn, want_n);
+    const auto s = scalar_of(anchor.scalar_type());
+    const double v = call_kernel(
+        mutex, [&] { return kernel.run(s, margin, distance, ra, rp, rn, ga, gp, gn); });
+    return {loss_tensor(v, anchor), ta, tp, tn};
+  }
+};
+
+struct BatchTriplet {
+  mlpy::BatchTriplet kernel;
+  std::mutex mutex;
+
+  std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
+                                         double margin, int mining, int distance,
+                                         bool soft_margin, bool want_x) {
+    const std::string loss = "BatchTripletLoss";
+    if (!x.defined()) value_error(loss, "argument 'x' is undefined");
+    const auto rx = rows_of(loss, "x", x, x.scalar_type());
+    const auto ly = labels_of(loss, "labels", labels);
+    auto [tx, gx] = grad_for(x, rx, want_x);
+    const auto s = scalar_of(x.scalar_type());
+    const double v = call_kernel(
+        mutex, [&] { return kernel.run(s, margin, mining, distance, soft_margin, rx, ly, gx); });
+    return {loss_tensor(v, x), tx};
+  }
+};
+
+struct Lifted {
+  mlpy::Lifted kernel;
+  std::mutex mutex;
+
+  std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
+                                         double margin, bool want_x) {
+    const std::string loss = "LiftedStructureLoss";
+    if (!x.defined()) value_error(loss, "argument 'x' is undefined");
+    const auto rx = rows_of(loss, "x", x, x.scalar_type());
+    const auto ly = labels_of(loss, "labels", labels);
+    auto [tx, gx] = grad_for(x, rx, want_x);
+    const auto s = scalar_of(x.scalar_type());
+    const double v = call_kernel(mutex, [&] { return kernel.run(s, margin, rx, ly, gx); });
+    return {loss_tensor(v, x), tx};
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "metricloss kernels (metricloss::simd) for the torch.nn.Module losses in metricloss";
+  py::class_<Contrastive>(m, "Contrastive")
+      .def(py::init<>())
+      .def("run", &Contrastive::run);
+  py::class_<Triplet>(m, "Triplet").def(py::init<>()).def("run", &Triplet::run);
+  py::class_<BatchTriplet>(m, "BatchTriplet").def(py::init<>()).def("run", &BatchTriplet::run);
+  py::class_<Lifted>(m, "Lifted").def(py::init<>()).def("run", &Lifted::run);
+}

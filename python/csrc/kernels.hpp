@@ -1,0 +1,84 @@
+// The binding's interface to metricloss: plain pointers, shapes and strides, no torch and no
+// Eigen headers. kernels_*.cpp instantiate the losses (metricloss::simd) behind it, so those
+// translation units compile without torch's headers, in parallel with binding.cpp; a CUDA
+// translation unit (a later step of issue 18) would sit behind the same kind of interface.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+namespace metricloss_python {
+
+enum class Scalar { f32, f64 };
+
+/// Row-major rows: element (i, j) at data[i * stride + j] (stride in elements).
+struct Rows {
+  const void* data;
+  std::int64_t rows, cols, stride;
+};
+
+/// A gradient output of the inputs' shape; data == nullptr passes metricloss::skip.
+struct Grad {
+  void* data;
+  std::int64_t rows, cols, stride;
+};
+
+/// int64 labels (or similarity flags), element i at data[i * stride].
+struct Labels {
+  const std::int64_t* data;
+  std::int64_t size, stride;
+};
+
+// One object per Python module instance: it owns one metricloss functor per scalar type
+// (created on first use), whose scratch memory is reused from call to call. The options are
+// passed with every call and written into the functor's public members, so a Python user
+// can change `loss.margin` between steps. Errors are metricloss::invalid_argument.
+
+class Contrastive {
+ public:
+  Contrastive();
+  ~Contrastive();
+  double run(Scalar, double margin, int form, Rows a, Rows b, Labels sim, Grad ga, Grad gb);
+  double run(Scalar, double margin, int form, Rows a, Rows b, Labels labels_a, Labels labels_b,
+             Grad ga, Grad gb);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class Triplet {
+ public:
+  Triplet();
+  ~Triplet();
+  double run(Scalar, double margin, int distance, Rows anchor, Rows positive, Rows negative,
+             Grad ga, Grad gp, Grad gn);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class BatchTriplet {
+ public:
+  BatchTriplet();
+  ~BatchTriplet();
+  double run(Scalar, double margin, int mining, int distance, bool soft_margin, Rows x,
+             Labels labels, Grad gx);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class Lifted {
+ public:
+  Lifted();
+  ~Lifted();
+  double run(Scalar, double margin, Rows x, Labels labels, Grad gx);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace metricloss_python

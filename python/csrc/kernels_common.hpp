@@ -1,0 +1,50 @@
+// Shared by kernels_*.cpp: Eigen maps over the binding's plain descriptors, and the
+// run-time-to-compile-time dispatch of metricloss::skip.
+#pragma once
+#include "kernels.hpp"
+
+#include <metricloss/metricloss.hpp>
+
+#include <memory>
+
+namespace metricloss_python {
+namespace ml = metricloss;
+
+static_assert(static_cast<int>(ml::Mining::all) == 0 && static_cast<int>(ml::Mining::hard) == 1 &&
+                  static_cast<int>(ml::Mining::semihard) == 2,
+              "metricloss/__init__.py maps mining names to these values");
+static_assert(static_cast<int>(ml::Distance::euclidean) == 0 &&
+                  static_cast<int>(ml::Distance::squared_euclidean) == 1,
+              "metricloss/__init__.py maps distance names to these values");
+static_assert(static_cast<int>(ml::ContrastiveForm::hadsell) == 0 &&
+                  static_cast<int>(ml::ContrastiveForm::legacy) == 1,
+              "metricloss/__init__.py maps form names to these values");
+
+template <class T>
+ml::ConstRowMap<T> map(const Rows& r) {
+  return ml::ConstRowMap<T>(static_cast<const T*>(r.data), r.rows, r.cols,
+                            Eigen::OuterStride<>(r.stride));
+}
+
+using LabelMap = Eigen::Map<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>, Eigen::Unaligned,
+                            Eigen::InnerStride<>>;
+inline LabelMap map(const Labels& l) {
+  return LabelMap(l.data, l.size, Eigen::InnerStride<>(l.stride));
+}
+
+/// Calls f with a writable map over g, or with metricloss::skip when g.data is null.
+template <class T, class F>
+decltype(auto) with_grad(const Grad& g, F&& f) {
+  if (g.data == nullptr) return f(ml::skip);
+  ml::RowMap<T> m(static_cast<T*>(g.data), g.rows, g.cols, Eigen::OuterStride<>(g.stride));
+  return f(m);
+}
+
+/// The functor of one scalar type, created on first use.
+template <class Loss>
+Loss& functor(std::unique_ptr<Loss>& slot) {
+  if (!slot) slot = std::make_unique<Loss>();
+  return *slot;
+}
+
+}  // namespace metricloss_python

@@ -1,0 +1,287 @@
+"""metricloss for PyTorch: the fused metric-learning losses of the metricloss C++ library as
+``torch.nn.Module`` losses, built from source against the installed torch.
+
+Every loss runs metricloss's SIMD path (``metricloss::simd``) once per call: the forward pass
+computes the loss and, for the inputs that require grad, the gradient; backward scales that
+saved gradient by the incoming grad_output (no second pass). CPU tensors, float32 or float64;
+rows may be strided (any row stride >= D, inner stride 1) and are read without a copy.
+
+    import metricloss
+    loss_fn = metricloss.BatchTripletLoss(margin=0.2, mining="hard")
+    loss = loss_fn(embeddings, labels)
+    loss.backward()
+
+Options have the C++ names and can be changed between calls (``loss_fn.margin = 0.3``).
+Malformed arguments raise TypeError (dtype) or ValueError (device, shape, strides, values),
+naming the argument; errors of the C++ layer are ValueError carrying its message.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _C
+
+__all__ = ["ContrastiveLoss", "TripletLoss", "BatchTripletLoss", "LiftedStructureLoss"]
+__version__ = "0.1.0"
+
+# The C++ enums' values (static_asserts in csrc/kernels_common.hpp keep them in sync).
+_FORMS = {"hadsell": 0, "legacy": 1}
+_DISTANCES = {"euclidean": 0, "squared_euclidean": 1}
+_MININGS = {"all": 0, "hard": 1, "semihard": 2}
+
+
+def _option(loss, name, value, table):
+    if value not in table:
+        choices = ", ".join(repr(k) for k in table)
+        raise ValueError(f"metricloss.{loss}: option '{name}' must be one of {choices}, got {value!r}")
+    return table[value]
+
+
+def _as_label_tensor(loss, name, value):
+    if value is None:
+        raise TypeError(f"metricloss.{loss}: argument '{name}' is required")
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.device.type != "cpu":
+        raise ValueError(f"metricloss.{loss}: argument '{name}' is on device {t.device}; "
+                         "this build of metricloss takes CPU tensors only")
+    if t.dim() != 1:
+        raise ValueError(f"metricloss.{loss}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
+    if t.is_complex():
+        raise TypeError(f"metricloss.{loss}: argument '{name}' must be an integer, bool or "
+                        f"floating tensor, got {t.dtype}")
+    return t
+
+
+def _labels(loss, *named):
+    """Labels as int64 tensors with the same equality classes (int64 passes through with its
+    stride; other integer types are widened; floating labels are mapped to class indices
+    jointly, so that labels_a[i] == labels_b[i] is preserved)."""
+    tensors = [_as_label_tensor(loss, name, value) for name, value in named]
+    if not any(t.is_floating_point() for t in tensors):
+        return [t if t.dtype == torch.int64 else t.to(torch.int64) for t in tensors]
+    joined = torch.cat([t.to(torch.float64) for t in tensors])
+    if torch.isnan(joined).any():
+        names = " or ".join(f"'{name}'" for name, _ in named)
+        raise ValueError(f"metricloss.{loss}: argument {names} contains NaN labels")
+    ids = torch.unique(joined, return_inverse=True)[1]
+    return list(torch.split(ids, [t.numel() for t in tensors]))
+
+
+def _similarity(loss, sim):
+    """sim as int64 flags: nonzero after truncation to an integer = similar (Caffe)."""
+    t = _as_label_tensor(loss, "sim", sim)
+    if t.dtype == torch.int64:
+        return t
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"metricloss.{loss}: argument 'sim' contains non-finite values")
+    return t.to(torch.int64)  # truncation toward zero, as static_cast<long long>
+
+
+def _wanted(*inputs):
+    """Which inputs get a gradient: ctx.needs_input_grad stays True under torch.no_grad(), so
+    the modules decide before Function.apply (no gradient is computed for inference)."""
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t.requires_grad for t in inputs)
+
+
+def _scaled(grad, grad_output):
+    return None if grad is None else grad * grad_output
+
+
+class _ContrastiveFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, sim, labels_a, labels_b, kernel, margin, form, want):
+        loss, grad_a, grad_b = kernel.run(a, b, sim, labels_a, labels_b, margin, form, *want)
+        ctx.save_for_backward(grad_a, grad_b)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_a, grad_b = ctx.saved_tensors
+        return (_scaled(grad_a, grad_output), _scaled(grad_b, grad_output)) + (None,) * 7
+
+
+class _TripletFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, positive, negative, kernel, margin, distance, want):
+        loss, grad_a, grad_p, grad_n = kernel.run(anchor, positive, negative, margin, distance, *want)
+        ctx.save_for_backward(grad_a, grad_p, grad_n)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grads = ctx.saved_tensors
+        return tuple(_scaled(g, grad_output) for g in grads) + (None,) * 4
+
+
+class _BatchTripletFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, kernel, margin, mining, distance, soft_margin, want):
+        loss, grad_x = kernel.run(x, labels, margin, mining, distance, soft_margin, *want)
+        ctx.save_for_backward(grad_x)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (grad_x,) = ctx.saved_tensors
+        return (_scaled(grad_x, grad_output),) + (None,) * 7
+
+
+class _LiftedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, kernel, margin, want):
+        loss, grad_x = kernel.run(x, labels, margin, *want)
+        ctx.save_for_backward(grad_x)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (grad_x,) = ctx.saved_tensors
+        return (_scaled(grad_x, grad_output),) + (None,) * 4
+
+
+def _embedding(loss, name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"metricloss.{loss}: argument '{name}' must be a torch.Tensor, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+class _Loss(torch.nn.Module):
+    """Common part: the C++ functor (one per module instance; it keeps scratch memory and is
+    not part of the module's state: a copy or an unpickled module gets a fresh one)."""
+
+    _kernel_type = None
+
+    def __init__(self):
+        super().__init__()
+        self._kernel = type(self)._kernel_type()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_kernel", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._kernel = type(self)._kernel_type()
+
+    def __deepcopy__(self, memo):
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        import copy
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+
+class ContrastiveLoss(_Loss):
+    """Contrastive loss over pairs (a_i, b_i), d_i = ||a_i - b_i||:
+    L = 1/(2N) sum_i [similar_i d_i^2 + (1 - similar_i) h_i],
+    h_i = max(margin - d_i, 0)^2 (form="hadsell") or max(margin - d_i^2, 0) (form="legacy").
+
+    Call as ``loss(a, b, sim)`` (sim nonzero = similar pair, Caffe's convention) or
+    ``loss(a, b, labels_a=ya, labels_b=yb)`` (similar when ya[i] == yb[i])."""
+
+    _kernel_type = _C.Contrastive
+
+    def __init__(self, margin=1.0, form="hadsell"):
+        super().__init__()
+        self.margin = float(margin)
+        _option("ContrastiveLoss", "form", form, _FORMS)
+        self.form = form
+
+    def forward(self, a, b, sim=None, *, labels_a=None, labels_b=None):
+        name = "ContrastiveLoss"
+        a, b = _embedding(name, "a", a), _embedding(name, "b", b)
+        form = _option(name, "form", self.form, _FORMS)
+        if sim is not None:
+            if labels_a is not None or labels_b is not None:
+                raise ValueError(f"metricloss.{name}: pass either 'sim' or 'labels_a' and 'labels_b', not both")
+            sim, labels_a, labels_b = _similarity(name, sim), None, None
+        else:
+            if labels_a is None or labels_b is None:
+                raise TypeError(f"metricloss.{name}: pass 'sim', or both 'labels_a' and 'labels_b'")
+            labels_a, labels_b = _labels(name, ("labels_a", labels_a), ("labels_b", labels_b))
+        return _ContrastiveFunction.apply(a, b, sim, labels_a, labels_b, self._kernel,
+                                          float(self.margin), form, _wanted(a, b))
+
+    def extra_repr(self):
+        return f"margin={self.margin}, form={self.form!r}"
+
+
+class TripletLoss(_Loss):
+    """Explicit triplets: L = 1/N sum_i max(d(a_i, p_i) - d(a_i, n_i) + margin, 0), d squared
+    Euclidean (FaceNet, the default) or Euclidean. Call as ``loss(anchor, positive, negative)``."""
+
+    _kernel_type = _C.Triplet
+
+    def __init__(self, margin=0.2, distance="squared_euclidean"):
+        super().__init__()
+        self.margin = float(margin)
+        _option("TripletLoss", "distance", distance, _DISTANCES)
+        self.distance = distance
+
+    def forward(self, anchor, positive, negative):
+        name = "TripletLoss"
+        anchor = _embedding(name, "anchor", anchor)
+        positive = _embedding(name, "positive", positive)
+        negative = _embedding(name, "negative", negative)
+        distance = _option(name, "distance", self.distance, _DISTANCES)
+        return _TripletFunction.apply(anchor, positive, negative, self._kernel,
+                                      float(self.margin), distance, _wanted(anchor, positive, negative))
+
+    def extra_repr(self):
+        return f"margin={self.margin}, distance={self.distance!r}"
+
+
+class BatchTripletLoss(_Loss):
+    """Triplet loss with online mining over one labelled batch (mining="hard": batch-hard,
+    "semihard": FaceNet / TF Addons, "all": mean over the triplets with a positive hinge);
+    soft_margin=True replaces the hinge by softplus. Call as ``loss(x, labels)``."""
+
+    _kernel_type = _C.BatchTriplet
+
+    def __init__(self, margin=0.2, mining="hard", distance="euclidean", soft_margin=False):
+        super().__init__()
+        self.margin = float(margin)
+        _option("BatchTripletLoss", "mining", mining, _MININGS)
+        _option("BatchTripletLoss", "distance", distance, _DISTANCES)
+        self.mining = mining
+        self.distance = distance
+        self.soft_margin = bool(soft_margin)
+
+    def forward(self, x, labels):
+        name = "BatchTripletLoss"
+        x = _embedding(name, "x", x)
+        (labels,) = _labels(name, ("labels", labels))
+        mining = _option(name, "mining", self.mining, _MININGS)
+        distance = _option(name, "distance", self.distance, _DISTANCES)
+        return _BatchTripletFunction.apply(x, labels, self._kernel, float(self.margin), mining,
+                                           distance, bool(self.soft_margin), _wanted(x))
+
+    def extra_repr(self):
+        return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
+                f"soft_margin={self.soft_margin}")
+
+
+class LiftedStructureLoss(_Loss):
+    """Lifted structured loss (Song et al. 2016) as the Caffe layer computes it, with exact
+    distances. Call as ``loss(x, labels)``."""
+
+    _kernel_type = _C.Lifted
+
+    def __init__(self, margin=1.0):
+        super().__init__()
+        self.margin = float(margin)
+
+    def forward(self, x, labels):
+        name = "LiftedStructureLoss"
+        x = _embedding(name, "x", x)
+        (labels,) = _labels(name, ("labels", labels))
+        return _LiftedFunction.apply(x, labels, self._kernel, float(self.margin), _wanted(x))
+
+    def extra_repr(self):
+        return f"margin={self.margin}"
