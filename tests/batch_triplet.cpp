@@ -3,6 +3,7 @@
 // degenerate batches, a float batch at a large common offset, bad input, determinism, and
 // no allocation once warm.
 #include "allocation_counter.hpp"
+#include "batch_triplet_reference.hpp"
 #include "support.hpp"
 
 #include <algorithm>
@@ -17,131 +18,6 @@ using ml::Mining;
 
 namespace {
 
-
-std::string name_of(Mining mining, Distance distance, bool soft_margin) {
-  std::string name = mining == Mining::all ? "all" : mining == Mining::hard ? "hard" : "semihard";
-  name += distance == Distance::euclidean ? " euclidean" : " squared_euclidean";
-  return soft_margin ? name + " soft" : name;
-}
-
-using Labels = Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>;
-
-Labels labels_of(const std::vector<std::int64_t>& v) {
-  Labels l(static_cast<Index>(v.size()));
-  for (std::size_t i = 0; i < v.size(); ++i) l(static_cast<Index>(i)) = v[i];
-  return l;
-}
-
-/// Test-only reference, brute force over every triplet, in double, from API.md's text.
-struct Reference {
-  double loss = 0.0;
-  Matrix<double> grad;
-  /// How far the data is from changing a selection or crossing a hinge kink: the smallest
-  /// distance between competing candidates (hard: the two farthest positives, the two
-  /// nearest negatives; semihard: d_an against d_ap, and the two nearest farther negatives)
-  /// and |hinge argument| of every triplet that counts (without soft_margin).
-  double gap = std::numeric_limits<double>::infinity();
-};
-
-Reference brute_force(const Matrix<double>& x, const Labels& y, double margin, Mining mining,
-                      Distance distance, bool soft_margin, double top_diff) {
-  const Index n = x.rows();
-  const bool squared = distance == Distance::squared_euclidean;
-  Matrix<double> dist(n, n);
-  for (Index i = 0; i < n; ++i)
-    for (Index j = 0; j < n; ++j) {
-      const double q = (x.row(i) - x.row(j)).squaredNorm();
-      dist(i, j) = squared ? q : std::sqrt(q);
-    }
-  // d d_ij / d x_i; 0 at zero distance.
-  auto ddist = [&](Index i, Index j) -> Eigen::RowVectorXd {
-    const Eigen::RowVectorXd diff = x.row(i) - x.row(j);
-    if (squared) return 2.0 * diff;
-    return dist(i, j) > 0 ? (diff / dist(i, j)).eval() : (0.0 * diff).eval();
-  };
-  Reference r;
-  r.grad = Matrix<double>::Zero(n, x.cols());
-  double count = 0.0;
-  auto add = [&](Index a, Index p, Index q, bool counts_when_inactive) {
-    const double arg = dist(a, p) - dist(a, q) + margin;
-    if (!soft_margin) r.gap = std::min(r.gap, std::abs(arg));
-    double value, slope;
-    if (soft_margin) {
-      value = std::log1p(std::exp(arg));
-      slope = 1.0 / (1.0 + std::exp(-arg));
-    } else {
-      value = std::max(arg, 0.0);
-      slope = arg > 0 ? 1.0 : 0.0;
-    }
-    if (counts_when_inactive || value > 0) count += 1.0;
-    r.loss += value;
-    const Eigen::RowVectorXd gp = ddist(a, p), gn = ddist(a, q);
-    r.grad.row(a) += slope * (gp - gn);
-    r.grad.row(p) -= slope * gp;
-    r.grad.row(q) += slope * gn;
-  };
-  // The gap between the best and the second best of a running selection.
-  auto second = [&](double best, double runner_up) {
-    if (std::isfinite(runner_up)) r.gap = std::min(r.gap, std::abs(best - runner_up));
-  };
-  const double inf = std::numeric_limits<double>::infinity();
-  for (Index a = 0; a < n; ++a) {
-    bool has_negative = false;
-    for (Index j = 0; j < n; ++j) has_negative = has_negative || y(j) != y(a);
-    if (!has_negative) continue;
-    if (mining == Mining::all) {
-      for (Index p = 0; p < n; ++p)
-        for (Index q = 0; q < n; ++q)
-          if (p != a && y(p) == y(a) && y(q) != y(a)) add(a, p, q, soft_margin);
-    } else if (mining == Mining::hard) {
-      Index hardest_p = -1, hardest_n = -1;
-      double p1 = -inf, p2 = -inf, n1 = inf, n2 = inf;
-      for (Index j = 0; j < n; ++j) {
-        const double v = dist(a, j);
-        if (j != a && y(j) == y(a)) {
-          if (hardest_p < 0 || v > dist(a, hardest_p)) hardest_p = j;
-          if (v > p1) { p2 = p1; p1 = v; } else if (v > p2) p2 = v;
-        }
-        if (y(j) != y(a)) {
-          if (hardest_n < 0 || v < dist(a, hardest_n)) hardest_n = j;
-          if (v < n1) { n2 = n1; n1 = v; } else if (v < n2) n2 = v;
-        }
-      }
-      if (hardest_p < 0) continue;
-      second(p1, p2);
-      second(n1, n2);
-      add(a, hardest_p, hardest_n, true);
-    } else {
-      for (Index p = 0; p < n; ++p) {
-        if (p == a || y(p) != y(a)) continue;
-        Index chosen = -1, farthest = -1;
-        double c1 = inf, c2 = inf, f1 = -inf, f2 = -inf;
-        for (Index q = 0; q < n; ++q) {
-          if (y(q) == y(a)) continue;
-          const double v = dist(a, q);
-          r.gap = std::min(r.gap, std::abs(v - dist(a, p)));
-          if (farthest < 0 || v > dist(a, farthest)) farthest = q;
-          if (v > f1) { f2 = f1; f1 = v; } else if (v > f2) f2 = v;
-          if (v > dist(a, p)) {
-            if (chosen < 0 || v < dist(a, chosen)) chosen = q;
-            if (v < c1) { c2 = c1; c1 = v; } else if (v < c2) c2 = v;
-          }
-        }
-        if (chosen >= 0) second(c1, c2);
-        else second(f1, f2);
-        add(a, p, chosen >= 0 ? chosen : farthest, true);
-      }
-    }
-  }
-  if (count == 0.0) {
-    r.loss = 0.0;
-    r.grad.setZero();
-  } else {
-    r.loss /= count;
-    r.grad *= top_diff / count;
-  }
-  return r;
-}
 
 /// A batch whose reference gap exceeds min_gap: no selection near a tie, no hinge near its
 /// kink (finite differences and float-vs-double comparisons need both).
@@ -222,6 +98,72 @@ TEMPLATE_TEST_CASE("batch triplet matches the brute-force reference", "[batch_tr
   CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
   CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
   CHECK(loss.forward(tag, x, y) == value);
+}
+
+TEMPLATE_TEST_CASE("batch triplet: a hinge at exactly 0 is inactive on every path (issue 13's case)",
+                   "[batch_triplet][ties]", ALL_CASES) {
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  Matrix<T> x(7, 1);
+  x << 0, 1, 0, 2, 2, 0, 0;
+  const Labels y = labels_of({1, 1, 0, 0, 0, 0, 1});
+  ml::BatchTripletLoss<T> loss(T(1), Mining::all, Distance::squared_euclidean);
+  Matrix<T> grad(7, 1);
+  const T value = loss.forward_backward(tag, x, y, grad);
+  // 104 summed over the 44 triplets with a positive hinge; four more sit exactly at 0 (the
+  // simd path counted two of them: 104/46).
+  const Reference r = brute_force(x.template cast<double>(), y, 1.0, Mining::all,
+                                  Distance::squared_euclidean, false, 1.0);
+  CHECK(r.zero_hinges == 4);
+  CHECK(r.loss == Approx(104.0 / 44.0).epsilon(1e-15));
+  CHECK(relatively_close(value, 104.0 / 44.0, Tolerance<T>::loss));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+}
+
+/// The tie regime: integer grids, duplicated rows, classes of one, integer margins (hinges
+/// at exactly 0), negatives tied with positives, with and without a large common offset.
+template <class T, class Tag>
+void check_tie_regime(Tag tag, Mining mining, Distance distance, bool soft_margin,
+                      std::uint64_t seed, Index& zero_hinges, Index& tied_selections) {
+  std::mt19937_64 rng(seed);
+  const Index shapes[][2] = {{7, 1}, {12, 2}, {30, 3}, {48, 2}, {40, 5}, {23, 17}};
+  const auto& shape = shapes[seed % 6];
+  const Index n = shape[0], d = shape[1];
+  const bool small_grid = seed % 2 == 0;
+  const double offset = (seed / 2) % 3 == 0 ? 0.0 : (seed / 2) % 3 == 1 ? 100.0 : 1e4;
+  const double margin = distance == Distance::euclidean ? 1.0 : (seed % 3 == 0 ? 1.0 : 2.0);
+  const int classes = static_cast<int>(seed % 4) + 1;
+  CAPTURE(seed, n, d, offset, margin, classes, small_grid);
+  const Matrix<T> x = tied_matrix<T>(n, d, rng, small_grid ? 0 : -2, small_grid ? 2 : 3, offset);
+  const Labels y = labels_of(tied_labels(n, classes, rng));
+  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
+  Matrix<T> grad(n, d);
+  const T top_diff = T(1.5);
+  const T value = loss.forward_backward(tag, x, y, grad, top_diff);
+  const Reference r = brute_force(x.template cast<double>(), y, margin, mining, distance,
+                                  soft_margin, top_diff);
+  CAPTURE(value, r.loss, r.zero_hinges, r.tied_selections);
+  zero_hinges += r.zero_hinges;
+  tied_selections += r.tied_selections;
+  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss, 1e-30));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative(1e-30) <= Tolerance<T>::gradient);
+  CHECK(loss.forward(tag, x, y) == value);
+}
+
+TEMPLATE_TEST_CASE("batch triplet follows the tie rules on tie-heavy data", "[batch_triplet][ties]",
+                   ALL_CASES) {
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  const Mining mining = GENERATE(Mining::all, Mining::hard, Mining::semihard);
+  const Distance distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
+  const bool soft_margin = GENERATE(false, true);
+  CAPTURE(name_of(mining, distance, soft_margin));
+  Index zero_hinges = 0, tied_selections = 0;
+  for (std::uint64_t seed = 1; seed <= 36; ++seed)
+    check_tie_regime<T>(tag, mining, distance, soft_margin, seed, zero_hinges, tied_selections);
+  // The regime exercises the rules it tests.
+  if (!soft_margin) CHECK(zero_hinges > 0);
+  if (mining != Mining::all) CHECK(tied_selections > 0);
 }
 
 TEMPLATE_TEST_CASE("batch triplet gradients match finite differences", "[batch_triplet][gradcheck]",

@@ -62,6 +62,32 @@ inline std::vector<std::int64_t> random_labels(Index n, int classes, std::mt1993
   return labels;
 }
 
+/// Tie-heavy data (the tie regime): integer coordinates in [lo, hi] plus a common `offset`,
+/// exact in float and double, with about a quarter of the rows copies of earlier rows.
+/// Small grids make exact ties ordinary: equal distances, negatives tied with positives,
+/// and hinges at exactly 0 for integer margins.
+template <class T>
+Matrix<T> tied_matrix(Index rows, Index cols, std::mt19937_64& rng, int lo, int hi,
+                      double offset = 0.0) {
+  std::uniform_int_distribution<int> u(lo, hi);
+  Matrix<T> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(offset + u(rng));
+  std::uniform_int_distribution<int> coin(0, 3);
+  for (Index i = 1; i < rows; ++i)
+    if (coin(rng) == 0) m.row(i) = m.row(std::uniform_int_distribution<Index>(0, i - 1)(rng));
+  return m;
+}
+
+/// Labels for the tie regime: `classes` classes, and about one row in six in a class of
+/// its own (no positive).
+inline std::vector<std::int64_t> tied_labels(Index n, int classes, std::mt19937_64& rng) {
+  std::vector<std::int64_t> labels = random_labels(n, classes, rng);
+  std::uniform_int_distribution<int> coin(0, 5);
+  for (std::size_t i = 0; i < labels.size(); ++i)
+    if (coin(rng) == 0) labels[i] = 1000 + static_cast<std::int64_t>(i);
+  return labels;
+}
+
 /// Storage for a row-major matrix with an outer stride larger than D (padding filled with
 /// a sentinel, so that a kernel reading or writing padding is caught).
 template <class T>

@@ -94,7 +94,7 @@ class TripletMiner {
   MiningResult mine(Mining mining, const LabelClasses& classes, const Distances& distances,
                     double margin, Distance distance, bool soft_margin, Weights& weights) {
     switch (mining) {
-      case Mining::hard: return hard(classes, distances, margin, distance, soft_margin, weights);
+      case Mining::hard: return hard<RowOps>(classes, distances, margin, distance, soft_margin, weights);
       case Mining::semihard:
         return semihard<RowOps>(classes, distances, margin, distance, soft_margin, weights);
       case Mining::all:
@@ -111,25 +111,96 @@ class TripletMiner {
   };
 
   /// l_a = h(max_p d_ap - min_n d_an + m), over anchors with a positive and a negative.
-  template <class Distances, class Weights>
+  /// Product values select; where another row is within their rounding of the selected
+  /// one, exact distances decide (ties to the lowest row).
+  template <class RowOps, class Distances, class Weights>
   MiningResult hard(const LabelClasses& classes, const Distances& distances, double margin,
                     Distance distance, bool soft_margin, Weights& weights) {
+    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
     const Index n = classes.size();
-    const Index* class_of = classes.class_of();
+    const Index widest = distances.widest();
+    double* value = values_.data(static_cast<std::size_t>(n));
     MiningResult result;
     for (Index a = 0; a < n; ++a) {
       if (classes.positives(a) == 0 || classes.negatives(a) == 0) continue;
       const auto* row = distances.row(a);
+      const double bound = distances.rounding(a, widest);
       Index positive = -1;
       for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
         if (*p != a && (positive < 0 || row[*p] > row[positive])) positive = *p;
-      const Index own = class_of[a];
-      Index negative = -1;
-      for (Index j = 0; j < n; ++j)
-        if (class_of[j] != own && (negative < 0 || row[j] < row[negative])) negative = j;
-      add_triplet(result, a, positive, negative, distances, margin, distance, soft_margin, weights);
+      if (bound > 0.0) positive = exact_farthest_member(classes, distances, a, positive, bound);
+      for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
+      for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+        value[*p] = std::numeric_limits<double>::quiet_NaN();
+      Selection negative{Scans::nearest_above(value, n, -std::numeric_limits<double>::infinity()),
+                         -std::numeric_limits<double>::infinity(), false};
+      if (bound > 0.0) settle_ties<RowOps>(distances, a, value, n, &negative, 1, bound);
+      add_triplet(result, a, positive, negative.chosen, distances, margin, distance, soft_margin,
+                  weights);
     }
     return result;
+  }
+
+  /// The member of a's class (not a) with the largest exact distance, lowest row on ties,
+  /// among those whose product value is within 2 bound of `chosen`'s (the largest value).
+  template <class Distances>
+  static Index exact_farthest_member(const LabelClasses& classes, const Distances& distances,
+                                     Index a, Index chosen, double bound) {
+    const auto* row = distances.row(a);
+    const double low = static_cast<double>(row[chosen]) - 2.0 * bound;
+    double best = std::numeric_limits<double>::quiet_NaN();
+    for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p) {
+      if (*p == a || *p == chosen || !(static_cast<double>(row[*p]) >= low)) continue;
+      if (best != best) best = distances.exact(a, chosen);
+      const double e = distances.exact(a, *p);
+      if (e > best || (e == best && *p < chosen)) {
+        best = e;
+        chosen = *p;
+      }
+    }
+    return chosen;
+  }
+
+  /// One selection from a row of values: the smallest value above `above` (NaN: none), or
+  /// with `largest` the largest value.
+  struct Selection {
+    Index chosen;
+    double above;
+    bool largest;
+  };
+
+  /// Rows whose values lie within 2 bound of a selection's (values within `bound` of the
+  /// exact distances; NaN: not a candidate) are compared with it on exact distances, and
+  /// the exact extreme is kept, lowest row on ties: product rounding must not decide a tie.
+  /// One pass over the row for all m selections.
+  template <class RowOps, class Distances>
+  void settle_ties(const Distances& distances, Index a, const double* value, Index n,
+                   Selection* selections, Index m, double bound) {
+    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
+    double* centre = centres_.data(static_cast<std::size_t>(2 * m));
+    double* exact = centre + m;
+    // Widened by a relative 2^-40 so that the rounding of the centre loses no row.
+    const double half = bound * (1.0 + 0x1p-40);
+    for (Index s = 0; s < m; ++s) {
+      const Index c = selections[s].chosen;
+      centre[s] = c < 0 ? std::numeric_limits<double>::quiet_NaN()
+                        : value[c] + (selections[s].largest ? -bound : bound);
+      exact[s] = std::numeric_limits<double>::quiet_NaN();
+    }
+    Scans::near_thresholds(value, n, centre, m, half, [&](Index j) {
+      for (Index s = 0; s < m; ++s) {
+        Selection& sel = selections[s];
+        if (sel.chosen < 0 || j == sel.chosen || !(std::abs(value[j] - centre[s]) <= half)) continue;
+        if (!sel.largest && !(value[j] > sel.above)) continue;
+        if (exact[s] != exact[s]) exact[s] = distances.exact(a, sel.chosen);
+        const double e = distances.exact(a, j);
+        const bool better = sel.largest ? e > exact[s] : e < exact[s];
+        if (better || (e == exact[s] && j < sel.chosen)) {
+          sel.chosen = j;
+          exact[s] = e;
+        }
+      }
+    });
   }
 
   /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
@@ -153,43 +224,50 @@ class TripletMiner {
       const double* thresholds = thresholds_of(positives, k);
       double* value = values_.data(static_cast<std::size_t>(n));
       for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
+      Selection* chosen = selections_.data(static_cast<std::size_t>(k + 1));
       if (k > scan_limit) {
-        semihard_by_buckets(result, a, positives, k, classes, distances, value, margin, distance,
-                            soft_margin, weights);
-        continue;
+        semihard_by_buckets(a, k, classes, distances, value, chosen);
+      } else {
+        // One scan per positive over the row, the anchor's class masked out by NaN; first
+        // the negatives near a threshold (within the largest bound of the row, then their
+        // own) get exact values.
+        for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+          value[*p] = std::numeric_limits<double>::quiet_NaN();
+        const double bound = distances.rounding(a, widest);
+        if (bound > 0.0)
+          Scans::near_thresholds(value, n, thresholds, k, bound, [&](Index j) {
+            const double own_bound = distances.rounding(a, j);
+            for (Index i = 0; i < k; ++i)
+              if (std::abs(value[j] - thresholds[i]) <= own_bound) {
+                value[j] = distances.exact(a, j);  // rare
+                return;
+              }
+          });
+        Index farthest = -2;  // not yet searched
+        for (Index i = 0; i < k; ++i) {
+          chosen[i] = Selection{Scans::nearest_above(value, n, thresholds[i]), thresholds[i], false};
+          if (chosen[i].chosen >= 0) continue;
+          if (farthest == -2) farthest = Scans::farthest(value, n);
+          chosen[i] = Selection{farthest, -std::numeric_limits<double>::infinity(), true};
+        }
       }
-      // One scan per positive over the row, the anchor's class masked out by NaN; first the
-      // negatives near a threshold (within the largest bound of the row, then their own) get
-      // exact values.
-      for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
-        value[*p] = std::numeric_limits<double>::quiet_NaN();
+      // value: NaN off the negatives, exact near every threshold. Ties under rounding are
+      // settled on exact distances.
       const double bound = distances.rounding(a, widest);
-      if (bound > 0.0)
-        Scans::near_thresholds(value, n, thresholds, k, bound, [&](Index j) {
-          const double own_bound = distances.rounding(a, j);
-          for (Index i = 0; i < k; ++i)
-            if (std::abs(value[j] - thresholds[i]) <= own_bound) {
-              value[j] = distances.exact(a, j);  // rare
-              return;
-            }
-        });
-      const Index farthest = Scans::farthest(value, n);
-      for (Index i = 0; i < k; ++i) {
-        const Index nearest = Scans::nearest_above(value, n, thresholds[i]);
-        add_triplet(result, a, positives[i].index, nearest >= 0 ? nearest : farthest, distances,
-                    margin, distance, soft_margin, weights);
-      }
+      if (bound > 0.0) settle_ties<RowOps>(distances, a, value, n, chosen, k, bound);
+      for (Index i = 0; i < k; ++i)
+        add_triplet(result, a, positives[i].index, chosen[i].chosen, distances, margin, distance,
+                    soft_margin, weights);
     }
     return result;
   }
 
   /// One anchor of semihard with many positives: O(N log k) by buckets. value holds the
-  /// row's distances in double.
-  template <class Distances, class Weights>
-  void semihard_by_buckets(MiningResult& result, Index a, const Positive* positives, Index k,
-                           const LabelClasses& classes, const Distances& distances,
-                           const double* value, double margin, Distance distance,
-                           bool soft_margin, Weights& weights) {
+  /// row's distances in double; on return it holds exact values where they were recomputed
+  /// and NaN off the negatives, and chosen[i] positive i's negative.
+  template <class Distances>
+  void semihard_by_buckets(Index a, Index k, const LabelClasses& classes,
+                           const Distances& distances, double* value, Selection* chosen) {
     const Index n = classes.size();
     const Index* class_of = classes.class_of();
     const double* thresholds = thresholds_.data(0);
@@ -205,12 +283,16 @@ class TripletMiner {
     Index farthest = -1;
     double farthest_value = -std::numeric_limits<double>::infinity();
     for (Index j = 0; j < n; ++j) {
-      if (class_of[j] == own) continue;
+      if (class_of[j] == own) {
+        value[j] = std::numeric_limits<double>::quiet_NaN();
+        continue;
+      }
       double q = value[j];
       Index b = bucket[j];
       const double bound = distances.rounding(a, j);
       if (bound > 0.0 && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound))) {
         q = distances.exact(a, j);  // rare
+        value[j] = q;
         b = count_thresholds_below<false>(thresholds, k, q);
       }
       if (q > farthest_value) {
@@ -229,11 +311,10 @@ class TripletMiner {
         nearest_value[b] = nearest_value[b + 1];
         nearest[b] = nearest[b + 1];
       }
-    for (Index i = 0; i < k; ++i) {
-      const Index negative = nearest[i + 1] >= 0 ? nearest[i + 1] : farthest;
-      add_triplet(result, a, positives[i].index, negative, distances, margin, distance,
-                  soft_margin, weights);
-    }
+    for (Index i = 0; i < k; ++i)
+      chosen[i] = nearest[i + 1] >= 0
+                      ? Selection{nearest[i + 1], thresholds[i], false}
+                      : Selection{farthest, -std::numeric_limits<double>::infinity(), true};
   }
 
   /// Every triplet. Hinge: sum of max(d_ap + m - d_an, 0), count = active triplets, by
@@ -242,6 +323,7 @@ class TripletMiner {
   MiningResult all(const LabelClasses& classes, const Distances& distances, double margin,
                    Distance distance, bool soft_margin, Weights& weights) {
     const Index n = classes.size();
+    const Index widest = distances.widest();
     const Index* class_of = classes.class_of();
     double* value = values_.data(static_cast<std::size_t>(n));
     Index* bucket = buckets_.data(static_cast<std::size_t>(n));
@@ -263,8 +345,10 @@ class TripletMiner {
           continue;
         }
       }
-      // Distances of the whole row (one vectorisable pass; the anchor's class is skipped).
+      // Distances of the whole row (one vectorisable pass; the anchor's class is skipped),
+      // exact where a product value is within its rounding of a hinge's kink.
       for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
+      if (!soft_margin) exact_near_kinks<RowOps>(distances, a, value, n, thresholds, k, distance, widest);
       if (distance == Distance::euclidean) RowOps::square_root_in_place(value, n);
       const Index own = class_of[a];
       if constexpr (!soft_margin_in_lanes<RowOps>::value) {  // else taken above
@@ -318,6 +402,36 @@ class TripletMiner {
       weights.add_row(a, slope, n);
     }
     return result;
+  }
+
+  /// Squared product values (value[j], within rounding(a, j) of exact) near the kink of a
+  /// hinge, d_an = t_i, replaced by exact ones: which side of t_i a negative lies on decides
+  /// whether its triplet counts in Z, and a hinge at exactly 0 must not.
+  template <class RowOps, class Distances>
+  void exact_near_kinks(const Distances& distances, Index a, double* value, Index n,
+                        const double* thresholds, Index k, Distance distance, Index widest) {
+    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
+    const double bound = distances.rounding(a, widest);
+    if (!(bound > 0.0)) return;
+    // The kinks as squared distances (a kink at t <= 0 has no negative below it); the
+    // rounding of t^2 and of the square root later is covered by a relative 2^-50.
+    double* kink = centres_.data(static_cast<std::size_t>(k));
+    double largest = 0.0;
+    for (Index i = 0; i < k; ++i) {
+      const double t = thresholds[i];
+      kink[i] = distance == Distance::squared_euclidean ? t
+                : t > 0.0 ? t * t : std::numeric_limits<double>::quiet_NaN();
+      if (std::abs(kink[i]) > largest) largest = std::abs(kink[i]);
+    }
+    const double slack = largest * 0x1p-50;
+    Scans::near_thresholds(value, n, kink, k, bound + slack, [&](Index j) {
+      const double own_bound = distances.rounding(a, j) + slack;
+      for (Index i = 0; i < k; ++i)
+        if (std::abs(value[j] - kink[i]) <= own_bound) {
+          value[j] = distances.exact(a, j);  // rare
+          return;
+        }
+    });
   }
 
   /// One anchor of Mining::all with the hinge and few positives: one scan per threshold
@@ -461,6 +575,8 @@ class TripletMiner {
 
   GrowOnlyBuffer<Positive> positives_;
   GrowOnlyBuffer<double> thresholds_, bucket_count_, bucket_sum_, values_, negative_slope_, packed_;
+  GrowOnlyBuffer<double> centres_;  // settle_ties: a window centre and an exact distance per selection
+  GrowOnlyBuffer<Selection> selections_;
   GrowOnlyBuffer<Index> nearest_, buckets_;
   GrowOnlyBuffer<float> lanes_float_;  // all_soft_anchor_lanes: 4 rows of the distances' type
   GrowOnlyBuffer<double> lanes_double_;
