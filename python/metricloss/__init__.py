@@ -83,8 +83,14 @@ def _wanted(*inputs):
     return tuple(enabled and t.requires_grad for t in inputs)
 
 
-def _scaled(grad, grad_output):
-    return None if grad is None else grad * grad_output
+def _scaled_all(grads, grad_output):
+    """The saved gradients times grad_output. When grad_output is 1 (loss.backward() on this
+    loss alone) the saved gradient is returned as it is: no N x D multiply and allocation, and
+    AccumulateGrad can adopt it as x.grad (it copies when the graph is retained and the saved
+    tensor is still referenced, so a second backward sees it unchanged)."""
+    if grad_output.numel() == 1 and grad_output.item() == 1:
+        return tuple(grads)
+    return tuple(None if g is None else g * grad_output for g in grads)
 
 
 class _ContrastiveFunction(torch.autograd.Function):
@@ -97,8 +103,7 @@ class _ContrastiveFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grad_a, grad_b = ctx.saved_tensors
-        return (_scaled(grad_a, grad_output), _scaled(grad_b, grad_output)) + (None,) * 7
+        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 7
 
 
 class _TripletFunction(torch.autograd.Function):
@@ -111,8 +116,7 @@ class _TripletFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = ctx.saved_tensors
-        return tuple(_scaled(g, grad_output) for g in grads) + (None,) * 4
+        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 4
 
 
 class _BatchTripletFunction(torch.autograd.Function):
@@ -125,8 +129,7 @@ class _BatchTripletFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        (grad_x,) = ctx.saved_tensors
-        return (_scaled(grad_x, grad_output),) + (None,) * 7
+        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 7
 
 
 class _LiftedFunction(torch.autograd.Function):
@@ -139,8 +142,7 @@ class _LiftedFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        (grad_x,) = ctx.saved_tensors
-        return (_scaled(grad_x, grad_output),) + (None,) * 4
+        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 4
 
 
 def _embedding(loss, name, value):

@@ -168,3 +168,22 @@ def test_no_gradient_computed_without_autograd():
     loss(x.detach(), y)
     loss(x, y)
     assert loss._kernel.asked == [False, False, False, True]
+
+
+@pytest.mark.parametrize("make", ALL_BATCH)
+def test_retained_graph_and_shared_inputs(make):
+    """backward twice on a retained graph accumulates the same gradient twice; one input in two
+    calls gets the sum (the saved gradient handed to autograd is never modified under it)."""
+    loss = make()
+    x, y = torch.randn(24, 5, dtype=torch.float64), labels_pk(24, 4)
+    g = grad_of(make(), x, y)
+    xs = x.clone().requires_grad_(True)
+    value = loss(xs, y)
+    value.backward(retain_graph=True)
+    value.backward(retain_graph=True)
+    value.backward()
+    torch.testing.assert_close(xs.grad, 3 * g, rtol=1e-15, atol=0)
+    y2 = labels_pk(24, 6)
+    xs = x.clone().requires_grad_(True)
+    (loss(xs, y) + loss(xs, y2)).backward()
+    torch.testing.assert_close(xs.grad, g + grad_of(make(), x, y2), rtol=1e-15, atol=0)
