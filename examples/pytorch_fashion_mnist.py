@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """Fashion-MNIST with metricloss from PyTorch: a small torch.nn network trained with
 metricloss.BatchTripletLoss, Recall@1/2/4/8 on the test set, and the wall time of a training
-step against the same loss written in plain PyTorch (benchmarks/torch_peers.py's formula).
+step against the same loss written in plain PyTorch (mining="hard": benchmarks/torch_peers.py's
+batch_hard; "all", the default: the usual vectorised N x N x N form, below).
 
     /usr/bin/python3 -m pip install --no-build-isolation ./python   # once, see README "Python"
-    /usr/bin/python3 examples/pytorch_fashion_mnist.py [--epochs 3] [--mining hard|all|semihard]
+    /usr/bin/python3 examples/pytorch_fashion_mnist.py [--epochs 3] [--mining all|hard|semihard]
 
 The data are Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), as for the
 C++ example examples/fashion_mnist. The network is the C++ example's (784 -> 256 -> 64, ReLU,
@@ -143,7 +144,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--mining", default="hard", choices=["hard", "all", "semihard"])
+    parser.add_argument("--mining", default="all", choices=["all", "hard", "semihard"])
     parser.add_argument("--margin", type=float, default=0.2)
     parser.add_argument("--images-per-class", type=int, default=None,
                         help="K of the P x K batches (default 4 for hard, 16 otherwise, as the C++ example)")
