@@ -49,28 +49,43 @@ struct PairTerm {
   double coefficient;
 };
 
+/// contrastive_pair with the distance given: `distance` = sqrt(squared_distance) for hadsell
+/// (a backend takes the root its own way), unused for legacy. The hinge's values are computed
+/// and then selected (blends on x86), since the hinge of random pairs is active about every
+/// other pair and a branch on it would be mispredicted as often. (Selecting on the similarity
+/// too, by a table, measured slower in bench_contrastive, whose repeated batch lets the
+/// predictor learn that branch.)
+METRICLOSS_HOST_DEVICE inline PairTerm contrastive_pair_from_distance(double squared_distance,
+                                                                      double distance,
+                                                                      Similarity similarity,
+                                                                      double margin,
+                                                                      ContrastiveForm form) {
+  const bool legacy = form == ContrastiveForm::legacy;
+  // legacy: h = max(m - d^2, 0), gradient -2(a - b) while d^2 < m (0 at d = 0 since a - b = 0).
+  // hadsell: h = max(m - d, 0)^2, gradient -2 (m - d)/d (a - b); subgradient 0 at d = 0.
+  const double x = legacy ? squared_distance : distance;
+  const double gap = margin - x;
+  const double ratio = -gap / distance;  // -inf at d = 0 (hadsell), not selected there
+  const bool active = x < margin;        // false for NaN
+  const double hinge_term = legacy ? gap : gap * gap;
+  const double hinge_coefficient = legacy ? -1.0 : (distance > 0.0 ? ratio : 0.0);
+  const double inactive = x != x ? x : 0.0;  // NaN propagates
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  // similar: d^2, gradient 2(a - b).
+  const bool similar = similarity == Similarity::similar;
+  const bool unknown = similarity == Similarity::unknown;
+  double term = active ? hinge_term : inactive;
+  double coefficient = active ? hinge_coefficient : inactive;
+  term = similar ? squared_distance : term;
+  coefficient = similar ? 1.0 : coefficient;
+  return {unknown ? nan : term, unknown ? nan : coefficient};
+}
+
 METRICLOSS_HOST_DEVICE inline PairTerm contrastive_pair(double squared_distance,
                                                         Similarity similarity, double margin,
                                                         ContrastiveForm form) {
-  if (similarity == Similarity::unknown) {
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    return {nan, nan};
-  }
-  if (similarity == Similarity::similar) return {squared_distance, 1.0};  // d^2, gradient 2(a - b)
-  if (form == ContrastiveForm::legacy) {
-    // h = max(m - d^2, 0), gradient -2(a - b) while d^2 < m (0 at d = 0 since a - b = 0).
-    if (squared_distance < margin) return {margin - squared_distance, -1.0};
-    if (squared_distance != squared_distance) return {squared_distance, squared_distance};
-    return {0.0, 0.0};
-  }
-  // hadsell: h = max(m - d, 0)^2, gradient -2 (m - d)/d (a - b); subgradient 0 at d = 0.
-  const double d = sqrt(squared_distance);
-  if (d < margin) {
-    const double gap = margin - d;
-    return {gap * gap, d > 0.0 ? -gap / d : 0.0};
-  }
-  if (d != d) return {d, d};  // NaN propagates
-  return {0.0, 0.0};
+  const double distance = form == ContrastiveForm::hadsell ? sqrt(squared_distance) : squared_distance;
+  return contrastive_pair_from_distance(squared_distance, distance, similarity, margin, form);
 }
 
 }  // namespace detail
