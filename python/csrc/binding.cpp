@@ -113,9 +113,37 @@ at::Tensor loss_tensor(double v, const at::Tensor& like) {
   return at::scalar_tensor(v, like.options().requires_grad(false));
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/// Whether autograd will want the gradient of t (ctx->needs_input_grad is not available in a
+/// C++ forward, and torch.no_grad() must not pay for gradients).
+bool wanted(const at::Tensor& t) { return torch::GradMode::is_enabled() && t.requires_grad(); }
+bool wanted(const c10::optional<at::Tensor>&) { return false; }
+
+/// The backward of every loss: the gradients saved by forward times grad_output, one entry per
+/// argument of forward. When grad_output is 1 the saved gradient is handed over as it is: no
+/// N x D multiply and allocation, and AccumulateGrad adopts it as x.grad (it copies instead
+/// while a retained graph still holds it, so a second backward sees it unchanged).
+variable_list scale_saved(AutogradContext* ctx, const variable_list& grad_outputs,
+                          std::size_t arguments) {
+  if (torch::GradMode::is_enabled())
+    throw std::runtime_error(
+        "metricloss: the losses are once differentiable (backward with create_graph=True is "
+        "not supported)");
+  const at::Tensor& go = grad_outputs.at(0);
+  const bool one = !go.defined() || (go.numel() == 1 && go.item<double>() == 1.0);
+  variable_list out;
+  for (const at::Tensor& g : ctx->get_saved_variables())
+    out.push_back(!g.defined() ? at::Tensor() : one ? g : g * go);
+  out.resize(arguments);
+  return out;
+}
+
 struct Contrastive {
   mlpy::Contrastive kernel;
   std::mutex mutex;
+  int64_t gradient_calls = 0;  // calls that computed a gradient (tests: none under no_grad)
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& a, const at::Tensor& b,
                                                      const c10::optional<at::Tensor>& sim,
@@ -129,6 +157,7 @@ struct Contrastive {
     const auto rb = rows_of(loss, "b", b, a.scalar_type());
     auto [ta, ga] = grad_for(a, ra, want_a);
     auto [tb, gb] = grad_for(b, rb, want_b);
+    gradient_calls += want_a || want_b;
     const auto s = scalar_of(a.scalar_type());
     double v;
     if (sim.has_value()) {
@@ -148,6 +177,7 @@ struct Contrastive {
 struct Triplet {
   mlpy::Triplet kernel;
   std::mutex mutex;
+  int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
       const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
@@ -160,6 +190,7 @@ struct Triplet {
     auto [ta, ga] = grad_for(anchor, ra, want_a);
     auto [tp, gp] = grad_for(positive, rp, want_p);
     auto [tn, gn] = grad_for(negative, rn, want_n);
+    gradient_calls += want_a || want_p || want_n;
     const auto s = scalar_of(anchor.scalar_type());
     const double v = call_kernel(
         mutex, [&] { return kernel.run(s, margin, distance, ra, rp, rn, ga, gp, gn); });
@@ -170,6 +201,7 @@ struct Triplet {
 struct BatchTriplet {
   mlpy::BatchTriplet kernel;
   std::mutex mutex;
+  int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
                                          double margin, int mining, int distance,
@@ -179,6 +211,7 @@ struct BatchTriplet {
     const auto rx = rows_of(loss, "x", x, x.scalar_type());
     const auto ly = labels_of(loss, "labels", labels);
     auto [tx, gx] = grad_for(x, rx, want_x);
+    gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(
         mutex, [&] { return kernel.run(s, margin, mining, distance, soft_margin, rx, ly, gx); });
@@ -189,6 +222,7 @@ struct BatchTriplet {
 struct Lifted {
   mlpy::Lifted kernel;
   std::mutex mutex;
+  int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
                                          double margin, bool want_x) {
@@ -197,20 +231,119 @@ struct Lifted {
     const auto rx = rows_of(loss, "x", x, x.scalar_type());
     const auto ly = labels_of(loss, "labels", labels);
     auto [tx, gx] = grad_for(x, rx, want_x);
+    gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(mutex, [&] { return kernel.run(s, margin, rx, ly, gx); });
     return {loss_tensor(v, x), tx};
   }
 };
 
+
+// One torch::autograd::Function per loss: forward calls the kernel once and saves the
+// gradients of the inputs autograd wants; backward only scales them (scale_saved).
+
+struct ContrastiveFunction : torch::autograd::Function<ContrastiveFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
+                            const c10::optional<at::Tensor>& sim,
+                            const c10::optional<at::Tensor>& labels_a,
+                            const c10::optional<at::Tensor>& labels_b, Contrastive* self,
+                            double margin, int64_t form, bool want_a, bool want_b) {
+    auto [loss, ga, gb] = self->run(a, b, sim, labels_a, labels_b, margin, int(form), want_a, want_b);
+    ctx->save_for_backward({ga, gb});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return scale_saved(ctx, grad_outputs, 10);
+  }
+};
+
+struct TripletFunction : torch::autograd::Function<TripletFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& anchor,
+                            const at::Tensor& positive, const at::Tensor& negative, Triplet* self,
+                            double margin, int64_t distance, bool want_a, bool want_p,
+                            bool want_n) {
+    auto [loss, ga, gp, gn] =
+        self->run(anchor, positive, negative, margin, int(distance), want_a, want_p, want_n);
+    ctx->save_for_backward({ga, gp, gn});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return scale_saved(ctx, grad_outputs, 9);
+  }
+};
+
+struct BatchTripletFunction : torch::autograd::Function<BatchTripletFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
+                            BatchTriplet* self, double margin, int64_t mining, int64_t distance,
+                            bool soft_margin, bool want_x) {
+    auto [loss, gx] = self->run(x, labels, margin, int(mining), int(distance), soft_margin, want_x);
+    ctx->save_for_backward({gx});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return scale_saved(ctx, grad_outputs, 8);
+  }
+};
+
+struct LiftedFunction : torch::autograd::Function<LiftedFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
+                            Lifted* self, double margin, bool want_x) {
+    auto [loss, gx] = self->run(x, labels, margin, want_x);
+    ctx->save_for_backward({gx});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return scale_saved(ctx, grad_outputs, 5);
+  }
+};
+
+at::Tensor contrastive_loss(Contrastive& self, const at::Tensor& a, const at::Tensor& b,
+                            const c10::optional<at::Tensor>& sim,
+                            const c10::optional<at::Tensor>& labels_a,
+                            const c10::optional<at::Tensor>& labels_b, double margin, int form) {
+  return ContrastiveFunction::apply(a, b, sim, labels_a, labels_b, &self, margin, int64_t(form),
+                                    wanted(a), wanted(b));
+}
+
+at::Tensor triplet_loss(Triplet& self, const at::Tensor& anchor, const at::Tensor& positive,
+                        const at::Tensor& negative, double margin, int distance) {
+  return TripletFunction::apply(anchor, positive, negative, &self, margin, int64_t(distance),
+                                wanted(anchor), wanted(positive), wanted(negative));
+}
+
+at::Tensor batch_triplet_loss(BatchTriplet& self, const at::Tensor& x, const at::Tensor& labels,
+                              double margin, int mining, int distance, bool soft_margin) {
+  return BatchTripletFunction::apply(x, labels, &self, margin, int64_t(mining), int64_t(distance),
+                                     soft_margin, wanted(x));
+}
+
+at::Tensor lifted_loss(Lifted& self, const at::Tensor& x, const at::Tensor& labels, double margin) {
+  return LiftedFunction::apply(x, labels, &self, margin, wanted(x));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metricloss kernels (metricloss::simd) for the torch.nn.Module losses in metricloss";
+  // run: the kernel call alone (benchmarks, tests); loss: through the autograd Function.
   py::class_<Contrastive>(m, "Contrastive")
       .def(py::init<>())
-      .def("run", &Contrastive::run);
-  py::class_<Triplet>(m, "Triplet").def(py::init<>()).def("run", &Triplet::run);
-  py::class_<BatchTriplet>(m, "BatchTriplet").def(py::init<>()).def("run", &BatchTriplet::run);
-  py::class_<Lifted>(m, "Lifted").def(py::init<>()).def("run", &Lifted::run);
+      .def("run", &Contrastive::run)
+      .def("loss", &contrastive_loss)
+      .def_readonly("gradient_calls", &Contrastive::gradient_calls);
+  py::class_<Triplet>(m, "Triplet")
+      .def(py::init<>())
+      .def("run", &Triplet::run)
+      .def("loss", &triplet_loss)
+      .def_readonly("gradient_calls", &Triplet::gradient_calls);
+  py::class_<BatchTriplet>(m, "BatchTriplet")
+      .def(py::init<>())
+      .def("run", &BatchTriplet::run)
+      .def("loss", &batch_triplet_loss)
+      .def_readonly("gradient_calls", &BatchTriplet::gradient_calls);
+  py::class_<Lifted>(m, "Lifted")
+      .def(py::init<>())
+      .def("run", &Lifted::run)
+      .def("loss", &lifted_loss)
+      .def_readonly("gradient_calls", &Lifted::gradient_calls);
 }

@@ -1,9 +1,11 @@
 """metricloss for PyTorch: the fused metric-learning losses of the metricloss C++ library as
 ``torch.nn.Module`` losses, built from source against the installed torch.
 
-Every loss runs metricloss's SIMD path (``metricloss::simd``) once per call: the forward pass
-computes the loss and, for the inputs that require grad, the gradient; backward scales that
-saved gradient by the incoming grad_output (no second pass). CPU tensors, float32 or float64;
+Every loss is backed by one autograd Function (a torch::autograd::Function in
+csrc/binding.cpp, so that neither pass runs Python): its forward runs metricloss's SIMD path
+(``metricloss::simd``) once, computing the loss and, for the inputs autograd wants (none under
+torch.no_grad()), the gradient; backward scales that saved gradient by the incoming
+grad_output (no second pass). The losses are once differentiable. CPU tensors, float32 or float64;
 rows may be strided (any row stride >= D, inner stride 1) and are read without a copy.
 
     import metricloss
@@ -16,7 +18,6 @@ Malformed arguments raise TypeError (dtype) or ValueError (device, shape, stride
 naming the argument; errors of the C++ layer are ValueError carrying its message.
 """
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _C
 
@@ -74,75 +75,6 @@ def _similarity(loss, sim):
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise ValueError(f"metricloss.{loss}: argument 'sim' contains non-finite values")
     return t.to(torch.int64)  # truncation toward zero, as static_cast<long long>
-
-
-def _wanted(*inputs):
-    """Which inputs get a gradient: ctx.needs_input_grad stays True under torch.no_grad(), so
-    the modules decide before Function.apply (no gradient is computed for inference)."""
-    enabled = torch.is_grad_enabled()
-    return tuple(enabled and t.requires_grad for t in inputs)
-
-
-def _scaled_all(grads, grad_output):
-    """The saved gradients times grad_output. When grad_output is 1 (loss.backward() on this
-    loss alone) the saved gradient is returned as it is: no N x D multiply and allocation, and
-    AccumulateGrad can adopt it as x.grad (it copies when the graph is retained and the saved
-    tensor is still referenced, so a second backward sees it unchanged)."""
-    if grad_output.numel() == 1 and grad_output.item() == 1:
-        return tuple(grads)
-    return tuple(None if g is None else g * grad_output for g in grads)
-
-
-class _ContrastiveFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, sim, labels_a, labels_b, kernel, margin, form, want):
-        loss, grad_a, grad_b = kernel.run(a, b, sim, labels_a, labels_b, margin, form, *want)
-        ctx.save_for_backward(grad_a, grad_b)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 7
-
-
-class _TripletFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, anchor, positive, negative, kernel, margin, distance, want):
-        loss, grad_a, grad_p, grad_n = kernel.run(anchor, positive, negative, margin, distance, *want)
-        ctx.save_for_backward(grad_a, grad_p, grad_n)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 4
-
-
-class _BatchTripletFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, labels, kernel, margin, mining, distance, soft_margin, want):
-        loss, grad_x = kernel.run(x, labels, margin, mining, distance, soft_margin, *want)
-        ctx.save_for_backward(grad_x)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 7
-
-
-class _LiftedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, labels, kernel, margin, want):
-        loss, grad_x = kernel.run(x, labels, margin, *want)
-        ctx.save_for_backward(grad_x)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return _scaled_all(ctx.saved_tensors, grad_output) + (None,) * 4
 
 
 def _embedding(loss, name, value):
@@ -207,8 +139,7 @@ class ContrastiveLoss(_Loss):
             if labels_a is None or labels_b is None:
                 raise TypeError(f"metricloss.{name}: pass 'sim', or both 'labels_a' and 'labels_b'")
             labels_a, labels_b = _labels(name, ("labels_a", labels_a), ("labels_b", labels_b))
-        return _ContrastiveFunction.apply(a, b, sim, labels_a, labels_b, self._kernel,
-                                          float(self.margin), form, _wanted(a, b))
+        return self._kernel.loss(a, b, sim, labels_a, labels_b, float(self.margin), form)
 
     def extra_repr(self):
         return f"margin={self.margin}, form={self.form!r}"
@@ -232,8 +163,7 @@ class TripletLoss(_Loss):
         positive = _embedding(name, "positive", positive)
         negative = _embedding(name, "negative", negative)
         distance = _option(name, "distance", self.distance, _DISTANCES)
-        return _TripletFunction.apply(anchor, positive, negative, self._kernel,
-                                      float(self.margin), distance, _wanted(anchor, positive, negative))
+        return self._kernel.loss(anchor, positive, negative, float(self.margin), distance)
 
     def extra_repr(self):
         return f"margin={self.margin}, distance={self.distance!r}"
@@ -261,8 +191,8 @@ class BatchTripletLoss(_Loss):
         (labels,) = _labels(name, ("labels", labels))
         mining = _option(name, "mining", self.mining, _MININGS)
         distance = _option(name, "distance", self.distance, _DISTANCES)
-        return _BatchTripletFunction.apply(x, labels, self._kernel, float(self.margin), mining,
-                                           distance, bool(self.soft_margin), _wanted(x))
+        return self._kernel.loss(x, labels, float(self.margin), mining, distance,
+                                 bool(self.soft_margin))
 
     def extra_repr(self):
         return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
@@ -283,7 +213,7 @@ class LiftedStructureLoss(_Loss):
         name = "LiftedStructureLoss"
         x = _embedding(name, "x", x)
         (labels,) = _labels(name, ("labels", labels))
-        return _LiftedFunction.apply(x, labels, self._kernel, float(self.margin), _wanted(x))
+        return self._kernel.loss(x, labels, float(self.margin))
 
     def extra_repr(self):
         return f"margin={self.margin}"
