@@ -1,6 +1,7 @@
-// metricloss._C: tensors in, metricloss (kernels_*.cpp) called once, loss and gradients out.
-// Every check on a tensor names the argument; metricloss::invalid_argument becomes ValueError
-// with the C++ message. The autograd side is metricloss/__init__.py.
+// metricloss._C: tensors in, metricloss (kernels_*.cpp) called once, loss and gradients out,
+// and one torch::autograd::Function per loss around that call (the torch.nn.Module classes
+// are metricloss/__init__.py). Every check on a tensor names the argument;
+// metricloss::invalid_argument becomes ValueError with the C++ message.
 #include <torch/extension.h>
 
 #include "kernels.hpp"

@@ -5,8 +5,10 @@ Every loss is backed by one autograd Function (a torch::autograd::Function in
 csrc/binding.cpp, so that neither pass runs Python): its forward runs metricloss's SIMD path
 (``metricloss::simd``) once, computing the loss and, for the inputs autograd wants (none under
 torch.no_grad()), the gradient; backward scales that saved gradient by the incoming
-grad_output (no second pass). The losses are once differentiable. CPU tensors, float32 or float64;
-rows may be strided (any row stride >= D, inner stride 1) and are read without a copy.
+grad_output (no second pass). The losses are once differentiable. CPU tensors, float32 or
+float64; rows may be strided (any row stride >= D, inner stride 1) and are read without a
+copy. Labels: any integer, bool or floating dtype (floating labels are mapped to classes by
+equality; NaN labels are rejected).
 
     import metricloss
     loss_fn = metricloss.BatchTripletLoss(margin=0.2, mining="hard")
