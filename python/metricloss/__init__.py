@@ -21,7 +21,13 @@ naming the argument; errors of the C++ layer are ValueError carrying its message
 """
 import torch
 
-from . import _C
+try:
+    from . import _C
+except ImportError as error:  # the sources (python/metricloss) rather than the installed package
+    raise ImportError(
+        f"metricloss: the compiled extension is missing next to {__file__} ({error}). Install "
+        "the package from the repository root with `python3 -m pip install --no-build-isolation "
+        "./python`, and do not run Python from inside python/, where the sources shadow it") from error
 
 __all__ = ["ContrastiveLoss", "TripletLoss", "BatchTripletLoss", "LiftedStructureLoss"]
 __version__ = "0.1.0"

@@ -6,7 +6,9 @@
 Reports the minimum over repetitions of the mean per call (a shared machine inflates medians),
 module / kernel (the binding's overhead) and peer / module (the speed-up).
 
-    PYTHONPATH=build/test/python-site /usr/bin/python3 python/bench_binding.py [--quick]
+    PYTHONPATH=build/test/python-site /usr/bin/python3 python/benchmarks/bench_binding.py [--quick]
+(from the repository root, after scripts/test; in its own folder so that python/metricloss,
+the sources, does not shadow the installed package)
 """
 import argparse
 import importlib.util
@@ -17,7 +19,7 @@ import torch
 
 import metricloss
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("torch_peers", REPO / "benchmarks" / "torch_peers.py")
 peers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(peers)
