@@ -11,6 +11,7 @@
 // and zero for inactive triplets (subgradient 0 at the hinge). No epsilon anywhere.
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -25,18 +26,13 @@ namespace metricloss {
 
 namespace detail {
 
-/// A row is recomputed in double when its hinge argument d_ap - d_an + m lies within this
-/// many times the rounding bound of its two distances (each q errs by at most unit * q):
-/// beyond it the argument's sign is certain and its absolute error is bounded by the
-/// rounding anyway. Inside it the sign would be the rounding's (two large nearly equal
-/// distances, fuzz finding 3). 4, not more: on random float data at D = 128 a factor of
-/// 1024 sent ~20% of Euclidean rows to double.
-constexpr double hinge_rounding_factor = 4.0;
-
-/// Whether a hinge argument lies within hinge_rounding_factor times the rounding of its two
-/// distances (or squared distances), `values` their sum.
+/// Whether a hinge argument d_ap - d_an + m lies within Numerics' hinge_rounding_factor
+/// times the rounding of its two distances (or squared distances; each q errs by at most
+/// unit * q), `values` their sum: inside it the sign would be the rounding's (two large
+/// nearly equal distances, fuzz finding 3), and the row is recomputed in double. The factor
+/// is the same for every T.
 inline bool hinge_within_rounding(double argument, double values, double unit) {
-  return std::fabs(argument) <= hinge_rounding_factor * unit * values;
+  return std::fabs(argument) <= Numerics<double>::hinge_rounding_factor * unit * values;
 }
 
 /// hinge_within_rounding from the two squared distances.

@@ -3,6 +3,7 @@
 // degenerate batches, NaN propagation, finite differences in double, the large-offset float
 // case, determinism with the deferred loss and the noexcept core.
 #include "device.cuh"
+#include "../batch_triplet_reference.hpp"
 
 #include <cmath>
 #include <cstring>
@@ -57,6 +58,39 @@ TEMPLATE_TEST_CASE("cuda batch triplet agrees with scalar", "[cuda][batch_triple
   const double typical = distance == Distance::euclidean ? std::sqrt(d / 1.5) : d / 1.5;
   const ml::BatchTripletLoss<T> options(static_cast<T>(0.2 * typical), mining, distance, soft_margin);
   check_parity(x, random_labels(n, classes, rng), options, pad);
+}
+
+TEMPLATE_TEST_CASE("cuda batch triplet follows the tie rules on tie-heavy data", "[cuda][batch_triplet][ties]",
+                   float, double) {
+  // The tie regime of tests/batch_triplet.cpp: integer grids, duplicated rows, classes of
+  // one, integer margins, offsets 0, 100 and 1e4; against the brute-force reference.
+  if (skip_without_device()) return;
+  using T = TestType;
+  const auto mining = GENERATE(Mining::hard, Mining::semihard, Mining::all);
+  const auto distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
+  const bool soft_margin = GENERATE(false, true);
+  for (std::uint64_t seed = 1; seed <= 36; ++seed) {
+    std::mt19937_64 rng(seed);
+    const Index shapes[][2] = {{7, 1}, {12, 2}, {30, 3}, {48, 2}, {40, 5}, {23, 17}};
+    const Index n = shapes[seed % 6][0], d = shapes[seed % 6][1];
+    const bool small_grid = seed % 2 == 0;
+    const double offset = (seed / 2) % 3 == 0 ? 0.0 : (seed / 2) % 3 == 1 ? 100.0 : 1e4;
+    const double margin = distance == Distance::euclidean ? 1.0 : (seed % 3 == 0 ? 1.0 : 2.0);
+    const int classes = static_cast<int>(seed % 4) + 1;
+    CAPTURE(mining_name(mining), distance == Distance::euclidean, soft_margin, seed, n, d, offset, margin);
+    const Matrix<T> x = tied_matrix<T>(n, d, rng, small_grid ? 0 : -2, small_grid ? 2 : 3, offset);
+    const std::vector<std::int64_t> labels = tied_labels(n, classes, rng);
+    const Reference r = brute_force(x.template cast<double>(), labels_of(labels), margin, mining, distance,
+                                    soft_margin, 1.5);
+    ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
+    const DeviceStrided<T> dx(x, 0, T(0));
+    DeviceStrided<T> dg(Matrix<T>::Zero(n, d), 0, T(0));
+    const DeviceVectorOf<std::int64_t> dl(labels);
+    const T value = loss.forward_backward(ml::cuda, dx.cmap(), dl.map(), dg.map(), T(1.5));
+    CHECK(relatively_close(value, r.loss, Tolerance<T>::loss, 1e-30));
+    const Strided<T> g = dg.host();
+    CHECK(ml::testing::compare_gradients(g.cmap(), r.grad).relative(1e-30) <= Tolerance<T>::gradient);
+  }
 }
 
 TEMPLATE_TEST_CASE("cuda batch triplet handles degenerate batches", "[cuda][batch_triplet][edge]", float, double) {

@@ -29,6 +29,7 @@
 //             does not factor (its exp does: see SimdRowOps' lane kernels).
 #include <metricloss/detail/label_classes.hpp>
 #include <metricloss/detail/mining_scans.hpp>
+#include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/detail/views.hpp>
@@ -134,6 +135,13 @@ class TripletMiner {
         value[*p] = std::numeric_limits<double>::quiet_NaN();
       Selection negative{Scans::nearest_above(value, n, -std::numeric_limits<double>::infinity()),
                          -std::numeric_limits<double>::infinity(), false};
+      if (negative.chosen < 0) {
+        // Every negative at +inf (an overflowed distance): the first one, as a strict
+        // scan in row order keeps it; the loss is then not finite anyway.
+        const Index own = classes.class_of()[a];
+        for (Index j = 0; j < n && negative.chosen < 0; ++j)
+          if (classes.class_of()[j] != own) negative.chosen = j;
+      }
       if (bound > 0.0) settle_ties<RowOps>(distances, a, value, n, &negative, 1, bound);
       add_triplet(result, a, positive, negative.chosen, distances, margin, distance, soft_margin,
                   weights);
@@ -179,12 +187,12 @@ class TripletMiner {
     using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
     double* centre = centres_.data(static_cast<std::size_t>(2 * m));
     double* exact = centre + m;
-    // Widened by a relative 2^-40 so that the rounding of the centre loses no row.
-    const double half = bound * (1.0 + 0x1p-40);
+    // Rows within two bounds of the winner's value, on either side (the predicate keeps
+    // the right ones): centred on the value itself, |v - centre| is exact where it matters.
+    const double half = 2.0 * bound * (1.0 + Numerics<double>::kink_slack);
     for (Index s = 0; s < m; ++s) {
       const Index c = selections[s].chosen;
-      centre[s] = c < 0 ? std::numeric_limits<double>::quiet_NaN()
-                        : value[c] + (selections[s].largest ? -bound : bound);
+      centre[s] = c < 0 ? std::numeric_limits<double>::quiet_NaN() : value[c];
       exact[s] = std::numeric_limits<double>::quiet_NaN();
     }
     Scans::near_thresholds(value, n, centre, m, half, [&](Index j) {
@@ -414,7 +422,7 @@ class TripletMiner {
     const double bound = distances.rounding(a, widest);
     if (!(bound > 0.0)) return;
     // The kinks as squared distances (a kink at t <= 0 has no negative below it); the
-    // rounding of t^2 and of the square root later is covered by a relative 2^-50.
+    // rounding of t^2 and of the square root later is covered by kink_slack.
     double* kink = centres_.data(static_cast<std::size_t>(k));
     double largest = 0.0;
     for (Index i = 0; i < k; ++i) {
@@ -423,7 +431,7 @@ class TripletMiner {
                 : t > 0.0 ? t * t : std::numeric_limits<double>::quiet_NaN();
       if (std::abs(kink[i]) > largest) largest = std::abs(kink[i]);
     }
-    const double slack = largest * 0x1p-50;
+    const double slack = largest * Numerics<double>::kink_slack;
     Scans::near_thresholds(value, n, kink, k, bound + slack, [&](Index j) {
       const double own_bound = distances.rounding(a, j) + slack;
       for (Index i = 0; i < k; ++i)

@@ -18,7 +18,7 @@
 // Products run through Eigen in tiles whose packing buffers fit Eigen's stack-allocation
 // limit, so that no call allocates once the workspace is warm.
 #include <metricloss/backend/simd/rowops.hpp>
-#include <metricloss/detail/rounding.hpp>
+#include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/views.hpp>
 
 #include <Eigen/Core>
@@ -140,10 +140,9 @@ void add_transpose_in_place(StridedMap<T>& m) {
 template <class T>
 class PairwiseDistances {
  public:
-  /// Below this fraction of n_i + n_j a squared distance is recomputed by differences:
-  /// the expansion's rounding error is about eps (n_i + n_j), so what is kept has a
-  /// relative error of at most ~ eps / ratio (float: ~5e-7; double: ~2e-13).
-  static constexpr double recompute_ratio = std::is_same<T, float>::value ? 0.125 : 1.0 / 1024;
+  /// Below this fraction of n_i + n_j a squared distance is recomputed by differences
+  /// (detail/numerics.hpp).
+  static constexpr double recompute_ratio = Numerics<T>::recompute_ratio;
 
   /// Fills squared() for the rows of x; the diagonal is exactly 0 and the matrix symmetric.
   void compute(const MatrixView<const T>& x) {
@@ -238,7 +237,7 @@ class PairwiseDistances {
     return SimdRowOps::squared_distance(x_.row(i), x_.row(j), x_.cols);
   }
 
-  /// A bound on |squared()(i, j) - ||x_i - x_j||^2| (detail/rounding.hpp).
+  /// A bound on |squared()(i, j) - ||x_i - x_j||^2| (detail/numerics.hpp).
   double rounding_bound(Index i, Index j) {
     const T* norms = norms_.data(0);
     return product_rounding_unit<T>(x_.cols) * (static_cast<double>(norms[i]) + static_cast<double>(norms[j]));

@@ -18,7 +18,7 @@
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/batch_triplet.hpp>
-#include <metricloss/detail/rounding.hpp>
+#include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 
 #include <cuda_runtime.h>
@@ -83,6 +83,30 @@ __device__ inline double thread_exact_squared(const MatrixView<const T>& x, Inde
   return sum;
 }
 
+/// How far D2(a, j) may be from ||x_a - x_j||^2 (the product's rounding bound).
+template <class T, class L>
+__device__ inline double rounding_of(const MiningArgs<T, L>& args, Index a, Index j) {
+  return product_rounding_unit<T>(args.x.cols) * (args.norms[a] + args.norms[j]);
+}
+
+/// A selection from product values, settled on exact distances: every candidate j (value(j)
+/// gives its value as the selection saw it, or NaN if j is not a candidate) within the two
+/// rounding bounds of the winner's is compared by thread_exact_squared, lowest row on ties.
+/// Product rounding then never decides a tie.
+template <bool Largest, class T, class L, class Value>
+__device__ inline Candidate block_settle(const MiningArgs<T, L>& args, Index a, Candidate winner,
+                                         Value&& value, Candidate* shared) {
+  if (winner.index < 0) return winner;
+  const double own = rounding_of(args, a, static_cast<Index>(winner.index));
+  Candidate best{0.0, -1};
+  for (Index j = threadIdx.x; j < args.n; j += mining_threads) {
+    const double q = value(j);
+    if (!(fabs(q - winner.value) <= own + rounding_of(args, a, j))) continue;  // NaN: not one
+    best = better<Largest>(best, Candidate{thread_exact_squared(args.x, a, j), static_cast<long long>(j)});
+  }
+  return block_best<Largest, mining_threads>(best, shared);
+}
+
 /// The nearest negative (Largest = false) or the farthest (true) of anchor a by D2; index -1
 /// only when there is none (NaN entries take part, so a non-finite row still names a valid
 /// row: the loss is NaN then anyway).
@@ -96,6 +120,17 @@ __device__ inline Candidate block_negative(const MiningArgs<T, L>& args, Index a
     best = better<Largest>(best, Candidate{static_cast<double>(row[j]), static_cast<long long>(j)});
   }
   return block_best<Largest, mining_threads>(best, shared);
+}
+
+/// block_negative with its ties settled on exact distances (block_settle).
+template <bool Largest, class T, class L>
+__device__ inline Candidate block_negative_exact(const MiningArgs<T, L>& args, Index a, L label,
+                                                 Candidate* shared) {
+  const T* row = args.squared + a * args.n;
+  const Candidate chosen = block_negative<Largest>(args, a, label, shared);
+  return block_settle<Largest>(args, a, chosen, [&](Index j) {
+    return args.labels[j] == label ? static_cast<double>(NAN) : static_cast<double>(row[j]);
+  }, shared);
 }
 
 /// Semihard's nearest negative of anchor a strictly farther than `above`, an exact squared
@@ -115,7 +150,14 @@ __device__ inline Candidate block_nearest_farther(const MiningArgs<T, L>& args, 
       q = thread_exact_squared(args.x, a, j);
     if (q > above) best = better<false>(best, Candidate{q, static_cast<long long>(j)});
   }
-  return block_best<false, mining_threads>(best, shared);
+  best = block_best<false, mining_threads>(best, shared);
+  // Ties among the farther negatives, settled exactly (the same values as above).
+  return block_settle<false>(args, a, best, [&](Index j) {
+    if (args.labels[j] == label) return static_cast<double>(NAN);
+    double q = static_cast<double>(row[j]);
+    if (fabs(q - above) <= unit * (args.norms[a] + args.norms[j])) q = thread_exact_squared(args.x, a, j);
+    return q > above ? q : static_cast<double>(NAN);
+  }, shared);
 }
 
 /// One mined triplet (a, p, n) with distances by differences: its term, and (thread 0) its
@@ -166,12 +208,15 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
         if (j != a && args.labels[j] == label)
           farthest_positive = better<true>(farthest_positive, Candidate{static_cast<double>(row[j]), j});
       farthest_positive = block_best<true, mining_threads>(farthest_positive, shared_candidates);
-      const Candidate nearest_negative = block_negative<false>(args, a, label, shared_candidates);
+      farthest_positive = block_settle<true>(args, a, farthest_positive, [&](Index j) {
+        return j != a && args.labels[j] == label ? static_cast<double>(row[j]) : static_cast<double>(NAN);
+      }, shared_candidates);
+      const Candidate nearest_negative = block_negative_exact<false>(args, a, label, shared_candidates);
       sum = mined_triplet(args, a, farthest_positive.index, nearest_negative.index, shared);
       count = 1.0;
     } else {
       // The positives one at a time, in row order (a block-uniform walk).
-      const Candidate farthest_negative = block_negative<true>(args, a, label, shared_candidates);
+      const Candidate farthest_negative = block_negative_exact<true>(args, a, label, shared_candidates);
       for (Index j0 = 0; j0 < n; j0 += mining_threads) {
         const Index j = j0 + tid;
         is_positive[tid] = j < n && j != a && args.labels[j] == label;
@@ -190,10 +235,19 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
           // all: every negative of a against positive p; t_p = d_ap + m.
           const DistanceTerm positive = distance_from_squared(block_exact_squared(args.x, a, p, shared), args.distance);
           const double threshold = positive.value + args.margin;
+          // The kink d_an = t_p as a squared distance (none below t <= 0): product values
+          // within their rounding of it are recomputed, so a hinge at exactly 0 stays out of
+          // the count. kink_slack covers the rounding of t^2 and of the root.
+          const double kink = args.distance == Distance::squared_euclidean ? threshold
+                              : threshold > 0.0 ? threshold * threshold : static_cast<double>(NAN);
+          const double slack = fabs(kink) * Numerics<double>::kink_slack;
           double active = 0.0, hinge_sum = 0.0, slope_sum = 0.0;
           for (Index k = tid; k < n; k += mining_threads) {
             if (args.labels[k] == label) continue;
-            const DistanceTerm negative = distance_from_squared(static_cast<double>(row[k]), args.distance);
+            double q = static_cast<double>(row[k]);
+            if (!args.soft_margin && fabs(q - kink) <= rounding_of(args, a, k) + slack)
+              q = thread_exact_squared(args.x, a, k);  // rare
+            const DistanceTerm negative = distance_from_squared(q, args.distance);
             const HingeTerm h = hinge(threshold - negative.value, args.soft_margin);
             if (!args.soft_margin && !(negative.value < threshold)) continue;
             active += 1.0;

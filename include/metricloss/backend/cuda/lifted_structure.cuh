@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(finalize_threads)
 
 /// Step 5: S_ik = W_ik + W_ki of row blockIdx.x written over its D2, sum_k S_ik (of the
 /// stored, rounded entries), and near_i = sum over near k of S_ik (x_i - x_k) in double
-/// (near pairs: see near_ratio in pairwise.cuh).
+/// (near pairs: Numerics<T>::near_ratio, see pairwise.cuh).
 template <class T, class L>
 __global__ void __launch_bounds__(lifted_threads)
     lifted_row_weights_kernel(T* squared, Index n, MatrixView<const T> x, const double* norms,
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(lifted_threads)
   const L label = labels[i];
   const double a_i = rows.log_normaliser[i], c_i = rows.coefficient[i];
   const double min_i = rows.min_distance[i], sum_i = rows.shifted_sum[i];
-  const double threshold_i = near_ratio * norms[i];
+  const double threshold_i = Numerics<T>::near_ratio * norms[i];
   T* row = squared + i * n;
   double* near_row = near + i * d;
   for (Index c = tid; c < d; c += lifted_threads) near_row[c] = 0.0;
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(lifted_threads)
                                                 exp(rows.min_distance[k] - distance), distance);
         s = from_i + from_k;
       }
-      is_near = s != 0.0 && squared_distance < threshold_i + near_ratio * norms[k];
+      is_near = s != 0.0 && squared_distance < threshold_i + Numerics<T>::near_ratio * norms[k];
     }
     if (k < n) {
       const T stored = is_near ? T(0) : static_cast<T>(s);

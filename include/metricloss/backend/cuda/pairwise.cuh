@@ -289,10 +289,6 @@ cudaError_t enqueue_tiled_product(const T* a, Index lda, const T* b, Index ldb, 
   return cudaGetLastError();
 }
 
-/// Below this fraction of n_i + n_j a squared distance is recomputed by differences (the
-/// same rule and ratios as detail::PairwiseDistances on the CPU).
-template <class T>
-constexpr double recompute_ratio = std::is_same<T, float>::value ? 0.125 : 1.0 / 1024;
 
 /// Epilogue of the distance product xc xc^T: D2_ij = n_i + n_j - 2 acc, exactly 0 on the
 /// diagonal, and by differences of the original rows (in double) where the expansion
@@ -331,7 +327,7 @@ struct SquaredDistanceEpilogue {
   __device__ T entry(Index i, Index j, double scale, bool exact_pair, T acc) const {
     if (i == j) return T(0);
     double value = scale - 2.0 * static_cast<double>(acc);
-    if (!(value > recompute_ratio<T> * scale) || exact_pair)  // small, zero, negative, NaN
+    if (!(value > Numerics<T>::recompute_ratio * scale) || exact_pair)  // small, zero, negative, NaN
       value = exact_squared(i, j);
     return static_cast<T>(value);
   }
@@ -448,11 +444,10 @@ struct WeightedGradientEpilogue {
 
 // ---- weights: near pairs, symmetrisation -----------------------------------------------
 
-/// Near pairs: where D2_ik < near_ratio (n_i + n_k), a weight S_ik ~ 1/D_ik (Euclidean
-/// distances) makes the product's S_ik xc_i - S_ik xc_k lose every digit of S_ik (x_i - x_k)
-/// (near duplicates, hard negatives). Such pairs are kept out of S and applied by
-/// differences (as the CPU paths do); what stays in the product errs by ~ 64 eps relative.
-constexpr double near_ratio = 1.0 / 1024;
+/// Near pairs: where D2_ik < Numerics<T>::near_ratio (n_i + n_k), a weight S_ik ~ 1/D_ik
+/// (Euclidean distances) makes the product's S_ik xc_i - S_ik xc_k lose every digit of
+/// S_ik (x_i - x_k) (near duplicates, hard negatives). Such pairs are kept out of S and
+/// applied by differences (as the CPU paths do).
 constexpr int weight_threads = 256;
 
 /// One chunk of row i's near pairs, in a block of weight_threads: thread t holds the weight
@@ -521,7 +516,7 @@ __global__ void __launch_bounds__(weight_threads)
   __shared__ double near_weight[weight_threads];
   const Index i = blockIdx.x, d = x.cols;
   const int tid = static_cast<int>(threadIdx.x);
-  const double threshold_i = near_ratio * norms[i];
+  const double threshold_i = Numerics<T>::near_ratio * norms[i];
   T* row = squared_then_s + i * n;
   const double* s_row = s_matrix + i * n;
   double* near_row = near + i * d;
@@ -533,7 +528,7 @@ __global__ void __launch_bounds__(weight_threads)
     bool is_near = false;
     if (k < n && k != i) {
       s = s_row[k];
-      is_near = s != 0.0 && static_cast<double>(row[k]) < threshold_i + near_ratio * norms[k];
+      is_near = s != 0.0 && static_cast<double>(row[k]) < threshold_i + Numerics<T>::near_ratio * norms[k];
     }
     if (k < n) {
       const T stored = is_near ? T(0) : static_cast<T>(s);

@@ -32,6 +32,7 @@
 // the list would hold a large share of the pairs (float, D of several hundred), the
 // whole call runs in double instead when that is cheaper (in_double_pays).
 #include <metricloss/backend/simd/rowops.hpp>
+#include <metricloss/backend/simd/tuning.hpp>
 #include <metricloss/detail/pairwise.hpp>
 #include <metricloss/lifted_structure.hpp>
 
@@ -222,7 +223,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   }
 
  private:
-  static constexpr double near_ratio = 1.0 / 1024;
+  static constexpr double near_ratio = Numerics<T>::near_ratio;
 
   /// Whether a float call with `imprecise` list entries runs faster in double. Fitted at
   /// N = 256 and 1024 (AVX-512): an entry of the list costs ~(44 + 0.077 d) ns; the float
@@ -232,9 +233,10 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   /// stays with the list (3.6 against 4.3); d = 512 at +-30 (24 %) goes to double, 34.0
   /// against 31.5, the one case of those measured where the guess is wrong.
   static bool in_double_pays(Index imprecise, Index n, Index d) {
+    using cost = tuning::lifted_in_double;
     const double entries = static_cast<double>(imprecise), dims = static_cast<double>(d);
     const double pairs = static_cast<double>(n) * static_cast<double>(n);
-    return entries * (570.0 + dims) > pairs * (22.5 + 0.38 * dims);
+    return entries * (cost::entry + dims) > pairs * (cost::pair + cost::pair_per_dim * dims);
   }
 
   /// What a float functor keeps for in_double.
@@ -274,23 +276,20 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   }
 
   static constexpr bool is_float = std::is_same<T, float>::value;
-  static constexpr double eps = std::numeric_limits<T>::epsilon();
-  /// Error allowed in a weighted distance, i.e. in the exponent of its soft-max weight:
-  /// the gradient then errs by up to ~2 tolerance against its largest entry, half of
-  /// API.md's bound (float 1e-4, double 1e-10).
-  static constexpr double tolerance = is_float ? 2.5e-5 : 2.5e-11;
-  /// Relative error of D held in T (D2 rounded to T, then its sqrt), that a recompute in
-  /// double removes; none for double. Above D ~ tolerance / eps (double: ~1e5) the
-  /// scalar path's exact distances err by eps D as well: at D >~ 1e6 API.md's 1e-10 is out
-  /// of reach of every path in double, and recomputing cannot help.
-  static constexpr double storage_unit = is_float ? eps : 0.0;
-  /// exp(-40) ~ 4e-18: a negative farther than this beyond both rows' nearest weighs nothing.
-  static constexpr double window = 40.0;
+  static constexpr double eps = Numerics<T>::epsilon;
+  /// Error allowed in a weighted distance (detail/numerics.hpp).
+  static constexpr double tolerance = Numerics<T>::lifted_tolerance;
+  /// Relative error of D held in T, that a recompute in double removes. Above D ~
+  /// tolerance / eps (double: ~1e5) the scalar path's exact distances err by eps D as well:
+  /// at D >~ 1e6 API.md's 1e-10 is out of reach of every path in double.
+  static constexpr double storage_unit = Numerics<T>::storage_unit;
+  /// A negative farther than this beyond both rows' nearest weighs nothing.
+  static constexpr double window = Numerics<T>::soft_max_window;
   /// ... once the window is widened by what the (T) distances that decide it may err: D and
   /// the nearest each by ~ eps D (storage) + eps (n_i + n_k) / (2 D) < eps D / (2 ratio)
   /// (the product's entries have D2 > ratio (n_i + n_k)), with a margin of 8.
   static constexpr double slack =
-      16.0 * (1.0 + 1.0 / (2.0 * PairwiseDistances<T>::recompute_ratio)) * eps;
+      16.0 * (1.0 + 1.0 / (2.0 * Numerics<T>::recompute_ratio)) * eps;
 
   /// exp with its argument clamped from below (-inf, NaN included: x86's max returns its
   /// second operand for NaN) to where exp is 0 in T anyway (e^-104 and e^-746 round to 0):
@@ -298,7 +297,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   /// undefined below about -6.4e18 and for NaN. Callers keep the argument <= 0 (lanes
   /// that are no negative get D = +inf) and restore the scalar path's NaN row by row.
   static batch clamped_exp(const batch& argument) {
-    constexpr T lowest = std::is_same<T, float>::value ? T(-104) : T(-746);
+    constexpr T lowest = Numerics<T>::exp_floor;
     return xsimd::exp(xsimd::max(argument, batch(lowest)));
   }
 
@@ -390,7 +389,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   /// tolerance by the estimate
   ///   dD ~ storage_unit D + eps (n_i + n_k) / (2 D)
   /// (the product's error on D2 is about eps/2 (n_i + n_k) rms, at most ~6x that in
-  /// practice, at d = 16..512; rounding.hpp's gamma_d bound is 30-200x larger and would
+  /// practice, at d = 16..512; numerics.hpp's rounding_unit bound is 30-200x larger and would
   /// recompute everything at ordinary scales). Float at D ~ 1..10 and d = 128: dD ~ 1e-6,
   /// nothing recomputed; D ~ 1e2: ~1e-5; beyond ~ 200 every weighted negative is. Those
   /// are recomputed by differences into `storage` as pairs (i n + k, D_ik), their T entry
@@ -467,7 +466,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
   /// The same for one T, for the rows' tails: NaN (inf - inf: a recomputed entry, +inf,
   /// of a row whose T nearest is +inf) gives 0 as in the batches.
   static T clamped_exp(T argument) {
-    constexpr T lowest = std::is_same<T, float>::value ? T(-104) : T(-746);
+    constexpr T lowest = Numerics<T>::exp_floor;
     return std::exp(argument > lowest ? argument : lowest);
   }
 

@@ -2,6 +2,7 @@
 // Row primitives of the SIMD path: xsimd batches over D for the compile-time best
 // instruction set, with scalar tails for D not a multiple of the batch width.
 #include <metricloss/backend/scalar/rowops.hpp>
+#include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/types.hpp>
 
@@ -452,16 +453,15 @@ struct SimdRowOps {
   }
 
  private:
-  /// The largest |argument| of a soft-margin factor's exp: results stay normal in T.
+  /// The largest |argument| of a soft-margin factor's exp (detail/numerics.hpp).
   template <class T>
   static constexpr double soft_margin_span() {
-    return std::is_same<T, float>::value ? 80.0 : 700.0;
+    return Numerics<T>::soft_margin_span;
   }
-  /// The smallest argument handed to exp: e^lowest is still normal in T (and exp's range
-  /// reduction well inside its int type); below it e is taken as 0.
+  /// The smallest argument handed to exp (detail/numerics.hpp).
   template <class T>
   static constexpr T soft_margin_lowest() {
-    return std::is_same<T, float>::value ? T(-87) : T(-708);
+    return Numerics<T>::soft_margin_lowest;
   }
 
   /// product[h] *= the double lanes of u (u itself for double).

@@ -1,0 +1,25 @@
+#pragma once
+// Numbers of the SIMD backend fitted to a machine, with the machine, the date and the
+// benchmark that refits each. Everything else about precision is in detail/numerics.hpp;
+// what is here changes speed only, never a result beyond API.md's bounds.
+namespace metricloss {
+namespace detail {
+namespace tuning {
+
+/// LiftedStructureLoss<float> runs the whole call in double when its list of imprecise
+/// weighted negatives is long: entries (entry + d) > N^2 (pair + pair_per_dim d), in ns
+/// per list entry and per pair. Fitted 2026-11-24 (a3a98f1) at N = 256 and 1024 on 2 cores
+/// of an AMD EPYC (AVX-512, GCC 12): an entry costs ~(44 + 0.077 d) ns, the float path
+/// ~N^2 (1.1 + 0.018 d) ns, the double call ~2.2x that after ~0.4x of it is done. Refit by
+/// timing BM_lifted (bench_lifted_structure) in float and double at N = 256 and 1024 on
+/// uniform data scaled to +-10 and +-30, d = 32, 128 and 512, 8 rows per class (the
+/// large-scale inputs of tests/lifted_structure.cpp), where the list is long.
+struct lifted_in_double {
+  static constexpr double entry = 570.0;
+  static constexpr double pair = 22.5;
+  static constexpr double pair_per_dim = 0.38;
+};
+
+}  // namespace tuning
+}  // namespace detail
+}  // namespace metricloss
