@@ -290,3 +290,23 @@ TEST_CASE("fuzz finding 7: lifted structure (float, simd) in double is bitwise r
     CHECK(std::memcmp(grad.data(), first.data(), sizeof(float) * 21) == 0);
   }
 }
+
+TEST_CASE("fuzz finding 8: batch-hard (double, simd) whose only negative's distance overflows",
+          "[fuzz][batch_triplet]") {
+  // x = [0, 1, 1e200]: the negative's d^2 overflows to +inf, which no "nearest above -inf"
+  // scan selects; the row then read and wrote row -1 (heap-buffer-overflow under ASan).
+  // Both paths take the first negative, the hinge is 0: L = 0, zero gradients.
+  Matrix<double> x(3, 1);
+  x << 0.0, 1.0, 1e200;
+  Eigen::VectorXi labels(3);
+  labels << 0, 0, 1;
+  for (const auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean}) {
+    ml::BatchTripletLoss<double> loss(1.0, ml::Mining::hard, distance);
+    Matrix<double> g_scalar(3, 1), g_simd(3, 1);
+    const double scalar = loss.forward_backward(ml::scalar, x, labels, g_scalar);
+    const double simd = loss.forward_backward(ml::simd, x, labels, g_simd);
+    CHECK(scalar == 0.0);
+    CHECK(simd == 0.0);
+    CHECK(g_scalar == g_simd);
+  }
+}
