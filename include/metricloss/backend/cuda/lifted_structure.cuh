@@ -15,6 +15,7 @@
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/detail/lifted_structure_math.hpp>
+#include <metricloss/detail/numerics.hpp>
 #include <metricloss/lifted_structure.hpp>
 
 #include <cuda_runtime.h>

@@ -12,6 +12,7 @@
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/detail/views.hpp>
+#include <metricloss/detail/numerics.hpp>
 
 #include <cuda_runtime.h>
 
