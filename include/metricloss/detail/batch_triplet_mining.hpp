@@ -155,10 +155,12 @@ class TripletMiner {
   static Index exact_farthest_member(const LabelClasses& classes, const Distances& distances,
                                      Index a, Index chosen, double bound) {
     const auto* row = distances.row(a);
-    const double low = static_cast<double>(row[chosen]) - 2.0 * bound;
+    // As a difference: exact where the two values are close, whatever their size.
+    const double top = static_cast<double>(row[chosen]);
+    const double window = 2.0 * bound * (1.0 + Numerics<double>::kink_slack);
     double best = std::numeric_limits<double>::quiet_NaN();
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p) {
-      if (*p == a || *p == chosen || !(static_cast<double>(row[*p]) >= low)) continue;
+      if (*p == a || *p == chosen || !(top - static_cast<double>(row[*p]) <= window)) continue;
       if (best != best) best = distances.exact(a, chosen);
       const double e = distances.exact(a, *p);
       if (e > best || (e == best && *p < chosen)) {
