@@ -92,7 +92,7 @@ __device__ inline double rounding_of(const MiningArgs<T, L>& args, Index a, Inde
 /// A selection from product values, settled on exact distances: every candidate j (value(j)
 /// gives its value as the selection saw it, or NaN if j is not a candidate) within the two
 /// rounding bounds of the winner's is compared by thread_exact_squared, lowest row on ties.
-/// Product rounding then never decides a tie.
+/// Product rounding then never decides a tie. Every thread gets the result.
 template <bool Largest, class T, class L, class Value>
 __device__ inline Candidate block_settle(const MiningArgs<T, L>& args, Index a, Candidate winner,
                                          Value&& value, Candidate* shared) {
@@ -104,7 +104,9 @@ __device__ inline Candidate block_settle(const MiningArgs<T, L>& args, Index a, 
     if (!(fabs(q - winner.value) <= own + rounding_of(args, a, j))) continue;  // NaN: not one
     best = better<Largest>(best, Candidate{thread_exact_squared(args.x, a, j), static_cast<long long>(j)});
   }
-  return block_best<Largest, mining_threads>(best, shared);
+  best = block_best<Largest, mining_threads>(best, shared);
+  // None when the winner's own value is not finite (an overflowed distance): keep it.
+  return best.index >= 0 ? best : winner;
 }
 
 /// The nearest negative (Largest = false) or the farthest (true) of anchor a by D2; index -1
