@@ -204,3 +204,31 @@ TEMPLATE_TEST_CASE("warm functors allocate nothing", "[allocation]", ml::scalar_
   SECTION("float") { check_all_losses<float, TestType>(); }
   SECTION("double") { check_all_losses<double, TestType>(); }
 }
+
+TEST_CASE("a functor driven by both CPU tags allocates nothing once each is warm", "[allocation]") {
+  // Each backend keeps its scratch in its own entry of the functor's slot: alternating tags
+  // must not reallocate. Uniform in +-10 at D = 512 (8 rows a class) sends LiftedStructureLoss
+  // <float> through its call in double (backend/simd/widen.hpp), whose double functor lives
+  // in the same slot; +-30 at D = 128, through its list of recomputed negatives.
+  const std::uint64_t seed = 4242;
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  for (const Shape shape : {Shape{256, 512}, Shape{256, 128}, Shape{37, 17}}) {
+    const Index n = shape.n, d = shape.d;
+    CAPTURE(n, d);
+    const double scale = d == 512 ? 10.0 : d == 128 ? 30.0 : 1.0;
+    const Matrix<float> x = mltest::uniform_matrix<float>(n, d, rng, -scale, scale);
+    Eigen::VectorXi labels(n);
+    for (Index i = 0; i < n; ++i) labels[i] = static_cast<int>(i / 8);
+    Matrix<float> g(n, d);
+    ml::LiftedStructureLoss<float> lifted;
+    ml::BatchTripletLoss<float> batch(0.2f, ml::Mining::all);
+    const auto both = [&] {
+      lifted.forward_backward(ml::simd, x, labels, g);
+      lifted.forward_backward(ml::scalar, x, labels, g);
+      batch.forward_backward(ml::simd, x, labels, g);
+      batch.forward_backward(ml::scalar, x, labels, g);
+    };
+    expect_no_allocation_once_warm(both);
+  }
+}

@@ -310,7 +310,7 @@ TEMPLATE_TEST_CASE("the simd path's sparse W gives the gradient of the dense W",
   Matrix<T> x = uniform_matrix<T>(n, d, rng, 4.0, 6.0);
   x.row(5) = x.row(2);  // a close pair: SplitWeights takes it by differences too
   const auto view = ml::detail::input_view(x);
-  ml::detail::BatchTripletWorkspace<T> dense_work, sparse_work;
+  ml::detail::SimdBatchTripletScratch<T> dense_work, sparse_work;
   dense_work.pairwise.compute(view);
   sparse_work.pairwise.compute(view);
   ml::detail::SplitWeights<T> dense(dense_work, view);

@@ -1,7 +1,7 @@
 // The shared pairwise-distance helper of the batch losses' SIMD path.
 #include "support.hpp"
 
-#include <metricloss/detail/pairwise.hpp>
+#include <metricloss/backend/simd/pairwise.hpp>
 
 using namespace mltest;
 
@@ -62,3 +62,4 @@ TEMPLATE_TEST_CASE("gradient_from_weights is 2 (diag(S 1) - S) X", "[pairwise]",
   CHECK(ml::testing::compare_gradients(grad.map(), expected).relative(1e-30) <= tol);
   CHECK(grad.padding_is(T(-7)));
 }
+

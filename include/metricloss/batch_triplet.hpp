@@ -30,60 +30,22 @@
 // Edge cases. Nothing to average (one class, singletons only, N = 1): L = 0 and a zero
 // gradient. A NaN label or a non-finite entry of x makes the loss and every gradient entry
 // NaN (mining is global: one NaN can change every selection).
-#include <metricloss/detail/batch_triplet_mining.hpp>
-#include <metricloss/detail/pairwise.hpp>
+//
+// This header holds the options, validation and dispatch; the kernels are in
+// backend/scalar/batch_triplet.hpp, backend/simd/batch_triplet.hpp and
+// backend/cuda/batch_triplet.cuh, the selection rules in detail/batch_triplet_mining.hpp
+// (docs/design.md).
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
 #include <metricloss/options.hpp>
-#include <metricloss/triplet.hpp>
 #include <metricloss/types.hpp>
 
-#include <algorithm>
-#include <limits>
 #include <type_traits>
 #include <utility>
 
 namespace metricloss {
-
-namespace detail {
-
-/// One entry of a sparse W (the simd path's hard and semihard).
-struct WeightEntry {
-  Index i, j;
-  double w;
-};
-
-/// Reusable memory of BatchTripletLoss: nothing is allocated once warm at a given N, D.
-template <class T>
-struct BatchTripletWorkspace {
-  LabelClasses classes;
-  TripletMiner miner;
-  GrowOnlyBuffer<double> squared, weights, gradient_row;  // scalar: N x N, N x N, D
-  PairwiseDistances<T> pairwise;                           // simd: distances and products
-  GrowOnlyBuffer<T> norms;                                 // simd: ||x_i - mean||^2
-  GrowOnlyBuffer<double> direct_gradient;                  // simd: N x D, close pairs / sparse W
-  GrowOnlyBuffer<WeightEntry> entries;                     // simd: W's entries, hard / semihard
-};
-
-template <class T>
-void fill_gradient(const MatrixView<T>& grad, T value) {
-  for (Index i = 0; i < grad.rows; ++i) std::fill(grad.row(i), grad.row(i) + grad.cols, value);
-}
-
-/// Groups the labels; a NaN label or a non-finite x finishes the call with a NaN loss and
-/// gradient (returns true, the loss in `value`).
-template <class T, class L>
-bool batch_triplet_not_finite(LabelClasses& classes, const MatrixView<const T>& x,
-                              const VectorView<L>& labels, const MatrixView<T>& grad, T& value) {
-  if (classes.assign(labels) && all_finite(x)) return false;
-  value = std::numeric_limits<T>::quiet_NaN();
-  fill_gradient(grad, value);
-  return true;
-}
-
-}  // namespace detail
 
 /// Triplet loss with online mining over a labelled batch (all, batch-hard, semihard). See the
 /// formulas at the top of this header. One instance per thread; it keeps scratch memory.
@@ -140,10 +102,9 @@ class BatchTripletLoss {
   }
 
   friend struct detail::BackendSlotAccess;
-  detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
+  detail::BackendSlot backend_slot_;  // each backend's scratch
   template <class, class>
   friend struct detail::Backend;
-  detail::BatchTripletWorkspace<T> workspace_;
 };
 
 }  // namespace metricloss

@@ -45,6 +45,7 @@
 
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
+#include <metricloss/backend/cuda/exact.cuh>
 #include <metricloss/backend/cuda/rows.cuh>
 #include <metricloss/backend/cuda/pairwise.cuh>
 

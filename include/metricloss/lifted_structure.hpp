@@ -34,73 +34,28 @@
 //
 //   Cost: D2 by one X X^T product, O(N^2) exp/log/sqrt for a and W, O(|P|) for the pairs,
 //   and dX by one (N x N)(N x D) product. The SIMD path does exactly that
-//   (detail::PairwiseDistances, positive distances recomputed by differences), sweeping
+//   (PairwiseDistances, positive distances recomputed by differences), sweeping
 //   the lower triangle only (each unordered pair once, for its row and its column); the scalar
 //   reference follows the same steps with loops and exact differences, in double.
 //
 // Edge cases. No epsilon: at D = 0 the (sub)gradient is 0. A row without negatives has
 // a_i = -inf, so its pairs (one class) have J = -inf and add 0. |P| = 0: L = 0 and a zero
 // gradient. A NaN label or a non-finite entry of x makes the loss and the gradient NaN.
-#include <metricloss/detail/label_classes.hpp>
-#include <metricloss/detail/lifted_structure_math.hpp>
-#include <metricloss/detail/pairwise.hpp>
+//
+// This header holds the options, validation and dispatch; the kernels are in
+// backend/scalar/lifted_structure.hpp, backend/simd/lifted_structure.hpp (with
+// lifted_sweeps.hpp and lifted_precision.hpp) and backend/cuda/lifted_structure.cuh, the
+// per-pair maths in detail/lifted_structure_math.hpp (docs/design.md).
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
 #include <metricloss/types.hpp>
 
-#include <algorithm>
-#include <limits>
 #include <type_traits>
 #include <utility>
 
 namespace metricloss {
-
-namespace detail {
-
-/// Reusable memory of LiftedStructureLoss: nothing is allocated once warm at a given N, D.
-template <class T>
-struct LiftedStructureScratch {
-  LabelClasses classes;
-  PairwiseDistances<T> pairwise;                              // simd: D2, W, the products
-  GrowOnlyBuffer<T> class_values;                             // simd: class ids as T (masks)
-  GrowOnlyBuffer<T> near_threshold, near_gradient;                  // simd
-  GrowOnlyBuffer<T> row_nearest, column_nearest, row_factor, column_partial;  // simd: N
-  GrowOnlyBuffer<double> column_total;                               // simd: N
-  GrowOnlyBuffer<T> symmetric;  // simd: S = W + W^T, lower triangle, padded rows
-  GrowOnlyBuffer<double> distance, weight;                    // scalar: N x N
-  GrowOnlyBuffer<double> log_normaliser, min_distance, shifted_sum, coefficient, row;
-  BackendSlot in_double;  // simd, float at large scales: the call in double (created on use)
-};
-
-template <class T>
-void fill_rows(const MatrixView<T>& m, T value) {
-  for (Index i = 0; i < m.rows; ++i) std::fill(m.row(i), m.row(i) + m.cols, value);
-}
-
-/// The calls that need no distances: a NaN label or non-finite data (NaN loss and
-/// gradient), |P| = 0 or a single class (loss 0, zero gradient). Otherwise every row has
-/// negatives. Returns true, with the loss in `value`
-/// and the gradient written, when the call is finished; otherwise `classes` is ready.
-template <class T, class L>
-bool lifted_trivial_case(LabelClasses& classes, const VectorView<L>& labels, bool data_finite,
-                         const MatrixView<T>& grad, double& value) {
-  if (!classes.assign(labels) || !data_finite) {
-    value = std::numeric_limits<double>::quiet_NaN();
-    if (!grad.empty()) fill_rows(grad, std::numeric_limits<T>::quiet_NaN());
-    return true;
-  }
-  // No positive pair, or one class (no negatives: every J = -inf).
-  if (classes.positive_pairs() == 0 || classes.classes() == 1) {
-    value = 0.0;
-    if (!grad.empty()) fill_rows(grad, T(0));
-    return true;
-  }
-  return false;
-}
-
-}  // namespace detail
 
 /// Lifted structured loss (Song et al. 2016; Caffe's LiftedStructSimilaritySoftmaxLoss) over
 /// one batch of embeddings with labels. See the formula and its factorisation at the top
@@ -134,7 +89,7 @@ class LiftedStructureLoss {
 
  private:
   friend struct detail::BackendSlotAccess;
-  detail::BackendSlot backend_slot_;  // scratch of backends outside the CPU headers (CUDA)
+  detail::BackendSlot backend_slot_;  // each backend's scratch
   template <class, class>
   friend struct detail::Backend;
 
@@ -155,7 +110,6 @@ class LiftedStructureLoss {
                                                                        top_diff);
   }
 
-  detail::LiftedStructureScratch<T> scratch_;
 };
 
 }  // namespace metricloss

@@ -93,18 +93,6 @@ double triplet_forward_backward(const MatrixView<const T>& anchor,
   return sum / static_cast<double>(n);
 }
 
-/// Rejects an enumerator outside the declared ones (e.g. from a cast).
-inline void check_distance(Validator& check, Distance distance) {
-  if (distance != Distance::euclidean && distance != Distance::squared_euclidean)
-    check.fail("option 'distance' has the undeclared value " +
-               std::to_string(static_cast<int>(distance)));
-}
-inline void check_mining(Validator& check, Mining mining) {
-  if (mining != Mining::all && mining != Mining::hard && mining != Mining::semihard)
-    check.fail("option 'mining' has the undeclared value " +
-               std::to_string(static_cast<int>(mining)));
-}
-
 }  // namespace detail
 
 /// Triplet loss over explicit triplets (Schroff, Kalenichenko, Philbin 2015). See the formula

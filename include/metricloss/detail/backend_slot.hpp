@@ -1,9 +1,13 @@
 #pragma once
-// Per-functor scratch for a backend the CPU headers cannot name (the CUDA workspaces): the
-// backend creates its contents on first use and they die with the functor, so scratch is
-// never global or shared between instances. A copied functor starts with an empty slot.
+// Per-functor scratch of the backends: every backend keeps its own contents (buffers, CUDA
+// workspaces) in the functor's slot, created on first use, dying with the functor, so
+// scratch is never global or shared between instances and the public headers declare none
+// of it. Each backend type gets its own entry: a functor driven by several tags keeps the
+// scratch of each (no reallocation when they alternate). A copied functor starts empty.
+#include <cstddef>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 namespace metricloss {
 namespace detail {
@@ -18,26 +22,42 @@ class BackendSlot {
   BackendSlot() = default;
   BackendSlot(const BackendSlot&) noexcept {}
   BackendSlot& operator=(const BackendSlot& other) noexcept {
-    if (this != &other) contents_.reset();
+    if (this != &other) reset();
     return *this;
   }
   BackendSlot(BackendSlot&&) noexcept = default;
   BackendSlot& operator=(BackendSlot&&) noexcept = default;
 
-  /// The contents of type C, created on first use (or replacing another backend's).
+  /// The contents of type C, created on first use. Once warm: no allocation, one
+  /// dynamic_cast per entry looked at.
   template <class C>
   C& get() {
     static_assert(std::is_base_of<Contents, C>::value, "slot contents derive from Contents");
-    if (C* existing = dynamic_cast<C*>(contents_.get())) return *existing;
-    contents_ = std::make_unique<C>();
-    return static_cast<C&>(*contents_);
+    for (auto& entry : entries_)
+      if (C* existing = dynamic_cast<C*>(entry.get())) return *existing;
+    for (auto& entry : entries_)
+      if (!entry) return static_cast<C&>(*(entry = std::make_unique<C>()));
+    // Every entry taken (more backends than entries on one functor): the oldest gives way.
+    for (std::size_t e = 0; e + 1 < capacity; ++e) entries_[e] = std::move(entries_[e + 1]);
+    return static_cast<C&>(*(entries_[capacity - 1] = std::make_unique<C>()));
   }
 
-  /// Frees the contents now (e.g. device memory after an unusually large batch).
-  void reset() noexcept { contents_.reset(); }
+  /// Frees every backend's contents now.
+  void reset() noexcept {
+    for (auto& entry : entries_) entry.reset();
+  }
+
+  /// Frees the contents of type C now (e.g. device memory after an unusually large batch).
+  template <class C>
+  void reset() noexcept {
+    for (auto& entry : entries_)
+      if (dynamic_cast<C*>(entry.get()) != nullptr) entry.reset();
+  }
 
  private:
-  std::unique_ptr<Contents> contents_;
+  // Scalar, simd, cuda and the float-in-double call of one type: four per functor.
+  static constexpr std::size_t capacity = 6;
+  std::unique_ptr<Contents> entries_[capacity];
 };
 
 /// Every functor befriends this, so backends reach the slot without a public member.
@@ -47,6 +67,12 @@ struct BackendSlotAccess {
     return loss.backend_slot_;
   }
 };
+
+/// A backend's scratch of type C in the functor's slot.
+template <class C, class Loss>
+C& scratch_of(Loss& loss) {
+  return BackendSlotAccess::of(loss).template get<C>();
+}
 
 }  // namespace detail
 }  // namespace metricloss

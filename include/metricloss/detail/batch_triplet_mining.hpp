@@ -12,13 +12,17 @@
 //              its count (the caller scales by top_diff / count);
 //              add_row(i, w, n) adds w[j] to every (i, j) (zeros included);
 //              add_row_lanes(i, w, n) the same with w in the distances' type (only where
-//              RowOps has lanes: soft_margin_in_lanes).
+//              Kernels::soft_margin_lanes).
+//   Kernels:   the backend's part, handed in: RowOps (row primitives: square roots, a
+//              soft-margin row over double distances), Scans (the row scans:
+//              ScalarMiningScans or SimdMiningScans), soft_margin_lanes and, where it is
+//              true, SoftMargin (the soft-margin rows in lanes of T: SimdSoftMargin).
 //
 // Selection compares squared distances: d is monotone in q for both Distance kinds. Costs,
 // with c = the largest class size and k = c - 1 positives per anchor:
 //   hard      O(N^2): one pass over each anchor's row.
 //   semihard  k <= scan_limit (16): one scan of the anchor's row per positive, in lanes
-//             (MiningScans), for the nearest negative farther than it; O(N^2 c) but a few
+//             (Kernels::Scans), for the nearest negative farther than it; O(N^2 c) but a few
 //             cycles per 8 entries. More positives: O(N^2 log c), the positives sorted by
 //             distance cut the negatives into buckets (binary search), and a suffix minimum
 //             over buckets gives every positive its nearest farther negative.
@@ -28,9 +32,8 @@
 //             number of positives it is active with. soft_margin: O(N^2 c), since softplus
 //             does not factor (its exp does: see SimdRowOps' lane kernels).
 #include <metricloss/detail/label_classes.hpp>
-#include <metricloss/detail/mining_scans.hpp>
+#include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/numerics.hpp>
-#include <metricloss/detail/pairwise.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/options.hpp>
@@ -69,37 +72,32 @@ inline Index count_thresholds_below(const double* t, Index k, double v) {
 
 /// bucket[j] = the number of sorted thresholds below value[j] (strictly, or at most), for
 /// j < n, by a branch-free binary search per entry (the anchors with many positives; few
-/// take MiningScans).
+/// take Kernels::Scans).
 template <bool OrEqual>
 inline void count_thresholds_below(const double* t, Index k, const double* value, Index n,
                                    Index* bucket) {
   for (Index j = 0; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
 }
 
-/// Whether RowOps runs Mining::all with soft_margin in lanes of the distances' type
-/// (soft_margin_row_lanes and its helpers, SimdRowOps) rather than by soft_margin_row.
-template <class RowOps, class = void>
-struct soft_margin_in_lanes : std::false_type {};
-template <class RowOps>
-struct soft_margin_in_lanes<
-    RowOps, std::void_t<decltype(&RowOps::template soft_margin_padded<float>)>>
-    : std::true_type {};
+/// Anchors with more positives than this take the bucket sweeps (O(N log k) per anchor);
+/// fewer, one scan of the row per positive (Kernels::Scans).
+constexpr Index scan_limit = 16;
 
-/// Mining with its per-anchor scratch memory (grow-only). RowOps (the backend's row
-/// primitives) supplies the O(N^2 c) inner loop of Mining::all with soft_margin:
+/// Mining with its per-anchor scratch memory (grow-only). Kernels::RowOps (the backend's
+/// row primitives) supplies the O(N^2 c) inner loop of Mining::all with soft_margin:
 /// soft_margin_row over double distances, or the soft_margin_*lanes kernels over the
 /// distances in their own type (see all_soft_anchor_lanes).
 class TripletMiner {
  public:
-  template <class RowOps, class Distances, class Weights>
+  template <class Kernels, class Distances, class Weights>
   MiningResult mine(Mining mining, const LabelClasses& classes, const Distances& distances,
                     double margin, Distance distance, bool soft_margin, Weights& weights) {
     switch (mining) {
-      case Mining::hard: return hard<RowOps>(classes, distances, margin, distance, soft_margin, weights);
+      case Mining::hard: return hard<Kernels>(classes, distances, margin, distance, soft_margin, weights);
       case Mining::semihard:
-        return semihard<RowOps>(classes, distances, margin, distance, soft_margin, weights);
+        return semihard<Kernels>(classes, distances, margin, distance, soft_margin, weights);
       case Mining::all:
-        return all<RowOps>(classes, distances, margin, distance, soft_margin, weights);
+        return all<Kernels>(classes, distances, margin, distance, soft_margin, weights);
     }
     return {};
   }
@@ -114,10 +112,10 @@ class TripletMiner {
   /// l_a = h(max_p d_ap - min_n d_an + m), over anchors with a positive and a negative.
   /// Product values select; where another row is within their rounding of the selected
   /// one, exact distances decide (ties to the lowest row).
-  template <class RowOps, class Distances, class Weights>
+  template <class Kernels, class Distances, class Weights>
   MiningResult hard(const LabelClasses& classes, const Distances& distances, double margin,
                     Distance distance, bool soft_margin, Weights& weights) {
-    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
+    using Scans = typename Kernels::Scans;
     const Index n = classes.size();
     const Index widest = distances.widest();
     double* value = values_.data(static_cast<std::size_t>(n));
@@ -142,7 +140,7 @@ class TripletMiner {
         for (Index j = 0; j < n && negative.chosen < 0; ++j)
           if (classes.class_of()[j] != own) negative.chosen = j;
       }
-      if (bound > 0.0) settle_ties<RowOps>(distances, a, value, n, &negative, 1, bound);
+      if (bound > 0.0) settle_ties<Kernels>(distances, a, value, n, &negative, 1, bound);
       add_triplet(result, a, positive, negative.chosen, distances, margin, distance, soft_margin,
                   weights);
     }
@@ -183,10 +181,10 @@ class TripletMiner {
   /// exact distances; NaN: not a candidate) are compared with it on exact distances, and
   /// the exact extreme is kept, lowest row on ties: product rounding must not decide a tie.
   /// One pass over the row for all m selections.
-  template <class RowOps, class Distances>
+  template <class Kernels, class Distances>
   void settle_ties(const Distances& distances, Index a, const double* value, Index n,
                    Selection* selections, Index m, double bound) {
-    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
+    using Scans = typename Kernels::Scans;
     double* centre = centres_.data(static_cast<std::size_t>(2 * m));
     double* exact = centre + m;
     // Rows within two bounds of the winner's value, on either side (the predicate keeps
@@ -215,10 +213,10 @@ class TripletMiner {
 
   /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
   /// negative), over pairs (a, p) whose anchor has a negative.
-  template <class RowOps, class Distances, class Weights>
+  template <class Kernels, class Distances, class Weights>
   MiningResult semihard(const LabelClasses& classes, const Distances& distances, double margin,
                         Distance distance, bool soft_margin, Weights& weights) {
-    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
+    using Scans = typename Kernels::Scans;
     const Index n = classes.size();
     const Index widest = distances.widest();
     MiningResult result;
@@ -264,7 +262,7 @@ class TripletMiner {
       // value: NaN off the negatives, exact near every threshold. Ties under rounding are
       // settled on exact distances.
       const double bound = distances.rounding(a, widest);
-      if (bound > 0.0) settle_ties<RowOps>(distances, a, value, n, chosen, k, bound);
+      if (bound > 0.0) settle_ties<Kernels>(distances, a, value, n, chosen, k, bound);
       for (Index i = 0; i < k; ++i)
         add_triplet(result, a, positives[i].index, chosen[i].chosen, distances, margin, distance,
                     soft_margin, weights);
@@ -329,7 +327,7 @@ class TripletMiner {
 
   /// Every triplet. Hinge: sum of max(d_ap + m - d_an, 0), count = active triplets, by
   /// buckets with prefix sums. Softplus: count = all triplets (softplus is positive).
-  template <class RowOps, class Distances, class Weights>
+  template <class Kernels, class Distances, class Weights>
   MiningResult all(const LabelClasses& classes, const Distances& distances, double margin,
                    Distance distance, bool soft_margin, Weights& weights) {
     const Index n = classes.size();
@@ -349,26 +347,26 @@ class TripletMiner {
       });
       const double* thresholds = thresholds_of(positives, k);
       const auto* row = distances.row(a);
-      if constexpr (soft_margin_in_lanes<RowOps>::value) {
+      if constexpr (Kernels::soft_margin_lanes) {
         if (soft_margin) {
-          all_soft_anchor_lanes<RowOps>(result, a, positives, k, classes, row, distance, weights);
+          all_soft_anchor_lanes<Kernels>(result, a, positives, k, classes, row, distance, weights);
           continue;
         }
       }
       // Distances of the whole row (one vectorisable pass; the anchor's class is skipped),
       // exact where a product value is within its rounding of a hinge's kink.
       for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
-      if (!soft_margin) exact_near_kinks<RowOps>(distances, a, value, n, thresholds, k, distance, widest);
-      if (distance == Distance::euclidean) RowOps::square_root_in_place(value, n);
+      if (!soft_margin) exact_near_kinks<Kernels>(distances, a, value, n, thresholds, k, distance, widest);
+      if (distance == Distance::euclidean) Kernels::RowOps::square_root_in_place(value, n);
       const Index own = class_of[a];
-      if constexpr (!soft_margin_in_lanes<RowOps>::value) {  // else taken above
+      if constexpr (!Kernels::soft_margin_lanes) {  // else taken above
         if (soft_margin) {
-          all_soft_anchor<RowOps>(result, a, positives, k, n, class_of, own, value, slope, distance, weights);
+          all_soft_anchor<Kernels>(result, a, positives, k, n, class_of, own, value, slope, distance, weights);
           continue;
         }
       }
       if (k <= scan_limit) {
-        all_hinge_scan<RowOps>(result, a, positives, k, classes, row, value, slope, distance, weights);
+        all_hinge_scan<Kernels>(result, a, positives, k, classes, row, value, slope, distance, weights);
         continue;
       }
       // Bucket b: negatives with exactly b thresholds <= d_an, active with positives b..k-1.
@@ -417,10 +415,10 @@ class TripletMiner {
   /// Squared product values (value[j], within rounding(a, j) of exact) near the kink of a
   /// hinge, d_an = t_i, replaced by exact ones: which side of t_i a negative lies on decides
   /// whether its triplet counts in Z, and a hinge at exactly 0 must not.
-  template <class RowOps, class Distances>
+  template <class Kernels, class Distances>
   void exact_near_kinks(const Distances& distances, Index a, double* value, Index n,
                         const double* thresholds, Index k, Distance distance, Index widest) {
-    using Scans = MiningScans<soft_margin_in_lanes<RowOps>::value>;
+    using Scans = typename Kernels::Scans;
     const double bound = distances.rounding(a, widest);
     if (!(bound > 0.0)) return;
     // The kinks as squared distances (a kink at t <= 0 has no negative below it); the
@@ -447,12 +445,12 @@ class TripletMiner {
   /// One anchor of Mining::all with the hinge and few positives: one scan per threshold
   /// t_p counts the negatives with d_an < t_p and sums their distances, and counts per
   /// negative the positives it is active with. value holds the row's distances.
-  template <class RowOps, class T, class Weights>
+  template <class Kernels, class T, class Weights>
   void all_hinge_scan(MiningResult& result, Index a, const Positive* positives, Index k,
                       const LabelClasses& classes, const T*, double* value, double* slope,
                       Distance distance, Weights& weights) {
-    constexpr bool lanes = soft_margin_in_lanes<RowOps>::value;
-    using Scans = MiningScans<lanes>;
+    constexpr bool lanes = Kernels::soft_margin_lanes;
+    using Scans = typename Kernels::Scans;
     const Index n = classes.size();
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
       value[*p] = std::numeric_limits<double>::quiet_NaN();
@@ -477,7 +475,7 @@ class TripletMiner {
   }
 
   /// One anchor of Mining::all with soft_margin: every (p, n) pair, O(k N).
-  template <class RowOps, class Weights>
+  template <class Kernels, class Weights>
   void all_soft_anchor(MiningResult& result, Index a, const Positive* positives, Index k,
                        Index n, const Index* class_of, Index own, const double* value,
                        double* slope, Distance distance, Weights& weights) {
@@ -490,7 +488,7 @@ class TripletMiner {
     for (Index i = 0; i < k; ++i) {
       // sum_n softplus(t_p - d_an), and its slopes, summed for p and added per n.
       double positive_slope = 0.0;
-      result.sum += RowOps::soft_margin_row(positives[i].key, packed, m, slope, positive_slope);
+      result.sum += Kernels::RowOps::soft_margin_row(positives[i].key, packed, m, slope, positive_slope);
       if (weights.enabled())
         weights.add(a, positives[i].index, positive_slope * positives[i].distance.derivative);
     }
@@ -506,22 +504,22 @@ class TripletMiner {
   /// One anchor of Mining::all with soft_margin in lanes of T, the distances' type: the
   /// row's distances once (+inf off the negatives), then one kernel pass per positive over
   /// the whole row, and the negatives' weights in one pass. O(k N).
-  template <class RowOps, class T, class Weights>
+  template <class Kernels, class T, class Weights>
   void all_soft_anchor_lanes(MiningResult& result, Index a, const Positive* positives, Index k,
                              const LabelClasses& classes, const T* row, Distance distance,
                              Weights& weights) {
     const Index n = classes.size();
-    const Index padded = RowOps::template soft_margin_padded<T>(n);
+    const Index padded = Kernels::SoftMargin::template soft_margin_padded<T>(n);
     T* dist = lanes_scratch<T>(static_cast<std::size_t>(4 * padded));
     T* factor = dist + padded;
     T* inverse = factor + padded;
     T* slope = inverse + padded;
-    RowOps::soft_margin_distances(row, n, padded, distance, dist);
+    Kernels::SoftMargin::soft_margin_distances(row, n, padded, distance, dist);
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
       dist[*p] = std::numeric_limits<T>::infinity();
     // Positives are sorted by threshold: the first and last span them.
     double centre = 0.0;
-    const bool factored = RowOps::soft_margin_factors(dist, padded, positives[0].key,
+    const bool factored = Kernels::SoftMargin::soft_margin_factors(dist, padded, positives[0].key,
                                                       positives[k - 1].key, factor, inverse, centre);
     const bool wanted = weights.enabled();
     if (wanted) std::fill(slope, slope + padded, T(0));
@@ -529,18 +527,22 @@ class TripletMiner {
       double positive_slope = 0.0;
       const double t = positives[i].key;
       if (factored && wanted)
-        result.sum += RowOps::template soft_margin_row_lanes<true, true>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+        result.sum += Kernels::SoftMargin::template soft_margin_row_lanes<true, true>(
+            t, centre, dist, factor, inverse, padded, slope, positive_slope);
       else if (factored)
-        result.sum += RowOps::template soft_margin_row_lanes<true, false>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+        result.sum += Kernels::SoftMargin::template soft_margin_row_lanes<true, false>(
+            t, centre, dist, factor, inverse, padded, slope, positive_slope);
       else if (wanted)
-        result.sum += RowOps::template soft_margin_row_lanes<false, true>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+        result.sum += Kernels::SoftMargin::template soft_margin_row_lanes<false, true>(
+            t, centre, dist, factor, inverse, padded, slope, positive_slope);
       else
-        result.sum += RowOps::template soft_margin_row_lanes<false, false>(t, centre, dist, factor, inverse, padded, slope, positive_slope);
+        result.sum += Kernels::SoftMargin::template soft_margin_row_lanes<false, false>(
+            t, centre, dist, factor, inverse, padded, slope, positive_slope);
       if (wanted) weights.add(a, positives[i].index, positive_slope * positives[i].distance.derivative);
     }
     result.count += static_cast<double>(k) * static_cast<double>(classes.negatives(a));
     if (!wanted) return;
-    RowOps::soft_margin_negative_weights(slope, dist, padded, distance);
+    Kernels::SoftMargin::soft_margin_negative_weights(slope, dist, padded, distance);
     weights.add_row_lanes(a, static_cast<const T*>(slope), n);
   }
 
@@ -591,17 +593,6 @@ class TripletMiner {
   GrowOnlyBuffer<float> lanes_float_;  // all_soft_anchor_lanes: 4 rows of the distances' type
   GrowOnlyBuffer<double> lanes_double_;
 };
-
-/// Whether every entry of x is finite (a non-finite batch gives a NaN loss and gradient).
-template <class T>
-bool all_finite(const MatrixView<const T>& x) {
-  for (Index i = 0; i < x.rows; ++i) {
-    const T* row = x.row(i);
-    for (Index j = 0; j < x.cols; ++j)
-      if (!std::isfinite(row[j])) return false;
-  }
-  return true;
-}
 
 }  // namespace detail
 }  // namespace metricloss

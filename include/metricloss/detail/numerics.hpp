@@ -55,6 +55,10 @@ struct Numerics<float> : NumericsCommon<float> {
   /// Squared distances below this fraction of n_i + n_j are recomputed by differences: the
   /// expansion errs by ~eps (n_i + n_j), so what is kept errs by <= ~eps / ratio (~5e-7).
   static constexpr double recompute_ratio = 0.125;
+  /// Lifted: the soft-max window widened by what the T distances that decide it may err, per
+  /// unit of D: D and the nearest each by ~ eps D (storage) + eps (n_i + n_k) / (2 D) <
+  /// eps D / (2 ratio) (kept product entries have D2 > ratio (n_i + n_k)), with a margin of 8.
+  static constexpr double soft_max_slack = 16.0 * (1.0 + 1.0 / (2.0 * recompute_ratio)) * epsilon;
   /// Lifted: error allowed in a weighted distance (the exponent of its soft-max weight):
   /// the gradient then errs by ~2x this against its largest entry, half of API.md's 1e-4.
   static constexpr double lifted_tolerance = 2.5e-5;
@@ -75,6 +79,8 @@ template <>
 struct Numerics<double> : NumericsCommon<double> {
   /// As float's: the kept entries err by <= ~eps / ratio (~2e-13).
   static constexpr double recompute_ratio = 1.0 / 1024;
+  /// As float's.
+  static constexpr double soft_max_slack = 16.0 * (1.0 + 1.0 / (2.0 * recompute_ratio)) * epsilon;
   /// As float's, half of API.md's 1e-10.
   static constexpr double lifted_tolerance = 2.5e-11;
   /// D held in double is what the recompute would give: nothing to remove.

@@ -3,6 +3,7 @@
 // throwing call leaves every output as it was.
 #include <metricloss/detail/views.hpp>
 #include <metricloss/errors.hpp>
+#include <metricloss/options.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -132,6 +133,18 @@ class Validator {
   int n_inputs_ = 0;
   int n_outputs_ = 0;
 };
+
+/// Rejects an enumerator outside the declared ones (e.g. from a cast).
+inline void check_distance(Validator& check, Distance distance) {
+  if (distance != Distance::euclidean && distance != Distance::squared_euclidean)
+    check.fail("option 'distance' has the undeclared value " +
+               std::to_string(static_cast<int>(distance)));
+}
+inline void check_mining(Validator& check, Mining mining) {
+  if (mining != Mining::all && mining != Mining::hard && mining != Mining::semihard)
+    check.fail("option 'mining' has the undeclared value " +
+               std::to_string(static_cast<int>(mining)));
+}
 
 }  // namespace detail
 }  // namespace metricloss

@@ -14,6 +14,7 @@
 // Memory: one N x N of T and one of double (N = 16384 in float: 3 GiB). Semihard and `all`
 // loop over an anchor's positives, each a pass over its row: O(N^2 K) work for classes of
 // size K (the CPU's bucketed O(N^2 log K) is not ported). Deterministic throughout.
+#include <metricloss/backend/cuda/exact.cuh>
 #include <metricloss/backend/cuda/pairwise.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
@@ -55,34 +56,6 @@ struct MiningArgs {
   int* not_finite;
 };
 
-/// ||x_a - x_j||^2 by differences in double, summed over the block (every thread gets it).
-template <class T>
-__device__ inline double block_exact_squared(const MatrixView<const T>& x, Index a, Index j,
-                                             double* shared) {
-  const T* xa = x.row(a);
-  const T* xj = x.row(j);
-  double sum = 0.0;
-  for (Index c = threadIdx.x; c < x.cols; c += mining_threads) {
-    const double diff = static_cast<double>(xa[c]) - static_cast<double>(xj[c]);
-    sum = fma(diff, diff, sum);
-  }
-  return block_sum<mining_threads>(sum, shared);
-}
-
-/// ||x_a - x_j||^2 by differences in double, one thread's ascending sum: semihard's
-/// comparisons use this one order for both sides, so duplicate rows tie exactly.
-template <class T>
-__device__ inline double thread_exact_squared(const MatrixView<const T>& x, Index a, Index j) {
-  const T* xa = x.row(a);
-  const T* xj = x.row(j);
-  double sum = 0.0;
-  for (Index c = 0; c < x.cols; ++c) {
-    const double diff = static_cast<double>(xa[c]) - static_cast<double>(xj[c]);
-    sum = fma(diff, diff, sum);
-  }
-  return sum;
-}
-
 /// How far D2(a, j) may be from ||x_a - x_j||^2 (the product's rounding bound).
 template <class T, class L>
 __device__ inline double rounding_of(const MiningArgs<T, L>& args, Index a, Index j) {
@@ -91,7 +64,7 @@ __device__ inline double rounding_of(const MiningArgs<T, L>& args, Index a, Inde
 
 /// A selection from product values, settled on exact distances: every candidate j (value(j)
 /// gives its value as the selection saw it, or NaN if j is not a candidate) within the two
-/// rounding bounds of the winner's is compared by thread_exact_squared, lowest row on ties.
+/// rounding bounds of the winner's is compared by exact_squared_thread, lowest row on ties.
 /// Product rounding then never decides a tie. Every thread gets the result.
 template <bool Largest, class T, class L, class Value>
 __device__ inline Candidate block_settle(const MiningArgs<T, L>& args, Index a, Candidate winner,
@@ -102,7 +75,7 @@ __device__ inline Candidate block_settle(const MiningArgs<T, L>& args, Index a, 
   for (Index j = threadIdx.x; j < args.n; j += mining_threads) {
     const double q = value(j);
     if (!(fabs(q - winner.value) <= own + rounding_of(args, a, j))) continue;  // NaN: not one
-    best = better<Largest>(best, Candidate{thread_exact_squared(args.x, a, j), static_cast<long long>(j)});
+    best = better<Largest>(best, Candidate{exact_squared_thread(args.x, a, j), static_cast<long long>(j)});
   }
   best = block_best<Largest, mining_threads>(best, shared);
   // None when the winner's own value is not finite (an overflowed distance): keep it.
@@ -136,7 +109,7 @@ __device__ inline Candidate block_negative_exact(const MiningArgs<T, L>& args, I
 }
 
 /// Semihard's nearest negative of anchor a strictly farther than `above`, an exact squared
-/// distance from thread_exact_squared (index -1 when there is none). A product entry within its rounding bound of
+/// distance from exact_squared_thread (index -1 when there is none). A product entry within its rounding bound of
 /// `above` is recomputed by differences, so that a negative tied with the positive (a
 /// duplicate row, say) is never taken for a farther one by rounding.
 template <class T, class L>
@@ -149,7 +122,7 @@ __device__ inline Candidate block_nearest_farther(const MiningArgs<T, L>& args, 
     if (args.labels[j] == label) continue;
     double q = static_cast<double>(row[j]);
     if (fabs(q - above) <= unit * (args.norms[a] + args.norms[j]))  // rare
-      q = thread_exact_squared(args.x, a, j);
+      q = exact_squared_thread(args.x, a, j);
     if (q > above) best = better<false>(best, Candidate{q, static_cast<long long>(j)});
   }
   best = block_best<false, mining_threads>(best, shared);
@@ -157,7 +130,7 @@ __device__ inline Candidate block_nearest_farther(const MiningArgs<T, L>& args, 
   return block_settle<false>(args, a, best, [&](Index j) {
     if (args.labels[j] == label) return static_cast<double>(NAN);
     double q = static_cast<double>(row[j]);
-    if (fabs(q - above) <= unit * (args.norms[a] + args.norms[j])) q = thread_exact_squared(args.x, a, j);
+    if (fabs(q - above) <= unit * (args.norms[a] + args.norms[j])) q = exact_squared_thread(args.x, a, j);
     return q > above ? q : static_cast<double>(NAN);
   }, shared);
 }
@@ -167,8 +140,8 @@ __device__ inline Candidate block_nearest_farther(const MiningArgs<T, L>& args, 
 template <class T, class L>
 __device__ inline double mined_triplet(const MiningArgs<T, L>& args, Index a, Index p, Index n,
                                        double* shared) {
-  const double squared_positive = block_exact_squared(args.x, a, p, shared);
-  const double squared_negative = block_exact_squared(args.x, a, n, shared);
+  const double squared_positive = exact_squared_block<mining_threads>(args.x, a, p, shared);
+  const double squared_negative = exact_squared_block<mining_threads>(args.x, a, n, shared);
   const TripletTerm t = triplet_term(squared_positive, squared_negative, args.margin,
                                      args.distance, args.soft_margin);
   if (args.weights && threadIdx.x == 0) {
@@ -227,7 +200,7 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
           if (!is_positive[t]) continue;
           const Index p = j0 + t;
           if (args.mining == Mining::semihard) {
-            const double q_ap = thread_exact_squared(args.x, a, p);  // every thread, same bits
+            const double q_ap = exact_squared_thread(args.x, a, p);  // every thread, same bits
             const Candidate farther = block_nearest_farther(args, a, label, q_ap, shared_candidates);
             const Index negative = farther.index >= 0 ? farther.index : farthest_negative.index;
             sum += mined_triplet(args, a, p, negative, shared);
@@ -235,7 +208,7 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
             continue;
           }
           // all: every negative of a against positive p; t_p = d_ap + m.
-          const DistanceTerm positive = distance_from_squared(block_exact_squared(args.x, a, p, shared), args.distance);
+          const DistanceTerm positive = distance_from_squared(exact_squared_block<mining_threads>(args.x, a, p, shared), args.distance);
           const double threshold = positive.value + args.margin;
           // The kink d_an = t_p as a squared distance (none below t <= 0): product values
           // within their rounding of it are recomputed, so a hinge at exactly 0 stays out of
@@ -248,7 +221,7 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
             if (args.labels[k] == label) continue;
             double q = static_cast<double>(row[k]);
             if (!args.soft_margin && fabs(q - kink) <= rounding_of(args, a, k) + slack)
-              q = thread_exact_squared(args.x, a, k);  // rare
+              q = exact_squared_thread(args.x, a, k);  // rare
             const DistanceTerm negative = distance_from_squared(q, args.distance);
             const HingeTerm h = hinge(threshold - negative.value, args.soft_margin);
             if (!args.soft_margin && !(negative.value < threshold)) continue;

@@ -4,11 +4,12 @@
 //     removes a common offset that would cancel every digit of n_i + n_j - 2 xc_i.xc_j);
 //   - a shared-memory tiled product C = A B or A B^T with a per-entry epilogue, used for
 //     the squared distances (epilogue: n_i + n_j - 2 acc, recomputed by differences in
-//     double where small against n_i + n_j, as detail::PairwiseDistances does on the CPU)
+//     double where small against n_i + n_j, as backend/simd/pairwise.hpp does on the CPU)
 //     and for the gradient dX = 2 scale (diag(S 1) - S) xc.
 // Every reduction has a fixed order: results are deterministic. Each entry of a product is
 // one thread's ascending-k sum, so the distance matrix is bitwise symmetric (and only its
 // lower triangle of tiles is multiplied).
+#include <metricloss/backend/cuda/exact.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/detail/views.hpp>
@@ -303,27 +304,8 @@ struct SquaredDistanceEpilogue {
   T* squared;  // N x N, row-major, stride N
   Exact exact;
 
-  /// ||x_i - x_j||^2 by differences in double, by one thread (its warp waits): four
-  /// independent sums keep several loads in flight. Symmetric in i and j, bit for bit.
-  __device__ double exact_squared(Index i, Index j) const {
-    const T* xi = x.row(i);
-    const T* xj = x.row(j);
-    const Index d = x.cols;
-    double sum[4] = {0.0, 0.0, 0.0, 0.0};
-    Index c = 0;
-#pragma unroll 2
-    for (; c + 4 <= d; c += 4)
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const double diff = static_cast<double>(xi[c + u]) - static_cast<double>(xj[c + u]);
-        sum[u] = fma(diff, diff, sum[u]);
-      }
-    for (; c < d; ++c) {
-      const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
-      sum[0] = fma(diff, diff, sum[0]);
-    }
-    return (sum[0] + sum[1]) + (sum[2] + sum[3]);
-  }
+  /// ||x_i - x_j||^2 by differences in double, by one thread (its warp waits).
+  __device__ double exact_squared(Index i, Index j) const { return exact_squared_thread(x, i, j); }
 
   __device__ T entry(Index i, Index j, double scale, bool exact_pair, T acc) const {
     if (i == j) return T(0);

@@ -226,7 +226,7 @@ struct FunctorBackend {
 /// (cudaFree); the next call allocates again.
 template <class Loss>
 void release_cuda_workspaces(Loss& loss) {
-  detail::BackendSlotAccess::of(loss).reset();
+  detail::BackendSlotAccess::of(loss).template reset<detail::cuda::FunctorWorkspaces>();
 }
 
 }  // namespace metricloss

@@ -1,8 +1,15 @@
 #pragma once
 // The reference path of BatchTripletLoss: exact distances by differences, the shared mining,
 // and dL/dx_i = 2 sum_j S_ij (x_i - x_j) by loops, all in double. O(N^2 D).
+#include <metricloss/backend/scalar/mining_scans.hpp>
 #include <metricloss/backend/scalar/rowops.hpp>
 #include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/batch_common.hpp>
+#include <metricloss/detail/batch_triplet_mining.hpp>
+#include <metricloss/detail/buffer.hpp>
+
+#include <algorithm>
 
 namespace metricloss {
 namespace detail {
@@ -29,12 +36,27 @@ struct DenseWeights {
   }
 };
 
+/// The miner's kernels on this path: plain loops, soft margin over double distances.
+struct ScalarMiningKernels {
+  using RowOps = ScalarRowOps;
+  using Scans = ScalarMiningScans;
+  static constexpr bool soft_margin_lanes = false;
+};
+
+/// What the scalar path keeps between calls (in the functor's slot).
+struct ScalarBatchTripletScratch : BackendSlot::Contents {
+  LabelClasses classes;
+  TripletMiner miner;
+  GrowOnlyBuffer<double> squared, weights;  // N x N: exact distances, W
+  GrowOnlyBuffer<double> gradient_row;      // D: one row of dX in double
+};
+
 template <class T>
 struct Backend<BatchTripletLoss<T>, scalar_tag> {
   template <class L>
   static T forward_backward(BatchTripletLoss<T>& loss, scalar_tag, const MatrixView<const T>& x,
                             const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
-    BatchTripletWorkspace<T>& work = loss.workspace_;
+    auto& work = scratch_of<ScalarBatchTripletScratch>(loss);
     T value;
     if (batch_triplet_not_finite(work.classes, x, labels, grad, value)) return value;
     const Index n = x.rows, d = x.cols;
@@ -52,11 +74,11 @@ struct Backend<BatchTripletLoss<T>, scalar_tag> {
       weights.weights = work.weights.data(static_cast<std::size_t>(n * n));
       std::fill(weights.weights, weights.weights + n * n, 0.0);
     }
-    const MiningResult result =
-        work.miner.template mine<ScalarRowOps>(loss.mining, work.classes, ExactSquaredDistances{squared, n},
-                        loss.margin, loss.distance, loss.soft_margin, weights);
+    const MiningResult result = work.miner.template mine<ScalarMiningKernels>(
+        loss.mining, work.classes, ExactSquaredDistances{squared, n}, loss.margin, loss.distance,
+        loss.soft_margin, weights);
     if (result.count == 0.0) {
-      fill_gradient(grad, T(0));
+      fill_rows(grad, T(0));
       return T(0);
     }
     if (!grad.empty()) {

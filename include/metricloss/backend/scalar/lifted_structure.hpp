@@ -3,6 +3,11 @@
 // <metricloss/lifted_structure.hpp> with exact distances by differences and plain loops,
 // everything in double. O(N^2 D); the reference the SIMD path is tested against.
 #include <metricloss/backend/scalar/rowops.hpp>
+#include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/batch_common.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/label_classes.hpp>
+#include <metricloss/detail/lifted_structure_math.hpp>
 #include <metricloss/lifted_structure.hpp>
 
 #include <cmath>
@@ -11,12 +16,20 @@
 namespace metricloss {
 namespace detail {
 
+/// What the scalar path keeps between calls (in the functor's slot).
+struct ScalarLiftedScratch : BackendSlot::Contents {
+  LabelClasses classes;
+  GrowOnlyBuffer<double> distance, weight;  // N x N: D, W
+  GrowOnlyBuffer<double> log_normaliser, min_distance, shifted_sum, coefficient;  // N
+  GrowOnlyBuffer<double> gradient_row;  // D: one row of dX in double
+};
+
 template <class T>
 struct Backend<LiftedStructureLoss<T>, scalar_tag> {
   template <class L>
   static T forward_backward(LiftedStructureLoss<T>& loss, scalar_tag, const MatrixView<const T>& x,
                             const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
-    LiftedStructureScratch<T>& scratch = loss.scratch_;
+    auto& scratch = scratch_of<ScalarLiftedScratch>(loss);
     double value = 0.0;
     if (lifted_trivial_case(scratch.classes, labels, all_finite(x), grad, value))
       return static_cast<T>(value);
@@ -86,7 +99,7 @@ struct Backend<LiftedStructureLoss<T>, scalar_tag> {
 
     // dL/dx_i = 2/|P| sum_k (W_ik + W_ki) (x_i - x_k), by differences.
     const double scale = 2.0 * static_cast<double>(top_diff) / pairs;
-    double* row = scratch.row.data(static_cast<std::size_t>(d));
+    double* row = scratch.gradient_row.data(static_cast<std::size_t>(d));
     for (Index i = 0; i < n; ++i) {
       std::fill(row, row + d, 0.0);
       const T* xi = x.row(i);
@@ -103,13 +116,6 @@ struct Backend<LiftedStructureLoss<T>, scalar_tag> {
     return static_cast<T>(sum / (2.0 * pairs));
   }
 
- private:
-  static bool all_finite(const MatrixView<const T>& x) {
-    for (Index i = 0; i < x.rows; ++i)
-      for (Index c = 0; c < x.cols; ++c)
-        if (!std::isfinite(x(i, c))) return false;
-    return true;
-  }
 };
 
 }  // namespace detail

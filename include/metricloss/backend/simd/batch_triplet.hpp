@@ -1,20 +1,49 @@
 #pragma once
 // The SIMD path of BatchTripletLoss: distances by one product on the centred batch
-// (detail::PairwiseDistances), the shared mining with mined distances recomputed by
-// differences, and dX = 2 (diag(S 1) - S) X by one product, with close pairs by differences.
+// (PairwiseDistances, backend/simd/pairwise.hpp), the shared mining
+// (detail/batch_triplet_mining.hpp) with mined distances recomputed by differences, and
+// dX = 2 (diag(S 1) - S) X through a weight sink (backend/simd/weight_sinks.hpp): by one
+// product with close pairs by differences (all), or by differences (hard, semihard).
+#include <metricloss/backend/simd/mining_scans.hpp>
+#include <metricloss/backend/simd/pairwise.hpp>
 #include <metricloss/backend/simd/rowops.hpp>
+#include <metricloss/backend/simd/softplus.hpp>
+#include <metricloss/backend/simd/weight_sinks.hpp>
 #include <metricloss/batch_triplet.hpp>
-#include <metricloss/detail/pairwise.hpp>
+#include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/batch_common.hpp>
+#include <metricloss/detail/batch_triplet_mining.hpp>
+#include <metricloss/detail/buffer.hpp>
+
 
 namespace metricloss {
 namespace detail {
+
+/// The miner's kernels on this path: scans and soft-margin rows in lanes.
+struct SimdMiningKernels {
+  using RowOps = SimdRowOps;
+  using Scans = SimdMiningScans;
+  using SoftMargin = SimdSoftMargin;
+  static constexpr bool soft_margin_lanes = true;
+};
+
+/// What the simd path keeps between calls (in the functor's slot).
+template <class T>
+struct SimdBatchTripletScratch : BackendSlot::Contents {
+  LabelClasses classes;
+  TripletMiner miner;
+  PairwiseDistances<T> pairwise;            // distances and products
+  GrowOnlyBuffer<T> norms;                  // N: ||x_i - mean||^2 (SplitWeights)
+  GrowOnlyBuffer<double> direct_gradient;   // N x D: the terms applied by differences
+  GrowOnlyBuffer<WeightEntry> entries;      // W's entries (SparseWeights)
+};
 
 /// The product's squared distances to select, differences for the loss.
 template <class T>
 struct ProductSquaredDistances {
   PairwiseDistances<T>* pairwise;
   const T* row(Index i) const { return pairwise->squared_row(i); }
-  double exact(Index i, Index j) const { return pairwise->exact_squared(i, j); }
+  double exact(Index i, Index j) const { return pairwise->by_differences(i, j); }
   /// How far row(i)[j] may be from exact(i, j).
   double rounding(Index i, Index j) const { return pairwise->rounding_bound(i, j); }
   /// The row of the largest centred norm: rounding(i, widest()) bounds rounding(i, j).
@@ -27,195 +56,12 @@ struct ProductSquaredDistances {
   }
 };
 
-/// sum_i += 2 w (x_i - x_j) and sum_j -= the same, rows of `sum` d apart, in double lanes
-/// (the values widened as they load): one weight applied by differences of the rows.
-template <class T>
-void add_pair_by_differences(double* sum, const MatrixView<const T>& x, Index i, Index j, double w) {
-  using wide = xsimd::batch<double>;
-  constexpr Index lanes = static_cast<Index>(wide::size);
-  const Index d = x.cols;
-  const T *xi = x.row(i), *xj = x.row(j);
-  double *gi = sum + i * d, *gj = sum + j * d;
-  const double two_w = 2.0 * w;
-  const wide factor(two_w);
-  Index k = 0;
-  for (; k + lanes <= d; k += lanes) {
-    const wide term = factor * (wide::load_unaligned(xi + k) - wide::load_unaligned(xj + k));
-    (wide::load_unaligned(gi + k) + term).store_unaligned(gi + k);
-    (wide::load_unaligned(gj + k) - term).store_unaligned(gj + k);
-  }
-  for (; k < d; ++k) {
-    const double term = two_w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
-    gi[k] += term;
-    gj[k] -= term;
-  }
-}
-
-/// W for the product (in T), except for pairs close against their norms about the batch
-/// mean (||x_i - x_j||^2 <= ratio (n_i + n_j), the pairs whose distances PairwiseDistances
-/// recomputes): in diag(S 1) X - S X their term would cancel to rounding noise (and in
-/// Euclidean 1/(2d) may not fit in T), so they add 2 w (x_i - x_j) by differences in double.
-template <class T>
-class SplitWeights {
- public:
-  SplitWeights() = default;
-  SplitWeights(BatchTripletWorkspace<T>& work, const MatrixView<const T>& x)
-      : x_(x), n_(x.rows), stride_(work.pairwise.stride()) {
-    PairwiseDistances<T>& pairwise = work.pairwise;
-    weights_ = pairwise.zeroed_weights().data();
-    squared_ = pairwise.squared_row(0);
-    T* norms = work.norms.data(static_cast<std::size_t>(n_));
-    const auto centred = pairwise.centred();
-    for (Index i = 0; i < n_; ++i) {
-      double norm = 0.0;
-      for (Index k = 0; k < x.cols; ++k) {
-        const double v = static_cast<double>(centred(i, k));
-        norm += v * v;
-      }
-      norms[i] = static_cast<T>(norm);
-    }
-    norms_ = norms;
-    direct_storage_ = &work.direct_gradient;
-  }
-
-  bool enabled() const { return weights_ != nullptr; }
-
-  void add(Index i, Index j, double w) {
-    if (far(i, j)) {
-      weights_[i * stride_ + j] += static_cast<T>(w);
-      return;
-    }
-    add_by_differences(i, j, w);
-  }
-
-  /// add(i, j, w[j]) for every j: the far pairs in one branch-free pass, then the close ones.
-  void add_row(Index i, const double* w, Index) {
-    // Restrict: the row of W, the distances and the norms never alias (and the loop
-    // vectorises only if the compiler knows).
-    T* __restrict row = weights_ + i * stride_;
-    const T* __restrict squared = squared_ + i * stride_;
-    const T* __restrict norms = norms_;
-    const T bound = norms_[i];
-    for (Index j = 0; j < n_; ++j)
-      row[j] += squared[j] > ratio * (bound + norms[j]) ? static_cast<T>(w[j]) : T(0);
-    for (Index j = 0; j < n_; ++j)
-      if (!far(i, j) && w[j] != 0.0) add_by_differences(i, j, w[j]);
-  }
-
-  /// add_row with w in T (Mining::all with soft_margin in lanes): the far pairs in
-  /// batches, the close ones (rare) by differences where their weight is not 0.
-  void add_row_lanes(Index i, const T* w, Index) {
-    using batch = xsimd::batch<T>;
-    constexpr Index width = static_cast<Index>(batch::size);
-    T* row = weights_ + i * stride_;
-    const T* squared = squared_ + i * stride_;
-    const batch bound(norms_[i]), scale(ratio), zero(T(0));
-    Index j = 0;
-    for (; j + width <= n_; j += width) {
-      const batch wj = batch::load_unaligned(w + j);
-      const auto far_lanes =
-          batch::load_unaligned(squared + j) > scale * (bound + batch::load_unaligned(norms_ + j));
-      (batch::load_unaligned(row + j) + xsimd::select(far_lanes, wj, zero)).store_unaligned(row + j);
-      if (!xsimd::all(far_lanes | (wj == zero)))
-        for (Index r = j; r < j + width; ++r)
-          if (!far(i, r) && w[r] != T(0)) add_by_differences(i, r, static_cast<double>(w[r]));
-    }
-    for (; j < n_; ++j) {
-      if (far(i, j)) row[j] += w[j];
-      else if (w[j] != T(0)) add_by_differences(i, j, static_cast<double>(w[j]));
-    }
-  }
-
-  /// grad = scale (2 (diag(S 1) - S) X + the close pairs' terms).
-  void gradient(PairwiseDistances<T>& pairwise, double scale, const MatrixView<T>& grad) const {
-    pairwise.gradient_from_weights(static_cast<T>(scale), grad);
-    if (!direct_) return;
-    for (Index i = 0; i < n_; ++i) {
-      T* out = grad.row(i);
-      const double* in = direct_ + i * x_.cols;
-      for (Index k = 0; k < x_.cols; ++k)
-        out[k] = static_cast<T>(static_cast<double>(out[k]) + scale * in[k]);
-    }
-  }
-
- private:
-  bool far(Index i, Index j) const { return squared_[i * stride_ + j] > ratio * (norms_[i] + norms_[j]); }
-
-  void add_by_differences(Index i, Index j, double w) {
-    const Index d = x_.cols;
-    if (!direct_) {
-      direct_ = direct_storage_->data(static_cast<std::size_t>(n_ * d));
-      std::fill(direct_, direct_ + n_ * d, 0.0);
-    }
-    add_pair_by_differences(direct_, x_, i, j, w);
-  }
-
- private:
-  static constexpr T ratio = static_cast<T>(PairwiseDistances<T>::recompute_ratio);
-  MatrixView<const T> x_{};
-  Index n_ = 0, stride_ = 0;  // rows of W and of the distances are stride_ apart
-  T* weights_ = nullptr;
-  const T* squared_ = nullptr;
-  const T* norms_ = nullptr;
-  GrowOnlyBuffer<double>* direct_storage_ = nullptr;
-  double* direct_ = nullptr;
-};
-
-/// W as a list of its entries, for hard and semihard (two per mined triplet, O(N c) in
-/// all): 2 w (x_i - x_j) by differences of the original rows in double lanes, O(entries D),
-/// where the dense W would cost an N x N fill, a transposed pass and an (N x N)(N x D)
-/// product, and would cancel for close pairs.
-template <class T>
-class SparseWeights {
- public:
-  SparseWeights() = default;
-  SparseWeights(BatchTripletWorkspace<T>& work, const MatrixView<const T>& x)
-      : x_(x), entries_(&work.entries), accumulated_(&work.direct_gradient) {}
-
-  bool enabled() const { return entries_ != nullptr; }
-
-  void add(Index i, Index j, double w) {
-    WeightEntry* list = entries_->data(static_cast<std::size_t>(count_ + 1));
-    list[count_++] = WeightEntry{i, j, w};
-  }
-
-  /// Not taken by hard and semihard (which add single entries); correct for any W.
-  void add_row(Index i, const double* w, Index n) {
-    for (Index j = 0; j < n; ++j)
-      if (w[j] != 0.0) add(i, j, w[j]);
-  }
-  void add_row_lanes(Index i, const T* w, Index n) {
-    for (Index j = 0; j < n; ++j)
-      if (w[j] != T(0)) add(i, j, static_cast<double>(w[j]));
-  }
-
-  /// grad = scale sum over entries of 2 w (e_i - e_j)(x_i - x_j)^T, totalled in double.
-  void gradient(PairwiseDistances<T>&, double scale, const MatrixView<T>& grad) const {
-    const Index n = x_.rows, d = x_.cols;
-    double* sum = accumulated_->data(static_cast<std::size_t>(n * d));
-    std::fill(sum, sum + n * d, 0.0);
-    const WeightEntry* list = entries_->data(0);
-    for (Index e = 0; e < count_; ++e) add_pair_by_differences(sum, x_, list[e].i, list[e].j, list[e].w);
-    for (Index i = 0; i < n; ++i) {
-      T* out = grad.row(i);
-      const double* in = sum + i * d;
-      for (Index k = 0; k < d; ++k) out[k] = static_cast<T>(scale * in[k]);
-    }
-  }
-
- private:
-  MatrixView<const T> x_{};
-  GrowOnlyBuffer<WeightEntry>* entries_ = nullptr;
-  GrowOnlyBuffer<double>* accumulated_ = nullptr;
-  Index count_ = 0;
-};
-
 template <class T>
 struct Backend<BatchTripletLoss<T>, simd_tag> {
   template <class L>
   static T forward_backward(BatchTripletLoss<T>& loss, simd_tag, const MatrixView<const T>& x,
                             const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
-    BatchTripletWorkspace<T>& work = loss.workspace_;
+    auto& work = scratch_of<SimdBatchTripletScratch<T>>(loss);
     T value;
     if (batch_triplet_not_finite(work.classes, x, labels, grad, value)) return value;
     work.pairwise.compute(x);
@@ -231,13 +77,13 @@ struct Backend<BatchTripletLoss<T>, simd_tag> {
 
  private:
   template <class Weights>
-  static T run(BatchTripletLoss<T>& loss, BatchTripletWorkspace<T>& work, Weights& weights,
+  static T run(BatchTripletLoss<T>& loss, SimdBatchTripletScratch<T>& work, Weights& weights,
                const MatrixView<T>& grad, T top_diff) {
-    const MiningResult result =
-        work.miner.template mine<SimdRowOps>(loss.mining, work.classes, ProductSquaredDistances<T>{&work.pairwise},
-                        loss.margin, loss.distance, loss.soft_margin, weights);
+    const MiningResult result = work.miner.template mine<SimdMiningKernels>(
+        loss.mining, work.classes, ProductSquaredDistances<T>{&work.pairwise}, loss.margin,
+        loss.distance, loss.soft_margin, weights);
     if (result.count == 0.0) {
-      fill_gradient(grad, T(0));
+      fill_rows(grad, T(0));
       return T(0);
     }
     if (!grad.empty())

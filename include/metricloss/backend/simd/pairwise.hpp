@@ -7,8 +7,8 @@
 // Centring removes a common offset (every coordinate ~ 100: ||x||^2 ~ 1e6 against
 // distances ~ 1e-1) that would otherwise cancel every significant digit. The expansion
 // still loses digits when D2_ij is small against n_i + n_j, so those entries are recomputed
-// directly by differences; losses also recompute, with exact_squared(), every distance that
-// carries weight in their result (mined pairs, positive pairs).
+// directly by differences; losses also recompute, with by_differences(), the distances that
+// carry weight in their result (mined pairs, positive pairs).
 //
 // Gradient. For a loss L(D2) with W_ij = dL/dD2_ij (one entry per ordered pair),
 //   dL/dx_i = 2 sum_j S_ij (x_i - x_j),  S = W + W^T,   i.e.  dX = 2 (diag(S 1) - S) X,
@@ -16,8 +16,10 @@
 // centred xc, which keeps the product free of the offset's cancellation too.
 //
 // Products run through Eigen in tiles whose packing buffers fit Eigen's stack-allocation
-// limit, so that no call allocates once the workspace is warm.
+// limit, so that no call allocates once the workspace is warm (backend/simd/products.hpp).
+#include <metricloss/backend/simd/products.hpp>
 #include <metricloss/backend/simd/rowops.hpp>
+#include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/views.hpp>
 
@@ -25,117 +27,9 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <vector>
 
 namespace metricloss {
 namespace detail {
-
-/// Grow-only storage: a call at the same or a smaller size than an earlier one allocates
-/// nothing.
-template <class T>
-class GrowOnlyBuffer {
- public:
-  T* data(std::size_t size) {
-    if (storage_.size() < size) storage_.resize(size);
-    return storage_.data();
-  }
-
- private:
-  std::vector<T> storage_;
-};
-
-template <class T>
-using StridedMap = Eigen::Map<RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-template <class T>
-using ConstStridedMap = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-/// Depth and width of product tiles: each of Eigen's packed panels (depth x width) stays
-/// within its stack-allocation limit, so Eigen never calls malloc.
-template <class T>
-struct ProductTiles {
-  static constexpr Index bytes = EIGEN_STACK_ALLOCATION_LIMIT / 2;
-  static Index depth(Index k) { return std::min<Index>(k, 256); }
-  static Index width(Index k) {
-    const Index w = bytes / static_cast<Index>(sizeof(T)) / std::max<Index>(depth(k), 1);
-    return std::max<Index>(16, w / 16 * 16);
-  }
-};
-
-/// C = A B (or C += A B when `accumulate`), (m x k)(k x n), computed tile by tile without
-/// heap allocation.
-template <class T, class DA, class DB, class DC>
-void product_without_allocation(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b,
-                                const Eigen::MatrixBase<DC>& c_out, bool accumulate = false) {
-  auto& c = const_cast<Eigen::MatrixBase<DC>&>(c_out);
-  const Index m = a.rows(), k = a.cols(), n = b.cols();
-  const Index depth = ProductTiles<T>::depth(k), width = ProductTiles<T>::width(k);
-  for (Index i0 = 0; i0 < m; i0 += width) {
-    const Index mi = std::min(width, m - i0);
-    for (Index j0 = 0; j0 < n; j0 += width) {
-      const Index nj = std::min(width, n - j0);
-      auto tile = c.block(i0, j0, mi, nj);
-      for (Index k0 = 0; k0 < k; k0 += depth) {
-        const Index kk = std::min(depth, k - k0);
-        if (k0 == 0 && !accumulate)
-          tile.noalias() = a.block(i0, k0, mi, kk) * b.block(k0, j0, kk, nj);
-        else
-          tile.noalias() += a.block(i0, k0, mi, kk) * b.block(k0, j0, kk, nj);
-      }
-    }
-  }
-}
-
-/// The row stride of an N x N matrix of T: N padded to an odd number of 64-byte lines, so
-/// that the entries of a column spread over every cache set. With a stride of N at
-/// N = 1024 floats (4 KiB) they all fall in one set: the transposed passes ran 2-3x slower
-/// and the column sweeps thrash.
-template <class T>
-constexpr Index padded_stride(Index n) {
-  constexpr Index per_line = 64 / static_cast<Index>(sizeof(T));
-  Index lines = (n + per_line - 1) / per_line;
-  if (lines % 2 == 0) ++lines;
-  return lines * per_line;
-}
-
-/// Square tiles for the transposed passes over an N x N matrix: a plain sweep that writes
-/// (j, i) while reading (i, j) strides down a column; by tiles (and rows padded_stride
-/// apart) both sides stay in L1.
-constexpr Index transpose_tile = 32;
-
-/// m(j, i) = m(i, j) for j < i: the lower triangle mirrored into the upper.
-template <class T>
-void mirror_lower_triangle(StridedMap<T>& m) {
-  const Index n = m.rows(), b = transpose_tile;
-  for (Index i0 = 0; i0 < n; i0 += b) {
-    const Index bi = std::min(b, n - i0);
-    for (Index j0 = 0; j0 < i0; j0 += b) m.block(j0, i0, b, bi) = m.block(i0, j0, bi, b).transpose();
-    for (Index i = i0; i < i0 + bi; ++i)
-      for (Index j = i0; j < i; ++j) m(j, i) = m(i, j);
-  }
-}
-
-/// m = m + m^T in place (both triangles; the diagonal doubles).
-template <class T>
-void add_transpose_in_place(StridedMap<T>& m) {
-  const Index n = m.rows(), b = transpose_tile;
-  for (Index i0 = 0; i0 < n; i0 += b) {
-    const Index bi = std::min(b, n - i0);
-    for (Index j0 = 0; j0 < i0; j0 += b) {
-      auto lower = m.block(i0, j0, bi, b);
-      auto upper = m.block(j0, i0, b, bi);
-      lower += upper.transpose();
-      upper = lower.transpose();
-    }
-    for (Index i = i0; i < i0 + bi; ++i) {
-      m(i, i) += m(i, i);
-      for (Index j = i0; j < i; ++j) {
-        const T s = m(i, j) + m(j, i);
-        m(i, j) = s;
-        m(j, i) = s;
-      }
-    }
-  }
-}
 
 template <class T>
 class PairwiseDistances {
@@ -177,7 +71,7 @@ class PairwiseDistances {
     const auto fix = [&](Index i, Index j) {
       const T scale = norms[i] + norms[j];
       T value = scale - T(2) * squared[i * stride + j];
-      if (!(value > ratio * scale)) value = static_cast<T>(exact_squared(i, j));
+      if (!(value > ratio * scale)) value = static_cast<T>(by_differences(i, j));
       squared[i * stride + j] = value;
     };
     // Lower-triangular tiles of xc xc^T only: half the product's FLOPs. Each block row is
@@ -231,9 +125,10 @@ class PairwiseDistances {
   /// The row stride of squared() and of the weights (padded_stride).
   Index stride() const { return stride_; }
 
-  /// ||x_i - x_j||^2 by differences of the original rows, totalled in double: what a loss
-  /// uses for every distance that carries weight in its result.
-  double exact_squared(Index i, Index j) const {
+  /// ||x_i - x_j||^2 by differences of the original rows: lane sums in T, totalled in
+  /// double, so it errs by up to ~(d + 8) u_T of itself (SimdRowOps::sum_rounding_unit),
+  /// free of the product's cancellation. Where that is not enough, backend/simd/exact.hpp.
+  double by_differences(Index i, Index j) const {
     return SimdRowOps::squared_distance(x_.row(i), x_.row(j), x_.cols);
   }
 
@@ -298,61 +193,11 @@ class PairwiseDistances {
       out.row(i) = two_scale * (row_sums[i] * xc.row(i) - out.row(i));
   }
 
-  /// Diagonal block of the symmetric weights: gradient_from_symmetric_weights() reads the
-  /// strictly lower triangle, and mirrors it within the diagonal blocks of this size.
-  static constexpr Index symmetric_block = 128;
-
-  /// grad = scale * 2 (diag(r) - S) X for a symmetric S with zero diagonal whose strictly
-  /// lower triangle (j < i) the caller wrote into `s` (N x N, row i at s + i * stride; a
-  /// stride that is not a multiple of 4 KiB keeps the product's strided reads of S out of
-  /// the same cache sets), and r = row_sums (normally
-  /// S 1; a caller that applies some pairs by other means leaves them out of both). No
-  /// W + W^T pass: the product runs over the lower triangle by row panels, S[I, :I] xc,
-  /// and transposed column panels, S[below K, K]^T xc; only the diagonal blocks are
-  /// completed in place (their upper parts and the diagonal are overwritten). Entries
-  /// above the diagonal blocks are never read.
+  /// grad = scale * 2 (diag(r) - S) X for a symmetric S whose strictly lower triangle the
+  /// caller wrote into `w` (gradient_from_lower_weights, backend/simd/products.hpp).
   void gradient_from_symmetric_weights(T* w, Index stride, T scale, const T* row_sums,
                                        const MatrixView<T>& grad) {
-    const Index n = x_.rows, d = x_.cols, b = symmetric_block;
-    for (Index i0 = 0; i0 < n; i0 += b) {
-      const Index end = std::min(n, i0 + b);
-      for (Index i = i0; i < end; ++i) {
-        w[i * stride + i] = T(0);
-        for (Index j = i + 1; j < end; ++j) w[i * stride + j] = w[j * stride + i];
-      }
-    }
-    const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(stride));
-    const ConstStridedMap<T> xc = centred();
-    StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
-    // Products of (b x chunk)(chunk x chunk) panels, each packed panel within Eigen's
-    // stack-allocation limit; every entry of S is packed once when D <= chunk.
-    constexpr Index chunk = sizeof(T) <= 4 ? 128 : 64;
-    const auto accumulate = [&](const auto& lhs, const auto& rhs, auto&& c, bool first) {
-      const Index depth = lhs.cols();
-      for (Index j0 = 0; j0 < d; j0 += chunk) {
-        const Index nj = std::min(chunk, d - j0);
-        auto tile = c.middleCols(j0, nj);
-        for (Index k0 = 0; k0 < depth; k0 += chunk) {
-          const Index kk = std::min(chunk, depth - k0);
-          if (first && k0 == 0)
-            tile.noalias() = lhs.middleCols(k0, kk) * rhs.block(k0, j0, kk, nj);
-          else
-            tile.noalias() += lhs.middleCols(k0, kk) * rhs.block(k0, j0, kk, nj);
-        }
-      }
-    };
-    for (Index i0 = 0; i0 < n; i0 += b) {  // out[I] = S[I, :end(I)] xc[:end(I)]
-      const Index mi = std::min(b, n - i0), end = i0 + mi;
-      accumulate(s.block(i0, 0, mi, end), xc.topRows(end), out.middleRows(i0, mi), true);
-    }
-    for (Index k0 = 0; k0 + b < n; k0 += b) {  // out[K] += S[below, K]^T xc[below]
-      const Index below = k0 + b, rest = n - below;
-      accumulate(s.block(below, k0, rest, b).transpose(), xc.middleRows(below, rest),
-                 out.middleRows(k0, b), false);
-    }
-    const T two_scale = T(2) * scale;
-    for (Index i = 0; i < n; ++i)
-      out.row(i) = two_scale * (row_sums[i] * xc.row(i) - out.row(i));
+    gradient_from_lower_weights(centred(), w, stride, scale, row_sums, grad);
   }
 
   /// The centred batch xc = x - mean (N x D, contiguous).

@@ -1,7 +1,7 @@
 #pragma once
 // Row scans of the triplet miner for anchors with few positives (k <= scan_limit): one pass
 // over the anchor's row of distances per positive threshold, in double lanes
-// (MiningScans<true>, the SIMD path) or plain loops (MiningScans<false>, the reference).
+// (SimdMiningScans, here) or plain loops (ScalarMiningScans, the reference).
 // O(N k) per anchor, but a few cycles per 8 entries and no branch on the data, where the
 // bucket sweep they replace (one scalar step per entry with a data-dependent branch) cost
 // more than the product at N = 1024, k = 7. Entries that are not candidates hold NaN, which
@@ -9,9 +9,7 @@
 //
 // Selections that keep an index keep the first in row order on ties: each lane keeps its
 // first (strict compares), and lanes are merged by (value, index).
-#include <metricloss/detail/triplet_math.hpp>
-#include <metricloss/options.hpp>
-#include <metricloss/types.hpp>
+#include <metricloss/backend/scalar/mining_scans.hpp>
 
 #include <xsimd/xsimd.hpp>
 
@@ -21,85 +19,7 @@
 namespace metricloss {
 namespace detail {
 
-/// Anchors with more positives than this take the bucket sweeps (O(N log k) per anchor).
-constexpr Index scan_limit = 16;
-
-template <bool Lanes>
-struct MiningScans;
-
-/// The reference: plain loops.
-template <>
-struct MiningScans<false> {
-  /// The smallest v[j] > t (first j on ties; NaN and +inf never), or -1.
-  static Index nearest_above(const double* v, Index n, double t) {
-    double value = std::numeric_limits<double>::infinity();
-    Index found = -1;
-    select<true>(v, 0, n, t, value, found);
-    return found;
-  }
-
-  /// The largest v[j] (first j on ties; NaN never), or -1.
-  static Index farthest(const double* v, Index n) {
-    const double lowest = -std::numeric_limits<double>::infinity();
-    double value = lowest;
-    Index found = -1;
-    select<false>(v, 0, n, lowest, value, found);
-    return found;
-  }
-
-  /// Continues a selection over j in [begin, n): Above, the smallest v[j] > t; else the
-  /// largest v[j] (t unused). Strict compares: an earlier j keeps a tie.
-  template <bool Above>
-  static void select(const double* v, Index begin, Index n, double t, double& value, Index& found) {
-    for (Index j = begin; j < n; ++j)
-      if (Above ? (v[j] > t && v[j] < value) : v[j] > value) {
-        value = v[j];
-        found = j;
-      }
-  }
-
-  /// Adds to count and sum the v[j] < t for j in [begin, n), and 1 to slope[j] for each.
-  static void below(const double* v, Index begin, Index n, double t, double& count, double& sum,
-                    double* slope) {
-    for (Index j = begin; j < n; ++j)
-      if (v[j] < t) {
-        count += 1.0;
-        sum += v[j];
-        slope[j] += 1.0;
-      }
-  }
-
-  /// Calls near(j) for every j with |v[j] - t[i]| <= bound for some i < k.
-  template <class Near>
-  static void near_thresholds(const double* v, Index n, const double* t, Index k, double bound,
-                              Near&& near) {
-    for (Index j = 0; j < n; ++j)
-      for (Index i = 0; i < k; ++i)
-        if (std::abs(v[j] - t[i]) <= bound) {
-          near(j);
-          break;
-        }
-  }
-
-  /// For each threshold t[i]: active[i] = #{j : v[j] < t[i]}, active_sum[i] = the sum of those
-  /// v[j]; and slope[j] = -#{i : v[j] < t[i]} * distance_derivative(v[j]) (0 for NaN).
-  static void below_thresholds(const double* v, Index n, const double* t, Index k,
-                               Distance distance, double* active, double* active_sum,
-                               double* slope) {
-    for (Index j = 0; j < n; ++j) slope[j] = 0.0;
-    for (Index i = 0; i < k; ++i) {
-      double count = 0.0, sum = 0.0;
-      below(v, 0, n, t[i], count, sum, slope);
-      active[i] = count;
-      active_sum[i] = sum;
-    }
-    for (Index j = 0; j < n; ++j) slope[j] = -slope[j] * distance_derivative(v[j], distance);
-  }
-};
-
-/// The SIMD path: batches of doubles, scalar tails.
-template <>
-struct MiningScans<true> {
+struct SimdMiningScans {
   using batch = xsimd::batch<double>;
   static constexpr Index width = static_cast<Index>(batch::size);
 
@@ -120,9 +40,9 @@ struct MiningScans<true> {
       const batch x = batch::load_unaligned(v + j);
       auto hit = xsimd::abs(x - batch(t[0])) <= b;
       for (Index i = 1; i < k; ++i) hit = hit | (xsimd::abs(x - batch(t[i])) <= b);
-      if (xsimd::any(hit)) MiningScans<false>::near_thresholds(v + j, width, t, k, bound, [&](Index r) { near(j + r); });
+      if (xsimd::any(hit)) ScalarMiningScans::near_thresholds(v + j, width, t, k, bound, [&](Index r) { near(j + r); });
     }
-    MiningScans<false>::near_thresholds(v + j, n - j, t, k, bound, [&](Index r) { near(j + r); });
+    ScalarMiningScans::near_thresholds(v + j, n - j, t, k, bound, [&](Index r) { near(j + r); });
   }
 
   static void below_thresholds(const double* v, Index n, const double* t, Index k,
@@ -142,7 +62,7 @@ struct MiningScans<true> {
         (batch::load_unaligned(slope + j) + xsimd::select(below, one, zero)).store_unaligned(slope + j);
       }
       double c = xsimd::hadd(count), s = xsimd::hadd(sum);
-      MiningScans<false>::below(v, full, n, t[i], c, s, slope);
+      ScalarMiningScans::below(v, full, n, t[i], c, s, slope);
       active[i] = c;
       active_sum[i] = s;
     }
@@ -213,7 +133,7 @@ struct MiningScans<true> {
         found = at;
       }
     }
-    MiningScans<false>::select<Above>(v, j, n, t, value, found);
+    ScalarMiningScans::select<Above>(v, j, n, t, value, found);
     return found;
   }
 };

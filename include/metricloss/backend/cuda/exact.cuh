@@ -1,0 +1,55 @@
+#pragma once
+// The CUDA backend's exact squared distance: ||x_i - x_j||^2 with every difference and sum
+// in double (fma), in two forms of the same terms:
+//   exact_squared_thread  one thread, four independent sums (several loads in flight);
+//                         symmetric in i and j bit for bit, so comparisons that read it for
+//                         both sides (ties, duplicate rows) tie exactly;
+//   exact_squared_block   the block's threads share the columns, one block_sum (every
+//                         thread gets the total): for the few distances a block needs at D
+//                         in the thousands.
+#include <metricloss/backend/cuda/reduce.cuh>
+#include <metricloss/detail/views.hpp>
+
+#include <cuda_runtime.h>
+
+namespace metricloss {
+namespace detail {
+namespace cuda {
+
+template <class T>
+__device__ inline double exact_squared_thread(const MatrixView<const T>& x, Index i, Index j) {
+  const T* xi = x.row(i);
+  const T* xj = x.row(j);
+  const Index d = x.cols;
+  double sum[4] = {0.0, 0.0, 0.0, 0.0};
+  Index c = 0;
+#pragma unroll 2
+  for (; c + 4 <= d; c += 4)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const double diff = static_cast<double>(xi[c + u]) - static_cast<double>(xj[c + u]);
+      sum[u] = fma(diff, diff, sum[u]);
+    }
+  for (; c < d; ++c) {
+    const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
+    sum[0] = fma(diff, diff, sum[0]);
+  }
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+}
+
+template <int Threads, class T>
+__device__ inline double exact_squared_block(const MatrixView<const T>& x, Index i, Index j,
+                                             double* shared) {
+  const T* xi = x.row(i);
+  const T* xj = x.row(j);
+  double sum = 0.0;
+  for (Index c = threadIdx.x; c < x.cols; c += Threads) {
+    const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
+    sum = fma(diff, diff, sum);
+  }
+  return block_sum<Threads>(sum, shared);
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace metricloss

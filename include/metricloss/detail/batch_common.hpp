@@ -1,0 +1,64 @@
+#pragma once
+// What every backend of a batch loss does before its distances: group the labels, and
+// finish the calls whose result needs none (non-finite input, nothing to average).
+#include <metricloss/detail/label_classes.hpp>
+#include <metricloss/detail/views.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace metricloss {
+namespace detail {
+
+/// Every entry of m set to value.
+template <class T>
+void fill_rows(const MatrixView<T>& m, T value) {
+  for (Index i = 0; i < m.rows; ++i) std::fill(m.row(i), m.row(i) + m.cols, value);
+}
+
+/// Whether every entry of x is finite (a non-finite batch gives a NaN loss and gradient).
+template <class T>
+bool all_finite(const MatrixView<const T>& x) {
+  for (Index i = 0; i < x.rows; ++i) {
+    const T* row = x.row(i);
+    for (Index j = 0; j < x.cols; ++j)
+      if (!std::isfinite(row[j])) return false;
+  }
+  return true;
+}
+
+/// Groups the labels; a NaN label or a non-finite x finishes the call with a NaN loss and
+/// gradient (returns true, the loss in `value`).
+template <class T, class L>
+bool batch_triplet_not_finite(LabelClasses& classes, const MatrixView<const T>& x,
+                              const VectorView<L>& labels, const MatrixView<T>& grad, T& value) {
+  if (classes.assign(labels) && all_finite(x)) return false;
+  value = std::numeric_limits<T>::quiet_NaN();
+  fill_rows(grad, value);
+  return true;
+}
+
+/// The lifted calls that need no distances: a NaN label or non-finite data (NaN loss and
+/// gradient), |P| = 0 or a single class (loss 0, zero gradient). Otherwise every row has
+/// negatives. Returns true, with the loss in `value` and the gradient written, when the
+/// call is finished; otherwise `classes` is ready.
+template <class T, class L>
+bool lifted_trivial_case(LabelClasses& classes, const VectorView<L>& labels, bool data_finite,
+                         const MatrixView<T>& grad, double& value) {
+  if (!classes.assign(labels) || !data_finite) {
+    value = std::numeric_limits<double>::quiet_NaN();
+    if (!grad.empty()) fill_rows(grad, std::numeric_limits<T>::quiet_NaN());
+    return true;
+  }
+  // No positive pair, or one class (no negatives: every J = -inf).
+  if (classes.positive_pairs() == 0 || classes.classes() == 1) {
+    value = 0.0;
+    if (!grad.empty()) fill_rows(grad, T(0));
+    return true;
+  }
+  return false;
+}
+
+}  // namespace detail
+}  // namespace metricloss
