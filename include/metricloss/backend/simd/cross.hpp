@@ -1,0 +1,186 @@
+#pragma once
+// Query x reference squared distances and the gradients that flow back through them, for
+// the simd batch paths over a reference set (the rectangular form of
+// backend/simd/pairwise.hpp's square, symmetric case Q = R = X).
+//
+// Distances. D2_ij = n_i + m_j - 2 <qc_i, rc_j>, with Q (M x D) and R (K x D) centred at one
+// mean (of all M + K rows, in double) so that a common offset cancels before the product;
+// entries below recompute_ratio (n_i + m_j) (small, zero, negative, NaN) are recomputed by
+// differences of the original rows. |D2_ij - ||q_i - r_j||^2| <= rounding_unit(d) (n_i + m_j)
+// (detail/numerics.hpp) elsewhere.
+//
+// Gradients. For W_ij = dL/dD2_ij (M x K), with dD2_ij/dq_i = 2 (q_i - r_j):
+//   dQ = 2 (diag(W 1) Qc - W Rc),   dR = 2 (diag(W^T 1) Rc - W^T Qc),
+// two products. Pairs with D2_ij < near_ratio (n_i + m_j) are taken out of W first and
+// applied by differences in double, 2 W_ij (q_i - r_j), where the products would cancel.
+#include <metricloss/backend/simd/exact.hpp>
+#include <metricloss/backend/simd/products.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/numerics.hpp>
+#include <metricloss/detail/views.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstddef>
+
+namespace metricloss {
+namespace detail {
+
+template <class T>
+class CrossDistances {
+ public:
+  /// Fills squared() for the rows of q against the rows of r (same number of columns).
+  void compute(const MatrixView<const T>& q, const MatrixView<const T>& r) {
+    q_ = q;
+    r_ = r;
+    const Index m = q.rows, k = r.rows;
+    centre();
+    stride_ = padded_stride<T>(k);
+    T* squared = squared_.data(static_cast<std::size_t>(m * stride_));
+    StridedMap<T> sq(squared, m, k, Eigen::OuterStride<>(stride_));
+    product_without_allocation<T>(query_centred(), reference_centred().transpose(), sq);
+    const T* n = norms_.data(0);
+    const T* mr = n + m;
+    const T ratio = static_cast<T>(Numerics<T>::recompute_ratio);
+    for (Index i = 0; i < m; ++i) {
+      T* row = squared + i * stride_;
+      for (Index j = 0; j < k; ++j) {
+        const T scale = n[i] + mr[j];
+        const T value = scale - T(2) * row[j];
+        row[j] = value > ratio * scale ? value : static_cast<T>(exact(i, j));
+      }
+    }
+  }
+
+  Index queries() const { return q_.rows; }
+  Index references() const { return r_.rows; }
+
+  /// M x K squared distances of the last compute(), rows stride() apart.
+  StridedMap<T> squared() {
+    return StridedMap<T>(squared_.data(0), q_.rows, r_.rows, Eigen::OuterStride<>(stride_));
+  }
+  const T* squared_row(Index i) { return squared_.data(0) + i * stride_; }
+  Index stride() const { return stride_; }
+
+  /// ||q_i - r_j||^2 by differences in double (backend/simd/exact.hpp).
+  double exact(Index i, Index j) const { return exact_squared_distance(q_.row(i), r_.row(j), q_.cols); }
+
+  /// A bound on |squared()(i, j) - ||q_i - r_j||^2| (detail/numerics.hpp).
+  double rounding_bound(Index i, Index j) {
+    const T* n = norms_.data(0);
+    return product_rounding_unit<T>(q_.cols) *
+           (static_cast<double>(n[i]) + static_cast<double>(n[q_.rows + j]));
+  }
+
+  /// M x K weights W (dL/dD2_ij), set to zero, for the caller to fill.
+  StridedMap<T> zeroed_weights() {
+    StridedMap<T> w(weights_.data(static_cast<std::size_t>(q_.rows * stride_)), q_.rows, r_.rows,
+                    Eigen::OuterStride<>(stride_));
+    w.setZero();
+    return w;
+  }
+
+  /// grad_q = scale dQ and grad_r = scale dR (either may be empty) from W of
+  /// zeroed_weights(), which this destroys (its near pairs are taken out).
+  void gradients(T scale, const MatrixView<T>& grad_q, const MatrixView<T>& grad_r) {
+    const Index m = q_.rows, k = r_.rows, d = q_.cols;
+    T* w = weights_.data(0);
+    double* near_q = near_.data(static_cast<std::size_t>((m + k) * d));
+    double* near_r = near_q + m * d;
+    std::fill(near_q, near_q + (m + k) * d, 0.0);
+    double* row_sums = sums_.data(static_cast<std::size_t>(m + k));
+    double* column_sums = row_sums + m;
+    std::fill(row_sums, row_sums + m + k, 0.0);
+    const T* n = norms_.data(0);
+    const T* sq = squared_.data(0);
+    const double near_ratio = Numerics<T>::near_ratio;
+    for (Index i = 0; i < m; ++i)
+      for (Index j = 0; j < k; ++j) {
+        T& wij = w[i * stride_ + j];
+        if (wij == T(0)) continue;
+        const double scale_ij = static_cast<double>(n[i]) + static_cast<double>(n[m + j]);
+        if (static_cast<double>(sq[i * stride_ + j]) < near_ratio * scale_ij) {
+          add_difference(near_q + i * d, near_r + j * d, q_.row(i), r_.row(j), d,
+                         2.0 * static_cast<double>(wij));
+          wij = T(0);
+          continue;
+        }
+        row_sums[i] += static_cast<double>(wij);
+        column_sums[j] += static_cast<double>(wij);
+      }
+    const ConstStridedMap<T> weights(w, m, k, Eigen::OuterStride<>(stride_));
+    const T two_scale = T(2) * scale;
+    if (!grad_q.empty()) {
+      StridedMap<T> out(grad_q.data, m, d, Eigen::OuterStride<>(grad_q.stride));
+      product_without_allocation<T>(weights, reference_centred(), out);  // W Rc
+      finish(out, query_centred(), row_sums, near_q, two_scale, scale);
+    }
+    if (!grad_r.empty()) {
+      StridedMap<T> out(grad_r.data, k, d, Eigen::OuterStride<>(grad_r.stride));
+      product_without_allocation<T>(weights.transpose(), query_centred(), out);  // W^T Qc
+      finish(out, reference_centred(), column_sums, near_r, two_scale, scale);
+    }
+  }
+
+  /// The centred rows: Q's and R's, contiguous (M + K) x D, Q first.
+  ConstStridedMap<T> query_centred() {
+    return ConstStridedMap<T>(centred_.data(0), q_.rows, q_.cols, Eigen::OuterStride<>(q_.cols));
+  }
+  ConstStridedMap<T> reference_centred() {
+    return ConstStridedMap<T>(centred_.data(0) + q_.rows * q_.cols, r_.rows, r_.cols,
+                              Eigen::OuterStride<>(r_.cols));
+  }
+
+ private:
+  /// out_i = two_scale (sums_i c_i - out_i) + scale near_i: the diagonal part, the
+  /// product's sign, and the near pairs' part.
+  static void finish(StridedMap<T>& out, const ConstStridedMap<T>& centred, const double* sums,
+                     const double* near, T two_scale, T scale) {
+    const Index d = out.cols();
+    for (Index i = 0; i < out.rows(); ++i) {
+      out.row(i) = two_scale * (static_cast<T>(sums[i]) * centred.row(i) - out.row(i));
+      for (Index c = 0; c < d; ++c)
+        out(i, c) = static_cast<T>(static_cast<double>(out(i, c)) +
+                                   static_cast<double>(scale) * near[i * d + c]);
+    }
+  }
+
+  /// gq += v (a - b), gr -= v (a - b), in double.
+  static void add_difference(double* gq, double* gr, const T* a, const T* b, Index d, double v) {
+    for (Index c = 0; c < d; ++c) {
+      const double term = v * (static_cast<double>(a[c]) - static_cast<double>(b[c]));
+      gq[c] += term;
+      gr[c] -= term;
+    }
+  }
+
+  void centre() {
+    const Index m = q_.rows, k = r_.rows, d = q_.cols;
+    double* mean = mean_.data(static_cast<std::size_t>(d));
+    std::fill(mean, mean + d, 0.0);
+    const auto row_of = [&](Index i) { return i < m ? q_.row(i) : r_.row(i - m); };
+    for (Index i = 0; i < m + k; ++i)
+      for (Index c = 0; c < d; ++c) mean[c] += static_cast<double>(row_of(i)[c]);
+    for (Index c = 0; c < d; ++c) mean[c] /= static_cast<double>(m + k);
+    T* xc = centred_.data(static_cast<std::size_t>((m + k) * d));
+    T* norms = norms_.data(static_cast<std::size_t>(m + k));
+    for (Index i = 0; i < m + k; ++i) {
+      const T* row = row_of(i);
+      double norm = 0.0;
+      for (Index c = 0; c < d; ++c) {
+        xc[i * d + c] = static_cast<T>(static_cast<double>(row[c]) - mean[c]);
+        norm += static_cast<double>(xc[i * d + c]) * static_cast<double>(xc[i * d + c]);
+      }
+      norms[i] = static_cast<T>(norm);
+    }
+  }
+
+  MatrixView<const T> q_{}, r_{};
+  Index stride_ = 0;
+  GrowOnlyBuffer<T> centred_, squared_, weights_, norms_;  // norms: Q's M, then R's K
+  GrowOnlyBuffer<double> mean_, sums_, near_;
+};
+
+}  // namespace detail
+}  // namespace metricloss
