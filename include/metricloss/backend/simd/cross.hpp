@@ -112,14 +112,16 @@ class CrossDistances {
     const ConstStridedMap<T> weights(w, m, k, Eigen::OuterStride<>(stride_));
     const T two_scale = T(2) * scale;
     if (!grad_q.empty()) {
-      StridedMap<T> out(grad_q.data, m, d, Eigen::OuterStride<>(grad_q.stride));
+      StridedMap<T> out = staged(staging_, m, d);
       product_without_allocation<T>(weights, reference_centred(), out);  // W Rc
       finish(out, query_centred(), row_sums, near_q, two_scale, scale);
+      copy_rows(out, grad_q);
     }
     if (!grad_r.empty()) {
-      StridedMap<T> out(grad_r.data, k, d, Eigen::OuterStride<>(grad_r.stride));
+      StridedMap<T> out = staged(staging_, k, d);
       product_without_allocation<T>(weights.transpose(), query_centred(), out);  // W^T Qc
       finish(out, reference_centred(), column_sums, near_r, two_scale, scale);
+      copy_rows(out, grad_r);
     }
   }
 
@@ -180,6 +182,7 @@ class CrossDistances {
   Index stride_ = 0;
   GrowOnlyBuffer<T> centred_, squared_, weights_, norms_;  // norms: Q's M, then R's K
   GrowOnlyBuffer<double> mean_, sums_, near_;
+  AlignedBuffer<T> staging_;  // the gradient products, before they go to the caller
 };
 
 }  // namespace detail

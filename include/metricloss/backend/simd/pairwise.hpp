@@ -185,19 +185,22 @@ class PairwiseDistances {
       row_sums[i] = static_cast<T>(sum);
     }
     const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(stride));
-    StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
+    StridedMap<T> out = staged(staging_, n, d);
     product_without_allocation<T>(s, centred(), out);  // out = S xc
     const ConstStridedMap<T> xc = centred();
     const T two_scale = T(2) * scale;
     for (Index i = 0; i < n; ++i)
       out.row(i) = two_scale * (row_sums[i] * xc.row(i) - out.row(i));
+    copy_rows(out, grad);
   }
 
   /// grad = scale * 2 (diag(r) - S) X for a symmetric S whose strictly lower triangle the
   /// caller wrote into `w` (gradient_from_lower_weights, backend/simd/products.hpp).
   void gradient_from_symmetric_weights(T* w, Index stride, T scale, const T* row_sums,
                                        const MatrixView<T>& grad) {
-    gradient_from_lower_weights(centred(), w, stride, scale, row_sums, grad);
+    StridedMap<T> out = staged(staging_, x_.rows, x_.cols);
+    gradient_from_lower_weights(centred(), w, stride, scale, row_sums, out);
+    copy_rows(out, grad);
   }
 
   /// The centred batch xc = x - mean (N x D, contiguous).
@@ -233,6 +236,7 @@ class PairwiseDistances {
   MatrixView<const T> x_{};
   Index stride_ = 0;
   GrowOnlyBuffer<T> centred_, squared_, weights_, norms_, row_sums_;
+  AlignedBuffer<T> staging_;  // the gradient products, before they go to the caller
   GrowOnlyBuffer<double> mean_;
 };
 

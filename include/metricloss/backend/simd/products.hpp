@@ -1,6 +1,7 @@
 #pragma once
 // Eigen products of the simd batch paths without heap allocation, and the layout of their
 // N x N matrices (padded rows, tiled transposed passes).
+#include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/types.hpp>
 
@@ -104,11 +105,29 @@ void add_transpose_in_place(StridedMap<T>& m) {
   }
 }
 
+/// Where Eigen writes a product bound for a caller's buffer: rows of whole 64-byte lines from
+/// a 64-byte boundary, copied out afterwards (copy_rows). Eigen's small-size products peel
+/// by the destination's alignment, so written straight into the caller's gradient their
+/// rounding followed its address; staged, the bits are the same wherever it lies.
+template <class T>
+StridedMap<T> staged(AlignedBuffer<T>& buffer, Index rows, Index cols) {
+  constexpr Index per_line = 64 / static_cast<Index>(sizeof(T));
+  const Index stride = std::max<Index>(1, (cols + per_line - 1) / per_line) * per_line;
+  return StridedMap<T>(buffer.data(static_cast<std::size_t>(rows * stride)), rows, cols,
+                       Eigen::OuterStride<>(stride));
+}
+
+/// out = m, row by row (a plain copy: bit for bit).
+template <class T>
+void copy_rows(const StridedMap<T>& m, const MatrixView<T>& out) {
+  for (Index i = 0; i < m.rows(); ++i) std::copy(m.row(i).data(), m.row(i).data() + m.cols(), out.row(i));
+}
+
 /// Diagonal block of the symmetric weights: gradient_from_lower_weights() reads the
 /// strictly lower triangle, and mirrors it within the diagonal blocks of this size.
 constexpr Index symmetric_block = 128;
 
-/// grad = scale * 2 (diag(r) - S) X for a symmetric S with zero diagonal whose strictly
+/// out = scale * 2 (diag(r) - S) X for a symmetric S with zero diagonal whose strictly
 /// lower triangle (j < i) the caller wrote into `s` (N x N, row i at s + i * stride; a
 /// stride that is not a multiple of 4 KiB keeps the product's strided reads of S out of
 /// the same cache sets), and r = row_sums (normally
@@ -119,7 +138,7 @@ constexpr Index symmetric_block = 128;
 /// above the diagonal blocks are never read.
 template <class T>
 void gradient_from_lower_weights(const ConstStridedMap<T>& xc, T* w, Index stride, T scale,
-                                 const T* row_sums, const MatrixView<T>& grad) {
+                                 const T* row_sums, StridedMap<T>& out) {
   const Index n = xc.rows(), d = xc.cols(), b = symmetric_block;
   for (Index i0 = 0; i0 < n; i0 += b) {
     const Index end = std::min(n, i0 + b);
@@ -129,7 +148,6 @@ void gradient_from_lower_weights(const ConstStridedMap<T>& xc, T* w, Index strid
     }
   }
   const ConstStridedMap<T> s(w, n, n, Eigen::OuterStride<>(stride));
-  StridedMap<T> out(grad.data, n, d, Eigen::OuterStride<>(grad.stride));
   // Products of (b x chunk)(chunk x chunk) panels, each packed panel within Eigen's
   // stack-allocation limit; every entry of S is packed once when D <= chunk.
   constexpr Index chunk = sizeof(T) <= 4 ? 128 : 64;
