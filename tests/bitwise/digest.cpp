@@ -33,6 +33,7 @@
 // or +inf in x, a NaN label, values near 1e18 or 1e-36); odd sizes (N = 37, D = 17;
 // N = 129, D = 3); strided inputs and gradients; and a few malformed calls (the message's
 // hash, the gradients untouched). ~5600 calls, ~10 s at -O2.
+#include "digest_format.hpp"
 #include "fixed_alignment.hpp"  // every operator new on 64 bytes: alignments independent of heap history
 
 #include <metricloss/metricloss.hpp>
@@ -83,29 +84,10 @@ struct Rng {
 
 struct Fnv {
   std::uint64_t h = 0xcbf29ce484222325ull;
-  void bytes(const void* data, std::size_t size) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    for (std::size_t i = 0; i < size; ++i) {
-      h ^= p[i];
-      h *= 0x100000001b3ull;
-    }
-  }
+  void bytes(const void* data, std::size_t size) { h = bitwise::fnv(data, size, h); }
 };
 
-template <class T>
-std::string hex(T value) {
-  char buffer[24];
-  if constexpr (sizeof(T) == 4) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    std::snprintf(buffer, sizeof buffer, "%08x", static_cast<unsigned>(bits));
-  } else {
-    std::uint64_t bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(bits));
-  }
-  return buffer;
-}
+using bitwise::hex;
 
 template <class T>
 const char* type_name() {

@@ -12,6 +12,7 @@
 // picks the library; the fuzz source is the working tree's):
 //   g++ -std=c++17 -O2 -march=native -I<rev>/include -Itests -I<dir with fuzzer/FuzzedDataProvider.h>
 //       -isystem /usr/include/eigen3 tests/bitwise/replay.cpp
+#include "digest_format.hpp"
 #include "fixed_alignment.hpp"  // every operator new on 64 bytes: alignments independent of heap history
 
 #include <cstdint>
@@ -28,29 +29,9 @@ std::string file;  // the input being replayed
 long call = 0;     // calls so far in that input
 long total = 0;    // calls so far in all inputs
 
-inline std::uint64_t fnv(const void* data, std::size_t size, std::uint64_t h = 0xcbf29ce484222325ull) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < size; ++i) {
-    h ^= p[i];
-    h *= 0x100000001b3ull;
-  }
-  return h;
-}
+using bitwise::fnv;
 
-template <class T>
-std::string hex(T value) {
-  char buffer[24];
-  if constexpr (sizeof(T) == 4) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    std::snprintf(buffer, sizeof buffer, "%08x", static_cast<unsigned>(bits));
-  } else {
-    std::uint64_t bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(bits));
-  }
-  return buffer;
-}
+using bitwise::hex;
 
 /// Called by fuzz_losses.cpp's run() with each call's Outcome<T>: threw, message, loss (the
 /// returned T widened to double, exactly) and the wanted gradients' rows.
