@@ -1,0 +1,168 @@
+#pragma once
+// Mining::all: every triplet, by counts and sums below each hinge's threshold (hinge) or
+// by every (positive, negative) pair (soft margin: mining/all_soft.hpp).
+
+#include <metricloss/detail/mining/all_soft.hpp>
+#include <metricloss/detail/mining/common.hpp>
+
+#include <limits>
+
+namespace metricloss {
+namespace detail {
+namespace mining {
+
+/// Squared product values (value[j], within rounding(a, j) of exact) near the kink of a
+/// hinge, d_an = t_i, replaced by exact ones: which side of t_i a negative lies on decides
+/// whether its triplet counts in Z, and a hinge at exactly 0 must not.
+template <class Kernels, class Distances>
+void exact_near_kinks(Scratch& s, const Distances& distances, Index a, double* value, Index n,
+                      const double* thresholds, Index k, Distance distance, Index widest) {
+  using Scans = typename Kernels::Scans;
+  const double bound = distances.rounding(a, widest);
+  if (!(bound > 0.0)) return;
+  // The kinks as squared distances (a kink at t <= 0 has no negative below it); the
+  // rounding of t^2 and of the square root later is covered by kink_slack.
+  double* kink = s.centres.data(static_cast<std::size_t>(k));
+  double largest = 0.0;
+  for (Index i = 0; i < k; ++i) {
+    const double t = thresholds[i];
+    kink[i] = distance == Distance::squared_euclidean ? t
+              : t > 0.0 ? t * t : std::numeric_limits<double>::quiet_NaN();
+    if (std::abs(kink[i]) > largest) largest = std::abs(kink[i]);
+  }
+  const double slack = largest * Numerics<double>::kink_slack;
+  Scans::near_thresholds(value, n, kink, k, bound + slack, [&](Index j) {
+    const double own_bound = distances.rounding(a, j) + slack;
+    for (Index i = 0; i < k; ++i)
+      if (std::abs(value[j] - kink[i]) <= own_bound) {
+        value[j] = distances.exact(a, j);  // rare
+        return;
+      }
+  });
+}
+
+/// One anchor of Mining::all with the hinge and few positives: one scan per threshold
+/// t_p counts the negatives with d_an < t_p and sums their distances, and counts per
+/// negative the positives it is active with. value holds the row's distances.
+template <class Kernels, class T, class Weights>
+void all_hinge_scan(Scratch& s, MiningResult& result, Index a, const Positive* positives, Index k,
+                    const LabelClasses& classes, const T*, double* value, double* slope,
+                    Distance distance, Weights& weights) {
+  constexpr bool lanes = Kernels::soft_margin_lanes;
+  using Scans = typename Kernels::Scans;
+  const Index n = classes.size();
+  for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+    value[*p] = std::numeric_limits<double>::quiet_NaN();
+  double* active = s.bucket_count.data(static_cast<std::size_t>(k));
+  double* active_sum = s.bucket_sum.data(static_cast<std::size_t>(k));
+  Scans::below_thresholds(value, n, s.thresholds.data(0), k, distance, active, active_sum, slope);
+  for (Index i = 0; i < k; ++i) {
+    result.sum += active[i] * positives[i].key - active_sum[i];
+    result.count += active[i];
+    if (weights.enabled() && active[i] > 0.0)
+      weights.add(a, positives[i].index, active[i] * positives[i].distance.derivative);
+  }
+  if (!weights.enabled()) return;
+  if constexpr (lanes) {
+    // In T, as W holds them: SplitWeights' batches then need no conversion.
+    T* w = s.template lanes_scratch<T>(static_cast<std::size_t>(n));
+    for (Index j = 0; j < n; ++j) w[j] = static_cast<T>(slope[j]);
+    weights.add_row_lanes(a, static_cast<const T*>(w), n);
+  } else {
+    weights.add_row(a, slope, n);
+  }
+}
+
+/// Every triplet. Hinge: sum of max(d_ap + m - d_an, 0), count = active triplets, by
+/// buckets with prefix sums. Softplus: count = all triplets (softplus is positive).
+template <class Kernels, class Distances, class Weights>
+MiningResult all(Scratch& s, const LabelClasses& classes, const Distances& distances, double margin,
+                 Distance distance, bool soft_margin, Weights& weights) {
+  const Index n = classes.size();
+  const Index widest = distances.widest();
+  const Index* class_of = classes.class_of();
+  double* value = s.values.data(static_cast<std::size_t>(n));
+  Index* bucket = s.buckets.data(static_cast<std::size_t>(n));
+  double* slope = s.negative_slope.data(static_cast<std::size_t>(n));
+  MiningResult result;
+  for (Index a = 0; a < n; ++a) {
+    const Index k = classes.positives(a);
+    if (k == 0 || classes.negatives(a) == 0) continue;
+    // Positives by threshold t_p = d_ap + m; a negative is active with p when d_an < t_p.
+    const Positive* positives = s.sorted_positives(classes, a, [&](Index p) {
+      const DistanceTerm d = distance_from_squared(distances.exact(a, p), distance);
+      return Positive{d.value + margin, p, d};
+    });
+    const double* thresholds = s.thresholds_of(positives, k);
+    const auto* row = distances.row(a);
+    if constexpr (Kernels::soft_margin_lanes) {
+      if (soft_margin) {
+        all_soft_anchor_lanes<Kernels>(s, result, a, positives, k, classes, row, distance, weights);
+        continue;
+      }
+    }
+    // Distances of the whole row (one vectorisable pass; the anchor's class is skipped),
+    // exact where a product value is within its rounding of a hinge's kink.
+    for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
+    if (!soft_margin)
+      exact_near_kinks<Kernels>(s, distances, a, value, n, thresholds, k, distance, widest);
+    if (distance == Distance::euclidean) Kernels::RowOps::square_root_in_place(value, n);
+    const Index own = class_of[a];
+    if constexpr (!Kernels::soft_margin_lanes) {  // else taken above
+      if (soft_margin) {
+        all_soft_anchor<Kernels>(s, result, a, positives, k, n, class_of, own, value, slope,
+                                  distance, weights);
+        continue;
+      }
+    }
+    if (k <= scan_limit) {
+      all_hinge_scan<Kernels>(s, result, a, positives, k, classes, row, value, slope, distance,
+                              weights);
+      continue;
+    }
+    // Bucket b: negatives with exactly b thresholds <= d_an, active with positives b..k-1.
+    // Four interleaved copies of the counts and sums, so that runs of one bucket do not
+    // chain every add through the same memory word.
+    constexpr Index copies = 4;
+    const Index stride = k + 1;
+    double* counts = s.bucket_count.data(static_cast<std::size_t>(copies * stride));
+    double* sums = s.bucket_sum.data(static_cast<std::size_t>(copies * stride));
+    std::fill(counts, counts + copies * stride, 0.0);
+    std::fill(sums, sums + copies * stride, 0.0);
+    count_thresholds_below<true>(thresholds, k, value, n, bucket);
+    for (Index j = 0; j < n; ++j) {
+      if (class_of[j] == own) continue;
+      const Index slot = (j % copies) * stride + bucket[j];
+      counts[slot] += 1.0;
+      sums[slot] += value[j];
+    }
+    for (Index c = 1; c < copies; ++c)
+      for (Index b = 0; b < stride; ++b) {
+        counts[b] += counts[c * stride + b];
+        sums[b] += sums[c * stride + b];
+      }
+    const double* count = counts;
+    const double* sum = sums;
+    double active = 0.0, active_sum = 0.0;
+    for (Index i = 0; i < k; ++i) {
+      active += count[i];
+      active_sum += sum[i];
+      result.sum += active * thresholds[i] - active_sum;
+      result.count += active;
+      if (weights.enabled() && active > 0.0)
+        weights.add(a, positives[i].index, active * positives[i].distance.derivative);
+    }
+    if (!weights.enabled()) continue;
+    // Negative j is active with k - bucket[j] positives (one branch-free pass).
+    for (Index j = 0; j < n; ++j) {
+      const double with = class_of[j] == own ? 0.0 : static_cast<double>(k - bucket[j]);
+      slope[j] = -with * distance_derivative(value[j], distance);
+    }
+    weights.add_row(a, slope, n);
+  }
+  return result;
+}
+
+}  // namespace mining
+}  // namespace detail
+}  // namespace metricloss

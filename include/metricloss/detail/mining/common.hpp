@@ -1,0 +1,160 @@
+#pragma once
+// The triplet miner's shared parts: its result, its scratch memory, the binary search of
+// sorted thresholds, the exact settling of ties under product rounding, and the term of one
+// mined triplet. The selection rules (mining/hard.hpp, semihard.hpp, all.hpp) use them.
+
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/label_classes.hpp>
+#include <metricloss/detail/numerics.hpp>
+#include <metricloss/detail/triplet_math.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/options.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace metricloss {
+namespace detail {
+
+/// The loss before normalisation, and what it is divided by (anchors for hard, pairs for
+/// semihard, triplets with a positive hinge for all). L = sum / count, or 0 when count = 0.
+struct MiningResult {
+  double sum = 0.0;
+  double count = 0.0;
+};
+
+/// The number of sorted thresholds t[0..k) below v (strictly, or at most v): a binary search
+/// whose steps are conditional moves, since which way a random distance goes is a coin flip
+/// that a branch would mispredict.
+template <bool OrEqual>
+inline Index count_thresholds_below(const double* t, Index k, double v) {
+  if (k == 0) return 0;
+  const double* base = t;
+  Index length = k;
+  while (length > 1) {
+    const Index half = length / 2;
+    base = (OrEqual ? base[half - 1] <= v : base[half - 1] < v) ? base + half : base;
+    length -= half;
+  }
+  return (base - t) + ((OrEqual ? *base <= v : *base < v) ? 1 : 0);
+}
+
+/// bucket[j] = the number of sorted thresholds below value[j] (strictly, or at most), for
+/// j < n, by a branch-free binary search per entry (the anchors with many positives; few
+/// take Kernels::Scans).
+template <bool OrEqual>
+inline void count_thresholds_below(const double* t, Index k, const double* value, Index n,
+                                   Index* bucket) {
+  for (Index j = 0; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
+}
+
+/// Anchors with more positives than this take the bucket sweeps (O(N log k) per anchor);
+/// fewer, one scan of the row per positive (Kernels::Scans).
+constexpr Index scan_limit = 16;
+
+namespace mining {
+
+/// A positive of the current anchor, with what positives are sorted by.
+struct Positive {
+  double key;  // what positives are sorted by
+  Index index;
+  DistanceTerm distance;
+};
+
+/// One selection from a row of values: the smallest value above `above` (NaN: none), or
+/// with `largest` the largest value.
+struct Selection {
+  Index chosen;
+  double above;
+  bool largest;
+};
+
+/// The miner's per-anchor scratch memory (grow-only: nothing is allocated once warm).
+struct Scratch {
+  GrowOnlyBuffer<Positive> positives;
+  GrowOnlyBuffer<double> thresholds, bucket_count, bucket_sum, values, negative_slope, packed;
+  GrowOnlyBuffer<double> centres;  // settle_ties: a window centre and an exact distance each
+  GrowOnlyBuffer<Selection> selections;
+  GrowOnlyBuffer<Index> nearest, buckets;
+  GrowOnlyBuffer<float> lanes_float;  // all_soft_anchor_lanes: 4 rows of the distances' type
+  GrowOnlyBuffer<double> lanes_double;
+
+  template <class T>
+  T* lanes_scratch(std::size_t size) {
+    if constexpr (std::is_same<T, float>::value) return lanes_float.data(size);
+    else return lanes_double.data(size);
+  }
+
+  /// The positives of anchor a made by `make`, sorted by key (ties by row).
+  template <class Make>
+  const Positive* sorted_positives(const LabelClasses& classes, Index a, Make&& make) {
+    Positive* out = positives.data(static_cast<std::size_t>(classes.positives(a)));
+    Index k = 0;
+    for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+      if (*p != a) out[k++] = make(*p);
+    std::sort(out, out + k, [](const Positive& x, const Positive& y) {
+      return x.key < y.key || (!(y.key < x.key) && x.index < y.index);
+    });
+    return out;
+  }
+
+  const double* thresholds_of(const Positive* sorted, Index k) {
+    double* out = thresholds.data(static_cast<std::size_t>(k));
+    for (Index i = 0; i < k; ++i) out[i] = sorted[i].key;
+    return out;
+  }
+};
+
+/// Rows whose values lie within 2 bound of a selection's (values within `bound` of the
+/// exact distances; NaN: not a candidate) are compared with it on exact distances, and
+/// the exact extreme is kept, lowest row on ties: product rounding must not decide a tie.
+/// One pass over the row for all m selections.
+template <class Kernels, class Distances>
+void settle_ties(Scratch& scratch, const Distances& distances, Index a, const double* value,
+                 Index n, Selection* selections, Index m, double bound) {
+  using Scans = typename Kernels::Scans;
+  double* centre = scratch.centres.data(static_cast<std::size_t>(2 * m));
+  double* exact = centre + m;
+  // Rows within two bounds of the winner's value, on either side (the predicate keeps
+  // the right ones): centred on the value itself, |v - centre| is exact where it matters.
+  const double half = 2.0 * bound * (1.0 + Numerics<double>::kink_slack);
+  for (Index s = 0; s < m; ++s) {
+    const Index c = selections[s].chosen;
+    centre[s] = c < 0 ? std::numeric_limits<double>::quiet_NaN() : value[c];
+    exact[s] = std::numeric_limits<double>::quiet_NaN();
+  }
+  Scans::near_thresholds(value, n, centre, m, half, [&](Index j) {
+    for (Index s = 0; s < m; ++s) {
+      Selection& sel = selections[s];
+      if (sel.chosen < 0 || j == sel.chosen || !(std::abs(value[j] - centre[s]) <= half)) continue;
+      if (!sel.largest && !(value[j] > sel.above)) continue;
+      if (exact[s] != exact[s]) exact[s] = distances.exact(a, sel.chosen);
+      const double e = distances.exact(a, j);
+      const bool better = sel.largest ? e > exact[s] : e < exact[s];
+      if (better || (e == exact[s] && j < sel.chosen)) {
+        sel.chosen = j;
+        exact[s] = e;
+      }
+    }
+  });
+}
+
+/// One mined triplet, its distances recomputed by differences.
+template <class Distances, class Weights>
+void add_triplet(MiningResult& result, Index a, Index positive, Index negative,
+                 const Distances& distances, double margin, Distance distance,
+                 bool soft_margin, Weights& weights) {
+  const TripletTerm t = triplet_term(distances.exact(a, positive), distances.exact(a, negative),
+                                     margin, distance, soft_margin);
+  result.sum += t.loss;
+  result.count += 1.0;
+  if (!weights.enabled()) return;
+  if (t.positive_weight != 0.0) weights.add(a, positive, t.positive_weight);
+  if (t.negative_weight != 0.0) weights.add(a, negative, -t.negative_weight);
+}
+
+}  // namespace mining
+}  // namespace detail
+}  // namespace metricloss

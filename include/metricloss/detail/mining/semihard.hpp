@@ -1,0 +1,129 @@
+#pragma once
+// Mining::semihard: per (anchor, positive) the nearest negative farther than the positive,
+// by row scans (few positives) or by buckets of sorted thresholds (many).
+
+#include <metricloss/detail/mining/common.hpp>
+
+#include <limits>
+
+namespace metricloss {
+namespace detail {
+namespace mining {
+
+/// One anchor of semihard with many positives: O(N log k) by buckets. value holds the
+/// row's distances in double; on return it holds exact values where they were recomputed
+/// and NaN off the negatives, and chosen[i] positive i's negative.
+template <class Distances>
+void semihard_by_buckets(Scratch& s, Index a, Index k, const LabelClasses& classes,
+                         const Distances& distances, double* value, Selection* chosen) {
+  const Index n = classes.size();
+  const Index* class_of = classes.class_of();
+  const double* thresholds = s.thresholds.data(0);
+  // Bucket b holds the negatives farther than exactly the b nearest positives; each
+  // keeps its nearest (first in row order on ties).
+  Index* nearest = s.nearest.data(static_cast<std::size_t>(k + 1));
+  double* nearest_value = s.bucket_sum.data(static_cast<std::size_t>(k + 1));
+  std::fill(nearest, nearest + k + 1, Index(-1));
+  std::fill(nearest_value, nearest_value + k + 1, std::numeric_limits<double>::infinity());
+  Index* bucket = s.buckets.data(static_cast<std::size_t>(n));
+  count_thresholds_below<false>(thresholds, k, value, n, bucket);
+  const Index own = class_of[a];
+  Index farthest = -1;
+  double farthest_value = -std::numeric_limits<double>::infinity();
+  for (Index j = 0; j < n; ++j) {
+    if (class_of[j] == own) {
+      value[j] = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
+    double q = value[j];
+    Index b = bucket[j];
+    const double bound = distances.rounding(a, j);
+    if (bound > 0.0 && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound))) {
+      q = distances.exact(a, j);  // rare
+      value[j] = q;
+      b = count_thresholds_below<false>(thresholds, k, q);
+    }
+    if (q > farthest_value) {
+      farthest_value = q;
+      farthest = j;
+    }
+    if (q < nearest_value[b]) {
+      nearest_value[b] = q;
+      nearest[b] = j;
+    }
+  }
+  // Suffix minimum: nearest[i] becomes the nearest negative farther than positive i - 1
+  // (bucket 0, nearer than every positive, never counts).
+  for (Index b = k - 1; b >= 1; --b)
+    if (nearest_value[b + 1] < nearest_value[b]) {
+      nearest_value[b] = nearest_value[b + 1];
+      nearest[b] = nearest[b + 1];
+    }
+  for (Index i = 0; i < k; ++i)
+    chosen[i] = nearest[i + 1] >= 0
+                    ? Selection{nearest[i + 1], thresholds[i], false}
+                    : Selection{farthest, -std::numeric_limits<double>::infinity(), true};
+}
+
+/// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
+/// negative), over pairs (a, p) whose anchor has a negative.
+template <class Kernels, class Distances, class Weights>
+MiningResult semihard(Scratch& s, const LabelClasses& classes, const Distances& distances,
+                      double margin, Distance distance, bool soft_margin, Weights& weights) {
+  using Scans = typename Kernels::Scans;
+  const Index n = classes.size();
+  const Index widest = distances.widest();
+  MiningResult result;
+  for (Index a = 0; a < n; ++a) {
+    const Index k = classes.positives(a);
+    if (k == 0 || classes.negatives(a) == 0) continue;
+    const auto* row = distances.row(a);
+    // Exact thresholds, and below exact values for negatives within the product's rounding
+    // of one: a negative tied with a positive (a duplicate row) is then never "farther".
+    const Positive* positives = s.sorted_positives(classes, a, [&](Index p) {
+      return Positive{distances.exact(a, p), p, {}};
+    });
+    const double* thresholds = s.thresholds_of(positives, k);
+    double* value = s.values.data(static_cast<std::size_t>(n));
+    for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
+    Selection* chosen = s.selections.data(static_cast<std::size_t>(k + 1));
+    if (k > scan_limit) {
+      semihard_by_buckets(s, a, k, classes, distances, value, chosen);
+    } else {
+      // One scan per positive over the row, the anchor's class masked out by NaN; first
+      // the negatives near a threshold (within the largest bound of the row, then their
+      // own) get exact values.
+      for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
+        value[*p] = std::numeric_limits<double>::quiet_NaN();
+      const double bound = distances.rounding(a, widest);
+      if (bound > 0.0)
+        Scans::near_thresholds(value, n, thresholds, k, bound, [&](Index j) {
+          const double own_bound = distances.rounding(a, j);
+          for (Index i = 0; i < k; ++i)
+            if (std::abs(value[j] - thresholds[i]) <= own_bound) {
+              value[j] = distances.exact(a, j);  // rare
+              return;
+            }
+        });
+      Index farthest = -2;  // not yet searched
+      for (Index i = 0; i < k; ++i) {
+        chosen[i] = Selection{Scans::nearest_above(value, n, thresholds[i]), thresholds[i], false};
+        if (chosen[i].chosen >= 0) continue;
+        if (farthest == -2) farthest = Scans::farthest(value, n);
+        chosen[i] = Selection{farthest, -std::numeric_limits<double>::infinity(), true};
+      }
+    }
+    // value: NaN off the negatives, exact near every threshold. Ties under rounding are
+    // settled on exact distances.
+    const double bound = distances.rounding(a, widest);
+    if (bound > 0.0) settle_ties<Kernels>(s, distances, a, value, n, chosen, k, bound);
+    for (Index i = 0; i < k; ++i)
+      add_triplet(result, a, positives[i].index, chosen[i].chosen, distances, margin, distance,
+                  soft_margin, weights);
+  }
+  return result;
+}
+
+}  // namespace mining
+}  // namespace detail
+}  // namespace metricloss
