@@ -1,6 +1,7 @@
 // API.md: functors hold reusable scratch memory; a loss inside a training loop must not
-// allocate per step. After one warm-up call, forward_backward of every loss, every option,
-// both CPU paths, performs no heap allocation at the same shapes.
+// allocate per step. After one warm-up call, every call form of every registered loss
+// (tests/registry.hpp), every option, both CPU paths, performs no heap allocation at the
+// same shapes.
 //
 // Two counters, since Eigen does not allocate through operator new:
 //   - this binary replaces the global operator new / delete (std::vector growth, strings);
@@ -30,6 +31,7 @@ inline void eigen_assertion_failed(const char* condition, const char* file, int 
 #define eigen_assert(x) \
   ((x) ? static_cast<void>(0) : ::mltest::eigen_assertion_failed(#x, __FILE__, __LINE__))
 
+#include "registry.hpp"
 #include "support.hpp"
 
 namespace {
@@ -92,6 +94,7 @@ namespace {
 using mltest::Matrix;
 using mltest::ml::Index;
 namespace ml = metricloss;
+namespace registry = mltest::registry;
 
 /// Heap allocations (operator new and Eigen's malloc) made by f.
 struct Counted {
@@ -131,60 +134,20 @@ const Shape shapes[] = {{1, 1}, {7, 5}, {40, 37}, {33, 300}, {160, 96}};
 
 template <class T, class Tag>
 void check_all_losses() {
-  const Tag tag{};
   for (const Shape shape : shapes) {
-    const Index n = shape.n, d = shape.d;
-    CAPTURE(n, d);
-    std::mt19937_64 rng(static_cast<std::uint64_t>(n * 1000 + d));
-    const Matrix<T> a = mltest::uniform_matrix<T>(n, d, rng), b = mltest::uniform_matrix<T>(n, d, rng),
-                    c = mltest::uniform_matrix<T>(n, d, rng);
-    Matrix<T> offset = mltest::uniform_matrix<T>(n, d, rng, 99.9, 100.1);
-    if (n > 3) offset.row(3) = offset.row(1);  // coincident rows: near-pair paths
-    const auto labels64 = mltest::random_labels(n, 4, rng);
-    Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels(n);
-    Eigen::VectorXf float_labels(n), sim(n);
-    for (Index i = 0; i < n; ++i) {
-      labels[i] = labels64[static_cast<std::size_t>(i)];
-      float_labels[i] = static_cast<float>(labels[i]);
-      sim[i] = static_cast<float>(labels[i] % 2);
-    }
-    const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> other_labels = labels.reverse();
-    Matrix<T> g1(n, d), g2(n, d), g3(n, d);
-    // Strided gradient maps.
-    std::vector<T> strided_storage(static_cast<std::size_t>(n * (d + 3)));
-    ml::RowMap<T> strided(strided_storage.data(), n, d, Eigen::OuterStride<>(d + 3));
-
-    for (auto form : {ml::ContrastiveForm::hadsell, ml::ContrastiveForm::legacy}) {
-      CAPTURE(static_cast<int>(form));
-      ml::ContrastiveLoss<T> loss(T(1.2), form);
-      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, sim, g1, g2, T(0.5)); });
-      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, labels, other_labels, strided, ml::skip); });
-      expect_no_allocation_once_warm([&] { loss.forward(tag, a, b, sim); });
-    }
-    for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean}) {
-      CAPTURE(static_cast<int>(distance));
-      ml::TripletLoss<T> loss(T(0.3), distance);
-      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, c, g1, g2, g3); });
-      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, a, b, c, ml::skip, strided, ml::skip); });
-      expect_no_allocation_once_warm([&] { loss.forward(tag, a, b, c); });
-    }
-    const Matrix<T>* const batches[] = {&a, &offset};
-    for (const Matrix<T>* x : batches) {
-      CAPTURE(x == &offset);
-      ml::LiftedStructureLoss<T> loss(T(1));
-      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, *x, labels, g1, T(2)); });
-      expect_no_allocation_once_warm([&] { loss.forward_backward(tag, *x, float_labels, strided); });
-      expect_no_allocation_once_warm([&] { loss.forward(tag, *x, labels); });
-      for (auto mining : {ml::Mining::all, ml::Mining::hard, ml::Mining::semihard})
-        for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
-          for (bool soft : {false, true}) {
-            CAPTURE(static_cast<int>(mining), static_cast<int>(distance), soft);
-            ml::BatchTripletLoss<T> batch(T(0.2), mining, distance, soft);
-            expect_no_allocation_once_warm([&] { batch.forward_backward(tag, *x, labels, g1); });
-            expect_no_allocation_once_warm([&] { batch.forward_backward(tag, *x, float_labels, strided, T(-1)); });
-            expect_no_allocation_once_warm([&] { batch.forward(tag, *x, labels); });
-          }
-    }
+    CAPTURE(shape.n, shape.d);
+    const registry::Data<T> data(shape.n, shape.d, static_cast<std::uint64_t>(shape.n * 1000 + shape.d));
+    registry::Outputs<T> out(shape.n, shape.d);
+    registry::for_each_loss([&](auto entry) {
+      using Entry = decltype(entry);
+      for (auto& config : Entry::template configs<T>()) {
+        CAPTURE(Entry::name, config.label);
+        Entry::calls(Tag{}, config.loss, data, out, [&](const std::string& call, auto&& run) {
+          CAPTURE(call);
+          expect_no_allocation_once_warm(run);
+        });
+      }
+    });
   }
 }
 

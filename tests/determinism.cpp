@@ -1,11 +1,12 @@
 // API.md: "Same inputs, same tag, same build: bitwise the same outputs. Functors hold their
-// options and reusable scratch memory; one instance per thread." Every loss, every option,
-// both CPU paths: the same call twice on one functor (cold, then warm scratch) gives
-// bitwise-equal loss and gradients, and so do two threads that each own a functor.
+// options and reusable scratch memory; one instance per thread." Every registered loss
+// (tests/registry.hpp), every option and call form, both CPU paths: the same calls twice on
+// one functor (cold, then warm scratch) give bitwise-equal losses and gradients, and so do
+// two threads that each own a functor.
+#include "registry.hpp"
 #include "support.hpp"
 
 #include <cstring>
-#include <functional>
 #include <thread>
 
 namespace {
@@ -13,119 +14,68 @@ namespace {
 using mltest::Matrix;
 using mltest::ml::Index;
 namespace ml = metricloss;
+namespace registry = mltest::registry;
 
 /// The loss and every gradient of one call, as bytes.
 struct Result {
   std::vector<unsigned char> bytes;
   template <class T>
   void add(const T& value) {
-    const auto* p = reinterpret_cast<const unsigned char*>(&value);
-    bytes.insert(bytes.end(), p, p + sizeof(T));
+    append(&value, sizeof(T));
   }
   template <class T>
   void add(const Matrix<T>& m) {
-    const auto* p = reinterpret_cast<const unsigned char*>(m.data());
-    bytes.insert(bytes.end(), p, p + sizeof(T) * static_cast<std::size_t>(m.size()));
+    append(m.data(), sizeof(T) * static_cast<std::size_t>(m.size()));
+  }
+  // resize and memcpy: GCC 12 misreads vector::insert's inlined memmove (-Wnonnull).
+  void append(const void* p, std::size_t size) {
+    const std::size_t at = bytes.size();
+    bytes.resize(at + size);
+    if (size > 0) std::memcpy(bytes.data() + at, p, size);
   }
 };
 
-/// One configured call: runs on the functor it is given (or a new one), returns its result.
-using Case = std::function<Result()>;
-
-template <class T, class Tag>
-std::vector<std::pair<std::string, std::function<Case()>>> cases() {
-  // Each entry makes a Case owning its functor and data, so that threads share nothing.
-  std::vector<std::pair<std::string, std::function<Case()>>> out;
-  const Index n = 48, d = 37;  // D not a multiple of any batch width: tails too
-  std::mt19937_64 rng(2026);
-  const Matrix<T> a = mltest::uniform_matrix<T>(n, d, rng), b = mltest::uniform_matrix<T>(n, d, rng),
-                  c = mltest::uniform_matrix<T>(n, d, rng);
-  // A batch with a common offset and a few coincident rows: every special path taken.
-  Matrix<T> x = mltest::uniform_matrix<T>(n, d, rng, 99.9, 100.1);
-  x.row(5) = x.row(4);
-  x.row(9) = x.row(4);
-  const auto labels64 = mltest::random_labels(n, 5, rng);
-  Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels(n);
-  for (Index i = 0; i < n; ++i) labels[i] = labels64[static_cast<std::size_t>(i)];
-  Eigen::VectorXf sim(n);
-  for (Index i = 0; i < n; ++i) sim[i] = static_cast<float>(labels[i] % 2);
-
-  for (auto form : {ml::ContrastiveForm::hadsell, ml::ContrastiveForm::legacy})
-    out.emplace_back(std::string("contrastive ") + (form == ml::ContrastiveForm::hadsell ? "hadsell" : "legacy"),
-                     [=] {
-                       return Case([=, loss = ml::ContrastiveLoss<T>(T(1.5), form)]() mutable {
-                         Matrix<T> ga(n, d), gb(n, d);
-                         Result r;
-                         r.add(loss.forward_backward(Tag{}, a, b, sim, ga, gb, T(0.5)));
-                         r.add(ga);
-                         r.add(gb);
-                         r.add(loss.forward_backward(Tag{}, a, b, labels, labels.reverse().eval(), ga, ml::skip));
-                         r.add(ga);
-                         return r;
-                       });
-                     });
-  for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
-    out.emplace_back(std::string("triplet ") + (distance == ml::Distance::euclidean ? "euclidean" : "squared"),
-                     [=] {
-                       return Case([=, loss = ml::TripletLoss<T>(T(0.3), distance)]() mutable {
-                         Matrix<T> ga(n, d), gp(n, d), gn(n, d);
-                         Result r;
-                         r.add(loss.forward_backward(Tag{}, a, b, c, ga, gp, gn));
-                         r.add(ga);
-                         r.add(gp);
-                         r.add(gn);
-                         return r;
-                       });
-                     });
-  const Matrix<T>* const batches[] = {&a, &x};
-  for (const Matrix<T>* data : batches)
-    out.emplace_back(std::string("lifted structure") + (data == &x ? " at an offset" : ""), [=, batch = *data] {
-      return Case([=, loss = ml::LiftedStructureLoss<T>(T(1))]() mutable {
-        Matrix<T> g(n, d);
-        Result r;
-        r.add(loss.forward_backward(Tag{}, batch, labels, g, T(2)));
-        r.add(g);
-        return r;
-      });
-    });
-  for (auto mining : {ml::Mining::all, ml::Mining::hard, ml::Mining::semihard})
-    for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
-      for (bool soft : {false, true})
-        for (const Matrix<T>* data : batches)
-          out.emplace_back("batch triplet mining " + std::to_string(static_cast<int>(mining)) +
-                               " distance " + std::to_string(static_cast<int>(distance)) +
-                               (soft ? " soft" : "") + (data == &x ? " at an offset" : ""),
-                           [=, batch = *data] {
-                             return Case([=, loss = ml::BatchTripletLoss<T>(T(0.2), mining, distance, soft)]() mutable {
-                               Matrix<T> g(n, d);
-                               Result r;
-                               r.add(loss.forward_backward(Tag{}, batch, labels, g));
-                               r.add(g);
-                               return r;
-                             });
-                           });
-  return out;
+/// Every call form of one configured functor, in order: each call's loss and every gradient
+/// buffer after it.
+template <class Tag, class Entry, class Loss, class T>
+Result run_calls(Loss& loss, const registry::Data<T>& data) {
+  registry::Outputs<T> out(data.n, data.d);
+  Result r;
+  Entry::calls(Tag{}, loss, data, out, [&](const std::string&, auto&& call) {
+    r.add(call());
+    r.add(out.g1);
+    r.add(out.g2);
+    r.add(out.g3);
+    r.add(Matrix<T>(out.strided));
+  });
+  return r;
 }
 
 template <class T, class Tag>
 void check_determinism() {
-  for (const auto& [name, make] : cases<T, Tag>()) {
-    CAPTURE(name);
-    // The same functor twice: cold scratch, then warm.
-    Case same = make();
-    const Result first = same();
-    const Result second = same();
-    CHECK(first.bytes == second.bytes);
-    // Two threads, each with its own functor, against this thread's result.
-    Case in_one = make(), in_two = make();
-    Result one, two;
-    std::thread t1([&] { one = in_one(); });
-    std::thread t2([&] { two = in_two(); });
-    t1.join();
-    t2.join();
-    CHECK(one.bytes == first.bytes);
-    CHECK(two.bytes == first.bytes);
-  }
+  // D not a multiple of any batch width (tails too); the batch at an offset has coincident
+  // rows: every special path taken.
+  const registry::Data<T> data(48, 37, 2026);
+  registry::for_each_loss([&](auto entry) {
+    using Entry = decltype(entry);
+    for (const auto& config : Entry::template configs<T>()) {
+      CAPTURE(Entry::name, config.label);
+      // The same functor twice: cold scratch, then warm.
+      auto same = config.loss;
+      const Result first = run_calls<Tag, Entry>(same, data);
+      const Result second = run_calls<Tag, Entry>(same, data);
+      CHECK(first.bytes == second.bytes);
+      // Two threads, each with its own functor, against this thread's result.
+      auto in_one = config.loss, in_two = config.loss;
+      Result one, two;
+      std::thread t1([&] { one = run_calls<Tag, Entry>(in_one, data); });
+      std::thread t2([&] { two = run_calls<Tag, Entry>(in_two, data); });
+      t1.join();
+      t2.join();
+      CHECK(one.bytes == first.bytes);
+      CHECK(two.bytes == first.bytes);
+    }
+  });
 }
 
 }  // namespace
@@ -190,7 +140,7 @@ std::vector<Result> at_every_shift(Index n, Index d, std::uint64_t seed) {
 
 TEMPLATE_TEST_CASE("outputs do not depend on where the caller's gradient buffers lie",
                    "[determinism]", ml::scalar_tag, ml::simd_tag) {
-  for (const auto shape : {std::pair<Index, Index>{7, 5}, {12, 3}, {40, 37}, {130, 20}}) {
+  for (const auto& shape : {std::pair<Index, Index>{7, 5}, {12, 3}, {40, 37}, {130, 20}}) {
     const std::uint64_t seed = static_cast<std::uint64_t>(shape.first * 100 + shape.second);
     CAPTURE(shape.first, shape.second, seed);
     const std::vector<Result> f = at_every_shift<float, TestType>(shape.first, shape.second, seed);

@@ -1,0 +1,174 @@
+#pragma once
+// The losses under test, listed once. Tests that hold for every loss (no allocation once
+// warm, bitwise determinism) iterate `Losses` instead of naming each loss: a new loss is one
+// entry here and one line in `Losses`.
+//
+// An entry is a struct with
+//   name                          what CAPTURE prints;
+//   configs<T>()                  every option combination worth covering, as {label, functor};
+//   calls(tag, loss, data, out, visit)
+//                                 every call form (forward_backward with dense, strided and
+//                                 skipped gradients, top_diff, label types, forward): for
+//                                 each, visit(label, call) where call() makes it and returns
+//                                 the loss; gradients land in `out`.
+#include "support.hpp"
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace mltest {
+namespace registry {
+
+/// Every input any loss takes, made once per shape: pairs (a, b), triplets (a, b, c), and
+/// batches a and `offset` (uniform in [99.9, 100.1): a common offset, with row 3 a copy of
+/// row 1 so that coincident rows take the near-pair paths).
+template <class T>
+struct Data {
+  Index n = 0, d = 0;
+  Matrix<T> a, b, c, offset;
+  Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels, other_labels;
+  Eigen::VectorXf float_labels, sim;
+
+  Data(Index rows, Index cols, std::uint64_t seed) : n(rows), d(cols) {
+    std::mt19937_64 rng(seed);
+    a = uniform_matrix<T>(n, d, rng);
+    b = uniform_matrix<T>(n, d, rng);
+    c = uniform_matrix<T>(n, d, rng);
+    offset = uniform_matrix<T>(n, d, rng, 99.9, 100.1);
+    if (n > 3) offset.row(3) = offset.row(1);
+    const auto drawn = random_labels(n, 4, rng);
+    labels.resize(n);
+    float_labels.resize(n);
+    sim.resize(n);
+    for (Index i = 0; i < n; ++i) {
+      labels[i] = drawn[static_cast<std::size_t>(i)];
+      float_labels[i] = static_cast<float>(labels[i]);
+      sim[i] = static_cast<float>(labels[i] % 2);
+    }
+    other_labels = labels.reverse();
+  }
+};
+
+/// Gradient buffers: three dense and one with an outer stride of D + 3. Zeroed, so that
+/// two runs of the same calls see the same bytes wherever a call skips a gradient.
+template <class T>
+struct Outputs {
+  Matrix<T> g1, g2, g3;
+  std::vector<T> strided_storage;
+  ml::RowMap<T> strided;
+
+  Outputs(Index n, Index d)
+      : g1(Matrix<T>::Zero(n, d)), g2(Matrix<T>::Zero(n, d)), g3(Matrix<T>::Zero(n, d)),
+        strided_storage(static_cast<std::size_t>(n * (d + 3)), T(0)),
+        strided(strided_storage.data(), n, d, Eigen::OuterStride<>(d + 3)) {}
+  Outputs(const Outputs&) = delete;  // `strided` points into this object's storage
+  Outputs& operator=(const Outputs&) = delete;
+};
+
+template <class Loss>
+struct Configured {
+  std::string label;
+  Loss loss;
+};
+
+inline const char* distance_name(ml::Distance d) {
+  return d == ml::Distance::euclidean ? "euclidean" : "squared";
+}
+inline const char* mining_name(ml::Mining m) {
+  return m == ml::Mining::all ? "all" : m == ml::Mining::hard ? "hard" : "semihard";
+}
+
+struct Contrastive {
+  static constexpr const char* name = "ContrastiveLoss";
+  template <class T>
+  static std::vector<Configured<ml::ContrastiveLoss<T>>> configs() {
+    return {{"hadsell", ml::ContrastiveLoss<T>(T(1.2), ml::ContrastiveForm::hadsell)},
+            {"legacy", ml::ContrastiveLoss<T>(T(1.2), ml::ContrastiveForm::legacy)}};
+  }
+  template <class Tag, class Loss, class T, class Visit>
+  static void calls(Tag tag, Loss& loss, const Data<T>& x, Outputs<T>& out, Visit&& visit) {
+    visit("similarity, both gradients, top_diff", [&] {
+      return loss.forward_backward(tag, x.a, x.b, x.sim, out.g1, out.g2, T(0.5));
+    });
+    visit("two label vectors, strided first gradient, second skipped", [&] {
+      return loss.forward_backward(tag, x.a, x.b, x.labels, x.other_labels, out.strided, ml::skip);
+    });
+    visit("forward", [&] { return loss.forward(tag, x.a, x.b, x.sim); });
+  }
+};
+
+struct Triplet {
+  static constexpr const char* name = "TripletLoss";
+  template <class T>
+  static std::vector<Configured<ml::TripletLoss<T>>> configs() {
+    std::vector<Configured<ml::TripletLoss<T>>> out;
+    for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
+      out.push_back({distance_name(distance), ml::TripletLoss<T>(T(0.3), distance)});
+    return out;
+  }
+  template <class Tag, class Loss, class T, class Visit>
+  static void calls(Tag tag, Loss& loss, const Data<T>& x, Outputs<T>& out, Visit&& visit) {
+    visit("three gradients", [&] {
+      return loss.forward_backward(tag, x.a, x.b, x.c, out.g1, out.g2, out.g3);
+    });
+    visit("positive's gradient only, strided", [&] {
+      return loss.forward_backward(tag, x.a, x.b, x.c, ml::skip, out.strided, ml::skip);
+    });
+    visit("forward", [&] { return loss.forward(tag, x.a, x.b, x.c); });
+  }
+};
+
+/// The batch losses' call forms, on the uniform batch and on the one at an offset.
+struct BatchCalls {
+  template <class Tag, class Loss, class T, class Visit>
+  static void calls(Tag tag, Loss& loss, const Data<T>& x, Outputs<T>& out, Visit&& visit) {
+    for (const Matrix<T>* batch : {&x.a, &x.offset}) {
+      const std::string at = batch == &x.offset ? " (at an offset)" : "";
+      visit("int64 labels" + at, [&, batch] {
+        return loss.forward_backward(tag, *batch, x.labels, out.g1);
+      });
+      visit("float labels, strided gradient, top_diff -1" + at, [&, batch] {
+        return loss.forward_backward(tag, *batch, x.float_labels, out.strided, T(-1));
+      });
+      visit("forward" + at, [&, batch] { return loss.forward(tag, *batch, x.labels); });
+    }
+  }
+};
+
+struct LiftedStructure : BatchCalls {
+  static constexpr const char* name = "LiftedStructureLoss";
+  template <class T>
+  static std::vector<Configured<ml::LiftedStructureLoss<T>>> configs() {
+    return {{"margin 1", ml::LiftedStructureLoss<T>(T(1))}};
+  }
+};
+
+struct BatchTriplet : BatchCalls {
+  static constexpr const char* name = "BatchTripletLoss";
+  template <class T>
+  static std::vector<Configured<ml::BatchTripletLoss<T>>> configs() {
+    std::vector<Configured<ml::BatchTripletLoss<T>>> out;
+    for (auto mining : {ml::Mining::all, ml::Mining::hard, ml::Mining::semihard})
+      for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
+        for (bool soft : {false, true})
+          out.push_back({std::string(mining_name(mining)) + " " + distance_name(distance) +
+                             (soft ? " soft margin" : ""),
+                         ml::BatchTripletLoss<T>(T(0.2), mining, distance, soft)});
+    return out;
+  }
+};
+
+using Losses = std::tuple<Contrastive, Triplet, LiftedStructure, BatchTriplet>;
+
+/// f(Entry{}) for every registered loss.
+template <class F>
+void for_each_loss(F&& f) {
+  std::apply([&](auto... entry) { (f(entry), ...); }, Losses{});
+}
+
+}  // namespace registry
+}  // namespace mltest
