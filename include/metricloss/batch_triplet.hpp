@@ -40,6 +40,7 @@
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
 #include <metricloss/options.hpp>
+#include <metricloss/reference.hpp>
 #include <metricloss/types.hpp>
 
 #include <type_traits>
@@ -81,6 +82,27 @@ class BatchTripletLoss {
     return run(tag, "forward_backward", x, labels, std::forward<G>(grad_x), top_diff);
   }
 
+  /// Loss of the queries q against a reference set (metricloss::reference): anchors are the
+  /// rows of q, positives and negatives the rows of R.
+  template <class Tag, class X, class L, class LR,
+            std::enable_if_t<detail::is_label_vector_v<L>, int> = 0>
+  T forward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
+            const ReferenceSet<T, LR>& ref) {
+    return run_reference(tag, "forward", q, labels_q, ref, skip, skip, T(1));
+  }
+
+  /// The same with the gradients times top_diff written into grad_q and grad_r (either may
+  /// be `metricloss::skip`).
+  template <class Tag, class X, class L, class LR, class GQ, class GR,
+            std::enable_if_t<detail::is_label_vector_v<L> && detail::is_gradient_output_v<GQ> &&
+                                 detail::is_gradient_output_v<GR>,
+                             int> = 0>
+  T forward_backward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
+                     const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff = T(1)) {
+    return run_reference(tag, "forward_backward", q, labels_q, ref, std::forward<GQ>(grad_q),
+                         std::forward<GR>(grad_r), top_diff);
+  }
+
  private:
   template <class Tag, class X, class L, class G>
   T run(Tag tag, const char* method, const Eigen::MatrixBase<X>& x,
@@ -99,6 +121,30 @@ class BatchTripletLoss {
     check.gradient("grad_x", gv, "x", xv);
     return detail::Backend<BatchTripletLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
                                                                     top_diff);
+  }
+
+  template <class Tag, class X, class L, class LR, class GQ, class GR>
+  T run_reference(Tag tag, const char* method, const Eigen::MatrixBase<X>& q,
+                  const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<T, LR>& ref, GQ&& grad_q,
+                  GR&& grad_r, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::BatchTripletLoss<T>: embeddings must have scalar type T");
+    static_assert(detail::ReferenceBackend<BatchTripletLoss, Tag>::available,
+                  "metricloss::BatchTripletLoss: reference sets run on metricloss::scalar only "
+                  "so far (the simd and cuda paths are issue 15's next step)");
+    detail::Validator check("BatchTripletLoss", detail::scalar_name<T>(), method);
+    const auto qv = detail::input_view(q);
+    check.embeddings("q", qv);
+    const auto lv = detail::label_view(labels_q);
+    check.labels("labels_q", lv, qv.rows, "q");
+    check.margin(margin);
+    detail::check_mining(check, mining);
+    detail::check_distance(check, distance);
+    const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
+    const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
+    detail::check_reference(check, qv, lv, ref.view, gq, gr);
+    using Path = detail::ReferenceBackend<BatchTripletLoss, Tag>;
+    return Path::forward_backward(*this, tag, qv, lv, ref.view, gq, gr, top_diff);
   }
 
   friend struct detail::BackendSlotAccess;

@@ -50,6 +50,7 @@
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
+#include <metricloss/reference.hpp>
 #include <metricloss/types.hpp>
 
 #include <type_traits>
@@ -87,6 +88,30 @@ class LiftedStructureLoss {
     return run(tag, "forward_backward", x, labels, std::forward<G>(grad_x), top_diff);
   }
 
+  /// Loss of the queries q against a reference set (metricloss::reference): ordered positive
+  /// pairs (a in Q, j in R, j != self(a)),
+  ///   J_aj = log(sum_{k in R, y_k != y_a} e^{m - D_ak}
+  ///              + sum_{l in Q, y_l != y_j} e^{m - D_lj}) + D_aj,
+  ///   L = 1/(2|P|) sum max(J_aj, 0)^2: the second sum is a column of the same Q x R matrix.
+  template <class Tag, class X, class L, class LR,
+            std::enable_if_t<detail::is_label_vector_v<L>, int> = 0>
+  T forward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
+            const ReferenceSet<T, LR>& ref) {
+    return run_reference(tag, "forward", q, labels_q, ref, skip, skip, T(1));
+  }
+
+  /// The same with the gradients times top_diff written into grad_q and grad_r (either may
+  /// be `metricloss::skip`).
+  template <class Tag, class X, class L, class LR, class GQ, class GR,
+            std::enable_if_t<detail::is_label_vector_v<L> && detail::is_gradient_output_v<GQ> &&
+                                 detail::is_gradient_output_v<GR>,
+                             int> = 0>
+  T forward_backward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
+                     const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff = T(1)) {
+    return run_reference(tag, "forward_backward", q, labels_q, ref, std::forward<GQ>(grad_q),
+                         std::forward<GR>(grad_r), top_diff);
+  }
+
  private:
   friend struct detail::BackendSlotAccess;
   detail::BackendSlot backend_slot_;  // each backend's scratch
@@ -108,6 +133,28 @@ class LiftedStructureLoss {
     check.gradient("grad_x", gv, "x", xv);
     return detail::Backend<LiftedStructureLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
                                                                        top_diff);
+  }
+
+  template <class Tag, class X, class L, class LR, class GQ, class GR>
+  T run_reference(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& q,
+                  const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<T, LR>& ref, GQ&& grad_q,
+                  GR&& grad_r, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
+    static_assert(detail::ReferenceBackend<LiftedStructureLoss, Tag>::available,
+                  "metricloss::LiftedStructureLoss: reference sets run on metricloss::scalar "
+                  "only so far (the simd and cuda paths are issue 15's next step)");
+    detail::Validator check("LiftedStructureLoss", detail::scalar_name<T>(), method);
+    const auto qv = detail::input_view(q);
+    check.embeddings("q", qv);
+    const auto lv = detail::label_view(labels_q);
+    check.labels("labels_q", lv, qv.rows, "q");
+    check.margin(margin);
+    const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
+    const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
+    detail::check_reference(check, qv, lv, ref.view, gq, gr);
+    using Path = detail::ReferenceBackend<LiftedStructureLoss, Tag>;
+    return Path::forward_backward(*this, tag, qv, lv, ref.view, gq, gr, top_diff);
   }
 
 };

@@ -26,3 +26,7 @@
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/backend/scalar/batch_triplet.hpp>
 #include <metricloss/backend/simd/batch_triplet.hpp>
+
+#include <metricloss/reference.hpp>
+#include <metricloss/backend/scalar/reference.hpp>
+#include <metricloss/memory.hpp>

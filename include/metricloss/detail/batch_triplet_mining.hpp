@@ -51,8 +51,10 @@ namespace detail {
 /// distances in their own type (see mining::all_soft_anchor_lanes).
 class TripletMiner {
  public:
-  template <class Kernels, class Distances, class Weights>
-  MiningResult mine(Mining mode, const LabelClasses& classes, const Distances& distances,
+  /// Classes: LabelClasses (one batch: anchors and candidates are its rows) or CrossClasses
+  /// (anchors Q, candidates R).
+  template <class Kernels, class Classes, class Distances, class Weights>
+  MiningResult mine(Mining mode, const Classes& classes, const Distances& distances,
                     double margin, Distance distance, bool soft_margin, Weights& weights) {
     switch (mode) {
       case Mining::hard:

@@ -48,6 +48,11 @@ class LabelClasses {
   }
 
   Index size() const { return size_; }
+  /// The miner's view of one batch: every row is an anchor and a candidate, and is itself.
+  Index anchors() const { return size_; }
+  Index candidates() const { return size_; }
+  Index self(Index a) const { return a; }
+  Index own_class(Index a) const { return class_of(a); }
   Index classes() const { return classes_; }
   /// Each row's class id.
   const Index* class_of() const { return class_of_.data(); }
@@ -55,6 +60,25 @@ class LabelClasses {
   Index class_size(Index c) const { return start_[static_cast<std::size_t>(c + 1)] - start_[static_cast<std::size_t>(c)]; }
   /// |P|: the number of pairs i < j with equal labels.
   Index positive_pairs() const { return positive_pairs_; }
+
+  /// The rows of class c, in increasing order.
+  const Index* class_begin(Index c) const { return order_.data() + start_[static_cast<std::size_t>(c)]; }
+  const Index* class_end(Index c) const { return order_.data() + start_[static_cast<std::size_t>(c + 1)]; }
+
+  /// The class whose label equals `value` (labels as grouped by assign), or -1. Compared in
+  /// the labels' common type, as == compares them.
+  template <class L, class V>
+  Index find(const VectorView<L>& labels, V value) const {
+    using C = std::common_type_t<L, V>;
+    const C v = static_cast<C>(value);
+    Index lo = 0, hi = classes_;
+    while (lo < hi) {
+      const Index mid = lo + (hi - lo) / 2;
+      if (static_cast<C>(labels[*class_begin(mid)]) < v) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo < classes_ && static_cast<C>(labels[*class_begin(lo)]) == v ? lo : -1;
+  }
 
   /// The rows of row a's class, a included, in increasing order.
   const Index* members_begin(Index a) const { return order_.data() + start_[static_cast<std::size_t>(class_of(a))]; }

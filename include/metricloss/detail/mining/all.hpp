@@ -44,13 +44,13 @@ void exact_near_kinks(Scratch& s, const Distances& distances, Index a, double* v
 /// One anchor of Mining::all with the hinge and few positives: one scan per threshold
 /// t_p counts the negatives with d_an < t_p and sums their distances, and counts per
 /// negative the positives it is active with. value holds the row's distances.
-template <class Kernels, class T, class Weights>
+template <class Kernels, class Classes, class T, class Weights>
 void all_hinge_scan(Scratch& s, MiningResult& result, Index a, const Positive* positives, Index k,
-                    const LabelClasses& classes, const T*, double* value, double* slope,
+                    const Classes& classes, const T*, double* value, double* slope,
                     Distance distance, Weights& weights) {
   constexpr bool lanes = Kernels::soft_margin_lanes;
   using Scans = typename Kernels::Scans;
-  const Index n = classes.size();
+  const Index n = classes.candidates();
   for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
     value[*p] = std::numeric_limits<double>::quiet_NaN();
   double* active = s.bucket_count.data(static_cast<std::size_t>(k));
@@ -75,17 +75,17 @@ void all_hinge_scan(Scratch& s, MiningResult& result, Index a, const Positive* p
 
 /// Every triplet. Hinge: sum of max(d_ap + m - d_an, 0), count = active triplets, by
 /// buckets with prefix sums. Softplus: count = all triplets (softplus is positive).
-template <class Kernels, class Distances, class Weights>
-MiningResult all(Scratch& s, const LabelClasses& classes, const Distances& distances, double margin,
+template <class Kernels, class Classes, class Distances, class Weights>
+MiningResult all(Scratch& s, const Classes& classes, const Distances& distances, double margin,
                  Distance distance, bool soft_margin, Weights& weights) {
-  const Index n = classes.size();
+  const Index anchors = classes.anchors(), n = classes.candidates();
   const Index widest = distances.widest();
   const Index* class_of = classes.class_of();
   double* value = s.values.data(static_cast<std::size_t>(n));
   Index* bucket = s.buckets.data(static_cast<std::size_t>(n));
   double* slope = s.negative_slope.data(static_cast<std::size_t>(n));
   MiningResult result;
-  for (Index a = 0; a < n; ++a) {
+  for (Index a = 0; a < anchors; ++a) {
     const Index k = classes.positives(a);
     if (k == 0 || classes.negatives(a) == 0) continue;
     // Positives by threshold t_p = d_ap + m; a negative is active with p when d_an < t_p.
@@ -107,7 +107,7 @@ MiningResult all(Scratch& s, const LabelClasses& classes, const Distances& dista
     if (!soft_margin)
       exact_near_kinks<Kernels>(s, distances, a, value, n, thresholds, k, distance, widest);
     if (distance == Distance::euclidean) Kernels::RowOps::square_root_in_place(value, n);
-    const Index own = class_of[a];
+    const Index own = classes.own_class(a);
     if constexpr (!Kernels::soft_margin_lanes) {  // else taken above
       if (soft_margin) {
         all_soft_anchor<Kernels>(s, result, a, positives, k, n, class_of, own, value, slope,

@@ -40,11 +40,11 @@ void all_soft_anchor(Scratch& s, MiningResult& result, Index a, const Positive* 
 /// One anchor of Mining::all with soft_margin in lanes of T, the distances' type: the
 /// row's distances once (+inf off the negatives), then one kernel pass per positive over
 /// the whole row, and the negatives' weights in one pass. O(k N).
-template <class Kernels, class T, class Weights>
+template <class Kernels, class Classes, class T, class Weights>
 void all_soft_anchor_lanes(Scratch& s, MiningResult& result, Index a, const Positive* positives,
-                           Index k, const LabelClasses& classes, const T* row,
+                           Index k, const Classes& classes, const T* row,
                            Distance distance, Weights& weights) {
-  const Index n = classes.size();
+  const Index n = classes.candidates();
   const Index padded = Kernels::SoftMargin::template soft_margin_padded<T>(n);
   T* dist = s.template lanes_scratch<T>(static_cast<std::size_t>(4 * padded));
   T* factor = dist + padded;

@@ -88,12 +88,12 @@ struct Scratch {
   }
 
   /// The positives of anchor a made by `make`, sorted by key (ties by row).
-  template <class Make>
-  const Positive* sorted_positives(const LabelClasses& classes, Index a, Make&& make) {
+  template <class Classes, class Make>
+  const Positive* sorted_positives(const Classes& classes, Index a, Make&& make) {
     Positive* out = positives.data(static_cast<std::size_t>(classes.positives(a)));
     Index k = 0;
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
-      if (*p != a) out[k++] = make(*p);
+      if (*p != classes.self(a)) out[k++] = make(*p);
     std::sort(out, out + k, [](const Positive& x, const Positive& y) {
       return x.key < y.key || (!(y.key < x.key) && x.index < y.index);
     });

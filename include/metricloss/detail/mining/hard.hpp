@@ -12,8 +12,8 @@ namespace mining {
 
 /// The member of a's class (not a) with the largest exact distance, lowest row on ties,
 /// among those whose product value is within 2 bound of `chosen`'s (the largest value).
-template <class Distances>
-Index exact_farthest_member(const LabelClasses& classes, const Distances& distances,
+template <class Classes, class Distances>
+Index exact_farthest_member(const Classes& classes, const Distances& distances,
                             Index a, Index chosen, double bound) {
   const auto* row = distances.row(a);
   // As a difference: exact where the two values are close, whatever their size.
@@ -21,7 +21,7 @@ Index exact_farthest_member(const LabelClasses& classes, const Distances& distan
   const double window = 2.0 * bound * (1.0 + Numerics<double>::kink_slack);
   double best = std::numeric_limits<double>::quiet_NaN();
   for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p) {
-    if (*p == a || *p == chosen || !(top - static_cast<double>(row[*p]) <= window)) continue;
+    if (*p == classes.self(a) || *p == chosen || !(top - static_cast<double>(row[*p]) <= window)) continue;
     if (best != best) best = distances.exact(a, chosen);
     const double e = distances.exact(a, *p);
     if (e > best || (e == best && *p < chosen)) {
@@ -35,21 +35,21 @@ Index exact_farthest_member(const LabelClasses& classes, const Distances& distan
 /// l_a = h(max_p d_ap - min_n d_an + m), over anchors with a positive and a negative.
 /// Product values select; where another row is within their rounding of the selected
 /// one, exact distances decide (ties to the lowest row).
-template <class Kernels, class Distances, class Weights>
-MiningResult hard(Scratch& s, const LabelClasses& classes, const Distances& distances,
+template <class Kernels, class Classes, class Distances, class Weights>
+MiningResult hard(Scratch& s, const Classes& classes, const Distances& distances,
                   double margin, Distance distance, bool soft_margin, Weights& weights) {
   using Scans = typename Kernels::Scans;
-  const Index n = classes.size();
+  const Index anchors = classes.anchors(), n = classes.candidates();
   const Index widest = distances.widest();
   double* value = s.values.data(static_cast<std::size_t>(n));
   MiningResult result;
-  for (Index a = 0; a < n; ++a) {
+  for (Index a = 0; a < anchors; ++a) {
     if (classes.positives(a) == 0 || classes.negatives(a) == 0) continue;
     const auto* row = distances.row(a);
     const double bound = distances.rounding(a, widest);
     Index positive = -1;
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
-      if (*p != a && (positive < 0 || row[*p] > row[positive])) positive = *p;
+      if (*p != classes.self(a) && (positive < 0 || row[*p] > row[positive])) positive = *p;
     if (bound > 0.0) positive = exact_farthest_member(classes, distances, a, positive, bound);
     for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
     for (const Index* p = classes.members_begin(a); p != classes.members_end(a); ++p)
@@ -59,7 +59,7 @@ MiningResult hard(Scratch& s, const LabelClasses& classes, const Distances& dist
     if (negative.chosen < 0) {
       // Every negative at +inf (an overflowed distance): the first one, as a strict
       // scan in row order keeps it; the loss is then not finite anyway.
-      const Index own = classes.class_of()[a];
+      const Index own = classes.own_class(a);
       for (Index j = 0; j < n && negative.chosen < 0; ++j)
         if (classes.class_of()[j] != own) negative.chosen = j;
     }

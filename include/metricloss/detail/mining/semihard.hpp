@@ -13,10 +13,10 @@ namespace mining {
 /// One anchor of semihard with many positives: O(N log k) by buckets. value holds the
 /// row's distances in double; on return it holds exact values where they were recomputed
 /// and NaN off the negatives, and chosen[i] positive i's negative.
-template <class Distances>
-void semihard_by_buckets(Scratch& s, Index a, Index k, const LabelClasses& classes,
+template <class Classes, class Distances>
+void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
                          const Distances& distances, double* value, Selection* chosen) {
-  const Index n = classes.size();
+  const Index n = classes.candidates();
   const Index* class_of = classes.class_of();
   const double* thresholds = s.thresholds.data(0);
   // Bucket b holds the negatives farther than exactly the b nearest positives; each
@@ -27,7 +27,7 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const LabelClasses& class
   std::fill(nearest_value, nearest_value + k + 1, std::numeric_limits<double>::infinity());
   Index* bucket = s.buckets.data(static_cast<std::size_t>(n));
   count_thresholds_below<false>(thresholds, k, value, n, bucket);
-  const Index own = class_of[a];
+  const Index own = classes.own_class(a);
   Index farthest = -1;
   double farthest_value = -std::numeric_limits<double>::infinity();
   for (Index j = 0; j < n; ++j) {
@@ -67,14 +67,14 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const LabelClasses& class
 
 /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
 /// negative), over pairs (a, p) whose anchor has a negative.
-template <class Kernels, class Distances, class Weights>
-MiningResult semihard(Scratch& s, const LabelClasses& classes, const Distances& distances,
+template <class Kernels, class Classes, class Distances, class Weights>
+MiningResult semihard(Scratch& s, const Classes& classes, const Distances& distances,
                       double margin, Distance distance, bool soft_margin, Weights& weights) {
   using Scans = typename Kernels::Scans;
-  const Index n = classes.size();
+  const Index anchors = classes.anchors(), n = classes.candidates();
   const Index widest = distances.widest();
   MiningResult result;
-  for (Index a = 0; a < n; ++a) {
+  for (Index a = 0; a < anchors; ++a) {
     const Index k = classes.positives(a);
     if (k == 0 || classes.negatives(a) == 0) continue;
     const auto* row = distances.row(a);
