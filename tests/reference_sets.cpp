@@ -37,6 +37,13 @@ std::vector<Option> every_option() {
   return out;
 }
 
+/// Whether `tag` runs the option's loss with reference sets (the paths land one by one).
+template <class T, class Tag>
+bool runs(Tag, const Option& o) {
+  return o.lifted ? ml::detail::ReferenceBackend<ml::LiftedStructureLoss<T>, Tag>::available
+                  : ml::detail::ReferenceBackend<ml::BatchTripletLoss<T>, Tag>::available;
+}
+
 /// One call of the option's loss on `tag` with a reference set.
 template <class T, class Tag>
 T cross_call(Tag tag, const Option& o, double margin, const Matrix<T>& q, const CrossLabels& yq,
@@ -44,11 +51,18 @@ T cross_call(Tag tag, const Option& o, double margin, const Matrix<T>& q, const 
              Matrix<T>& gr, T top_diff = T(1)) {
   const auto ref = ml::reference(r, yr, self);
   if (o.lifted) {
-    ml::LiftedStructureLoss<T> loss(static_cast<T>(margin));
+    if constexpr (ml::detail::ReferenceBackend<ml::LiftedStructureLoss<T>, Tag>::available) {
+      ml::LiftedStructureLoss<T> loss(static_cast<T>(margin));
+      return loss.forward_backward(tag, q, yq, ref, gq, gr, top_diff);
+    }
+    FAIL("no reference-set path for this loss on this tag");
+  }
+  if constexpr (ml::detail::ReferenceBackend<ml::BatchTripletLoss<T>, Tag>::available) {
+    ml::BatchTripletLoss<T> loss(static_cast<T>(margin), o.mining, o.distance, o.soft_margin);
     return loss.forward_backward(tag, q, yq, ref, gq, gr, top_diff);
   }
-  ml::BatchTripletLoss<T> loss(static_cast<T>(margin), o.mining, o.distance, o.soft_margin);
-  return loss.forward_backward(tag, q, yq, ref, gq, gr, top_diff);
+  FAIL("no reference-set path for this loss on this tag");
+  return T(0);
 }
 
 template <class T, class Tag>
@@ -111,8 +125,9 @@ TEST_CASE("reference sets: the brute force knows a small case by hand", "[refere
 }
 
 TEMPLATE_TEST_CASE("reference sets with R = Q and self = identity reduce to the batch loss",
-                   "[reference]", float, double) {
-  using T = TestType;
+                   "[reference]", ALL_CASES) {
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
   const std::uint64_t seed = 1501;
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
@@ -123,10 +138,11 @@ TEMPLATE_TEST_CASE("reference sets with R = Q and self = identity reduce to the 
     SelfIndices self(n);
     std::iota(self.data(), self.data() + n, std::int64_t(0));
     for (const Option& o : every_option()) {
+      if (!runs<T>(tag, o)) continue;
       CAPTURE(o.name(), d);
       const double margin = o.lifted ? 1.0 : 0.3;
       Matrix<T> gq(n, d), gr(n, d), g_scalar(n, d), g_simd(n, d);
-      const T l = cross_call(ml::scalar, o, margin, x, y, x, y, self, gq, gr);
+      const T l = cross_call(tag, o, margin, x, y, x, y, self, gq, gr);
       const T l_scalar = batch_call(ml::scalar, o, margin, x, y, g_scalar);
       const T l_simd = batch_call(ml::simd, o, margin, x, y, g_simd);
       const Matrix<double> sum = (gq.template cast<double>() + gr.template cast<double>());
@@ -142,8 +158,9 @@ TEMPLATE_TEST_CASE("reference sets with R = Q and self = identity reduce to the 
   }
 }
 
-TEST_CASE("reference sets: permuting R (and self_index) leaves L and grad_q, permutes grad_r",
-          "[reference]") {
+TEMPLATE_TEST_CASE("reference sets: permuting R (and self_index) leaves L and grad_q, permutes grad_r",
+                   "[reference]", ml::scalar_tag, ml::simd_tag) {
+  const TestType tag{};
   const std::uint64_t seed = 1502;
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
@@ -173,11 +190,12 @@ TEST_CASE("reference sets: permuting R (and self_index) leaves L and grad_q, per
   for (Index a = 0; a < nq; ++a)
     if (self(a) >= 0) selfp(a) = where[static_cast<std::size_t>(self(a))];
   for (const Option& o : every_option()) {
+    if (!runs<double>(tag, o)) continue;
     CAPTURE(o.name());
     const double margin = o.lifted ? 1.0 : 0.3;
     Matrix<double> gq(nq, d), gr(nr, d), gqp(nq, d), grp(nr, d);
-    const double l = cross_call(ml::scalar, o, margin, q, yq, r, yr, self, gq, gr);
-    const double lp = cross_call(ml::scalar, o, margin, q, yq, rp, yrp, selfp, gqp, grp);
+    const double l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr);
+    const double lp = cross_call(tag, o, margin, q, yq, rp, yrp, selfp, gqp, grp);
     CHECK(relatively_close(lp, l, same_formula_tolerance, 1e-300));
     const double scale = std::max(largest(gq, gr), 1e-300);
     CHECK((gqp - gq).cwiseAbs().maxCoeff() <= same_formula_tolerance * scale);
@@ -189,8 +207,9 @@ TEST_CASE("reference sets: permuting R (and self_index) leaves L and grad_q, per
   }
 }
 
-TEMPLATE_TEST_CASE("reference sets match the brute force", "[reference]", float, double) {
-  using T = TestType;
+TEMPLATE_TEST_CASE("reference sets match the brute force", "[reference]", ALL_CASES) {
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
   struct Shape {
     Index nq, nr, d;
     double offset;
@@ -200,6 +219,7 @@ TEMPLATE_TEST_CASE("reference sets match the brute force", "[reference]", float,
   std::uint64_t seed = 1503;
   for (const Shape& s : shapes) {
     for (const Option& o : every_option()) {
+      if (!runs<T>(tag, o)) continue;
       CAPTURE(s.nq, s.nr, s.d, s.offset, o.name(), seed);
       std::mt19937_64 rng(seed++);
       const double lo = s.offset - (s.offset > 0 ? 0.05 : 1.0), hi = s.offset + (s.offset > 0 ? 0.05 : 1.0);
@@ -224,7 +244,7 @@ TEMPLATE_TEST_CASE("reference sets match the brute force", "[reference]", float,
       }
       Matrix<T> gq(s.nq, s.d), gr(s.nr, s.d);
       const T top_diff = T(0.75);
-      const T l = cross_call(ml::scalar, o, margin, q, yq, r, yr, self, gq, gr, top_diff);
+      const T l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr, top_diff);
       const CrossReference b = brute_force_of(o, margin, q.template cast<double>(), yq,
                                               r.template cast<double>(), yr, self, 0.75);
       check_against(b, l, gq, gr, Tolerance<T>::loss, Tolerance<T>::gradient);
@@ -232,41 +252,45 @@ TEMPLATE_TEST_CASE("reference sets match the brute force", "[reference]", float,
   }
 }
 
-TEST_CASE("reference sets: degenerate sets", "[reference]") {
+TEMPLATE_TEST_CASE("reference sets: degenerate sets", "[reference]", ml::scalar_tag, ml::simd_tag) {
+  const TestType tag{};
   const Index d = 4;
   std::mt19937_64 rng(1504);
   const Matrix<double> q = uniform_matrix<double>(6, d, rng), r = uniform_matrix<double>(5, d, rng);
   CrossLabels yq(6), yr(5);
   for (const Option& o : every_option()) {
+    if (!runs<double>(tag, o)) continue;
     CAPTURE(o.name());
     Matrix<double> gq = Matrix<double>::Constant(6, d, 7.0), gr = Matrix<double>::Constant(5, d, 7.0);
     // No query has a positive in R: an empty P.
     yq << 0, 0, 1, 1, 2, 2;
     yr << 5, 5, 6, 6, 7;
-    CHECK(cross_call(ml::scalar, o, 0.5, q, yq, r, yr, no_self(6), gq, gr) == 0.0);
+    CHECK(cross_call(tag, o, 0.5, q, yq, r, yr, no_self(6), gq, gr) == 0.0);
     CHECK(gq.cwiseAbs().maxCoeff() == 0.0);
     CHECK(gr.cwiseAbs().maxCoeff() == 0.0);
     // R is one class: positives only for queries of it, no negatives for them.
     yr << 1, 1, 1, 1, 1;
-    const double l = cross_call(ml::scalar, o, 0.5, q, yq, r, yr, no_self(6), gq, gr);
+    const double l = cross_call(tag, o, 0.5, q, yq, r, yr, no_self(6), gq, gr);
     const CrossReference b = brute_force_of(o, 0.5, q, yq, r, yr, no_self(6));
     check_against(b, l, gq, gr, 1e-12, 1e-12);
     // Mixed: some queries without a positive, some without a negative.
     yr << 1, 1, 0, 9, 9;
-    const double l2 = cross_call(ml::scalar, o, 0.5, q, yq, r, yr, no_self(6), gq, gr);
+    const double l2 = cross_call(tag, o, 0.5, q, yq, r, yr, no_self(6), gq, gr);
     check_against(brute_force_of(o, 0.5, q, yq, r, yr, no_self(6)), l2, gq, gr, 1e-12, 1e-12);
     // One query, one candidate, coincident: D = 0, its own positive only through self = -1.
     Matrix<double> q1 = q.topRows(1), r1 = q.topRows(1), g1(1, d), h1(1, d);
     CrossLabels y1(1);
     y1 << 3;
-    const double l3 = cross_call(ml::scalar, o, 0.5, q1, y1, r1, y1, no_self(1), g1, h1);
+    const double l3 = cross_call(tag, o, 0.5, q1, y1, r1, y1, no_self(1), g1, h1);
     CHECK(l3 == 0.0);  // no negative: nothing to average (triplets), J = -inf (lifted)
     CHECK(g1.cwiseAbs().maxCoeff() == 0.0);
     CHECK(h1.cwiseAbs().maxCoeff() == 0.0);
   }
 }
 
-TEST_CASE("reference sets follow the tie rules on tie-heavy data", "[reference][ties]") {
+TEMPLATE_TEST_CASE("reference sets follow the tie rules on tie-heavy data", "[reference][ties]",
+                   ml::scalar_tag, ml::simd_tag) {
+  const TestType tag{};
   for (std::uint64_t seed = 1600; seed < 1640; ++seed) {
     CAPTURE(seed);
     std::mt19937_64 rng(seed);
@@ -283,16 +307,19 @@ TEST_CASE("reference sets follow the tie rules on tie-heavy data", "[reference][
       self(a) = a;
     }
     for (const Option& o : every_option()) {
+      if (!runs<double>(tag, o)) continue;
       CAPTURE(o.name());
       const double margin = 1.0;  // an integer: hinges at exactly 0
       Matrix<double> gq(nq, d), gr(nr, d);
-      const double l = cross_call(ml::scalar, o, margin, q, yq, r, yr, self, gq, gr);
+      const double l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr);
       check_against(brute_force_of(o, margin, q, yq, r, yr, self), l, gq, gr, 1e-10, 1e-10);
     }
   }
 }
 
-TEST_CASE("reference-set gradients match finite differences", "[reference][gradcheck]") {
+TEMPLATE_TEST_CASE("reference-set gradients match finite differences", "[reference][gradcheck]",
+                   ml::scalar_tag, ml::simd_tag) {
+  const TestType tag{};
   const std::uint64_t seed = 1505;
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
@@ -302,6 +329,7 @@ TEST_CASE("reference-set gradients match finite differences", "[reference][gradc
   SelfIndices self = no_self(nq);
   self(0) = 0;
   for (const Option& o : every_option()) {
+    if (!runs<double>(tag, o)) continue;
     CAPTURE(o.name());
     const double margin = o.lifted ? 1.0 : 0.4;
     Matrix<double> q, r;
@@ -313,15 +341,15 @@ TEST_CASE("reference-set gradients match finite differences", "[reference][gradc
     }
     Matrix<double> gq(nq, d), gr(nr, d);
     const double top_diff = 1.3;
-    cross_call(ml::scalar, o, margin, q, yq, r, yr, self, gq, gr, top_diff);
+    cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr, top_diff);
     // r.row(0) is q.row(0) by value only: each varies on its own.
     const auto fq = [&](const Matrix<double>& z) {
       Matrix<double> a(nq, d), b(nr, d);
-      return cross_call(ml::scalar, o, margin, z, yq, r, yr, self, a, b);
+      return cross_call(tag, o, margin, z, yq, r, yr, self, a, b);
     };
     const auto fr = [&](const Matrix<double>& z) {
       Matrix<double> a(nq, d), b(nr, d);
-      return cross_call(ml::scalar, o, margin, q, yq, z, yr, self, a, b);
+      return cross_call(tag, o, margin, q, yq, z, yr, self, a, b);
     };
     const Matrix<double> nq_grad = top_diff * ml::testing::numerical_gradient(fq, q);
     const Matrix<double> nr_grad = top_diff * ml::testing::numerical_gradient(fr, r);
@@ -521,4 +549,37 @@ TEST_CASE("cross-batch memory: bad input", "[reference][memory][errors]") {
   const Matrix<float> x = uniform_matrix<float>(3, 3, rng);
   CHECK_THROWS_AS(memory.enqueue(x, y), ml::invalid_argument);  // 2 labels for 3 rows
   CHECK(memory.size() == 0);
+}
+
+TEMPLATE_TEST_CASE("reference sets: simd agrees with scalar over sizes and strides", "[reference]",
+                   float, double) {
+  using T = TestType;
+  const double tol = std::is_same<T, float>::value ? Tolerance<float>::gradient : 1e-10;
+  std::uint64_t seed = 1700;
+  for (const Index nq : {Index(1), Index(5), Index(33)})
+    for (const Index nr : {Index(2), Index(17), Index(70)})
+      for (const Index d : {Index(1), Index(3), Index(37)}) {
+        CAPTURE(nq, nr, d, seed);
+        std::mt19937_64 rng(seed++);
+        const Matrix<T> q = uniform_matrix<T>(nq, d, rng), r = uniform_matrix<T>(nr, d, rng);
+        const CrossLabels yq = labels_of(random_labels(nq, 3, rng)), yr = labels_of(random_labels(nr, 3, rng));
+        // Strided inputs and outputs, padding filled with a sentinel.
+        const Strided<T> qs(q, 3, T(-7)), rs(r, 2, T(-7));
+        for (const Option& o : every_option()) {
+          if (!runs<T>(ml::simd, o)) continue;
+          CAPTURE(o.name());
+          ml::BatchTripletLoss<T> loss(T(0.3), o.mining, o.distance, o.soft_margin);
+          Matrix<T> gq(nq, d), gr(nr, d);
+          const T l = loss.forward_backward(ml::scalar, q, yq, ml::reference(r, yr), gq, gr);
+          Strided<T> gqs(Matrix<T>::Zero(nq, d), 5, T(-9)), grs(Matrix<T>::Zero(nr, d), 1, T(-9));
+          const T ls = loss.forward_backward(ml::simd, qs.cmap(), yq, ml::reference(rs.cmap(), yr),
+                                             gqs.map(), grs.map());
+          CHECK(relatively_close(ls, l, std::is_same<T, float>::value ? Tolerance<float>::loss : 1e-10, 1e-30));
+          const double scale = std::max(largest(gq.template cast<double>(), gr.template cast<double>()), 1e-30);
+          CHECK((Matrix<T>(gqs.map()) - gq).template cast<double>().cwiseAbs().maxCoeff() <= tol * scale);
+          CHECK((Matrix<T>(grs.map()) - gr).template cast<double>().cwiseAbs().maxCoeff() <= tol * scale);
+          CHECK(gqs.padding_is(T(-9)));
+          CHECK(grs.padding_is(T(-9)));
+        }
+      }
 }

@@ -29,4 +29,5 @@
 
 #include <metricloss/reference.hpp>
 #include <metricloss/backend/scalar/reference.hpp>
+#include <metricloss/backend/simd/reference.hpp>
 #include <metricloss/memory.hpp>

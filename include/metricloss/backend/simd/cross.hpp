@@ -73,6 +73,16 @@ class CrossDistances {
            (static_cast<double>(n[i]) + static_cast<double>(n[q_.rows + j]));
   }
 
+  /// The row of R with the largest centred norm: rounding_bound(i, widest_reference())
+  /// bounds rounding_bound(i, j) for every j.
+  Index widest_reference() {
+    const T* m = norms_.data(0) + q_.rows;
+    Index w = 0;
+    for (Index j = 1; j < r_.rows; ++j)
+      if (m[j] > m[w]) w = j;
+    return w;
+  }
+
   /// M x K weights W (dL/dD2_ij), set to zero, for the caller to fill.
   StridedMap<T> zeroed_weights() {
     StridedMap<T> w(weights_.data(static_cast<std::size_t>(q_.rows * stride_)), q_.rows, r_.rows,

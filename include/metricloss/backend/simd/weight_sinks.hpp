@@ -47,6 +47,28 @@ void add_pair_by_differences(double* sum, const MatrixView<const T>& x, Index i,
   }
 }
 
+/// gq += 2 w (q - r) and gr -= the same (rows of length d), in double lanes: one weight of
+/// a query x reference pair applied by differences.
+template <class T>
+void add_cross_pair_by_differences(double* gq, double* gr, const T* q, const T* r, Index d,
+                                   double w) {
+  using wide = xsimd::batch<double>;
+  constexpr Index lanes = static_cast<Index>(wide::size);
+  const double two_w = 2.0 * w;
+  const wide factor(two_w);
+  Index k = 0;
+  for (; k + lanes <= d; k += lanes) {
+    const wide term = factor * (wide::load_unaligned(q + k) - wide::load_unaligned(r + k));
+    (wide::load_unaligned(gq + k) + term).store_unaligned(gq + k);
+    (wide::load_unaligned(gr + k) - term).store_unaligned(gr + k);
+  }
+  for (; k < d; ++k) {
+    const double term = two_w * (static_cast<double>(q[k]) - static_cast<double>(r[k]));
+    gq[k] += term;
+    gr[k] -= term;
+  }
+}
+
 /// W for the product (in T), except for pairs close against their norms about the batch
 /// mean (||x_i - x_j||^2 <= ratio (n_i + n_j), the pairs whose distances PairwiseDistances
 /// recomputes): in diag(S 1) X - S X their term would cancel to rounding noise (and in

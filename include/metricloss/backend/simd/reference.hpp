@@ -1,0 +1,157 @@
+#pragma once
+// The SIMD path of the batch losses over queries Q against a reference set R
+// (<metricloss/reference.hpp>): Q x R distances by one product on the jointly centred rows,
+// recomputed by differences where the product cancels (CrossDistances, backend/simd/cross.hpp),
+// the shared mining on CrossClasses with mined distances recomputed by differences, and
+//   dQ = 2 (diag(W 1) Qc - W Rc),   dR = 2 (diag(W^T 1) Rc - W^T Qc)
+// by two products with near pairs by differences (all), or W as a list of entries applied by
+// differences in double (hard, semihard). O(N_q N_r D); no R x R matrix.
+#include <metricloss/backend/simd/batch_triplet.hpp>
+#include <metricloss/backend/simd/cross.hpp>
+#include <metricloss/backend/simd/weight_sinks.hpp>
+#include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/batch_common.hpp>
+#include <metricloss/detail/batch_triplet_mining.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/cross_classes.hpp>
+#include <metricloss/reference.hpp>
+
+#include <algorithm>
+#include <limits>
+
+namespace metricloss {
+namespace detail {
+
+/// What the simd reference-set path keeps between calls (in the functor's slot).
+template <class T>
+struct SimdReferenceScratch : BackendSlot::Contents {
+  CrossClasses classes;
+  TripletMiner miner;
+  CrossDistances<T> cross;
+  GrowOnlyBuffer<WeightEntry> entries;  // W's entries (hard, semihard)
+  GrowOnlyBuffer<double> sums;          // (N_q + N_r) x D: the entries' gradient in double
+};
+
+/// The product's Q x R squared distances to select, differences for the loss.
+template <class T>
+struct CrossProductDistances {
+  CrossDistances<T>* cross;
+  Index widest_row;
+  const T* row(Index i) const { return cross->squared_row(i); }
+  double exact(Index i, Index j) const { return cross->exact(i, j); }
+  double rounding(Index i, Index j) const { return cross->rounding_bound(i, j); }
+  Index widest() const { return widest_row; }
+};
+
+/// W dense in T, in CrossDistances' weights (Mining::all); its near pairs are applied by
+/// differences when CrossDistances::gradients takes them out.
+template <class T>
+struct CrossDenseWeights {
+  T* w = nullptr;
+  Index stride = 0;
+  bool enabled() const { return w != nullptr; }
+  void add(Index i, Index j, double v) { w[i * stride + j] += static_cast<T>(v); }
+  void add_row(Index i, const double* v, Index n) {
+    T* row = w + i * stride;
+    for (Index j = 0; j < n; ++j) row[j] += static_cast<T>(v[j]);
+  }
+  void add_row_lanes(Index i, const T* v, Index n) {
+    T* row = w + i * stride;
+    for (Index j = 0; j < n; ++j) row[j] += v[j];
+  }
+};
+
+/// W as a list of entries (hard, semihard: two per mined term).
+template <class T>
+struct CrossSparseWeights {
+  GrowOnlyBuffer<WeightEntry>* entries = nullptr;
+  Index count = 0;
+  bool enabled() const { return entries != nullptr; }
+  void add(Index i, Index j, double v) {
+    entries->data(static_cast<std::size_t>(count + 1))[count] = WeightEntry{i, j, v};
+    ++count;
+  }
+  void add_row(Index i, const double* v, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (v[j] != 0.0) add(i, j, v[j]);
+  }
+  void add_row_lanes(Index i, const T* v, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (v[j] != T(0)) add(i, j, static_cast<double>(v[j]));
+  }
+
+  /// grad_q = scale sum 2 w (q_i - r_j), grad_r = -the same per r_j, totalled in double.
+  void gradients(GrowOnlyBuffer<double>& storage, const MatrixView<const T>& q,
+                 const MatrixView<const T>& r, double scale, const MatrixView<T>& grad_q,
+                 const MatrixView<T>& grad_r) const {
+    const Index nq = q.rows, nr = r.rows, d = q.cols;
+    double* sum_q = storage.data(static_cast<std::size_t>((nq + nr) * d));
+    double* sum_r = sum_q + nq * d;
+    std::fill(sum_q, sum_q + (nq + nr) * d, 0.0);
+    const WeightEntry* list = entries->data(0);
+    for (Index e = 0; e < count; ++e)
+      add_cross_pair_by_differences(sum_q + list[e].i * d, sum_r + list[e].j * d, q.row(list[e].i),
+                                    r.row(list[e].j), d, list[e].w);
+    const auto write = [&](const MatrixView<T>& out, const double* in) {
+      for (Index i = 0; i < out.rows; ++i)
+        for (Index k = 0; k < d; ++k) out.row(i)[k] = static_cast<T>(scale * in[i * d + k]);
+    };
+    if (!grad_q.empty()) write(grad_q, sum_q);
+    if (!grad_r.empty()) write(grad_r, sum_r);
+  }
+};
+
+template <class T>
+struct ReferenceBackend<BatchTripletLoss<T>, simd_tag> {
+  static constexpr bool available = true;
+
+  template <class L, class LR>
+  static T forward_backward(BatchTripletLoss<T>& loss, simd_tag, const MatrixView<const T>& q,
+                            const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
+                            const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
+    auto& work = scratch_of<SimdReferenceScratch<T>>(loss);
+    if (!work.classes.assign(labels, ref.labels, ref.self) || !all_finite(q) || !all_finite(ref.r)) {
+      fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
+      fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
+      return std::numeric_limits<T>::quiet_NaN();
+    }
+    work.cross.compute(q, ref.r);
+    const CrossProductDistances<T> distances{&work.cross, work.cross.widest_reference()};
+    const bool gradient = !grad_q.empty() || !grad_r.empty();
+    MiningResult result;
+    if (loss.mining == Mining::all) {
+      CrossDenseWeights<T> weights;
+      if (gradient) weights = {work.cross.zeroed_weights().data(), work.cross.stride()};
+      result = mine(loss, work, distances, weights);
+      if (result.count != 0.0 && gradient)
+        work.cross.gradients(static_cast<T>(static_cast<double>(top_diff) / result.count), grad_q,
+                             grad_r);
+    } else {
+      CrossSparseWeights<T> weights;
+      if (gradient) weights.entries = &work.entries;
+      result = mine(loss, work, distances, weights);
+      if (result.count != 0.0 && gradient)
+        weights.gradients(work.sums, q, ref.r, static_cast<double>(top_diff) / result.count,
+                          grad_q, grad_r);
+    }
+    if (result.count == 0.0) {
+      fill_rows(grad_q, T(0));
+      fill_rows(grad_r, T(0));
+      return T(0);
+    }
+    return static_cast<T>(result.sum / result.count);
+  }
+
+ private:
+  template <class Weights>
+  static MiningResult mine(BatchTripletLoss<T>& loss, SimdReferenceScratch<T>& work,
+                           const CrossProductDistances<T>& distances, Weights& weights) {
+    return work.miner.template mine<SimdMiningKernels>(loss.mining, work.classes, distances,
+                                                       loss.margin, loss.distance,
+                                                       loss.soft_margin, weights);
+  }
+};
+
+}  // namespace detail
+}  // namespace metricloss
