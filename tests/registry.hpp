@@ -8,7 +8,8 @@
 //   configs<T>()                  every option combination worth covering, as {label, functor};
 //   calls(tag, loss, data, out, visit)
 //                                 every call form (forward_backward with dense, strided and
-//                                 skipped gradients, top_diff, label types, forward): for
+//                                 skipped gradients, top_diff, label types, reference sets
+//                                 where the tag has them, forward): for
 //                                 each, visit(label, call) where call() makes it and returns
 //                                 the loss; gradients land in `out`.
 #include "support.hpp"
@@ -32,6 +33,7 @@ struct Data {
   Matrix<T> a, b, c, offset;
   Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels, other_labels;
   Eigen::VectorXf float_labels, sim;
+  Eigen::VectorXi identity;  // self_index of a batch against itself
 
   Data(Index rows, Index cols, std::uint64_t seed) : n(rows), d(cols) {
     std::mt19937_64 rng(seed);
@@ -50,6 +52,7 @@ struct Data {
       sim[i] = static_cast<float>(labels[i] % 2);
     }
     other_labels = labels.reverse();
+    identity = Eigen::VectorXi::LinSpaced(n, 0, static_cast<int>(n - 1));
   }
 };
 
@@ -135,6 +138,22 @@ struct BatchCalls {
         return loss.forward_backward(tag, *batch, x.float_labels, out.strided, T(-1));
       });
       visit("forward" + at, [&, batch] { return loss.forward(tag, *batch, x.labels); });
+    }
+    // Against a reference set (where the tag has that path): queries a against candidates
+    // b, and the batch against itself with self = identity.
+    if constexpr (ml::detail::ReferenceBackend<Loss, Tag>::available) {
+      visit("reference set, both gradients", [&] {
+        return loss.forward_backward(tag, x.a, x.labels, ml::reference(x.b, x.other_labels),
+                                     out.g1, out.g2);
+      });
+      visit("reference set with self, grad_r skipped, strided grad_q", [&] {
+        return loss.forward_backward(tag, x.offset, x.labels,
+                                     ml::reference(x.offset, x.labels, x.identity), out.strided,
+                                     ml::skip);
+      });
+      visit("reference set, forward", [&] {
+        return loss.forward(tag, x.a, x.labels, ml::reference(x.b, x.float_labels));
+      });
     }
   }
 };
