@@ -223,6 +223,43 @@ void batch_triplet_option_cases(std::vector<Row>& rows) {
            [&](auto tag) { bad_distance.forward_backward(tag, x, labels, g); }, {&g});
 }
 
+/// A reference set (metricloss::reference): R against Q, its labels, self_index, grad_r.
+void reference_cases(std::vector<Row>& rows) {
+  const std::string loss = "BatchTripletLoss (reference set)";
+  ml::BatchTripletLoss<float> f;
+  const Mat q = filled(4, 3);
+  Mat r = filled(5, 3, 0.25f), gq = filled(4, 3, 9.0f), gr = filled(5, 3, 9.0f);
+  const Eigen::VectorXi yq = (Eigen::VectorXi(4) << 0, 0, 1, 1).finished();
+  const Eigen::VectorXi yr = (Eigen::VectorXi(5) << 0, 1, 0, 1, 2).finished();
+  add_case(rows, loss, "`r` of shape 5x4 for 4x3 `q`",
+           [&](auto tag) { f.forward_backward(tag, q, yq, ml::reference(filled(5, 4), yr), gq, gr); },
+           {&gq});
+  add_case(rows, loss, "`labels_r` of length 4 for 5 rows of `r`",
+           [&](auto tag) {
+             f.forward_backward(tag, q, yq, ml::reference(r, Eigen::VectorXi::Zero(4).eval()), gq, gr);
+           }, {&gq, &gr});
+  add_case(rows, loss, "`self_index` of length 3 for N_q = 4",
+           [&](auto tag) {
+             const Eigen::VectorXi self = Eigen::VectorXi::Constant(3, -1);
+             f.forward_backward(tag, q, yq, ml::reference(r, yr, self), gq, gr);
+           }, {&gq, &gr});
+  add_case(rows, loss, "`self_index[1]` = 5 for 5 rows of `r`",
+           [&](auto tag) {
+             const Eigen::VectorXi self = (Eigen::VectorXi(4) << -1, 5, -1, -1).finished();
+             f.forward_backward(tag, q, yq, ml::reference(r, yr, self), gq, gr);
+           }, {&gq, &gr});
+  add_case(rows, loss, "`self_index[0]` = 1, a row of `r` with another label",
+           [&](auto tag) {
+             const Eigen::VectorXi self = (Eigen::VectorXi(4) << 1, -1, -1, -1).finished();
+             f.forward_backward(tag, q, yq, ml::reference(r, yr, self), gq, gr);
+           }, {&gq, &gr});
+  add_case(rows, loss, "`grad_r` of shape 4x3 for 5x3 `r`",
+           [&](auto tag) { Mat bad = filled(4, 3); f.forward_backward(tag, q, yq, ml::reference(r, yr), gq, bad); },
+           {&gq});
+  add_case(rows, loss, "`grad_r` is `r`",
+           [&](auto tag) { f.forward_backward(tag, q, yq, ml::reference(r, yr), gq, r); }, {&gq});
+}
+
 std::string escape(const std::string& text) {
   std::string out;
   for (char c : text) {
@@ -273,6 +310,7 @@ int main(int argc, char** argv) {
       rows, "BatchTripletLoss", ml::BatchTripletLoss<float>(),
       [](ml::BatchTripletLoss<float>& f, float m) { f.margin = m; });
   batch_triplet_option_cases(rows);
+  reference_cases(rows);
   const std::string text = table(rows);
   std::ofstream(out_path, std::ios::binary) << text;
   if (failed) return 1;
