@@ -393,7 +393,7 @@ TEST_CASE("reference sets: bad input throws and writes nothing", "[reference][er
   expect_invalid(call(ml::reference(r, yr, long_self)), {"BatchTripletLoss<double>::forward_backward", "'self_index'", "length 5", "expected 4"}, gq, before);
   SelfIndices self = no_self(nq);
   self(2) = nr;
-  expect_invalid(call(ml::reference(r, yr, self)), {"self_index[2] = 6", "outside [-1, 6)"}, gq, before);
+  expect_invalid(call(ml::reference(r, yr, self)), {"self_index[2] = 6", "neither -1 (none) nor a row of 'r' (0 to 5"}, gq, before);
   self(2) = -2;
   expect_invalid(call(ml::reference(r, yr, self)), {"self_index[2] = -2"}, gq, before);
   self(2) = 1;  // labels_r[1] = 1, labels_q[2] = 0

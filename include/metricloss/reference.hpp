@@ -84,8 +84,9 @@ void check_reference(Validator& check, const MatrixView<const T>& q, const Vecto
       const Index s = ref.self[a];
       if (s < -1 || s >= ref.r.rows)
         check.fail("argument 'self_index' has self_index[" + std::to_string(a) + "] = " +
-                   std::to_string(s) + ", outside [-1, " + std::to_string(ref.r.rows) +
-                   ") (-1: none; else a row of 'r', " + shape_string(ref.r.rows, ref.r.cols) + ")");
+                   std::to_string(s) + ", neither -1 (none) nor a row of 'r' (0 to " +
+                   std::to_string(ref.r.rows - 1) + "; 'r' is " +
+                   shape_string(ref.r.rows, ref.r.cols) + ")");
       if (s < 0) continue;
       using C = std::common_type_t<LQ, LR>;
       const C yq = static_cast<C>(labels_q[a]), yr = static_cast<C>(ref.labels[s]);
