@@ -568,12 +568,16 @@ TEMPLATE_TEST_CASE("reference sets: simd agrees with scalar over sizes and strid
         for (const Option& o : every_option()) {
           if (!runs<T>(ml::simd, o)) continue;
           CAPTURE(o.name());
-          ml::BatchTripletLoss<T> loss(T(0.3), o.mining, o.distance, o.soft_margin);
+          ml::BatchTripletLoss<T> batch(T(0.3), o.mining, o.distance, o.soft_margin);
+          ml::LiftedStructureLoss<T> lifted(T(1));
+          const auto run = [&](auto tag, const auto& qm, const auto& rm, auto&& gqm, auto&& grm) {
+            return o.lifted ? lifted.forward_backward(tag, qm, yq, ml::reference(rm, yr), gqm, grm)
+                            : batch.forward_backward(tag, qm, yq, ml::reference(rm, yr), gqm, grm);
+          };
           Matrix<T> gq(nq, d), gr(nr, d);
-          const T l = loss.forward_backward(ml::scalar, q, yq, ml::reference(r, yr), gq, gr);
+          const T l = run(ml::scalar, q, r, gq, gr);
           Strided<T> gqs(Matrix<T>::Zero(nq, d), 5, T(-9)), grs(Matrix<T>::Zero(nr, d), 1, T(-9));
-          const T ls = loss.forward_backward(ml::simd, qs.cmap(), yq, ml::reference(rs.cmap(), yr),
-                                             gqs.map(), grs.map());
+          const T ls = run(ml::simd, qs.cmap(), rs.cmap(), gqs.map(), grs.map());
           CHECK(relatively_close(ls, l, std::is_same<T, float>::value ? Tolerance<float>::loss : 1e-10, 1e-30));
           const double scale = std::max(largest(gq.template cast<double>(), gr.template cast<double>()), 1e-30);
           CHECK((Matrix<T>(gqs.map()) - gq).template cast<double>().cwiseAbs().maxCoeff() <= tol * scale);

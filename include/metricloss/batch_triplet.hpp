@@ -130,8 +130,8 @@ class BatchTripletLoss {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::BatchTripletLoss<T>: embeddings must have scalar type T");
     static_assert(detail::ReferenceBackend<BatchTripletLoss, Tag>::available,
-                  "metricloss::BatchTripletLoss: reference sets run on metricloss::scalar only "
-                  "so far (the simd and cuda paths are issue 15's next step)");
+                  "metricloss::BatchTripletLoss: reference sets run on metricloss::scalar and "
+                  "metricloss::simd so far (the cuda path is issue 15's next step)");
     detail::Validator check("BatchTripletLoss", detail::scalar_name<T>(), method);
     const auto qv = detail::input_view(q);
     check.embeddings("q", qv);

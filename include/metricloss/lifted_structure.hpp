@@ -143,7 +143,7 @@ class LiftedStructureLoss {
                   "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
     static_assert(detail::ReferenceBackend<LiftedStructureLoss, Tag>::available,
                   "metricloss::LiftedStructureLoss: reference sets run on metricloss::scalar "
-                  "only so far (the simd and cuda paths are issue 15's next step)");
+                  "and metricloss::simd so far (the cuda path is issue 15's next step)");
     detail::Validator check("LiftedStructureLoss", detail::scalar_name<T>(), method);
     const auto qv = detail::input_view(q);
     check.embeddings("q", qv);

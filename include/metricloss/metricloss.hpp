@@ -30,4 +30,5 @@
 #include <metricloss/reference.hpp>
 #include <metricloss/backend/scalar/reference.hpp>
 #include <metricloss/backend/simd/reference.hpp>
+#include <metricloss/backend/simd/lifted_reference.hpp>
 #include <metricloss/memory.hpp>
