@@ -258,6 +258,14 @@ void reference_cases(std::vector<Row>& rows) {
            {&gq});
   add_case(rows, loss, "`grad_r` is `r`",
            [&](auto tag) { f.forward_backward(tag, q, yq, ml::reference(r, yr), gq, r); }, {&gq});
+  add_case(rows, loss, "`grad_r` overlaps `q`",
+           [&](auto tag) {
+             Mat storage = filled(5, 3);
+             storage.topRows(4) = q;
+             const ml::ConstRowMap<float> qmap(storage.data(), 4, 3, Eigen::OuterStride<>(3));
+             ml::RowMap<float> over(storage.data(), 5, 3, Eigen::OuterStride<>(3));
+             f.forward_backward(tag, qmap, yq, ml::reference(r, yr), gq, over);
+           }, {&gq});
 }
 
 std::string escape(const std::string& text) {
