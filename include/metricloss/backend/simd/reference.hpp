@@ -81,18 +81,22 @@ struct CrossSparseWeights {
       if (v[j] != T(0)) add(i, j, static_cast<double>(v[j]));
   }
 
-  /// grad_q = scale sum 2 w (q_i - r_j), grad_r = -the same per r_j, totalled in double.
+  /// grad_q = scale sum 2 w (q_i - r_j), grad_r = -the same per r_j, totalled in double
+  /// (sums only for the gradients asked for: R may be a memory of 10^5 rows).
   void gradients(GrowOnlyBuffer<double>& storage, const MatrixView<const T>& q,
                  const MatrixView<const T>& r, double scale, const MatrixView<T>& grad_q,
                  const MatrixView<T>& grad_r) const {
-    const Index nq = q.rows, nr = r.rows, d = q.cols;
-    double* sum_q = storage.data(static_cast<std::size_t>((nq + nr) * d));
+    const Index d = q.cols;
+    const Index nq = grad_q.empty() ? 0 : q.rows, nr = grad_r.empty() ? 0 : r.rows;
+    double* sum_q = storage.data(static_cast<std::size_t>((nq + nr) * d + 2 * d));
     double* sum_r = sum_q + nq * d;
+    double* discard = sum_r + nr * d;  // 2 d: the half of a term whose gradient is skipped
     std::fill(sum_q, sum_q + (nq + nr) * d, 0.0);
     const WeightEntry* list = entries->data(0);
     for (Index e = 0; e < count; ++e)
-      add_cross_pair_by_differences(sum_q + list[e].i * d, sum_r + list[e].j * d, q.row(list[e].i),
-                                    r.row(list[e].j), d, list[e].w);
+      add_cross_pair_by_differences(nq > 0 ? sum_q + list[e].i * d : discard,
+                                    nr > 0 ? sum_r + list[e].j * d : discard + d,
+                                    q.row(list[e].i), r.row(list[e].j), d, list[e].w);
     const auto write = [&](const MatrixView<T>& out, const double* in) {
       for (Index i = 0; i < out.rows; ++i)
         for (Index k = 0; k < d; ++k) out.row(i)[k] = static_cast<T>(scale * in[i * d + k]);
