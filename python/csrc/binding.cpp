@@ -87,6 +87,34 @@ std::pair<at::Tensor, mlpy::Grad> grad_for(const at::Tensor& like, const mlpy::R
   return {g, mlpy::Grad{g.data_ptr(), r.rows, r.cols, r.cols}};
 }
 
+/// The tensors of a call of queries x against a reference set ref, described for the kernel,
+/// with fresh gradients for those wanted. Names are metricloss/__init__.py's arguments.
+struct ReferenceCall {
+  mlpy::Rows q;
+  mlpy::Labels labels_q;
+  mlpy::Reference ref;
+  at::Tensor grad_q, grad_r;
+  mlpy::Grad gq, gr;
+};
+
+ReferenceCall reference_call(const std::string& loss, const at::Tensor& x, const at::Tensor& labels,
+                             const at::Tensor& ref, const c10::optional<at::Tensor>& ref_labels,
+                             const c10::optional<at::Tensor>& self_index, bool want_x,
+                             bool want_ref) {
+  if (!x.defined()) value_error(loss, "argument 'x' is undefined");
+  if (!ref_labels.has_value()) value_error(loss, "argument 'ref' needs 'ref_labels'");
+  ReferenceCall c;
+  c.q = rows_of(loss, "x", x, x.scalar_type());
+  c.labels_q = labels_of(loss, "labels", labels);
+  c.ref.r = rows_of(loss, "ref", ref, x.scalar_type());
+  c.ref.labels = labels_of(loss, "ref_labels", *ref_labels);
+  c.ref.self = self_index.has_value() ? labels_of(loss, "self_index", *self_index)
+                                      : mlpy::Labels{nullptr, 0, 1};
+  std::tie(c.grad_q, c.gq) = grad_for(x, c.q, want_x);
+  std::tie(c.grad_r, c.gr) = grad_for(ref, c.ref.r, want_ref);
+  return c;
+}
+
 mlpy::Scalar scalar_of(at::ScalarType s) {
   return s == at::kFloat ? mlpy::Scalar::f32 : mlpy::Scalar::f64;
 }
@@ -120,7 +148,7 @@ using torch::autograd::variable_list;
 /// Whether autograd will want the gradient of t (ctx->needs_input_grad is not available in a
 /// C++ forward, and torch.no_grad() must not pay for gradients).
 bool wanted(const at::Tensor& t) { return torch::GradMode::is_enabled() && t.requires_grad(); }
-bool wanted(const c10::optional<at::Tensor>&) { return false; }
+bool wanted(const c10::optional<at::Tensor>& t) { return t.has_value() && wanted(*t); }
 
 /// The backward of every loss: the gradients saved by forward times grad_output, one entry per
 /// argument of forward. When grad_output is 1 the saved gradient is handed over as it is: no
@@ -218,6 +246,20 @@ struct BatchTriplet {
         mutex, [&] { return kernel.run(s, margin, mining, distance, soft_margin, rx, ly, gx); });
     return {loss_tensor(v, x), tx};
   }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> run_reference(
+      const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+      const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
+      double margin, int mining, int distance, bool soft_margin, bool want_x, bool want_ref) {
+    auto c = reference_call("BatchTripletLoss", x, labels, ref, ref_labels, self_index, want_x,
+                            want_ref);
+    gradient_calls += want_x || want_ref;
+    const auto s = scalar_of(x.scalar_type());
+    const double v = call_kernel(mutex, [&] {
+      return kernel.run(s, margin, mining, distance, soft_margin, c.q, c.labels_q, c.ref, c.gq, c.gr);
+    });
+    return {loss_tensor(v, x), c.grad_q, c.grad_r};
+  }
 };
 
 struct Lifted {
@@ -237,11 +279,26 @@ struct Lifted {
     const double v = call_kernel(mutex, [&] { return kernel.run(s, margin, rx, ly, gx); });
     return {loss_tensor(v, x), tx};
   }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> run_reference(
+      const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+      const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
+      double margin, bool want_x, bool want_ref) {
+    auto c = reference_call("LiftedStructureLoss", x, labels, ref, ref_labels, self_index, want_x,
+                            want_ref);
+    gradient_calls += want_x || want_ref;
+    const auto s = scalar_of(x.scalar_type());
+    const double v = call_kernel(
+        mutex, [&] { return kernel.run(s, margin, c.q, c.labels_q, c.ref, c.gq, c.gr); });
+    return {loss_tensor(v, x), c.grad_q, c.grad_r};
+  }
 };
 
 
 // One torch::autograd::Function per loss: forward calls the kernel once and saves the
-// gradients of the inputs autograd wants; backward only scales them (scale_saved).
+// gradients of the inputs autograd wants; backward only scales them (scale_saved). The batch
+// losses take an optional reference set (ref, ref_labels, self_index): ref is their second
+// argument, so that the saved {grad_x, grad_ref} line up with the arguments.
 
 struct ContrastiveFunction : torch::autograd::Function<ContrastiveFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
@@ -274,27 +331,46 @@ struct TripletFunction : torch::autograd::Function<TripletFunction> {
 };
 
 struct BatchTripletFunction : torch::autograd::Function<BatchTripletFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
-                            BatchTriplet* self, double margin, int64_t mining, int64_t distance,
-                            bool soft_margin, bool want_x) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& ref, const at::Tensor& labels,
+                            const c10::optional<at::Tensor>& ref_labels,
+                            const c10::optional<at::Tensor>& self_index, BatchTriplet* self,
+                            double margin, int64_t mining, int64_t distance, bool soft_margin,
+                            bool want_x, bool want_ref) {
+    if (ref.has_value()) {
+      auto [loss, gx, gr] = self->run_reference(x, labels, *ref, ref_labels, self_index, margin,
+                                                int(mining), int(distance), soft_margin, want_x,
+                                                want_ref);
+      ctx->save_for_backward({gx, gr});
+      return loss;
+    }
     auto [loss, gx] = self->run(x, labels, margin, int(mining), int(distance), soft_margin, want_x);
     ctx->save_for_backward({gx});
     return loss;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, 8);
+    return scale_saved(ctx, grad_outputs, 13);
   }
 };
 
 struct LiftedFunction : torch::autograd::Function<LiftedFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
-                            Lifted* self, double margin, bool want_x) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& ref, const at::Tensor& labels,
+                            const c10::optional<at::Tensor>& ref_labels,
+                            const c10::optional<at::Tensor>& self_index, Lifted* self,
+                            double margin, bool want_x, bool want_ref) {
+    if (ref.has_value()) {
+      auto [loss, gx, gr] =
+          self->run_reference(x, labels, *ref, ref_labels, self_index, margin, want_x, want_ref);
+      ctx->save_for_backward({gx, gr});
+      return loss;
+    }
     auto [loss, gx] = self->run(x, labels, margin, want_x);
     ctx->save_for_backward({gx});
     return loss;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, 5);
+    return scale_saved(ctx, grad_outputs, 10);
   }
 };
 
@@ -313,13 +389,21 @@ at::Tensor triplet_loss(Triplet& self, const at::Tensor& anchor, const at::Tenso
 }
 
 at::Tensor batch_triplet_loss(BatchTriplet& self, const at::Tensor& x, const at::Tensor& labels,
-                              double margin, int mining, int distance, bool soft_margin) {
-  return BatchTripletFunction::apply(x, labels, &self, margin, int64_t(mining), int64_t(distance),
-                                     soft_margin, wanted(x));
+                              const c10::optional<at::Tensor>& ref,
+                              const c10::optional<at::Tensor>& ref_labels,
+                              const c10::optional<at::Tensor>& self_index, double margin,
+                              int mining, int distance, bool soft_margin) {
+  return BatchTripletFunction::apply(x, ref, labels, ref_labels, self_index, &self, margin,
+                                     int64_t(mining), int64_t(distance), soft_margin, wanted(x),
+                                     wanted(ref));
 }
 
-at::Tensor lifted_loss(Lifted& self, const at::Tensor& x, const at::Tensor& labels, double margin) {
-  return LiftedFunction::apply(x, labels, &self, margin, wanted(x));
+at::Tensor lifted_loss(Lifted& self, const at::Tensor& x, const at::Tensor& labels,
+                       const c10::optional<at::Tensor>& ref,
+                       const c10::optional<at::Tensor>& ref_labels,
+                       const c10::optional<at::Tensor>& self_index, double margin) {
+  return LiftedFunction::apply(x, ref, labels, ref_labels, self_index, &self, margin, wanted(x),
+                               wanted(ref));
 }
 
 }  // namespace
@@ -340,11 +424,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<BatchTriplet>(m, "BatchTriplet")
       .def(py::init<>())
       .def("run", &BatchTriplet::run)
+      .def("run_reference", &BatchTriplet::run_reference)
       .def("loss", &batch_triplet_loss)
       .def_readonly("gradient_calls", &BatchTriplet::gradient_calls);
   py::class_<Lifted>(m, "Lifted")
       .def(py::init<>())
       .def("run", &Lifted::run)
+      .def("run_reference", &Lifted::run_reference)
       .def("loss", &lifted_loss)
       .def_readonly("gradient_calls", &Lifted::gradient_calls);
 }

@@ -22,10 +22,17 @@ struct Grad {
   std::int64_t rows, cols, stride;
 };
 
-/// int64 labels (or similarity flags), element i at data[i * stride].
+/// int64 labels (or similarity flags, or self indices), element i at data[i * stride].
 struct Labels {
   const std::int64_t* data;
   std::int64_t size, stride;
+};
+
+/// A reference set (metricloss::reference): candidates r with their labels, and the row of r
+/// that is each query itself (-1: none); self.data == nullptr when no self_index is given.
+struct Reference {
+  Rows r;
+  Labels labels, self;
 };
 
 // One object per Python module instance: it owns one metricloss functor per scalar type
@@ -64,6 +71,8 @@ class BatchTriplet {
   ~BatchTriplet();
   double run(Scalar, double margin, int mining, int distance, bool soft_margin, Rows x,
              Labels labels, Grad gx);
+  double run(Scalar, double margin, int mining, int distance, bool soft_margin, Rows q,
+             Labels labels_q, Reference ref, Grad gq, Grad gr);
 
  private:
   struct Impl;
@@ -75,6 +84,7 @@ class Lifted {
   Lifted();
   ~Lifted();
   double run(Scalar, double margin, Rows x, Labels labels, Grad gx);
+  double run(Scalar, double margin, Rows q, Labels labels_q, Reference ref, Grad gq, Grad gr);
 
  private:
   struct Impl;

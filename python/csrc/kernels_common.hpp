@@ -1,5 +1,5 @@
-// Shared by kernels_*.cpp: Eigen maps over the binding's plain descriptors, and the
-// run-time-to-compile-time dispatch of metricloss::skip.
+// Shared by kernels_*.cpp: Eigen maps over the binding's plain descriptors (and reference
+// sets over them), and the run-time-to-compile-time dispatch of metricloss::skip.
 #pragma once
 #include "kernels.hpp"
 
@@ -38,6 +38,16 @@ decltype(auto) with_grad(const Grad& g, F&& f) {
   if (g.data == nullptr) return f(ml::skip);
   ml::RowMap<T> m(static_cast<T*>(g.data), g.rows, g.cols, Eigen::OuterStride<>(g.stride));
   return f(m);
+}
+
+/// Calls f with the metricloss::ReferenceSet over ref (its maps live for the call).
+template <class T, class F>
+decltype(auto) with_reference(const Reference& ref, F&& f) {
+  const auto r = map<T>(ref.r);
+  const auto labels = map(ref.labels);
+  if (ref.self.data == nullptr) return f(ml::reference(r, labels));
+  const auto self = map(ref.self);
+  return f(ml::reference(r, labels, self));
 }
 
 /// The functor of one scalar type, created on first use.

@@ -15,6 +15,13 @@ equality; NaN labels are rejected).
     loss = loss_fn(embeddings, labels)
     loss.backward()
 
+BatchTripletLoss and LiftedStructureLoss also take a reference set (e.g. a memory of past
+batches): ``loss_fn(q, labels_q, ref=r, ref_labels=yr, self_index=None)``. Anchors are the rows
+of q, positives and negatives the rows of r (the same dtype and D): P(a) = {j : yr[j] ==
+labels_q[a], j != self_index[a]}, Neg(a) = {j : yr[j] != labels_q[a]}. self_index (an integer
+tensor of length N_q, or None) gives the row of r that is q[a] itself, or -1. Gradients flow
+to q and to r, as each requires. The C++ layer's messages call these q, labels_q, r, labels_r.
+
 Options have the C++ names and can be changed between calls (``loss_fn.margin = 0.3``).
 Malformed arguments raise TypeError (dtype) or ValueError (device, shape, strides, values),
 naming the argument; errors of the C++ layer are ValueError carrying its message.
@@ -73,6 +80,27 @@ def _labels(loss, *named):
         raise ValueError(f"metricloss.{loss}: argument {names} contains NaN labels")
     ids = torch.unique(joined, return_inverse=True)[1]
     return list(torch.split(ids, [t.numel() for t in tensors]))
+
+
+def _reference(loss, labels, ref, ref_labels, self_index):
+    """labels alone, or labels with a reference set, prepared for the kernel: (labels, ref,
+    ref_labels, self_index), the last three None without ref."""
+    if ref is None:
+        if ref_labels is not None or self_index is not None:
+            raise TypeError(f"metricloss.{loss}: 'ref_labels' and 'self_index' need 'ref' "
+                            "(the reference set's embeddings)")
+        return _labels(loss, ("labels", labels)) + [None, None, None]
+    ref = _embedding(loss, "ref", ref)
+    if ref_labels is None:
+        raise TypeError(f"metricloss.{loss}: argument 'ref' needs 'ref_labels' (the labels of its rows)")
+    labels, ref_labels = _labels(loss, ("labels", labels), ("ref_labels", ref_labels))
+    if self_index is not None:
+        self_index = _as_label_tensor(loss, "self_index", self_index)
+        if self_index.is_floating_point() or self_index.dtype == torch.bool:
+            raise TypeError(f"metricloss.{loss}: argument 'self_index' must be an integer tensor, "
+                            f"got {self_index.dtype}")
+        self_index = self_index.to(torch.int64)  # its length and range: checked by the C++ layer
+    return [labels, ref, ref_labels, self_index]
 
 
 def _similarity(loss, sim):
@@ -180,7 +208,8 @@ class TripletLoss(_Loss):
 class BatchTripletLoss(_Loss):
     """Triplet loss with online mining over one labelled batch (mining="hard": batch-hard,
     "semihard": FaceNet / TF Addons, "all": mean over the triplets with a positive hinge);
-    soft_margin=True replaces the hinge by softplus. Call as ``loss(x, labels)``."""
+    soft_margin=True replaces the hinge by softplus. Call as ``loss(x, labels)``, or against a
+    reference set as ``loss(q, labels_q, ref=r, ref_labels=yr, self_index=None)``."""
 
     _kernel_type = _C.BatchTriplet
 
@@ -193,14 +222,14 @@ class BatchTripletLoss(_Loss):
         self.distance = distance
         self.soft_margin = bool(soft_margin)
 
-    def forward(self, x, labels):
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
         name = "BatchTripletLoss"
         x = _embedding(name, "x", x)
-        (labels,) = _labels(name, ("labels", labels))
+        labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
         mining = _option(name, "mining", self.mining, _MININGS)
         distance = _option(name, "distance", self.distance, _DISTANCES)
-        return self._kernel.loss(x, labels, float(self.margin), mining, distance,
-                                 bool(self.soft_margin))
+        return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.margin),
+                                 mining, distance, bool(self.soft_margin))
 
     def extra_repr(self):
         return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
@@ -209,7 +238,8 @@ class BatchTripletLoss(_Loss):
 
 class LiftedStructureLoss(_Loss):
     """Lifted structured loss (Song et al. 2016) as the Caffe layer computes it, with exact
-    distances. Call as ``loss(x, labels)``."""
+    distances. Call as ``loss(x, labels)``, or against a reference set as
+    ``loss(q, labels_q, ref=r, ref_labels=yr, self_index=None)``."""
 
     _kernel_type = _C.Lifted
 
@@ -217,11 +247,11 @@ class LiftedStructureLoss(_Loss):
         super().__init__()
         self.margin = float(margin)
 
-    def forward(self, x, labels):
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
         name = "LiftedStructureLoss"
         x = _embedding(name, "x", x)
-        (labels,) = _labels(name, ("labels", labels))
-        return self._kernel.loss(x, labels, float(self.margin))
+        labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
+        return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.margin))
 
     def extra_repr(self):
         return f"margin={self.margin}"
