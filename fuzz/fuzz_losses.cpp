@@ -27,7 +27,8 @@
 //      classes of one and margins at which hinges are exactly 0. Everything is exact, so
 //      nothing is skipped: scalar and simd are each checked against a brute-force double
 //      reference from API.md's formulas and tie rules (fuzz_ties), at API.md's tolerances,
-//      and against each other as in 5.
+//      and against each other as in 5; then the same batch as a reference set against
+//      itself (self = identity) must give the same loss and, as grad_q + grad_r, gradient.
 #include <metricloss/metricloss.hpp>
 
 #include <fuzzer/FuzzedDataProvider.h>
@@ -1237,6 +1238,42 @@ void fuzz_ties(FuzzedDataProvider& in) {
       configure(fresh);
       check_reuse(simd, run<T>([&] { return call(ml::simd, fresh); }, {&grad}));
     }
+    // The batch against itself as a reference set, self = identity (the reduction property):
+    // the batch loss, and grad_q + grad_r the batch gradient, on both tags. Consumes no input.
+    Eigen::VectorXi identity(n);
+    for (Index i = 0; i < n; ++i) identity[i] = static_cast<int>(i);
+    Gradient<T> grad_q, grad_r;
+    grad_q.wanted = grad_r.wanted = wanted;
+    if (wanted) {
+      grad_q.own = Strided<T>(n, d, d + 1, sentinel<T>());
+      grad_r.own = Strided<T>(n, d, d, sentinel<T>());
+    }
+    const auto against_itself = [&](auto tag) {
+      const auto call = [&](auto& loss) {
+        const auto set = ml::reference(x.cmap(), label_map(labels), identity);
+        if (!wanted) return loss.forward(tag, x.cmap(), label_map(labels), set);
+        return loss.forward_backward(tag, x.cmap(), label_map(labels), set, grad_q.map(),
+                                     grad_r.map(), static_cast<T>(top_diff));
+      };
+      Outcome<T> both;
+      if (lifted) {
+        ml::LiftedStructureLoss<T> loss(static_cast<T>(margin));
+        both = run<T>([&] { return call(loss); }, {&grad_q, &grad_r});
+      } else {
+        ml::BatchTripletLoss<T> loss(static_cast<T>(margin), mining, distance, soft_margin);
+        both = run<T>([&] { return call(loss); }, {&grad_q, &grad_r});
+      }
+      if (both.gradients.size() == 2) {  // one gradient, the sum, as the batch call gives
+        for (std::size_t k = 0; k < both.gradients[0].size(); ++k)
+          both.gradients[0][k] += both.gradients[1][k];
+        both.gradients.pop_back();
+      }
+      return both;
+    };
+    check_against<T>("scalar, reference set", against_itself(ml::scalar), ref, 1.0, loss_noise,
+                     gradient_floor);
+    check_against<T>("simd, reference set", against_itself(ml::simd), ref, 1.0, loss_noise,
+                     gradient_floor);
   });
 }
 

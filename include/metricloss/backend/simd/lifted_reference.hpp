@@ -12,6 +12,7 @@
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/cross_classes.hpp>
 #include <metricloss/detail/lifted_structure_math.hpp>
+#include <metricloss/detail/numerics.hpp>
 #include <metricloss/lifted_structure.hpp>
 #include <metricloss/reference.hpp>
 
@@ -35,6 +36,15 @@ struct SimdLiftedReferenceScratch : BackendSlot::Contents {
   GrowOnlyBuffer<double> col_nearest, col_sum, col_log, col_share;  // N_r: over Q
   AlignedBuffer<double> q_wide, r_wide, gq_wide, gr_wide;           // a float call in double
 };
+
+/// exp of an argument clamped to [exp_floor, 0]: the negatives' arguments are nearest - D <= 0,
+/// and the lanes that are no negative (masked out after) may hold +inf (a row or column
+/// without negatives); xsimd 8.1's double exp converts its exponent to int64 with a scalar
+/// cast, undefined for infinities, NaN and below about -6.4e18 (see lifted_sweeps.hpp).
+inline xsimd::batch<double> bounded_exp(const xsimd::batch<double>& argument) {
+  using B = xsimd::batch<double>;
+  return xsimd::exp(xsimd::min(xsimd::max(argument, B(Numerics<double>::exp_floor)), B(0.0)));
+}
 
 /// The lanes of one query row against R: f(j, lanes of D, negative mask) over full batches,
 /// then g(j) for the tail.
@@ -116,9 +126,9 @@ inline double simd_lifted_reference_in_double(SimdLiftedReferenceScratch& work, 
     double tail_sum = 0.0;
     for_each_negative_lane(row, cls, nr, static_cast<double>(classes.own_class(a)),
         [&](Index j, const B& d, const auto& negative) {
-          sum += xsimd::select(negative, xsimd::exp(shift - d), B(0.0));
+          sum += xsimd::select(negative, bounded_exp(shift - d), B(0.0));
           const B shifted = B::load_unaligned(col_nearest + j) - d;
-          const B column = xsimd::select(negative, xsimd::exp(shifted), B(0.0));
+          const B column = xsimd::select(negative, bounded_exp(shifted), B(0.0));
           (B::load_unaligned(col_sum + j) + column).store_unaligned(col_sum + j);
         },
         [&](Index j, double d) {
@@ -162,8 +172,8 @@ inline double simd_lifted_reference_in_double(SimdLiftedReferenceScratch& work, 
     for_each_negative_lane(row, cls, nr, static_cast<double>(classes.own_class(a)),
         [&](Index j, const B& d, const auto& negative) {
           const B column = B::load_unaligned(col_share + j) *
-                           xsimd::exp(B::load_unaligned(col_nearest + j) - d);
-          const B part = factor * xsimd::exp(shift - d) + column;
+                           bounded_exp(B::load_unaligned(col_nearest + j) - d);
+          const B part = factor * bounded_exp(shift - d) + column;
           const B weight = xsimd::select(negative & (d > B(0.0)), part / (B(2.0) * d), B(0.0));
           (B::load_unaligned(wrow + j) + weight).store_unaligned(wrow + j);  // keeps positives
         },
