@@ -25,6 +25,9 @@ using Clock = std::chrono::steady_clock;
 /// ctest's SKIP_RETURN_CODE: the data set is not installed.
 constexpr int exit_skipped = 77;
 
+/// The network: 784 pixels -> 256 ReLU units -> a 64-D embedding.
+constexpr Index hidden_units = 256, embedding_dim = 64;
+
 struct Options {
   std::string data = "/usr/share/datasets/fashion-mnist";
   std::string loss = "batch-all";
@@ -35,6 +38,11 @@ struct Options {
   std::string svg;         // empty = fashion_mnist_<loss>.svg
   bool baselines_only = false;
   bool check = false;
+  // Cross-batch memory (XBM): capacity in rows (0 = off), weight of its loss, and the epochs
+  // trained on the batch loss alone before it starts.
+  Index memory = 0;
+  float memory_weight = 1.0f;
+  int memory_warmup = 1;
   // Overrides of the per-loss defaults.
   std::optional<float> margin, learning_rate;
   std::optional<bool> l2_normalize, soft_margin;
@@ -60,6 +68,12 @@ void print_usage(std::FILE* out) {
       "  --images-per-class K override K of the P x K batch sampler (batch-*, lifted)\n"
       "  --pairs-per-batch B  override the pairs / triplets per batch (contrastive, legacy, triplet)\n"
       "  --positive-fraction F override the share of similar pairs (contrastive, legacy)\n"
+      "  --memory K           cross-batch memory (XBM) of the last K embeddings: each step adds\n"
+      "                       the batch's loss against it (batch-all, batch-hard, semihard,\n"
+      "                       lifted; default 0 = off)\n"
+      "  --memory-weight W    weight of the memory's loss, W > 0 (default 1)\n"
+      "  --memory-warmup E    epochs on the batch loss alone before the memory starts, empty\n"
+      "                       (default 1; E < --epochs)\n"
       "  --baselines-only     print the raw-pixel and untrained-network baselines and exit\n"
       "  --check              exit 1 unless the loss on fixed probe batches fell and\n"
       "                       Recall@1 beat the untrained network;\n"
@@ -92,6 +106,7 @@ Options parse_options(int argc, char** argv) {
   const auto to_int = [](const std::string& t) { return std::stoi(t); };
   const auto to_long = [](const std::string& t) { return Index(std::stol(t)); };
   const auto to_float = [](const std::string& t) { return std::stof(t); };
+  bool memory_options = false;  // --memory-weight or --memory-warmup given
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--data") o.data = value(i);
@@ -108,6 +123,9 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--images-per-class") o.images_per_class = number(i, to_int);
     else if (arg == "--pairs-per-batch") o.anchors_per_batch = number(i, to_long);
     else if (arg == "--positive-fraction") o.positive_fraction = double(number(i, to_float));
+    else if (arg == "--memory") o.memory = number(i, to_long);
+    else if (arg == "--memory-weight") o.memory_weight = number(i, to_float), memory_options = true;
+    else if (arg == "--memory-warmup") o.memory_warmup = number(i, to_int), memory_options = true;
     else if (arg == "--baselines-only") o.baselines_only = true;
     else if (arg == "--check") o.check = true;
     else if (arg == "--help" || arg == "-h") { print_usage(stdout); std::exit(0); }
@@ -117,6 +135,17 @@ Options parse_options(int argc, char** argv) {
   if (std::find(names.begin(), names.end(), o.loss) == names.end())
     usage_error("unknown loss '" + o.loss + "'");
   if (o.epochs < 1) usage_error("--epochs must be at least 1");
+  if (o.memory < 0) usage_error("--memory must be at least 0 (0 = off)");
+  if (o.memory > 0 && !loss_takes_memory(o.loss))
+    usage_error("--memory needs a loss over labelled batches (batch-all, batch-hard, semihard, "
+                "lifted), not '" + o.loss + "'");
+  if (memory_options && o.memory == 0)
+    usage_error("--memory-weight and --memory-warmup need --memory K with K >= 1");
+  if (!(o.memory_weight > 0.0f) || !std::isfinite(o.memory_weight))
+    usage_error("--memory-weight must be a finite number > 0");
+  if (o.memory > 0 && (o.memory_warmup < 0 || o.memory_warmup >= o.epochs))
+    usage_error("--memory-warmup must be at least 0 and less than --epochs (" +
+                std::to_string(o.epochs) + "), or the memory never starts");
   if (o.svg.empty()) o.svg = "fashion_mnist_" + o.loss + ".svg";
   return o;
 }
@@ -208,7 +237,7 @@ double train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_le
     const Labels labels = gather(train.labels, rows);
     const Matrix& embeddings = network.forward(input);
     gradient.resize(embeddings.rows(), embeddings.cols());
-    const double value = objective.loss_and_gradient(embeddings, labels, gradient);
+    const double value = objective.training_loss_and_gradient(embeddings, labels, gradient);
     network.backward(input, gradient);
     network.update(optimizer);
     loss_sum += value;
@@ -238,6 +267,12 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
   outcome.probe_loss_before = mean_loss(network, *objective, training, probe);
   for (int epoch = 1; epoch <= options.epochs; ++epoch) {
     const Clock::time_point epoch_start = Clock::now();
+    if (options.memory > 0 && epoch == options.memory_warmup + 1) {
+      objective->start_memory(options.memory, embedding_dim, options.memory_weight);
+      std::printf("cross-batch memory on from epoch %d: %ld rows, empty; loss = batch loss + %g x "
+                  "loss against the memory\n",
+                  epoch, long(options.memory), double(options.memory_weight));
+    }
     char label[32];
     std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
     const double epoch_loss = train_one_epoch(network, optimizer, settings.learning_rate,
@@ -280,11 +315,16 @@ int run(const Options& options) {
               long(training.size()), long(test.size()), settings.loss.c_str(),
               double(settings.margin), double(settings.learning_rate),
               settings.l2_normalize ? "L2-normalised embeddings" : "unnormalised embeddings");
+  if (options.memory > 0)
+    std::printf("cross-batch memory: %ld rows, weight %g, after %d warm-up epoch%s\n",
+                long(options.memory), double(options.memory_weight), options.memory_warmup,
+                options.memory_warmup == 1 ? "" : "s");
   print_recall("raw pixels", recall_at_k(test.images, test.labels));
   standardize(training, test);
 
   std::mt19937 rng(options.seed);
-  EmbeddingNetwork network(training.images.cols(), 256, 64, settings.l2_normalize, rng);
+  EmbeddingNetwork network(training.images.cols(), hidden_units, embedding_dim,
+                           settings.l2_normalize, rng);
   const Recall untrained = recall_at_k(network.embed(test.images), test.labels);
   print_recall("untrained network", untrained);
   if (options.baselines_only) return 0;

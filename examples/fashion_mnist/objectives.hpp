@@ -1,12 +1,14 @@
 #pragma once
 // A training objective = a batch sampler + a metricloss functor. Each turns the embeddings
 // of its batch into a loss value and d(loss)/d(embeddings) with forward_backward(simd, ...),
-// exactly as a user's training code calls the library.
+// exactly as a user's training code calls the library. The labelled batch losses can also add
+// the loss of the batch against a cross-batch memory of past embeddings (start_memory).
 #include "samplers.hpp"
 
 #include <metricloss/metricloss.hpp>
 
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -35,9 +37,21 @@ class Objective {
   virtual Index batches_per_epoch() const = 0;
   /// Training-set indices of the images of batch `batch` of this epoch, in the loss's order.
   virtual std::vector<Index> sample(Index batch, std::mt19937& rng) = 0;
-  /// The loss of the batch whose embeddings are `embeddings`, and its gradient.
+  /// The loss of the batch whose embeddings are `embeddings`, and its gradient (the batch
+  /// alone, memory or not: what the fixed probe batches measure).
   virtual double loss_and_gradient(const Matrix& embeddings, const Labels& labels,
                                    Matrix& gradient) = 0;
+  /// A training step's loss and gradient: loss_and_gradient's, plus, once start_memory was
+  /// called, weight x the loss of the batch against the memory (which it enters first).
+  virtual double training_loss_and_gradient(const Matrix& embeddings, const Labels& labels,
+                                            Matrix& gradient) {
+    return loss_and_gradient(embeddings, labels, gradient);
+  }
+  /// Switches the cross-batch memory on with `capacity` rows of dimension `dim`, empty (the
+  /// losses over one labelled batch only: loss_takes_memory()).
+  virtual void start_memory(Index, Index, float) {
+    throw std::logic_error("this loss has no cross-batch memory");
+  }
 };
 
 namespace detail {
@@ -136,12 +150,33 @@ class LabelledBatchObjective final : public Objective {
   double loss_and_gradient(const Matrix& x, const Labels& y, Matrix& g) override {
     return loss_.forward_backward(ml::simd, x, y, g);
   }
+  /// As in the XBM paper's trainer (Wang et al., CVPR 2020): the batch enters the memory
+  /// first, then the batch's rows are the queries against everything the memory holds, its
+  /// own rows included (the slots, as self_index, keep a row from being its own positive).
+  /// The memory holds detached copies: no gradient flows into it (grad_r = skip).
+  double training_loss_and_gradient(const Matrix& x, const Labels& y, Matrix& g) override {
+    const double batch = loss_and_gradient(x, y, g);
+    if (!memory_) return batch;
+    const auto slots = memory_->enqueue(x, y);
+    memory_gradient_.resize(g.rows(), g.cols());
+    const double against_memory = loss_.forward_backward(
+        ml::simd, x, y, memory_->reference(slots), memory_gradient_, ml::skip, memory_weight_);
+    g += memory_gradient_;  // already times the weight (top_diff)
+    return batch + double(memory_weight_) * against_memory;
+  }
+  void start_memory(Index capacity, Index dim, float weight) override {
+    memory_.emplace(capacity, dim);
+    memory_weight_ = weight;
+  }
 
  private:
   ClassIndex classes_;
   Index train_size_;
   Loss loss_;
   int classes_per_batch_, images_per_class_;
+  std::optional<ml::CrossBatchMemory<float, int>> memory_;
+  float memory_weight_ = 0.0f;
+  Matrix memory_gradient_;
 };
 
 template <class Loss>
@@ -155,6 +190,11 @@ inline const std::vector<std::string>& loss_names() {
   static const std::vector<std::string> names = {"contrastive", "legacy",     "triplet", "batch-all",
                                                  "batch-hard",  "semihard",   "lifted"};
   return names;
+}
+
+/// The losses that take a cross-batch memory (--memory): those over one labelled batch.
+inline bool loss_takes_memory(const std::string& loss) {
+  return loss == "batch-all" || loss == "batch-hard" || loss == "semihard" || loss == "lifted";
 }
 
 /// Per-loss settings tuned on this data set (RESULTS.md has the sweeps' outcome). Every loss
