@@ -7,7 +7,11 @@ binary and name:
   loss     the binary, bench_<loss>[_caffe] (torch_<loss> for the PyTorch peer)
   role     floor  (name has "floor" or "products": the kernel of the same shapes in the binary)
            caffe  (name has "caffe": the Caffe CPU algorithm on OpenBLAS)
-           torch  (torch_peers.py)
+           torch  (torch_peers.py; a peer:<form> argument names another way of writing the same
+                   loss in PyTorch. `vs PyTorch` is to the fastest pytorch-metric-learning-style
+                   form that ran (index tensors from masks: no peer argument, or peer:pairs), and
+                   names a hand-written dense form (sorted, rowcol) where that one is faster;
+                   reference-set forms too big to run are listed with the memory they need)
            metricloss otherwise; its path (simd or scalar) and type come from the template
   variant  the named arguments other than N, D and grad (form, distance, mining, soft)
   op       fwd (grad:0 or a *_forward benchmark) or fwd+bwd
@@ -42,6 +46,12 @@ ENUMS = {
 IGNORED_ARGS = {"threads", "min_time", "repeats", "iterations", "real_time", "manual_time",
                 "process_time", "min_warmup_time"}
 UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+# Counters kept: throughput; bench_reference's retained heap; torch_peers.py's peak memory of
+# one forward + backward and its estimate.
+COUNTERS = ("bytes_per_second", "flops", "bytes", "scratch_bytes", "peak_bytes", "estimated_bytes")
+# torch_peers.py's forms that are not pytorch-metric-learning's way (index tensors from label
+# masks): what a careful user writes by hand in O(N_q N_r) memory. Shown, not the goal's peer.
+DENSE_PEER_FORMS = {"sorted", "rowcol"}
 
 # The ratio goals of issues 2, 3 and 4, for float simd forward_backward rows.
 #   (loss, predicate on the row, kind, bound, text)
@@ -54,6 +64,9 @@ GOALS = [
     # Issue 15: lifted (no mining) and hard/semihard within 2x of Q R^T and W R, all within 3x.
     ("reference", lambda r: r["variant"].get("mining", 1) != 0, "floor", 2.0, "≤ 2× products"),
     ("reference", lambda r: r["variant"].get("mining") == 0, "floor", 3.0, "≤ 3× products"),
+    # Issue 15: every reference-set row at least 5x faster than its PyTorch peer
+    # (pytorch-metric-learning's way: index tensors from masks; torch_peers.py).
+    ("reference", lambda r: True, "torch", 5.0, "≥ 5× PyTorch"),
 ]
 # What the plot draws per loss: the metricloss variant shown (the one the PyTorch peer computes).
 PLOT_VARIANT = {"contrastive": {"form": 0}, "triplet": {"distance": 1},
@@ -111,10 +124,10 @@ def classify(binary, name):
     dtype = "double" if "double" in template else "float"
     path = "scalar" if any("scalar" in t for t in template) else "simd"
     forward_only = lower.endswith("_forward") or args.get("grad", 1) == 0
-    variant = {k: v for k, v in args.items() if k not in ("N", "D", "grad")}
+    variant = {k: v for k, v in args.items() if k not in ("N", "D", "grad", "peer")}
     return {"loss": loss, "role": role, "dtype": dtype, "path": path,
             "op": "fwd" if forward_only else "fwd+bwd", "N": args.get("N"), "D": args.get("D"),
-            "variant": variant, "family": family, "name": name}
+            "variant": variant, "family": family, "name": name, "peer": str(args.get("peer", ""))}
 
 
 def variant_text(variant):
@@ -153,7 +166,7 @@ def load(json_dir):
                 continue
             scale = UNIT_SECONDS[b.get("time_unit", "ns")]
             record = {"cpu": b["cpu_time"] * scale, "real": b["real_time"] * scale,
-                      "counters": {k: b[k] for k in ("bytes_per_second", "flops", "bytes") if k in b}}
+                      "counters": {k: b[k] for k in COUNTERS if k in b}}
             if b.get("run_type") == "aggregate":
                 if b.get("aggregate_name") == "median":
                     medians[run_name] = record
@@ -169,6 +182,12 @@ def load(json_dir):
                           "counters": group[len(group) // 2]["counters"]}
             entry = classify(binary, run_name)
             entry.update(record, binary=binary)
+            entries.append(entry)
+        # Peer cases not run because they would not fit in memory (torch_peers.py): no time.
+        for skipped in data.get("infeasible", []):
+            entry = classify(binary, skipped["name"])
+            entry.update(cpu=None, real=None, binary=binary, infeasible=skipped.get("message", "not run"),
+                         counters={"estimated_bytes": skipped.get("estimated_bytes")})
             entries.append(entry)
         if not data.get("benchmarks"):
             errors.append(f"{path}: no benchmarks in the JSON")
@@ -205,12 +224,12 @@ def throughput(entry):
 
 
 def build_rows(entries):
-    floors, peers = {}, {}
+    floors, peers = {}, defaultdict(list)
     for e in entries:
         if e["role"] == "floor":
             floors[(e["loss"], e["dtype"], e["N"], e["D"])] = e
         elif e["role"] in ("caffe", "torch"):
-            peers[(e["role"],) + key(e)] = e
+            peers[(e["role"],) + key(e)].append(e)
     rows = []
     for e in entries:
         if e["role"] != "metricloss":
@@ -220,15 +239,24 @@ def build_rows(entries):
         row["floor"] = floor
         row["floor_ratio"] = e["cpu"] / floor["cpu"] if floor else None
         for role in ("caffe", "torch"):
-            peer = peers.get((role,) + key(e))
+            # Every form of the peer; the ratio is to the fastest index-tensor form that ran, and
+            # the fastest dense form is kept beside it.
+            forms = peers.get((role,) + key(e), [])
+            timed = [p for p in forms if p.get("cpu") and p["peer"] not in DENSE_PEER_FORMS]
+            dense = [p for p in forms if p.get("cpu") and p["peer"] in DENSE_PEER_FORMS]
+            peer = min(timed, key=lambda p: p["cpu"]) if timed else None
             row[role] = peer
+            row[role + "_forms"] = forms
             row[role + "_speedup"] = peer["cpu"] / e["cpu"] if peer else None
+            row[role + "_dense"] = min(dense, key=lambda p: p["cpu"]) if dense else None
+            row[role + "_not_run"] = [p for p in forms if p.get("infeasible")
+                                      and p["peer"] not in DENSE_PEER_FORMS]
         row["goals"] = []
         if e["dtype"] == "float" and e["path"] == "simd" and e["op"] == "fwd+bwd":
             for loss, applies, kind, bound, text in GOALS:
                 if loss != e["loss"] or not applies(e):
                     continue
-                value = row["floor_ratio"] if kind == "floor" else row["caffe_speedup"]
+                value = row["floor_ratio"] if kind == "floor" else row[kind + "_speedup"]
                 met = None if value is None else (value <= bound if kind == "floor" else value >= bound)
                 row["goals"].append((text, value, met))
         rows.append(row)
@@ -240,7 +268,7 @@ def build_rows(entries):
                 r["N"] or 0, r["D"] or 0)
     rows.sort(key=order)
     unpaired = [e["name"] for e in entries if e["role"] in ("caffe", "torch")
-                and not any(r.get(e["role"]) is e for r in rows)]
+                and not any(any(p is e for p in r.get(e["role"] + "_forms", [])) for r in rows)]
     return rows, unpaired
 
 
@@ -262,7 +290,57 @@ def markdown(rows, header_lines):
             LOSS_TITLE.get(r["loss"], r["loss"]), variant_text(r["variant"]), r["op"], r["dtype"],
             r["path"], str(r["N"]), str(r["D"]), format_time(r["cpu"]), throughput(r),
             format_ratio(r["floor_ratio"]), format_ratio(r["caffe_speedup"]),
-            format_ratio(r["torch_speedup"]), goal_text(r["goals"]) or ""]) + " |")
+            torch_cell(r), goal_text(r["goals"]) or ""]) + " |")
+    return lines
+
+
+def torch_cell(r):
+    """`vs PyTorch`: the index-tensor form's ratio (its peer name if not the first form), 'not
+    run' where it needs too much memory, and a faster dense form's ratio beside it."""
+    if r["torch"]:
+        text = format_ratio(r["torch_speedup"]) + (f" ({r['torch']['peer']})" if r["torch"]["peer"] else "")
+    elif r.get("torch_not_run"):
+        text = "not run (memory)"
+    else:
+        text = "—"
+    dense = r.get("torch_dense")
+    if dense and (not r["torch"] or dense["cpu"] < r["torch"]["cpu"]):
+        text += f"; {format_ratio(dense['cpu'] / r['cpu'])} ({dense['peer']})"
+    return text
+
+
+def format_bytes(value):
+    if value is None:
+        return "—"
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def reference_memory(rows):
+    """Per reference-set row: our retained heap (scratch_bytes) beside every PyTorch form's time
+    ratio and peak memory (peak_bytes), or the memory a form would need when it was not run."""
+    lines = []
+    for r in rows:
+        if r["loss"] != "reference" or not r.get("torch_forms"):
+            continue
+        forms = []
+        for p in sorted(r["torch_forms"], key=lambda p: p["peer"]):
+            name = p["peer"] or "PML"
+            if p.get("infeasible"):
+                forms.append(f"{name} not run (needs ~{format_bytes(p['counters'].get('estimated_bytes'))})")
+            else:
+                peak = p["counters"].get("peak_bytes")
+                forms.append(f"{name} {format_ratio(p['cpu'] / r['cpu'])}"
+                             + (f", peak {format_bytes(peak)}" if peak is not None else ""))
+        variant = variant_text({k: v for k, v in r["variant"].items() if k != "Q"})
+        label = "lifted" if variant == "—" else variant
+        lines.append(f"- {label}, N = {r['N']}: ours {format_time(r['cpu'])}, scratch "
+                     f"{format_bytes(r['counters'].get('scratch_bytes'))}; PyTorch: " + "; ".join(forms))
+    if lines:
+        lines.insert(0, "Reference sets against PyTorch (time ratio PyTorch/ours per form, peak memory "
+                        "of one forward + backward over its inputs):")
     return lines
 
 
@@ -273,11 +351,14 @@ def goal_summary(rows):
             total += 1
             met += bool(ok)
             mark = "not measured" if ok is None else "met" if ok else "MISSED"
+            if ok is None and "PyTorch" in text and r.get("torch_not_run"):
+                needs = max(p["counters"].get("estimated_bytes") or 0 for p in r["torch_not_run"])
+                mark = f"not measured: the PyTorch peer was not run (needs ~{format_bytes(needs)})"
             variant = variant_text(r["variant"])
             variant = "" if variant == "—" else f" {variant}"
             lines.append(f"- {LOSS_TITLE.get(r['loss'], r['loss'])}{variant}, "
                          f"N = {r['N']}, D = {r['D']}: {format_ratio(value)} (goal {text}): {mark}")
-    return [f"Ratio goals of issues 2–4 (float, simd, forward_backward): {met} of {total} met."] + lines
+    return [f"Ratio goals of issues 2–4 and 15 (float, simd, forward_backward): {met} of {total} met."] + lines
 
 
 def cpu_model():
@@ -329,7 +410,8 @@ def plot(entries, out_dir):
         for role, (label, style, color) in styles.items():
             points = sorted(
                 (e["N"], e["cpu"]) for e in entries
-                if e["loss"] == loss and e["role"] == role and e["dtype"] == "float"
+                if e["loss"] == loss and e["role"] == role and e["dtype"] == "float" and e.get("cpu")
+                and not e.get("peer")
                 and e["op"] == "fwd+bwd" and e["D"] == PLOT_D and e["path"] == "simd"
                 and (role == "floor" or all(e["variant"].get(k) == v for k, v in wanted.items())))
             if points:
@@ -374,8 +456,10 @@ def main():
     rows, unpaired = build_rows(entries)
 
     date = args.date or next((c.get("date") for c in contexts.values() if c.get("date")), "?")
-    load_factor = [e["real"] / e["cpu"] for e in entries if e["cpu"] > 0 and e["binary"] != "torch_peers"]
+    load_factor = [e["real"] / e["cpu"] for e in entries if e.get("cpu") and e["binary"] != "torch_peers"]
     torch_note = ("PyTorch " + contexts["torch_peers"].get("torch_version", "?") + ", 1 thread"
+                  + (", " + contexts["torch_peers"]["malloc"]
+                     if contexts["torch_peers"].get("malloc", "glibc defaults") != "glibc defaults" else "")
                   if "torch_peers" in contexts else "PyTorch peers not run (python3-torch absent)")
     header = [
         f"Command: `{args.command}`  ",
@@ -391,6 +475,9 @@ def main():
     ]
     lines = markdown(rows, header)
     lines += [""] + goal_summary(rows)
+    memory = reference_memory(rows)
+    if memory:
+        lines += [""] + memory
     if unpaired:
         lines += ["", "Peer entries with no metricloss row: " + ", ".join(unpaired)]
     text = "\n".join(lines) + "\n"
