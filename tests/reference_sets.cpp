@@ -317,6 +317,40 @@ TEMPLATE_TEST_CASE("reference sets follow the tie rules on tie-heavy data", "[re
   }
 }
 
+TEMPLATE_TEST_CASE("reference sets follow the tie rules with many positives (bucket sweeps)",
+                   "[reference][ties]", ml::scalar_tag, ml::simd_tag) {
+  // Over 16 positives per query the miner takes its bucket sweeps (semihard's ties settled
+  // through the buckets, all's counts by bucket): the same tie rules on integer data.
+  const TestType tag{};
+  for (std::uint64_t seed = 1640; seed < 1652; ++seed) {
+    CAPTURE(seed);
+    std::mt19937_64 rng(seed);
+    const Index nq = 9, nr = 160, d = seed % 3 == 0 ? 1 : 3;
+    const double offset = seed % 2 ? 1000.0 : 0.0;
+    const Matrix<double> q = tied_matrix<double>(nq, d, rng, -3, 3, offset);
+    Matrix<double> r = tied_matrix<double>(nr, d, rng, -3, 3, offset);
+    const CrossLabels yq = labels_of(random_labels(nq, 2, rng));
+    CrossLabels yr = labels_of(tied_labels(nr, 2, rng));
+    SelfIndices self = no_self(nq);
+    for (Index a = 0; a < nq; a += 2) {
+      r.row(a) = q.row(a);
+      yr(a) = yq(a);
+      self(a) = a;
+    }
+    Index fewest = nr;
+    for (Index a = 0; a < nq; ++a) fewest = std::min(fewest, Index((yr.array() == yq(a)).count()));
+    REQUIRE(fewest > 17);  // every query takes the bucket sweeps
+    for (const Option& o : every_option()) {
+      if (!runs<double>(tag, o)) continue;
+      CAPTURE(o.name());
+      const double margin = 1.0;
+      Matrix<double> gq(nq, d), gr(nr, d);
+      const double l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr);
+      check_against(brute_force_of(o, margin, q, yq, r, yr, self), l, gq, gr, 1e-10, 1e-10);
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("reference-set gradients match finite differences", "[reference][gradcheck]",
                    ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};

@@ -42,12 +42,31 @@ inline Index count_thresholds_below(const double* t, Index k, double v) {
 }
 
 /// bucket[j] = the number of sorted thresholds below value[j] (strictly, or at most), for
-/// j < n, by a branch-free binary search per entry (the anchors with many positives; few
-/// take Kernels::Scans).
+/// j < n, by branch-free binary searches (the anchors with many positives; few take
+/// Kernels::Scans). Eight searches step side by side: one alone is a chain of dependent
+/// loads and compares, ~36 ns an entry at k = 64 where eight in flight take ~4.
 template <bool OrEqual>
 inline void count_thresholds_below(const double* t, Index k, const double* value, Index n,
                                    Index* bucket) {
-  for (Index j = 0; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
+  constexpr Index lanes = 8;
+  Index j = 0;
+  if (k > 0)
+    for (; j + lanes <= n; j += lanes) {
+      Index base[lanes] = {};
+      for (Index length = k; length > 1;) {
+        const Index half = length / 2;
+        for (Index e = 0; e < lanes; ++e) {
+          const double x = t[base[e] + half - 1], v = value[j + e];
+          base[e] += (OrEqual ? x <= v : x < v) ? half : 0;
+        }
+        length -= half;
+      }
+      for (Index e = 0; e < lanes; ++e) {
+        const double x = t[base[e]], v = value[j + e];
+        bucket[j + e] = base[e] + ((OrEqual ? x <= v : x < v) ? 1 : 0);
+      }
+    }
+  for (; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
 }
 
 /// Anchors with more positives than this take the bucket sweeps (O(N log k) per anchor);
@@ -107,37 +126,62 @@ struct Scratch {
   }
 };
 
+/// settle_ties' windows: per selection the value it is centred on and, once needed, the
+/// exact distance of its winner; `half` is the window's half-width.
+struct TieWindows {
+  double* centre;
+  double* exact;
+  double half;
+};
+
+/// The windows of m selections over a row whose values lie within `bound` of the exact
+/// distances. Centred on the winner's value itself, |v - centre| is exact where it matters.
+inline TieWindows tie_windows(Scratch& scratch, const double* value, const Selection* selections,
+                              Index m, double bound) {
+  double* centre = scratch.centres.data(static_cast<std::size_t>(2 * m));
+  TieWindows w{centre, centre + m, 2.0 * bound * (1.0 + Numerics<double>::kink_slack)};
+  for (Index s = 0; s < m; ++s) {
+    const Index c = selections[s].chosen;
+    w.centre[s] = c < 0 ? std::numeric_limits<double>::quiet_NaN() : value[c];
+    w.exact[s] = std::numeric_limits<double>::quiet_NaN();
+  }
+  return w;
+}
+
+/// Row j against every selection whose window holds it: compared on exact distances, the
+/// exact extreme is kept, lowest row on ties. The result does not depend on the order in
+/// which rows come, nor on rows outside every window coming too.
+template <class Distances>
+void settle_tie(const Distances& distances, Index a, const double* value, Index j,
+                Selection* selections, Index m, TieWindows& w) {
+  double e = std::numeric_limits<double>::quiet_NaN();  // row j's, computed once if needed
+  for (Index s = 0; s < m; ++s) {
+    Selection& sel = selections[s];
+    if (sel.chosen < 0 || j == sel.chosen || !(std::abs(value[j] - w.centre[s]) <= w.half)) continue;
+    if (!sel.largest && !(value[j] > sel.above)) continue;
+    if (w.exact[s] != w.exact[s]) w.exact[s] = distances.exact(a, sel.chosen);
+    if (e != e) e = distances.exact(a, j);
+    const bool better = sel.largest ? e > w.exact[s] : e < w.exact[s];
+    if (better || (e == w.exact[s] && j < sel.chosen)) {
+      sel.chosen = j;
+      w.exact[s] = e;
+    }
+  }
+}
+
 /// Rows whose values lie within 2 bound of a selection's (values within `bound` of the
-/// exact distances; NaN: not a candidate) are compared with it on exact distances, and
-/// the exact extreme is kept, lowest row on ties: product rounding must not decide a tie.
-/// One pass over the row for all m selections.
+/// exact distances; NaN: not a candidate) are compared with it on exact distances
+/// (settle_tie): product rounding must not decide a tie. One pass over the row for all m
+/// selections.
 template <class Kernels, class Distances>
 void settle_ties(Scratch& scratch, const Distances& distances, Index a, const double* value,
                  Index n, Selection* selections, Index m, double bound) {
   using Scans = typename Kernels::Scans;
-  double* centre = scratch.centres.data(static_cast<std::size_t>(2 * m));
-  double* exact = centre + m;
-  // Rows within two bounds of the winner's value, on either side (the predicate keeps
-  // the right ones): centred on the value itself, |v - centre| is exact where it matters.
-  const double half = 2.0 * bound * (1.0 + Numerics<double>::kink_slack);
-  for (Index s = 0; s < m; ++s) {
-    const Index c = selections[s].chosen;
-    centre[s] = c < 0 ? std::numeric_limits<double>::quiet_NaN() : value[c];
-    exact[s] = std::numeric_limits<double>::quiet_NaN();
-  }
-  Scans::near_thresholds(value, n, centre, m, half, [&](Index j) {
-    for (Index s = 0; s < m; ++s) {
-      Selection& sel = selections[s];
-      if (sel.chosen < 0 || j == sel.chosen || !(std::abs(value[j] - centre[s]) <= half)) continue;
-      if (!sel.largest && !(value[j] > sel.above)) continue;
-      if (exact[s] != exact[s]) exact[s] = distances.exact(a, sel.chosen);
-      const double e = distances.exact(a, j);
-      const bool better = sel.largest ? e > exact[s] : e < exact[s];
-      if (better || (e == exact[s] && j < sel.chosen)) {
-        sel.chosen = j;
-        exact[s] = e;
-      }
-    }
+  TieWindows w = tie_windows(scratch, value, selections, m, bound);
+  // Rows within two bounds of the winner's value, on either side (settle_tie keeps the
+  // right ones).
+  Scans::near_thresholds(value, n, w.centre, m, w.half, [&](Index j) {
+    settle_tie(distances, a, value, j, selections, m, w);
   });
 }
 

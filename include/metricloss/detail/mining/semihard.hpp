@@ -12,7 +12,7 @@ namespace mining {
 
 /// One anchor of semihard with many positives: O(N log k) by buckets. value holds the
 /// row's distances in double; on return it holds exact values where they were recomputed
-/// and NaN off the negatives, and chosen[i] positive i's negative.
+/// and NaN off the negatives, and chosen[i] positive i's negative, ties settled.
 template <class Classes, class Distances>
 void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
                          const Distances& distances, double* value, Selection* chosen) {
@@ -42,6 +42,7 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
       q = distances.exact(a, j);  // rare
       value[j] = q;
       b = count_thresholds_below<false>(thresholds, k, q);
+      bucket[j] = b;
     }
     if (q > farthest_value) {
       farthest_value = q;
@@ -59,10 +60,27 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
       nearest_value[b] = nearest_value[b + 1];
       nearest[b] = nearest[b + 1];
     }
-  for (Index i = 0; i < k; ++i)
+  bool any_largest = false;
+  for (Index i = 0; i < k; ++i) {
     chosen[i] = nearest[i + 1] >= 0
                     ? Selection{nearest[i + 1], thresholds[i], false}
                     : Selection{farthest, -std::numeric_limits<double>::infinity(), true};
+    any_largest = any_largest || chosen[i].largest;
+  }
+  // Ties under rounding, settled on exact distances (settle_ties, its windows found through
+  // the buckets in O(1) a row, not by a scan against every selection): a negative in bucket
+  // b lies above exactly the thresholds of selections 0..b-1, whose winners' values are at
+  // most nearest_value[b] <= its own; it is in one of their windows only if in that one's.
+  const double bound = distances.rounding(a, distances.widest());
+  if (!(bound > 0.0)) return;
+  TieWindows w = tie_windows(s, value, chosen, k, bound);
+  const double top = farthest_value - w.half;
+  for (Index j = 0; j < n; ++j) {
+    const Index b = bucket[j];
+    const double v = value[j];
+    if ((b > 0 && v - nearest_value[b] <= w.half) || (any_largest && v >= top))
+      settle_tie(distances, a, value, j, chosen, k, w);
+  }
 }
 
 /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest
@@ -112,11 +130,11 @@ MiningResult semihard(Scratch& s, const Classes& classes, const Distances& dista
         if (farthest == -2) farthest = Scans::farthest(value, n);
         chosen[i] = Selection{farthest, -std::numeric_limits<double>::infinity(), true};
       }
+      // value: NaN off the negatives, exact near every threshold. Ties under rounding
+      // are settled on exact distances.
+      const double tie_bound = distances.rounding(a, widest);
+      if (tie_bound > 0.0) settle_ties<Kernels>(s, distances, a, value, n, chosen, k, tie_bound);
     }
-    // value: NaN off the negatives, exact near every threshold. Ties under rounding are
-    // settled on exact distances.
-    const double bound = distances.rounding(a, widest);
-    if (bound > 0.0) settle_ties<Kernels>(s, distances, a, value, n, chosen, k, bound);
     for (Index i = 0; i < k; ++i)
       add_triplet(result, a, positives[i].index, chosen[i].chosen, distances, margin, distance,
                   soft_margin, weights);
