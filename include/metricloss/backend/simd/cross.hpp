@@ -39,7 +39,7 @@ class CrossDistances {
     stride_ = padded_stride<T>(k);
     T* squared = squared_.data(static_cast<std::size_t>(m * stride_));
     StridedMap<T> sq(squared, m, k, Eigen::OuterStride<>(stride_));
-    product_without_allocation<T>(query_centred(), reference_centred().transpose(), sq);
+    product_into<T>(blocking_, query_centred(), reference_centred().transpose(), sq);
     const T* n = norms_.data(0);
     const T* mr = n + m;
     const T ratio = static_cast<T>(Numerics<T>::recompute_ratio);
@@ -123,13 +123,13 @@ class CrossDistances {
     const T two_scale = T(2) * scale;
     if (!grad_q.empty()) {
       StridedMap<T> out = staged(staging_, m, d);
-      product_without_allocation<T>(weights, reference_centred(), out);  // W Rc
+      product_into<T>(blocking_, weights, reference_centred(), out);  // W Rc
       finish(out, query_centred(), row_sums, near_q, two_scale, scale);
       copy_rows(out, grad_q);
     }
     if (!grad_r.empty()) {
       StridedMap<T> out = staged(staging_, k, d);
-      product_without_allocation<T>(weights.transpose(), query_centred(), out);  // W^T Qc
+      product_into<T>(blocking_, weights.transpose(), query_centred(), out);  // W^T Qc
       finish(out, reference_centred(), column_sums, near_r, two_scale, scale);
       copy_rows(out, grad_r);
     }
@@ -193,6 +193,7 @@ class CrossDistances {
   GrowOnlyBuffer<T> centred_, squared_, weights_, norms_;  // norms: Q's M, then R's K
   GrowOnlyBuffer<double> mean_, sums_, near_;
   AlignedBuffer<T> staging_;  // the gradient products, before they go to the caller
+  GemmBlocking<T> blocking_;  // Eigen's packed panels of the three products
 };
 
 }  // namespace detail
