@@ -44,7 +44,8 @@ inline Index count_thresholds_below(const double* t, Index k, double v) {
 /// bucket[j] = the number of sorted thresholds below value[j] (strictly, or at most), for
 /// j < n, by branch-free binary searches (the anchors with many positives; few take
 /// Kernels::Scans). Eight searches step side by side: one alone is a chain of dependent
-/// loads and compares, ~36 ns an entry at k = 64 where eight in flight take ~4.
+/// loads and compares, ~36 ns an entry at k = 64 where eight in flight take ~4. (AVX-512
+/// gathers of the steps measured slower on an AMD machine, whose gathers are slow.)
 template <bool OrEqual>
 inline void count_thresholds_below(const double* t, Index k, const double* value, Index n,
                                    Index* bucket) {
