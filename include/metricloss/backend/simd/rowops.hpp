@@ -2,6 +2,7 @@
 // Row primitives of the SIMD path: xsimd batches over D for the compile-time best
 // instruction set, with scalar tails for D not a multiple of the batch width.
 #include <metricloss/backend/scalar/rowops.hpp>
+#include <metricloss/backend/simd/exact.hpp>
 #include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/types.hpp>
@@ -80,30 +81,14 @@ struct SimdRowOps {
     return (static_cast<double>(d) + 8.0) * (static_cast<double>(std::numeric_limits<T>::epsilon()) / 2.0);
   }
 
-  /// The same two distances with every term in double, for the rows where the lanes'
-  /// rounding could decide the result (a hinge within it of its kink): in double lanes (T
-  /// widened as it is loaded), whose sums err by ~(d / lanes + log2 lanes) 2^-53 of the
-  /// total. Not the scalar loop: its one dependent chain of d double adds is ~4 d cycles.
+  /// The same two distances with every term in double (the backend's one exact distance),
+  /// for the rows where the lanes' rounding could decide the result (a hinge within it of its
+  /// kink). Two passes over the anchor: such rows are rare.
   template <class T>
   static void exact_anchor_squared_distances(const T* a, const T* p, const T* n, Index d,
                                              double& positive, double& negative) {
-    using wide = xsimd::batch<double>;
-    constexpr Index width = static_cast<Index>(wide::size);
-    wide acc_p0(0.0), acc_p1(0.0), acc_n0(0.0), acc_n1(0.0);
-    Index j = 0;
-    for (; j + 2 * width <= d; j += 2 * width) {
-      const wide x0 = wide::load_unaligned(a + j), x1 = wide::load_unaligned(a + j + width);
-      const wide p0 = x0 - wide::load_unaligned(p + j), p1 = x1 - wide::load_unaligned(p + j + width);
-      const wide n0 = x0 - wide::load_unaligned(n + j), n1 = x1 - wide::load_unaligned(n + j + width);
-      acc_p0 = xsimd::fma(p0, p0, acc_p0);
-      acc_p1 = xsimd::fma(p1, p1, acc_p1);
-      acc_n0 = xsimd::fma(n0, n0, acc_n0);
-      acc_n1 = xsimd::fma(n1, n1, acc_n1);
-    }
-    double sum_p = xsimd::hadd(acc_p0 + acc_p1), sum_n = xsimd::hadd(acc_n0 + acc_n1);
-    ScalarRowOps::add_anchor_squared_distances(a, p, n, j, d, sum_p, sum_n);
-    positive = sum_p;
-    negative = sum_n;
+    positive = exact_squared_distance(a, p, d);
+    negative = exact_squared_distance(a, n, d);
   }
 
   /// ||a - p||^2 and ||a - n||^2 in one pass over the anchor row: lane sums in T, totals in
