@@ -66,6 +66,13 @@ class CrossDistances {
   /// ||q_i - r_j||^2 by differences in double (backend/simd/exact.hpp).
   double exact(Index i, Index j) const { return exact_squared_distance(q_.row(i), r_.row(j), q_.cols); }
 
+  /// Starts loading row j of R (what exact(i, j) reads) into cache.
+  void prefetch_reference(Index j) const {
+    const char* row = reinterpret_cast<const char*>(r_.row(j));
+    const Index bytes = r_.cols * static_cast<Index>(sizeof(T));
+    for (Index offset = 0; offset < bytes; offset += 64) prefetch_line(row + offset);
+  }
+
   /// A bound on |squared()(i, j) - ||q_i - r_j||^2| (detail/numerics.hpp).
   double rounding_bound(Index i, Index j) {
     const T* n = norms_.data(0);
@@ -165,6 +172,14 @@ class CrossDistances {
       gq[c] += term;
       gr[c] -= term;
     }
+  }
+
+  static void prefetch_line(const char* address) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(address, 0, 3);
+#else
+    (void)address;
+#endif
   }
 
   void centre() {

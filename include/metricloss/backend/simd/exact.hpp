@@ -15,18 +15,22 @@ template <class T>
 double exact_squared_distance(const T* a, const T* b, Index d) {
   using wide = xsimd::batch<double>;
   constexpr Index lanes = static_cast<Index>(wide::size);
-  wide acc[4] = {wide(0.0), wide(0.0), wide(0.0), wide(0.0)};
+  // Four named sums, not an array: GCC kept an array of them in memory, a store and a
+  // reload per step.
+  wide acc0(0.0), acc1(0.0), acc2(0.0), acc3(0.0);
+  const auto step = [&](wide& acc, Index at) {
+    const wide diff = wide::load_unaligned(a + at) - wide::load_unaligned(b + at);
+    acc = xsimd::fma(diff, diff, acc);
+  };
   Index j = 0;
-  for (; j + 4 * lanes <= d; j += 4 * lanes)
-    for (Index s = 0; s < 4; ++s) {
-      const wide diff = wide::load_unaligned(a + j + s * lanes) - wide::load_unaligned(b + j + s * lanes);
-      acc[s] = xsimd::fma(diff, diff, acc[s]);
-    }
-  for (; j + lanes <= d; j += lanes) {
-    const wide diff = wide::load_unaligned(a + j) - wide::load_unaligned(b + j);
-    acc[0] = xsimd::fma(diff, diff, acc[0]);
+  for (; j + 4 * lanes <= d; j += 4 * lanes) {
+    step(acc0, j);
+    step(acc1, j + lanes);
+    step(acc2, j + 2 * lanes);
+    step(acc3, j + 3 * lanes);
   }
-  double sum = xsimd::hadd((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; j + lanes <= d; j += lanes) step(acc0, j);
+  double sum = xsimd::hadd((acc0 + acc1) + (acc2 + acc3));
   for (; j < d; ++j) {
     const double diff = static_cast<double>(a[j]) - static_cast<double>(b[j]);
     sum += diff * diff;

@@ -42,6 +42,7 @@ struct CrossProductDistances {
   double exact(Index i, Index j) const { return cross->exact(i, j); }
   double rounding(Index i, Index j) const { return cross->rounding_bound(i, j); }
   Index widest() const { return widest_row; }
+  void prefetch(Index, Index j) const { cross->prefetch_reference(j); }
 };
 
 /// W dense in T, in CrossDistances' weights (Mining::all); its near pairs are applied by

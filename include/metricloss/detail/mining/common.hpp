@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace metricloss {
 namespace detail {
@@ -76,6 +77,21 @@ constexpr Index scan_limit = 16;
 
 namespace mining {
 
+/// Rows of a batch of exact distances requested this far ahead of their use.
+constexpr Index prefetch_distance = 4;
+
+template <class Distances, class = void>
+struct HasPrefetch : std::false_type {};
+template <class Distances>
+struct HasPrefetch<Distances, decltype(std::declval<const Distances&>().prefetch(Index(), Index()))>
+    : std::true_type {};
+
+/// Asks the distances to start loading what exact(a, j) will read, where they can.
+template <class Distances>
+void prefetch_exact(const Distances& distances, Index a, Index j) {
+  if constexpr (HasPrefetch<Distances>::value) distances.prefetch(a, j);
+}
+
 /// A positive of the current anchor, with what positives are sorted by.
 struct Positive {
   double key;  // what positives are sorted by
@@ -97,7 +113,7 @@ struct Scratch {
   GrowOnlyBuffer<double> thresholds, bucket_count, bucket_sum, values, negative_slope, packed;
   GrowOnlyBuffer<double> centres;  // settle_ties: a window centre and an exact distance each
   GrowOnlyBuffer<Selection> selections;
-  GrowOnlyBuffer<Index> nearest, buckets;
+  GrowOnlyBuffer<Index> nearest, buckets, near_rows;
   GrowOnlyBuffer<float> lanes_float;  // all_soft_anchor_lanes: 4 rows of the distances' type
   GrowOnlyBuffer<double> lanes_double;
 

@@ -30,20 +30,32 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
   const Index own = classes.own_class(a);
   Index farthest = -1;
   double farthest_value = -std::numeric_limits<double>::infinity();
+  // Negatives within their rounding of a threshold get exact values and buckets first, as
+  // one batch: each reads a row that is rarely in cache (R may be a memory of 10^5 rows),
+  // and requested a few rows ahead their loads overlap.
+  Index* near = s.near_rows.data(static_cast<std::size_t>(n));
+  Index near_count = 0;
+  if (distances.rounding(a, distances.widest()) > 0.0)
+    for (Index j = 0; j < n; ++j) {
+      const double q = value[j];
+      const Index b = bucket[j];
+      const double bound = distances.rounding(a, j);
+      if (class_of[j] != own && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound)))
+        near[near_count++] = j;
+    }
+  for (Index t = 0; t < near_count; ++t) {
+    if (t + prefetch_distance < near_count) prefetch_exact(distances, a, near[t + prefetch_distance]);
+    const Index j = near[t];
+    value[j] = distances.exact(a, j);
+    bucket[j] = count_thresholds_below<false>(thresholds, k, value[j]);
+  }
   for (Index j = 0; j < n; ++j) {
     if (class_of[j] == own) {
       value[j] = std::numeric_limits<double>::quiet_NaN();
       continue;
     }
-    double q = value[j];
-    Index b = bucket[j];
-    const double bound = distances.rounding(a, j);
-    if (bound > 0.0 && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound))) {
-      q = distances.exact(a, j);  // rare
-      value[j] = q;
-      b = count_thresholds_below<false>(thresholds, k, q);
-      bucket[j] = b;
-    }
+    const double q = value[j];
+    const Index b = bucket[j];
     if (q > farthest_value) {
       farthest_value = q;
       farthest = j;
@@ -75,11 +87,15 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
   if (!(bound > 0.0)) return;
   TieWindows w = tie_windows(s, value, chosen, k, bound);
   const double top = farthest_value - w.half;
+  Index in_windows = 0;  // the rows, in order, then settled with their rows requested ahead
   for (Index j = 0; j < n; ++j) {
     const Index b = bucket[j];
     const double v = value[j];
-    if ((b > 0 && v - nearest_value[b] <= w.half) || (any_largest && v >= top))
-      settle_tie(distances, a, value, j, chosen, k, w);
+    if ((b > 0 && v - nearest_value[b] <= w.half) || (any_largest && v >= top)) near[in_windows++] = j;
+  }
+  for (Index t = 0; t < in_windows; ++t) {
+    if (t + prefetch_distance < in_windows) prefetch_exact(distances, a, near[t + prefetch_distance]);
+    settle_tie(distances, a, value, near[t], chosen, k, w);
   }
 }
 
