@@ -6,7 +6,6 @@
 // next row are already under way. Longer rows take contrastive_forward_backward's one pass
 // per row with SimdRowOps::fused_pair.
 #include <metricloss/backend/simd/rowops.hpp>
-#include <metricloss/backend/simd/triplet.hpp>  // square_root
 #include <metricloss/contrastive.hpp>
 
 #include <xsimd/xsimd.hpp>
