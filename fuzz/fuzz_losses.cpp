@@ -1,5 +1,7 @@
 // libFuzzer target: every loss, scalar and simd paths, on inputs decoded from the fuzzer's
 // bytes. Build and run with scripts/fuzz (clang 14, -fsanitize=fuzzer,address,undefined).
+// Built as fuzz_losses (a selector picks the loss) and, with METRICLOSS_FUZZ_LOSS naming a
+// tests/registry.hpp entry, as one fuzz_<loss> per loss (fuzz/CMakeLists.txt).
 //
 // Decoded: the scalar type, the loss and its options (margins including 0, negative, NaN
 // and infinite; forms, mining, distances, soft_margin, top_diff), N and D (including 0),
@@ -33,7 +35,8 @@
 
 #include <fuzzer/FuzzedDataProvider.h>
 
-#include "support.hpp"  // mltest::Tolerance: API.md's tolerances, in one place
+#include "registry.hpp"  // the losses, in the selector's order
+#include "support.hpp"   // mltest::Tolerance: API.md's tolerances, in one place
 
 #include <algorithm>
 #include <cmath>
@@ -44,6 +47,8 @@
 #include <limits>
 #include <string>
 #include <functional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -1077,9 +1082,24 @@ void check_against(const char* path, const Outcome<T>& got, const Reference& ref
                        ref.gradient[k], static_cast<double>(g[k])));
 }
 
+namespace registry = mltest::registry;
+
+/// The loss of a per-loss target (a registry entry), or EveryLoss (fuzz_losses). A per-loss
+/// target reads the selectors and ignores them, so that every fuzz/corpus seed decodes alike.
+struct EveryLoss {};
+#ifdef METRICLOSS_FUZZ_LOSS
+using FuzzedLoss = registry::METRICLOSS_FUZZ_LOSS;
+#else
+using FuzzedLoss = EveryLoss;
+#endif
+constexpr bool fixed_loss = !std::is_same<FuzzedLoss, EveryLoss>::value;
+/// Tie mode is for the batch losses alone.
+constexpr bool has_tie_mode = !fixed_loss || std::is_base_of<registry::BatchCalls, FuzzedLoss>::value;
+
 template <class T>
 void fuzz_ties(FuzzedDataProvider& in) {
-  const bool lifted = in.ConsumeIntegralInRange<int>(0, 3) == 0;
+  bool lifted = in.ConsumeIntegralInRange<int>(0, 3) == 0;
+  if constexpr (fixed_loss) lifted = std::is_same<FuzzedLoss, registry::LiftedStructure>::value;
   const Index n = in.ConsumeIntegralInRange<Index>(1, 40);
   const Index d = in.ConsumeIntegralInRange<Index>(1, 6);
   const Index stride = d + in.ConsumeIntegralInRange<Index>(0, 2);
@@ -1277,13 +1297,28 @@ void fuzz_ties(FuzzedDataProvider& in) {
   });
 }
 
+/// Each registry entry's harness: an entry without one does not compile.
+template <class T>
+void fuzz_loss(registry::Contrastive, FuzzedDataProvider& in) { fuzz_contrastive<T>(in); }
+template <class T>
+void fuzz_loss(registry::Triplet, FuzzedDataProvider& in) { fuzz_triplet<T>(in); }
+template <class T>
+void fuzz_loss(registry::LiftedStructure, FuzzedDataProvider& in) { fuzz_batch<T>(in, /*lifted=*/true); }
+template <class T>
+void fuzz_loss(registry::BatchTriplet, FuzzedDataProvider& in) { fuzz_batch<T>(in, /*lifted=*/false); }
+
+/// The selector's value i is registry::Losses' i-th entry.
 template <class T>
 void fuzz_one(FuzzedDataProvider& in) {
-  switch (in.ConsumeIntegralInRange<int>(0, 3)) {
-    case 0: return fuzz_contrastive<T>(in);
-    case 1: return fuzz_triplet<T>(in);
-    case 2: return fuzz_batch<T>(in, /*lifted=*/true);
-    default: return fuzz_batch<T>(in, /*lifted=*/false);
+  constexpr int losses = static_cast<int>(std::tuple_size<registry::Losses>::value);
+  const int selected = in.ConsumeIntegralInRange<int>(0, losses - 1);
+  if constexpr (fixed_loss) {
+    fuzz_loss<T>(FuzzedLoss{}, in);
+  } else {
+    int index = 0;
+    registry::for_each_loss([&](auto entry) {
+      if (index++ == selected) fuzz_loss<T>(entry, in);
+    });
   }
 }
 
@@ -1297,7 +1332,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const auto first = in.ConsumeIntegral<std::uint8_t>();
   const bool is_double = (first & 1) != 0;
   const int pattern = (first >> 4) & 7;
-  if (pattern == 1 || pattern == 6) {
+  if (has_tie_mode && (pattern == 1 || pattern == 6)) {
     if (is_double)
       fuzz_ties<double>(in);
     else

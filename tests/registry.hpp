@@ -181,6 +181,8 @@ struct BatchTriplet : BatchCalls {
   }
 };
 
+// fuzz/fuzz_losses.cpp's selector indexes this list, and fuzz/CMakeLists.txt reads this line
+// (one fuzz_<loss> target per entry): append new losses, keep the order (fuzz/corpus decodes by it).
 using Losses = std::tuple<Contrastive, Triplet, LiftedStructure, BatchTriplet>;
 
 /// f(Entry{}) for every registered loss.
