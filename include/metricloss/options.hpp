@@ -16,4 +16,10 @@ enum class Mining {
   semihard,  ///< FaceNet: per (anchor, positive) the nearest negative farther than the positive
 };
 
+/// How BatchContrastiveLoss averages each side's terms.
+enum class Reduction {
+  nonzero_mean,  ///< over the terms that are > 0 (pytorch-metric-learning's AvgNonZeroReducer)
+  mean,          ///< over every positive (every negative) pair
+};
+
 }  // namespace metricloss
