@@ -27,6 +27,9 @@
 // N^2), applied by differences, 2 w (x_i - x_j), in O(entries D). Both paths share the
 // mining (detail/batch_triplet_mining.hpp).
 //
+// normalize = true: the loss of the L2-normalised rows (Q and R alike), the gradient chained
+// through the normalisation (detail/normalize.hpp); a zero row is an invalid_argument.
+//
 // Edge cases. Nothing to average (one class, singletons only, N = 1): L = 0 and a zero
 // gradient. A NaN label or a non-finite entry of x makes the loss and every gradient entry
 // NaN (mining is global: one NaN can change every selection).
@@ -36,6 +39,7 @@
 // backend/cuda/batch_triplet.cuh, the selection rules in detail/batch_triplet_mining.hpp
 // (docs/design.md).
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -63,6 +67,8 @@ class BatchTripletLoss {
   Distance distance;
   /// softplus(x) in place of max(x, 0).
   bool soft_margin;
+  /// Rows L2-normalised inside the call, the gradient chained through (a zero row throws).
+  bool normalize = false;
 
   explicit BatchTripletLoss(T margin_ = T(0.2), Mining mining_ = Mining::hard,
                             Distance distance_ = Distance::euclidean, bool soft_margin_ = false)
@@ -119,8 +125,10 @@ class BatchTripletLoss {
     detail::check_distance(check, distance);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
-    return detail::Backend<BatchTripletLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
-                                                                    top_diff);
+    using Path = detail::Backend<BatchTripletLoss, Tag>;
+    return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
+      return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+    });
   }
 
   template <class Tag, class X, class L, class LR, class GQ, class GR>
@@ -144,7 +152,10 @@ class BatchTripletLoss {
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
     detail::check_reference(check, qv, lv, ref.view, gq, gr);
     using Path = detail::ReferenceBackend<BatchTripletLoss, Tag>;
-    return Path::forward_backward(*this, tag, qv, lv, ref.view, gq, gr, top_diff);
+    return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
+                              [&](const auto& q_rows, const auto& r_rows) {
+      return Path::forward_backward(*this, tag, q_rows, lv, r_rows, gq, gr, top_diff);
+    });
   }
 
   friend struct detail::BackendSlotAccess;

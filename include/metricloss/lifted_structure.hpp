@@ -38,6 +38,9 @@
 //   the lower triangle only (each unordered pair once, for its row and its column); the scalar
 //   reference follows the same steps with loops and exact differences, in double.
 //
+// normalize = true: the loss of the L2-normalised rows (Q and R alike), the gradient chained
+// through the normalisation (detail/normalize.hpp); a zero row is an invalid_argument.
+//
 // Edge cases. No epsilon: at D = 0 the (sub)gradient is 0. A row without negatives has
 // a_i = -inf, so its pairs (one class) have J = -inf and add 0. |P| = 0: L = 0 and a zero
 // gradient. A NaN label or a non-finite entry of x makes the loss and the gradient NaN.
@@ -47,6 +50,7 @@
 // lifted_sweeps.hpp and lifted_precision.hpp) and backend/cuda/lifted_structure.cuh, the
 // per-pair maths in detail/lifted_structure_math.hpp (docs/design.md).
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -70,6 +74,8 @@ class LiftedStructureLoss {
   using scalar_type = T;
 
   T margin;
+  /// Rows L2-normalised inside the call, the gradient chained through (a zero row throws).
+  bool normalize = false;
 
   explicit LiftedStructureLoss(T margin_ = T(1)) : margin(margin_) {}
 
@@ -131,8 +137,10 @@ class LiftedStructureLoss {
     check.margin(margin);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
-    return detail::Backend<LiftedStructureLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
-                                                                       top_diff);
+    using Path = detail::Backend<LiftedStructureLoss, Tag>;
+    return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
+      return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+    });
   }
 
   template <class Tag, class X, class L, class LR, class GQ, class GR>
@@ -154,7 +162,10 @@ class LiftedStructureLoss {
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
     detail::check_reference(check, qv, lv, ref.view, gq, gr);
     using Path = detail::ReferenceBackend<LiftedStructureLoss, Tag>;
-    return Path::forward_backward(*this, tag, qv, lv, ref.view, gq, gr, top_diff);
+    return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
+                              [&](const auto& q_rows, const auto& r_rows) {
+      return Path::forward_backward(*this, tag, q_rows, lv, r_rows, gq, gr, top_diff);
+    });
   }
 
 };

@@ -55,8 +55,9 @@ class BackendSlot {
   }
 
  private:
-  // Scalar, simd, cuda and the float-in-double call of one type: four per functor.
-  static constexpr std::size_t capacity = 6;
+  // Per functor: the batch and reference-set scratch of scalar and simd, cuda's, the
+  // float-in-double call and the normalised rows (detail/normalize.hpp): seven at most.
+  static constexpr std::size_t capacity = 8;
   std::unique_ptr<Contents> entries_[capacity];
 };
 

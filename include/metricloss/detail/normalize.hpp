@@ -1,0 +1,163 @@
+#pragma once
+// `normalize = true` on a batch loss (API.md): the rows are L2-normalised inside the call,
+// u_i = x_i / ||x_i||, the loss runs on u, and the gradient is chained through the
+// normalisation, in place on the caller's gradient:
+//   dL/dx_i = (g_i - u_i (u_i . g_i)) / ||x_i||,   g_i = dL/du_i (times top_diff),
+// since du_i/dx_i = (I - u_i u_i^T) / ||x_i||. With a reference set Q and R alike.
+//
+// One mechanism for every batch loss face. After every check of the call has passed, the
+// face's dispatch becomes (batch form, then reference form):
+//
+//   using Path = detail::Backend<Loss, Tag>;
+//   return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
+//     return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+//   });
+//
+//   using Path = detail::ReferenceBackend<Loss, Tag>;
+//   return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
+//                             [&](const auto& q_rows, const auto& r_rows) {
+//     return Path::forward_backward(*this, tag, q_rows, lv, r_rows, gq, gr, top_diff);
+//   });
+//
+// plus the member `bool normalize = false;` and `#include <metricloss/detail/normalize.hpp>`.
+//
+// With normalize false the call goes straight through. A zero row fails through `check`
+// before the backend runs, so nothing is written; a non-finite row gives a non-finite
+// norm and so NaN unit rows: the backend's NaN loss and NaN gradient, as without normalize.
+// The unit rows live in the functor's slot (NormalizedRows): nothing is allocated once
+// warm. So far only the host tags normalise; any other tag (cuda) rejects normalize = true.
+#include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/reference_view.hpp>
+#include <metricloss/detail/validate.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/exec.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+namespace metricloss {
+namespace detail {
+
+/// The tags whose inputs are host memory, where the rows are normalised here.
+template <class Tag>
+inline constexpr bool normalizes_on_host =
+    std::is_same<Tag, scalar_tag>::value || std::is_same<Tag, simd_tag>::value;
+
+/// ||row||_2, accumulated in double: 0 only for a zero row, NaN or inf for a non-finite one.
+template <class T>
+double row_norm(const T* row, Index d) {
+  double sum = 0.0;
+  for (Index c = 0; c < d; ++c) sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+  // Every float row and ordinary double rows: the plain sum neither overflows nor loses
+  // squares to underflow.
+  if (sum >= 1e-290 && sum <= std::numeric_limits<double>::max()) return std::sqrt(sum);
+  if (std::isnan(sum)) return sum;
+  // Double rows with entries beyond ~1e154 or below ~1e-145: scaled by the largest entry.
+  double largest = 0.0;
+  for (Index c = 0; c < d; ++c) largest = std::max(largest, std::abs(static_cast<double>(row[c])));
+  if (largest == 0.0 || std::isinf(largest)) return largest;
+  double scaled = 0.0;
+  for (Index c = 0; c < d; ++c) {
+    const double v = static_cast<double>(row[c]) / largest;
+    scaled += v * v;
+  }
+  return largest * std::sqrt(scaled);
+}
+
+/// One input's unit rows (dense, from a 64-byte boundary: the backends' bits must not
+/// depend on where the scratch happens to lie) and its norms in double.
+template <class T>
+struct UnitRows {
+  AlignedBuffer<T> rows;
+  GrowOnlyBuffer<double> norms;
+
+  /// Fills rows and norms from x; a zero row fails through `check`, naming `name`.
+  MatrixView<const T> of(Validator& check, const char* name, const MatrixView<const T>& x) {
+    const Index n = x.rows, d = x.cols;
+    T* unit = rows.data(static_cast<std::size_t>(n * d));
+    double* norm = norms.data(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) {
+      norm[i] = row_norm(x.row(i), d);
+      if (norm[i] == 0.0)
+        check.fail(std::string("argument '") + name + "' has row " + std::to_string(i) +
+                   " of norm 0 ('" + name + "' is " + shape_string(n, d) +
+                   "); option 'normalize' needs every row nonzero");
+      for (Index c = 0; c < d; ++c)
+        unit[i * d + c] = static_cast<T>(static_cast<double>(x(i, c)) / norm[i]);
+    }
+    return {unit, n, d, d};
+  }
+
+  /// grad holds dL/du; overwrites it with dL/dx = (g - u (u . g)) / ||x||, u = x / ||x||
+  /// taken from x in double (not the rounded unit rows).
+  void chain(const MatrixView<const T>& x, const MatrixView<T>& grad) {
+    if (grad.empty()) return;
+    const double* norm = norms.data(0);
+    for (Index i = 0; i < x.rows; ++i) {
+      const T* xi = x.row(i);
+      T* gi = grad.row(i);
+      double along = 0.0;  // u_i . g_i
+      for (Index c = 0; c < x.cols; ++c)
+        along += static_cast<double>(xi[c]) / norm[i] * static_cast<double>(gi[c]);
+      for (Index c = 0; c < x.cols; ++c)
+        gi[c] = static_cast<T>((static_cast<double>(gi[c]) -
+                                static_cast<double>(xi[c]) / norm[i] * along) / norm[i]);
+    }
+  }
+};
+
+/// What a functor keeps for normalize = true: the unit rows of x (or Q) and of R.
+template <class T>
+struct NormalizedRows : BackendSlot::Contents {
+  UnitRows<T> x, r;
+};
+
+template <class Tag>
+[[noreturn]] void reject_normalize_off_host(Validator& check) {
+  static_assert(!normalizes_on_host<Tag>, "host tags normalise");
+  check.fail("option 'normalize' runs on metricloss::scalar and metricloss::simd so far");
+}
+
+/// The batch form: call(x), or call(unit rows of x) with grad chained afterwards.
+template <class Loss, class Tag, class T, class Call>
+auto normalized(Loss& loss, Tag, Validator& check, bool normalize, const MatrixView<const T>& x,
+                const MatrixView<T>& grad, Call&& call) {
+  if (!normalize) return call(x);
+  if constexpr (!normalizes_on_host<Tag>) {
+    reject_normalize_off_host<Tag>(check);
+  } else {
+    auto& unit = scratch_of<NormalizedRows<T>>(loss);
+    const auto value = call(unit.x.of(check, "x", x));
+    unit.x.chain(x, grad);
+    return value;
+  }
+}
+
+/// The reference form: call(q, ref), or call on the unit rows of Q and of R, with grad_q
+/// and grad_r chained afterwards.
+template <class Loss, class Tag, class T, class LR, class Call>
+auto normalized(Loss& loss, Tag, Validator& check, bool normalize, const MatrixView<const T>& q,
+                const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
+                const MatrixView<T>& grad_r, Call&& call) {
+  if (!normalize) return call(q, ref);
+  if constexpr (!normalizes_on_host<Tag>) {
+    reject_normalize_off_host<Tag>(check);
+  } else {
+    auto& unit = scratch_of<NormalizedRows<T>>(loss);
+    const MatrixView<const T> unit_q = unit.x.of(check, "q", q);
+    ReferenceView<T, LR> unit_ref = ref;
+    unit_ref.r = unit.r.of(check, "r", ref.r);
+    const auto value = call(unit_q, unit_ref);
+    unit.x.chain(q, grad_q);
+    unit.r.chain(ref.r, grad_r);
+    return value;
+  }
+}
+
+}  // namespace detail
+}  // namespace metricloss
