@@ -151,6 +151,29 @@ void check_all_losses() {
   }
 }
 
+/// The batch losses with normalize = true: every call form, the unit rows in the slot.
+template <class T, class Tag>
+void check_normalized_batch_losses() {
+  for (const Shape shape : shapes) {
+    CAPTURE(shape.n, shape.d);
+    const registry::Data<T> data(shape.n, shape.d, static_cast<std::uint64_t>(shape.n * 1000 + shape.d));
+    registry::Outputs<T> out(shape.n, shape.d);
+    const auto each_config = [&](auto entry) {
+      using Entry = decltype(entry);
+      for (auto& config : Entry::template configs<T>()) {
+        config.loss.normalize = true;
+        CAPTURE(Entry::name, config.label);
+        Entry::calls(Tag{}, config.loss, data, out, [&](const std::string& call, auto&& run) {
+          CAPTURE(call);
+          expect_no_allocation_once_warm(run);
+        });
+      }
+    };
+    each_config(registry::LiftedStructure{});
+    each_config(registry::BatchTriplet{});
+  }
+}
+
 }  // namespace
 
 TEST_CASE("the counters see allocations", "[allocation]") {
@@ -166,6 +189,12 @@ TEST_CASE("the counters see allocations", "[allocation]") {
 TEMPLATE_TEST_CASE("warm functors allocate nothing", "[allocation]", ml::scalar_tag, ml::simd_tag) {
   SECTION("float") { check_all_losses<float, TestType>(); }
   SECTION("double") { check_all_losses<double, TestType>(); }
+}
+
+TEMPLATE_TEST_CASE("warm functors with normalize = true allocate nothing", "[allocation][normalize]",
+                   ml::scalar_tag, ml::simd_tag) {
+  SECTION("float") { check_normalized_batch_losses<float, TestType>(); }
+  SECTION("double") { check_normalized_batch_losses<double, TestType>(); }
 }
 
 TEST_CASE("a functor driven by both CPU tags allocates nothing once each is warm", "[allocation]") {
@@ -193,5 +222,21 @@ TEST_CASE("a functor driven by both CPU tags allocates nothing once each is warm
       batch.forward_backward(ml::scalar, x, labels, g);
     };
     expect_no_allocation_once_warm(both);
+    // Every kind of scratch of one functor at once (both tags, batch and reference forms,
+    // with and without normalize, lifted's call in double): the slot holds them all.
+    const auto ref = ml::reference(x, labels);
+    Matrix<float> gr(n, d);
+    const auto every = [&] {
+      for (bool normalize : {false, true}) {
+        lifted.normalize = normalize;
+        batch.normalize = normalize;
+        both();
+        lifted.forward_backward(ml::simd, x, labels, ref, g, gr);
+        lifted.forward_backward(ml::scalar, x, labels, ref, g, gr);
+        batch.forward_backward(ml::simd, x, labels, ref, g, gr);
+        batch.forward_backward(ml::scalar, x, labels, ref, g, gr);
+      }
+    };
+    expect_no_allocation_once_warm(every);
   }
 }
