@@ -209,6 +209,12 @@ void batch_cases(std::vector<Row>& rows, const std::string& loss, Loss f,
     add_case(rows, loss, "`margin` = " + margin_text(margin),
              [&](auto tag) { bad.forward_backward(tag, x, labels, g); }, {&g});
   }
+  Loss normalizing = f;
+  normalizing.normalize = true;
+  Mat zero_row = x;
+  zero_row.row(2).setZero();
+  add_case(rows, loss, "`normalize` = true, row 2 of `x` zero",
+           [&](auto tag) { normalizing.forward_backward(tag, zero_row, labels, g); }, {&g});
 }
 
 void batch_triplet_option_cases(std::vector<Row>& rows) {
@@ -258,6 +264,13 @@ void reference_cases(std::vector<Row>& rows) {
            {&gq});
   add_case(rows, loss, "`grad_r` is `r`",
            [&](auto tag) { f.forward_backward(tag, q, yq, ml::reference(r, yr), gq, r); }, {&gq});
+  ml::BatchTripletLoss<float> normalizing;
+  normalizing.normalize = true;
+  Mat zero_row = r;
+  zero_row.row(4).setZero();
+  add_case(rows, loss, "`normalize` = true, row 4 of `r` zero",
+           [&](auto tag) { normalizing.forward_backward(tag, q, yq, ml::reference(zero_row, yr), gq, gr); },
+           {&gq, &gr});
   add_case(rows, loss, "`grad_r` overlaps `q`",
            [&](auto tag) {
              Mat storage = filled(5, 3);
