@@ -132,15 +132,18 @@ struct Shape {
 // (Eigen's GEMM blocking and packing at full size).
 const Shape shapes[] = {{1, 1}, {7, 5}, {40, 37}, {33, 300}, {160, 96}};
 
-template <class T, class Tag>
-void check_all_losses() {
+/// Every call form of the losses that for_each visits, each configuration passed through
+/// adjust first.
+template <class T, class Tag, class ForEach, class Adjust>
+void check_losses(ForEach&& for_each, Adjust&& adjust) {
   for (const Shape shape : shapes) {
     CAPTURE(shape.n, shape.d);
     const registry::Data<T> data(shape.n, shape.d, static_cast<std::uint64_t>(shape.n * 1000 + shape.d));
     registry::Outputs<T> out(shape.n, shape.d);
-    registry::for_each_loss([&](auto entry) {
+    for_each([&](auto entry) {
       using Entry = decltype(entry);
       for (auto& config : Entry::template configs<T>()) {
+        adjust(config.loss);
         CAPTURE(Entry::name, config.label);
         Entry::calls(Tag{}, config.loss, data, out, [&](const std::string& call, auto&& run) {
           CAPTURE(call);
@@ -151,27 +154,20 @@ void check_all_losses() {
   }
 }
 
-/// The batch losses with normalize = true: every call form, the unit rows in the slot.
+template <class T, class Tag>
+void check_all_losses() {
+  check_losses<T, Tag>([](auto&& f) { registry::for_each_loss(f); }, [](auto&) {});
+}
+
+/// The batch losses with normalize = true: the unit rows live in the functor's slot.
 template <class T, class Tag>
 void check_normalized_batch_losses() {
-  for (const Shape shape : shapes) {
-    CAPTURE(shape.n, shape.d);
-    const registry::Data<T> data(shape.n, shape.d, static_cast<std::uint64_t>(shape.n * 1000 + shape.d));
-    registry::Outputs<T> out(shape.n, shape.d);
-    const auto each_config = [&](auto entry) {
-      using Entry = decltype(entry);
-      for (auto& config : Entry::template configs<T>()) {
-        config.loss.normalize = true;
-        CAPTURE(Entry::name, config.label);
-        Entry::calls(Tag{}, config.loss, data, out, [&](const std::string& call, auto&& run) {
-          CAPTURE(call);
-          expect_no_allocation_once_warm(run);
-        });
-      }
-    };
-    each_config(registry::LiftedStructure{});
-    each_config(registry::BatchTriplet{});
-  }
+  check_losses<T, Tag>(
+      [](auto&& f) {
+        f(registry::LiftedStructure{});
+        f(registry::BatchTriplet{});
+      },
+      [](auto& loss) { loss.normalize = true; });
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // invariance; the reduction of R = Q, self = identity to the batch form; D = 1; strided
 // inputs and gradients; a zero row is an invalid_argument with nothing written; a
 // non-finite row gives NaN as without normalize.
+#include "batch_triplet_reference.hpp"  // name_of, Labels, labels_of
 #include "support.hpp"
 
 #include <metricloss/testing/gradcheck.hpp>
@@ -21,19 +22,12 @@ using ml::Mining;
 
 namespace {
 
-using Labels = Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>;
-
 struct Option {
   bool lifted;
   Mining mining;
   Distance distance;
   bool soft_margin;
-  std::string name() const {
-    if (lifted) return "lifted";
-    const char* m = mining == Mining::all ? "all" : mining == Mining::hard ? "hard" : "semihard";
-    return std::string(m) + (distance == Distance::euclidean ? " euclidean" : " squared") +
-           (soft_margin ? " soft margin" : "");
-  }
+  std::string name() const { return lifted ? "lifted" : name_of(mining, distance, soft_margin); }
 };
 
 std::vector<Option> every_option() {
@@ -55,12 +49,6 @@ auto with_loss(const Option& o, bool normalize, F&& f) {
   ml::BatchTripletLoss<T> loss(T(0.2), o.mining, o.distance, o.soft_margin);
   loss.normalize = normalize;
   return f(loss);
-}
-
-Labels labels_of(const std::vector<std::int64_t>& values) {
-  Labels y(static_cast<Index>(values.size()));
-  for (Index i = 0; i < y.size(); ++i) y[i] = values[static_cast<std::size_t>(i)];
-  return y;
 }
 
 /// The rows of x divided by their norms, both in double, rounded to T.

@@ -23,7 +23,8 @@
 //
 // With normalize false the call goes straight through. A zero row fails through `check`
 // before the backend runs, so nothing is written; a non-finite row gives a non-finite
-// norm and so NaN unit rows: the backend's NaN loss and NaN gradient, as without normalize.
+// norm and so a NaN in its unit row: the backend's NaN loss and NaN gradient, as without
+// normalize.
 // The unit rows live in the functor's slot (NormalizedRows): nothing is allocated once
 // warm. So far only the host tags normalise; any other tag (cuda) rejects normalize = true.
 #include <metricloss/detail/backend_slot.hpp>
