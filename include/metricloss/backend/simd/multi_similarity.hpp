@@ -1,0 +1,91 @@
+#pragma once
+// The SIMD path of MultiSimilarityLoss on the similarity form of the batch core: S by one
+// product (CrossSimilarities, the batch as Q = R = X with self = identity), the rows of
+// detail/multi_similarity_math.hpp with their kept sets decided on exact similarities where
+// the product's rounding could decide them, and the gradient by one product (batch) or two
+// (reference set).
+#include <metricloss/backend/scalar/multi_similarity.hpp>
+#include <metricloss/backend/simd/similarities.hpp>
+#include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/batch_common.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/cross_classes.hpp>
+#include <metricloss/detail/label_classes.hpp>
+#include <metricloss/detail/multi_similarity_math.hpp>
+#include <metricloss/multi_similarity.hpp>
+
+#include <limits>
+
+namespace metricloss {
+namespace detail {
+
+template <class T>
+struct SimdMultiSimilarityScratch : BackendSlot::Contents {
+  LabelClasses batch_classes;
+  CrossClasses cross_classes;
+  CrossSimilarities<T> similarities;
+  GrowOnlyBuffer<double> exponents;  // one anchor's kept exponents
+  GrowOnlyBuffer<double> weights;    // one anchor's row of W, in double
+};
+
+/// Every anchor's row in order; W's rows into `similarities` when `gradient`. Returns sum L_a.
+template <class T, class Classes>
+double simd_multi_similarity_rows(const MultiSimilarityRule& rule, const Classes& classes,
+                                  SimdMultiSimilarityScratch<T>& work, Index candidates,
+                                  bool gradient, double scale) {
+  double* z = work.exponents.data(static_cast<std::size_t>(candidates));
+  double* w = gradient ? work.weights.data(static_cast<std::size_t>(candidates)) : nullptr;
+  double sum = 0.0;
+  for (Index a = 0; a < classes.anchors(); ++a) {
+    sum += multi_similarity_row(rule, classes, work.similarities, a, candidates, z, w, scale);
+    if (!gradient) continue;
+    T* out = work.similarities.weight_row(a);
+    for (Index j = 0; j < candidates; ++j) out[j] = static_cast<T>(w[j]);
+  }
+  return sum;
+}
+
+template <class T>
+struct Backend<MultiSimilarityLoss<T>, simd_tag> {
+  template <class L>
+  static T forward_backward(MultiSimilarityLoss<T>& loss, simd_tag, const MatrixView<const T>& x,
+                            const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff) {
+    auto& work = scratch_of<SimdMultiSimilarityScratch<T>>(loss);
+    T value;
+    if (batch_triplet_not_finite(work.batch_classes, x, labels, grad, value)) return value;
+    work.similarities.compute(x, x);
+    const double n = static_cast<double>(x.rows);
+    const double sum = simd_multi_similarity_rows(rule_of(loss), work.batch_classes, work, x.rows,
+                                                  !grad.empty(), static_cast<double>(top_diff) / n);
+    if (!grad.empty()) work.similarities.symmetric_gradient(grad);
+    return static_cast<T>(sum / n);
+  }
+};
+
+template <class T>
+struct ReferenceBackend<MultiSimilarityLoss<T>, simd_tag> {
+  static constexpr bool available = true;
+
+  template <class L, class LR>
+  static T forward_backward(MultiSimilarityLoss<T>& loss, simd_tag, const MatrixView<const T>& q,
+                            const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
+                            const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
+    auto& work = scratch_of<SimdMultiSimilarityScratch<T>>(loss);
+    if (!work.cross_classes.assign(labels, ref.labels, ref.self) || !all_finite(q) ||
+        !all_finite(ref.r)) {
+      fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
+      fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
+      return std::numeric_limits<T>::quiet_NaN();
+    }
+    work.similarities.compute(q, ref.r);
+    const bool gradient = !grad_q.empty() || !grad_r.empty();
+    const double n = static_cast<double>(q.rows);
+    const double sum = simd_multi_similarity_rows(rule_of(loss), work.cross_classes, work, ref.r.rows,
+                                                  gradient, static_cast<double>(top_diff) / n);
+    if (gradient) work.similarities.gradients(grad_q, grad_r);
+    return static_cast<T>(sum / n);
+  }
+};
+
+}  // namespace detail
+}  // namespace metricloss
