@@ -46,7 +46,8 @@ setup(
     ext_modules=[
         CppExtension(
             name="metricloss._C",
-            sources=["csrc/binding.cpp", "csrc/kernels_pairs.cpp", "csrc/kernels_batch.cpp"],
+            sources=["csrc/binding.cpp", "csrc/kernels_pairs.cpp", "csrc/kernels_batch.cpp",
+                     "csrc/kernels_all_pairs.cpp"],
             include_dirs=[include, eigen_include()],
             extra_compile_args=flags,
             extra_link_args=["-s"],  # stripped: the installed module carries no symbols

@@ -67,13 +67,13 @@ def cases(quick):
         x = uniform(n, 128)
         loss = metricloss.BatchTripletLoss(margin=0.2, mining="hard")
         out.append((f"batch hard N={n} D=128", (x,), lambda t, loss=loss, y=y: loss(*t, y),
-                    lambda t, loss=loss, y=y: loss._kernel.run(*t, y, 0.2, 1, 0, False, True),
+                    lambda t, loss=loss, y=y: loss._kernel.run(*t, y, 0.2, 1, 0, False, False, True),
                     lambda t, y=y: peers.batch_hard(torch, *t, y, 0.2)))
         for d in (128, 512):
             x = uniform(n, d)
             loss = metricloss.LiftedStructureLoss(margin=1.0)
             out.append((f"lifted N={n} D={d}", (x,), lambda t, loss=loss, y=y: loss(*t, y),
-                        lambda t, loss=loss, y=y: loss._kernel.run(*t, y, 1.0, True),
+                        lambda t, loss=loss, y=y: loss._kernel.run(*t, y, 1.0, False, True),
                         lambda t, y=y: peers.lifted(torch, *t, y, 1.0)))
     return out
 

@@ -234,7 +234,7 @@ struct BatchTriplet {
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
                                          double margin, int mining, int distance,
-                                         bool soft_margin, bool want_x) {
+                                         bool soft_margin, bool normalize, bool want_x) {
     const std::string loss = "BatchTripletLoss";
     if (!x.defined()) value_error(loss, "argument 'x' is undefined");
     const auto rx = rows_of(loss, "x", x, x.scalar_type());
@@ -243,20 +243,22 @@ struct BatchTriplet {
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(
-        mutex, [&] { return kernel.run(s, margin, mining, distance, soft_margin, rx, ly, gx); });
+        mutex, [&] { return kernel.run(s, margin, mining, distance, soft_margin, normalize, rx, ly, gx); });
     return {loss_tensor(v, x), tx};
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run_reference(
       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
-      double margin, int mining, int distance, bool soft_margin, bool want_x, bool want_ref) {
+      double margin, int mining, int distance, bool soft_margin, bool normalize, bool want_x,
+      bool want_ref) {
     auto c = reference_call("BatchTripletLoss", x, labels, ref, ref_labels, self_index, want_x,
                             want_ref);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(mutex, [&] {
-      return kernel.run(s, margin, mining, distance, soft_margin, c.q, c.labels_q, c.ref, c.gq, c.gr);
+      return kernel.run(s, margin, mining, distance, soft_margin, normalize, c.q, c.labels_q, c.ref,
+                        c.gq, c.gr);
     });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
   }
@@ -268,7 +270,7 @@ struct Lifted {
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
-                                         double margin, bool want_x) {
+                                         double margin, bool normalize, bool want_x) {
     const std::string loss = "LiftedStructureLoss";
     if (!x.defined()) value_error(loss, "argument 'x' is undefined");
     const auto rx = rows_of(loss, "x", x, x.scalar_type());
@@ -276,24 +278,65 @@ struct Lifted {
     auto [tx, gx] = grad_for(x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
-    const double v = call_kernel(mutex, [&] { return kernel.run(s, margin, rx, ly, gx); });
+    const double v =
+        call_kernel(mutex, [&] { return kernel.run(s, margin, normalize, rx, ly, gx); });
     return {loss_tensor(v, x), tx};
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run_reference(
       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
-      double margin, bool want_x, bool want_ref) {
+      double margin, bool normalize, bool want_x, bool want_ref) {
     auto c = reference_call("LiftedStructureLoss", x, labels, ref, ref_labels, self_index, want_x,
                             want_ref);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(
-        mutex, [&] { return kernel.run(s, margin, c.q, c.labels_q, c.ref, c.gq, c.gr); });
+        mutex, [&] { return kernel.run(s, margin, normalize, c.q, c.labels_q, c.ref, c.gq, c.gr); });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
   }
 };
 
+/// The all-pairs batch losses (BatchContrastiveLoss, MultiSimilarityLoss): one kernel class
+/// with its options struct (kernels.hpp), on a batch or on a reference set.
+template <class Kernel, class Options>
+struct AllPairs {
+  static const char* const name;
+  Kernel kernel;
+  std::mutex mutex;
+  int64_t gradient_calls = 0;
+
+  std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
+                                         const Options& o, bool want_x) {
+    if (!x.defined()) value_error(name, "argument 'x' is undefined");
+    const auto rx = rows_of(name, "x", x, x.scalar_type());
+    const auto ly = labels_of(name, "labels", labels);
+    auto [tx, gx] = grad_for(x, rx, want_x);
+    gradient_calls += want_x;
+    const auto s = scalar_of(x.scalar_type());
+    const double v = call_kernel(mutex, [&] { return kernel.run(s, o, rx, ly, gx); });
+    return {loss_tensor(v, x), tx};
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> run_reference(
+      const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+      const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
+      const Options& o, bool want_x, bool want_ref) {
+    auto c = reference_call(name, x, labels, ref, ref_labels, self_index, want_x, want_ref);
+    gradient_calls += want_x || want_ref;
+    const auto s = scalar_of(x.scalar_type());
+    const double v = call_kernel(
+        mutex, [&] { return kernel.run(s, o, c.q, c.labels_q, c.ref, c.gq, c.gr); });
+    return {loss_tensor(v, x), c.grad_q, c.grad_r};
+  }
+};
+
+using BatchContrastive = AllPairs<mlpy::BatchContrastive, mlpy::BatchContrastiveOptions>;
+using MultiSimilarity = AllPairs<mlpy::MultiSimilarity, mlpy::MultiSimilarityOptions>;
+template <>
+const char* const BatchContrastive::name = "BatchContrastiveLoss";
+template <>
+const char* const MultiSimilarity::name = "MultiSimilarityLoss";
 
 // One torch::autograd::Function per loss: forward calls the kernel once and saves the
 // gradients of the inputs autograd wants; backward only scales them (scale_saved). The batch
@@ -336,20 +379,21 @@ struct BatchTripletFunction : torch::autograd::Function<BatchTripletFunction> {
                             const c10::optional<at::Tensor>& ref_labels,
                             const c10::optional<at::Tensor>& self_index, BatchTriplet* self,
                             double margin, int64_t mining, int64_t distance, bool soft_margin,
-                            bool want_x, bool want_ref) {
+                            bool normalize, bool want_x, bool want_ref) {
     if (ref.has_value()) {
       auto [loss, gx, gr] = self->run_reference(x, labels, *ref, ref_labels, self_index, margin,
-                                                int(mining), int(distance), soft_margin, want_x,
-                                                want_ref);
+                                                int(mining), int(distance), soft_margin, normalize,
+                                                want_x, want_ref);
       ctx->save_for_backward({gx, gr});
       return loss;
     }
-    auto [loss, gx] = self->run(x, labels, margin, int(mining), int(distance), soft_margin, want_x);
+    auto [loss, gx] = self->run(x, labels, margin, int(mining), int(distance), soft_margin,
+                                normalize, want_x);
     ctx->save_for_backward({gx});
     return loss;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, 13);
+    return scale_saved(ctx, grad_outputs, 14);
   }
 };
 
@@ -358,19 +402,42 @@ struct LiftedFunction : torch::autograd::Function<LiftedFunction> {
                             const c10::optional<at::Tensor>& ref, const at::Tensor& labels,
                             const c10::optional<at::Tensor>& ref_labels,
                             const c10::optional<at::Tensor>& self_index, Lifted* self,
-                            double margin, bool want_x, bool want_ref) {
+                            double margin, bool normalize, bool want_x, bool want_ref) {
     if (ref.has_value()) {
-      auto [loss, gx, gr] =
-          self->run_reference(x, labels, *ref, ref_labels, self_index, margin, want_x, want_ref);
+      auto [loss, gx, gr] = self->run_reference(x, labels, *ref, ref_labels, self_index, margin,
+                                                normalize, want_x, want_ref);
       ctx->save_for_backward({gx, gr});
       return loss;
     }
-    auto [loss, gx] = self->run(x, labels, margin, want_x);
+    auto [loss, gx] = self->run(x, labels, margin, normalize, want_x);
     ctx->save_for_backward({gx});
     return loss;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, 10);
+    return scale_saved(ctx, grad_outputs, 11);
+  }
+};
+
+/// BatchContrastiveLoss and MultiSimilarityLoss (Loss: an AllPairs), the options as one struct.
+template <class Loss, class Options>
+struct AllPairsFunction : torch::autograd::Function<AllPairsFunction<Loss, Options>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& ref, const at::Tensor& labels,
+                            const c10::optional<at::Tensor>& ref_labels,
+                            const c10::optional<at::Tensor>& self_index, Loss* self,
+                            const Options& options, bool want_x, bool want_ref) {
+    if (ref.has_value()) {
+      auto [loss, gx, gr] =
+          self->run_reference(x, labels, *ref, ref_labels, self_index, options, want_x, want_ref);
+      ctx->save_for_backward({gx, gr});
+      return loss;
+    }
+    auto [loss, gx] = self->run(x, labels, options, want_x);
+    ctx->save_for_backward({gx});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return scale_saved(ctx, grad_outputs, 9);
   }
 };
 
@@ -392,18 +459,46 @@ at::Tensor batch_triplet_loss(BatchTriplet& self, const at::Tensor& x, const at:
                               const c10::optional<at::Tensor>& ref,
                               const c10::optional<at::Tensor>& ref_labels,
                               const c10::optional<at::Tensor>& self_index, double margin,
-                              int mining, int distance, bool soft_margin) {
+                              int mining, int distance, bool soft_margin, bool normalize) {
   return BatchTripletFunction::apply(x, ref, labels, ref_labels, self_index, &self, margin,
-                                     int64_t(mining), int64_t(distance), soft_margin, wanted(x),
-                                     wanted(ref));
+                                     int64_t(mining), int64_t(distance), soft_margin, normalize,
+                                     wanted(x), wanted(ref));
 }
 
 at::Tensor lifted_loss(Lifted& self, const at::Tensor& x, const at::Tensor& labels,
                        const c10::optional<at::Tensor>& ref,
                        const c10::optional<at::Tensor>& ref_labels,
-                       const c10::optional<at::Tensor>& self_index, double margin) {
-  return LiftedFunction::apply(x, ref, labels, ref_labels, self_index, &self, margin, wanted(x),
-                               wanted(ref));
+                       const c10::optional<at::Tensor>& self_index, double margin,
+                       bool normalize) {
+  return LiftedFunction::apply(x, ref, labels, ref_labels, self_index, &self, margin, normalize,
+                               wanted(x), wanted(ref));
+}
+
+template <class Loss, class Options>
+at::Tensor all_pairs_loss(Loss& self, const at::Tensor& x, const at::Tensor& labels,
+                          const c10::optional<at::Tensor>& ref,
+                          const c10::optional<at::Tensor>& ref_labels,
+                          const c10::optional<at::Tensor>& self_index, const Options& options) {
+  return AllPairsFunction<Loss, Options>::apply(x, ref, labels, ref_labels, self_index, &self,
+                                                options, wanted(x), wanted(ref));
+}
+
+at::Tensor batch_contrastive_loss(BatchContrastive& self, const at::Tensor& x,
+                                  const at::Tensor& labels, const c10::optional<at::Tensor>& ref,
+                                  const c10::optional<at::Tensor>& ref_labels,
+                                  const c10::optional<at::Tensor>& self_index, double pos_margin,
+                                  double neg_margin, int distance, int reduction, bool normalize) {
+  const mlpy::BatchContrastiveOptions o{pos_margin, neg_margin, distance, reduction, normalize};
+  return all_pairs_loss(self, x, labels, ref, ref_labels, self_index, o);
+}
+
+at::Tensor multi_similarity_loss(MultiSimilarity& self, const at::Tensor& x,
+                                 const at::Tensor& labels, const c10::optional<at::Tensor>& ref,
+                                 const c10::optional<at::Tensor>& ref_labels,
+                                 const c10::optional<at::Tensor>& self_index, double alpha,
+                                 double beta, double base, double epsilon, bool normalize) {
+  const mlpy::MultiSimilarityOptions o{alpha, beta, base, epsilon, normalize};
+  return all_pairs_loss(self, x, labels, ref, ref_labels, self_index, o);
 }
 
 }  // namespace
@@ -433,4 +528,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run_reference", &Lifted::run_reference)
       .def("loss", &lifted_loss)
       .def_readonly("gradient_calls", &Lifted::gradient_calls);
+  py::class_<BatchContrastive>(m, "BatchContrastive")
+      .def(py::init<>())
+      .def("loss", &batch_contrastive_loss)
+      .def_readonly("gradient_calls", &BatchContrastive::gradient_calls);
+  py::class_<MultiSimilarity>(m, "MultiSimilarity")
+      .def(py::init<>())
+      .def("loss", &multi_similarity_loss)
+      .def_readonly("gradient_calls", &MultiSimilarity::gradient_calls);
 }

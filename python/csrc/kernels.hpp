@@ -69,10 +69,10 @@ class BatchTriplet {
  public:
   BatchTriplet();
   ~BatchTriplet();
-  double run(Scalar, double margin, int mining, int distance, bool soft_margin, Rows x,
-             Labels labels, Grad gx);
-  double run(Scalar, double margin, int mining, int distance, bool soft_margin, Rows q,
-             Labels labels_q, Reference ref, Grad gq, Grad gr);
+  double run(Scalar, double margin, int mining, int distance, bool soft_margin, bool normalize,
+             Rows x, Labels labels, Grad gx);
+  double run(Scalar, double margin, int mining, int distance, bool soft_margin, bool normalize,
+             Rows q, Labels labels_q, Reference ref, Grad gq, Grad gr);
 
  private:
   struct Impl;
@@ -83,8 +83,48 @@ class Lifted {
  public:
   Lifted();
   ~Lifted();
-  double run(Scalar, double margin, Rows x, Labels labels, Grad gx);
-  double run(Scalar, double margin, Rows q, Labels labels_q, Reference ref, Grad gq, Grad gr);
+  double run(Scalar, double margin, bool normalize, Rows x, Labels labels, Grad gx);
+  double run(Scalar, double margin, bool normalize, Rows q, Labels labels_q, Reference ref,
+             Grad gq, Grad gr);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// metricloss::BatchContrastiveLoss's options (distance and reduction: the C++ enums' values).
+struct BatchContrastiveOptions {
+  double pos_margin = 0, neg_margin = 1;
+  int distance = 0, reduction = 0;
+  bool normalize = false;
+};
+
+class BatchContrastive {
+ public:
+  BatchContrastive();
+  ~BatchContrastive();
+  double run(Scalar, const BatchContrastiveOptions&, Rows x, Labels labels, Grad gx);
+  double run(Scalar, const BatchContrastiveOptions&, Rows q, Labels labels_q, Reference ref,
+             Grad gq, Grad gr);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// metricloss::MultiSimilarityLoss's options (epsilon may be +infinity: every pair kept).
+struct MultiSimilarityOptions {
+  double alpha = 2, beta = 50, base = 0.5, epsilon = 0.1;
+  bool normalize = false;
+};
+
+class MultiSimilarity {
+ public:
+  MultiSimilarity();
+  ~MultiSimilarity();
+  double run(Scalar, const MultiSimilarityOptions&, Rows x, Labels labels, Grad gx);
+  double run(Scalar, const MultiSimilarityOptions&, Rows q, Labels labels_q, Reference ref,
+             Grad gq, Grad gr);
 
  private:
   struct Impl;

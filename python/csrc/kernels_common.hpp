@@ -1,5 +1,6 @@
 // Shared by kernels_*.cpp: Eigen maps over the binding's plain descriptors (and reference
-// sets over them), and the run-time-to-compile-time dispatch of metricloss::skip.
+// sets over them), the run-time-to-compile-time dispatch of metricloss::skip, and the one
+// forward_backward call of a batch loss on a batch or on a reference set.
 #pragma once
 #include "kernels.hpp"
 
@@ -19,6 +20,10 @@ static_assert(static_cast<int>(ml::Distance::euclidean) == 0 &&
 static_assert(static_cast<int>(ml::ContrastiveForm::hadsell) == 0 &&
                   static_cast<int>(ml::ContrastiveForm::legacy) == 1,
               "metricloss/__init__.py maps form names to these values");
+
+static_assert(static_cast<int>(ml::Reduction::nonzero_mean) == 0 &&
+                  static_cast<int>(ml::Reduction::mean) == 1,
+              "metricloss/__init__.py maps reduction names to these values");
 
 template <class T>
 ml::ConstRowMap<T> map(const Rows& r) {
@@ -55,6 +60,28 @@ template <class Loss>
 Loss& functor(std::unique_ptr<Loss>& slot) {
   if (!slot) slot = std::make_unique<Loss>();
   return *slot;
+}
+
+/// forward_backward of the queries q against the reference set ref (either gradient skipped).
+template <class T, class Loss>
+double run_reference(Loss& loss, const Rows& q, const Labels& labels_q, const Reference& ref,
+                     const Grad& gq, const Grad& gr) {
+  return with_reference<T>(ref, [&](const auto& set) {
+    return with_grad<T>(gq, [&](auto&& grad_q) {
+      return with_grad<T>(gr, [&](auto&& grad_r) {
+        return static_cast<double>(
+            loss.forward_backward(ml::simd, map<T>(q), map(labels_q), set, grad_q, grad_r));
+      });
+    });
+  });
+}
+
+/// forward_backward of one batch x.
+template <class T, class Loss>
+double run_batch(Loss& loss, const Rows& x, const Labels& labels, const Grad& gx) {
+  return with_grad<T>(gx, [&](auto&& grad_x) {
+    return static_cast<double>(loss.forward_backward(ml::simd, map<T>(x), map(labels), grad_x));
+  });
 }
 
 }  // namespace metricloss_python

@@ -15,7 +15,9 @@ equality; NaN labels are rejected).
     loss = loss_fn(embeddings, labels)
     loss.backward()
 
-BatchTripletLoss and LiftedStructureLoss also take a reference set (e.g. a memory of past
+The batch losses (BatchTripletLoss, LiftedStructureLoss, BatchContrastiveLoss,
+MultiSimilarityLoss) take ``normalize=True`` to L2-normalise the rows inside the call (the
+gradient chained through; a zero row is a ValueError), and a reference set (e.g. a memory of past
 batches): ``loss_fn(q, labels_q, ref=r, ref_labels=yr, self_index=None)``. Anchors are the rows
 of q, positives and negatives the rows of r (the same dtype and D): P(a) = {j : yr[j] ==
 labels_q[a], j != self_index[a]}, Neg(a) = {j : yr[j] != labels_q[a]}. self_index (an integer
@@ -36,13 +38,15 @@ except ImportError as error:  # the sources (python/metricloss) rather than the 
         "the package from the repository root with `python3 -m pip install --no-build-isolation "
         "./python`, and do not run Python from inside python/, where the sources shadow it") from error
 
-__all__ = ["ContrastiveLoss", "TripletLoss", "BatchTripletLoss", "LiftedStructureLoss"]
+__all__ = ["ContrastiveLoss", "TripletLoss", "BatchTripletLoss", "LiftedStructureLoss",
+           "BatchContrastiveLoss", "MultiSimilarityLoss"]
 __version__ = "0.1.0"
 
 # The C++ enums' values (static_asserts in csrc/kernels_common.hpp keep them in sync).
 _FORMS = {"hadsell": 0, "legacy": 1}
 _DISTANCES = {"euclidean": 0, "squared_euclidean": 1}
 _MININGS = {"all": 0, "hard": 1, "semihard": 2}
+_REDUCTIONS = {"nonzero_mean": 0, "mean": 1}
 
 
 def _option(loss, name, value, table):
@@ -213,7 +217,8 @@ class BatchTripletLoss(_Loss):
 
     _kernel_type = _C.BatchTriplet
 
-    def __init__(self, margin=0.2, mining="hard", distance="euclidean", soft_margin=False):
+    def __init__(self, margin=0.2, mining="hard", distance="euclidean", soft_margin=False,
+                 normalize=False):
         super().__init__()
         self.margin = float(margin)
         _option("BatchTripletLoss", "mining", mining, _MININGS)
@@ -221,6 +226,7 @@ class BatchTripletLoss(_Loss):
         self.mining = mining
         self.distance = distance
         self.soft_margin = bool(soft_margin)
+        self.normalize = bool(normalize)
 
     def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
         name = "BatchTripletLoss"
@@ -229,11 +235,11 @@ class BatchTripletLoss(_Loss):
         mining = _option(name, "mining", self.mining, _MININGS)
         distance = _option(name, "distance", self.distance, _DISTANCES)
         return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.margin),
-                                 mining, distance, bool(self.soft_margin))
+                                 mining, distance, bool(self.soft_margin), bool(self.normalize))
 
     def extra_repr(self):
         return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
-                f"soft_margin={self.soft_margin}")
+                f"soft_margin={self.soft_margin}, normalize={self.normalize}")
 
 
 class LiftedStructureLoss(_Loss):
@@ -243,15 +249,89 @@ class LiftedStructureLoss(_Loss):
 
     _kernel_type = _C.Lifted
 
-    def __init__(self, margin=1.0):
+    def __init__(self, margin=1.0, normalize=False):
         super().__init__()
         self.margin = float(margin)
+        self.normalize = bool(normalize)
 
     def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
         name = "LiftedStructureLoss"
         x = _embedding(name, "x", x)
         labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
-        return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.margin))
+        return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.margin),
+                                 bool(self.normalize))
 
     def extra_repr(self):
-        return f"margin={self.margin}"
+        return f"margin={self.margin}, normalize={self.normalize}"
+
+
+class BatchContrastiveLoss(_Loss):
+    """Contrastive loss over every pair of a labelled batch (pytorch-metric-learning's
+    ContrastiveLoss; Hadsell et al. 2006 with linear hinges), d Euclidean or squared Euclidean:
+    positive pairs (same label, i != j) [d_ij - pos_margin]+, negative pairs
+    [neg_margin - d_ij]+; L = (mean of the positive terms) + (mean of the negative terms), each
+    over the terms > 0 (reduction="nonzero_mean", PML's AvgNonZeroReducer) or over every pair
+    of its side ("mean"), a side without terms adding 0. normalize=True (PML's default) takes
+    the L2-normalised rows. Call as ``loss(x, labels)``, or against a reference set as
+    ``loss(q, labels_q, ref=r, ref_labels=yr, self_index=None)``."""
+
+    _kernel_type = _C.BatchContrastive
+
+    def __init__(self, pos_margin=0.0, neg_margin=1.0, distance="euclidean",
+                 reduction="nonzero_mean", normalize=False):
+        super().__init__()
+        self.pos_margin = float(pos_margin)
+        self.neg_margin = float(neg_margin)
+        _option("BatchContrastiveLoss", "distance", distance, _DISTANCES)
+        _option("BatchContrastiveLoss", "reduction", reduction, _REDUCTIONS)
+        self.distance = distance
+        self.reduction = reduction
+        self.normalize = bool(normalize)
+
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
+        name = "BatchContrastiveLoss"
+        x = _embedding(name, "x", x)
+        labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
+        distance = _option(name, "distance", self.distance, _DISTANCES)
+        reduction = _option(name, "reduction", self.reduction, _REDUCTIONS)
+        return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.pos_margin),
+                                 float(self.neg_margin), distance, reduction, bool(self.normalize))
+
+    def extra_repr(self):
+        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "
+                f"distance={self.distance!r}, reduction={self.reduction!r}, "
+                f"normalize={self.normalize}")
+
+
+class MultiSimilarityLoss(_Loss):
+    """Multi-similarity loss (Wang et al. 2019) as pytorch-metric-learning's MultiSimilarityLoss
+    with its MultiSimilarityMiner(epsilon), on S_ij = <x_i, x_j> (the cosine similarity with
+    normalize=True, PML's default). Anchor i keeps the positives p with
+    S_ip < max_n S_in + epsilon and the negatives n with S_in > min_p S_ip - epsilon
+    (epsilon=float("inf") keeps every pair: the loss without a miner);
+    L = 1/N sum_i [(1/alpha) log(1 + sum_p e^{-alpha (S_ip - base)})
+                   + (1/beta) log(1 + sum_n e^{beta (S_in - base)})].
+    Call as ``loss(x, labels)``, or against a reference set as
+    ``loss(q, labels_q, ref=r, ref_labels=yr, self_index=None)``."""
+
+    _kernel_type = _C.MultiSimilarity
+
+    def __init__(self, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, normalize=False):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.base = float(base)
+        self.epsilon = float(epsilon)
+        self.normalize = bool(normalize)
+
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
+        name = "MultiSimilarityLoss"
+        x = _embedding(name, "x", x)
+        labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
+        return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.alpha),
+                                 float(self.beta), float(self.base), float(self.epsilon),
+                                 bool(self.normalize))
+
+    def extra_repr(self):
+        return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, "
+                f"epsilon={self.epsilon}, normalize={self.normalize}")
