@@ -1,6 +1,7 @@
-"""Shared by the binding's tests: the pure-PyTorch peers of benchmarks/torch_peers.py (imported
-by path) and pure-PyTorch references of the modes the peers do not cover, from API.md's
-formulas. Each reference returns the loss; autograd gives its gradient."""
+"""Shared by the binding's tests: the pure-PyTorch peers of benchmarks/torch_peers.py and the
+PML / API.md references of tests/reference/pml_losses.py (imported by path), and pure-PyTorch
+references of the modes the peers do not cover, from API.md's formulas. Each reference returns
+the loss; autograd gives its gradient."""
 import importlib.util
 import pathlib
 
@@ -10,14 +11,17 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _load_peers():
-    spec = importlib.util.spec_from_file_location("torch_peers", REPO / "benchmarks" / "torch_peers.py")
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-peers = _load_peers()
+peers = _load("torch_peers", REPO / "benchmarks" / "torch_peers.py")
+# pytorch-metric-learning's ContrastiveLoss / MultiSimilarityLoss (+ miner) step by step, and
+# API.md's formulas of the all-pairs losses (issue 17); see its docstring.
+pml = _load("pml_losses", REPO / "tests" / "reference" / "pml_losses.py")
 
 
 @pytest.fixture(autouse=True)

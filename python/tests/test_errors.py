@@ -10,7 +10,8 @@ def x_and_labels(n=8, d=4, dtype=torch.float32):
     return torch.randn(n, d, dtype=dtype), torch.arange(n) % 2
 
 
-BATCH = [metricloss.BatchTripletLoss, metricloss.LiftedStructureLoss]
+BATCH = [metricloss.BatchTripletLoss, metricloss.LiftedStructureLoss,
+         metricloss.BatchContrastiveLoss, metricloss.MultiSimilarityLoss]
 
 
 @pytest.mark.parametrize("cls", BATCH)
@@ -86,7 +87,7 @@ def test_shape_mismatch_from_cpp():
 @pytest.mark.parametrize("cls", BATCH)
 def test_labels(cls):
     x, _ = x_and_labels()
-    with pytest.raises(ValueError, match=r"BatchTripletLoss|LiftedStructureLoss") as info:
+    with pytest.raises(ValueError, match=cls.__name__) as info:
         cls()(x, torch.arange(7))
     assert "labels" in str(info.value)
     with pytest.raises(ValueError, match=r"argument 'labels' must be 1-D"):

@@ -1,5 +1,6 @@
 """Reference sets: loss(q, labels_q, ref=r, ref_labels=yr, self_index=None) for BatchTripletLoss
-and LiftedStructureLoss. gradcheck for q and r, the reduction to the batch loss (r = q,
+and LiftedStructureLoss (BatchContrastiveLoss and MultiSimilarityLoss: test_all_pairs.py for
+their gradcheck, the shared checks here). gradcheck for q and r, the reduction to the batch loss (r = q,
 self_index = arange), which gradients are computed, and malformed calls."""
 import pytest
 import torch
@@ -11,7 +12,13 @@ from conftest import labels_pk
 MODES = [(mining, distance, soft_margin) for mining in ("hard", "semihard", "all")
          for distance in ("euclidean", "squared_euclidean") for soft_margin in (False, True)]
 LOSSES = [lambda: metricloss.BatchTripletLoss(margin=0.5, mining="semihard"),
-          lambda: metricloss.LiftedStructureLoss(margin=1.0)]
+          lambda: metricloss.LiftedStructureLoss(margin=1.0),
+          lambda: metricloss.BatchTripletLoss(margin=0.2, mining="all", normalize=True),
+          lambda: metricloss.LiftedStructureLoss(normalize=True),
+          lambda: metricloss.BatchContrastiveLoss(pos_margin=0.5, neg_margin=3.0),
+          lambda: metricloss.BatchContrastiveLoss(reduction="mean", normalize=True),
+          lambda: metricloss.MultiSimilarityLoss(normalize=True),
+          lambda: metricloss.MultiSimilarityLoss(beta=10.0, epsilon=float("inf"))]
 
 
 def rand(*shape, dtype=torch.float64):
@@ -157,7 +164,8 @@ def test_strided_rows_and_label_types(make):
                                expected, rtol=1e-14, atol=0)
 
 
-BATCH = [metricloss.BatchTripletLoss, metricloss.LiftedStructureLoss]
+BATCH = [metricloss.BatchTripletLoss, metricloss.LiftedStructureLoss,
+         metricloss.BatchContrastiveLoss, metricloss.MultiSimilarityLoss]
 
 
 def malformed():

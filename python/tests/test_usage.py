@@ -13,6 +13,12 @@ ALL_BATCH = [
     lambda: metricloss.BatchTripletLoss(mining="semihard"),
     lambda: metricloss.BatchTripletLoss(mining="all", soft_margin=True),
     lambda: metricloss.LiftedStructureLoss(),
+    lambda: metricloss.BatchTripletLoss(mining="semihard", normalize=True),
+    lambda: metricloss.LiftedStructureLoss(normalize=True),
+    lambda: metricloss.BatchContrastiveLoss(pos_margin=0.5, neg_margin=3.0),
+    lambda: metricloss.BatchContrastiveLoss(distance="squared_euclidean", reduction="mean", normalize=True),
+    lambda: metricloss.MultiSimilarityLoss(normalize=True),
+    lambda: metricloss.MultiSimilarityLoss(beta=10.0, epsilon=float("inf")),
 ]
 
 
