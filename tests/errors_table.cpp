@@ -17,6 +17,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -172,10 +173,23 @@ void triplet_cases(std::vector<Row>& rows) {
            [&](auto tag) { bad_distance.forward_backward(tag, a, p, n, ga, gp, gn); }, {&ga, &gp, &gn});
 }
 
-/// LiftedStructureLoss and BatchTripletLoss share their inputs: x, labels, grad_x.
+/// An option set to a value the loss rejects: what the table says, and how to set it.
+template <class Loss>
+using BadOptions = std::vector<std::pair<std::string, std::function<void(Loss&)>>>;
+
+/// A `margin` of -1, NaN and +inf.
+template <class Loss>
+BadOptions<Loss> bad_margins() {
+  BadOptions<Loss> out;
+  for (float margin : {-1.0f, nan, inf})
+    out.push_back({"`margin` = " + margin_text(margin), [margin](Loss& f) { f.margin = margin; }});
+  return out;
+}
+
+/// Every batch loss takes the same inputs: x, labels, grad_x (and normalize).
 template <class Loss>
 void batch_cases(std::vector<Row>& rows, const std::string& loss, Loss f,
-                 const std::function<void(Loss&, float)>& set_margin) {
+                 const BadOptions<Loss>& bad_options) {
   const Mat x = filled(4, 3);
   Mat g = filled(4, 3, 9.0f);
   const Eigen::VectorXi labels = (Eigen::VectorXi(4) << 0, 0, 1, 1).finished();
@@ -203,11 +217,10 @@ void batch_cases(std::vector<Row>& rows, const std::string& loss, Loss f,
              ml::RowMap<float> over(storage.data(), 4, 3, Eigen::OuterStride<>(3));
              f.forward_backward(tag, x, storage.head(4), over);
            });
-  for (float margin : {-1.0f, nan, inf}) {
+  for (const auto& option : bad_options) {
     Loss bad = f;
-    set_margin(bad, margin);
-    add_case(rows, loss, "`margin` = " + margin_text(margin),
-             [&](auto tag) { bad.forward_backward(tag, x, labels, g); }, {&g});
+    option.second(bad);
+    add_case(rows, loss, option.first, [&](auto tag) { bad.forward_backward(tag, x, labels, g); }, {&g});
   }
   Loss normalizing = f;
   normalizing.normalize = true;
@@ -324,14 +337,27 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   contrastive_cases(rows);
   triplet_cases(rows);
-  batch_cases<ml::LiftedStructureLoss<float>>(
-      rows, "LiftedStructureLoss", ml::LiftedStructureLoss<float>(),
-      [](ml::LiftedStructureLoss<float>& f, float m) { f.margin = m; });
-  batch_cases<ml::BatchTripletLoss<float>>(
-      rows, "BatchTripletLoss", ml::BatchTripletLoss<float>(),
-      [](ml::BatchTripletLoss<float>& f, float m) { f.margin = m; });
+  batch_cases(rows, "LiftedStructureLoss", ml::LiftedStructureLoss<float>(),
+              bad_margins<ml::LiftedStructureLoss<float>>());
+  batch_cases(rows, "BatchTripletLoss", ml::BatchTripletLoss<float>(),
+              bad_margins<ml::BatchTripletLoss<float>>());
   batch_triplet_option_cases(rows);
   reference_cases(rows);
+  using Contrastive = ml::BatchContrastiveLoss<float>;
+  batch_cases(rows, "BatchContrastiveLoss", Contrastive(),
+              BadOptions<Contrastive>{
+                  {"`pos_margin` = nan", [](Contrastive& f) { f.pos_margin = std::numeric_limits<float>::quiet_NaN(); }},
+                  {"`neg_margin` = inf", [](Contrastive& f) { f.neg_margin = inf; }},
+                  {"`distance` = Distance(7)", [](Contrastive& f) { f.distance = static_cast<ml::Distance>(7); }},
+                  {"`reduction` = Reduction(9)", [](Contrastive& f) { f.reduction = static_cast<ml::Reduction>(9); }}});
+  using MultiSimilarity = ml::MultiSimilarityLoss<float>;
+  batch_cases(rows, "MultiSimilarityLoss", MultiSimilarity(),
+              BadOptions<MultiSimilarity>{
+                  {"`alpha` = 0", [](MultiSimilarity& f) { f.alpha = 0; }},
+                  {"`beta` = -1", [](MultiSimilarity& f) { f.beta = -1; }},
+                  {"`base` = inf", [](MultiSimilarity& f) { f.base = inf; }},
+                  {"`epsilon` = nan", [](MultiSimilarity& f) { f.epsilon = std::numeric_limits<float>::quiet_NaN(); }},
+                  {"`epsilon` = -inf", [](MultiSimilarity& f) { f.epsilon = -inf; }}});
   const std::string text = table(rows);
   std::ofstream(out_path, std::ios::binary) << text;
   if (failed) return 1;

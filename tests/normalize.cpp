@@ -22,27 +22,61 @@ using ml::Mining;
 
 namespace {
 
+enum class Kind { triplet, lifted, contrastive, multi_similarity };
+
 struct Option {
-  bool lifted;
+  Kind kind;
   Mining mining;
   Distance distance;
-  bool soft_margin;
-  std::string name() const { return lifted ? "lifted" : name_of(mining, distance, soft_margin); }
+  bool soft_margin;  // BatchTripletLoss; for BatchContrastiveLoss: Reduction::mean
+  std::string name() const {
+    switch (kind) {
+      case Kind::lifted: return "lifted";
+      case Kind::contrastive:
+        return std::string("contrastive ") + (distance == Distance::euclidean ? "euclidean" : "squared") +
+               (soft_margin ? " mean" : " nonzero mean");
+      case Kind::multi_similarity: return soft_margin ? "multi-similarity all pairs" : "multi-similarity";
+      default: return name_of(mining, distance, soft_margin);
+    }
+  }
+  const char* loss_name() const {
+    switch (kind) {
+      case Kind::lifted: return "LiftedStructureLoss";
+      case Kind::contrastive: return "BatchContrastiveLoss";
+      case Kind::multi_similarity: return "MultiSimilarityLoss";
+      default: return "BatchTripletLoss";
+    }
+  }
 };
 
 std::vector<Option> every_option() {
-  std::vector<Option> out{{true, Mining::all, Distance::euclidean, false}};
+  std::vector<Option> out{{Kind::lifted, Mining::all, Distance::euclidean, false}};
   for (Mining m : {Mining::all, Mining::hard, Mining::semihard})
     for (Distance d : {Distance::euclidean, Distance::squared_euclidean})
-      for (bool soft : {false, true}) out.push_back({false, m, d, soft});
+      for (bool soft : {false, true}) out.push_back({Kind::triplet, m, d, soft});
+  for (Distance d : {Distance::euclidean, Distance::squared_euclidean})
+    for (bool mean : {false, true}) out.push_back({Kind::contrastive, Mining::all, d, mean});
+  for (bool all : {false, true}) out.push_back({Kind::multi_similarity, Mining::all, Distance::euclidean, all});
   return out;
 }
 
 /// f(loss) with the option's functor (margins for unit rows: distances in [0, 2]).
 template <class T, class F>
 auto with_loss(const Option& o, bool normalize, F&& f) {
-  if (o.lifted) {
+  if (o.kind == Kind::lifted) {
     ml::LiftedStructureLoss<T> loss(T(1));
+    loss.normalize = normalize;
+    return f(loss);
+  }
+  if (o.kind == Kind::contrastive) {  // margins for unit rows (distances in [0, 2])
+    ml::BatchContrastiveLoss<T> loss(T(0.1), T(1.8), o.distance);
+    loss.reduction = o.soft_margin ? ml::Reduction::mean : ml::Reduction::nonzero_mean;
+    loss.normalize = normalize;
+    return f(loss);
+  }
+  if (o.kind == Kind::multi_similarity) {  // epsilon 0.3 or +inf (every pair)
+    ml::MultiSimilarityLoss<T> loss(T(2), T(10), T(0.5),
+                                    o.soft_margin ? std::numeric_limits<T>::infinity() : T(0.3));
     loss.normalize = normalize;
     return f(loss);
   }
@@ -317,7 +351,7 @@ TEMPLATE_TEST_CASE("normalize: a zero row is an invalid_argument and nothing is 
   const std::string scalar = ml::detail::scalar_name<T>();
   for (const Option& o : every_option()) {
     CAPTURE(o.name());
-    const std::string loss_name = o.lifted ? "LiftedStructureLoss" : "BatchTripletLoss";
+    const std::string loss_name = o.loss_name();
     const std::string fb = "metricloss::" + loss_name + "<" + scalar + ">::forward_backward";
     const std::string fw = "metricloss::" + loss_name + "<" + scalar + ">::forward";
     Matrix<T> g = sentinel, gr = sentinel_r;

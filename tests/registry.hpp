@@ -15,6 +15,7 @@
 #include "support.hpp"
 
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
@@ -181,9 +182,44 @@ struct BatchTriplet : BatchCalls {
   }
 };
 
+struct BatchContrastive : BatchCalls {
+  static constexpr const char* name = "BatchContrastiveLoss";
+  template <class T>
+  static std::vector<Configured<ml::BatchContrastiveLoss<T>>> configs() {
+    std::vector<Configured<ml::BatchContrastiveLoss<T>>> out;
+    for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
+      for (auto reduction : {ml::Reduction::nonzero_mean, ml::Reduction::mean}) {
+        ml::BatchContrastiveLoss<T> loss(T(0.1), T(0.8), distance);
+        loss.reduction = reduction;
+        out.push_back({std::string(distance_name(distance)) +
+                           (reduction == ml::Reduction::mean ? " mean" : " nonzero mean"),
+                       loss});
+      }
+    ml::BatchContrastiveLoss<T> unit;
+    unit.normalize = true;
+    out.push_back({"normalize", unit});
+    return out;
+  }
+};
+
+struct MultiSimilarity : BatchCalls {
+  static constexpr const char* name = "MultiSimilarityLoss";
+  template <class T>
+  static std::vector<Configured<ml::MultiSimilarityLoss<T>>> configs() {
+    std::vector<Configured<ml::MultiSimilarityLoss<T>>> out;
+    out.push_back({"epsilon 0.1", ml::MultiSimilarityLoss<T>(T(2), T(5), T(0.5), T(0.1))});
+    out.push_back({"every pair", ml::MultiSimilarityLoss<T>(T(2), T(5), T(0.5),
+                                                             std::numeric_limits<T>::infinity())});
+    ml::MultiSimilarityLoss<T> unit;
+    unit.normalize = true;
+    out.push_back({"normalize, defaults", unit});
+    return out;
+  }
+};
+
 // fuzz/fuzz_losses.cpp's selector indexes this list, and fuzz/CMakeLists.txt reads this line
 // (one fuzz_<loss> target per entry): append new losses, keep the order (fuzz/corpus decodes by it).
-using Losses = std::tuple<Contrastive, Triplet, LiftedStructure, BatchTriplet>;
+using Losses = std::tuple<Contrastive, Triplet, LiftedStructure, BatchTriplet, BatchContrastive, MultiSimilarity>;
 
 /// f(Entry{}) for every registered loss.
 template <class F>

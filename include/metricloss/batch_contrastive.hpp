@@ -19,6 +19,9 @@
 // A reference set (metricloss::reference) takes the ordered pairs (a in Q, j in R,
 // j != self(a)) instead, with the same means.
 //
+// normalize = true: the loss of the L2-normalised rows (Q and R alike), the gradient chained
+// through the normalisation (detail/normalize.hpp): pytorch-metric-learning's default.
+//
 // Edge cases: one class (no negatives), classes of one (no positives): that side adds 0.
 // A NaN label or a non-finite entry makes the loss and the gradient NaN.
 //
@@ -26,6 +29,7 @@
 // detail/batch_contrastive_math.hpp, the kernels in backend/scalar/batch_contrastive.hpp and
 // backend/simd/batch_contrastive.hpp.
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -55,6 +59,8 @@ class BatchContrastiveLoss {
   T neg_margin;
   Distance distance;
   Reduction reduction = Reduction::nonzero_mean;
+  /// Rows L2-normalised inside the call, the gradient chained through (a zero row throws).
+  bool normalize = false;
 
   explicit BatchContrastiveLoss(T pos_margin_ = T(0), T neg_margin_ = T(1),
                                 Distance distance_ = Distance::euclidean)
@@ -120,8 +126,10 @@ class BatchContrastiveLoss {
     check_options(check);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
-    return detail::Backend<BatchContrastiveLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
-                                                                        top_diff);
+    using Path = detail::Backend<BatchContrastiveLoss, Tag>;
+    return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
+      return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+    });
   }
 
   template <class Tag, class X, class L, class LR, class GQ, class GR>
@@ -143,7 +151,10 @@ class BatchContrastiveLoss {
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
     detail::check_reference(check, qv, lv, ref.view, gq, gr);
     using Path = detail::ReferenceBackend<BatchContrastiveLoss, Tag>;
-    return Path::forward_backward(*this, tag, qv, lv, ref.view, gq, gr, top_diff);
+    return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
+                              [&](const auto& q_rows, const auto& r_rows) {
+      return Path::forward_backward(*this, tag, q_rows, lv, r_rows, gq, gr, top_diff);
+    });
   }
 
   friend struct detail::BackendSlotAccess;

@@ -17,6 +17,9 @@
 // simd path). A reference set takes anchors from Q and candidates from R (j != self(a)):
 // dQ = W R, dR = W^T Q.
 //
+// normalize = true: the loss of the L2-normalised rows (Q and R alike), the gradient chained
+// through the normalisation (detail/normalize.hpp).
+//
 // The kept sets compare exact similarities where the product's rounding could decide them
 // (API.md's tie regime); the exponentials are taken with the largest exponent factored out.
 // A NaN label or a non-finite entry makes the loss and the gradient NaN.
@@ -25,6 +28,7 @@
 // detail/multi_similarity_math.hpp, the kernels in backend/scalar/multi_similarity.hpp and
 // backend/simd/multi_similarity.hpp.
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -54,6 +58,9 @@ class MultiSimilarityLoss {
   T base;
   /// The miner's margin; +infinity keeps every pair.
   T epsilon;
+  /// Rows L2-normalised inside the call, the gradient chained through (a zero row throws):
+  /// S is then the cosine similarity, pytorch-metric-learning's default.
+  bool normalize = false;
 
   explicit MultiSimilarityLoss(T alpha_ = T(2), T beta_ = T(50), T base_ = T(0.5),
                                T epsilon_ = T(0.1))
@@ -120,8 +127,10 @@ class MultiSimilarityLoss {
     check_options(check);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
-    return detail::Backend<MultiSimilarityLoss, Tag>::forward_backward(*this, tag, xv, lv, gv,
-                                                                        top_diff);
+    using Path = detail::Backend<MultiSimilarityLoss, Tag>;
+    return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
+      return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+    });
   }
 
   template <class Tag, class X, class L, class LR, class GQ, class GR>
@@ -143,7 +152,10 @@ class MultiSimilarityLoss {
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
     detail::check_reference(check, qv, lv, ref.view, gq, gr);
     using Path = detail::ReferenceBackend<MultiSimilarityLoss, Tag>;
-    return Path::forward_backward(*this, tag, qv, lv, ref.view, gq, gr, top_diff);
+    return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
+                              [&](const auto& q_rows, const auto& r_rows) {
+      return Path::forward_backward(*this, tag, q_rows, lv, r_rows, gq, gr, top_diff);
+    });
   }
 
   friend struct detail::BackendSlotAccess;
