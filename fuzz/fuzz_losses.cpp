@@ -497,6 +497,8 @@ struct Functors {
   ml::TripletLoss<T> triplet;
   ml::LiftedStructureLoss<T> lifted;
   ml::BatchTripletLoss<T> batch_triplet;
+  ml::BatchContrastiveLoss<T> batch_contrastive;
+  ml::MultiSimilarityLoss<T> multi_similarity;
   static Functors& reused() {
     static Functors f;
     return f;
@@ -1093,8 +1095,10 @@ using FuzzedLoss = registry::METRICLOSS_FUZZ_LOSS;
 using FuzzedLoss = EveryLoss;
 #endif
 constexpr bool fixed_loss = !std::is_same<FuzzedLoss, EveryLoss>::value;
-/// Tie mode is for the batch losses alone.
-constexpr bool has_tie_mode = !fixed_loss || std::is_base_of<registry::BatchCalls, FuzzedLoss>::value;
+/// Tie mode is for the triplet-mining and lifted losses (the pair losses' tie regime is
+/// tests/batch_contrastive.cpp's and tests/multi_similarity.cpp's integer grids).
+constexpr bool has_tie_mode = !fixed_loss || std::is_same<FuzzedLoss, registry::LiftedStructure>::value ||
+                              std::is_same<FuzzedLoss, registry::BatchTriplet>::value;
 
 template <class T>
 void fuzz_ties(FuzzedDataProvider& in) {
@@ -1297,6 +1301,178 @@ void fuzz_ties(FuzzedDataProvider& in) {
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// The pair losses of issue 17 (BatchContrastiveLoss, MultiSimilarityLoss): every pair of
+// one batch; a hinge or a kept-set limit within rounding of its turn is ambiguous.
+
+/// The rows the loss sees, in double: x itself, or x's rows normalised (normalize = true).
+template <class T>
+std::vector<double> loss_rows(const Strided<T>& x, bool normalize) {
+  std::vector<double> rows(static_cast<std::size_t>(x.rows * x.cols));
+  for (Index i = 0; i < x.rows; ++i) {
+    double norm = 0.0;
+    for (Index k = 0; k < x.cols; ++k) norm += static_cast<double>(x.at(i, k)) * static_cast<double>(x.at(i, k));
+    norm = normalize ? std::sqrt(norm) : 1.0;
+    for (Index k = 0; k < x.cols; ++k)
+      rows[static_cast<std::size_t>(i * x.cols + k)] = static_cast<double>(x.at(i, k)) / norm;
+  }
+  return rows;
+}
+
+template <class T, class L>
+Ambiguity pair_loss_ambiguity(const Strided<T>& x, const std::vector<L>& labels, bool normalize,
+                              bool multi, double first, double second, bool euclidean,
+                              double base, double epsilon) {
+  Ambiguity a;
+  const Index n = x.rows, d = x.cols;
+  const std::vector<double> u = loss_rows(x, normalize);
+  const auto row = [&](Index i) { return u.data() + i * d; };
+  double largest = 0.0, widest = 0.0;
+  for (Index i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (Index k = 0; k < d; ++k) s += row(i)[k] * row(i)[k];
+    widest = std::max(widest, s);
+  }
+  const double relative = Limits<T>::ambiguity;
+  for (Index i = 0; i < n; ++i) {
+    double min_pos = std::numeric_limits<double>::infinity(), max_neg = -min_pos;
+    std::vector<double> sims(static_cast<std::size_t>(n));
+    for (Index j = 0; j < n; ++j) {
+      double q = 0.0, dot = 0.0;
+      for (Index k = 0; k < d; ++k) {
+        q += (row(i)[k] - row(j)[k]) * (row(i)[k] - row(j)[k]);
+        dot += row(i)[k] * row(j)[k];
+      }
+      sims[static_cast<std::size_t>(j)] = dot;
+      if (j == i) continue;
+      const bool positive = labels[static_cast<std::size_t>(i)] == labels[static_cast<std::size_t>(j)];
+      if (positive) min_pos = std::min(min_pos, dot);
+      else max_neg = std::max(max_neg, dot);
+      if (multi) continue;
+      if (too_small<T>(q)) a.loss = a.gradient = true;
+      const double dist = euclidean ? std::sqrt(q) : q;
+      largest = std::max(largest, dist);
+      const double margin = positive ? first : second;
+      if (near(dist, margin, std::max({dist, std::abs(margin), euclidean ? 0.0 : widest}), relative))
+        a.loss = a.gradient = true;
+    }
+    if (!multi || std::isinf(epsilon)) continue;
+    for (Index j = 0; j < n; ++j) {
+      if (j == i) continue;
+      const bool positive = labels[static_cast<std::size_t>(i)] == labels[static_cast<std::size_t>(j)];
+      const double limit = positive ? max_neg + epsilon : min_pos - epsilon;
+      if (std::isfinite(limit) && near(sims[static_cast<std::size_t>(j)], limit, std::max(widest, 1.0), relative))
+        a.loss = a.gradient = true;
+    }
+  }
+  if (multi) {
+    // S errs by ~eps D |x|^2 on the simd path: L by as much, and the weights by a factor
+    // e^{max(alpha, beta) * that}, far from 1 for large unnormalised rows.
+    const double s_error = 64.0 * std::numeric_limits<T>::epsilon() * static_cast<double>(d + 1) * widest;
+    a.loss_noise = s_error;
+    if (std::max(first, second) * s_error > 1e-6) a.gradient = true;
+  } else {
+    a.loss_noise = rounding_noise<T>(largest + std::abs(first) + std::abs(second), 1.0);
+  }
+  return a;
+}
+
+template <class T>
+void fuzz_pair_batch(FuzzedDataProvider& in, bool multi) {
+  const Shape shape = decode_shape(in);
+  // Contrastive: pos and neg margins (any finite value), distance, reduction. Multi-
+  // similarity: alpha, beta, base and epsilon from tables (a NaN or a bad sign is malformed).
+  const T pos_margin = decode_margin<T>(in), neg_margin = decode_margin<T>(in);
+  const int distance = in.ConsumeIntegralInRange<int>(0, 2);
+  const int reduction = in.ConsumeIntegralInRange<int>(0, 2);
+  const T alphas[] = {T(2), T(0.5), T(10), T(0)};
+  const T betas[] = {T(50), T(5), T(1), T(-1)};
+  const T bases[] = {T(0.5), T(0), T(-0.25), T(1)};
+  const T epsilons[] = {T(0.1), std::numeric_limits<T>::infinity(), T(0), T(0.5), T(-0.125),
+                        std::numeric_limits<T>::quiet_NaN()};
+  const T alpha = alphas[in.ConsumeIntegralInRange<int>(0, 3)];
+  const T beta = betas[in.ConsumeIntegralInRange<int>(0, 3)];
+  const T base = bases[in.ConsumeIntegralInRange<int>(0, 3)];
+  const T epsilon = epsilons[in.ConsumeIntegralInRange<int>(0, 5)];
+  const bool normalize = in.ConsumeIntegralInRange<int>(0, 2) == 0;
+  const T top_diff = decode_top_diff<T>(in);
+  bool malformed = shape.n == 0 || shape.d == 0 || shape.bad_stride;
+  if (multi)
+    malformed = malformed || !(alpha > T(0)) || !(beta > T(0)) || epsilon != epsilon;
+  else
+    malformed = malformed || !std::isfinite(pos_margin) || !std::isfinite(neg_margin) ||
+                distance > 1 || reduction > 1;
+  const int classes = in.ConsumeIntegralInRange<int>(1, 5);
+  DataFacts facts;
+  std::vector<std::vector<T>> pool;
+  Strided<T> x = decode_matrix<T>(in, shape.n, shape.d, shape.stride, pool, facts);
+  if (!std::isfinite(static_cast<double>(top_diff))) facts.bounded = facts.comparable = false;
+  if (normalize && !malformed)
+    for (Index i = 0; i < x.rows; ++i) {
+      bool zero = true;
+      for (Index k = 0; k < x.cols; ++k) zero = zero && x.at(i, k) == T(0);
+      if (zero) malformed = true;  // a zero row: invalid_argument
+    }
+  Gradient<T> grad;
+  decode_gradient(in, grad, shape.n, shape.d, &x, malformed);
+  const Index label_length = shape.n + (in.ConsumeIntegral<std::uint8_t>() == 255 ? 1 : 0);
+  if (label_length != shape.n) malformed = true;
+  with_label_type<T>(in, [&](auto label_type) {
+    using L = decltype(label_type);
+    auto labels = decode_labels<L>(in, label_length, classes, facts);
+    Ambiguity ambiguity;
+    if (facts.comparable && !malformed)
+      ambiguity = multi ? pair_loss_ambiguity(x, labels, normalize, true, static_cast<double>(alpha),
+                                              static_cast<double>(beta), false,
+                                              static_cast<double>(base), static_cast<double>(epsilon))
+                        : pair_loss_ambiguity(x, labels, normalize, false, static_cast<double>(pos_margin),
+                                              static_cast<double>(neg_margin), distance == 0, 0.0, 0.0);
+    dump_input = [&] {
+      if (multi)
+        std::fprintf(stderr, "MultiSimilarityLoss<%s> alpha %g beta %g base %g epsilon %g normalize %d top_diff %g malformed %d\n",
+                     std::is_same<T, double>::value ? "double" : "float", double(alpha), double(beta),
+                     double(base), double(epsilon), int(normalize), double(top_diff), int(malformed));
+      else
+        std::fprintf(stderr, "BatchContrastiveLoss<%s> pos %g neg %g distance %d reduction %d normalize %d top_diff %g malformed %d\n",
+                     std::is_same<T, double>::value ? "double" : "float", double(pos_margin),
+                     double(neg_margin), distance, reduction, int(normalize), double(top_diff), int(malformed));
+      std::fprintf(stderr, "gradient wanted %d\n", static_cast<int>(grad.wanted));
+      print_matrix("x", x);
+      print_labels("labels", labels);
+    };
+    const GradientScale scale{static_cast<double>(top_diff), shape.n, shape.d};
+    const auto run_call = [&](auto tag, auto& loss) {
+      return with_gradient(grad, [&](auto&& g) {
+        if (!grad.wanted) return loss.forward(tag, x.cmap(), label_map(labels));
+        return loss.forward_backward(tag, x.cmap(), label_map(labels), g, top_diff);
+      });
+    };
+    if (multi) {
+      const auto configure = [&](ml::MultiSimilarityLoss<T>& loss) {
+        loss.alpha = alpha;
+        loss.beta = beta;
+        loss.base = base;
+        loss.epsilon = epsilon;
+        loss.normalize = normalize;
+      };
+      exercise<T>(Functors<T>::reused().multi_similarity, configure,
+                  [&](auto tag, ml::MultiSimilarityLoss<T>& loss) { return run_call(tag, loss); },
+                  {&grad}, facts, ambiguity, malformed, scale);
+    } else {
+      const auto configure = [&](ml::BatchContrastiveLoss<T>& loss) {
+        loss.pos_margin = pos_margin;
+        loss.neg_margin = neg_margin;
+        loss.distance = static_cast<ml::Distance>(distance);
+        loss.reduction = static_cast<ml::Reduction>(reduction);
+        loss.normalize = normalize;
+      };
+      exercise<T>(Functors<T>::reused().batch_contrastive, configure,
+                  [&](auto tag, ml::BatchContrastiveLoss<T>& loss) { return run_call(tag, loss); },
+                  {&grad}, facts, ambiguity, malformed, scale);
+    }
+  });
+}
+
 /// Each registry entry's harness: an entry without one does not compile.
 template <class T>
 void fuzz_loss(registry::Contrastive, FuzzedDataProvider& in) { fuzz_contrastive<T>(in); }
@@ -1306,12 +1482,23 @@ template <class T>
 void fuzz_loss(registry::LiftedStructure, FuzzedDataProvider& in) { fuzz_batch<T>(in, /*lifted=*/true); }
 template <class T>
 void fuzz_loss(registry::BatchTriplet, FuzzedDataProvider& in) { fuzz_batch<T>(in, /*lifted=*/false); }
+template <class T>
+void fuzz_loss(registry::BatchContrastive, FuzzedDataProvider& in) { fuzz_pair_batch<T>(in, /*multi=*/false); }
+template <class T>
+void fuzz_loss(registry::MultiSimilarity, FuzzedDataProvider& in) { fuzz_pair_batch<T>(in, /*multi=*/true); }
 
 /// The selector's value i is registry::Losses' i-th entry.
 template <class T>
 void fuzz_one(FuzzedDataProvider& in) {
   constexpr int losses = static_cast<int>(std::tuple_size<registry::Losses>::value);
-  const int selected = in.ConsumeIntegralInRange<int>(0, losses - 1);
+  // The first four losses keep the selection byte % 4 (what ConsumeIntegralInRange(0, 3)
+  // gave), so every committed seed selects what it always did; bytes >= 128 with
+  // byte % 8 in {4, 6} (no seed in fuzz/corpus has one) select the losses added later.
+  static_assert(losses >= 4, "the registry's first four losses are the original ones");
+  const auto byte = in.ConsumeIntegral<std::uint8_t>();
+  int selected = byte % 4;
+  if (losses > 4 && byte >= 128 && (byte % 8 == 4 || byte % 8 == 6))
+    selected = 4 + (byte >> 3) % (losses - 4);
   if constexpr (fixed_loss) {
     fuzz_loss<T>(FuzzedLoss{}, in);
   } else {
