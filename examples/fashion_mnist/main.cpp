@@ -44,7 +44,7 @@ struct Options {
   float memory_weight = 1.0f;
   int memory_warmup = 1;
   // Overrides of the per-loss defaults.
-  std::optional<float> margin, learning_rate;
+  std::optional<float> margin, pos_margin, learning_rate;
   std::optional<bool> l2_normalize, soft_margin;
   std::optional<int> images_per_class;
   std::optional<Index> anchors_per_batch;
@@ -55,22 +55,25 @@ void print_usage(std::FILE* out) {
   std::fprintf(out,
       "usage: fashion_mnist [options]\n"
       "  --data DIR           Fashion-MNIST IDX .gz files (default /usr/share/datasets/fashion-mnist)\n"
-      "  --loss NAME          contrastive|legacy|triplet|batch-all|batch-hard|semihard|lifted\n"
-      "                       (default batch-all)\n"
+      "  --loss NAME          contrastive|legacy|triplet|batch-all|batch-hard|semihard|lifted|\n"
+      "                       batch-contrastive|multi-similarity (default batch-all)\n"
       "  --epochs N           training epochs (default 20)\n"
       "  --seed N             seed of initialisation and sampling (default 1)\n"
       "  --train-subset N     train on the first N training images only\n"
       "  --test-subset N      evaluate on the first N test images only\n"
       "  --svg PATH           PCA picture of the test embeddings (default fashion_mnist_LOSS.svg)\n"
-      "  --margin M, --lr R   override the loss's tuned margin / Adam learning rate\n"
+      "  --margin M, --lr R   override the loss's tuned margin (batch-contrastive: its neg_margin)\n"
+      "                       / Adam learning rate\n"
+      "  --pos-margin M       override batch-contrastive's pos_margin (default 0)\n"
       "  --normalize on|off   override L2 normalisation of the embeddings\n"
       "  --soft-margin on|off override softplus instead of the hinge (batch-* losses)\n"
-      "  --images-per-class K override K of the P x K batch sampler (batch-*, lifted)\n"
+      "  --images-per-class K override K of the P x K batch sampler (batch-*, lifted,\n"
+      "                       multi-similarity)\n"
       "  --pairs-per-batch B  override the pairs / triplets per batch (contrastive, legacy, triplet)\n"
       "  --positive-fraction F override the share of similar pairs (contrastive, legacy)\n"
       "  --memory K           cross-batch memory (XBM) of the last K embeddings: each step adds\n"
       "                       the batch's loss against it (batch-all, batch-hard, semihard,\n"
-      "                       lifted; default 0 = off)\n"
+      "                       lifted, batch-contrastive, multi-similarity; default 0 = off)\n"
       "  --memory-weight W    weight of the memory's loss, W > 0 (default 1)\n"
       "  --memory-warmup E    epochs on the batch loss alone before the memory starts, empty\n"
       "                       (default 1; E < --epochs)\n"
@@ -117,6 +120,7 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--test-subset") o.test_subset = number(i, to_long);
     else if (arg == "--svg") o.svg = value(i);
     else if (arg == "--margin") o.margin = number(i, to_float);
+    else if (arg == "--pos-margin") o.pos_margin = number(i, to_float);
     else if (arg == "--lr") o.learning_rate = number(i, to_float);
     else if (arg == "--normalize") o.l2_normalize = value(i) == "on";
     else if (arg == "--soft-margin") o.soft_margin = value(i) == "on";
@@ -138,7 +142,7 @@ Options parse_options(int argc, char** argv) {
   if (o.memory < 0) usage_error("--memory must be at least 0 (0 = off)");
   if (o.memory > 0 && !loss_takes_memory(o.loss))
     usage_error("--memory needs a loss over labelled batches (batch-all, batch-hard, semihard, "
-                "lifted), not '" + o.loss + "'");
+                "lifted, batch-contrastive, multi-similarity), not '" + o.loss + "'");
   if (memory_options && o.memory == 0)
     usage_error("--memory-weight and --memory-warmup need --memory K with K >= 1");
   if (!(o.memory_weight > 0.0f) || !std::isfinite(o.memory_weight))
@@ -153,6 +157,7 @@ Options parse_options(int argc, char** argv) {
 Settings settings_for(const Options& o) {
   Settings s = default_settings(o.loss);
   if (o.margin) s.margin = *o.margin;
+  if (o.pos_margin) s.pos_margin = *o.pos_margin;
   if (o.learning_rate) s.learning_rate = *o.learning_rate;
   if (o.l2_normalize) s.l2_normalize = *o.l2_normalize;
   if (o.soft_margin) s.soft_margin = *o.soft_margin;
@@ -208,9 +213,19 @@ double mean_loss(EmbeddingNetwork& network, Objective& objective, const Dataset&
   for (const std::vector<Index>& rows : batches) {
     const Matrix& embeddings = network.forward(gather_rows(training.images, rows));
     gradient.resize(embeddings.rows(), embeddings.cols());
-    sum += objective.loss_and_gradient(embeddings, gather(training.labels, rows), gradient);
+    sum += objective.probe_loss(embeddings, gather(training.labels, rows), gradient);
   }
   return sum / double(batches.size());
+}
+
+/// Test embeddings for retrieval: on the unit sphere whenever training put them there, in the
+/// network's last layer or (loss_normalizes) inside the loss.
+Matrix embed_for_retrieval(const EmbeddingNetwork& network, const Settings& settings,
+                           const Matrix& images) {
+  Matrix embeddings = network.embed(images);
+  if (settings.l2_normalize && settings.loss_normalizes)
+    embeddings = inverse_row_norms(embeddings).asDiagonal() * embeddings;
+  return embeddings;
 }
 
 /// Cosine learning-rate decay (Loshchilov & Hutter 2017) from `peak` to 0 over training:
@@ -277,7 +292,7 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
     std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
     const double epoch_loss = train_one_epoch(network, optimizer, settings.learning_rate,
                                               *objective, training, rng, epoch, options.epochs, label);
-    const Recall& r = outcome.recall = recall_at_k(network.embed(test.images), test.labels);
+    const Recall& r = outcome.recall = recall_at_k(embed_for_retrieval(network, settings, test.images), test.labels);
     std::printf("%s  loss %.4f  R@1 %.4f  R@2 %.4f  R@4 %.4f  R@8 %.4f  (%.1f s)\n", label,
                 epoch_loss, r.at[0], r.at[1], r.at[2], r.at[3],
                 seconds_since(epoch_start));
@@ -311,10 +326,20 @@ int run(const Options& options) {
   const Settings settings = settings_for(options);
   Dataset training = head(load_split(options.data, "train"), options.train_subset);
   Dataset test = head(load_split(options.data, "t10k"), options.test_subset);
-  std::printf("Fashion-MNIST: %ld training, %ld test images; loss %s, margin %g, lr %g, %s\n",
-              long(training.size()), long(test.size()), settings.loss.c_str(),
-              double(settings.margin), double(settings.learning_rate),
-              settings.l2_normalize ? "L2-normalised embeddings" : "unnormalised embeddings");
+  char margin[64];
+  if (settings.loss == "multi-similarity")
+    std::snprintf(margin, sizeof margin, "alpha 2, beta 50, base 0.5, epsilon 0.1");
+  else if (settings.loss == "batch-contrastive")
+    std::snprintf(margin, sizeof margin, "margins %g (positive), %g (negative)",
+                  double(settings.pos_margin), double(settings.margin));
+  else
+    std::snprintf(margin, sizeof margin, "margin %g", double(settings.margin));
+  std::printf("Fashion-MNIST: %ld training, %ld test images; loss %s, %s, lr %g, %s\n",
+              long(training.size()), long(test.size()), settings.loss.c_str(), margin,
+              double(settings.learning_rate),
+              !settings.l2_normalize     ? "unnormalised embeddings"
+              : settings.loss_normalizes ? "L2-normalised embeddings (in the loss)"
+                                         : "L2-normalised embeddings");
   if (options.memory > 0)
     std::printf("cross-batch memory: %ld rows, weight %g, after %d warm-up epoch%s\n",
                 long(options.memory), double(options.memory_weight), options.memory_warmup,
@@ -324,13 +349,14 @@ int run(const Options& options) {
 
   std::mt19937 rng(options.seed);
   EmbeddingNetwork network(training.images.cols(), hidden_units, embedding_dim,
-                           settings.l2_normalize, rng);
-  const Recall untrained = recall_at_k(network.embed(test.images), test.labels);
+                           settings.l2_normalize && !settings.loss_normalizes, rng);
+  const Recall untrained =
+      recall_at_k(embed_for_retrieval(network, settings, test.images), test.labels);
   print_recall("untrained network", untrained);
   if (options.baselines_only) return 0;
 
   const Outcome outcome = train(network, settings, options, training, test, rng);
-  write_svg(options.svg, pca_2d(network.embed(test.images)), test.labels,
+  write_svg(options.svg, pca_2d(embed_for_retrieval(network, settings, test.images)), test.labels,
             "Fashion-MNIST test embeddings (PCA), loss " + settings.loss + ", Recall@1 " +
                 std::to_string(outcome.recall.at[0]).substr(0, 6));
   std::printf("wrote %s\ntotal %.1f s\n", options.svg.c_str(), seconds_since(start));

@@ -27,6 +27,11 @@ struct Settings {
   int images_per_class = 16;      // K
   double positive_fraction = 0.5; // contrastive pairs that share a class
   bool soft_margin = false;       // batch-*: softplus instead of the hinge
+  float pos_margin = 0.0f;        // batch-contrastive: hinge of the positive pairs
+  /// l2_normalize done by the loss (its member normalize, on raw network outputs) instead of
+  /// the network's last layer: batch-contrastive and multi-similarity, as in
+  /// pytorch-metric-learning. Retrieval still uses the L2-normalised embeddings.
+  bool loss_normalizes = false;
 };
 
 class Objective {
@@ -41,6 +46,13 @@ class Objective {
   /// alone, memory or not: what the fixed probe batches measure).
   virtual double loss_and_gradient(const Matrix& embeddings, const Labels& labels,
                                    Matrix& gradient) = 0;
+  /// The loss the fixed probe batches measure before and after training (--check):
+  /// loss_and_gradient's, except for a loss whose value can rise while every one of its terms
+  /// falls (batch-contrastive's mean over the nonzero terms only: as easy pairs drop out, the
+  /// mean of the rest grows), which is measured with a fixed denominator instead.
+  virtual double probe_loss(const Matrix& embeddings, const Labels& labels, Matrix& gradient) {
+    return loss_and_gradient(embeddings, labels, gradient);
+  }
   /// A training step's loss and gradient: loss_and_gradient's, plus, once start_memory was
   /// called, weight x the loss of the batch against the memory (which it enters first).
   virtual double training_loss_and_gradient(const Matrix& embeddings, const Labels& labels,
@@ -131,14 +143,17 @@ class TripletObjective final : public AnchoredObjective {
   ml::TripletLoss<float> loss_;
 };
 
-/// A loss over one labelled batch (batch triplet, lifted structure) with a P x K sampler;
+/// A loss over one labelled batch (batch triplet, lifted structure, batch contrastive,
+/// multi-similarity) with a P x K sampler;
 /// an epoch draws as many images as the training set holds.
 template <class Loss>
 class LabelledBatchObjective final : public Objective {
  public:
-  LabelledBatchObjective(const Dataset& train, const Settings& s, Loss loss)
+  LabelledBatchObjective(const Dataset& train, const Settings& s, Loss loss,
+                         std::optional<Loss> probe = std::nullopt)
       : classes_(train.labels), train_size_(train.size()), loss_(std::move(loss)),
-        classes_per_batch_(s.classes_per_batch), images_per_class_(s.images_per_class) {}
+        probe_(std::move(probe)), classes_per_batch_(s.classes_per_batch),
+        images_per_class_(s.images_per_class) {}
   void start_epoch(std::mt19937&) override {}
   Index batches_per_epoch() const override {
     const Index batch = Index(classes_per_batch_) * images_per_class_;
@@ -149,6 +164,9 @@ class LabelledBatchObjective final : public Objective {
   }
   double loss_and_gradient(const Matrix& x, const Labels& y, Matrix& g) override {
     return loss_.forward_backward(ml::simd, x, y, g);
+  }
+  double probe_loss(const Matrix& x, const Labels& y, Matrix& g) override {
+    return probe_ ? probe_->forward_backward(ml::simd, x, y, g) : loss_and_gradient(x, y, g);
   }
   /// As in the XBM paper's trainer (Wang et al., CVPR 2020): the batch enters the memory
   /// first, then the batch's rows are the queries against everything the memory holds, its
@@ -173,6 +191,7 @@ class LabelledBatchObjective final : public Objective {
   ClassIndex classes_;
   Index train_size_;
   Loss loss_;
+  std::optional<Loss> probe_;  // probe_loss's functor, when not loss_
   int classes_per_batch_, images_per_class_;
   std::optional<ml::CrossBatchMemory<float, int>> memory_;
   float memory_weight_ = 0.0f;
@@ -180,21 +199,25 @@ class LabelledBatchObjective final : public Objective {
 };
 
 template <class Loss>
-std::unique_ptr<Objective> labelled_batch(const Dataset& train, const Settings& s, Loss loss) {
-  return std::make_unique<LabelledBatchObjective<Loss>>(train, s, std::move(loss));
+std::unique_ptr<Objective> labelled_batch(const Dataset& train, const Settings& s, Loss loss,
+                                          std::optional<Loss> probe = std::nullopt) {
+  return std::make_unique<LabelledBatchObjective<Loss>>(train, s, std::move(loss),
+                                                         std::move(probe));
 }
 
 }  // namespace detail
 
 inline const std::vector<std::string>& loss_names() {
-  static const std::vector<std::string> names = {"contrastive", "legacy",     "triplet", "batch-all",
-                                                 "batch-hard",  "semihard",   "lifted"};
+  static const std::vector<std::string> names = {
+      "contrastive", "legacy", "triplet",           "batch-all",       "batch-hard",
+      "semihard",    "lifted", "batch-contrastive", "multi-similarity"};
   return names;
 }
 
 /// The losses that take a cross-batch memory (--memory): those over one labelled batch.
 inline bool loss_takes_memory(const std::string& loss) {
-  return loss == "batch-all" || loss == "batch-hard" || loss == "semihard" || loss == "lifted";
+  return loss == "batch-all" || loss == "batch-hard" || loss == "semihard" || loss == "lifted" ||
+         loss == "batch-contrastive" || loss == "multi-similarity";
 }
 
 /// Per-loss settings tuned on this data set (RESULTS.md has the sweeps' outcome). Every loss
@@ -226,6 +249,16 @@ inline Settings default_settings(const std::string& loss) {
   } else if (loss == "lifted") {
     s.margin = 1.0f;
     s.l2_normalize = false;
+  } else if (loss == "batch-contrastive") {
+    // pytorch-metric-learning's defaults: pos_margin 0, neg_margin 1 (here `margin`),
+    // Euclidean distances of the L2-normalised rows (normalize = true in the loss).
+    s.margin = 1.0f;
+    s.pos_margin = 0.0f;
+    s.loss_normalizes = true;
+  } else if (loss == "multi-similarity") {
+    // alpha 2, beta 50, base 0.5, epsilon 0.1 (the loss's defaults, the paper's and PML's);
+    // cosine similarities (normalize = true in the loss). `margin` is unused.
+    s.loss_normalizes = true;
   } else {
     throw std::invalid_argument("unknown loss '" + loss + "'");
   }
@@ -251,6 +284,19 @@ inline std::unique_ptr<Objective> make_objective(const Dataset& train, const Set
   if (s.loss == "semihard") return batch_triplet(Mining::semihard);
   if (s.loss == "lifted")
     return detail::labelled_batch(train, s, ml::LiftedStructureLoss<float>(s.margin));
+  if (s.loss == "batch-contrastive") {
+    ml::BatchContrastiveLoss<float> loss(s.pos_margin, s.margin, Distance::euclidean);
+    loss.normalize = s.l2_normalize && s.loss_normalizes;
+    // Trained as PML's (Reduction::nonzero_mean); probed over every pair (Reduction::mean).
+    ml::BatchContrastiveLoss<float> probe = loss;
+    probe.reduction = ml::Reduction::mean;
+    return detail::labelled_batch(train, s, loss, std::optional(probe));
+  }
+  if (s.loss == "multi-similarity") {
+    ml::MultiSimilarityLoss<float> loss;  // alpha 2, beta 50, base 0.5, epsilon 0.1
+    loss.normalize = s.l2_normalize && s.loss_normalizes;
+    return detail::labelled_batch(train, s, loss);
+  }
   throw std::invalid_argument("unknown loss '" + s.loss + "'");
 }
 
