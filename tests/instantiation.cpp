@@ -122,3 +122,45 @@ TEST_CASE("BatchTripletLoss compiles for float and double on every CPU tag", "[i
   instantiate_batch_triplet<float, metricloss::simd_tag>();
   instantiate_batch_triplet<double, metricloss::simd_tag>();
 }
+
+template class metricloss::BatchContrastiveLoss<float>;
+template class metricloss::BatchContrastiveLoss<double>;
+template class metricloss::MultiSimilarityLoss<float>;
+template class metricloss::MultiSimilarityLoss<double>;
+
+namespace {
+/// Every overload of a pair loss (batch and reference-set forms, maps and matrices, skip).
+template <class T, class Tag, class Loss>
+void instantiate_pair_loss(Loss loss) {
+  using namespace mltest;
+  Matrix<T> x = Matrix<T>::Random(4, 3), r = Matrix<T>::Random(5, 3), g(4, 3), gr(5, 3);
+  Eigen::VectorXi y(4), yr(5), self(4);
+  y << 0, 0, 1, 1;
+  yr << 0, 1, 0, 1, 2;
+  self << -1, -1, -1, -1;
+  Eigen::Map<const Matrix<T>> xm(x.data(), 4, 3);
+  ml::RowMap<T> gm(g.data(), 4, 3, Eigen::OuterStride<>(3));
+  const Tag tag{};
+  CHECK(loss.forward(tag, xm, y) == loss.forward(tag, x, y));
+  loss.forward_backward(tag, xm, y.cast<float>().eval(), gm, T(0.5));
+  loss.forward_backward(tag, x, y, ml::skip);
+  loss.normalize = true;
+  loss.forward_backward(tag, x, y, ml::reference(r, yr, self), g, gr, T(2));
+  loss.forward_backward(tag, x, y, ml::reference(r, yr), ml::skip, gr);
+  CHECK(std::isfinite(loss.forward(tag, x, y, ml::reference(r, yr))));
+}
+}  // namespace
+
+TEST_CASE("BatchContrastiveLoss and MultiSimilarityLoss compile for float and double on every CPU tag",
+          "[instantiation]") {
+  metricloss::BatchContrastiveLoss<float> cf(0.1f, 0.9f, metricloss::Distance::squared_euclidean);
+  cf.reduction = metricloss::Reduction::mean;
+  instantiate_pair_loss<float, metricloss::scalar_tag>(cf);
+  instantiate_pair_loss<float, metricloss::simd_tag>(cf);
+  instantiate_pair_loss<double, metricloss::scalar_tag>(metricloss::BatchContrastiveLoss<double>());
+  instantiate_pair_loss<double, metricloss::simd_tag>(metricloss::BatchContrastiveLoss<double>());
+  instantiate_pair_loss<float, metricloss::scalar_tag>(metricloss::MultiSimilarityLoss<float>());
+  instantiate_pair_loss<float, metricloss::simd_tag>(metricloss::MultiSimilarityLoss<float>(1, 5, 0, INFINITY));
+  instantiate_pair_loss<double, metricloss::scalar_tag>(metricloss::MultiSimilarityLoss<double>());
+  instantiate_pair_loss<double, metricloss::simd_tag>(metricloss::MultiSimilarityLoss<double>());
+}
