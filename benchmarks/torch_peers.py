@@ -12,6 +12,10 @@ Names pair with the C++ benchmarks' by loss and arguments: torch_<loss>/N:<n>/D:
 with form 0 = hadsell, 1 = legacy; distance 1 = squared (FaceNet); mining 0 = all, 1 = hard,
 2 = semihard. Exits 0 with a message (and writes no JSON) when `import torch` fails.
 
+Issue 17 (bench_batch_pair_losses): torch_batch_contrastive and torch_multi_similarity
+/N:<n>/D:128/normalize:<0|1>, pytorch-metric-learning's formulas with its masks and reducers
+(ContrastiveLoss; MultiSimilarityMiner then MultiSimilarityLoss) from tests/reference/pml_losses.py.
+
 Reference sets (bench_reference, issue 15): torch_reference/N:<N_r>/D:128/Q:256[/mining:<m>]
 [/peer:<form>], Q (256 x 128) with gradient against R (N_r x 128, detached: a memory takes no
 gradient), written as pytorch-metric-learning computes losses with ref_emb: one Q x R distance
@@ -95,6 +99,56 @@ def lifted(torch, x, labels, margin):
     positive_pairs = torch.triu(same, diagonal=1)
     hinge = torch.clamp(j[positive_pairs], min=0)
     return (hinge ** 2).sum() / (2 * positive_pairs.sum())
+
+
+# Issue 17's batch losses as pytorch-metric-learning computes them: tests/reference/pml_losses.py
+# holds PML's steps (its masks, index tensors, reducers, miner), checked there against the
+# library. The contrastive loss is taken from it as it is; the multi-similarity loss and miner
+# are its functions with the normalisation as a parameter (PML's CosineSimilarity normalises;
+# normalize:0 is PML with DotProductSimilarity, the library's normalize = false).
+
+def pml_reference():
+    """tests/reference/pml_losses.py as a module."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(here, "..", "tests", "reference"))
+    try:
+        import pml_losses
+    finally:
+        sys.path.pop(0)
+    return pml_losses
+
+
+def batch_contrastive_pml(pml, x, labels, normalize):
+    """PML's ContrastiveLoss() (pos_margin 0, neg_margin 1, LpDistance, AvgNonZeroReducer)."""
+    return pml.pml_contrastive_loss(x, labels, pos_margin=0.0, neg_margin=1.0, normalize=normalize)
+
+
+def multi_similarity_pml(torch, pml, x, labels, normalize, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+    """PML's MultiSimilarityMiner(epsilon) then MultiSimilarityLoss(alpha, beta, base) on its
+    indices, as a PML training loop calls them (pml_losses.py's pml_multi_similarity_miner and
+    pml_multi_similarity_loss, the similarity normalised or not)."""
+    with torch.no_grad():  # the miner
+        mat = pml._distance(x, None, normalize, inverted=True)
+        a1, p, a2, n = pml._get_all_pairs_indices(labels, labels)
+        mat_neg_sorting = mat
+        mat_pos_sorting = mat.clone()
+        mat_pos_sorting[a2, n] = torch.finfo(mat.dtype).max
+        mat_neg_sorting[a1, p] = torch.finfo(mat.dtype).min
+        mat_pos_sorting.fill_diagonal_(torch.finfo(mat.dtype).max)
+        mat_neg_sorting.fill_diagonal_(torch.finfo(mat.dtype).min)
+        pos_sorted, pos_sorted_idx = torch.sort(mat_pos_sorting, dim=1)
+        neg_sorted, neg_sorted_idx = torch.sort(mat_neg_sorting, dim=1)
+        hard_pos_idx = torch.where(pos_sorted - epsilon < neg_sorted[:, -1].unsqueeze(1))
+        hard_neg_idx = torch.where(neg_sorted + epsilon > pos_sorted[:, 0].unsqueeze(1))
+        a1, p = hard_pos_idx[0], pos_sorted_idx[hard_pos_idx[0], hard_pos_idx[1]]
+        a2, n = hard_neg_idx[0], neg_sorted_idx[hard_neg_idx[0], hard_neg_idx[1]]
+    mat = pml._distance(x, None, normalize, inverted=True)  # the loss computes its own
+    pos_mask, neg_mask = torch.zeros_like(mat), torch.zeros_like(mat)
+    pos_mask[a1, p] = 1
+    neg_mask[a2, n] = 1
+    pos_loss = (1.0 / alpha) * pml.pml_logsumexp(alpha * (base - mat), keep_mask=pos_mask.bool(), add_one=True)
+    neg_loss = (1.0 / beta) * pml.pml_logsumexp(beta * (mat - base), keep_mask=neg_mask.bool(), add_one=True)
+    return torch.mean(pos_loss + neg_loss)
 
 
 # Reference sets (bench_reference, issue 15): Q = 256 queries (8 per class) with gradient against
@@ -434,6 +488,16 @@ def cases(torch, quick):
         for d in (128, 512):
             out.append((f"torch_lifted_structure/N:{n}/D:{d}/grad:1", lambda n=n, d=d: make_batch(n, d),
                         lambda t, s: lifted(torch, *t, *s, 1.0)))
+    # Issue 17 (bench_batch_pair_losses): --quick at N = 1024, the size of its quick C++ rows.
+    pml = pml_reference()
+    for n in (1024,) if quick else (256, 1024, 4096):
+        for normalize in (0, 1):
+            out.append((f"torch_batch_contrastive/N:{n}/D:128/normalize:{normalize}",
+                        lambda n=n: make_batch(n, 128),
+                        lambda t, s, z=normalize == 1: batch_contrastive_pml(pml, *t, *s, z)))
+            out.append((f"torch_multi_similarity/N:{n}/D:128/normalize:{normalize}",
+                        lambda n=n: make_batch(n, 128),
+                        lambda t, s, z=normalize == 1: multi_similarity_pml(torch, pml, *t, *s, z)))
     return out
 
 

@@ -32,10 +32,18 @@ import subprocess
 import sys
 from collections import defaultdict
 
-LOSS_ORDER = ["contrastive", "triplet", "batch_triplet", "lifted_structure", "reference"]
+LOSS_ORDER = ["contrastive", "triplet", "batch_triplet", "lifted_structure", "batch_contrastive",
+              "multi_similarity", "reference"]
 LOSS_TITLE = {"contrastive": "ContrastiveLoss", "triplet": "TripletLoss",
               "batch_triplet": "BatchTripletLoss", "lifted_structure": "LiftedStructureLoss",
+              "batch_contrastive": "BatchContrastiveLoss", "multi_similarity": "MultiSimilarityLoss",
               "reference": "Reference sets (Q = 256 queries against N rows of R)"}
+# Binaries that hold several losses: the loss of a row by its benchmark family, and the floor
+# (the binary's one products benchmark) filed under each of them.
+MULTI_LOSS_BINARIES = {
+    "bench_batch_pair_losses": {"BM_batch_contrastive": "batch_contrastive",
+                                "BM_multi_similarity": "multi_similarity"},
+}
 # Throughput shown per loss: streaming losses by bytes, product-based losses by FLOPs.
 STREAMING = {"contrastive", "triplet"}
 ENUMS = {
@@ -67,10 +75,18 @@ GOALS = [
     # Issue 15: every reference-set row at least 5x faster than its PyTorch peer
     # (pytorch-metric-learning's way: index tensors from masks; torch_peers.py).
     ("reference", lambda r: True, "torch", 5.0, "≥ 5× PyTorch"),
+    # Issue 17: batch contrastive and multi-similarity (default options, normalize off and on)
+    # within 2x of X X^T and (N x N) X, and at least 5x faster than PML's formulas in PyTorch.
+    ("batch_contrastive", lambda r: True, "floor", 2.0, "≤ 2× products"),
+    ("multi_similarity", lambda r: True, "floor", 2.0, "≤ 2× products"),
+    ("batch_contrastive", lambda r: True, "torch", 5.0, "≥ 5× PyTorch"),
+    ("multi_similarity", lambda r: True, "torch", 5.0, "≥ 5× PyTorch"),
 ]
 # What the plot draws per loss: the metricloss variant shown (the one the PyTorch peer computes).
 PLOT_VARIANT = {"contrastive": {"form": 0}, "triplet": {"distance": 1},
-                "batch_triplet": {"mining": 1, "soft": 0}, "lifted_structure": {}, "reference": {"mining": 1}}
+                "batch_triplet": {"mining": 1, "soft": 0}, "lifted_structure": {},
+                "batch_contrastive": {"normalize": 0}, "multi_similarity": {"normalize": 0},
+                "reference": {"mining": 1}}
 PLOT_D = 128
 
 
@@ -139,8 +155,10 @@ def variant_text(variant):
             parts.append(names[value] if isinstance(value, int) and 0 <= value < len(names) else f"{key} {value}")
     if variant.get("soft"):
         parts.append("soft margin")
+    if variant.get("normalize"):
+        parts.append("normalize")
     for key, value in sorted(variant.items()):
-        if key not in ENUMS and key != "soft":
+        if key not in ENUMS and key not in ("soft", "normalize"):
             parts.append(f"{key} {value}")
     return ", ".join(parts) or "—"
 
@@ -182,7 +200,7 @@ def load(json_dir):
                           "counters": group[len(group) // 2]["counters"]}
             entry = classify(binary, run_name)
             entry.update(record, binary=binary)
-            entries.append(entry)
+            entries.extend(file_under_losses(entry))
         # Peer cases not run because they would not fit in memory (torch_peers.py): no time.
         for skipped in data.get("infeasible", []):
             entry = classify(binary, skipped["name"])
@@ -192,6 +210,17 @@ def load(json_dir):
         if not data.get("benchmarks"):
             errors.append(f"{path}: no benchmarks in the JSON")
     return entries, errors, contexts
+
+
+def file_under_losses(entry):
+    """The entry as it enters the table: in a binary of several losses (MULTI_LOSS_BINARIES),
+    a loss's row under that loss, and the floor once under each loss of the binary."""
+    families = MULTI_LOSS_BINARIES.get(entry["binary"])
+    if not families:
+        return [entry]
+    if entry["role"] == "floor":
+        return [dict(entry, loss=loss) for loss in families.values()]
+    return [dict(entry, loss=families.get(entry["family"], entry["loss"]))]
 
 
 def key(entry, with_variant=True):
@@ -358,7 +387,7 @@ def goal_summary(rows):
             variant = "" if variant == "—" else f" {variant}"
             lines.append(f"- {LOSS_TITLE.get(r['loss'], r['loss'])}{variant}, "
                          f"N = {r['N']}, D = {r['D']}: {format_ratio(value)} (goal {text}): {mark}")
-    return [f"Ratio goals of issues 2–4 and 15 (float, simd, forward_backward): {met} of {total} met."] + lines
+    return [f"Ratio goals of issues 2–4, 15 and 17 (float, simd, forward_backward): {met} of {total} met."] + lines
 
 
 def cpu_model():
