@@ -26,29 +26,33 @@ struct MultiSimilarityRule {
 };
 
 /// log(1 + sum_k e^{z_k}) with the largest exponent (or 0) factored out, so that no exp
-/// overflows (beta = 50 makes e^{beta (S - base)} reach e^25 at S = 1, more unnormalised);
-/// share(z_k) = e^{z_k} / (1 + sum), its derivative in z_k.
+/// overflows (beta = 50 makes e^{beta (S - base)} reach e^25 at S = 1, more unnormalised):
+/// 1 + sum_k e^{z_k} = e^{shift} sum.
 struct LogOnePlusSum {
-  double shift = 0.0, sum = 1.0;  // 1 + sum_k e^{z_k} = e^{shift} sum
+  double shift = 0.0, sum = 1.0;
   bool any = false;
 
-  void start(double z_max) {
+  void start(double z_max, bool kept) {
     shift = std::max(0.0, z_max);
     sum = std::exp(-shift);
-  }
-  void add(double z) {
-    sum += std::exp(z - shift);
-    any = true;
+    any = kept;
   }
   double value() const { return any ? shift + std::log(sum) : 0.0; }
-  double share(double z) const { return std::exp(z - shift) / sum; }
+};
+
+/// e[j] = exp(e[j]) for j < n (exp(-inf) = 0): the plain loop (scalar path).
+struct PlainExp {
+  static void in_place(double* e, Index n) {
+    for (Index j = 0; j < n; ++j) e[j] = std::exp(e[j]);
+  }
 };
 
 /// Anchor a against candidates [0, end) (self(a) skipped). `z` (length end) is scratch; when
-/// `w` is given (it may be z) it receives w[j] = scale dL_a/dS_aj. Returns L_a.
+/// `w` is given it receives w[j] = scale dL_a/dS_aj. Returns L_a. Exp::in_place(e, n) takes
+/// the exponentials of the kept terms, shifted by their side's largest (each in (0, 1]).
 /// Similarities: row(a), exact(a, j), rounding(a, j) (a bound on |row(a)[j] - exact(a, j)|)
 /// and widest_rounding(a) (>= every rounding(a, j)); Classes: own_class, self, class_of().
-template <class Classes, class Similarities>
+template <class Exp = PlainExp, class Classes, class Similarities>
 double multi_similarity_row(const MultiSimilarityRule& rule, const Classes& classes,
                             const Similarities& s, Index a, Index end, double* z, double* w,
                             double scale) {
@@ -96,16 +100,18 @@ double multi_similarity_row(const MultiSimilarityRule& rule, const Classes& clas
     else neg_top = std::max(neg_top, z[j]);
   }
   LogOnePlusSum pos, neg;
-  pos.start(pos_top);
-  neg.start(neg_top);
+  pos.start(pos_top, pos_top != -inf);
+  neg.start(neg_top, neg_top != -inf);
   for (Index j = 0; j < end; ++j)
-    if (z[j] != -inf) (positive(j) ? pos : neg).add(z[j]);
-  if (w != nullptr)
-    for (Index j = 0; j < end; ++j) {
-      // d/dS of (1/alpha) log(1 + sum e^{-alpha (S - base)}) and (1/beta) log(1 + sum e^{beta (S - base)}).
-      const double zj = z[j];
-      w[j] = zj == -inf ? 0.0 : scale * (positive(j) ? -pos.share(zj) : neg.share(zj));
-    }
+    if (z[j] != -inf) z[j] -= positive(j) ? pos.shift : neg.shift;
+  Exp::in_place(z, end);  // z[j] = e^{z_j - shift}, 0 where not kept
+  for (Index j = 0; j < end; ++j)
+    if (z[j] != 0.0) (positive(j) ? pos.sum : neg.sum) += z[j];
+  if (w != nullptr) {
+    // d/dS of (1/alpha) log(1 + sum e^{-alpha (S - base)}) and (1/beta) log(1 + sum e^{beta (S - base)}).
+    const double pos_scale = -scale / pos.sum, neg_scale = scale / neg.sum;
+    for (Index j = 0; j < end; ++j) w[j] = z[j] * (positive(j) ? pos_scale : neg_scale);
+  }
   return pos.value() / rule.alpha + neg.value() / rule.beta;
 }
 

@@ -14,10 +14,28 @@
 #include <metricloss/detail/multi_similarity_math.hpp>
 #include <metricloss/multi_similarity.hpp>
 
+#include <xsimd/xsimd.hpp>
+
 #include <limits>
 
 namespace metricloss {
 namespace detail {
+
+/// e[j] = exp(e[j]) in double lanes (xsimd::exp; the tail through one padded batch, so every
+/// entry takes the same kernel): the row's exponentials, once per kept pair.
+struct LanesExp {
+  static void in_place(double* e, Index n) {
+    using batch = xsimd::batch<double>;
+    constexpr Index lanes = static_cast<Index>(batch::size);
+    Index j = 0;
+    for (; j + lanes <= n; j += lanes) xsimd::exp(batch::load_unaligned(e + j)).store_unaligned(e + j);
+    if (j == n) return;
+    alignas(64) double tail[lanes];
+    for (Index k = 0; k < lanes; ++k) tail[k] = j + k < n ? e[j + k] : 0.0;
+    xsimd::exp(batch::load_aligned(tail)).store_aligned(tail);
+    for (Index k = 0; j + k < n; ++k) e[j + k] = tail[k];
+  }
+};
 
 template <class T>
 struct SimdMultiSimilarityScratch : BackendSlot::Contents {
@@ -37,7 +55,7 @@ double simd_multi_similarity_rows(const MultiSimilarityRule& rule, const Classes
   double* w = gradient ? work.weights.data(static_cast<std::size_t>(candidates)) : nullptr;
   double sum = 0.0;
   for (Index a = 0; a < classes.anchors(); ++a) {
-    sum += multi_similarity_row(rule, classes, work.similarities, a, candidates, z, w, scale);
+    sum += multi_similarity_row<LanesExp>(rule, classes, work.similarities, a, candidates, z, w, scale);
     if (!gradient) continue;
     T* out = work.similarities.weight_row(a);
     for (Index j = 0; j < candidates; ++j) out[j] = static_cast<T>(w[j]);
