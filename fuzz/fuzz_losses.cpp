@@ -1409,9 +1409,13 @@ void fuzz_pair_batch(FuzzedDataProvider& in, bool multi) {
   if (!std::isfinite(static_cast<double>(top_diff))) facts.bounded = facts.comparable = false;
   if (normalize && !malformed)
     for (Index i = 0; i < x.rows; ++i) {
+      bool zero = true;  // every entry +-0 (a NaN is not)
       double norm = 0.0;
-      for (Index k = 0; k < x.cols; ++k) norm = std::max(norm, std::abs(static_cast<double>(x.at(i, k))));
-      if (norm == 0.0) malformed = true;  // a zero row: invalid_argument
+      for (Index k = 0; k < x.cols; ++k) {
+        zero = zero && x.at(i, k) == T(0);
+        norm = std::max(norm, std::abs(static_cast<double>(x.at(i, k))));
+      }
+      if (zero) malformed = true;  // a zero row: invalid_argument
       // The chain divides the row's gradient by its norm: below `tiny` the paths' rounding
       // noise in dL/du (where the exact value is ~0) becomes entries beyond T's range.
       else if (norm < Limits<T>::tiny) facts.bounded = facts.comparable = false;
