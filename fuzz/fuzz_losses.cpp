@@ -1322,7 +1322,7 @@ std::vector<double> loss_rows(const Strided<T>& x, bool normalize) {
 template <class T, class L>
 Ambiguity pair_loss_ambiguity(const Strided<T>& x, const std::vector<L>& labels, bool normalize,
                               bool multi, double first, double second, bool euclidean,
-                              double base, double epsilon) {
+                              double epsilon) {
   Ambiguity a;
   const Index n = x.rows, d = x.cols;
   const std::vector<double> u = loss_rows(x, normalize);
@@ -1430,10 +1430,9 @@ void fuzz_pair_batch(FuzzedDataProvider& in, bool multi) {
     Ambiguity ambiguity;
     if (facts.comparable && !malformed)
       ambiguity = multi ? pair_loss_ambiguity(x, labels, normalize, true, static_cast<double>(alpha),
-                                              static_cast<double>(beta), false,
-                                              static_cast<double>(base), static_cast<double>(epsilon))
+                                              static_cast<double>(beta), false, static_cast<double>(epsilon))
                         : pair_loss_ambiguity(x, labels, normalize, false, static_cast<double>(pos_margin),
-                                              static_cast<double>(neg_margin), distance == 0, 0.0, 0.0);
+                                              static_cast<double>(neg_margin), distance == 0, 0.0);
     dump_input = [&] {
       if (multi)
         std::fprintf(stderr, "MultiSimilarityLoss<%s> alpha %g beta %g base %g epsilon %g normalize %d top_diff %g malformed %d\n",

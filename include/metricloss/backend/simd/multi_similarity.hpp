@@ -22,17 +22,21 @@ namespace metricloss {
 namespace detail {
 
 /// e[j] = exp(e[j]) in double lanes (xsimd::exp; the tail through one padded batch, so every
-/// entry takes the same kernel): the row's exponentials, once per kept pair.
+/// entry takes the same kernel): the row's exponentials, once per kept pair. Inputs below
+/// -1000 (-inf: not kept) are raised to it first: e^-1000 is 0 in double all the same, and
+/// xsimd's exp converts x / ln 2 to an integer before it selects 0, which for -inf is undefined.
 struct LanesExp {
   static void in_place(double* e, Index n) {
     using batch = xsimd::batch<double>;
     constexpr Index lanes = static_cast<Index>(batch::size);
+    const batch floor(-1000.0);
     Index j = 0;
-    for (; j + lanes <= n; j += lanes) xsimd::exp(batch::load_unaligned(e + j)).store_unaligned(e + j);
+    for (; j + lanes <= n; j += lanes)
+      xsimd::exp(xsimd::max(batch::load_unaligned(e + j), floor)).store_unaligned(e + j);
     if (j == n) return;
     alignas(64) double tail[lanes];
-    for (Index k = 0; k < lanes; ++k) tail[k] = j + k < n ? e[j + k] : 0.0;
-    xsimd::exp(batch::load_aligned(tail)).store_aligned(tail);
+    for (Index k = 0; k < lanes; ++k) tail[k] = j + k < n ? e[j + k] : -1000.0;
+    xsimd::exp(xsimd::max(batch::load_aligned(tail), floor)).store_aligned(tail);
     for (Index k = 0; j + k < n; ++k) e[j + k] = tail[k];
   }
 };
