@@ -1,7 +1,9 @@
 #pragma once
 // What every backend of a batch loss does before its distances: group the labels, and
 // finish the calls whose result needs none (non-finite input, nothing to average).
+#include <metricloss/detail/cross_classes.hpp>
 #include <metricloss/detail/label_classes.hpp>
+#include <metricloss/detail/reference_view.hpp>
 #include <metricloss/detail/views.hpp>
 
 #include <algorithm>
@@ -36,6 +38,19 @@ bool batch_triplet_not_finite(LabelClasses& classes, const MatrixView<const T>& 
   if (classes.assign(labels) && all_finite(x)) return false;
   value = std::numeric_limits<T>::quiet_NaN();
   fill_rows(grad, value);
+  return true;
+}
+
+/// The same for queries against a reference set: groups Q's labels against R's; a NaN label
+/// or a non-finite q or r writes NaN into both gradients (returns true: the loss is NaN).
+template <class T, class L, class LR>
+bool reference_not_finite(CrossClasses& classes, const MatrixView<const T>& q,
+                          const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
+                          const MatrixView<T>& grad_q, const MatrixView<T>& grad_r) {
+  if (classes.assign(labels, ref.labels, ref.self) && all_finite(q) && all_finite(ref.r))
+    return false;
+  fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
+  fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
   return true;
 }
 

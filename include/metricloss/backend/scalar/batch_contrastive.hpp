@@ -1,7 +1,7 @@
 #pragma once
 // The scalar reference path of BatchContrastiveLoss: every D2 by differences in double, the
 // rows of detail/batch_contrastive_math.hpp over every ordered pair, and the gradient by
-// loops in double, dL/dx_i = 2 sum_j (W_ij + W_ji) (x_i - x_j) (with a reference set:
+// loops in double, dL/dx_i = 2 sum_j (W_ij + W_ji) (x_i - x_j) (dense_weights_gradient; with a reference set:
 // backend/scalar/reference.hpp's cross_gradients).
 #include <metricloss/backend/scalar/batch_triplet.hpp>
 #include <metricloss/backend/scalar/reference.hpp>
@@ -55,20 +55,9 @@ struct Backend<BatchContrastiveLoss<T>, scalar_tag> {
     const ContrastiveRule rule(loss.pos_margin, loss.neg_margin, loss.distance, loss.reduction);
     const ContrastiveTotals totals =
         contrastive_weights(rule, work.batch_classes, ExactSquaredDistances{squared, n}, n, w);
-    if (w != nullptr) {
-      double* row = work.gradient_row.data(static_cast<std::size_t>(d));
-      const double scale = 2.0 * static_cast<double>(top_diff);
-      for (Index i = 0; i < n; ++i) {
-        std::fill(row, row + d, 0.0);
-        for (Index j = 0; j < n; ++j) {
-          const double s = w[i * n + j] + w[j * n + i];
-          if (s == 0.0) continue;
-          for (Index k = 0; k < d; ++k)
-            row[k] += s * (static_cast<double>(x.row(i)[k]) - static_cast<double>(x.row(j)[k]));
-        }
-        for (Index k = 0; k < d; ++k) grad.row(i)[k] = static_cast<T>(scale * row[k]);
-      }
-    }
+    if (w != nullptr)
+      dense_weights_gradient(x, w, 2.0 * static_cast<double>(top_diff),
+                             work.gradient_row.data(static_cast<std::size_t>(d)), grad);
     return static_cast<T>(totals.loss(rule));
   }
 };
@@ -83,7 +72,7 @@ struct ReferenceBackend<BatchContrastiveLoss<T>, scalar_tag> {
                             const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
                             const MatrixView<T>& grad_r, T top_diff) {
     auto& work = scratch_of<ScalarBatchContrastiveScratch>(loss);
-    if (reference_not_finite(work, q, labels, ref, grad_q, grad_r))
+    if (reference_not_finite(work.classes, q, labels, ref, grad_q, grad_r))
       return std::numeric_limits<T>::quiet_NaN();
     const Index nr = ref.r.rows;
     const auto entries = static_cast<std::size_t>(q.rows * nr);

@@ -36,6 +36,27 @@ struct DenseWeights {
   }
 };
 
+/// grad_i = scale sum_{j != i} (W_ij + W_ji) (x_i - x_j) for a dense N x N W (dL/dD2 over
+/// ordered pairs), by loops in double; `row` is D doubles of scratch.
+template <class T>
+void dense_weights_gradient(const MatrixView<const T>& x, const double* w, double scale,
+                            double* row, const MatrixView<T>& grad) {
+  const Index n = x.rows, d = x.cols;
+  for (Index i = 0; i < n; ++i) {
+    std::fill(row, row + d, 0.0);
+    const T* xi = x.row(i);
+    for (Index j = 0; j < n; ++j) {
+      const double s = w[i * n + j] + w[j * n + i];
+      if (s == 0.0 || j == i) continue;
+      const T* xj = x.row(j);
+      for (Index k = 0; k < d; ++k)
+        row[k] += s * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
+    }
+    T* out = grad.row(i);
+    for (Index k = 0; k < d; ++k) out[k] = static_cast<T>(scale * row[k]);
+  }
+}
+
 /// The miner's kernels on this path: plain loops, soft margin over double distances.
 struct ScalarMiningKernels {
   using RowOps = ScalarRowOps;
@@ -81,23 +102,9 @@ struct Backend<BatchTripletLoss<T>, scalar_tag> {
       fill_rows(grad, T(0));
       return T(0);
     }
-    if (!grad.empty()) {
-      const double scale = 2.0 * static_cast<double>(top_diff) / result.count;
-      double* row = work.gradient_row.data(static_cast<std::size_t>(d));
-      for (Index i = 0; i < n; ++i) {
-        std::fill(row, row + d, 0.0);
-        const T* xi = x.row(i);
-        for (Index j = 0; j < n; ++j) {
-          const double s = weights.weights[i * n + j] + weights.weights[j * n + i];
-          if (s == 0.0 || j == i) continue;
-          const T* xj = x.row(j);
-          for (Index k = 0; k < d; ++k)
-            row[k] += s * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
-        }
-        T* out = grad.row(i);
-        for (Index k = 0; k < d; ++k) out[k] = static_cast<T>(scale * row[k]);
-      }
-    }
+    if (!grad.empty())
+      dense_weights_gradient(x, weights.weights, 2.0 * static_cast<double>(top_diff) / result.count,
+                             work.gradient_row.data(static_cast<std::size_t>(d)), grad);
     return static_cast<T>(result.sum / result.count);
   }
 };

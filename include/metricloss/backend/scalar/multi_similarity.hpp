@@ -113,12 +113,8 @@ struct ReferenceBackend<MultiSimilarityLoss<T>, scalar_tag> {
                             const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
                             const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
     auto& work = scratch_of<ScalarMultiSimilarityScratch>(loss);
-    if (!work.cross_classes.assign(labels, ref.labels, ref.self) || !all_finite(q) ||
-        !all_finite(ref.r)) {
-      fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
-      fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
+    if (reference_not_finite(work.cross_classes, q, labels, ref, grad_q, grad_r))
       return std::numeric_limits<T>::quiet_NaN();
-    }
     const Index nq = q.rows, nr = ref.r.rows;
     const auto entries = static_cast<std::size_t>(nq * nr);
     double* s = work.similarity.data(entries);

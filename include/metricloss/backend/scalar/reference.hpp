@@ -33,19 +33,6 @@ struct ScalarReferenceScratch : BackendSlot::Contents {
   GrowOnlyBuffer<double> gradient_row;                              // D
 };
 
-/// Groups the labels and checks the data; a NaN label or non-finite q or r finishes the call
-/// with NaN (returns true).
-template <class T, class L, class LR>
-bool reference_not_finite(ScalarReferenceScratch& work, const MatrixView<const T>& q,
-                          const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
-                          const MatrixView<T>& grad_q, const MatrixView<T>& grad_r) {
-  if (work.classes.assign(labels, ref.labels, ref.self) && all_finite(q) && all_finite(ref.r))
-    return false;
-  fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
-  fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
-  return true;
-}
-
 /// D2 (squared) or D (roots) of every (q_a, r_j), by differences in double.
 template <class T>
 void cross_distances(const MatrixView<const T>& q, const MatrixView<const T>& r, bool roots,
@@ -95,7 +82,7 @@ T scalar_batch_triplet_reference(BatchTripletLoss<T>& loss, const MatrixView<con
                                  const MatrixView<T>& grad_q, const MatrixView<T>& grad_r,
                                  T top_diff) {
   auto& work = scratch_of<ScalarReferenceScratch>(loss);
-  if (reference_not_finite(work, q, labels, ref, grad_q, grad_r))
+  if (reference_not_finite(work.classes, q, labels, ref, grad_q, grad_r))
     return std::numeric_limits<T>::quiet_NaN();
   const Index nq = q.rows, nr = ref.r.rows;
   const auto entries = static_cast<std::size_t>(nq * nr);
@@ -128,7 +115,7 @@ T scalar_lifted_reference(LiftedStructureLoss<T>& loss, const MatrixView<const T
                           const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
                           const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
   auto& work = scratch_of<ScalarReferenceScratch>(loss);
-  if (reference_not_finite(work, q, labels, ref, grad_q, grad_r))
+  if (reference_not_finite(work.classes, q, labels, ref, grad_q, grad_r))
     return std::numeric_limits<T>::quiet_NaN();
   const CrossClasses& classes = work.classes;
   const Index nq = q.rows, nr = ref.r.rows;

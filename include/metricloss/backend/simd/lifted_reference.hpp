@@ -195,12 +195,8 @@ struct ReferenceBackend<LiftedStructureLoss<T>, simd_tag> {
                             const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
                             const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
     auto& work = scratch_of<SimdLiftedReferenceScratch>(loss);
-    if (!work.classes.assign(labels, ref.labels, ref.self) || !all_finite(q) ||
-        !all_finite(ref.r)) {
-      fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
-      fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
+    if (reference_not_finite(work.classes, q, labels, ref, grad_q, grad_r))
       return std::numeric_limits<T>::quiet_NaN();
-    }
     const double margin = static_cast<double>(loss.margin);
     if constexpr (std::is_same<T, double>::value) {
       return simd_lifted_reference_in_double(work, margin, q, ref.r, grad_q, grad_r, top_diff);

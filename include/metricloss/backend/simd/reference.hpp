@@ -116,12 +116,8 @@ struct ReferenceBackend<BatchTripletLoss<T>, simd_tag> {
                             const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
                             const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
     auto& work = scratch_of<SimdReferenceScratch<T>>(loss);
-    if (!work.classes.assign(labels, ref.labels, ref.self) || !all_finite(q) ||
-        !all_finite(ref.r)) {
-      fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
-      fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
+    if (reference_not_finite(work.classes, q, labels, ref, grad_q, grad_r))
       return std::numeric_limits<T>::quiet_NaN();
-    }
     work.cross.compute(q, ref.r);
     const CrossProductDistances<T> distances{&work.cross, work.cross.widest_reference()};
     const bool gradient = !grad_q.empty() || !grad_r.empty();
