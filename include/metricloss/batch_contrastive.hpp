@@ -30,6 +30,7 @@
 // backend/simd/batch_contrastive.hpp.
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/normalize.hpp>
+#include <metricloss/detail/sharded.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -111,6 +112,17 @@ class BatchContrastiveLoss {
     if (reduction != Reduction::nonzero_mean && reduction != Reduction::mean)
       check.fail("option 'reduction' has the undeclared value " +
                  std::to_string(static_cast<int>(reduction)));
+  }
+
+  // The global batch of a group of ranks (detail/sharded.hpp).
+  template <class Base, class Group, class X, class L, class G>
+  T run(const sharded_tag<Base, Group>& tag, const char* method, const Eigen::MatrixBase<X>& x,
+        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::BatchContrastiveLoss<T>: embeddings must have scalar type T");
+    return detail::run_sharded(*this, tag, "BatchContrastiveLoss", method, x, labels,
+                               std::forward<G>(grad_x), top_diff,
+                               [&](detail::Validator& check) { check_options(check); });
   }
 
   template <class Tag, class X, class L, class G>

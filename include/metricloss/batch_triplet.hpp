@@ -40,6 +40,7 @@
 // (docs/design.md).
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/normalize.hpp>
+#include <metricloss/detail/sharded.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -110,6 +111,23 @@ class BatchTripletLoss {
   }
 
  private:
+  void check_options(detail::Validator& check) const {
+    check.margin(margin);
+    detail::check_mining(check, mining);
+    detail::check_distance(check, distance);
+  }
+
+  // The global batch of a group of ranks (detail/sharded.hpp).
+  template <class Base, class Group, class X, class L, class G>
+  T run(const sharded_tag<Base, Group>& tag, const char* method, const Eigen::MatrixBase<X>& x,
+        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::BatchTripletLoss<T>: embeddings must have scalar type T");
+    return detail::run_sharded(*this, tag, "BatchTripletLoss", method, x, labels,
+                               std::forward<G>(grad_x), top_diff,
+                               [&](detail::Validator& check) { check_options(check); });
+  }
+
   template <class Tag, class X, class L, class G>
   T run(Tag tag, const char* method, const Eigen::MatrixBase<X>& x,
         const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
@@ -120,9 +138,7 @@ class BatchTripletLoss {
     check.embeddings("x", xv);
     const auto lv = detail::label_view(labels);
     check.labels("labels", lv, xv.rows, "x");
-    check.margin(margin);
-    detail::check_mining(check, mining);
-    detail::check_distance(check, distance);
+    check_options(check);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
     using Path = detail::Backend<BatchTripletLoss, Tag>;
@@ -145,9 +161,7 @@ class BatchTripletLoss {
     check.embeddings("q", qv);
     const auto lv = detail::label_view(labels_q);
     check.labels("labels_q", lv, qv.rows, "q");
-    check.margin(margin);
-    detail::check_mining(check, mining);
-    detail::check_distance(check, distance);
+    check_options(check);
     const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
     detail::check_reference(check, qv, lv, ref.view, gq, gr);

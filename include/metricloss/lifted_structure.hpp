@@ -51,6 +51,7 @@
 // per-pair maths in detail/lifted_structure_math.hpp (docs/design.md).
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/normalize.hpp>
+#include <metricloss/detail/sharded.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -124,6 +125,19 @@ class LiftedStructureLoss {
   template <class, class>
   friend struct detail::Backend;
 
+  void check_options(detail::Validator& check) const { check.margin(margin); }
+
+  // The global batch of a group of ranks (detail/sharded.hpp).
+  template <class Base, class Group, class X, class L, class G>
+  T run(const sharded_tag<Base, Group>& tag, const char* method, const Eigen::MatrixBase<X>& x,
+        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
+    return detail::run_sharded(*this, tag, "LiftedStructureLoss", method, x, labels,
+                               std::forward<G>(grad_x), top_diff,
+                               [&](detail::Validator& check) { check_options(check); });
+  }
+
   template <class Tag, class X, class L, class G>
   T run(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& x,
         const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
@@ -134,7 +148,7 @@ class LiftedStructureLoss {
     check.embeddings("x", xv);
     const auto lv = detail::label_view(labels);
     check.labels("labels", lv, xv.rows, "x");
-    check.margin(margin);
+    check_options(check);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
     using Path = detail::Backend<LiftedStructureLoss, Tag>;
@@ -157,7 +171,7 @@ class LiftedStructureLoss {
     check.embeddings("q", qv);
     const auto lv = detail::label_view(labels_q);
     check.labels("labels_q", lv, qv.rows, "q");
-    check.margin(margin);
+    check_options(check);
     const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
     detail::check_reference(check, qv, lv, ref.view, gq, gr);

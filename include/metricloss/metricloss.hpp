@@ -9,6 +9,7 @@
 #include <metricloss/types.hpp>
 #include <metricloss/errors.hpp>
 #include <metricloss/exec.hpp>
+#include <metricloss/thread_group.hpp>
 
 #include <metricloss/contrastive.hpp>
 #include <metricloss/backend/scalar/contrastive.hpp>

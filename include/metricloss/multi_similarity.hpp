@@ -29,6 +29,7 @@
 // backend/simd/multi_similarity.hpp.
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/normalize.hpp>
+#include <metricloss/detail/sharded.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -112,6 +113,17 @@ class MultiSimilarityLoss {
     option("base", base, std::isfinite(base), "finite");
     option("epsilon", epsilon, std::isfinite(epsilon) || epsilon == std::numeric_limits<T>::infinity(),
            "finite or +infinity (keep every pair)");
+  }
+
+  // The global batch of a group of ranks (detail/sharded.hpp).
+  template <class Base, class Group, class X, class L, class G>
+  T run(const sharded_tag<Base, Group>& tag, const char* method, const Eigen::MatrixBase<X>& x,
+        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T");
+    return detail::run_sharded(*this, tag, "MultiSimilarityLoss", method, x, labels,
+                               std::forward<G>(grad_x), top_diff,
+                               [&](detail::Validator& check) { check_options(check); });
   }
 
   template <class Tag, class X, class L, class G>

@@ -1,0 +1,272 @@
+#pragma once
+// Sharded batch losses (API.md, "Global batches across processes"): rank r of a group holds
+// rows x_r (n_r >= 0) of X = concat_r(x_r); every rank returns the loss of X, bitwise the
+// same on all ranks, and writes exactly its own rows of dL/dX * top_diff.
+//
+// One mechanism for every batch-loss face; its batch-form dispatch begins with
+//
+//   if constexpr (detail::is_sharded_v<Tag>)
+//     return detail::run_sharded(*this, tag, "Loss", method, x, labels,
+//                                std::forward<G>(grad_x), top_diff,
+//                                [&](detail::Validator& c) { check_options(c); });
+//
+// A call is three steps, each a collective entered by every rank whatever it asked for
+// (forward or forward_backward, normalize or not: the sequence never depends on them):
+//  1. Agreement. Every rank validates its own arguments (a rank may hold no rows: 0 x D),
+//     then the group exchanges one ShardStatus per rank. If any rank failed, every rank
+//     throws the same invalid_argument naming the first failing rank and its message; D,
+//     the scalar type, the label type and a nonempty X are checked on the exchanged
+//     statuses, so all ranks reach the same verdict. No rank writes anything or waits in a
+//     collective that another rank skipped.
+//  2. The global batch: X and the labels gathered in rank order (normalize = true gathers
+//     the unit rows; the gradient is chained on this rank's rows afterwards).
+//  3. The loss. A loss with a ShardedBackend<Loss, Base> computes statistics for its own rows
+//     and exchanges them (O(n_r N D) per rank). Every other loss runs the single-process
+//     backend on the gathered X, O(N^2 D) on every rank, and keeps its rows of the
+//     gradient: exact by construction (the same code on the same bits), the fallback until
+//     the loss has its statistics.
+// Scratch lives in the functor's slot (ShardedScratch): a warm call allocates nothing
+// (a failing call does, to carry the messages).
+#include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/normalize.hpp>
+#include <metricloss/detail/validate.hpp>
+#include <metricloss/detail/views.hpp>
+#include <metricloss/errors.hpp>
+#include <metricloss/exec.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace metricloss {
+namespace detail {
+
+/// What each rank publishes before anything else is exchanged.
+struct ShardStatus {
+  std::int64_t rows;
+  std::int64_t cols;
+  std::int32_t ok;
+  std::int32_t scalar_bytes;
+  std::int32_t label_code;
+  std::int32_t message_bytes;
+};
+
+/// Labels travel as raw bytes: every rank must pass the same label type.
+template <class L>
+constexpr std::int32_t label_code() {
+  return static_cast<std::int32_t>(sizeof(L)) * 4 + (std::is_floating_point<L>::value ? 1 : 0) +
+         (std::is_signed<L>::value ? 2 : 0);
+}
+inline std::string label_type_name(std::int32_t code) {
+  const std::string kind = (code & 1) ? "floating-point" : (code & 2) ? "signed integer"
+                                                                       : "unsigned integer";
+  return std::to_string((code / 4) * 8) + "-bit " + kind;
+}
+
+/// A loss's statistics path over the global batch on host tag Base (O(n_r N D) per rank):
+/// specialisations set `available` and define
+///   static T forward_backward(Loss&, Base, Group&, const ShardView<T, L>&,
+///                             const MatrixView<T>& grad_local, T top_diff);
+/// whose collectives must not depend on whether grad_local is empty.
+template <class Loss, class Base>
+struct ShardedBackend {
+  static constexpr bool available = false;
+};
+
+/// The gathered batch and where this rank's rows lie in it.
+template <class T, class L>
+struct ShardView {
+  MatrixView<const T> x;   // N x D, dense
+  VectorView<L> labels;    // N
+  Index first = 0;         // this rank's rows are [first, first + rows)
+  Index rows = 0;
+  const ShardStatus* status = nullptr;  // one per rank: rows per rank (for the statistics)
+  int ranks = 1;
+};
+
+/// What a functor keeps for its sharded calls (in its slot).
+template <class T, class L>
+struct ShardedScratch : BackendSlot::Contents {
+  AlignedBuffer<T> x;             // N x D: the global batch
+  AlignedBuffer<T> grad;          // N x D: its gradient (the gather-everything path)
+  GrowOnlyBuffer<T> send;         // this rank's rows made dense when x is strided
+  GrowOnlyBuffer<L> labels;       // N
+  GrowOnlyBuffer<L> send_labels;  // this rank's labels made dense
+  GrowOnlyBuffer<ShardStatus> status;
+  GrowOnlyBuffer<std::size_t> bytes;  // 2 W: counts and offsets of one exchange
+  UnitRows<T> unit;               // normalize = true: this rank's unit rows
+};
+
+/// Gathers `per_row` elements of E for each row of each rank, in rank order. Every rank
+/// must call it (a collective).
+template <class Group, class E>
+void gather_rows(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardStatus* status,
+                 const E* send, Index rows, Index per_row, E* recv) {
+  const int ranks = group.size();
+  std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
+  std::size_t* offsets = counts + ranks;
+  std::size_t at = 0;
+  for (int q = 0; q < ranks; ++q) {
+    counts[q] = static_cast<std::size_t>(status[q].rows * per_row) * sizeof(E);
+    offsets[q] = at;
+    at += counts[q];
+  }
+  group.allgatherv(send, static_cast<std::size_t>(rows * per_row) * sizeof(E), recv, counts,
+                   offsets);
+}
+
+/// Step 1: exchanges the statuses and throws, on every rank alike, when any rank's
+/// arguments failed or the ranks disagree. `error` is this rank's message (empty: passed).
+template <class Group>
+void agree(Group& group, Validator& check, ShardStatus mine, const std::string& error,
+           GrowOnlyBuffer<ShardStatus>& statuses, GrowOnlyBuffer<std::size_t>& bytes) {
+  const int ranks = group.size();
+  ShardStatus* status = statuses.data(static_cast<std::size_t>(ranks));
+  {
+    std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
+    std::size_t* offsets = counts + ranks;
+    for (int q = 0; q < ranks; ++q) {
+      counts[q] = sizeof(ShardStatus);
+      offsets[q] = static_cast<std::size_t>(q) * sizeof(ShardStatus);
+    }
+    group.allgatherv(&mine, sizeof(ShardStatus), status, counts, offsets);
+  }
+  const std::string of = " of " + std::to_string(ranks);
+  int failed = -1, failures = 0;
+  for (int q = 0; q < ranks; ++q)
+    if (!status[q].ok) {
+      if (failed < 0) failed = q;
+      ++failures;
+    }
+  if (failed >= 0) {
+    // The messages themselves, so that every rank throws the same one.
+    std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
+    std::size_t* offsets = counts + ranks;
+    std::size_t at = 0;
+    for (int q = 0; q < ranks; ++q) {
+      counts[q] = static_cast<std::size_t>(status[q].message_bytes);
+      offsets[q] = at;
+      at += counts[q];
+    }
+    std::string text(at, ' ');
+    group.allgatherv(error.data(), error.size(), &text[0], counts, offsets);
+    check.fail("rank " + std::to_string(failed) + of + ": " +
+               text.substr(offsets[failed], counts[failed]) +
+               (failures > 1 ? " (and " + std::to_string(failures - 1) + " more rank" +
+                                   (failures > 2 ? "s" : "") + " failed)"
+                             : std::string()));
+  }
+  std::int64_t total = 0;
+  for (int q = 0; q < ranks; ++q) {
+    total += status[q].rows;
+    if (status[q].scalar_bytes != status[0].scalar_bytes)
+      check.fail("rank " + std::to_string(q) + of + " calls with " +
+                 std::to_string(status[q].scalar_bytes * 8) + "-bit embeddings, rank 0 with " +
+                 std::to_string(status[0].scalar_bytes * 8) + "-bit");
+    if (status[q].label_code != status[0].label_code)
+      check.fail("rank " + std::to_string(q) + of + " passes " +
+                 label_type_name(status[q].label_code) + " labels, rank 0 " +
+                 label_type_name(status[0].label_code) + " labels; every rank needs the same type");
+    if (status[q].cols != status[0].cols)
+      check.fail("argument 'x' on rank " + std::to_string(q) + of + " has shape " +
+                 shape_string(status[q].rows, status[q].cols) + ", on rank 0 " +
+                 shape_string(status[0].rows, status[0].cols) +
+                 "; every rank needs the same D (a rank without rows passes 0 x D)");
+  }
+  if (total == 0)
+    check.fail("argument 'x' has 0 rows on every rank" + of +
+               "; the global batch needs N >= 1 rows");
+}
+
+template <class Loss, class Base, class Group, class X, class L, class G, class CheckOptions>
+typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group>& tag,
+                                       const char* name, const char* method,
+                                       const Eigen::MatrixBase<X>& x,
+                                       const Eigen::MatrixBase<L>& labels, G&& grad_x,
+                                       typename Loss::scalar_type top_diff,
+                                       CheckOptions&& check_options) {
+  using T = typename Loss::scalar_type;
+  using Label = typename L::Scalar;
+  static_assert(normalizes_on_host<Base>,
+                "metricloss: sharded calls run on metricloss::scalar and metricloss::simd so far");
+  Validator check(name, scalar_name<T>(), method);
+  Group& group = *tag.group;
+  const auto xv = input_view(x);
+  const auto lv = label_view(labels);
+  auto gv = gradient_view<T>(std::forward<G>(grad_x));
+  // A rank without rows may pass a 0 x D gradient that has no storage.
+  if (gv.rows == 0 && gv.stride < 0 && xv.rows == 0) gv = MatrixView<T>{};
+  auto& work = scratch_of<ShardedScratch<T, Label>>(loss);
+
+  // 1. Every rank's own checks, then the agreement.
+  std::string error;
+  MatrixView<const T> rows = xv;
+  try {
+    if (xv.rows > 0)
+      check.embeddings("x", xv);
+    else if (xv.cols < 1)
+      check.fail("argument 'x' has shape " + shape_string(xv.rows, xv.cols) +
+                 "; a rank without rows passes 0 x D, D >= 1");
+    check.labels("labels", lv, xv.rows, "x");
+    check_options(check);
+    check.gradient("grad_x", gv, "x", xv);
+    if (loss.normalize) rows = work.unit.of(check, "x", xv);
+  } catch (const invalid_argument& failure) {
+    const std::string prefix = check.function() + ": ";
+    error = failure.what();
+    if (error.compare(0, prefix.size(), prefix) == 0) error.erase(0, prefix.size());
+    if (error.empty()) error = "invalid argument";
+  }
+  ShardStatus mine{static_cast<std::int64_t>(xv.rows), static_cast<std::int64_t>(xv.cols),
+                   error.empty() ? 1 : 0, static_cast<std::int32_t>(sizeof(T)),
+                   label_code<Label>(), static_cast<std::int32_t>(error.size())};
+  agree(group, check, mine, error, work.status, work.bytes);
+
+  // 2. The global batch, in rank order.
+  const int ranks = group.size();
+  const ShardStatus* status = work.status.data(static_cast<std::size_t>(ranks));
+  Index n = 0, first = 0;
+  for (int q = 0; q < ranks; ++q) {
+    if (q == group.rank()) first = n;
+    n += static_cast<Index>(status[q].rows);
+  }
+  const Index d = xv.cols;
+  const T* send = rows.data;
+  if (rows.rows > 1 && rows.stride != d) {
+    T* dense = work.send.data(static_cast<std::size_t>(rows.rows * d));
+    for (Index i = 0; i < rows.rows; ++i) std::memcpy(dense + i * d, rows.row(i), sizeof(T) * d);
+    send = dense;
+  }
+  T* all_x = work.x.data(static_cast<std::size_t>(n * d));
+  gather_rows(group, work.bytes, status, send, rows.rows, d, all_x);
+  Label* send_labels = work.send_labels.data(static_cast<std::size_t>(lv.size));
+  for (Index i = 0; i < lv.size; ++i) send_labels[i] = lv[i];
+  Label* all_labels = work.labels.data(static_cast<std::size_t>(n));
+  gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), lv.size, 1,
+              all_labels);
+  const ShardView<T, Label> batch{{all_x, n, d, d}, {all_labels, n, 1}, first, xv.rows,
+                                  status, ranks};
+
+  // 3. The loss: the loss's statistics, or the single-process backend on X.
+  T value;
+  if constexpr (ShardedBackend<Loss, Base>::available) {
+    value = ShardedBackend<Loss, Base>::forward_backward(loss, tag.base, group, batch, gv,
+                                                         top_diff);
+  } else {
+    MatrixView<T> all_grad{};
+    if (!gv.empty()) all_grad = {work.grad.data(static_cast<std::size_t>(n * d)), n, d, d};
+    value = Backend<Loss, Base>::forward_backward(loss, tag.base, batch.x, batch.labels, all_grad,
+                                                  top_diff);
+    for (Index i = 0; i < gv.rows && !gv.empty(); ++i)
+      std::memcpy(gv.row(i), all_grad.row(first + i), sizeof(T) * d);
+  }
+  if (loss.normalize) work.unit.chain(xv, gv);
+  return value;
+}
+
+}  // namespace detail
+}  // namespace metricloss

@@ -1,0 +1,160 @@
+// Sharded batch losses with ranks as threads (metricloss::thread_group), W = 1..5: the loss of
+// the global batch on every rank, bitwise the same; each rank's rows of the gradient; errors
+// on one rank thrown by all; a warm call allocates nothing. tests/sharded_mpi.cpp runs the
+// same body with ranks as MPI processes.
+#include "allocation_counter.hpp"
+#include "sharded_check.hpp"
+
+#include <thread>
+
+namespace {
+
+using namespace mltest;
+using mltest::sharded::Record;
+
+/// Runs body(rank_handle, rank) on W threads of one thread_group; returns when all are done.
+template <class Body>
+void on_threads(int ranks, Body&& body) {
+  ml::thread_group team(ranks);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      ml::thread_rank me = team.member(r);
+      body(me, r);
+    });
+  for (auto& t : threads) t.join();
+}
+
+const std::vector<std::vector<Index>> layouts = {
+    {18},          {0, 18},     {9, 9},          {7, 0, 11},      {6, 6, 6},
+    {1, 1, 16},    {18, 0, 0},  {3, 0, 8, 7},    {1, 4, 0, 6, 7}, {2, 2, 2, 2, 2},
+};
+
+template <class T>
+void check_all_layouts(bool integer) {
+  for (const auto& shards : layouts)
+    for (Index d : {Index(5), Index(33)}) {
+      const int ranks = static_cast<int>(shards.size());
+      std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
+      on_threads(ranks, [&](ml::thread_rank& me, int r) {
+        auto& mine = records[static_cast<std::size_t>(r)];
+        sharded::check_layout<T>(me, ml::scalar.sharded(me), "scalar", shards, d, integer, mine);
+        sharded::check_layout<T>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine);
+      });
+      for (const auto& rank_records : records)
+        for (const Record& r : rank_records) {
+          CAPTURE(r.what, r.loss, r.reference);
+          CHECK(r.loss_error <= r.loss_tolerance);
+          CHECK(r.grad_error <= r.grad_tolerance);
+          CHECK(r.same_on_all_ranks);
+          CHECK(r.repeatable);
+          CHECK(r.forward_matches);
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("sharded over threads: every batch loss, double, W = 1..5", "[sharded]") {
+  check_all_layouts<double>(false);
+  check_all_layouts<double>(true);
+}
+
+TEST_CASE("sharded over threads: every batch loss, float, W = 1..5", "[sharded]") {
+  check_all_layouts<float>(false);
+  check_all_layouts<float>(true);
+}
+
+TEST_CASE("sharded over threads: a malformed call on one rank makes every rank throw",
+          "[sharded][errors]") {
+  for (int ranks : {1, 3}) {
+    for (bool wrong_d : {false, true}) {
+      if (wrong_d && ranks == 1) continue;  // one rank cannot disagree with itself
+      const int bad = ranks - 1;
+      std::vector<std::string> messages(static_cast<std::size_t>(ranks));
+      on_threads(ranks, [&](ml::thread_rank& me, int r) {
+        messages[static_cast<std::size_t>(r)] =
+            sharded::malformed_call<double>(me, ml::simd.sharded(me), bad, wrong_d);
+      });
+      for (const auto& m : messages) {
+        CAPTURE(ranks, wrong_d, m);
+        CHECK(m.find("metricloss::BatchTripletLoss<double>::forward_backward: ") == 0);
+        CHECK(m.find("rank " + std::to_string(bad) + " of " + std::to_string(ranks)) !=
+              std::string::npos);
+        CHECK(m == messages[0]);
+      }
+    }
+  }
+}
+
+TEST_CASE("sharded over threads: an empty global batch, and mixed label types, throw",
+          "[sharded][errors]") {
+  std::vector<std::string> messages(2);
+  on_threads(2, [&](ml::thread_rank& me, int r) {
+    Matrix<double> x(0, 4), g(0, 4);
+    Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels(0);
+    ml::LiftedStructureLoss<double> loss(1.0);
+    try {
+      loss.forward_backward(ml::scalar.sharded(me), x, labels, g);
+    } catch (const ml::invalid_argument& e) {
+      messages[static_cast<std::size_t>(r)] = e.what();
+    }
+  });
+  for (const auto& m : messages) {
+    CAPTURE(m);
+    CHECK(m.find("0 rows on every rank of 2") != std::string::npos);
+  }
+  on_threads(2, [&](ml::thread_rank& me, int r) {
+    Matrix<double> x = Matrix<double>::Ones(2, 4), g(2, 4);
+    Eigen::VectorXi int_labels = Eigen::VectorXi::Zero(2);
+    Eigen::VectorXd double_labels = Eigen::VectorXd::Zero(2);
+    ml::LiftedStructureLoss<double> loss(1.0);
+    try {
+      if (r == 0) loss.forward_backward(ml::scalar.sharded(me), x, int_labels, g);
+      else loss.forward_backward(ml::scalar.sharded(me), x, double_labels, g);
+    } catch (const ml::invalid_argument& e) {
+      messages[static_cast<std::size_t>(r)] = e.what();
+    }
+  });
+  for (const auto& m : messages) {
+    CAPTURE(m);
+    CHECK(m.find("rank 1 of 2 passes 64-bit floating-point labels, rank 0 32-bit signed integer") !=
+          std::string::npos);
+  }
+}
+
+TEST_CASE("sharded over threads: a warm call allocates nothing", "[sharded][allocation]") {
+  for (const std::vector<Index>& shards : {std::vector<Index>{12}, std::vector<Index>{5, 0, 7}}) {
+    const int ranks = static_cast<int>(shards.size());
+    const sharded::GlobalBatch<float> global(shards, 9, false, 3);
+    long before = 0, after = 0;
+    on_threads(ranks, [&](ml::thread_rank& me, int r) {
+      const Index first = global.first[static_cast<std::size_t>(r)];
+      const Index rows = shards[static_cast<std::size_t>(r)];
+      const Matrix<float> x = global.x.middleRows(first, rows);
+      const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels = global.labels.segment(first, rows);
+      Matrix<float> grad(rows, 9);
+      ml::BatchTripletLoss<float> hard(0.2f, ml::Mining::hard);
+      ml::LiftedStructureLoss<float> lifted(1.0f);
+      lifted.normalize = true;
+      const auto calls = [&] {
+        hard.forward_backward(ml::simd.sharded(me), x, labels, grad);
+        lifted.forward_backward(ml::simd.sharded(me), x, labels, grad);
+        hard.forward(ml::scalar.sharded(me), x, labels);
+      };
+      calls();  // warm
+      const auto barrier = [&] {  // a collective of no bytes
+        std::size_t zeros[3] = {0, 0, 0};
+        me.allgatherv(nullptr, 0, nullptr, zeros, zeros);
+      };
+      barrier();
+      if (r == 0) before = allocation_count();
+      barrier();
+      calls();
+      barrier();
+      if (r == 0) after = allocation_count();
+    });
+    CAPTURE(ranks);
+    CHECK(after - before == 0);
+  }
+}

@@ -1,0 +1,178 @@
+#pragma once
+// The sharded calls' checks, shared by the thread-group test (tests/sharded.cpp) and the MPI
+// test (tests/sharded_mpi.cpp): one rank's body, run by every rank of a group with the same
+// arguments, so that every rank enters the same collectives in the same order. It records
+// measurements instead of asserting (Catch2 is not thread-safe); the caller asserts.
+//
+// For every batch loss of the registry, every option (plus normalize = true, plus lifted at
+// m = 0.2), scalar and simd, on the global batch X = concat of the shards:
+//  - L and this rank's gradient rows against the single-process call on X (same tag);
+//  - every rank's L bitwise equal (gathered through the group itself);
+//  - a second call bitwise equal (L and the rows);
+//  - forward equal to forward_backward's L.
+#include "registry.hpp"
+
+#include <metricloss/metricloss.hpp>
+#include <metricloss/thread_group.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace mltest {
+namespace sharded {
+
+struct Record {
+  std::string what;
+  double loss = 0, reference = 0;
+  double loss_error = 0;  // relative to max(|reference|, 1e-30)
+  double grad_error = 0;  // max over this rank's rows, relative to the largest reference entry
+  double loss_tolerance = 0, grad_tolerance = 0;
+  bool same_on_all_ranks = false;
+  bool repeatable = false;
+  bool forward_matches = false;
+};
+
+/// The global batch of a layout: N = sum of the shards, labels with a class split across
+/// ranks, a class held by the last nonempty rank only (labels 7), and row 0 a singleton
+/// (label 100: with shards {1, ...} rank 0 holds no valid anchor). `integer` data: small
+/// integer coordinates with repeated rows (exact ties, zero distances).
+template <class T>
+struct GlobalBatch {
+  Matrix<T> x;
+  Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels;
+  std::vector<Index> first;  // each rank's first row
+
+  GlobalBatch(const std::vector<Index>& shards, Index d, bool integer, std::uint64_t seed) {
+    Index n = 0;
+    for (Index s : shards) {
+      first.push_back(n);
+      n += s;
+    }
+    std::mt19937_64 rng(seed);
+    x = integer ? tied_matrix<T>(n, d, rng, -2, 2) : uniform_matrix<T>(n, d, rng, -1.5, 1.5);
+    labels.resize(n);
+    for (Index i = 0; i < n; ++i) labels[i] = (i * 7) % 4;
+    if (n > 0) labels[0] = 100;
+    int last = -1;
+    for (int r = 0; r < static_cast<int>(shards.size()); ++r)
+      if (shards[static_cast<std::size_t>(r)] >= 2) last = r;
+    if (last >= 0) {
+      const Index end = first[static_cast<std::size_t>(last)] + shards[static_cast<std::size_t>(last)];
+      labels[end - 1] = 7;
+      labels[end - 2] = 7;
+    }
+  }
+};
+
+template <class T, class Group>
+bool same_bits_on_all_ranks(Group& group, T value) {
+  const int ranks = group.size();
+  std::vector<T> all(static_cast<std::size_t>(ranks));
+  std::vector<std::size_t> counts(static_cast<std::size_t>(ranks), sizeof(T)), offsets;
+  for (int q = 0; q < ranks; ++q) offsets.push_back(static_cast<std::size_t>(q) * sizeof(T));
+  group.allgatherv(&value, sizeof(T), all.data(), counts.data(), offsets.data());
+  for (const T& v : all)
+    if (std::memcmp(&v, &all[0], sizeof(T)) != 0) return false;
+  return true;
+}
+
+/// Every batch-loss configuration of the registry, with normalize and lifted m = 0.2 added.
+template <class T, class F>
+void for_each_batch_config(F&& f) {
+  registry::for_each_loss([&](auto entry) {
+    using Entry = decltype(entry);
+    if constexpr (std::is_base_of<registry::BatchCalls, Entry>::value) {
+      auto configs = Entry::template configs<T>();
+      const std::size_t plain = configs.size();
+      for (std::size_t c = 0; c < plain; ++c)
+        if (!configs[c].loss.normalize) {
+          auto unit = configs[c];
+          unit.loss.normalize = true;
+          unit.label += ", normalize";
+          configs.push_back(unit);
+        }
+      if constexpr (std::is_same<decltype(configs[0].loss), ml::LiftedStructureLoss<T>>::value)
+        configs.push_back({"margin 0.2", ml::LiftedStructureLoss<T>(T(0.2))});
+      for (auto& config : configs) f(std::string(Entry::name) + " " + config.label, config.loss);
+    }
+  });
+}
+
+/// One rank's checks of one layout on one tag and type. `shards` has group.size() entries.
+template <class T, class Tag, class Group>
+void check_layout(Group& group, Tag tag, const char* tag_name, const std::vector<Index>& shards,
+                  Index d, bool integer, std::vector<Record>& records) {
+  const int rank = group.rank();
+  const GlobalBatch<T> global(shards, d, integer, 20261203u + static_cast<std::uint64_t>(d));
+  const Index first = global.first[static_cast<std::size_t>(rank)];
+  const Index rows = shards[static_cast<std::size_t>(rank)];
+  const Matrix<T> x = global.x.middleRows(first, rows);
+  const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels =
+      global.labels.segment(first, rows);
+  std::string layout = "shards {";
+  for (std::size_t q = 0; q < shards.size(); ++q)
+    layout += std::to_string(shards[q]) + (q + 1 == shards.size() ? "}" : ", ");
+  layout += " D " + std::to_string(d) + (integer ? " integer" : " uniform") + " " + tag_name +
+            " " + ml::detail::scalar_name<T>() + " rank " + std::to_string(rank);
+  for_each_batch_config<T>([&](const std::string& name, const auto& configured) {
+    auto loss = configured;  // the sharded functor
+    auto single = configured;
+    Matrix<T> reference_grad(global.x.rows(), d);
+    const T reference = single.forward_backward(tag.base, global.x, global.labels, reference_grad, T(1.5));
+
+    Matrix<T> grad(rows, d), again(rows, d);
+    const T value = loss.forward_backward(tag, x, labels, grad, T(1.5));
+    const T value_again = loss.forward_backward(tag, x, labels, again, T(1.5));
+    const T forward_value = loss.forward(tag, x, labels);
+
+    Record r;
+    r.what = name + ", " + layout;
+    r.loss = static_cast<double>(value);
+    r.reference = static_cast<double>(reference);
+    r.loss_tolerance = Tolerance<T>::loss;
+    r.grad_tolerance = Tolerance<T>::gradient;
+    r.loss_error = std::abs(r.loss - r.reference) / std::max(std::abs(r.reference), 1e-30);
+    if (r.loss == r.reference) r.loss_error = 0;  // NaN == NaN is not, and stays NaN
+    const double scale = reference_grad.size() ? static_cast<double>(reference_grad.cwiseAbs().maxCoeff()) : 0;
+    for (Index i = 0; i < rows; ++i)
+      for (Index k = 0; k < d; ++k) {
+        const double e = std::abs(static_cast<double>(grad(i, k)) -
+                                  static_cast<double>(reference_grad(first + i, k)));
+        r.grad_error = std::max(r.grad_error, scale > 0 ? e / scale : e);
+      }
+    r.same_on_all_ranks = same_bits_on_all_ranks(group, value);
+    r.repeatable = std::memcmp(&value, &value_again, sizeof(T)) == 0 &&
+                   (rows == 0 || std::memcmp(grad.data(), again.data(), sizeof(T) * static_cast<std::size_t>(grad.size())) == 0);
+    r.forward_matches = std::memcmp(&value, &forward_value, sizeof(T)) == 0;
+    records.push_back(r);
+  });
+}
+
+/// A malformed call on rank `bad` (labels one short, or D + 1 columns): every rank must throw
+/// metricloss::invalid_argument naming that rank. Returns this rank's message ("" if none).
+template <class T, class Tag, class Group>
+std::string malformed_call(Group& group, Tag tag, int bad, bool wrong_d) {
+  const int rank = group.rank();
+  const Index d = 5 + (wrong_d && rank == bad ? 1 : 0);
+  std::mt19937_64 rng(5);
+  const Matrix<T> x = uniform_matrix<T>(4, d, rng);
+  Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels(rank == bad && !wrong_d ? 3 : 4);
+  labels.setZero();
+  Matrix<T> grad(4, d);
+  grad.setConstant(T(42));
+  ml::BatchTripletLoss<T> loss(T(0.2), ml::Mining::hard);
+  try {
+    loss.forward_backward(tag, x, labels, grad);
+  } catch (const ml::invalid_argument& e) {
+    // Nothing written.
+    if ((grad.array() != T(42)).any()) return std::string("gradient written: ") + e.what();
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace sharded
+}  // namespace mltest
