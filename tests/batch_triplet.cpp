@@ -460,6 +460,44 @@ TEMPLATE_TEST_CASE("semihard never takes a negative tied with the positive for a
   CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
 }
 
+TEMPLATE_TEST_CASE("semihard and hard settle near-ties on exact distances in float",
+                   "[batch_triplet][semihard][degenerate]", ALL_CASES) {
+  // Unit rows of a small integer grid with repeated rows: negatives whose distances to an
+  // anchor differ by a few 1e-8 relative, below float's resolution of a distance computed in
+  // float. Selection must follow the exact (double) distances of the float inputs, as the
+  // scalar path and reference sets do: the simd batch path once settled these ties on float
+  // lane sums and took the farther negative (found by the sharded tests: semihard, D = 33,
+  // anchor 6, negatives 5 and 8 at 2.00000014 and 2.00000007).
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  const Mining mining = GENERATE(Mining::semihard, Mining::hard);
+  const Distance distance = GENERATE(Distance::euclidean, Distance::squared_euclidean);
+  const std::uint64_t seed = GENERATE(20261236u, 11u, 12u, 13u);
+  CAPTURE(seed, distance == Distance::euclidean, mining == Mining::hard);
+  std::mt19937_64 rng(seed);
+  const Index n = 18, d = 33;
+  // Float values for both types: the exact distances of float inputs are separated by far
+  // more than double's rounding, so every path can resolve them (double-valued unit rows
+  // have "ties" at 1e-16 that no summation order settles the same way).
+  Matrix<float> grid = tied_matrix<float>(n, d, rng, -2, 2);
+  for (Index i = 0; i < n; ++i) {
+    double norm = 0;
+    for (Index k = 0; k < d; ++k) norm += static_cast<double>(grid(i, k)) * static_cast<double>(grid(i, k));
+    for (Index k = 0; k < d; ++k) grid(i, k) = static_cast<float>(static_cast<double>(grid(i, k)) / std::sqrt(norm));
+  }
+  const Matrix<T> x = grid.template cast<T>();
+  Labels y(n);
+  for (Index i = 0; i < n; ++i) y(i) = (i * 7) % 4;
+  y(0) = 100;
+  y(16) = y(17) = 7;
+  ml::BatchTripletLoss<T> loss(T(0.2), mining, distance);
+  Matrix<T> grad(n, d);
+  const T value = loss.forward_backward(tag, x, y, grad);
+  const Reference r = brute_force(x.template cast<double>(), y, 0.2, mining, distance, false, 1.0);
+  CHECK(relatively_close(value, r.loss, Tolerance<T>::loss));
+  CHECK(ml::testing::compare_gradients(grad, r.grad).relative() <= Tolerance<T>::gradient);
+}
+
 TEMPLATE_TEST_CASE("batch triplet accepts labels of any arithmetic type", "[batch_triplet]",
                    ml::scalar_tag, ml::simd_tag) {
   const TestType tag{};

@@ -43,7 +43,7 @@ template <class T>
 struct ProductSquaredDistances {
   PairwiseDistances<T>* pairwise;
   const T* row(Index i) const { return pairwise->squared_row(i); }
-  double exact(Index i, Index j) const { return pairwise->by_differences(i, j); }
+  double exact(Index i, Index j) const { return pairwise->exact(i, j); }
   /// How far row(i)[j] may be from exact(i, j).
   double rounding(Index i, Index j) const { return pairwise->rounding_bound(i, j); }
   /// The row of the largest centred norm: rounding(i, widest()) bounds rounding(i, j).

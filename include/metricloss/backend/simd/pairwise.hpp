@@ -17,6 +17,7 @@
 //
 // Products run through Eigen in tiles whose packing buffers fit Eigen's stack-allocation
 // limit, so that no call allocates once the workspace is warm (backend/simd/products.hpp).
+#include <metricloss/backend/simd/exact.hpp>
 #include <metricloss/backend/simd/products.hpp>
 #include <metricloss/backend/simd/rowops.hpp>
 #include <metricloss/detail/buffer.hpp>
@@ -130,6 +131,15 @@ class PairwiseDistances {
   /// free of the product's cancellation. Where that is not enough, backend/simd/exact.hpp.
   double by_differences(Index i, Index j) const {
     return SimdRowOps::squared_distance(x_.row(i), x_.row(j), x_.cols);
+  }
+
+  /// ||x_i - x_j||^2 with every difference and sum in double (backend/simd/exact.hpp): the
+  /// backend's one exact squared distance, as CrossDistances::exact. Mining settles ties and
+  /// the strict ">" of semihard on it, so a float batch selects what the scalar path and a
+  /// reference set select (by_differences' float lane sums err by ~(d + 8) u_T: two
+  /// negatives 3.5e-8 apart at D = 33 were picked the wrong way round).
+  double exact(Index i, Index j) const {
+    return exact_squared_distance(x_.row(i), x_.row(j), x_.cols);
   }
 
   /// A bound on |squared()(i, j) - ||x_i - x_j||^2| (detail/numerics.hpp).
