@@ -71,7 +71,8 @@ inline std::string label_type_name(std::int32_t code) {
 /// specialisations set `available` and define
 ///   static T forward_backward(Loss&, Base, Group&, const ShardView<T, L>&,
 ///                             const MatrixView<T>& grad_local, T top_diff);
-/// whose collectives must not depend on whether grad_local is empty.
+/// whose collectives must not depend on whether grad_local is empty, and
+///   static bool handles(const Loss&)   (the options it covers; the rest gather everything).
 template <class Loss, class Base>
 struct ShardedBackend {
   static constexpr bool available = false;
@@ -101,22 +102,28 @@ struct ShardedScratch : BackendSlot::Contents {
   UnitRows<T> unit;               // normalize = true: this rank's unit rows
 };
 
-/// Gathers `per_row` elements of E for each row of each rank, in rank order. Every rank
-/// must call it (a collective).
-template <class Group, class E>
-void gather_rows(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardStatus* status,
-                 const E* send, Index rows, Index per_row, E* recv) {
+/// Gathers count(q) elements of E from each rank q, in rank order (this rank sends
+/// count(group.rank()) from `send`). Every rank must call it (a collective).
+template <class Group, class E, class Count>
+void gather(Group& group, GrowOnlyBuffer<std::size_t>& bytes, Count&& count, const E* send,
+            E* recv) {
   const int ranks = group.size();
   std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
   std::size_t* offsets = counts + ranks;
   std::size_t at = 0;
   for (int q = 0; q < ranks; ++q) {
-    counts[q] = static_cast<std::size_t>(status[q].rows * per_row) * sizeof(E);
+    counts[q] = static_cast<std::size_t>(count(q)) * sizeof(E);
     offsets[q] = at;
     at += counts[q];
   }
-  group.allgatherv(send, static_cast<std::size_t>(rows * per_row) * sizeof(E), recv, counts,
-                   offsets);
+  group.allgatherv(send, counts[group.rank()], recv, counts, offsets);
+}
+
+/// Gathers `per_row` elements of E for each row of each rank (rows from the statuses).
+template <class Group, class E>
+void gather_rows(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardStatus* status,
+                 const E* send, Index per_row, E* recv) {
+  gather(group, bytes, [&](int q) { return status[q].rows * per_row; }, send, recv);
 }
 
 /// Step 1: exchanges the statuses and throws, on every rank alike, when any rank's
@@ -242,21 +249,25 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
     send = dense;
   }
   T* all_x = work.x.data(static_cast<std::size_t>(n * d));
-  gather_rows(group, work.bytes, status, send, rows.rows, d, all_x);
+  gather_rows(group, work.bytes, status, send, d, all_x);
   Label* send_labels = work.send_labels.data(static_cast<std::size_t>(lv.size));
   for (Index i = 0; i < lv.size; ++i) send_labels[i] = lv[i];
   Label* all_labels = work.labels.data(static_cast<std::size_t>(n));
-  gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), lv.size, 1,
-              all_labels);
+  gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), 1, all_labels);
   const ShardView<T, Label> batch{{all_x, n, d, d}, {all_labels, n, 1}, first, xv.rows,
                                   status, ranks};
 
   // 3. The loss: the loss's statistics, or the single-process backend on X.
-  T value;
+  T value = T(0);
+  bool done = false;
   if constexpr (ShardedBackend<Loss, Base>::available) {
-    value = ShardedBackend<Loss, Base>::forward_backward(loss, tag.base, group, batch, gv,
-                                                         top_diff);
-  } else {
+    if (ShardedBackend<Loss, Base>::handles(loss)) {
+      value = ShardedBackend<Loss, Base>::forward_backward(loss, tag.base, group, batch, gv,
+                                                           top_diff);
+      done = true;
+    }
+  }
+  if (!done) {
     MatrixView<T> all_grad{};
     if (!gv.empty()) all_grad = {work.grad.data(static_cast<std::size_t>(n * d)), n, d, d};
     value = Backend<Loss, Base>::forward_backward(loss, tag.base, batch.x, batch.labels, all_grad,

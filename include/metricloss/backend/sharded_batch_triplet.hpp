@@ -1,0 +1,183 @@
+#pragma once
+// BatchTripletLoss (hard, semihard) over a group's global batch X (detail/sharded.hpp) by
+// exchanged statistics, O(n_r N D) per rank instead of O(N^2 D):
+//  1. this rank's anchors Q = its rows of X are mined against the whole of X as a reference
+//     set with self = their own rows: the reference-set path of each tag (simd: the jointly
+//     centred product with mined distances by differences; scalar: every distance by
+//     differences), so the selection is the single-process one (ties: lowest global row);
+//  2. each rank publishes its (sum, count) and its W entries (two per mined term: anchor,
+//     candidate, weight), O(N c) in all; every rank adds the sums and counts in rank order,
+//     so every rank returns the same bits;
+//  3. each rank applies every entry that touches one of its rows, in every role (anchor,
+//     positive or negative of any rank's anchor), by differences in double:
+//     dL/dx_i = top_diff / count * sum 2 w (x_i - x_j). No gradient is reduced.
+// Mining::all keeps the gather-everything path: its W is dense (O(N^2) entries).
+#include <metricloss/backend/scalar/reference.hpp>
+#include <metricloss/backend/simd/reference.hpp>
+#include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/batch_common.hpp>
+#include <metricloss/detail/sharded.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace metricloss {
+namespace detail {
+
+/// This rank's mining totals, published to every rank.
+struct ShardTotals {
+  double sum = 0.0;
+  double count = 0.0;
+  double entries = 0.0;  // exact: entries < 2^53
+};
+
+/// What the statistics path keeps between calls (in the functor's slot).
+template <class T>
+struct ShardedTripletScratch : BackendSlot::Contents {
+  CrossClasses classes;
+  TripletMiner miner;
+  CrossDistances<T> cross;                  // simd: Q x X by the centred product
+  GrowOnlyBuffer<double> squared;           // scalar: Q x X by differences
+  GrowOnlyBuffer<WeightEntry> entries;      // this rank's W entries (anchor as a global row)
+  GrowOnlyBuffer<WeightEntry> all_entries;  // every rank's
+  GrowOnlyBuffer<ShardTotals> totals;       // one per rank
+  GrowOnlyBuffer<double> sums;              // n_r x D: this rank's gradient in double
+  GrowOnlyBuffer<std::size_t> bytes;
+};
+
+/// Records W's entries with the anchor's row in X (anchors are rows first.. of X).
+template <class T>
+struct ShardEntrySink {
+  GrowOnlyBuffer<WeightEntry>* entries = nullptr;
+  Index first = 0;
+  Index count = 0;
+  bool enabled() const { return true; }
+  void add(Index i, Index j, double v) {
+    entries->data(static_cast<std::size_t>(count + 1))[count] = WeightEntry{first + i, j, v};
+    ++count;
+  }
+  void add_row(Index i, const double* v, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (v[j] != 0.0) add(i, j, v[j]);
+  }
+  void add_row_lanes(Index i, const T* v, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (v[j] != T(0)) add(i, j, static_cast<double>(v[j]));
+  }
+};
+
+inline Index shard_self_at(const void* first, Index a) {
+  return *static_cast<const Index*>(first) + a;
+}
+
+template <class T, class Base>
+struct ShardedBackend<BatchTripletLoss<T>, Base> {
+  static constexpr bool available =
+      std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
+
+  static bool handles(const BatchTripletLoss<T>& loss) { return loss.mining != Mining::all; }
+
+  template <class Group, class L>
+  static T forward_backward(BatchTripletLoss<T>& loss, Base, Group& group,
+                            const ShardView<T, L>& batch, const MatrixView<T>& grad, T top_diff) {
+    auto& work = scratch_of<ShardedTripletScratch<T>>(loss);
+    const Index d = batch.x.cols, rows = batch.rows;
+    // Every rank sees all of X: the same verdict everywhere, so no rank skips a collective.
+    if (!all_finite(batch.x) || has_nan_label(batch.labels)) {
+      fill_rows(grad, std::numeric_limits<T>::quiet_NaN());
+      return std::numeric_limits<T>::quiet_NaN();
+    }
+
+    // 1. This rank's anchors against X.
+    ShardEntrySink<T> sink{&work.entries, batch.first, 0};
+    MiningResult mined;
+    if (rows > 0) {
+      const MatrixView<const T> q{batch.x.row(batch.first), rows, d, d};
+      const VectorView<L> labels_q{batch.labels.data + batch.first, rows, 1};
+      const ReferenceView<T, L> ref{batch.x, batch.labels,
+                                    SelfIndex{&batch.first, rows, &shard_self_at}};
+      work.classes.assign(labels_q, ref.labels, ref.self);
+      mined = mine(loss, work, q, ref, sink);
+    }
+
+    // 2. Totals and entries from every rank; sums in rank order.
+    const int ranks = group.size();
+    const ShardTotals mine_totals{mined.sum, mined.count, static_cast<double>(sink.count)};
+    ShardTotals* totals = work.totals.data(static_cast<std::size_t>(ranks));
+    gather(group, work.bytes, [](int) { return 1; }, &mine_totals, totals);
+    double sum = 0.0, count = 0.0;
+    Index entries = 0;
+    for (int q = 0; q < ranks; ++q) {
+      sum += totals[q].sum;
+      count += totals[q].count;
+      entries += static_cast<Index>(totals[q].entries);
+    }
+    WeightEntry* all = work.all_entries.data(static_cast<std::size_t>(entries));
+    gather(group, work.bytes, [&](int q) { return static_cast<Index>(totals[q].entries); },
+           static_cast<const WeightEntry*>(work.entries.data(0)), all);
+    if (count == 0.0) {
+      fill_rows(grad, T(0));
+      return T(0);
+    }
+
+    // 3. This rank's rows in every role.
+    if (!grad.empty()) {
+      double* sums = work.sums.data(static_cast<std::size_t>(rows * d));
+      std::fill(sums, sums + rows * d, 0.0);
+      const Index first = batch.first, end = batch.first + rows;
+      for (Index e = 0; e < entries; ++e) {
+        const WeightEntry& entry = all[e];
+        const bool anchor = entry.i >= first && entry.i < end;
+        const bool candidate = entry.j >= first && entry.j < end;
+        if (!anchor && !candidate) continue;
+        const T* xi = batch.x.row(entry.i);
+        const T* xj = batch.x.row(entry.j);
+        const double two_w = 2.0 * entry.w;
+        for (Index k = 0; k < d; ++k) {
+          const double term = two_w * (static_cast<double>(xi[k]) - static_cast<double>(xj[k]));
+          if (anchor) sums[(entry.i - first) * d + k] += term;
+          if (candidate) sums[(entry.j - first) * d + k] -= term;
+        }
+      }
+      const double scale = static_cast<double>(top_diff) / count;
+      for (Index i = 0; i < rows; ++i)
+        for (Index k = 0; k < d; ++k) grad.row(i)[k] = static_cast<T>(scale * sums[i * d + k]);
+    }
+    return static_cast<T>(sum / count);
+  }
+
+ private:
+  template <class L>
+  static bool has_nan_label(const VectorView<L>& labels) {
+    if constexpr (std::is_floating_point<L>::value) {
+      for (Index i = 0; i < labels.size; ++i)
+        if (std::isnan(labels[i])) return true;
+    }
+    return false;
+  }
+
+  template <class L>
+  static MiningResult mine(BatchTripletLoss<T>& loss, ShardedTripletScratch<T>& work,
+                           const MatrixView<const T>& q, const ReferenceView<T, L>& ref,
+                           ShardEntrySink<T>& sink) {
+    if constexpr (std::is_same<Base, simd_tag>::value) {
+      work.cross.compute(q, ref.r);
+      const CrossProductDistances<T> distances{&work.cross, work.cross.widest_reference()};
+      return work.miner.template mine<SimdMiningKernels>(loss.mining, work.classes, distances,
+                                                         loss.margin, loss.distance,
+                                                         loss.soft_margin, sink);
+    } else {
+      const Index nr = ref.r.rows;
+      double* squared = work.squared.data(static_cast<std::size_t>(q.rows * nr));
+      cross_distances(q, ref.r, false, squared);
+      return work.miner.template mine<ScalarMiningKernels>(
+          loss.mining, work.classes, ExactSquaredDistances{squared, nr}, loss.margin,
+          loss.distance, loss.soft_margin, sink);
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace metricloss
