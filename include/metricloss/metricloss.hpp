@@ -34,6 +34,7 @@
 #include <metricloss/backend/simd/lifted_reference.hpp>
 #include <metricloss/memory.hpp>
 #include <metricloss/backend/sharded_batch_triplet.hpp>
+#include <metricloss/backend/sharded_lifted.hpp>
 
 #include <metricloss/batch_contrastive.hpp>
 #include <metricloss/backend/scalar/batch_contrastive.hpp>

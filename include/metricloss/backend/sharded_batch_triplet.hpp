@@ -77,7 +77,9 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
   static constexpr bool available =
       std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
 
-  static bool handles(const BatchTripletLoss<T>& loss) { return loss.mining != Mining::all; }
+  static bool handles(const BatchTripletLoss<T>& loss, int ranks) {
+    return ranks >= 2 && loss.mining != Mining::all;
+  }
 
   template <class Group, class L>
   static T forward_backward(BatchTripletLoss<T>& loss, Base, Group& group,

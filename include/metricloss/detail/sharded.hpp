@@ -72,7 +72,8 @@ inline std::string label_type_name(std::int32_t code) {
 ///   static T forward_backward(Loss&, Base, Group&, const ShardView<T, L>&,
 ///                             const MatrixView<T>& grad_local, T top_diff);
 /// whose collectives must not depend on whether grad_local is empty, and
-///   static bool handles(const Loss&)   (the options it covers; the rest gather everything).
+///   static bool handles(const Loss&, int ranks)   (the options and group sizes it covers; one
+///   rank never needs it; the rest gather everything).
 template <class Loss, class Base>
 struct ShardedBackend {
   static constexpr bool available = false;
@@ -261,7 +262,7 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
   T value = T(0);
   bool done = false;
   if constexpr (ShardedBackend<Loss, Base>::available) {
-    if (ShardedBackend<Loss, Base>::handles(loss)) {
+    if (ShardedBackend<Loss, Base>::handles(loss, ranks)) {
       value = ShardedBackend<Loss, Base>::forward_backward(loss, tag.base, group, batch, gv,
                                                            top_diff);
       done = true;

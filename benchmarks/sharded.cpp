@@ -1,0 +1,118 @@
+// Sharded batch losses (issue 16): the per-rank cost of a global batch split over W ranks
+// (threads of one metricloss::thread_group), against the single-process call on the same X.
+//
+// Each iteration runs, on the same bytes, the single-process forward_backward of X and then
+// the sharded call with W ranks, each rank holding N / W rows; it measures CPU time per
+// thread (CLOCK_THREAD_CPUTIME_ID), so that W = 4 threads on two cores still measure each
+// rank's own work. The row's time is the slowest rank's CPU time; its counters:
+//   rank_over_single   slowest rank's CPU time / the single-process call's (goal: about 1/W,
+//                      at most 1.3/W at W = 2, for the losses with exchanged statistics);
+//   times_W            rank_over_single * W (1: perfect division of the work; W: every rank
+//                      repeats the whole loss, as pytorch-metric-learning's wrapper does);
+//   gathered_bytes     bytes every rank receives per call (X, labels, statuses, statistics);
+//   torch_gather_bytes what a gather-everything wrapper receives (X and labels as int64).
+// The ranks' agreement and gathers run inside the timed call (as threads they are memcpy).
+#include "common.hpp"
+
+#include <metricloss/thread_group.hpp>
+
+#include <ctime>
+#include <thread>
+
+using namespace mlbench;
+
+namespace {
+
+double thread_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+struct Batch {
+  Matrix<float> x, grad;
+  Eigen::VectorXi labels;
+  Batch(Index n, Index d)
+      : x(uniform<float>(n, d, 1)), grad(Matrix<float>::Zero(n, d)), labels(pk_labels(n, 8, 3)) {}
+};
+
+template <class Loss>
+void run(benchmark::State& state, Loss prototype) {
+  const Index n = state.range(0), d = state.range(1);
+  const int ranks = static_cast<int>(state.range(2));
+  Batch& data = shape_buffers<Batch>(n, d);
+  ml::thread_group team(ranks);
+  std::vector<Loss> losses(static_cast<std::size_t>(ranks), prototype);
+  Loss single = prototype;
+  std::vector<double> cpu(static_cast<std::size_t>(ranks));
+  const auto shard = [&](int r) {  // rows [first, first + rows) of rank r
+    const Index first = n * r / ranks, end = n * (r + 1) / ranks;
+    return std::make_pair(first, end - first);
+  };
+  const auto sharded_call = [&] {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < ranks; ++r)
+      threads.emplace_back([&, r] {
+        ml::thread_rank me = team.member(r);
+        const auto [first, rows] = shard(r);
+        const double start = thread_cpu_seconds();
+        const float value = losses[static_cast<std::size_t>(r)].forward_backward(
+            ml::simd.sharded(me), data.x.middleRows(first, rows), data.labels.segment(first, rows),
+            data.grad.middleRows(first, rows));
+        benchmark::DoNotOptimize(value);
+        cpu[static_cast<std::size_t>(r)] = thread_cpu_seconds() - start;
+      });
+    for (auto& t : threads) t.join();
+  };
+  // Warm: every functor's scratch allocated and faulted in.
+  single.forward_backward(ml::simd, data.x, data.labels, data.grad);
+  sharded_call();
+  double single_total = 0, rank_total = 0;
+  for (auto _ : state) {
+    const double start = thread_cpu_seconds();
+    const float value = single.forward_backward(ml::simd, data.x, data.labels, data.grad);
+    benchmark::DoNotOptimize(value);
+    const double single_cpu = thread_cpu_seconds() - start;
+    sharded_call();
+    const double slowest = *std::max_element(cpu.begin(), cpu.end());
+    single_total += single_cpu;
+    rank_total += slowest;
+    state.SetIterationTime(slowest);
+  }
+  const double ratio = rank_total / single_total;
+  state.counters["rank_over_single"] = ratio;
+  state.counters["times_W"] = ratio * ranks;
+  const double x_bytes = static_cast<double>(n * d) * sizeof(float);
+  state.counters["gathered_bytes"] = x_bytes + static_cast<double>(n) * sizeof(int) + 32.0 * ranks;
+  state.counters["torch_gather_bytes"] = x_bytes + static_cast<double>(n) * 8.0;
+  set_rates(state, 2.0 * x_bytes / ranks, 4.0 * static_cast<double>(n) * n * d / ranks);
+}
+
+void BM_sharded_hard(benchmark::State& state) {
+  run(state, ml::BatchTripletLoss<float>(0.2f, ml::Mining::hard));
+}
+void BM_sharded_semihard(benchmark::State& state) {
+  run(state, ml::BatchTripletLoss<float>(0.2f, ml::Mining::semihard));
+}
+void BM_sharded_all(benchmark::State& state) {
+  run(state, ml::BatchTripletLoss<float>(0.2f, ml::Mining::all));
+}
+void BM_sharded_lifted(benchmark::State& state) {
+  run(state, ml::LiftedStructureLoss<float>(1.0f));
+}
+
+void sizes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "D", "W"});
+  for (long n : {1024L, 4096L})
+    for (long w : {1L, 2L, 4L}) b->Args({n, 128, w});
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+
+BENCHMARK(BM_sharded_hard)->Apply(sizes);
+BENCHMARK(BM_sharded_semihard)->Apply(sizes);
+BENCHMARK(BM_sharded_all)->Apply(sizes);
+BENCHMARK(BM_sharded_lifted)->Apply(sizes);
+
+BENCHMARK_MAIN();
