@@ -88,31 +88,28 @@ void run(benchmark::State& state, Loss prototype) {
   set_rates(state, 2.0 * x_bytes / ranks, 4.0 * static_cast<double>(n) * n * d / ranks);
 }
 
-void BM_sharded_hard(benchmark::State& state) {
-  run(state, ml::BatchTripletLoss<float>(0.2f, ml::Mining::hard));
-}
-void BM_sharded_semihard(benchmark::State& state) {
-  run(state, ml::BatchTripletLoss<float>(0.2f, ml::Mining::semihard));
-}
-void BM_sharded_all(benchmark::State& state) {
-  run(state, ml::BatchTripletLoss<float>(0.2f, ml::Mining::all));
-}
-void BM_sharded_lifted(benchmark::State& state) {
-  run(state, ml::LiftedStructureLoss<float>(1.0f));
-}
-
-void sizes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"N", "D", "W"});
-  for (long n : {1024L, 4096L})
-    for (long w : {1L, 2L, 4L}) b->Args({n, 128, w});
-  b->UseManualTime()->Unit(benchmark::kMillisecond);
-}
-
 }  // namespace
 
-BENCHMARK(BM_sharded_hard)->Apply(sizes);
-BENCHMARK(BM_sharded_semihard)->Apply(sizes);
-BENCHMARK(BM_sharded_all)->Apply(sizes);
-BENCHMARK(BM_sharded_lifted)->Apply(sizes);
-
-BENCHMARK_MAIN();
+// Names "BM_sharded/loss:<loss>/N:<N>/D:128/W:<W>", so that scripts/bench_report.py files
+// each loss's rows apart and puts rank_over_single in its "÷ floor" column.
+int main(int argc, char** argv) {
+  const auto add = [](const char* name, auto prototype) {
+    for (long n : {1024L, 4096L})
+      for (long w : {1L, 2L, 4L}) {
+        const std::string full = std::string("BM_sharded/loss:") + name + "/N:" + std::to_string(n) +
+                                 "/D:128/W:" + std::to_string(w);
+        benchmark::RegisterBenchmark(full.c_str(), [prototype](benchmark::State& state) {
+          run(state, prototype);
+        })->Args({n, 128, w})->UseManualTime()->Unit(benchmark::kMillisecond);
+      }
+  };
+  add("hard", ml::BatchTripletLoss<float>(0.2f, ml::Mining::hard));
+  add("semihard", ml::BatchTripletLoss<float>(0.2f, ml::Mining::semihard));
+  add("all", ml::BatchTripletLoss<float>(0.2f, ml::Mining::all));
+  add("lifted", ml::LiftedStructureLoss<float>(1.0f));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
