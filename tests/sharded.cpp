@@ -41,15 +41,7 @@ void check_all_layouts(bool integer) {
         sharded::check_layout<T>(me, ml::scalar.sharded(me), "scalar", shards, d, integer, mine);
         sharded::check_layout<T>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine);
       });
-      for (const auto& rank_records : records)
-        for (const Record& r : rank_records) {
-          CAPTURE(r.what, r.loss, r.reference);
-          CHECK(r.loss_error <= r.loss_tolerance);
-          CHECK(r.grad_error <= r.grad_tolerance);
-          CHECK(r.same_on_all_ranks);
-          CHECK(r.repeatable);
-          CHECK(r.forward_matches);
-        }
+      for (const auto& rank_records : records) sharded::check_records(rank_records);
     }
 }
 

@@ -151,6 +151,18 @@ void check_layout(Group& group, Tag tag, const char* tag_name, const std::vector
   });
 }
 
+/// Asserts every record (on the calling thread: Catch2 is not thread-safe).
+inline void check_records(const std::vector<Record>& records) {
+  for (const Record& r : records) {
+    CAPTURE(r.what, r.loss, r.reference);
+    CHECK(r.loss_error <= r.loss_tolerance);
+    CHECK(r.grad_error <= r.grad_tolerance);
+    CHECK(r.same_on_all_ranks);
+    CHECK(r.repeatable);
+    CHECK(r.forward_matches);
+  }
+}
+
 /// A malformed call on rank `bad` (labels one short, or D + 1 columns): every rank must throw
 /// metricloss::invalid_argument naming that rank. Returns this rank's message ("" if none).
 template <class T, class Tag, class Group>

@@ -25,14 +25,7 @@ void check_all_layouts(ml::mpi_group& group, bool integer) {
       std::vector<Record> records;
       sharded::check_layout<T>(group, ml::scalar.sharded(group), "scalar", shards, d, integer, records);
       sharded::check_layout<T>(group, ml::simd.sharded(group), "simd", shards, d, integer, records);
-      for (const Record& r : records) {
-        CAPTURE(r.what, r.loss, r.reference);
-        CHECK(r.loss_error <= r.loss_tolerance);
-        CHECK(r.grad_error <= r.grad_tolerance);
-        CHECK(r.same_on_all_ranks);
-        CHECK(r.repeatable);
-        CHECK(r.forward_matches);
-      }
+      sharded::check_records(records);
     }
 }
 
