@@ -40,32 +40,11 @@ struct ShardedTripletScratch : BackendSlot::Contents {
   TripletMiner miner;
   CrossDistances<T> cross;                  // simd: Q x X by the centred product
   GrowOnlyBuffer<double> squared;           // scalar: Q x X by differences
-  GrowOnlyBuffer<WeightEntry> entries;      // this rank's W entries (anchor as a global row)
+  GrowOnlyBuffer<WeightEntry> entries;      // this rank's W entries (then anchor as a row of X)
   GrowOnlyBuffer<WeightEntry> all_entries;  // every rank's
   GrowOnlyBuffer<ShardTotals> totals;       // one per rank
   GrowOnlyBuffer<double> sums;              // n_r x D: this rank's gradient in double
   GrowOnlyBuffer<std::size_t> bytes;
-};
-
-/// Records W's entries with the anchor's row in X (anchors are rows first.. of X).
-template <class T>
-struct ShardEntrySink {
-  GrowOnlyBuffer<WeightEntry>* entries = nullptr;
-  Index first = 0;
-  Index count = 0;
-  bool enabled() const { return true; }
-  void add(Index i, Index j, double v) {
-    entries->data(static_cast<std::size_t>(count + 1))[count] = WeightEntry{first + i, j, v};
-    ++count;
-  }
-  void add_row(Index i, const double* v, Index n) {
-    for (Index j = 0; j < n; ++j)
-      if (v[j] != 0.0) add(i, j, v[j]);
-  }
-  void add_row_lanes(Index i, const T* v, Index n) {
-    for (Index j = 0; j < n; ++j)
-      if (v[j] != T(0)) add(i, j, static_cast<double>(v[j]));
-  }
 };
 
 inline Index shard_self_at(const void* first, Index a) {
@@ -93,7 +72,9 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
     }
 
     // 1. This rank's anchors against X.
-    ShardEntrySink<T> sink{&work.entries, batch.first, 0};
+    // The reference-set path's sink: anchors as rows of q, made rows of X below.
+    CrossSparseWeights<T> sink;
+    sink.entries = &work.entries;
     MiningResult mined;
     if (rows > 0) {
       const MatrixView<const T> q{batch.x.row(batch.first), rows, d, d};
@@ -102,6 +83,8 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
                                     SelfIndex{&batch.first, rows, &shard_self_at}};
       work.classes.assign(labels_q, ref.labels, ref.self);
       mined = mine(loss, work, q, ref, sink);
+      WeightEntry* list = work.entries.data(static_cast<std::size_t>(sink.count));
+      for (Index e = 0; e < sink.count; ++e) list[e].i += batch.first;
     }
 
     // 2. Totals and entries from every rank; sums in rank order.
@@ -163,7 +146,7 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
   template <class L>
   static MiningResult mine(BatchTripletLoss<T>& loss, ShardedTripletScratch<T>& work,
                            const MatrixView<const T>& q, const ReferenceView<T, L>& ref,
-                           ShardEntrySink<T>& sink) {
+                           CrossSparseWeights<T>& sink) {
     if constexpr (std::is_same<Base, simd_tag>::value) {
       work.cross.compute(q, ref.r);
       const CrossProductDistances<T> distances{&work.cross, work.cross.widest_reference()};

@@ -87,7 +87,6 @@ struct ShardView {
   Index first = 0;         // this rank's rows are [first, first + rows)
   Index rows = 0;
   const ShardStatus* status = nullptr;  // one per rank: rows per rank (for the statistics)
-  int ranks = 1;
 };
 
 /// What a functor keeps for its sharded calls (in its slot).
@@ -256,7 +255,7 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
   Label* all_labels = work.labels.data(static_cast<std::size_t>(n));
   gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), 1, all_labels);
   const ShardView<T, Label> batch{{all_x, n, d, d}, {all_labels, n, 1}, first, xv.rows,
-                                  status, ranks};
+                                  status};
 
   // 3. The loss: the loss's statistics, or the single-process backend on X.
   T value = T(0);
