@@ -13,9 +13,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -43,6 +46,8 @@ struct Options {
   Index memory = 0;
   float memory_weight = 1.0f;
   int memory_warmup = 1;
+  // Data-parallel training on this many ranks (threads), 0 = off.
+  int ranks = 0;
   // Overrides of the per-loss defaults.
   std::optional<float> margin, pos_margin, learning_rate;
   std::optional<bool> l2_normalize, soft_margin;
@@ -77,6 +82,11 @@ void print_usage(std::FILE* out) {
       "  --memory-weight W    weight of the memory's loss, W > 0 (default 1)\n"
       "  --memory-warmup E    epochs on the batch loss alone before the memory starts, empty\n"
       "                       (default 1; E < --epochs)\n"
+      "  --ranks W            train data-parallel on W ranks (threads), each with a replica of\n"
+      "                       the network and 1/W of every batch, the loss mined over the\n"
+      "                       global batch (metricloss::simd.sharded): the same steps as\n"
+      "                       one process, up to rounding (batch-all, batch-hard, semihard,\n"
+      "                       lifted, batch-contrastive, multi-similarity)\n"
       "  --baselines-only     print the raw-pixel and untrained-network baselines and exit\n"
       "  --check              exit 1 unless the loss on fixed probe batches fell and\n"
       "                       Recall@1 beat the untrained network;\n"
@@ -130,6 +140,7 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--memory") o.memory = number(i, to_long);
     else if (arg == "--memory-weight") o.memory_weight = number(i, to_float), memory_options = true;
     else if (arg == "--memory-warmup") o.memory_warmup = number(i, to_int), memory_options = true;
+    else if (arg == "--ranks") o.ranks = number(i, to_int);
     else if (arg == "--baselines-only") o.baselines_only = true;
     else if (arg == "--check") o.check = true;
     else if (arg == "--help" || arg == "-h") { print_usage(stdout); std::exit(0); }
@@ -150,6 +161,13 @@ Options parse_options(int argc, char** argv) {
   if (o.memory > 0 && (o.memory_warmup < 0 || o.memory_warmup >= o.epochs))
     usage_error("--memory-warmup must be at least 0 and less than --epochs (" +
                 std::to_string(o.epochs) + "), or the memory never starts");
+  if (o.ranks < 0) usage_error("--ranks must be at least 1 (or 0 = one process, the default)");
+  if (o.ranks > 0 && !loss_takes_ranks(o.loss))
+    usage_error("--ranks needs a loss over labelled batches (batch-all, batch-hard, semihard, "
+                "lifted, batch-contrastive, multi-similarity), not '" + o.loss + "'");
+  if (o.ranks > 0 && o.memory > 0)
+    usage_error("--ranks and --memory do not combine yet: the sharded losses take no "
+                "reference set");
   if (o.svg.empty()) o.svg = "fashion_mnist_" + o.loss + ".svg";
   return o;
 }
@@ -234,11 +252,82 @@ float cosine_learning_rate(float peak, double progress) {
   return float(0.5 * peak * (1.0 + std::cos(3.14159265358979323846 * progress)));
 }
 
+/// --ranks W: W replicas of the network trained data-parallel, ranks as threads of this
+/// process (data_parallel.hpp). Replica 0 is the caller's network and optimiser; every step
+/// gives every replica the same summed gradient, so all stay bitwise equal.
+class ThreadRanks {
+ public:
+  ThreadRanks(EmbeddingNetwork& network, Adam& optimizer, const Objective& objective, int ranks)
+      : team_(ranks) {
+    for (int r = 0; r < ranks; ++r) {
+      if (r > 0) {
+        owned_networks_.push_back(std::make_unique<EmbeddingNetwork>(network));
+        owned_optimizers_.push_back(std::make_unique<Adam>(optimizer));
+      }
+      networks_.push_back(r == 0 ? &network : owned_networks_.back().get());
+      optimizers_.push_back(r == 0 ? &optimizer : owned_optimizers_.back().get());
+      losses_.push_back(objective.make_rank_loss());
+      if (!losses_.back()) throw std::logic_error("this loss does not train data-parallel");
+    }
+  }
+
+  /// One training step on the batch (input, labels): each rank takes its shard, the summed
+  /// gradient and the optimiser step at replica 0's learning rate. Returns the batch's loss.
+  double step(const Matrix& input, const Labels& labels) {
+    const int ranks = team_.size();
+    std::vector<double> values(static_cast<std::size_t>(ranks));
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < ranks; ++r)
+      threads.emplace_back([&, r] {
+        const std::size_t k = std::size_t(r);
+        try {
+          metricloss::thread_rank me = team_.member(r);
+          AnyGroup group(me);
+          const Shard shard = shard_of(input.rows(), ranks, r);
+          const Matrix rows = input.middleRows(shard.first, shard.rows);
+          const Labels mine = labels.segment(shard.first, shard.rows);
+          values[k] = losses_[k]->step(*networks_[k], group, rows, mine);
+          optimizers_[k]->learning_rate = optimizers_[0]->learning_rate;
+          networks_[k]->update(*optimizers_[k]);
+        } catch (...) {
+          errors[k] = std::current_exception();  // a sharded call throws on every rank alike
+        }
+      });
+    for (std::thread& t : threads) t.join();
+    for (const std::exception_ptr& e : errors)
+      if (e) std::rethrow_exception(e);
+    return values[0];
+  }
+
+  /// Whether every replica still holds replica 0's parameters, bit for bit.
+  bool replicas_identical() const {
+    const auto reference = networks_[0]->parameters();
+    for (const EmbeddingNetwork* replica : networks_) {
+      const auto parameters = replica->parameters();
+      for (std::size_t k = 0; k < parameters.size(); ++k)
+        if (!std::equal(parameters[k]->value.data(),
+                        parameters[k]->value.data() + parameters[k]->value.size(),
+                        reference[k]->value.data()))
+          return false;
+    }
+    return true;
+  }
+
+ private:
+  metricloss::thread_group team_;
+  std::vector<std::unique_ptr<EmbeddingNetwork>> owned_networks_;
+  std::vector<std::unique_ptr<Adam>> owned_optimizers_;
+  std::vector<EmbeddingNetwork*> networks_;
+  std::vector<Adam*> optimizers_;
+  std::vector<std::unique_ptr<RankLoss>> losses_;
+};
+
 /// One pass over the training set, returning its mean loss; `epoch` of `epochs` places it in
 /// the learning-rate schedule.
 double train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_learning_rate,
                        Objective& objective, const Dataset& train, std::mt19937& rng, int epoch,
-                       int epochs, const std::string& label) {
+                       int epochs, const std::string& label, ThreadRanks* ranks) {
   objective.start_epoch(rng);
   const Index batches = objective.batches_per_epoch();
   ProgressBar progress(label, long(batches));
@@ -250,11 +339,16 @@ double train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_le
     const std::vector<Index> rows = objective.sample(b, rng);
     const Matrix input = gather_rows(train.images, rows);
     const Labels labels = gather(train.labels, rows);
-    const Matrix& embeddings = network.forward(input);
-    gradient.resize(embeddings.rows(), embeddings.cols());
-    const double value = objective.training_loss_and_gradient(embeddings, labels, gradient);
-    network.backward(input, gradient);
-    network.update(optimizer);
+    double value;
+    if (ranks) {
+      value = ranks->step(input, labels);
+    } else {
+      const Matrix& embeddings = network.forward(input);
+      gradient.resize(embeddings.rows(), embeddings.cols());
+      value = objective.training_loss_and_gradient(embeddings, labels, gradient);
+      network.backward(input, gradient);
+      network.update(optimizer);
+    }
     loss_sum += value;
     progress.update(long(b + 1), loss_sum / double(b + 1));
   }
@@ -270,6 +364,7 @@ double seconds_since(Clock::time_point start) {
 struct Outcome {
   double probe_loss_before = 0, probe_loss_after = 0;  // on the same fixed batches
   Recall recall;
+  bool replicas_identical = true;  // --ranks: every replica ended with the same parameters
 };
 
 /// Trains for options.epochs epochs, printing the loss and Recall@K of every epoch.
@@ -280,6 +375,13 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
   Outcome outcome;
   const auto probe = probe_batches(*objective, options.seed + 1);
   outcome.probe_loss_before = mean_loss(network, *objective, training, probe);
+  std::optional<ThreadRanks> ranks;
+  if (options.ranks > 0) {
+    ranks.emplace(network, optimizer, *objective, options.ranks);
+    std::printf("data-parallel on %d ranks (threads): %d replicas of the network, each batch "
+                "split into %d shards, the loss mined over the global batch\n",
+                options.ranks, options.ranks, options.ranks);
+  }
   for (int epoch = 1; epoch <= options.epochs; ++epoch) {
     const Clock::time_point epoch_start = Clock::now();
     if (options.memory > 0 && epoch == options.memory_warmup + 1) {
@@ -291,7 +393,8 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
     char label[32];
     std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
     const double epoch_loss = train_one_epoch(network, optimizer, settings.learning_rate,
-                                              *objective, training, rng, epoch, options.epochs, label);
+                                              *objective, training, rng, epoch, options.epochs, label,
+                                              ranks ? &*ranks : nullptr);
     const Recall& r = outcome.recall = recall_at_k(embed_for_retrieval(network, settings, test.images), test.labels);
     std::printf("%s  loss %.4f  R@1 %.4f  R@2 %.4f  R@4 %.4f  R@8 %.4f  (%.1f s)\n", label,
                 epoch_loss, r.at[0], r.at[1], r.at[2], r.at[3],
@@ -299,6 +402,7 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
     std::fflush(stdout);
   }
   outcome.probe_loss_after = mean_loss(network, *objective, training, probe);
+  if (ranks) outcome.replicas_identical = ranks->replicas_identical();
   return outcome;
 }
 
@@ -311,7 +415,9 @@ bool passes_check(const Outcome& outcome, const Recall& untrained) {
   std::printf("check: training loss %.4f -> %.4f (%s); Recall@1 %.4f vs untrained %.4f (%s)\n",
               before, after, loss_fell ? "fell" : "DID NOT FALL", outcome.recall.at[0],
               untrained.at[0], beats_untrained ? "better" : "NOT BETTER");
-  return loss_fell && beats_untrained;
+  if (!outcome.replicas_identical)
+    std::printf("check: the replicas of the network DIVERGED (data-parallel steps differ)\n");
+  return loss_fell && beats_untrained && outcome.replicas_identical;
 }
 
 int run(const Options& options) {

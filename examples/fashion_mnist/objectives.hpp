@@ -3,6 +3,7 @@
 // of its batch into a loss value and d(loss)/d(embeddings) with forward_backward(simd, ...),
 // exactly as a user's training code calls the library. The labelled batch losses can also add
 // the loss of the batch against a cross-batch memory of past embeddings (start_memory).
+#include "data_parallel.hpp"
 #include "samplers.hpp"
 
 #include <metricloss/metricloss.hpp>
@@ -32,6 +33,17 @@ struct Settings {
   /// the network's last layer: batch-contrastive and multi-similarity, as in
   /// pytorch-metric-learning. Retrieval still uses the L2-normalised embeddings.
   bool loss_normalizes = false;
+};
+
+/// One rank's share of a data-parallel step (--ranks): data_parallel_gradient with its own
+/// copy of the loss functor (a functor keeps scratch, so ranks on threads never share one).
+class RankLoss {
+ public:
+  virtual ~RankLoss() = default;
+  /// Leaves the global batch's parameter gradient in `replica` (the same on every rank) and
+  /// returns the global batch's loss; `input` and `labels` are this rank's rows.
+  virtual double step(EmbeddingNetwork& replica, AnyGroup& group, const Matrix& input,
+                      const Labels& labels) = 0;
 };
 
 class Objective {
@@ -64,6 +76,9 @@ class Objective {
   virtual void start_memory(Index, Index, float) {
     throw std::logic_error("this loss has no cross-batch memory");
   }
+  /// A rank of a data-parallel step; nullptr for the pair and triplet losses, whose batches
+  /// have no global mining to share (loss_takes_ranks()).
+  virtual std::unique_ptr<RankLoss> make_rank_loss() const { return nullptr; }
 };
 
 namespace detail {
@@ -143,6 +158,20 @@ class TripletObjective final : public AnchoredObjective {
   ml::TripletLoss<float> loss_;
 };
 
+template <class Loss>
+class LabelledRankLoss final : public RankLoss {
+ public:
+  explicit LabelledRankLoss(Loss loss) : loss_(std::move(loss)) {}
+  double step(EmbeddingNetwork& replica, AnyGroup& group, const Matrix& input,
+              const Labels& labels) override {
+    return data_parallel_gradient(replica, loss_, ml::simd, group, input, labels, scratch_);
+  }
+
+ private:
+  Loss loss_;
+  DataParallelScratch<float> scratch_;
+};
+
 /// A loss over one labelled batch (batch triplet, lifted structure, batch contrastive,
 /// multi-similarity) with a P x K sampler;
 /// an epoch draws as many images as the training set holds.
@@ -186,6 +215,9 @@ class LabelledBatchObjective final : public Objective {
     memory_.emplace(capacity, dim);
     memory_weight_ = weight;
   }
+  std::unique_ptr<RankLoss> make_rank_loss() const override {
+    return std::make_unique<LabelledRankLoss<Loss>>(loss_);
+  }
 
  private:
   ClassIndex classes_;
@@ -219,6 +251,9 @@ inline bool loss_takes_memory(const std::string& loss) {
   return loss == "batch-all" || loss == "batch-hard" || loss == "semihard" || loss == "lifted" ||
          loss == "batch-contrastive" || loss == "multi-similarity";
 }
+
+/// The losses that train data-parallel (--ranks): the same, each sharded over the ranks.
+inline bool loss_takes_ranks(const std::string& loss) { return loss_takes_memory(loss); }
 
 /// Per-loss settings tuned on this data set (RESULTS.md has the sweeps' outcome). Every loss
 /// but lifted trains best on the unit sphere: without the L2 normalisation the network can
