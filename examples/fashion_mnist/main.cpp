@@ -20,6 +20,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef FASHION_MNIST_MPI
+#include <metricloss/mpi.hpp>
+#endif
+
 namespace {
 
 using namespace fashion_mnist;
@@ -46,8 +50,10 @@ struct Options {
   Index memory = 0;
   float memory_weight = 1.0f;
   int memory_warmup = 1;
-  // Data-parallel training on this many ranks (threads), 0 = off.
+  // Data-parallel training on this many ranks (threads), 0 = off; or on the MPI processes.
   int ranks = 0;
+  bool mpi = false;
+  bool writes_files = true;  // false on MPI ranks other than 0
   // Overrides of the per-loss defaults.
   std::optional<float> margin, pos_margin, learning_rate;
   std::optional<bool> l2_normalize, soft_margin;
@@ -87,6 +93,10 @@ void print_usage(std::FILE* out) {
       "                       global batch (metricloss::simd.sharded): the same steps as\n"
       "                       one process, up to rounding (batch-all, batch-hard, semihard,\n"
       "                       lifted, batch-contrastive, multi-similarity)\n"
+#ifdef FASHION_MNIST_MPI
+      "  --mpi                as --ranks, with ranks as the MPI processes of\n"
+      "                       mpiexec -n W fashion_mnist --mpi ... (rank 0 prints)\n"
+#endif
       "  --baselines-only     print the raw-pixel and untrained-network baselines and exit\n"
       "  --check              exit 1 unless the loss on fixed probe batches fell and\n"
       "                       Recall@1 beat the untrained network;\n"
@@ -141,6 +151,9 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--memory-weight") o.memory_weight = number(i, to_float), memory_options = true;
     else if (arg == "--memory-warmup") o.memory_warmup = number(i, to_int), memory_options = true;
     else if (arg == "--ranks") o.ranks = number(i, to_int);
+#ifdef FASHION_MNIST_MPI
+    else if (arg == "--mpi") o.mpi = true;
+#endif
     else if (arg == "--baselines-only") o.baselines_only = true;
     else if (arg == "--check") o.check = true;
     else if (arg == "--help" || arg == "-h") { print_usage(stdout); std::exit(0); }
@@ -162,10 +175,12 @@ Options parse_options(int argc, char** argv) {
     usage_error("--memory-warmup must be at least 0 and less than --epochs (" +
                 std::to_string(o.epochs) + "), or the memory never starts");
   if (o.ranks < 0) usage_error("--ranks must be at least 1 (or 0 = one process, the default)");
-  if (o.ranks > 0 && !loss_takes_ranks(o.loss))
+  if (o.mpi && o.ranks > 0) usage_error("--ranks and --mpi exclude each other");
+  const bool parallel = o.ranks > 0 || o.mpi;
+  if (parallel && !loss_takes_ranks(o.loss))
     usage_error("--ranks needs a loss over labelled batches (batch-all, batch-hard, semihard, "
                 "lifted, batch-contrastive, multi-similarity), not '" + o.loss + "'");
-  if (o.ranks > 0 && o.memory > 0)
+  if (parallel && o.memory > 0)
     usage_error("--ranks and --memory do not combine yet: the sharded losses take no "
                 "reference set");
   if (o.svg.empty()) o.svg = "fashion_mnist_" + o.loss + ".svg";
@@ -252,10 +267,21 @@ float cosine_learning_rate(float peak, double progress) {
   return float(0.5 * peak * (1.0 + std::cos(3.14159265358979323846 * progress)));
 }
 
-/// --ranks W: W replicas of the network trained data-parallel, ranks as threads of this
-/// process (data_parallel.hpp). Replica 0 is the caller's network and optimiser; every step
-/// gives every replica the same summed gradient, so all stay bitwise equal.
-class ThreadRanks {
+/// Data-parallel training (data_parallel.hpp): replicas of the network on the ranks of a
+/// group, each step on a shard of the batch per rank.
+class DataParallel {
+ public:
+  virtual ~DataParallel() = default;
+  /// One training step on the batch (input, labels), the same on every rank: each rank takes
+  /// its shard, the summed gradient and the optimiser step. Returns the batch's loss.
+  virtual double step(const Matrix& input, const Labels& labels) = 0;
+  /// Whether every replica holds the same parameters, bit for bit.
+  virtual bool replicas_identical() = 0;
+};
+
+/// --ranks W: ranks as threads of this process. Replica 0 is the caller's network and
+/// optimiser; every step gives every replica the same summed gradient, so all stay equal.
+class ThreadRanks final : public DataParallel {
  public:
   ThreadRanks(EmbeddingNetwork& network, Adam& optimizer, const Objective& objective, int ranks)
       : team_(ranks) {
@@ -273,7 +299,7 @@ class ThreadRanks {
 
   /// One training step on the batch (input, labels): each rank takes its shard, the summed
   /// gradient and the optimiser step at replica 0's learning rate. Returns the batch's loss.
-  double step(const Matrix& input, const Labels& labels) {
+  double step(const Matrix& input, const Labels& labels) override {
     const int ranks = team_.size();
     std::vector<double> values(static_cast<std::size_t>(ranks));
     std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
@@ -300,8 +326,7 @@ class ThreadRanks {
     return values[0];
   }
 
-  /// Whether every replica still holds replica 0's parameters, bit for bit.
-  bool replicas_identical() const {
+  bool replicas_identical() override {
     const auto reference = networks_[0]->parameters();
     for (const EmbeddingNetwork* replica : networks_) {
       const auto parameters = replica->parameters();
@@ -323,11 +348,55 @@ class ThreadRanks {
   std::vector<std::unique_ptr<RankLoss>> losses_;
 };
 
+#ifdef FASHION_MNIST_MPI
+/// --mpi: this process is one rank of MPI_COMM_WORLD and `network` its replica. Every process
+/// loads the data and draws the same batches (same seed), then trains on its shard.
+class MpiRanks final : public DataParallel {
+ public:
+  MpiRanks(EmbeddingNetwork& network, Adam& optimizer, const Objective& objective)
+      : world_(MPI_COMM_WORLD), group_(world_), network_(network), optimizer_(optimizer),
+        loss_(objective.make_rank_loss()) {
+    if (!loss_) throw std::logic_error("this loss does not train data-parallel");
+  }
+  double step(const Matrix& input, const Labels& labels) override {
+    const Shard shard = shard_of(input.rows(), world_.size(), world_.rank());
+    const double value = loss_->step(network_, group_, input.middleRows(shard.first, shard.rows),
+                                     labels.segment(shard.first, shard.rows));
+    network_.update(optimizer_);
+    return value;
+  }
+  bool replicas_identical() override {
+    // Every rank's parameters gathered and compared with rank 0's, bit for bit.
+    std::vector<float> mine;
+    for (const auto* p : network_.parameters())
+      mine.insert(mine.end(), p->value.data(), p->value.data() + p->value.size());
+    const std::size_t bytes = mine.size() * sizeof(float);
+    const std::size_t ranks = std::size_t(world_.size());
+    std::vector<float> all(mine.size() * ranks);
+    std::vector<std::size_t> counts(ranks, bytes), offsets(ranks);
+    for (std::size_t q = 0; q < ranks; ++q) offsets[q] = q * bytes;
+    world_.allgatherv(mine.data(), bytes, all.data(), counts.data(), offsets.data());
+    for (std::size_t q = 1; q < ranks; ++q)
+      if (!std::equal(all.begin(), all.begin() + std::ptrdiff_t(mine.size()),
+                      all.begin() + std::ptrdiff_t(q * mine.size())))
+        return false;
+    return true;
+  }
+
+ private:
+  metricloss::mpi_group world_;
+  AnyGroup group_;
+  EmbeddingNetwork& network_;
+  Adam& optimizer_;
+  std::unique_ptr<RankLoss> loss_;
+};
+#endif
+
 /// One pass over the training set, returning its mean loss; `epoch` of `epochs` places it in
 /// the learning-rate schedule.
 double train_one_epoch(EmbeddingNetwork& network, Adam& optimizer, float peak_learning_rate,
                        Objective& objective, const Dataset& train, std::mt19937& rng, int epoch,
-                       int epochs, const std::string& label, ThreadRanks* ranks) {
+                       int epochs, const std::string& label, DataParallel* ranks) {
   objective.start_epoch(rng);
   const Index batches = objective.batches_per_epoch();
   ProgressBar progress(label, long(batches));
@@ -375,13 +444,23 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
   Outcome outcome;
   const auto probe = probe_batches(*objective, options.seed + 1);
   outcome.probe_loss_before = mean_loss(network, *objective, training, probe);
-  std::optional<ThreadRanks> ranks;
+  std::unique_ptr<DataParallel> ranks;
   if (options.ranks > 0) {
-    ranks.emplace(network, optimizer, *objective, options.ranks);
+    ranks = std::make_unique<ThreadRanks>(network, optimizer, *objective, options.ranks);
     std::printf("data-parallel on %d ranks (threads): %d replicas of the network, each batch "
                 "split into %d shards, the loss mined over the global batch\n",
                 options.ranks, options.ranks, options.ranks);
   }
+#ifdef FASHION_MNIST_MPI
+  if (options.mpi) {
+    ranks = std::make_unique<MpiRanks>(network, optimizer, *objective);
+    int size = 0;
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    std::printf("data-parallel on %d MPI processes: a replica of the network in each, each "
+                "batch split into %d shards, the loss mined over the global batch\n",
+                size, size);
+  }
+#endif
   for (int epoch = 1; epoch <= options.epochs; ++epoch) {
     const Clock::time_point epoch_start = Clock::now();
     if (options.memory > 0 && epoch == options.memory_warmup + 1) {
@@ -394,7 +473,7 @@ Outcome train(EmbeddingNetwork& network, const Settings& settings, const Options
     std::snprintf(label, sizeof label, "epoch %2d/%d", epoch, options.epochs);
     const double epoch_loss = train_one_epoch(network, optimizer, settings.learning_rate,
                                               *objective, training, rng, epoch, options.epochs, label,
-                                              ranks ? &*ranks : nullptr);
+                                              ranks.get());
     const Recall& r = outcome.recall = recall_at_k(embed_for_retrieval(network, settings, test.images), test.labels);
     std::printf("%s  loss %.4f  R@1 %.4f  R@2 %.4f  R@4 %.4f  R@8 %.4f  (%.1f s)\n", label,
                 epoch_loss, r.at[0], r.at[1], r.at[2], r.at[3],
@@ -462,10 +541,14 @@ int run(const Options& options) {
   if (options.baselines_only) return 0;
 
   const Outcome outcome = train(network, settings, options, training, test, rng);
-  write_svg(options.svg, pca_2d(embed_for_retrieval(network, settings, test.images)), test.labels,
-            "Fashion-MNIST test embeddings (PCA), loss " + settings.loss + ", Recall@1 " +
-                std::to_string(outcome.recall.at[0]).substr(0, 6));
-  std::printf("wrote %s\ntotal %.1f s\n", options.svg.c_str(), seconds_since(start));
+  if (options.writes_files) {
+    write_svg(options.svg, pca_2d(embed_for_retrieval(network, settings, test.images)),
+              test.labels,
+              "Fashion-MNIST test embeddings (PCA), loss " + settings.loss + ", Recall@1 " +
+                  std::to_string(outcome.recall.at[0]).substr(0, 6));
+    std::printf("wrote %s\n", options.svg.c_str());
+  }
+  std::printf("total %.1f s\n", seconds_since(start));
   if (!options.check) return 0;
   return passes_check(outcome, untrained) ? 0 : 1;
 }
@@ -473,8 +556,29 @@ int run(const Options& options) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  Options options = parse_options(argc, argv);
+#ifdef FASHION_MNIST_MPI
+  if (options.mpi) {
+    MPI_Init(&argc, &argv);
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    // One report: the other ranks compute the same numbers (their --check verdicts agree
+    // because every rank evaluates the same parameters).
+    if (rank != 0 && !std::freopen("/dev/null", "w", stdout)) return 1;
+    options.writes_files = rank == 0;
+    int code = 1;
+    try {
+      code = run(options);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "fashion_mnist (rank %d): %s\n", rank, e.what());
+      MPI_Abort(MPI_COMM_WORLD, 1);  // a rank alone in a collective would wait forever
+    }
+    MPI_Finalize();
+    return code;
+  }
+#endif
   try {
-    return run(parse_options(argc, argv));
+    return run(options);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
     return 1;
