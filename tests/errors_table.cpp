@@ -17,6 +17,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -327,6 +328,116 @@ std::string read_file(const char* path) {
 
 }  // namespace
 
+/// A sharded call on `ranks` threads of one thread_group: `call(sharded_tag, rank)` on each.
+/// Every rank must throw the same message (then rethrown here) and leave its gradient
+/// unwritten; a rank that passes, or differs, fails the program.
+template <class Tag, class Call>
+void on_ranks(Tag tag, int ranks, const std::string& input, Call&& call) {
+  ml::thread_group team(ranks);
+  std::vector<std::string> messages(static_cast<std::size_t>(ranks));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      ml::thread_rank me = team.member(r);
+      try {
+        call(tag.sharded(me), r);
+      } catch (const ml::invalid_argument& error) {
+        messages[static_cast<std::size_t>(r)] = error.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const std::string& m : messages)
+    if (m.empty() || m != messages[0]) {
+      std::cerr << "errors_table: the ranks do not all throw the same message for " << input
+                << "\n";
+      failed = true;
+    }
+  throw ml::invalid_argument(messages[0]);
+}
+
+void sharded_cases(std::vector<Row>& rows) {
+  const std::string loss = "BatchTripletLoss (sharded, 2 ranks)";
+  const Eigen::VectorXi labels = Eigen::VectorXi::Zero(4);
+  // Each case's gradient must stay unwritten on every rank.
+  const auto unwritten = [](const Mat& g, const std::string& input) {
+    if ((g.array() != 9.0f).any()) {
+      std::cerr << "errors_table: a gradient was written by the failing call " << input << "\n";
+      failed = true;
+    }
+  };
+  const std::string labels_case = "rank 1's `labels` of length 3 for its 4 rows";
+  add_case(rows, loss, labels_case, [&](auto tag) {
+    on_ranks(tag, 2, labels_case, [&](auto sharded, int r) {
+      Mat g = filled(4, 3, 9.0f);
+      ml::BatchTripletLoss<float> f;
+      try {
+        f.forward_backward(sharded, filled(4, 3), Eigen::VectorXi::Zero(r == 1 ? 3 : 4).eval(), g);
+      } catch (...) {
+        unwritten(g, labels_case);
+        throw;
+      }
+    });
+  });
+  const std::string d_case = "rank 1's `x` is 4x5, rank 0's 4x3";
+  add_case(rows, loss, d_case, [&](auto tag) {
+    on_ranks(tag, 2, d_case, [&](auto sharded, int r) {
+      const Index d = r == 1 ? 5 : 3;
+      Mat g = filled(4, d, 9.0f);
+      ml::BatchTripletLoss<float> f;
+      try {
+        f.forward_backward(sharded, filled(4, d), labels, g);
+      } catch (...) {
+        unwritten(g, d_case);
+        throw;
+      }
+    });
+  });
+  const std::string empty_case = "every rank's `x` is 0x3";
+  add_case(rows, loss, empty_case, [&](auto tag) {
+    on_ranks(tag, 2, empty_case, [&](auto sharded, int) {
+      Mat g(0, 3);
+      ml::BatchTripletLoss<float> f;
+      f.forward_backward(sharded, filled(0, 3), Eigen::VectorXi(0), g);
+    });
+  });
+  const std::string label_type_case = "rank 1's labels are int64, rank 0's int";
+  add_case(rows, loss, label_type_case, [&](auto tag) {
+    on_ranks(tag, 2, label_type_case, [&](auto sharded, int r) {
+      Mat g = filled(4, 3, 9.0f);
+      ml::BatchTripletLoss<float> f;
+      try {
+        if (r == 1)
+          f.forward_backward(sharded, filled(4, 3), labels.cast<std::int64_t>().eval(), g);
+        else
+          f.forward_backward(sharded, filled(4, 3), labels, g);
+      } catch (...) {
+        unwritten(g, label_type_case);
+        throw;
+      }
+    });
+  });
+  // The options are compared with the path: both attempts use metricloss::scalar here, so
+  // that the message is the same on both.
+  const std::string options_case = "rank 1's `mining` is all, rank 0's hard";
+  add_case(rows, loss, options_case, [&](auto) {
+    on_ranks(ml::scalar, 2, options_case, [&](auto sharded, int r) {
+      Mat g = filled(4, 3, 9.0f);
+      ml::BatchTripletLoss<float> f(0.2f, r == 1 ? ml::Mining::all : ml::Mining::hard);
+      try {
+        f.forward_backward(sharded, filled(4, 3), labels, g);
+      } catch (...) {
+        unwritten(g, options_case);
+        throw;
+      }
+    });
+  });
+  add_case(rows, "thread_group", "`thread_group(0)`", [&](auto) { ml::thread_group team(0); });
+  add_case(rows, "thread_group", "`member(2)` of a group of 2", [&](auto) {
+    ml::thread_group team(2);
+    team.member(2);
+  });
+}
+
 int main(int argc, char** argv) {
   const char* out_path = argc > 1 ? argv[1] : std::getenv("METRICLOSS_ERRORS_TABLE");
   const char* reference = argc > 3 && std::strcmp(argv[2], "--compare") == 0 ? argv[3] : nullptr;
@@ -358,6 +469,7 @@ int main(int argc, char** argv) {
                   {"`base` = inf", [](MultiSimilarity& f) { f.base = inf; }},
                   {"`epsilon` = nan", [](MultiSimilarity& f) { f.epsilon = std::numeric_limits<float>::quiet_NaN(); }},
                   {"`epsilon` = -inf", [](MultiSimilarity& f) { f.epsilon = -inf; }}});
+  sharded_cases(rows);
   const std::string text = table(rows);
   std::ofstream(out_path, std::ios::binary) << text;
   if (failed) return 1;

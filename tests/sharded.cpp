@@ -79,6 +79,117 @@ TEST_CASE("sharded over threads: a malformed call on one rank makes every rank t
   }
 }
 
+/// Every rank's message when rank `odd` calls `odd_call` and the others `call` (both take
+/// the rank handle, x, labels and grad); "" where nothing was thrown; "written" where a
+/// gradient was written before the throw.
+template <class Call, class OddCall>
+std::vector<std::string> mixed_calls(int ranks, int odd, Call&& call, OddCall&& odd_call) {
+  std::vector<std::string> messages(static_cast<std::size_t>(ranks));
+  on_threads(ranks, [&](ml::thread_rank& me, int r) {
+    std::mt19937_64 rng(static_cast<std::uint64_t>(r) + 11);
+    const Matrix<double> x = uniform_matrix<double>(4, 5, rng);
+    Eigen::VectorXi labels(4);
+    labels << 0, 1, 0, 1;
+    Matrix<double> grad = Matrix<double>::Constant(4, 5, 42.0);
+    try {
+      if (r == odd) odd_call(me, x, labels, grad);
+      else call(me, x, labels, grad);
+    } catch (const ml::invalid_argument& e) {
+      messages[static_cast<std::size_t>(r)] = (grad.array() != 42.0).any() ? "written" : e.what();
+    }
+  });
+  return messages;
+}
+
+TEST_CASE("sharded over threads: ranks with different options or paths all throw, naming them",
+          "[sharded][errors]") {
+  // Different options choose different algorithms, and so different collectives: a rank in
+  // batch-hard's statistics and one in batch-all's gather would wait on each other forever.
+  const auto with = [](ml::Mining mining, double margin) {
+    return [=](ml::thread_rank& me, const Matrix<double>& x, const Eigen::VectorXi& y,
+               Matrix<double>& g) {
+      ml::BatchTripletLoss<double> loss(margin, mining);
+      loss.forward_backward(ml::simd.sharded(me), x, y, g);
+    };
+  };
+  SECTION("mining") {
+    for (const auto& m : mixed_calls(3, 2, with(ml::Mining::hard, 0.2), with(ml::Mining::all, 0.2))) {
+      CAPTURE(m);
+      CHECK(m == "metricloss::BatchTripletLoss<double>::forward_backward: rank 2 of 3 calls with "
+                 "margin = 0.2, mining = all, distance = euclidean, soft_margin = false, "
+                 "normalize = false on metricloss::simd, rank 0 with margin = 0.2, mining = hard, "
+                 "distance = euclidean, soft_margin = false, normalize = false on "
+                 "metricloss::simd; every rank needs the same loss options and path");
+    }
+  }
+  SECTION("margin") {
+    for (const auto& m : mixed_calls(2, 1, with(ml::Mining::hard, 0.2), with(ml::Mining::hard, 0.3))) {
+      CAPTURE(m);
+      CHECK(m.find("rank 1 of 2 calls with margin = 0.3,") != std::string::npos);
+      CHECK(m.find("rank 0 with margin = 0.2,") != std::string::npos);
+    }
+  }
+  SECTION("path: lifted on scalar and simd (4 ranks: the paths choose different algorithms)") {
+    const auto lifted = [](auto tag_of) {
+      return [=](ml::thread_rank& me, const Matrix<double>& x, const Eigen::VectorXi& y,
+                 Matrix<double>& g) {
+        ml::LiftedStructureLoss<double> loss(1.0);
+        loss.forward_backward(tag_of(me), x, y, g);
+      };
+    };
+    const auto scalar = lifted([](ml::thread_rank& me) { return ml::scalar.sharded(me); });
+    const auto simd = lifted([](ml::thread_rank& me) { return ml::simd.sharded(me); });
+    for (const auto& m : mixed_calls(4, 0, simd, scalar)) {
+      CAPTURE(m);
+      CHECK(m == "metricloss::LiftedStructureLoss<double>::forward_backward: rank 1 of 4 calls "
+                 "with margin = 1, normalize = false on metricloss::simd, rank 0 with margin = 1, "
+                 "normalize = false on metricloss::scalar; every rank needs the same loss "
+                 "options and path");
+    }
+  }
+  SECTION("normalize, batch contrastive and multi-similarity") {
+    const auto contrastive = [](bool normalize, ml::Reduction reduction) {
+      return [=](ml::thread_rank& me, const Matrix<double>& x, const Eigen::VectorXi& y,
+                 Matrix<double>& g) {
+        ml::BatchContrastiveLoss<double> loss(0.0, 1.0);
+        loss.normalize = normalize;
+        loss.reduction = reduction;
+        loss.forward_backward(ml::scalar.sharded(me), x, y, g);
+      };
+    };
+    for (const auto& m : mixed_calls(3, 1, contrastive(false, ml::Reduction::mean),
+                                     contrastive(true, ml::Reduction::mean))) {
+      CAPTURE(m);
+      CHECK(m.find("rank 1 of 3 calls with pos_margin = 0, neg_margin = 1, distance = euclidean, "
+                   "reduction = mean, normalize = true on metricloss::scalar") !=
+            std::string::npos);
+    }
+    for (const auto& m : mixed_calls(3, 2, contrastive(false, ml::Reduction::mean),
+                                     contrastive(false, ml::Reduction::nonzero_mean))) {
+      CAPTURE(m);
+      CHECK(m.find("rank 2 of 3 calls with pos_margin = 0, neg_margin = 1, distance = euclidean, "
+                   "reduction = nonzero_mean") != std::string::npos);
+    }
+    const auto ms = [](double beta) {
+      return [=](ml::thread_rank& me, const Matrix<double>& x, const Eigen::VectorXi& y,
+                 Matrix<double>& g) {
+        ml::MultiSimilarityLoss<double> loss(2.0, beta);
+        loss.forward_backward(ml::simd.sharded(me), x, y, g);
+      };
+    };
+    for (const auto& m : mixed_calls(2, 1, ms(50.0), ms(40.0))) {
+      CAPTURE(m);
+      CHECK(m.find("rank 1 of 2 calls with alpha = 2, beta = 40, base = 0.5, epsilon = 0.1, "
+                   "normalize = false on metricloss::simd, rank 0 with alpha = 2, beta = 50,") !=
+            std::string::npos);
+    }
+  }
+  SECTION("the same options on every rank pass") {
+    for (const auto& m : mixed_calls(3, 1, with(ml::Mining::hard, 0.2), with(ml::Mining::hard, 0.2)))
+      CHECK(m.empty());
+  }
+}
+
 TEST_CASE("sharded over threads: an empty global batch, and mixed label types, throw",
           "[sharded][errors]") {
   std::vector<std::string> messages(2);

@@ -101,6 +101,17 @@ class BatchContrastiveLoss {
                          std::forward<GR>(grad_r), top_diff);
   }
 
+  /// Calls visit(name, value) for each option, in a fixed order: what a sharded call
+  /// compares across ranks (every rank must pass the same options).
+  template <class Visitor>
+  void visit_options(Visitor&& visit) const {
+    visit("pos_margin", pos_margin);
+    visit("neg_margin", neg_margin);
+    visit("distance", distance);
+    visit("reduction", reduction);
+    visit("normalize", normalize);
+  }
+
  private:
   void check_options(detail::Validator& check) const {
     for (const auto& option : {std::make_pair("pos_margin", pos_margin),

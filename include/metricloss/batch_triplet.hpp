@@ -110,6 +110,17 @@ class BatchTripletLoss {
                          std::forward<GR>(grad_r), top_diff);
   }
 
+  /// Calls visit(name, value) for each option, in a fixed order: what a sharded call
+  /// compares across ranks (every rank must pass the same options).
+  template <class Visitor>
+  void visit_options(Visitor&& visit) const {
+    visit("margin", margin);
+    visit("mining", mining);
+    visit("distance", distance);
+    visit("soft_margin", soft_margin);
+    visit("normalize", normalize);
+  }
+
  private:
   void check_options(detail::Validator& check) const {
     check.margin(margin);

@@ -119,6 +119,14 @@ class LiftedStructureLoss {
                          std::forward<GR>(grad_r), top_diff);
   }
 
+  /// Calls visit(name, value) for each option, in a fixed order: what a sharded call
+  /// compares across ranks (every rank must pass the same options).
+  template <class Visitor>
+  void visit_options(Visitor&& visit) const {
+    visit("margin", margin);
+    visit("normalize", normalize);
+  }
+
  private:
   friend struct detail::BackendSlotAccess;
   detail::BackendSlot backend_slot_;  // each backend's scratch

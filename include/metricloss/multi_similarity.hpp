@@ -101,6 +101,17 @@ class MultiSimilarityLoss {
                          std::forward<GR>(grad_r), top_diff);
   }
 
+  /// Calls visit(name, value) for each option, in a fixed order: what a sharded call
+  /// compares across ranks (every rank must pass the same options).
+  template <class Visitor>
+  void visit_options(Visitor&& visit) const {
+    visit("alpha", alpha);
+    visit("beta", beta);
+    visit("base", base);
+    visit("epsilon", epsilon);
+    visit("normalize", normalize);
+  }
+
  private:
   void check_options(detail::Validator& check) const {
     const auto option = [&](const char* name, T value, bool ok, const char* rule) {

@@ -34,13 +34,18 @@
 #include <metricloss/detail/views.hpp>
 #include <metricloss/errors.hpp>
 #include <metricloss/exec.hpp>
+#include <metricloss/options.hpp>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace metricloss {
 namespace detail {
@@ -53,7 +58,72 @@ struct ShardStatus {
   std::int32_t scalar_bytes;
   std::int32_t label_code;
   std::int32_t message_bytes;
+  std::uint64_t options;  // OptionsHash of the loss's options and the host path
 };
+
+/// The loss's options and the host path (scalar or simd), hashed (FNV-1a over each option's
+/// bits) and written out, from the loss's visit_options(visitor): ranks that differ in them
+/// would choose different algorithms, and so different sequences of collectives.
+inline const char* option_text(Mining m) {
+  return m == Mining::all ? "all" : m == Mining::hard ? "hard" : "semihard";
+}
+inline const char* option_text(Distance d) {
+  return d == Distance::euclidean ? "euclidean" : "squared_euclidean";
+}
+inline const char* option_text(Reduction r) {
+  return r == Reduction::mean ? "mean" : "nonzero_mean";
+}
+inline const char* option_text(bool b) { return b ? "true" : "false"; }
+/// The shortest decimal that reads back as v (0.2f prints as 0.2, not 0.200000003).
+template <class T, std::enable_if_t<std::is_floating_point<T>::value, int> = 0>
+std::string option_text(T v) {
+  char text[40];
+  for (int digits = std::numeric_limits<T>::digits10;; ++digits) {
+    std::snprintf(text, sizeof text, "%.*g", digits, static_cast<double>(v));
+    if (digits >= std::numeric_limits<T>::max_digits10 ||
+        static_cast<T>(std::strtod(text, nullptr)) == v || v != v)
+      return text;
+  }
+}
+
+struct OptionsHash {
+  std::uint64_t value = 14695981039346656037ull;
+  template <class V>
+  void operator()(const char*, const V& option) {
+    unsigned char bytes[sizeof(V)];
+    std::memcpy(bytes, &option, sizeof(V));
+    for (unsigned char b : bytes) value = (value ^ b) * 1099511628211ull;
+  }
+};
+
+struct OptionsText {
+  std::string text;
+  template <class V>
+  void operator()(const char* name, const V& option) {
+    text += (text.empty() ? "" : ", ") + std::string(name) + " = " + option_text(option);
+  }
+};
+
+template <class Base>
+constexpr const char* host_path_name() {
+  return std::is_same<Base, scalar_tag>::value ? "scalar" : "simd";
+}
+
+template <class Base, class Loss>
+std::uint64_t options_hash(const Loss& loss) {
+  OptionsHash hash;
+  loss.visit_options(hash);
+  const std::string path = host_path_name<Base>();
+  for (char c : path) hash("path", c);
+  return hash.value;
+}
+
+template <class Base, class Loss>
+std::string options_text(const Loss& loss) {
+  OptionsText out;
+  loss.visit_options(out);
+  return out.text + " on metricloss::" + host_path_name<Base>();
+}
 
 /// Labels travel as raw bytes: every rank must pass the same label type.
 template <class L>
@@ -127,10 +197,12 @@ void gather_rows(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardSt
 }
 
 /// Step 1: exchanges the statuses and throws, on every rank alike, when any rank's
-/// arguments failed or the ranks disagree. `error` is this rank's message (empty: passed).
-template <class Group>
+/// arguments failed or the ranks disagree. `error` is this rank's message (empty: passed);
+/// `describe_options()` writes this rank's options out (called only when they differ).
+template <class Group, class DescribeOptions>
 void agree(Group& group, Validator& check, ShardStatus mine, const std::string& error,
-           GrowOnlyBuffer<ShardStatus>& statuses, GrowOnlyBuffer<std::size_t>& bytes) {
+           GrowOnlyBuffer<ShardStatus>& statuses, GrowOnlyBuffer<std::size_t>& bytes,
+           DescribeOptions&& describe_options) {
   const int ranks = group.size();
   ShardStatus* status = statuses.data(static_cast<std::size_t>(ranks));
   {
@@ -184,6 +256,35 @@ void agree(Group& group, Validator& check, ShardStatus mine, const std::string& 
                  shape_string(status[0].rows, status[0].cols) +
                  "; every rank needs the same D (a rank without rows passes 0 x D)");
   }
+  int differs = -1;
+  for (int q = 1; q < ranks && differs < 0; ++q)
+    if (status[q].options != status[0].options) differs = q;
+  if (differs > 0) {
+    // Every rank learns that rank `differs` differs from rank 0, and exchanges its text.
+    const std::string text = describe_options();
+    std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
+    std::size_t* offsets = counts + ranks;
+    // Two rounds: the lengths, then the texts (a failing call may allocate).
+    std::vector<std::uint64_t> length(static_cast<std::size_t>(ranks));
+    for (int q = 0; q < ranks; ++q) {
+      counts[q] = sizeof(std::uint64_t);
+      offsets[q] = static_cast<std::size_t>(q) * sizeof(std::uint64_t);
+    }
+    const std::uint64_t my_length = text.size();
+    group.allgatherv(&my_length, sizeof my_length, length.data(), counts, offsets);
+    std::size_t at = 0;
+    for (int q = 0; q < ranks; ++q) {
+      counts[q] = static_cast<std::size_t>(length[static_cast<std::size_t>(q)]);
+      offsets[q] = at;
+      at += counts[q];
+    }
+    std::string all(at, ' ');
+    group.allgatherv(text.data(), text.size(), &all[0], counts, offsets);
+    check.fail("rank " + std::to_string(differs) + of + " calls with " +
+               all.substr(offsets[differs], counts[differs]) + ", rank 0 with " +
+               all.substr(offsets[0], counts[0]) +
+               "; every rank needs the same loss options and path");
+  }
   if (total == 0)
     check.fail("argument 'x' has 0 rows on every rank" + of +
                "; the global batch needs N >= 1 rows");
@@ -230,8 +331,10 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
   }
   ShardStatus mine{static_cast<std::int64_t>(xv.rows), static_cast<std::int64_t>(xv.cols),
                    error.empty() ? 1 : 0, static_cast<std::int32_t>(sizeof(T)),
-                   label_code<Label>(), static_cast<std::int32_t>(error.size())};
-  agree(group, check, mine, error, work.status, work.bytes);
+                   label_code<Label>(), static_cast<std::int32_t>(error.size()),
+                   options_hash<Base>(loss)};
+  agree(group, check, mine, error, work.status, work.bytes,
+        [&] { return options_text<Base>(loss); });
 
   // 2. The global batch, in rank order.
   const int ranks = group.size();
