@@ -6,6 +6,8 @@
 
 #include "kernels.hpp"
 
+#include <cstring>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -234,7 +236,8 @@ struct BatchTriplet {
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
                                          double margin, int mining, int distance,
-                                         bool soft_margin, bool normalize, bool want_x) {
+                                         bool soft_margin, bool normalize, bool want_x,
+                                         const mlpy::Group* group = nullptr) {
     const std::string loss = "BatchTripletLoss";
     if (!x.defined()) value_error(loss, "argument 'x' is undefined");
     const auto rx = rows_of(loss, "x", x, x.scalar_type());
@@ -243,7 +246,9 @@ struct BatchTriplet {
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(
-        mutex, [&] { return kernel.run(s, margin, mining, distance, soft_margin, normalize, rx, ly, gx); });
+        mutex, [&] {
+          return kernel.run(s, margin, mining, distance, soft_margin, normalize, rx, ly, gx, group);
+        });
     return {loss_tensor(v, x), tx};
   }
 
@@ -270,7 +275,8 @@ struct Lifted {
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
-                                         double margin, bool normalize, bool want_x) {
+                                         double margin, bool normalize, bool want_x,
+                                         const mlpy::Group* group = nullptr) {
     const std::string loss = "LiftedStructureLoss";
     if (!x.defined()) value_error(loss, "argument 'x' is undefined");
     const auto rx = rows_of(loss, "x", x, x.scalar_type());
@@ -279,7 +285,7 @@ struct Lifted {
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     const double v =
-        call_kernel(mutex, [&] { return kernel.run(s, margin, normalize, rx, ly, gx); });
+        call_kernel(mutex, [&] { return kernel.run(s, margin, normalize, rx, ly, gx, group); });
     return {loss_tensor(v, x), tx};
   }
 
@@ -307,14 +313,15 @@ struct AllPairs {
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
-                                         const Options& o, bool want_x) {
+                                         const Options& o, bool want_x,
+                                         const mlpy::Group* group = nullptr) {
     if (!x.defined()) value_error(name, "argument 'x' is undefined");
     const auto rx = rows_of(name, "x", x, x.scalar_type());
     const auto ly = labels_of(name, "labels", labels);
     auto [tx, gx] = grad_for(x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
-    const double v = call_kernel(mutex, [&] { return kernel.run(s, o, rx, ly, gx); });
+    const double v = call_kernel(mutex, [&] { return kernel.run(s, o, rx, ly, gx, group); });
     return {loss_tensor(v, x), tx};
   }
 
@@ -337,6 +344,14 @@ template <>
 const char* const BatchContrastive::name = "BatchContrastiveLoss";
 template <>
 const char* const MultiSimilarity::name = "MultiSimilarityLoss";
+
+/// A sharded call (group given) takes no reference set yet.
+void check_no_reference(const char* loss, const mlpy::Group* group,
+                        const c10::optional<at::Tensor>& ref) {
+  if (group && ref.has_value())
+    value_error(loss, "a call with 'group' (the global batch of a process group) takes no "
+                      "reference set ('ref') yet");
+}
 
 // One torch::autograd::Function per loss: forward calls the kernel once and saves the
 // gradients of the inputs autograd wants; backward only scales them (scale_saved). The batch
@@ -379,7 +394,8 @@ struct BatchTripletFunction : torch::autograd::Function<BatchTripletFunction> {
                             const c10::optional<at::Tensor>& ref_labels,
                             const c10::optional<at::Tensor>& self_index, BatchTriplet* self,
                             double margin, int64_t mining, int64_t distance, bool soft_margin,
-                            bool normalize, bool want_x, bool want_ref) {
+                            bool normalize, bool want_x, bool want_ref, const mlpy::Group* group) {
+    check_no_reference("BatchTripletLoss", group, ref);
     if (ref.has_value()) {
       auto [loss, gx, gr] = self->run_reference(x, labels, *ref, ref_labels, self_index, margin,
                                                 int(mining), int(distance), soft_margin, normalize,
@@ -388,12 +404,12 @@ struct BatchTripletFunction : torch::autograd::Function<BatchTripletFunction> {
       return loss;
     }
     auto [loss, gx] = self->run(x, labels, margin, int(mining), int(distance), soft_margin,
-                                normalize, want_x);
+                                normalize, want_x, group);
     ctx->save_for_backward({gx});
     return loss;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, 14);
+    return scale_saved(ctx, grad_outputs, 15);
   }
 };
 
@@ -402,19 +418,21 @@ struct LiftedFunction : torch::autograd::Function<LiftedFunction> {
                             const c10::optional<at::Tensor>& ref, const at::Tensor& labels,
                             const c10::optional<at::Tensor>& ref_labels,
                             const c10::optional<at::Tensor>& self_index, Lifted* self,
-                            double margin, bool normalize, bool want_x, bool want_ref) {
+                            double margin, bool normalize, bool want_x, bool want_ref,
+                            const mlpy::Group* group) {
+    check_no_reference("LiftedStructureLoss", group, ref);
     if (ref.has_value()) {
       auto [loss, gx, gr] = self->run_reference(x, labels, *ref, ref_labels, self_index, margin,
                                                 normalize, want_x, want_ref);
       ctx->save_for_backward({gx, gr});
       return loss;
     }
-    auto [loss, gx] = self->run(x, labels, margin, normalize, want_x);
+    auto [loss, gx] = self->run(x, labels, margin, normalize, want_x, group);
     ctx->save_for_backward({gx});
     return loss;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, 11);
+    return scale_saved(ctx, grad_outputs, 12);
   }
 };
 
@@ -425,19 +443,21 @@ struct AllPairsFunction : torch::autograd::Function<AllPairsFunction<Loss, Optio
                             const c10::optional<at::Tensor>& ref, const at::Tensor& labels,
                             const c10::optional<at::Tensor>& ref_labels,
                             const c10::optional<at::Tensor>& self_index, Loss* self,
-                            const Options& options, bool want_x, bool want_ref) {
+                            const Options& options, bool want_x, bool want_ref,
+                            const mlpy::Group* group) {
+    check_no_reference(Loss::name, group, ref);
     if (ref.has_value()) {
       auto [loss, gx, gr] =
           self->run_reference(x, labels, *ref, ref_labels, self_index, options, want_x, want_ref);
       ctx->save_for_backward({gx, gr});
       return loss;
     }
-    auto [loss, gx] = self->run(x, labels, options, want_x);
+    auto [loss, gx] = self->run(x, labels, options, want_x, group);
     ctx->save_for_backward({gx});
     return loss;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, 9);
+    return scale_saved(ctx, grad_outputs, 10);
   }
 };
 
@@ -459,46 +479,91 @@ at::Tensor batch_triplet_loss(BatchTriplet& self, const at::Tensor& x, const at:
                               const c10::optional<at::Tensor>& ref,
                               const c10::optional<at::Tensor>& ref_labels,
                               const c10::optional<at::Tensor>& self_index, double margin,
-                              int mining, int distance, bool soft_margin, bool normalize) {
+                              int mining, int distance, bool soft_margin, bool normalize,
+                              const mlpy::Group* group) {
   return BatchTripletFunction::apply(x, ref, labels, ref_labels, self_index, &self, margin,
                                      int64_t(mining), int64_t(distance), soft_margin, normalize,
-                                     wanted(x), wanted(ref));
+                                     wanted(x), wanted(ref), group);
 }
 
 at::Tensor lifted_loss(Lifted& self, const at::Tensor& x, const at::Tensor& labels,
                        const c10::optional<at::Tensor>& ref,
                        const c10::optional<at::Tensor>& ref_labels,
                        const c10::optional<at::Tensor>& self_index, double margin,
-                       bool normalize) {
+                       bool normalize, const mlpy::Group* group) {
   return LiftedFunction::apply(x, ref, labels, ref_labels, self_index, &self, margin, normalize,
-                               wanted(x), wanted(ref));
+                               wanted(x), wanted(ref), group);
 }
 
 template <class Loss, class Options>
 at::Tensor all_pairs_loss(Loss& self, const at::Tensor& x, const at::Tensor& labels,
                           const c10::optional<at::Tensor>& ref,
                           const c10::optional<at::Tensor>& ref_labels,
-                          const c10::optional<at::Tensor>& self_index, const Options& options) {
+                          const c10::optional<at::Tensor>& self_index, const Options& options,
+                          const mlpy::Group* group) {
   return AllPairsFunction<Loss, Options>::apply(x, ref, labels, ref_labels, self_index, &self,
-                                                options, wanted(x), wanted(ref));
+                                                options, wanted(x), wanted(ref), group);
 }
 
 at::Tensor batch_contrastive_loss(BatchContrastive& self, const at::Tensor& x,
                                   const at::Tensor& labels, const c10::optional<at::Tensor>& ref,
                                   const c10::optional<at::Tensor>& ref_labels,
                                   const c10::optional<at::Tensor>& self_index, double pos_margin,
-                                  double neg_margin, int distance, int reduction, bool normalize) {
+                                  double neg_margin, int distance, int reduction, bool normalize,
+                                  const mlpy::Group* group) {
   const mlpy::BatchContrastiveOptions o{pos_margin, neg_margin, distance, reduction, normalize};
-  return all_pairs_loss(self, x, labels, ref, ref_labels, self_index, o);
+  return all_pairs_loss(self, x, labels, ref, ref_labels, self_index, o, group);
 }
 
 at::Tensor multi_similarity_loss(MultiSimilarity& self, const at::Tensor& x,
                                  const at::Tensor& labels, const c10::optional<at::Tensor>& ref,
                                  const c10::optional<at::Tensor>& ref_labels,
                                  const c10::optional<at::Tensor>& self_index, double alpha,
-                                 double beta, double base, double epsilon, bool normalize) {
+                                 double beta, double base, double epsilon, bool normalize,
+                                 const mlpy::Group* group) {
   const mlpy::MultiSimilarityOptions o{alpha, beta, base, epsilon, normalize};
-  return all_pairs_loss(self, x, labels, ref, ref_labels, self_index, o);
+  return all_pairs_loss(self, x, labels, ref, ref_labels, self_index, o, group);
+}
+
+/// A Group whose allgatherv calls gather(send: uint8 tensor, counts: list[int]) in Python
+/// (metricloss/distributed.py: torch.distributed.all_gather, padded), which returns one uint8
+/// tensor of counts[q] bytes per rank. Called from inside a kernel, with the GIL released.
+std::unique_ptr<mlpy::Group> make_group(int rank, int size, py::function gather) {
+  if (size < 1 || rank < 0 || rank >= size)
+    throw py::value_error("metricloss.distributed: rank " + std::to_string(rank) + " of " +
+                          std::to_string(size) + " is not a rank of the group");
+  auto group = std::make_unique<mlpy::Group>();
+  group->rank = rank;
+  group->size = size;
+  group->allgatherv = [gather, size](const void* send, std::size_t bytes, void* recv,
+                                     const std::size_t* counts, const std::size_t* offsets) {
+    py::gil_scoped_acquire acquire;
+    std::string error;
+    try {
+      at::Tensor mine = at::empty({static_cast<int64_t>(bytes)}, at::kByte);
+      if (bytes > 0) std::memcpy(mine.data_ptr(), send, bytes);
+      py::list count_list;
+      for (int q = 0; q < size; ++q) count_list.append(counts[q]);
+      const auto parts = gather(mine, count_list).cast<std::vector<at::Tensor>>();
+      if (static_cast<int>(parts.size()) != size)
+        throw std::runtime_error("the gather returned " + std::to_string(parts.size()) +
+                                 " tensors for " + std::to_string(size) + " ranks");
+      for (int q = 0; q < size; ++q) {
+        const at::Tensor part = parts[static_cast<std::size_t>(q)].contiguous();
+        if (part.scalar_type() != at::kByte || static_cast<std::size_t>(part.numel()) != counts[q])
+          throw std::runtime_error("the gather returned " + std::to_string(part.numel()) +
+                                   " elements of " + std::string(c10::toString(part.scalar_type())) +
+                                   " from rank " + std::to_string(q) + ", expected " +
+                                   std::to_string(counts[q]) + " bytes");
+        if (counts[q] > 0)
+          std::memcpy(static_cast<char*>(recv) + offsets[q], part.data_ptr(), counts[q]);
+      }
+    } catch (const std::exception& e) {  // py::error_already_set included, with the GIL held
+      error = e.what();
+    }
+    if (!error.empty()) throw std::runtime_error("metricloss.distributed: " + error);
+  };
+  return group;
 }
 
 }  // namespace
@@ -506,6 +571,10 @@ at::Tensor multi_similarity_loss(MultiSimilarity& self, const at::Tensor& x,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metricloss kernels (metricloss::simd) for the torch.nn.Module losses in metricloss";
   // run: the kernel call alone (benchmarks, tests); loss: through the autograd Function.
+  py::class_<mlpy::Group>(m, "Group")
+      .def(py::init(&make_group), py::arg("rank"), py::arg("size"), py::arg("gather"))
+      .def_readonly("rank", &mlpy::Group::rank)
+      .def_readonly("size", &mlpy::Group::size);
   py::class_<Contrastive>(m, "Contrastive")
       .def(py::init<>())
       .def("run", &Contrastive::run)
@@ -518,13 +587,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("gradient_calls", &Triplet::gradient_calls);
   py::class_<BatchTriplet>(m, "BatchTriplet")
       .def(py::init<>())
-      .def("run", &BatchTriplet::run)
+      .def("run",
+           [](BatchTriplet& self, const at::Tensor& x, const at::Tensor& labels, double margin,
+              int mining, int distance, bool soft_margin, bool normalize, bool want_x) {
+             return self.run(x, labels, margin, mining, distance, soft_margin, normalize, want_x);
+           })
       .def("run_reference", &BatchTriplet::run_reference)
       .def("loss", &batch_triplet_loss)
       .def_readonly("gradient_calls", &BatchTriplet::gradient_calls);
   py::class_<Lifted>(m, "Lifted")
       .def(py::init<>())
-      .def("run", &Lifted::run)
+      .def("run",
+           [](Lifted& self, const at::Tensor& x, const at::Tensor& labels, double margin,
+              bool normalize, bool want_x) {
+             return self.run(x, labels, margin, normalize, want_x);
+           })
       .def("run_reference", &Lifted::run_reference)
       .def("loss", &lifted_loss)
       .def_readonly("gradient_calls", &Lifted::gradient_calls);

@@ -3,7 +3,9 @@
 // translation units compile without torch's headers, in parallel with binding.cpp; a CUDA
 // translation unit (a later step of issue 18) would sit behind the same kind of interface.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 namespace metricloss_python {
@@ -33,6 +35,16 @@ struct Labels {
 struct Reference {
   Rows r;
   Labels labels, self;
+};
+
+/// A group of ranks for the sharded batch losses (metricloss's group concept): rank, size and
+/// an allgatherv of bytes, here a callback (the binding's torch.distributed process group:
+/// metricloss/distributed.py). A null Group* passes no group: one process.
+struct Group {
+  int rank = 0, size = 1;
+  std::function<void(const void* send, std::size_t bytes, void* recv, const std::size_t* counts,
+                     const std::size_t* offsets)>
+      allgatherv;
 };
 
 // One object per Python module instance: it owns one metricloss functor per scalar type
@@ -70,7 +82,7 @@ class BatchTriplet {
   BatchTriplet();
   ~BatchTriplet();
   double run(Scalar, double margin, int mining, int distance, bool soft_margin, bool normalize,
-             Rows x, Labels labels, Grad gx);
+             Rows x, Labels labels, Grad gx, const Group* group = nullptr);
   double run(Scalar, double margin, int mining, int distance, bool soft_margin, bool normalize,
              Rows q, Labels labels_q, Reference ref, Grad gq, Grad gr);
 
@@ -83,7 +95,8 @@ class Lifted {
  public:
   Lifted();
   ~Lifted();
-  double run(Scalar, double margin, bool normalize, Rows x, Labels labels, Grad gx);
+  double run(Scalar, double margin, bool normalize, Rows x, Labels labels, Grad gx,
+             const Group* group = nullptr);
   double run(Scalar, double margin, bool normalize, Rows q, Labels labels_q, Reference ref,
              Grad gq, Grad gr);
 
@@ -103,7 +116,8 @@ class BatchContrastive {
  public:
   BatchContrastive();
   ~BatchContrastive();
-  double run(Scalar, const BatchContrastiveOptions&, Rows x, Labels labels, Grad gx);
+  double run(Scalar, const BatchContrastiveOptions&, Rows x, Labels labels, Grad gx,
+             const Group* group = nullptr);
   double run(Scalar, const BatchContrastiveOptions&, Rows q, Labels labels_q, Reference ref,
              Grad gq, Grad gr);
 
@@ -122,7 +136,8 @@ class MultiSimilarity {
  public:
   MultiSimilarity();
   ~MultiSimilarity();
-  double run(Scalar, const MultiSimilarityOptions&, Rows x, Labels labels, Grad gx);
+  double run(Scalar, const MultiSimilarityOptions&, Rows x, Labels labels, Grad gx,
+             const Group* group = nullptr);
   double run(Scalar, const MultiSimilarityOptions&, Rows q, Labels labels_q, Reference ref,
              Grad gq, Grad gr);
 

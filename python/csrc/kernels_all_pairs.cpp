@@ -29,10 +29,10 @@ BatchContrastive::BatchContrastive() : impl_(std::make_unique<Impl>()) {}
 BatchContrastive::~BatchContrastive() = default;
 
 double BatchContrastive::run(Scalar s, const BatchContrastiveOptions& o, Rows x, Labels labels,
-                             Grad gx) {
+                             Grad gx, const Group* group) {
   return impl_->run(s, o, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_batch<T>(loss, x, labels, gx);
+    return run_batch<T>(loss, x, labels, gx, group);
   });
 }
 
@@ -67,10 +67,10 @@ MultiSimilarity::MultiSimilarity() : impl_(std::make_unique<Impl>()) {}
 MultiSimilarity::~MultiSimilarity() = default;
 
 double MultiSimilarity::run(Scalar s, const MultiSimilarityOptions& o, Rows x, Labels labels,
-                            Grad gx) {
+                            Grad gx, const Group* group) {
   return impl_->run(s, o, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_batch<T>(loss, x, labels, gx);
+    return run_batch<T>(loss, x, labels, gx, group);
   });
 }
 

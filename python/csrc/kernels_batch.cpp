@@ -29,10 +29,10 @@ BatchTriplet::BatchTriplet() : impl_(std::make_unique<Impl>()) {}
 BatchTriplet::~BatchTriplet() = default;
 
 double BatchTriplet::run(Scalar s, double margin, int mining, int distance, bool soft_margin,
-                         bool normalize, Rows x, Labels labels, Grad gx) {
+                         bool normalize, Rows x, Labels labels, Grad gx, const Group* group) {
   return impl_->run(s, margin, mining, distance, soft_margin, normalize, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_batch<T>(loss, x, labels, gx);
+    return run_batch<T>(loss, x, labels, gx, group);
   });
 }
 
@@ -64,10 +64,11 @@ struct Lifted::Impl {
 Lifted::Lifted() : impl_(std::make_unique<Impl>()) {}
 Lifted::~Lifted() = default;
 
-double Lifted::run(Scalar s, double margin, bool normalize, Rows x, Labels labels, Grad gx) {
+double Lifted::run(Scalar s, double margin, bool normalize, Rows x, Labels labels, Grad gx,
+                   const Group* group) {
   return impl_->run(s, margin, normalize, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_batch<T>(loss, x, labels, gx);
+    return run_batch<T>(loss, x, labels, gx, group);
   });
 }
 

@@ -76,10 +76,31 @@ double run_reference(Loss& loss, const Rows& q, const Labels& labels_q, const Re
   });
 }
 
-/// forward_backward of one batch x.
+/// The group concept over a kernels.hpp Group.
+class GroupRef {
+ public:
+  explicit GroupRef(const Group& group) : group_(&group) {}
+  int rank() const { return group_->rank; }
+  int size() const { return group_->size; }
+  void allgatherv(const void* send, std::size_t bytes, void* recv, const std::size_t* counts,
+                  const std::size_t* offsets) const {
+    group_->allgatherv(send, bytes, recv, counts, offsets);
+  }
+
+ private:
+  const Group* group_;
+};
+
+/// forward_backward of one batch x, or of this rank's rows x of the global batch of `group`.
 template <class T, class Loss>
-double run_batch(Loss& loss, const Rows& x, const Labels& labels, const Grad& gx) {
+double run_batch(Loss& loss, const Rows& x, const Labels& labels, const Grad& gx,
+                 const Group* group = nullptr) {
   return with_grad<T>(gx, [&](auto&& grad_x) {
+    if (group) {
+      GroupRef ranks(*group);
+      return static_cast<double>(
+          loss.forward_backward(ml::simd.sharded(ranks), map<T>(x), map(labels), grad_x));
+    }
     return static_cast<double>(loss.forward_backward(ml::simd, map<T>(x), map(labels), grad_x));
   });
 }

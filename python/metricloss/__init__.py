@@ -17,7 +17,9 @@ equality; NaN labels are rejected).
 
 The batch losses (BatchTripletLoss, LiftedStructureLoss, BatchContrastiveLoss,
 MultiSimilarityLoss) take ``normalize=True`` to L2-normalise the rows inside the call (the
-gradient chained through; a zero row is a ValueError), and a reference set (e.g. a memory of past
+gradient chained through; a zero row is a ValueError), a process group (``group=``: the loss of
+the global batch over the ranks of torch.distributed, see metricloss.distributed), and a
+reference set (e.g. a memory of past
 batches): ``loss_fn(q, labels_q, ref=r, ref_labels=yr, self_index=None)``. Anchors are the rows
 of q, positives and negatives the rows of r (the same dtype and D): P(a) = {j : yr[j] ==
 labels_q[a], j != self_index[a]}, Neg(a) = {j : yr[j] != labels_q[a]}. self_index (an integer
@@ -115,6 +117,17 @@ def _similarity(loss, sim):
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise ValueError(f"metricloss.{loss}: argument 'sim' contains non-finite values")
     return t.to(torch.int64)  # truncation toward zero, as static_cast<long long>
+
+
+def _group(loss, group):
+    """The C++ group of a metricloss.distributed.group, or None."""
+    if group is None:
+        return None
+    c = getattr(group, "_c", None)
+    if not isinstance(c, _C.Group):
+        raise TypeError(f"metricloss.{loss}: argument 'group' must be a "
+                        f"metricloss.distributed.group, got {type(group).__name__}")
+    return c
 
 
 def _embedding(loss, name, value):
@@ -228,14 +241,15 @@ class BatchTripletLoss(_Loss):
         self.soft_margin = bool(soft_margin)
         self.normalize = bool(normalize)
 
-    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None, group=None):
         name = "BatchTripletLoss"
         x = _embedding(name, "x", x)
         labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
         mining = _option(name, "mining", self.mining, _MININGS)
         distance = _option(name, "distance", self.distance, _DISTANCES)
         return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.margin),
-                                 mining, distance, bool(self.soft_margin), bool(self.normalize))
+                                 mining, distance, bool(self.soft_margin), bool(self.normalize),
+                                 _group(name, group))
 
     def extra_repr(self):
         return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
@@ -254,12 +268,12 @@ class LiftedStructureLoss(_Loss):
         self.margin = float(margin)
         self.normalize = bool(normalize)
 
-    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None, group=None):
         name = "LiftedStructureLoss"
         x = _embedding(name, "x", x)
         labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
         return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.margin),
-                                 bool(self.normalize))
+                                 bool(self.normalize), _group(name, group))
 
     def extra_repr(self):
         return f"margin={self.margin}, normalize={self.normalize}"
@@ -288,14 +302,15 @@ class BatchContrastiveLoss(_Loss):
         self.reduction = reduction
         self.normalize = bool(normalize)
 
-    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None, group=None):
         name = "BatchContrastiveLoss"
         x = _embedding(name, "x", x)
         labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
         distance = _option(name, "distance", self.distance, _DISTANCES)
         reduction = _option(name, "reduction", self.reduction, _REDUCTIONS)
         return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.pos_margin),
-                                 float(self.neg_margin), distance, reduction, bool(self.normalize))
+                                 float(self.neg_margin), distance, reduction, bool(self.normalize),
+                                 _group(name, group))
 
     def extra_repr(self):
         return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "
@@ -324,13 +339,13 @@ class MultiSimilarityLoss(_Loss):
         self.epsilon = float(epsilon)
         self.normalize = bool(normalize)
 
-    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None):
+    def forward(self, x, labels, *, ref=None, ref_labels=None, self_index=None, group=None):
         name = "MultiSimilarityLoss"
         x = _embedding(name, "x", x)
         labels, ref, ref_labels, self_index = _reference(name, labels, ref, ref_labels, self_index)
         return self._kernel.loss(x, labels, ref, ref_labels, self_index, float(self.alpha),
                                  float(self.beta), float(self.base), float(self.epsilon),
-                                 bool(self.normalize))
+                                 bool(self.normalize), _group(name, group))
 
     def extra_repr(self):
         return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, "
