@@ -238,11 +238,20 @@ TEST_CASE("sharded over threads: a warm call allocates nothing", "[sharded][allo
       const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels = global.labels.segment(first, rows);
       Matrix<float> grad(rows, 9);
       ml::BatchTripletLoss<float> hard(0.2f, ml::Mining::hard);
+      ml::BatchTripletLoss<float> semihard(0.2f, ml::Mining::semihard);
+      ml::BatchTripletLoss<float> all(0.2f, ml::Mining::all);
       ml::LiftedStructureLoss<float> lifted(1.0f);
       lifted.normalize = true;
+      ml::BatchContrastiveLoss<float> contrastive(0.0f, 1.0f);
+      ml::MultiSimilarityLoss<float> ms;
+      ms.normalize = true;
       const auto calls = [&] {
         hard.forward_backward(ml::simd.sharded(me), x, labels, grad);
+        semihard.forward_backward(ml::scalar.sharded(me), x, labels, grad);
+        all.forward_backward(ml::simd.sharded(me), x, labels, grad);
         lifted.forward_backward(ml::simd.sharded(me), x, labels, grad);
+        contrastive.forward_backward(ml::simd.sharded(me), x, labels, grad);
+        ms.forward_backward(ml::scalar.sharded(me), x, labels, grad);
         hard.forward(ml::scalar.sharded(me), x, labels);
       };
       calls();  // warm
