@@ -113,8 +113,7 @@ template <class Base, class Loss>
 std::uint64_t options_hash(const Loss& loss) {
   OptionsHash hash;
   loss.visit_options(hash);
-  const std::string path = host_path_name<Base>();
-  for (char c : path) hash("path", c);
+  for (const char* c = host_path_name<Base>(); *c != '\0'; ++c) hash("path", *c);
   return hash.value;
 }
 
