@@ -17,6 +17,7 @@
 
 #include <metricloss/metricloss.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <functional>
 #include <utility>
