@@ -13,7 +13,7 @@
 //                      allgatherv (X, labels, statuses, statistics: everything exchanged);
 //   torch_gather_bytes what a gather-everything wrapper receives (X and labels as int64).
 // The ranks' agreement and gathers run inside the timed call (as threads they are memcpy).
-#include "common.hpp"
+#include "sharded_common.hpp"
 
 #include <metricloss/thread_group.hpp>
 
@@ -29,24 +29,6 @@ double thread_cpu_seconds() {
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
   return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
-
-/// A thread_rank that counts the bytes its allgatherv calls receive (from every rank, its
-/// own included, as an MPI_Allgatherv's receive buffer holds them).
-class CountingRank {
- public:
-  CountingRank(ml::thread_rank rank, double& received) : rank_(rank), received_(&received) {}
-  int rank() const { return rank_.rank(); }
-  int size() const { return rank_.size(); }
-  void allgatherv(const void* send, std::size_t bytes, void* recv, const std::size_t* counts,
-                  const std::size_t* offsets) {
-    for (int q = 0; q < size(); ++q) *received_ += static_cast<double>(counts[q]);
-    rank_.allgatherv(send, bytes, recv, counts, offsets);
-  }
-
- private:
-  ml::thread_rank rank_;
-  double* received_;
-};
 
 struct Batch {
   Matrix<float> x, grad;
@@ -73,7 +55,8 @@ void run(benchmark::State& state, Loss prototype) {
     std::vector<std::thread> threads;
     for (int r = 0; r < ranks; ++r)
       threads.emplace_back([&, r] {
-        CountingRank me(team.member(r), received[static_cast<std::size_t>(r)]);
+        ml::thread_rank rank = team.member(r);
+        CountingGroup<ml::thread_rank> me(rank, received[static_cast<std::size_t>(r)]);
         const auto [first, rows] = shard(r);
         const double start = thread_cpu_seconds();
         const float value = losses[static_cast<std::size_t>(r)].forward_backward(
@@ -100,13 +83,7 @@ void run(benchmark::State& state, Loss prototype) {
     rank_total += slowest;
     state.SetIterationTime(slowest);
   }
-  const double ratio = rank_total / single_total;
-  state.counters["rank_over_single"] = ratio;
-  state.counters["times_W"] = ratio * ranks;
-  const double x_bytes = static_cast<double>(n * d) * sizeof(float);
-  state.counters["gathered_bytes"] = received_per_call;
-  state.counters["torch_gather_bytes"] = x_bytes + static_cast<double>(n) * 8.0;
-  set_rates(state, 2.0 * x_bytes / ranks, 4.0 * static_cast<double>(n) * n * d / ranks);
+  set_sharded_counters(state, n, d, ranks, rank_total, single_total, received_per_call);
 }
 
 }  // namespace

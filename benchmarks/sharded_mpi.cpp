@@ -14,7 +14,7 @@
 // iteration counts are fixed and random interleaving is refused: every rank must make the
 // same sequence of collectives. W = 4 on a 2-core machine is oversubscribed (OpenMPI polls
 // while it waits): its times are an upper bound.
-#include "common.hpp"
+#include "sharded_common.hpp"
 
 #include <metricloss/mpi.hpp>
 
@@ -27,23 +27,6 @@ using namespace mlbench;
 
 namespace {
 
-/// metricloss::mpi_group counting the bytes its allgatherv calls receive.
-class CountingGroup {
- public:
-  explicit CountingGroup(MPI_Comm comm) : group_(comm) {}
-  int rank() const { return group_.rank(); }
-  int size() const { return group_.size(); }
-  void allgatherv(const void* send, std::size_t bytes, void* recv, const std::size_t* counts,
-                  const std::size_t* offsets) {
-    for (int q = 0; q < size(); ++q) received += static_cast<double>(counts[q]);
-    group_.allgatherv(send, bytes, recv, counts, offsets);
-  }
-  double received = 0.0;
-
- private:
-  ml::mpi_group group_;
-};
-
 double slowest(double seconds) {
   double out = 0.0;
   MPI_Allreduce(&seconds, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
@@ -53,7 +36,9 @@ double slowest(double seconds) {
 template <class Loss>
 void run(benchmark::State& state, Loss prototype) {
   const Index n = state.range(0), d = state.range(1);
-  CountingGroup group(MPI_COMM_WORLD);
+  ml::mpi_group world(MPI_COMM_WORLD);
+  double received_bytes = 0.0;
+  CountingGroup<ml::mpi_group> group(world, received_bytes);
   const int ranks = group.size(), r = group.rank();
   const Matrix<float> x = uniform<float>(n, d, 1);
   const Eigen::VectorXi labels = pk_labels(n, 8, 3);
@@ -66,10 +51,9 @@ void run(benchmark::State& state, Loss prototype) {
   // Warm: scratch allocated and faulted in; then the bytes of one call.
   single.forward_backward(ml::simd, x, labels, grad);
   sharded.forward_backward(ml::simd.sharded(group), x_local, labels_local, grad_local);
-  group.received = 0.0;
+  received_bytes = 0.0;
   sharded.forward_backward(ml::simd.sharded(group), x_local, labels_local, grad_local);
-  double received = 0.0;
-  MPI_Allreduce(&group.received, &received, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  const double received = slowest(received_bytes);  // the busiest rank's
   double single_total = 0.0, rank_total = 0.0;
   for (auto _ : state) {
     MPI_Barrier(MPI_COMM_WORLD);
@@ -85,13 +69,7 @@ void run(benchmark::State& state, Loss prototype) {
     rank_total += rank_seconds;
     state.SetIterationTime(rank_seconds);
   }
-  const double ratio = rank_total / single_total;
-  state.counters["rank_over_single"] = ratio;
-  state.counters["times_W"] = ratio * ranks;
-  const double x_bytes = static_cast<double>(n * d) * sizeof(float);
-  state.counters["gathered_bytes"] = received;
-  state.counters["torch_gather_bytes"] = x_bytes + static_cast<double>(n) * 8.0;
-  set_rates(state, 2.0 * x_bytes / ranks, 4.0 * static_cast<double>(n) * n * d / ranks);
+  set_sharded_counters(state, n, d, ranks, rank_total, single_total, received);
 }
 
 }  // namespace
