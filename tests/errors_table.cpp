@@ -358,11 +358,17 @@ void on_ranks(Tag tag, int ranks, const std::string& input, Call&& call) {
 void sharded_cases(std::vector<Row>& rows) {
   const std::string loss = "BatchTripletLoss (sharded, 2 ranks)";
   const Eigen::VectorXi labels = Eigen::VectorXi::Zero(4);
-  // Each case's gradient must stay unwritten on every rank.
-  const auto unwritten = [](const Mat& g, const std::string& input) {
-    if ((g.array() != 9.0f).any()) {
-      std::cerr << "errors_table: a gradient was written by the failing call " << input << "\n";
-      failed = true;
+  // Each case's gradient (filled with 9) must stay unwritten on every rank: call() throws,
+  // and g is checked on the way out.
+  const auto unwritten_on_throw = [](const Mat& g, const std::string& input, auto&& call) {
+    try {
+      call();
+    } catch (...) {
+      if ((g.array() != 9.0f).any()) {
+        std::cerr << "errors_table: a gradient was written by the failing call " << input << "\n";
+        failed = true;
+      }
+      throw;
     }
   };
   const std::string labels_case = "rank 1's `labels` of length 3 for its 4 rows";
@@ -370,12 +376,9 @@ void sharded_cases(std::vector<Row>& rows) {
     on_ranks(tag, 2, labels_case, [&](auto sharded, int r) {
       Mat g = filled(4, 3, 9.0f);
       ml::BatchTripletLoss<float> f;
-      try {
+      unwritten_on_throw(g, labels_case, [&] {
         f.forward_backward(sharded, filled(4, 3), Eigen::VectorXi::Zero(r == 1 ? 3 : 4).eval(), g);
-      } catch (...) {
-        unwritten(g, labels_case);
-        throw;
-      }
+      });
     });
   });
   const std::string d_case = "rank 1's `x` is 4x5, rank 0's 4x3";
@@ -384,12 +387,7 @@ void sharded_cases(std::vector<Row>& rows) {
       const Index d = r == 1 ? 5 : 3;
       Mat g = filled(4, d, 9.0f);
       ml::BatchTripletLoss<float> f;
-      try {
-        f.forward_backward(sharded, filled(4, d), labels, g);
-      } catch (...) {
-        unwritten(g, d_case);
-        throw;
-      }
+      unwritten_on_throw(g, d_case, [&] { f.forward_backward(sharded, filled(4, d), labels, g); });
     });
   });
   const std::string empty_case = "every rank's `x` is 0x3";
@@ -405,15 +403,12 @@ void sharded_cases(std::vector<Row>& rows) {
     on_ranks(tag, 2, label_type_case, [&](auto sharded, int r) {
       Mat g = filled(4, 3, 9.0f);
       ml::BatchTripletLoss<float> f;
-      try {
+      unwritten_on_throw(g, label_type_case, [&] {
         if (r == 1)
           f.forward_backward(sharded, filled(4, 3), labels.cast<std::int64_t>().eval(), g);
         else
           f.forward_backward(sharded, filled(4, 3), labels, g);
-      } catch (...) {
-        unwritten(g, label_type_case);
-        throw;
-      }
+      });
     });
   });
   // The options are compared with the path: both attempts use metricloss::scalar here, so
@@ -423,12 +418,8 @@ void sharded_cases(std::vector<Row>& rows) {
     on_ranks(ml::scalar, 2, options_case, [&](auto sharded, int r) {
       Mat g = filled(4, 3, 9.0f);
       ml::BatchTripletLoss<float> f(0.2f, r == 1 ? ml::Mining::all : ml::Mining::hard);
-      try {
-        f.forward_backward(sharded, filled(4, 3), labels, g);
-      } catch (...) {
-        unwritten(g, options_case);
-        throw;
-      }
+      unwritten_on_throw(g, options_case,
+                         [&] { f.forward_backward(sharded, filled(4, 3), labels, g); });
     });
   });
   add_case(rows, "thread_group", "`thread_group(0)`", [&](auto) { ml::thread_group team(0); });
