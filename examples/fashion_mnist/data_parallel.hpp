@@ -67,29 +67,37 @@ struct DataParallelScratch {
   std::vector<std::size_t> counts, offsets;
 };
 
+/// Every rank's copy of `member` (&BasicParameter<S>::gradient or ::value) of every
+/// parameter, flattened in parameters() order, gathered in rank order into scratch.all:
+/// rank q's entry k at all[q * size + k]. Returns size (the same on every rank).
+template <class S, class Group>
+std::size_t gather_parameters(const BasicEmbeddingNetwork<S>& network, Group& group,
+                              metricloss::RowMatrix<S> BasicParameter<S>::*member,
+                              DataParallelScratch<S>& scratch) {
+  scratch.mine.clear();
+  for (const auto* p : network.parameters())
+    scratch.mine.insert(scratch.mine.end(), (p->*member).data(),
+                        (p->*member).data() + (p->*member).size());
+  const std::size_t total = scratch.mine.size(), ranks = std::size_t(group.size());
+  scratch.all.resize(total * ranks);
+  scratch.counts.assign(ranks, total * sizeof(S));
+  scratch.offsets.resize(ranks);
+  for (std::size_t q = 0; q < ranks; ++q) scratch.offsets[q] = q * total * sizeof(S);
+  group.allgatherv(scratch.mine.data(), total * sizeof(S), scratch.all.data(),
+                   scratch.counts.data(), scratch.offsets.data());
+  return total;
+}
+
 /// Replaces every parameter gradient of `network` by its sum over the group's ranks, added in
 /// rank order 0, 1, ..., W-1 on every rank (so every replica holds the same bits).
 template <class S, class Group>
 void sum_gradients_over_ranks(BasicEmbeddingNetwork<S>& network, Group& group,
                               DataParallelScratch<S>& scratch) {
-  const auto parameters = network.parameters();
-  std::size_t total = 0;
-  for (const auto* p : parameters) total += std::size_t(p->gradient.size());
-  scratch.mine.resize(total);
-  std::size_t at = 0;
-  for (const auto* p : parameters) {
-    std::copy(p->gradient.data(), p->gradient.data() + p->gradient.size(), &scratch.mine[at]);
-    at += std::size_t(p->gradient.size());
-  }
+  const std::size_t total =
+      gather_parameters(network, group, &BasicParameter<S>::gradient, scratch);
   const int ranks = group.size();
-  scratch.all.resize(total * std::size_t(ranks));
-  scratch.counts.assign(std::size_t(ranks), total * sizeof(S));
-  scratch.offsets.resize(std::size_t(ranks));
-  for (int q = 0; q < ranks; ++q) scratch.offsets[std::size_t(q)] = std::size_t(q) * total * sizeof(S);
-  group.allgatherv(scratch.mine.data(), total * sizeof(S), scratch.all.data(),
-                   scratch.counts.data(), scratch.offsets.data());
-  at = 0;
-  for (auto* p : parameters) {
+  std::size_t at = 0;
+  for (auto* p : network.parameters()) {
     S* g = p->gradient.data();
     for (Eigen::Index k = 0; k < p->gradient.size(); ++k) {
       S sum = scratch.all[at + std::size_t(k)];

@@ -367,18 +367,11 @@ class MpiRanks final : public DataParallel {
   }
   bool replicas_identical() override {
     // Every rank's parameters gathered and compared with rank 0's, bit for bit.
-    std::vector<float> mine;
-    for (const auto* p : network_.parameters())
-      mine.insert(mine.end(), p->value.data(), p->value.data() + p->value.size());
-    const std::size_t bytes = mine.size() * sizeof(float);
-    const std::size_t ranks = std::size_t(world_.size());
-    std::vector<float> all(mine.size() * ranks);
-    std::vector<std::size_t> counts(ranks, bytes), offsets(ranks);
-    for (std::size_t q = 0; q < ranks; ++q) offsets[q] = q * bytes;
-    world_.allgatherv(mine.data(), bytes, all.data(), counts.data(), offsets.data());
-    for (std::size_t q = 1; q < ranks; ++q)
-      if (!std::equal(all.begin(), all.begin() + std::ptrdiff_t(mine.size()),
-                      all.begin() + std::ptrdiff_t(q * mine.size())))
+    const std::size_t total =
+        gather_parameters(network_, group_, &BasicParameter<float>::value, scratch_);
+    for (std::size_t q = 1; q < std::size_t(world_.size()); ++q)
+      if (!std::equal(scratch_.all.begin(), scratch_.all.begin() + std::ptrdiff_t(total),
+                      scratch_.all.begin() + std::ptrdiff_t(q * total)))
         return false;
     return true;
   }
@@ -389,6 +382,7 @@ class MpiRanks final : public DataParallel {
   EmbeddingNetwork& network_;
   Adam& optimizer_;
   std::unique_ptr<RankLoss> loss_;
+  DataParallelScratch<float> scratch_;
 };
 #endif
 
