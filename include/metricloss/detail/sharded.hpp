@@ -195,6 +195,26 @@ void gather_rows(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardSt
   gather(group, bytes, [&](int q) { return status[q].rows * per_row; }, send, recv);
 }
 
+/// Every rank's text in rank order, each rank's length(q) known on every rank (a collective;
+/// the failing calls' messages only: it allocates).
+template <class Group, class Length>
+std::vector<std::string> gather_texts(Group& group, GrowOnlyBuffer<std::size_t>& bytes,
+                                      const std::string& mine, Length&& length) {
+  const int ranks = group.size();
+  std::size_t total = 0;
+  for (int q = 0; q < ranks; ++q) total += static_cast<std::size_t>(length(q));
+  std::string all(total, ' ');
+  gather(group, bytes, length, mine.data(), &all[0]);
+  std::vector<std::string> texts;
+  std::size_t at = 0;
+  for (int q = 0; q < ranks; ++q) {
+    const auto n = static_cast<std::size_t>(length(q));
+    texts.push_back(all.substr(at, n));
+    at += n;
+  }
+  return texts;
+}
+
 /// Step 1: exchanges the statuses and throws, on every rank alike, when any rank's
 /// arguments failed or the ranks disagree. `error` is this rank's message (empty: passed);
 /// `describe_options()` writes this rank's options out (called only when they differ).
@@ -204,15 +224,7 @@ void agree(Group& group, Validator& check, ShardStatus mine, const std::string& 
            DescribeOptions&& describe_options) {
   const int ranks = group.size();
   ShardStatus* status = statuses.data(static_cast<std::size_t>(ranks));
-  {
-    std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
-    std::size_t* offsets = counts + ranks;
-    for (int q = 0; q < ranks; ++q) {
-      counts[q] = sizeof(ShardStatus);
-      offsets[q] = static_cast<std::size_t>(q) * sizeof(ShardStatus);
-    }
-    group.allgatherv(&mine, sizeof(ShardStatus), status, counts, offsets);
-  }
+  gather(group, bytes, [](int) { return 1; }, &mine, status);
   const std::string of = " of " + std::to_string(ranks);
   int failed = -1, failures = 0;
   for (int q = 0; q < ranks; ++q)
@@ -222,18 +234,10 @@ void agree(Group& group, Validator& check, ShardStatus mine, const std::string& 
     }
   if (failed >= 0) {
     // The messages themselves, so that every rank throws the same one.
-    std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
-    std::size_t* offsets = counts + ranks;
-    std::size_t at = 0;
-    for (int q = 0; q < ranks; ++q) {
-      counts[q] = static_cast<std::size_t>(status[q].message_bytes);
-      offsets[q] = at;
-      at += counts[q];
-    }
-    std::string text(at, ' ');
-    group.allgatherv(error.data(), error.size(), &text[0], counts, offsets);
+    const auto messages =
+        gather_texts(group, bytes, error, [&](int q) { return status[q].message_bytes; });
     check.fail("rank " + std::to_string(failed) + of + ": " +
-               text.substr(offsets[failed], counts[failed]) +
+               messages[static_cast<std::size_t>(failed)] +
                (failures > 1 ? " (and " + std::to_string(failures - 1) + " more rank" +
                                    (failures > 2 ? "s" : "") + " failed)"
                              : std::string()));
@@ -261,27 +265,14 @@ void agree(Group& group, Validator& check, ShardStatus mine, const std::string& 
   if (differs > 0) {
     // Every rank learns that rank `differs` differs from rank 0, and exchanges its text.
     const std::string text = describe_options();
-    std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
-    std::size_t* offsets = counts + ranks;
     // Two rounds: the lengths, then the texts (a failing call may allocate).
     std::vector<std::uint64_t> length(static_cast<std::size_t>(ranks));
-    for (int q = 0; q < ranks; ++q) {
-      counts[q] = sizeof(std::uint64_t);
-      offsets[q] = static_cast<std::size_t>(q) * sizeof(std::uint64_t);
-    }
     const std::uint64_t my_length = text.size();
-    group.allgatherv(&my_length, sizeof my_length, length.data(), counts, offsets);
-    std::size_t at = 0;
-    for (int q = 0; q < ranks; ++q) {
-      counts[q] = static_cast<std::size_t>(length[static_cast<std::size_t>(q)]);
-      offsets[q] = at;
-      at += counts[q];
-    }
-    std::string all(at, ' ');
-    group.allgatherv(text.data(), text.size(), &all[0], counts, offsets);
+    gather(group, bytes, [](int) { return 1; }, &my_length, length.data());
+    const auto texts = gather_texts(group, bytes, text,
+                                    [&](int q) { return length[static_cast<std::size_t>(q)]; });
     check.fail("rank " + std::to_string(differs) + of + " calls with " +
-               all.substr(offsets[differs], counts[differs]) + ", rank 0 with " +
-               all.substr(offsets[0], counts[0]) +
+               texts[static_cast<std::size_t>(differs)] + ", rank 0 with " + texts[0] +
                "; every rank needs the same loss options and path");
   }
   if (total == 0)
