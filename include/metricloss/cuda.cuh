@@ -9,6 +9,8 @@
 //   float value = loss.forward_backward(ml::cuda.on(stream), a, b, sim, ga, gb);
 //   // never synchronises: the loss lands in device memory (d_loss: one float), NaN returned
 //   loss.forward_backward(ml::cuda.on(stream).loss_to(d_loss), a, b, sim, ga, gb);
+//   // the batch losses over a group's global batch (threads, MPI, or <metricloss/nccl.cuh>)
+//   float L = batch_loss.forward_backward(ml::cuda.on(stream).sharded(group), x_r, y_r, g_r);
 //
 // Semantics: work is ordered on the tag's stream (legacy default stream for plain
 // `ml::cuda`); the only synchronisation is the stream sync that returns a host loss value.
@@ -60,3 +62,5 @@
 
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/backend/cuda/batch_triplet.cuh>
+
+#include <metricloss/backend/cuda/sharded.cuh>

@@ -104,16 +104,18 @@ struct OptionsText {
   }
 };
 
+/// The path's name in the options (so that ranks on different paths disagree); the device
+/// tags specialise it (backend/cuda/sharded.cuh).
 template <class Base>
-constexpr const char* host_path_name() {
-  return std::is_same<Base, scalar_tag>::value ? "scalar" : "simd";
-}
+struct PathName {
+  static constexpr const char* value = std::is_same<Base, scalar_tag>::value ? "scalar" : "simd";
+};
 
 template <class Base, class Loss>
 std::uint64_t options_hash(const Loss& loss) {
   OptionsHash hash;
   loss.visit_options(hash);
-  for (const char* c = host_path_name<Base>(); *c != '\0'; ++c) hash("path", *c);
+  for (const char* c = PathName<Base>::value; *c != '\0'; ++c) hash("path", *c);
   return hash.value;
 }
 
@@ -121,7 +123,7 @@ template <class Base, class Loss>
 std::string options_text(const Loss& loss) {
   OptionsText out;
   loss.visit_options(out);
-  return out.text + " on metricloss::" + host_path_name<Base>();
+  return out.text + " on metricloss::" + PathName<Base>::value;
 }
 
 /// Labels travel as raw bytes: every rank must pass the same label type.
@@ -147,6 +149,14 @@ template <class Loss, class Base>
 struct ShardedBackend {
   static constexpr bool available = false;
 };
+
+/// Steps 2 and 3 on a device path, after the agreement (backend/cuda/sharded.cuh specialises
+/// it for metricloss::cuda):
+///   static T run(Loss&, const sharded_tag<Base, Group>&, const MatrixView<const T>& x,
+///                const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff,
+///                const ShardStatus* status, GrowOnlyBuffer<std::size_t>& bytes).
+template <class Base>
+struct ShardedDevice;
 
 /// The gathered batch and where this rank's rows lie in it.
 template <class T, class L>
@@ -289,8 +299,6 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
                                        CheckOptions&& check_options) {
   using T = typename Loss::scalar_type;
   using Label = typename L::Scalar;
-  static_assert(normalizes_on_host<Base>,
-                "metricloss: sharded calls run on metricloss::scalar and metricloss::simd so far");
   Validator check(name, scalar_name<T>(), method);
   Group& group = *tag.group;
   const auto xv = input_view(x);
@@ -312,7 +320,11 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
     check.labels("labels", lv, xv.rows, "x");
     check_options(check);
     check.gradient("grad_x", gv, "x", xv);
-    if (loss.normalize) rows = work.unit.of(check, "x", xv);
+    if constexpr (normalizes_on_host<Base>) {
+      if (loss.normalize) rows = work.unit.of(check, "x", xv);
+    } else {
+      if (loss.normalize) reject_normalize_off_host<Base>(check);
+    }
   } catch (const invalid_argument& failure) {
     const std::string prefix = check.function() + ": ";
     error = failure.what();
@@ -326,50 +338,54 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
   agree(group, check, mine, error, work.status, work.bytes,
         [&] { return options_text<Base>(loss); });
 
-  // 2. The global batch, in rank order.
   const int ranks = group.size();
   const ShardStatus* status = work.status.data(static_cast<std::size_t>(ranks));
-  Index n = 0, first = 0;
-  for (int q = 0; q < ranks; ++q) {
-    if (q == group.rank()) first = n;
-    n += static_cast<Index>(status[q].rows);
-  }
-  const Index d = xv.cols;
-  const T* send = rows.data;
-  if (rows.rows > 1 && rows.stride != d) {
-    T* dense = work.send.data(static_cast<std::size_t>(rows.rows * d));
-    for (Index i = 0; i < rows.rows; ++i) std::memcpy(dense + i * d, rows.row(i), sizeof(T) * d);
-    send = dense;
-  }
-  T* all_x = work.x.data(static_cast<std::size_t>(n * d));
-  gather_rows(group, work.bytes, status, send, d, all_x);
-  Label* send_labels = work.send_labels.data(static_cast<std::size_t>(lv.size));
-  for (Index i = 0; i < lv.size; ++i) send_labels[i] = lv[i];
-  Label* all_labels = work.labels.data(static_cast<std::size_t>(n));
-  gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), 1, all_labels);
-  const ShardView<T, Label> batch{{all_x, n, d, d}, {all_labels, n, 1}, first, xv.rows,
-                                  status};
-
-  // 3. The loss: the loss's statistics, or the single-process backend on X.
-  T value = T(0);
-  bool done = false;
-  if constexpr (ShardedBackend<Loss, Base>::available) {
-    if (ShardedBackend<Loss, Base>::handles(loss, ranks)) {
-      value = ShardedBackend<Loss, Base>::forward_backward(loss, tag.base, group, batch, gv,
-                                                           top_diff);
-      done = true;
+  if constexpr (!normalizes_on_host<Base>) {
+    return ShardedDevice<Base>::run(loss, tag, xv, lv, gv, top_diff, status, work.bytes);
+  } else {
+    // 2. The global batch, in rank order.
+    Index n = 0, first = 0;
+    for (int q = 0; q < ranks; ++q) {
+      if (q == group.rank()) first = n;
+      n += static_cast<Index>(status[q].rows);
     }
+    const Index d = xv.cols;
+    const T* send = rows.data;
+    if (rows.rows > 1 && rows.stride != d) {
+      T* dense = work.send.data(static_cast<std::size_t>(rows.rows * d));
+      for (Index i = 0; i < rows.rows; ++i) std::memcpy(dense + i * d, rows.row(i), sizeof(T) * d);
+      send = dense;
+    }
+    T* all_x = work.x.data(static_cast<std::size_t>(n * d));
+    gather_rows(group, work.bytes, status, send, d, all_x);
+    Label* send_labels = work.send_labels.data(static_cast<std::size_t>(lv.size));
+    for (Index i = 0; i < lv.size; ++i) send_labels[i] = lv[i];
+    Label* all_labels = work.labels.data(static_cast<std::size_t>(n));
+    gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), 1, all_labels);
+    const ShardView<T, Label> batch{{all_x, n, d, d}, {all_labels, n, 1}, first, xv.rows,
+                                    status};
+
+    // 3. The loss: the loss's statistics, or the single-process backend on X.
+    T value = T(0);
+    bool done = false;
+    if constexpr (ShardedBackend<Loss, Base>::available) {
+      if (ShardedBackend<Loss, Base>::handles(loss, ranks)) {
+        value = ShardedBackend<Loss, Base>::forward_backward(loss, tag.base, group, batch, gv,
+                                                             top_diff);
+        done = true;
+      }
+    }
+    if (!done) {
+      MatrixView<T> all_grad{};
+      if (!gv.empty()) all_grad = {work.grad.data(static_cast<std::size_t>(n * d)), n, d, d};
+      value = Backend<Loss, Base>::forward_backward(loss, tag.base, batch.x, batch.labels, all_grad,
+                                                    top_diff);
+      for (Index i = 0; i < gv.rows && !gv.empty(); ++i)
+        std::memcpy(gv.row(i), all_grad.row(first + i), sizeof(T) * d);
+    }
+    if (loss.normalize) work.unit.chain(xv, gv);
+    return value;
   }
-  if (!done) {
-    MatrixView<T> all_grad{};
-    if (!gv.empty()) all_grad = {work.grad.data(static_cast<std::size_t>(n * d)), n, d, d};
-    value = Backend<Loss, Base>::forward_backward(loss, tag.base, batch.x, batch.labels, all_grad,
-                                                  top_diff);
-    for (Index i = 0; i < gv.rows && !gv.empty(); ++i)
-      std::memcpy(gv.row(i), all_grad.row(first + i), sizeof(T) * d);
-  }
-  if (loss.normalize) work.unit.chain(xv, gv);
-  return value;
 }
 
 }  // namespace detail

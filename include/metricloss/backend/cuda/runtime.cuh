@@ -49,6 +49,13 @@ struct cuda_tag {
   /// The same path on another stream (thrust's `par.on(stream)`).
   constexpr cuda_tag on(cudaStream_t stream_) const { return cuda_tag(stream_); }
 
+  /// This path over a group's global batch (backend/cuda/sharded.cuh): device memory in and
+  /// out, ordered on this tag's stream.
+  template <class Group>
+  constexpr sharded_tag<cuda_tag, Group> sharded(Group& group) const {
+    return {*this, &group};
+  }
+
   /// Never synchronises: the loss is written to `device_loss` (device memory, one T) in
   /// stream order, and the call returns NaN instead of the value.
   template <class T>

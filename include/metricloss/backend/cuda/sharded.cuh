@@ -1,0 +1,169 @@
+#pragma once
+// Sharded batch losses on metricloss::cuda (API.md, "Global batches across processes"):
+// `loss.forward_backward(ml::cuda.on(s).sharded(group), x_r, y_r, g_r, top_diff)` with x_r,
+// y_r and g_r in device memory. After the agreement of detail/sharded.hpp (host statuses,
+// the same on every path):
+//  2. X and the labels gathered in rank order into device memory: through the group's
+//     allgatherv_device on stream s where it has one (metricloss::nccl_group), else staged
+//     through host memory and the group's host allgatherv (thread_group, mpi_group: no
+//     CUDA-aware MPI assumed);
+//  3. the single-process CUDA backend on the gathered X (deterministic: the same kernels on
+//     the same bits give every rank the same loss), this rank's rows of its gradient copied
+//     out, then the loss copied to the host: one stream synchronisation, as the plain call.
+// This is the gather-everything path (O(N^2 D) per rank); the statistics paths of
+// backend/sharded_*.hpp are host code so far. normalize = true is rejected on every rank
+// alike (the CUDA path does not normalise yet). A CUDA failure inside a collective throws
+// on the rank that saw it; the others may then wait in the group's next collective.
+#include <metricloss/backend/cuda/runtime.cuh>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/sharded.hpp>
+#include <metricloss/detail/views.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+
+namespace metricloss {
+
+namespace detail {
+
+template <>
+struct PathName<cuda_tag> {
+  static constexpr const char* value = "cuda";
+};
+
+/// Groups that move device memory themselves: allgatherv_device(send, bytes, recv, counts,
+/// offsets, stream), enqueued on the stream.
+template <class Group, class = void>
+struct gathers_device : std::false_type {};
+template <class Group>
+struct gathers_device<Group, std::void_t<decltype(std::declval<Group&>().allgatherv_device(
+                                 static_cast<const void*>(nullptr), std::size_t{},
+                                 static_cast<void*>(nullptr),
+                                 static_cast<const std::size_t*>(nullptr),
+                                 static_cast<const std::size_t*>(nullptr), cudaStream_t{}))>>
+    : std::true_type {};
+
+namespace cuda {
+
+/// What a functor keeps for its sharded CUDA calls: device memory per (device, stream) for X,
+/// the labels, the gradient of X and the loss, and host staging for groups without device
+/// collectives. Grow-only: a warm call allocates nothing.
+struct ShardedScratch : BackendSlot::Contents {
+  FunctorWorkspaces device;
+  GrowOnlyBuffer<char> host_send, host_recv;
+};
+
+/// Copies `rows` rows of `width` bytes, `from_pitch` and `to_pitch` bytes apart, in stream order.
+inline void copy_rows(void* to, std::size_t to_pitch, const void* from, std::size_t from_pitch,
+                      std::size_t width, Index rows, cudaMemcpyKind kind, cudaStream_t stream) {
+  if (rows <= 0 || width == 0) return;
+  throw_on_error(cudaMemcpy2DAsync(to, to_pitch, from, from_pitch, width,
+                                   static_cast<std::size_t>(rows), kind, stream),
+                 "metricloss: sharded cudaMemcpy2DAsync");
+}
+
+/// The bytes between rows of a view: its stride, or the row itself where one row (or none)
+/// leaves the stride free (cudaMemcpy2D needs pitch >= width).
+inline std::size_t pitch_of(Index rows, Index stride, std::size_t element, std::size_t width) {
+  return rows > 1 ? element * static_cast<std::size_t>(stride) : width;
+}
+
+/// Gathers this rank's `rows` rows of `width` bytes (device memory, `pitch` bytes apart) into
+/// `recv` (device memory, dense, every rank's rows in rank order), on every rank.
+template <class Group>
+void gather_device_rows(Group& group, ShardedScratch& work, GrowOnlyBuffer<std::size_t>& bytes,
+                        const ShardStatus* status, Index first, const void* rows_data,
+                        std::size_t pitch, std::size_t width, void* recv, cudaStream_t stream) {
+  const int ranks = group.size(), rank = group.rank();
+  std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
+  std::size_t* offsets = counts + ranks;
+  std::size_t total = 0;
+  for (int q = 0; q < ranks; ++q) {
+    counts[q] = static_cast<std::size_t>(status[q].rows) * width;
+    offsets[q] = total;
+    total += counts[q];
+  }
+  const Index rows = static_cast<Index>(status[rank].rows);
+  char* const all = static_cast<char*>(recv);
+  if constexpr (gathers_device<Group>::value) {
+    // This rank's rows go to their place first; the group then sends them from there.
+    copy_rows(all + static_cast<std::size_t>(first) * width, width, rows_data, pitch, width, rows,
+              cudaMemcpyDeviceToDevice, stream);
+    group.allgatherv_device(all + offsets[rank], counts[rank], all, counts, offsets, stream);
+  } else {
+    char* send = work.host_send.data(counts[rank] > 0 ? counts[rank] : 1);
+    char* host = work.host_recv.data(total > 0 ? total : 1);
+    copy_rows(send, width, rows_data, pitch, width, rows, cudaMemcpyDeviceToHost, stream);
+    throw_on_error(cudaStreamSynchronize(stream), "metricloss: sharded cudaStreamSynchronize");
+    group.allgatherv(send, counts[rank], host, counts, offsets);
+    if (total > 0)
+      throw_on_error(cudaMemcpyAsync(all, host, total, cudaMemcpyHostToDevice, stream),
+                     "metricloss: sharded cudaMemcpyAsync");
+  }
+}
+
+}  // namespace cuda
+
+template <>
+struct ShardedDevice<cuda_tag> {
+  template <class Loss, class Group, class T, class L>
+  static T run(Loss& loss, const sharded_tag<cuda_tag, Group>& tag, const MatrixView<const T>& x,
+               const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff,
+               const ShardStatus* status, GrowOnlyBuffer<std::size_t>& bytes) {
+    Group& group = *tag.group;
+    const cudaStream_t stream = tag.base.stream;
+    const int ranks = group.size();
+    Index n = 0, first = 0;
+    for (int q = 0; q < ranks; ++q) {
+      if (q == group.rank()) first = n;
+      n += static_cast<Index>(status[q].rows);
+    }
+    const Index d = static_cast<Index>(status[0].cols);
+    using Label = std::remove_const_t<L>;
+    auto& work = scratch_of<cuda::ShardedScratch>(loss);
+    cuda::WorkspaceCarver count(nullptr);
+    count.take<T>(static_cast<std::size_t>(n * d));
+    count.take<Label>(static_cast<std::size_t>(n));
+    count.take<T>(grad.empty() ? 0 : static_cast<std::size_t>(n * d));
+    count.take<double>(1);
+    cuda::Workspace& workspace = work.device.for_stream(stream);
+    cuda::WorkspaceCarver carve(workspace.device_memory(count.bytes()));
+    T* all_x = carve.take<T>(static_cast<std::size_t>(n * d));
+    Label* all_labels = carve.take<Label>(static_cast<std::size_t>(n));
+    T* all_grad = carve.take<T>(grad.empty() ? 0 : static_cast<std::size_t>(n * d));
+    T* device_loss = reinterpret_cast<T*>(carve.take<double>(1));
+
+    // 2. The global batch, in rank order (a rank without rows sends nothing).
+    const std::size_t row_bytes = sizeof(T) * static_cast<std::size_t>(d);
+    cuda::gather_device_rows(group, work, bytes, status, first, x.data,
+                             cuda::pitch_of(x.rows, x.stride, sizeof(T), row_bytes), row_bytes,
+                             all_x, stream);
+    cuda::gather_device_rows(group, work, bytes, status, first, labels.data,
+                             cuda::pitch_of(labels.size, labels.stride, sizeof(Label), sizeof(Label)),
+                             sizeof(Label), all_labels, stream);
+
+    // 3. The single-process backend on X; this rank's rows of its gradient.
+    const MatrixView<const T> all{all_x, n, d, d};
+    const VectorView<Label> all_y{all_labels, n, 1};
+    MatrixView<T> all_g{};
+    if (!grad.empty()) all_g = {all_grad, n, d, d};
+    Backend<Loss, cuda_deferred_tag<T>>::forward_backward(
+        loss, cuda_deferred_tag<T>(stream, device_loss), all, all_y, all_g, top_diff);
+    if (!grad.empty())
+      cuda::copy_rows(grad.data, cuda::pitch_of(grad.rows, grad.stride, sizeof(T), row_bytes),
+                      all_grad + static_cast<std::size_t>(first * d), row_bytes, row_bytes,
+                      grad.rows, cudaMemcpyDeviceToDevice, stream);
+    T* host = static_cast<T*>(workspace.host_slot());
+    cuda::throw_on_error(
+        cudaMemcpyAsync(host, device_loss, sizeof(T), cudaMemcpyDeviceToHost, stream),
+        "metricloss: sharded cudaMemcpyAsync");
+    cuda::throw_on_error(cudaStreamSynchronize(stream), "metricloss: sharded cudaStreamSynchronize");
+    return *host;
+  }
+};
+
+}  // namespace detail
+}  // namespace metricloss
