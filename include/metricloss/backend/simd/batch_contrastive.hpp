@@ -16,7 +16,10 @@
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/cross_classes.hpp>
 
+#include <xsimd/xsimd.hpp>
+
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 
 namespace metricloss {
@@ -34,21 +37,84 @@ struct SimdBatchContrastiveScratch : BackendSlot::Contents {
   CrossDistances<T> cross;                 // Q x R distances and products
 };
 
-/// Two sweeps of contrastive_row over the anchors (totals, then W into `sink` with the
-/// totals' scales); `end(a)` is anchor a's candidate range.
+/// contrastive_row in double lanes: each pair's decision, term and w[j] are the scalar
+/// row's bits (the same operations, sqrt included); only the sums add in lane order. A block
+/// of lanes holding self(a), or a distance within `near` (>= every rounding(a, j)) of its
+/// side's turn, goes through contrastive_pairs, which settles it on the exact distance.
+template <class Classes, class Distances>
+void contrastive_row_lanes(const ContrastiveRule& rule, const Classes& classes,
+                           const Distances& distances, Index a, Index end, double near,
+                           ContrastiveTotals& totals, double* w = nullptr, double pos_scale = 0.0,
+                           double neg_scale = 0.0) {
+  using B = xsimd::batch<double>;
+  using I = xsimd::batch<std::int64_t>;
+  static_assert(I::size == B::size && sizeof(Index) == sizeof(std::int64_t),
+                "class indices load as lanes of the distances' width");
+  constexpr Index lanes = static_cast<Index>(B::size);
+  const auto* row = distances.row(a);
+  const Index own = classes.own_class(a), self = classes.self(a);
+  const auto* class_of = reinterpret_cast<const std::int64_t*>(classes.class_of());
+  // No class is NaN: an anchor without a class has no positives.
+  const B own_class(own >= 0 ? static_cast<double>(own) : std::numeric_limits<double>::quiet_NaN());
+  const B zero(0.0), one(1.0), half(0.5), bound(near), pos_turn(rule.pos_turn),
+      neg_turn(rule.neg_turn), pos_margin(rule.pos_margin), neg_margin(rule.neg_margin),
+      pos_w(pos_scale), neg_w(neg_scale);
+  B pos_sum(0.0), neg_sum(0.0), pos_active(0.0), neg_active(0.0), positives(0.0);
+  ContrastiveRowSums settled;  // the blocks and the tail done pair by pair
+  const Index full = end - end % lanes;
+  for (Index j = 0; j < full; j += lanes) {
+    const B d2 = B::load_unaligned(row + j);
+    const auto positive = xsimd::batch_cast<double>(I::load_unaligned(class_of + j)) == own_class;
+    const B turn = xsimd::select(positive, pos_turn, neg_turn);
+    if ((self >= j && self < j + lanes) || xsimd::any(xsimd::abs(d2 - turn) <= bound)) {
+      contrastive_pairs(rule, classes, distances, a, j, j + lanes, settled, w, pos_scale, neg_scale);
+      continue;
+    }
+    const B d = rule.euclidean ? xsimd::sqrt(d2) : d2;
+    const B h = xsimd::select(positive, d - pos_margin, neg_margin - d);
+    const auto active = h > zero;
+    const B value = xsimd::select(active, h, zero), counted = xsimd::select(active, one, zero);
+    pos_sum += xsimd::select(positive, value, zero);
+    neg_sum += xsimd::select(positive, zero, value);
+    pos_active += xsimd::select(positive, counted, zero);
+    neg_active += xsimd::select(positive, zero, counted);
+    positives += xsimd::select(positive, one, zero);
+    if (w) {
+      // ContrastiveRule's slopes: +-0.5 / d (0 at d = 0) or +-1, then the side's scale.
+      const B slope = rule.euclidean ? xsimd::select(d > zero, half / d, zero) : one;
+      const B signed_slope = xsimd::select(positive, slope, -slope);
+      xsimd::select(active, signed_slope * xsimd::select(positive, pos_w, neg_w), zero)
+          .store_unaligned(w + j);
+    }
+  }
+  contrastive_pairs(rule, classes, distances, a, full, end, settled, w, pos_scale, neg_scale);
+  ContrastiveRowSums sums;
+  sums.pos_sum = xsimd::hadd(pos_sum) + settled.pos_sum;
+  sums.neg_sum = xsimd::hadd(neg_sum) + settled.neg_sum;
+  sums.pos_active = xsimd::hadd(pos_active) + settled.pos_active;
+  sums.neg_active = xsimd::hadd(neg_active) + settled.neg_active;
+  sums.positives = xsimd::hadd(positives) + settled.positives;
+  sums.add_to(totals, contrastive_candidates(classes, a, end));
+}
+
+/// Two sweeps of rows over the anchors (totals, then W into `sink` with the totals' scales),
+/// in lanes; `end(a)` is anchor a's candidate range.
 template <class Classes, class Distances, class End, class Sink>
 ContrastiveTotals contrastive_sweeps(const ContrastiveRule& rule, const Classes& classes,
                                      const Distances& distances, End end, Sink& sink,
                                      double* row, Index width) {
   ContrastiveTotals totals;
+  const Index widest = distances.widest();
   for (Index a = 0; a < classes.anchors(); ++a)
-    contrastive_row(rule, classes, distances, a, end(a), totals);
+    contrastive_row_lanes(rule, classes, distances, a, end(a), distances.rounding(a, widest),
+                          totals);
   if (!sink.enabled()) return totals;
   ContrastiveTotals again;
   const double pos = totals.pos_scale(rule), neg = totals.neg_scale(rule);
   for (Index a = 0; a < classes.anchors(); ++a) {
     const Index e = end(a);
-    contrastive_row(rule, classes, distances, a, e, again, row, pos, neg);
+    contrastive_row_lanes(rule, classes, distances, a, e, distances.rounding(a, widest), again,
+                          row, pos, neg);
     std::fill(row + e, row + width, 0.0);
     sink.add_row(a, row, width);
   }

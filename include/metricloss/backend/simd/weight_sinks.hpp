@@ -116,8 +116,15 @@ class SplitWeights {
     const T* __restrict squared = squared_ + i * stride_;
     const T* __restrict norms = norms_;
     const T bound = norms_[i];
-    for (Index j = 0; j < n_; ++j)
-      row[j] += squared[j] > ratio * (bound + norms[j]) ? static_cast<T>(w[j]) : T(0);
+    // Whether any close pair has a weight: usually none, and the second pass (a branch per
+    // entry) is skipped.
+    int close = 0;
+    for (Index j = 0; j < n_; ++j) {
+      const bool far_pair = squared[j] > ratio * (bound + norms[j]);
+      row[j] += far_pair ? static_cast<T>(w[j]) : T(0);
+      close |= static_cast<int>(!far_pair & (w[j] != 0.0));
+    }
+    if (close == 0) return;
     for (Index j = 0; j < n_; ++j)
       if (!far(i, j) && w[j] != 0.0) add_by_differences(i, j, w[j]);
   }
