@@ -63,6 +63,8 @@ class nccl_group {
   int rank() const { return rank_; }
   int size() const { return size_; }
   ncclComm_t comm() const { return comm_; }
+  /// The communicator's CUDA device: current in every thread that calls with this group.
+  int device() const { return device_; }
   cudaStream_t stream() const { return stream_; }
 
   /// Device memory: rank q's `counts[q]` bytes land at recv + offsets[q] on every rank,

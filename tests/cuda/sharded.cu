@@ -172,6 +172,16 @@ void check_nccl(const Loss& options, const Batch<T>& batch) {
 }
 #endif
 
+/// One loss on one batch: through one NCCL rank (`nccl`, where built) or thread ranks.
+template <class T, class Loss>
+void check_sharded(const Loss& loss, const Batch<T>& batch, bool nccl) {
+#if defined(METRICLOSS_TEST_NCCL)
+  if (nccl) return check_nccl(loss, batch);
+#endif
+  (void)nccl;
+  check_threads(loss, batch);
+}
+
 template <class T>
 std::vector<std::pair<std::string, std::function<void(const Batch<T>&, bool)>>> loss_cases() {
   std::vector<std::pair<std::string, std::function<void(const Batch<T>&, bool)>>> cases;
@@ -186,21 +196,13 @@ std::vector<std::pair<std::string, std::function<void(const Batch<T>&, bool)>>> 
                                  (distance == Distance::euclidean ? " euclidean" : " squared") +
                                  (soft ? " soft" : " hinge");
         cases.emplace_back(name, [loss](const Batch<T>& batch, bool nccl) {
-#if defined(METRICLOSS_TEST_NCCL)
-          if (nccl) return check_nccl(loss, batch);
-#endif
-          (void)nccl;
-          check_threads(loss, batch);
+          check_sharded(loss, batch, nccl);
         });
       }
   for (T margin : {T(1), T(0.2)}) {
     const ml::LiftedStructureLoss<T> loss(margin);
     cases.emplace_back("lifted m=" + std::to_string(margin), [loss](const Batch<T>& batch, bool nccl) {
-#if defined(METRICLOSS_TEST_NCCL)
-      if (nccl) return check_nccl(loss, batch);
-#endif
-      (void)nccl;
-      check_threads(loss, batch);
+      check_sharded(loss, batch, nccl);
     });
   }
   return cases;

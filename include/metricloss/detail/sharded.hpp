@@ -25,6 +25,8 @@
 //     backend on the gathered X, O(N^2 D) on every rank, and keeps its rows of the
 //     gradient: exact by construction (the same code on the same bits), the fallback until
 //     the loss has its statistics.
+// On a device tag (metricloss::cuda) steps 2 and 3 are ShardedDevice<Tag>'s: X gathered into
+// device memory and the single-process device backend on it (backend/cuda/sharded.cuh).
 // Scratch lives in the functor's slot (ShardedScratch): a warm call allocates nothing
 // (a failing call does, to carry the messages).
 #include <metricloss/detail/backend_slot.hpp>
@@ -154,7 +156,9 @@ struct ShardedBackend {
 /// it for metricloss::cuda):
 ///   static T run(Loss&, const sharded_tag<Base, Group>&, const MatrixView<const T>& x,
 ///                const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff,
-///                const ShardStatus* status, GrowOnlyBuffer<std::size_t>& bytes).
+///                const ShardStatus* status, Index n, Index first,
+///                GrowOnlyBuffer<std::size_t>& bytes)
+/// (n: the global batch's rows; first: this rank's first row in it).
 template <class Base>
 struct ShardedDevice;
 
@@ -181,21 +185,35 @@ struct ShardedScratch : BackendSlot::Contents {
   UnitRows<T> unit;               // normalize = true: this rank's unit rows
 };
 
+/// The byte layout of one exchange: rank q sends counts[q] = bytes_of(q) bytes, landing at
+/// offsets[q] (rank order, packed); `total` bytes in all. counts and offsets live in `bytes`.
+struct ExchangeLayout {
+  std::size_t* counts;
+  std::size_t* offsets;
+  std::size_t total;
+};
+template <class BytesOf>
+ExchangeLayout exchange_layout(int ranks, GrowOnlyBuffer<std::size_t>& bytes, BytesOf&& bytes_of) {
+  std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
+  std::size_t* offsets = counts + ranks;
+  std::size_t at = 0;
+  for (int q = 0; q < ranks; ++q) {
+    counts[q] = static_cast<std::size_t>(bytes_of(q));
+    offsets[q] = at;
+    at += counts[q];
+  }
+  return {counts, offsets, at};
+}
+
 /// Gathers count(q) elements of E from each rank q, in rank order (this rank sends
 /// count(group.rank()) from `send`). Every rank must call it (a collective).
 template <class Group, class E, class Count>
 void gather(Group& group, GrowOnlyBuffer<std::size_t>& bytes, Count&& count, const E* send,
             E* recv) {
-  const int ranks = group.size();
-  std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
-  std::size_t* offsets = counts + ranks;
-  std::size_t at = 0;
-  for (int q = 0; q < ranks; ++q) {
-    counts[q] = static_cast<std::size_t>(count(q)) * sizeof(E);
-    offsets[q] = at;
-    at += counts[q];
-  }
-  group.allgatherv(send, counts[group.rank()], recv, counts, offsets);
+  const ExchangeLayout layout = exchange_layout(group.size(), bytes, [&](int q) {
+    return static_cast<std::size_t>(count(q)) * sizeof(E);
+  });
+  group.allgatherv(send, layout.counts[group.rank()], recv, layout.counts, layout.offsets);
 }
 
 /// Gathers `per_row` elements of E for each row of each rank (rows from the statuses).
@@ -338,17 +356,19 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
   agree(group, check, mine, error, work.status, work.bytes,
         [&] { return options_text<Base>(loss); });
 
+  // The global batch's rows, and where this rank's begin.
   const int ranks = group.size();
   const ShardStatus* status = work.status.data(static_cast<std::size_t>(ranks));
+  Index n = 0, first = 0;
+  for (int q = 0; q < ranks; ++q) {
+    if (q == group.rank()) first = n;
+    n += static_cast<Index>(status[q].rows);
+  }
   if constexpr (!normalizes_on_host<Base>) {
-    return ShardedDevice<Base>::run(loss, tag, xv, lv, gv, top_diff, status, work.bytes);
+    return ShardedDevice<Base>::run(loss, tag, xv, lv, gv, top_diff, status, n, first,
+                                    work.bytes);
   } else {
     // 2. The global batch, in rank order.
-    Index n = 0, first = 0;
-    for (int q = 0; q < ranks; ++q) {
-      if (q == group.rank()) first = n;
-      n += static_cast<Index>(status[q].rows);
-    }
     const Index d = xv.cols;
     const T* send = rows.data;
     if (rows.rows > 1 && rows.stride != d) {

@@ -190,6 +190,16 @@ struct FunctorWorkspaces : BackendSlot::Contents {
   }
 };
 
+/// The loss at device_loss, after the stream's work so far, through the workspace's pinned
+/// slot: the one synchronisation (of `stream` alone) of a call that returns it.
+template <class T>
+T loss_to_host(Workspace& workspace, const T* device_loss, cudaStream_t stream, const char* where) {
+  T* host = static_cast<T*>(workspace.host_slot());
+  throw_on_error(cudaMemcpyAsync(host, device_loss, sizeof(T), cudaMemcpyDeviceToHost, stream), where);
+  throw_on_error(cudaStreamSynchronize(stream), where);
+  return *host;
+}
+
 /// Runs a core on the functor path: workspace from the cache plus one slot for the loss,
 /// errors thrown. `core(workspace, bytes, device_loss)` enqueues everything on the stream.
 /// With `deferred_loss` the loss is left in device memory and NaN is returned; otherwise the
@@ -203,10 +213,7 @@ T run_functor_path(BackendSlot& slot, const char* where, cudaStream_t stream,
   T* device_loss = deferred_loss ? deferred_loss : reinterpret_cast<T*>(memory + core_part);
   throw_on_error(core(static_cast<void*>(memory), core_bytes, device_loss), where);
   if (deferred_loss) return std::numeric_limits<T>::quiet_NaN();
-  T* host = static_cast<T*>(workspace.host_slot());
-  throw_on_error(cudaMemcpyAsync(host, device_loss, sizeof(T), cudaMemcpyDeviceToHost, stream), where);
-  throw_on_error(cudaStreamSynchronize(stream), where);
-  return *host;
+  return loss_to_host(workspace, device_loss, stream, where);
 }
 
 /// detail::Backend<Loss, cuda_tag> and <Loss, cuda_deferred_tag<T>> of every loss derive from

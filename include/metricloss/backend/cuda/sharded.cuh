@@ -71,39 +71,53 @@ inline std::size_t pitch_of(Index rows, Index stride, std::size_t element, std::
   return rows > 1 ? element * static_cast<std::size_t>(stride) : width;
 }
 
-/// Gathers this rank's `rows` rows of `width` bytes (device memory, `pitch` bytes apart) into
-/// `recv` (device memory, dense, every rank's rows in rank order), on every rank.
+/// Gathers this rank's rows (device memory at `rows_data`, `pitch` bytes apart) into `recv`
+/// (device memory, dense, every rank's rows of `width` bytes in rank order), on every rank;
+/// `first` is this rank's first row of the global batch.
 template <class Group>
 void gather_device_rows(Group& group, ShardedScratch& work, GrowOnlyBuffer<std::size_t>& bytes,
                         const ShardStatus* status, Index first, const void* rows_data,
                         std::size_t pitch, std::size_t width, void* recv, cudaStream_t stream) {
-  const int ranks = group.size(), rank = group.rank();
-  std::size_t* counts = bytes.data(2 * static_cast<std::size_t>(ranks));
-  std::size_t* offsets = counts + ranks;
-  std::size_t total = 0;
-  for (int q = 0; q < ranks; ++q) {
-    counts[q] = static_cast<std::size_t>(status[q].rows) * width;
-    offsets[q] = total;
-    total += counts[q];
-  }
+  const int rank = group.rank();
+  const ExchangeLayout layout = exchange_layout(group.size(), bytes, [&](int q) {
+    return static_cast<std::size_t>(status[q].rows) * width;
+  });
+  const std::size_t mine = layout.counts[rank];
   const Index rows = static_cast<Index>(status[rank].rows);
   char* const all = static_cast<char*>(recv);
   if constexpr (gathers_device<Group>::value) {
     // This rank's rows go to their place first; the group then sends them from there.
     copy_rows(all + static_cast<std::size_t>(first) * width, width, rows_data, pitch, width, rows,
               cudaMemcpyDeviceToDevice, stream);
-    group.allgatherv_device(all + offsets[rank], counts[rank], all, counts, offsets, stream);
+    group.allgatherv_device(all + layout.offsets[rank], mine, all, layout.counts, layout.offsets,
+                            stream);
   } else {
-    char* send = work.host_send.data(counts[rank] > 0 ? counts[rank] : 1);
-    char* host = work.host_recv.data(total > 0 ? total : 1);
+    char* send = work.host_send.data(mine > 0 ? mine : 1);
+    char* host = work.host_recv.data(layout.total > 0 ? layout.total : 1);
     copy_rows(send, width, rows_data, pitch, width, rows, cudaMemcpyDeviceToHost, stream);
     throw_on_error(cudaStreamSynchronize(stream), "metricloss: sharded cudaStreamSynchronize");
-    group.allgatherv(send, counts[rank], host, counts, offsets);
-    if (total > 0)
-      throw_on_error(cudaMemcpyAsync(all, host, total, cudaMemcpyHostToDevice, stream),
+    group.allgatherv(send, mine, host, layout.counts, layout.offsets);
+    if (layout.total > 0)
+      throw_on_error(cudaMemcpyAsync(all, host, layout.total, cudaMemcpyHostToDevice, stream),
                      "metricloss: sharded cudaMemcpyAsync");
   }
 }
+
+/// The device parts of one call, carved from one workspace (a null base only counts them).
+template <class T, class Label>
+struct ShardedLayout {
+  WorkspaceCarver carve;
+  T* x;           // N x D: the global batch
+  Label* labels;  // N
+  T* grad;        // N x D: its gradient (none without one)
+  T* loss;        // one T (in a double's room)
+  ShardedLayout(void* base, Index n, Index d, bool gradient)
+      : carve(base),
+        x(carve.take<T>(static_cast<std::size_t>(n * d))),
+        labels(carve.take<Label>(static_cast<std::size_t>(n))),
+        grad(carve.take<T>(gradient ? static_cast<std::size_t>(n * d) : 0)),
+        loss(reinterpret_cast<T*>(carve.take<double>(1))) {}
+};
 
 }  // namespace cuda
 
@@ -112,56 +126,39 @@ struct ShardedDevice<cuda_tag> {
   template <class Loss, class Group, class T, class L>
   static T run(Loss& loss, const sharded_tag<cuda_tag, Group>& tag, const MatrixView<const T>& x,
                const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff,
-               const ShardStatus* status, GrowOnlyBuffer<std::size_t>& bytes) {
+               const ShardStatus* status, Index n, Index first,
+               GrowOnlyBuffer<std::size_t>& bytes) {
     Group& group = *tag.group;
     const cudaStream_t stream = tag.base.stream;
-    const int ranks = group.size();
-    Index n = 0, first = 0;
-    for (int q = 0; q < ranks; ++q) {
-      if (q == group.rank()) first = n;
-      n += static_cast<Index>(status[q].rows);
-    }
     const Index d = static_cast<Index>(status[0].cols);
     using Label = std::remove_const_t<L>;
     auto& work = scratch_of<cuda::ShardedScratch>(loss);
-    cuda::WorkspaceCarver count(nullptr);
-    count.take<T>(static_cast<std::size_t>(n * d));
-    count.take<Label>(static_cast<std::size_t>(n));
-    count.take<T>(grad.empty() ? 0 : static_cast<std::size_t>(n * d));
-    count.take<double>(1);
+    const bool gradient = !grad.empty();
     cuda::Workspace& workspace = work.device.for_stream(stream);
-    cuda::WorkspaceCarver carve(workspace.device_memory(count.bytes()));
-    T* all_x = carve.take<T>(static_cast<std::size_t>(n * d));
-    Label* all_labels = carve.take<Label>(static_cast<std::size_t>(n));
-    T* all_grad = carve.take<T>(grad.empty() ? 0 : static_cast<std::size_t>(n * d));
-    T* device_loss = reinterpret_cast<T*>(carve.take<double>(1));
+    const cuda::ShardedLayout<T, Label> parts(
+        workspace.device_memory(cuda::ShardedLayout<T, Label>(nullptr, n, d, gradient).carve.bytes()),
+        n, d, gradient);
 
     // 2. The global batch, in rank order (a rank without rows sends nothing).
     const std::size_t row_bytes = sizeof(T) * static_cast<std::size_t>(d);
     cuda::gather_device_rows(group, work, bytes, status, first, x.data,
                              cuda::pitch_of(x.rows, x.stride, sizeof(T), row_bytes), row_bytes,
-                             all_x, stream);
+                             parts.x, stream);
     cuda::gather_device_rows(group, work, bytes, status, first, labels.data,
                              cuda::pitch_of(labels.size, labels.stride, sizeof(Label), sizeof(Label)),
-                             sizeof(Label), all_labels, stream);
+                             sizeof(Label), parts.labels, stream);
 
-    // 3. The single-process backend on X; this rank's rows of its gradient.
-    const MatrixView<const T> all{all_x, n, d, d};
-    const VectorView<Label> all_y{all_labels, n, 1};
-    MatrixView<T> all_g{};
-    if (!grad.empty()) all_g = {all_grad, n, d, d};
+    // 3. The single-process backend on X; this rank's rows of its gradient; L to the host.
+    MatrixView<T> all_grad{};
+    if (gradient) all_grad = {parts.grad, n, d, d};
     Backend<Loss, cuda_deferred_tag<T>>::forward_backward(
-        loss, cuda_deferred_tag<T>(stream, device_loss), all, all_y, all_g, top_diff);
-    if (!grad.empty())
+        loss, cuda_deferred_tag<T>(stream, parts.loss), MatrixView<const T>{parts.x, n, d, d},
+        VectorView<Label>{parts.labels, n, 1}, all_grad, top_diff);
+    if (gradient)
       cuda::copy_rows(grad.data, cuda::pitch_of(grad.rows, grad.stride, sizeof(T), row_bytes),
-                      all_grad + static_cast<std::size_t>(first * d), row_bytes, row_bytes,
+                      parts.grad + static_cast<std::size_t>(first * d), row_bytes, row_bytes,
                       grad.rows, cudaMemcpyDeviceToDevice, stream);
-    T* host = static_cast<T*>(workspace.host_slot());
-    cuda::throw_on_error(
-        cudaMemcpyAsync(host, device_loss, sizeof(T), cudaMemcpyDeviceToHost, stream),
-        "metricloss: sharded cudaMemcpyAsync");
-    cuda::throw_on_error(cudaStreamSynchronize(stream), "metricloss: sharded cudaStreamSynchronize");
-    return *host;
+    return cuda::loss_to_host(workspace, parts.loss, stream, "metricloss: sharded loss to host");
   }
 };
 
