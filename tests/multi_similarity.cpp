@@ -103,6 +103,18 @@ void check_gradient(const Matrix<T>& got, const Matrix<double>& expected, double
   CHECK(worst <= tol * std::max(scale, 1e-300));
 }
 
+/// The batch call against brute_force_batch: loss and gradient. Returns the loss.
+template <class T, class Tag>
+double check_batch(Tag tag, const Options& o, const Matrix<T>& x, const Labels& y) {
+  auto loss = o.template loss<T>();
+  const Expected e = brute_force_batch(o, x, y);
+  Matrix<T> g(x.rows(), x.cols());
+  const double l = loss.forward_backward(tag, x, y, g);
+  CHECK(relatively_close(l, e.loss, Tolerance<T>::loss, 1e-12));
+  check_gradient(g, e.gq, Tolerance<T>::gradient, largest(e.gq));
+  return l;
+}
+
 Labels labels_from(const std::vector<std::int64_t>& v) {
   Labels y(static_cast<Index>(v.size()));
   for (std::size_t i = 0; i < v.size(); ++i) y(static_cast<Index>(i)) = v[i];
@@ -165,10 +177,7 @@ TEMPLATE_TEST_CASE("MultiSimilarityLoss in the tie regime: kept sets on exact si
       CAPTURE(o.name());
       auto loss = o.template loss<T>();
       const Expected e = brute_force_batch(o, x, y);
-      Matrix<T> g(n, d);
-      const double l = loss.forward_backward(tag, x, y, g);
-      CHECK(relatively_close(l, e.loss, Tolerance<T>::loss, 1e-12));
-      check_gradient(g, e.gq, Tolerance<T>::gradient, largest(e.gq));
+      check_batch(tag, o, x, y);
       const Selves self = Selves::LinSpaced(n, 0, int(n - 1));
       Matrix<T> gq(n, d), gr(n, d);
       const double lr = loss.forward_backward(tag, x, y, ml::reference(x, y, self), gq, gr);
@@ -176,6 +185,44 @@ TEMPLATE_TEST_CASE("MultiSimilarityLoss in the tie regime: kept sets on exact si
       check_gradient(Matrix<T>(gq + gr), e.gq, Tolerance<T>::gradient, largest(e.gq));
     }
   }
+}
+
+TEMPLATE_TEST_CASE("MultiSimilarityLoss: a tie the product's rounding breaks is decided exactly",
+                   "[multi_similarity][ties]", ALL_CASES) {
+  using T = typename TestType::T;
+  const typename TestType::Tag tag{};
+  // Anchor 0 is all ones; the positive p holds r and the negative k holds r reversed, so
+  // <x_0, x_p> = <x_0, x_k> exactly (each a sum of the same 64 floats, exact in double),
+  // while a float product adds them in two orders. With epsilon = 0 neither is kept; a kept
+  // set decided on the rounded similarities keeps one of them. 16 zero rows of a third class
+  // around them: full blocks of lanes and a tail.
+  const Index n = 19, d = 64, p = 9, k = 13;
+  Index broken = 0;  // seeds whose sequential float sums differ (the tie can break)
+  for (std::uint64_t seed = 300; seed < 316; ++seed) {
+    CAPTURE(seed);
+    std::mt19937_64 rng(seed);
+    // Float values for T = double too: their sums in double are exact in any order.
+    const Matrix<T> r = uniform_matrix<float>(1, d, rng, 0.0, 0.03).template cast<T>();
+    Matrix<T> x = Matrix<T>::Zero(n, d);
+    x.row(0).setOnes();
+    x.row(p) = r;
+    x.row(k) = r.rowwise().reverse();
+    float forward = 0.0f, backward = 0.0f;
+    for (Index c = 0; c < d; ++c) {
+      forward += static_cast<float>(r(0, c));
+      backward += static_cast<float>(r(0, d - 1 - c));
+    }
+    if (forward != backward) ++broken;
+    Labels y = Labels::Constant(n, 2);
+    y(0) = 0;
+    y(p) = 0;
+    y(k) = 1;
+    for (const Options& o : {Options{2, 50, 0.5, 0.0}, Options{1, 10, 1.0, 0.0}}) {
+      CAPTURE(o.name());
+      check_batch(tag, o, x, y);
+    }
+  }
+  CHECK(broken > 0);
 }
 
 TEMPLATE_TEST_CASE("MultiSimilarityLoss degenerate batches and large exponents",

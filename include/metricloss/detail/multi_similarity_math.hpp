@@ -47,6 +47,21 @@ struct PlainExp {
   }
 };
 
+/// Pair (a, j)'s exponent, -alpha (S - base) or beta (S - base), or -inf when the kept-set
+/// rule drops it; v = row(a)[j], decided on exact(a, j) when within rounding(a, j) of its limit.
+template <class Similarities>
+double multi_similarity_exponent(const MultiSimilarityRule& rule, const Similarities& s, Index a,
+                                 Index j, double v, bool positive, double pos_limit,
+                                 double neg_limit) {
+  if (!rule.keep_all) {
+    const double limit = positive ? pos_limit : neg_limit;
+    const double decided = std::abs(v - limit) <= s.rounding(a, j) ? s.exact(a, j) : v;
+    if (positive ? !(decided < limit) : !(decided > limit))
+      return -std::numeric_limits<double>::infinity();
+  }
+  return positive ? -rule.alpha * (v - rule.base) : rule.beta * (v - rule.base);
+}
+
 /// Anchor a against candidates [0, end) (self(a) skipped). `z` (length end) is scratch; when
 /// `w` is given it receives w[j] = scale dL_a/dS_aj. Returns L_a. Exp::in_place(e, n) takes
 /// the exponentials of the kept terms, shifted by their side's largest (each in (0, 1]).
@@ -88,14 +103,9 @@ double multi_similarity_row(const MultiSimilarityRule& rule, const Classes& clas
   for (Index j = 0; j < end; ++j) {
     z[j] = -inf;
     if (j == self) continue;
-    double v = static_cast<double>(row[j]);
     const bool p = positive(j);
-    if (!rule.keep_all) {
-      const double limit = p ? pos_limit : neg_limit;
-      const double decided = std::abs(v - limit) <= s.rounding(a, j) ? s.exact(a, j) : v;
-      if (p ? !(decided < limit) : !(decided > limit)) continue;
-    }
-    z[j] = p ? -rule.alpha * (v - rule.base) : rule.beta * (v - rule.base);
+    z[j] = multi_similarity_exponent(rule, s, a, j, static_cast<double>(row[j]), p, pos_limit,
+                                     neg_limit);
     if (p) pos_top = std::max(pos_top, z[j]);
     else neg_top = std::max(neg_top, z[j]);
   }

@@ -9,6 +9,7 @@
 #include <metricloss/backend/simd/pairwise.hpp>
 #include <metricloss/backend/simd/reference.hpp>
 #include <metricloss/backend/simd/weight_sinks.hpp>
+#include <metricloss/backend/simd/widen.hpp>
 #include <metricloss/batch_contrastive.hpp>
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/batch_common.hpp>
@@ -33,6 +34,7 @@ struct SimdBatchContrastiveScratch : BackendSlot::Contents {
   GrowOnlyBuffer<T> norms;                 // N: ||x_i - mean||^2 (SplitWeights)
   GrowOnlyBuffer<double> direct_gradient;  // N x D: near pairs by differences (SplitWeights)
   GrowOnlyBuffer<double> weight_row;       // one row of W
+  GrowOnlyBuffer<double> widened;          // one row of D2 in double (T = float)
   CrossClasses cross_classes;
   CrossDistances<T> cross;                 // Q x R distances and products
 };
@@ -41,17 +43,17 @@ struct SimdBatchContrastiveScratch : BackendSlot::Contents {
 /// row's bits (the same operations, sqrt included); only the sums add in lane order. A block
 /// of lanes holding self(a), or a distance within `near` (>= every rounding(a, j)) of its
 /// side's turn, goes through contrastive_pairs, which settles it on the exact distance.
+/// `row` is distances.row(a) in double.
 template <class Classes, class Distances>
 void contrastive_row_lanes(const ContrastiveRule& rule, const Classes& classes,
-                           const Distances& distances, Index a, Index end, double near,
-                           ContrastiveTotals& totals, double* w = nullptr, double pos_scale = 0.0,
-                           double neg_scale = 0.0) {
+                           const Distances& distances, const double* row, Index a, Index end,
+                           double near, ContrastiveTotals& totals, double* w = nullptr,
+                           double pos_scale = 0.0, double neg_scale = 0.0) {
   using B = xsimd::batch<double>;
   using I = xsimd::batch<std::int64_t>;
   static_assert(I::size == B::size && sizeof(Index) == sizeof(std::int64_t),
                 "class indices load as lanes of the distances' width");
   constexpr Index lanes = static_cast<Index>(B::size);
-  const auto* row = distances.row(a);
   const Index own = classes.own_class(a), self = classes.self(a);
   const auto* class_of = reinterpret_cast<const std::int64_t*>(classes.class_of());
   // No class is NaN: an anchor without a class has no positives.
@@ -98,23 +100,24 @@ void contrastive_row_lanes(const ContrastiveRule& rule, const Classes& classes,
 }
 
 /// Two sweeps of rows over the anchors (totals, then W into `sink` with the totals' scales),
-/// in lanes; `end(a)` is anchor a's candidate range.
+/// in lanes; `end(a)` is anchor a's candidate range, `widened` holds a row of D2 in double.
 template <class Classes, class Distances, class End, class Sink>
 ContrastiveTotals contrastive_sweeps(const ContrastiveRule& rule, const Classes& classes,
                                      const Distances& distances, End end, Sink& sink,
-                                     double* row, Index width) {
+                                     double* row, Index width, GrowOnlyBuffer<double>& widened) {
   ContrastiveTotals totals;
   const Index widest = distances.widest();
+  const auto values = [&](Index a) { return widened_row(distances.row(a), end(a), widened); };
   for (Index a = 0; a < classes.anchors(); ++a)
-    contrastive_row_lanes(rule, classes, distances, a, end(a), distances.rounding(a, widest),
-                          totals);
+    contrastive_row_lanes(rule, classes, distances, values(a), a, end(a),
+                          distances.rounding(a, widest), totals);
   if (!sink.enabled()) return totals;
   ContrastiveTotals again;
   const double pos = totals.pos_scale(rule), neg = totals.neg_scale(rule);
   for (Index a = 0; a < classes.anchors(); ++a) {
     const Index e = end(a);
-    contrastive_row_lanes(rule, classes, distances, a, e, distances.rounding(a, widest), again,
-                          row, pos, neg);
+    contrastive_row_lanes(rule, classes, distances, values(a), a, e,
+                          distances.rounding(a, widest), again, row, pos, neg);
     std::fill(row + e, row + width, 0.0);
     sink.add_row(a, row, width);
   }
@@ -136,7 +139,7 @@ struct Backend<BatchContrastiveLoss<T>, simd_tag> {
     double* row = work.weight_row.data(static_cast<std::size_t>(x.rows));
     const ContrastiveTotals totals =
         contrastive_sweeps(rule, work.classes, ProductSquaredDistances<T>{&work.pairwise},
-                           [](Index a) { return a; }, weights, row, x.rows);
+                           [](Index a) { return a; }, weights, row, x.rows, work.widened);
     if (!grad.empty()) weights.gradient(work.pairwise, static_cast<double>(top_diff), grad);
     return static_cast<T>(totals.loss(rule));
   }
@@ -162,7 +165,7 @@ struct ReferenceBackend<BatchContrastiveLoss<T>, simd_tag> {
     double* row = work.weight_row.data(static_cast<std::size_t>(nr));
     const ContrastiveTotals totals = contrastive_sweeps(
         rule, work.cross_classes, CrossProductDistances<T>{&work.cross, work.cross.widest_reference()},
-        [nr](Index) { return nr; }, weights, row, nr);
+        [nr](Index) { return nr; }, weights, row, nr, work.widened);
     if (gradient) work.cross.gradients(top_diff, grad_q, grad_r);
     return static_cast<T>(totals.loss(rule));
   }

@@ -8,6 +8,7 @@
 //
 // Gradients. For W_ij = dL/dS_ij (M x K): dQ = W R and dR = W^T Q, two products; the batch
 // case (Q = R = X) is dX = (W + W^T) X, one.
+#include <metricloss/backend/simd/exact.hpp>
 #include <metricloss/backend/simd/products.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/numerics.hpp>
@@ -40,9 +41,7 @@ class CrossSimilarities {
     widest_ = 0.0;
     for (Index i = 0; i < m + k; ++i) {
       const T* row = i < m ? q.row(i) : r.row(i - m);
-      double sum = 0.0;
-      for (Index c = 0; c < q.cols; ++c) sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
-      norms[i] = std::sqrt(sum);
+      norms[i] = std::sqrt(exact_dot(row, row, q.cols));
       if (i >= m) widest_ = std::max(widest_, norms[i]);
     }
     unit_ = product_rounding_unit<T>(q.cols);
@@ -50,12 +49,7 @@ class CrossSimilarities {
 
   const T* row(Index i) const { return s_ + i * stride_; }
   /// <q_i, r_j> in double.
-  double exact(Index i, Index j) const {
-    const T *a = q_.row(i), *b = r_.row(j);
-    double sum = 0.0;
-    for (Index c = 0; c < q_.cols; ++c) sum += static_cast<double>(a[c]) * static_cast<double>(b[c]);
-    return sum;
-  }
+  double exact(Index i, Index j) const { return exact_dot(q_.row(i), r_.row(j), q_.cols); }
   /// A bound on |row(i)[j] - exact(i, j)|, and on every j of row i.
   double rounding(Index i, Index j) const {
     return unit_ * n_[i] * n_[q_.rows + j];

@@ -10,6 +10,15 @@
 namespace metricloss {
 namespace detail {
 
+/// row[0, n) in double: the row itself, or widened into `buffer` by one loop (GCC turns it
+/// into packed conversions; xsimd 8.1 converts a float load element by element).
+inline const double* widened_row(const double* row, Index, GrowOnlyBuffer<double>&) { return row; }
+inline const double* widened_row(const float* row, Index n, GrowOnlyBuffer<double>& buffer) {
+  double* out = buffer.data(static_cast<std::size_t>(n));
+  for (Index j = 0; j < n; ++j) out[j] = static_cast<double>(row[j]);
+  return out;
+}
+
 /// What a float functor keeps for its calls in double: the double functor, and x and the
 /// gradient in double from 64-byte boundaries (AlignedBuffer: a reused functor gives the
 /// bits of a fresh one).
