@@ -47,35 +47,72 @@ struct PlainExp {
   }
 };
 
-/// Pair (a, j)'s exponent, -alpha (S - base) or beta (S - base), or -inf when the kept-set
-/// rule drops it; v = row(a)[j], decided on exact(a, j) when within rounding(a, j) of its limit.
-template <class Similarities>
-double multi_similarity_exponent(const MultiSimilarityRule& rule, const Similarities& s, Index a,
-                                 Index j, double v, bool positive, double pos_limit,
-                                 double neg_limit) {
-  if (!rule.keep_all) {
-    const double limit = positive ? pos_limit : neg_limit;
-    const double decided = std::abs(v - limit) <= s.rounding(a, j) ? s.exact(a, j) : v;
-    if (positive ? !(decided < limit) : !(decided > limit))
-      return -std::numeric_limits<double>::infinity();
+/// Whether candidate j is a positive of anchor a.
+template <class Classes>
+bool multi_similarity_positive(const Classes& classes, Index a, Index j) {
+  const Index own = classes.own_class(a);
+  return own >= 0 && classes.class_of()[j] == own;
+}
+
+/// The exact extremes over candidates [begin, end) of anchor a (self(a) skipped): a positive
+/// with row(a)[j] <= below lowers exact_min to exact(a, j), a negative with row(a)[j] >= above
+/// raises exact_max.
+template <class Classes, class Similarities>
+void multi_similarity_exact_extremes(const Classes& classes, const Similarities& s, Index a,
+                                     Index begin, Index end, double below, double above,
+                                     double& exact_min, double& exact_max) {
+  const auto* row = s.row(a);
+  const Index self = classes.self(a);
+  for (Index j = begin; j < end; ++j) {
+    if (j == self) continue;
+    const double v = static_cast<double>(row[j]);
+    const bool p = multi_similarity_positive(classes, a, j);
+    if (p && v <= below) exact_min = std::min(exact_min, s.exact(a, j));
+    if (!p && v >= above) exact_max = std::max(exact_max, s.exact(a, j));
   }
-  return positive ? -rule.alpha * (v - rule.base) : rule.beta * (v - rule.base);
+}
+
+/// Candidates [begin, end) of anchor a: z[j] = -alpha (S - base) or beta (S - base) for a
+/// kept pair, -inf otherwise (and for self(a)), each side's largest into pos_top / neg_top.
+/// Kept: positives with S < pos_limit, negatives with S > neg_limit, decided on exact(a, j)
+/// where row(a)[j] is within rounding(a, j) of its limit; every pair when rule.keep_all.
+template <class Classes, class Similarities>
+void multi_similarity_exponents(const MultiSimilarityRule& rule, const Classes& classes,
+                                const Similarities& s, Index a, Index begin, Index end,
+                                double pos_limit, double neg_limit, double* z, double& pos_top,
+                                double& neg_top) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  const auto* row = s.row(a);
+  const Index self = classes.self(a);
+  for (Index j = begin; j < end; ++j) {
+    z[j] = -inf;
+    if (j == self) continue;
+    const double v = static_cast<double>(row[j]);
+    const bool p = multi_similarity_positive(classes, a, j);
+    if (!rule.keep_all) {
+      const double limit = p ? pos_limit : neg_limit;
+      const double decided = std::abs(v - limit) <= s.rounding(a, j) ? s.exact(a, j) : v;
+      if (p ? !(decided < limit) : !(decided > limit)) continue;
+    }
+    z[j] = p ? -rule.alpha * (v - rule.base) : rule.beta * (v - rule.base);
+    if (p) pos_top = std::max(pos_top, z[j]);
+    else neg_top = std::max(neg_top, z[j]);
+  }
 }
 
 /// Anchor a against candidates [0, end) (self(a) skipped). `z` (length end) is scratch; when
-/// `w` is given it receives w[j] = scale dL_a/dS_aj. Returns L_a. Exp::in_place(e, n) takes
-/// the exponentials of the kept terms, shifted by their side's largest (each in (0, 1]).
+/// `w` is given it receives w[j] = scale dL_a/dS_aj. Returns L_a. The scalar path's row;
+/// the simd path's is multi_similarity_row_lanes (backend/simd/multi_similarity.hpp).
 /// Similarities: row(a), exact(a, j), rounding(a, j) (a bound on |row(a)[j] - exact(a, j)|)
 /// and widest_rounding(a) (>= every rounding(a, j)); Classes: own_class, self, class_of().
-template <class Exp = PlainExp, class Classes, class Similarities>
+template <class Classes, class Similarities>
 double multi_similarity_row(const MultiSimilarityRule& rule, const Classes& classes,
                             const Similarities& s, Index a, Index end, double* z, double* w,
                             double scale) {
   constexpr double inf = std::numeric_limits<double>::infinity();
   const auto* row = s.row(a);
-  const Index own = classes.own_class(a), self = classes.self(a);
-  const Index* class_of = classes.class_of();
-  const auto positive = [&](Index j) { return own >= 0 && class_of[j] == own; };
+  const Index self = classes.self(a);
+  const auto positive = [&](Index j) { return multi_similarity_positive(classes, a, j); };
   // The extremes: the smallest positive and the largest negative similarity.
   double min_pos = inf, max_neg = -inf;
   for (Index j = 0; j < end; ++j) {
@@ -88,33 +125,22 @@ double multi_similarity_row(const MultiSimilarityRule& rule, const Classes& clas
   if (!rule.keep_all && slack > 0.0) {
     // Only entries within twice the rounding of the approximate extreme can be the exact one.
     double exact_min = inf, exact_max = -inf;
-    for (Index j = 0; j < end; ++j) {
-      if (j == self) continue;
-      const double v = static_cast<double>(row[j]);
-      if (positive(j) && v <= min_pos + slack) exact_min = std::min(exact_min, s.exact(a, j));
-      if (!positive(j) && v >= max_neg - slack) exact_max = std::max(exact_max, s.exact(a, j));
-    }
+    multi_similarity_exact_extremes(classes, s, a, 0, end, min_pos + slack, max_neg - slack,
+                                    exact_min, exact_max);
     min_pos = exact_min;
     max_neg = exact_max;
   }
   // Kept: positives with S < max_neg + epsilon, negatives with S > min_pos - epsilon.
   const double pos_limit = max_neg + rule.epsilon, neg_limit = min_pos - rule.epsilon;
   double pos_top = -inf, neg_top = -inf;
-  for (Index j = 0; j < end; ++j) {
-    z[j] = -inf;
-    if (j == self) continue;
-    const bool p = positive(j);
-    z[j] = multi_similarity_exponent(rule, s, a, j, static_cast<double>(row[j]), p, pos_limit,
-                                     neg_limit);
-    if (p) pos_top = std::max(pos_top, z[j]);
-    else neg_top = std::max(neg_top, z[j]);
-  }
+  multi_similarity_exponents(rule, classes, s, a, 0, end, pos_limit, neg_limit, z, pos_top,
+                             neg_top);
   LogOnePlusSum pos, neg;
   pos.start(pos_top, pos_top != -inf);
   neg.start(neg_top, neg_top != -inf);
   for (Index j = 0; j < end; ++j)
     if (z[j] != -inf) z[j] -= positive(j) ? pos.shift : neg.shift;
-  Exp::in_place(z, end);  // z[j] = e^{z_j - shift}, 0 where not kept
+  PlainExp::in_place(z, end);  // z[j] = e^{z_j - shift}, 0 where not kept
   for (Index j = 0; j < end; ++j)
     if (z[j] != 0.0) (positive(j) ? pos.sum : neg.sum) += z[j];
   if (w != nullptr) {

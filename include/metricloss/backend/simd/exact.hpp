@@ -1,6 +1,7 @@
 #pragma once
-// The simd backend's exact squared distance and dot product: ||a - b||^2 with every difference and sum in
-// double, in double lanes widened as they load, four independent sums. What a loss uses for
+// The simd backend's exact squared distance and dot product: ||a - b||^2 (or <a, b>) with
+// every difference and sum in double, in double lanes widened as they load, four independent
+// sums. What a loss uses for
 // a distance that carries weight and that the product cannot give to its tolerance (at large
 // scales every weighted lifted negative comes here: Eigen's cast expression ran one scalar
 // chain of d adds, 15x the whole loss at N = 1024, D = 512).

@@ -25,7 +25,7 @@ namespace metricloss {
 namespace detail {
 
 /// e[j] = exp(e[j]) in double lanes (xsimd::exp; the tail through one padded batch, so every
-/// entry takes the same kernel): the row's exponentials, once per kept pair. Inputs below
+/// entry takes the same kernel): the sharded lifted rows' exponentials (backend/sharded_lifted.hpp). Inputs below
 /// -1000 (-inf: not kept) are raised to it first: e^-1000 is 0 in double all the same, and
 /// xsimd's exp converts x / ln 2 to an integer before it selects 0, which for -inf is undefined.
 struct LanesExp {
@@ -52,7 +52,6 @@ struct SimdMultiSimilarityScratch : BackendSlot::Contents {
   GrowOnlyBuffer<double> exponents;  // one anchor's kept exponents, then their exponentials
   GrowOnlyBuffer<double> widened;    // one anchor's similarities in double (T = float)
 };
-
 
 /// One block of `lanes` candidates [j, j + lanes) of anchor a's row (in double): the
 /// similarities, and which lanes are positive and negative candidates (neither: self(a), or
@@ -128,7 +127,6 @@ double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes
   for (Index l = 0; l < lanes; ++l) index[l] = static_cast<double>(l);
   const B iota = B::load_aligned(index);
   const auto block = [&](Index j) { return Block(row, class_of, j, end, self, own_class, iota); };
-  const auto positive = [&](Index j) { return own >= 0 && class_of[j] == own; };
   const B pos_inf(inf), neg_inf(-inf);
   // The extremes: the smallest positive and the largest negative similarity.
   B lanes_min_pos(inf), lanes_max_neg(-inf);
@@ -146,13 +144,9 @@ double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes
     for (Index j = 0; j < end; j += lanes) {
       const Block b = block(j);
       const auto near_min = b.pos && (b.v <= below), near_max = b.neg && (b.v >= above);
-      if (!xsimd::any(near_min || near_max)) continue;
-      for (Index k = j; k < std::min(j + lanes, end); ++k) {
-        if (k == self) continue;
-        const double v = row[k];
-        if (positive(k) && v <= min_pos + slack) exact_min = std::min(exact_min, s.exact(a, k));
-        if (!positive(k) && v >= max_neg - slack) exact_max = std::max(exact_max, s.exact(a, k));
-      }
+      if (xsimd::any(near_min || near_max))
+        multi_similarity_exact_extremes(classes, s, a, j, std::min(j + lanes, end), min_pos + slack,
+                                        max_neg - slack, exact_min, exact_max);
     }
     min_pos = exact_min;
     max_neg = exact_max;
@@ -168,14 +162,8 @@ double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes
     if (!rule.keep_all) {
       const B limit = xsimd::select(b.pos, pos_lim, neg_lim);
       if (xsimd::any((b.pos || b.neg) && (xsimd::abs(b.v - limit) <= bound))) {
-        for (Index k = j; k < std::min(j + lanes, end); ++k) {
-          z[k] = -inf;
-          if (k == self) continue;
-          const bool p = positive(k);
-          z[k] = multi_similarity_exponent(rule, s, a, k, row[k], p, pos_limit, neg_limit);
-          if (p) pos_top = std::max(pos_top, z[k]);
-          else neg_top = std::max(neg_top, z[k]);
-        }
+        multi_similarity_exponents(rule, classes, s, a, j, std::min(j + lanes, end), pos_limit,
+                                   neg_limit, z, pos_top, neg_top);
         continue;
       }
     }
@@ -230,7 +218,7 @@ double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes
       (B::load_unaligned(z + j) * xsimd::select(b.pos, pos_w, neg_w)).store_unaligned(out + j);
     }
     for (Index j = full; j < end; ++j)
-      out[j] = static_cast<T>(z[j] * (positive(j) ? pos_scale : neg_scale));
+      out[j] = static_cast<T>(z[j] * (multi_similarity_positive(classes, a, j) ? pos_scale : neg_scale));
   }
   return pos.value() / rule.alpha + neg.value() / rule.beta;
 }
