@@ -57,6 +57,42 @@ TEST_CASE("sharded over threads: every batch loss, float, W = 1..5", "[sharded]"
   check_all_layouts<float>(true);
 }
 
+/// Batch-all with margin 1 in both distances (check_layout_of's configurations).
+template <class T>
+struct KinkConfigs {
+  template <class F>
+  void operator()(F&& f) const {
+    for (ml::Distance distance : {ml::Distance::squared_euclidean, ml::Distance::euclidean}) {
+      ml::BatchTripletLoss<T> loss(T(1), ml::Mining::all);
+      loss.distance = distance;
+      f(std::string("batch-all margin 1 ") +
+            (distance == ml::Distance::euclidean ? "euclidean" : "squared"),
+        loss);
+    }
+  }
+};
+
+TEST_CASE("sharded over threads: batch-all's ties at a hinge's kink decided as in one process",
+          "[sharded][ties]") {
+  // Integer rows with margin 1: many negatives lie exactly at a kink, d_an = d_ap + 1 (a
+  // hinge at exactly 0, inactive), in squared distances and, where D2 is a square, in
+  // distances. Anchor a's rank and row n's rank must agree on each, though their products
+  // (centred differently) round differently.
+  for (const auto& shards : layouts)
+    for (Index d : {Index(5), Index(8)}) {
+      const int ranks = static_cast<int>(shards.size());
+      std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
+      on_threads(ranks, [&](ml::thread_rank& me, int r) {
+        auto& mine = records[static_cast<std::size_t>(r)];
+        sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, KinkConfigs<double>{});
+        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<double>{});
+        sharded::check_layout_of<float>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, KinkConfigs<float>{});
+        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<float>{});
+      });
+      for (const auto& rank_records : records) sharded::check_records(rank_records);
+    }
+}
+
 TEST_CASE("sharded over threads: a malformed call on one rank makes every rank throw",
           "[sharded][errors]") {
   for (int ranks : {1, 3}) {

@@ -101,10 +101,12 @@ void for_each_batch_config(F&& f) {
   });
 }
 
-/// One rank's checks of one layout on one tag and type. `shards` has group.size() entries.
-template <class T, class Tag, class Group>
-void check_layout(Group& group, Tag tag, const char* tag_name, const std::vector<Index>& shards,
-                  Index d, bool integer, std::vector<Record>& records) {
+/// One rank's checks of one layout on one tag and type, for each loss that
+/// for_each_config(f) hands to f(name, loss). `shards` has group.size() entries.
+template <class T, class Tag, class Group, class ForEachConfig>
+void check_layout_of(Group& group, Tag tag, const char* tag_name, const std::vector<Index>& shards,
+                     Index d, bool integer, std::vector<Record>& records,
+                     ForEachConfig&& for_each_config) {
   const int rank = group.rank();
   const GlobalBatch<T> global(shards, d, integer, 20261203u + static_cast<std::uint64_t>(d));
   const Index first = global.first[static_cast<std::size_t>(rank)];
@@ -117,7 +119,7 @@ void check_layout(Group& group, Tag tag, const char* tag_name, const std::vector
     layout += std::to_string(shards[q]) + (q + 1 == shards.size() ? "}" : ", ");
   layout += " D " + std::to_string(d) + (integer ? " integer" : " uniform") + " " + tag_name +
             " " + ml::detail::scalar_name<T>() + " rank " + std::to_string(rank);
-  for_each_batch_config<T>([&](const std::string& name, const auto& configured) {
+  for_each_config([&](const std::string& name, const auto& configured) {
     auto loss = configured;  // the sharded functor
     auto single = configured;
     Matrix<T> reference_grad(global.x.rows(), d);
@@ -149,6 +151,14 @@ void check_layout(Group& group, Tag tag, const char* tag_name, const std::vector
     r.forward_matches = std::memcmp(&value, &forward_value, sizeof(T)) == 0;
     records.push_back(r);
   });
+}
+
+/// check_layout_of over every batch-loss configuration of the registry.
+template <class T, class Tag, class Group>
+void check_layout(Group& group, Tag tag, const char* tag_name, const std::vector<Index>& shards,
+                  Index d, bool integer, std::vector<Record>& records) {
+  check_layout_of<T>(group, tag, tag_name, shards, d, integer, records,
+                     [](auto&& f) { for_each_batch_config<T>(f); });
 }
 
 /// Asserts every record (on the calling thread: Catch2 is not thread-safe).

@@ -1,6 +1,6 @@
 #pragma once
-// BatchTripletLoss (hard, semihard) over a group's global batch X (detail/sharded.hpp) by
-// exchanged statistics, O(n_r N D) per rank instead of O(N^2 D):
+// BatchTripletLoss (hard, semihard; all: backend/sharded_batch_all.hpp) over a group's
+// global batch X (detail/sharded.hpp) by exchanged statistics, O(n_r N D) per rank instead of O(N^2 D):
 //  1. this rank's anchors Q = its rows of X are mined against the whole of X as a reference
 //     set with self = their own rows: the reference-set path of each tag (simd: the jointly
 //     centred product with mined distances by differences; scalar: every distance by
@@ -11,8 +11,9 @@
 //  3. each rank applies every entry that touches one of its rows, in every role (anchor,
 //     positive or negative of any rank's anchor), by differences in double:
 //     dL/dx_i = top_diff / count * sum 2 w (x_i - x_j). No gradient is reduced.
-// Mining::all keeps the gather-everything path: its W is dense (O(N^2) entries).
+// Mining::all, whose W is dense, exchanges thresholds instead (backend/sharded_batch_all.hpp).
 #include <metricloss/backend/scalar/reference.hpp>
+#include <metricloss/backend/sharded_batch_all.hpp>
 #include <metricloss/backend/simd/reference.hpp>
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/detail/batch_common.hpp>
@@ -47,17 +48,13 @@ struct ShardedTripletScratch : BackendSlot::Contents {
   GrowOnlyBuffer<std::size_t> bytes;
 };
 
-inline Index shard_self_at(const void* first, Index a) {
-  return *static_cast<const Index*>(first) + a;
-}
-
 template <class T, class Base>
 struct ShardedBackend<BatchTripletLoss<T>, Base> {
   static constexpr bool available =
       std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
 
-  static bool handles(const BatchTripletLoss<T>& loss, int ranks) {
-    return ranks >= 2 && loss.mining != Mining::all;
+  static bool handles(const BatchTripletLoss<T>&, int ranks) {
+    return ranks >= 2;
   }
 
   template <class Group, class L>
@@ -70,6 +67,8 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
       fill_rows(grad, std::numeric_limits<T>::quiet_NaN());
       return std::numeric_limits<T>::quiet_NaN();
     }
+    if (loss.mining == Mining::all)
+      return ShardedBatchAll<T, Base>::forward_backward(loss, group, batch, grad, top_diff);
 
     // 1. This rank's anchors against X.
     // The reference-set path's sink: anchors as rows of q, made rows of X below.

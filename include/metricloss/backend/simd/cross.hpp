@@ -98,6 +98,11 @@ class CrossDistances {
     return w;
   }
 
+  /// The weights of the last zeroed_weights(), as the caller left them.
+  StridedMap<T> weights() {
+    return StridedMap<T>(weights_.data(0), q_.rows, r_.rows, Eigen::OuterStride<>(stride_));
+  }
+
   /// grad_q = scale dQ and grad_r = scale dR (either may be empty) from W of
   /// zeroed_weights(), which this destroys (its near pairs are taken out).
   void gradients(T scale, const MatrixView<T>& grad_q, const MatrixView<T>& grad_r) {
