@@ -57,27 +57,32 @@ TEST_CASE("sharded over threads: every batch loss, float, W = 1..5", "[sharded]"
   check_all_layouts<float>(true);
 }
 
-/// Batch-all with margin 1 in both distances (check_layout_of's configurations).
+/// Losses whose hinges turn at integer squared distances, in both distances: batch-all with
+/// margin 1, batch contrastive with margins 4 and 5 (squared: 16 and 25, where the integer
+/// rows' squared distances crowd).
 template <class T>
 struct KinkConfigs {
   template <class F>
   void operator()(F&& f) const {
     for (ml::Distance distance : {ml::Distance::squared_euclidean, ml::Distance::euclidean}) {
-      ml::BatchTripletLoss<T> loss(T(1), ml::Mining::all);
-      loss.distance = distance;
-      f(std::string("batch-all margin 1 ") +
-            (distance == ml::Distance::euclidean ? "euclidean" : "squared"),
-        loss);
+      const bool squared = distance == ml::Distance::squared_euclidean;
+      const std::string kind = squared ? "squared" : "euclidean";
+      ml::BatchTripletLoss<T> all(T(1), ml::Mining::all);
+      all.distance = distance;
+      f("batch-all margin 1 " + kind, all);
+      ml::BatchContrastiveLoss<T> pairs(T(squared ? 16 : 4), T(squared ? 25 : 5), distance);
+      f("batch contrastive margins at 16 and 25 " + kind, pairs);
     }
   }
 };
 
-TEST_CASE("sharded over threads: batch-all's ties at a hinge's kink decided as in one process",
+TEST_CASE("sharded over threads: hinges at exactly 0 decided as in one process",
           "[sharded][ties]") {
-  // Integer rows with margin 1: many negatives lie exactly at a kink, d_an = d_ap + 1 (a
-  // hinge at exactly 0, inactive), in squared distances and, where D2 is a square, in
-  // distances. Anchor a's rank and row n's rank must agree on each, though their products
-  // (centred differently) round differently.
+  // Integer rows: many batch-all negatives lie exactly at a kink, d_an = d_ap + 1, and many
+  // pairs exactly at a contrastive margin (hinges at exactly 0: inactive), in squared
+  // distances and, where D2 is a square, in distances. The ranks that meet a pair or triplet
+  // from both ends must decide it alike, though their products (centred differently) round
+  // differently.
   for (const auto& shards : layouts)
     for (Index d : {Index(5), Index(8)}) {
       const int ranks = static_cast<int>(shards.size());

@@ -39,6 +39,7 @@
 #include <metricloss/batch_contrastive.hpp>
 #include <metricloss/backend/scalar/batch_contrastive.hpp>
 #include <metricloss/backend/simd/batch_contrastive.hpp>
+#include <metricloss/backend/sharded_batch_contrastive.hpp>
 
 #include <metricloss/multi_similarity.hpp>
 #include <metricloss/backend/scalar/multi_similarity.hpp>

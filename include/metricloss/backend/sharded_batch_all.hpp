@@ -40,11 +40,6 @@
 namespace metricloss {
 namespace detail {
 
-/// A sharded rank's self index: its anchor a is row first + a of X.
-inline Index shard_self_at(const void* first, Index a) {
-  return *static_cast<const Index*>(first) + a;
-}
-
 /// One positive of one anchor, as published: the anchor's thresholds ascending and, in the
 /// same slots, W_ap of its positives in class order (the anchor itself skipped).
 struct AllSlot {

@@ -63,7 +63,7 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
     auto& work = scratch_of<ShardedTripletScratch<T>>(loss);
     const Index d = batch.x.cols, rows = batch.rows;
     // Every rank sees all of X: the same verdict everywhere, so no rank skips a collective.
-    if (!all_finite(batch.x) || has_nan_label(batch.labels)) {
+    if (shard_not_finite(batch)) {
       fill_rows(grad, std::numeric_limits<T>::quiet_NaN());
       return std::numeric_limits<T>::quiet_NaN();
     }
@@ -133,15 +133,6 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
   }
 
  private:
-  template <class L>
-  static bool has_nan_label(const VectorView<L>& labels) {
-    if constexpr (std::is_floating_point<L>::value) {
-      for (Index i = 0; i < labels.size; ++i)
-        if (std::isnan(labels[i])) return true;
-    }
-    return false;
-  }
-
   template <class L>
   static MiningResult mine(BatchTripletLoss<T>& loss, ShardedTripletScratch<T>& work,
                            const MatrixView<const T>& q, const ReferenceView<T, L>& ref,

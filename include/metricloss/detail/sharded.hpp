@@ -38,6 +38,7 @@
 #include <metricloss/exec.hpp>
 #include <metricloss/options.hpp>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -171,6 +172,27 @@ struct ShardView {
   Index rows = 0;
   const ShardStatus* status = nullptr;  // one per rank: rows per rank (for the statistics)
 };
+
+/// A rank's rows as a reference set's self index (SelfIndex::at): query a is row
+/// *first + a of X.
+inline Index shard_self_at(const void* first, Index a) {
+  return *static_cast<const Index*>(first) + a;
+}
+
+/// A non-finite entry or a NaN label anywhere in X: every rank sees all of X, so every rank
+/// reaches this verdict alike and no rank skips a collective.
+template <class T, class L>
+bool shard_not_finite(const ShardView<T, L>& batch) {
+  const MatrixView<const T>& x = batch.x;
+  for (Index i = 0; i < x.rows; ++i)
+    for (Index c = 0; c < x.cols; ++c)
+      if (!std::isfinite(x(i, c))) return true;
+  if constexpr (std::is_floating_point<L>::value) {
+    for (Index i = 0; i < batch.labels.size; ++i)
+      if (std::isnan(batch.labels[i])) return true;
+  }
+  return false;
+}
 
 /// What a functor keeps for its sharded calls (in its slot).
 template <class T, class L>
