@@ -59,7 +59,7 @@ TEST_CASE("sharded over threads: every batch loss, float, W = 1..5", "[sharded]"
 
 /// Losses whose hinges turn at integer squared distances, in both distances: batch-all with
 /// margin 1, batch contrastive with margins 4 and 5 (squared: 16 and 25, where the integer
-/// rows' squared distances crowd).
+/// rows' squared distances crowd); multi-similarity with epsilon 0.
 template <class T>
 struct KinkConfigs {
   template <class F>
@@ -73,6 +73,12 @@ struct KinkConfigs {
       ml::BatchContrastiveLoss<T> pairs(T(squared ? 16 : 4), T(squared ? 25 : 5), distance);
       f("batch contrastive margins at 16 and 25 " + kind, pairs);
     }
+    // epsilon 0, normalised: a negative that duplicates an anchor's least similar positive
+    // (the integer rows repeat rows across classes) sits exactly at its kept set's limit,
+    // and the products of unit rows round.
+    ml::MultiSimilarityLoss<T> ms(T(2), T(1), T(0), T(0));
+    ms.normalize = true;
+    f("multi-similarity epsilon 0 normalize", ms);
   }
 };
 
@@ -93,6 +99,9 @@ TEST_CASE("sharded over threads: hinges at exactly 0 decided as in one process",
         sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<double>{});
         sharded::check_layout_of<float>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, KinkConfigs<float>{});
         sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<float>{});
+        // A common offset of 1000: similarities near 8e6 that float products round.
+        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<double>{}, 1000.0);
+        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<float>{}, 1000.0);
       });
       for (const auto& rank_records : records) sharded::check_records(rank_records);
     }

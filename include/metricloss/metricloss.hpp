@@ -44,3 +44,4 @@
 #include <metricloss/multi_similarity.hpp>
 #include <metricloss/backend/scalar/multi_similarity.hpp>
 #include <metricloss/backend/simd/multi_similarity.hpp>
+#include <metricloss/backend/sharded_multi_similarity.hpp>

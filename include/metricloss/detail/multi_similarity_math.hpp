@@ -40,6 +40,33 @@ struct LogOnePlusSum {
   double value() const { return any ? shift + std::log(sum) : 0.0; }
 };
 
+/// What anchor a's row of W depends on besides its similarities (the sharded path publishes
+/// it, backend/sharded_multi_similarity.hpp): the kept sets' limits, each side's shift and
+/// sum of e^{z - shift} (with the 1 of log(1 + sum)), and L_a.
+struct MultiSimilarityRowStats {
+  double pos_limit = 0.0, neg_limit = 0.0;
+  double pos_shift = 0.0, pos_sum = 1.0, neg_shift = 0.0, neg_sum = 1.0;
+  double loss = 0.0;
+};
+
+/// scale dL_a/dS_aj for candidate j of anchor a from a's stats and S_aj: `v` the similarity
+/// to weigh and to decide by, `exact()` the exact one, taken where v lies within `rounding`
+/// of its side's limit, as multi_similarity_exponents decides (so every approximation of
+/// S_aj within its rounding gets a's decision).
+template <class Exact>
+double multi_similarity_weight(const MultiSimilarityRule& rule,
+                               const MultiSimilarityRowStats& stats, bool positive, double v,
+                               double rounding, Exact&& exact, double scale) {
+  if (!rule.keep_all) {
+    const double limit = positive ? stats.pos_limit : stats.neg_limit;
+    const double decided = std::abs(v - limit) <= rounding ? exact() : v;
+    if (positive ? !(decided < limit) : !(decided > limit)) return 0.0;
+  }
+  const double z = positive ? -rule.alpha * (v - rule.base) : rule.beta * (v - rule.base);
+  const double e = std::exp(z - (positive ? stats.pos_shift : stats.neg_shift));
+  return positive ? -scale * e / stats.pos_sum : scale * e / stats.neg_sum;
+}
+
 /// e[j] = exp(e[j]) for j < n (exp(-inf) = 0): the plain loop (scalar path).
 struct PlainExp {
   static void in_place(double* e, Index n) {
@@ -101,14 +128,15 @@ void multi_similarity_exponents(const MultiSimilarityRule& rule, const Classes& 
 }
 
 /// Anchor a against candidates [0, end) (self(a) skipped). `z` (length end) is scratch; when
-/// `w` is given it receives w[j] = scale dL_a/dS_aj. Returns L_a. The scalar path's row;
+/// `w` is given it receives w[j] = scale dL_a/dS_aj; when `stats` is, the row's stats.
+/// Returns L_a. The scalar path's row;
 /// the simd path's is multi_similarity_row_lanes (backend/simd/multi_similarity.hpp).
 /// Similarities: row(a), exact(a, j), rounding(a, j) (a bound on |row(a)[j] - exact(a, j)|)
 /// and widest_rounding(a) (>= every rounding(a, j)); Classes: own_class, self, class_of().
 template <class Classes, class Similarities>
 double multi_similarity_row(const MultiSimilarityRule& rule, const Classes& classes,
                             const Similarities& s, Index a, Index end, double* z, double* w,
-                            double scale) {
+                            double scale, MultiSimilarityRowStats* stats = nullptr) {
   constexpr double inf = std::numeric_limits<double>::infinity();
   const auto* row = s.row(a);
   const Index self = classes.self(a);
@@ -148,7 +176,10 @@ double multi_similarity_row(const MultiSimilarityRule& rule, const Classes& clas
     const double pos_scale = -scale / pos.sum, neg_scale = scale / neg.sum;
     for (Index j = 0; j < end; ++j) w[j] = z[j] * (positive(j) ? pos_scale : neg_scale);
   }
-  return pos.value() / rule.alpha + neg.value() / rule.beta;
+  const double loss = pos.value() / rule.alpha + neg.value() / rule.beta;
+  if (stats != nullptr)
+    *stats = {pos_limit, neg_limit, pos.shift, pos.sum, neg.shift, neg.sum, loss};
+  return loss;
 }
 
 }  // namespace detail

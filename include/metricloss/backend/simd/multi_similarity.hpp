@@ -105,7 +105,8 @@ inline double lanes_min(const xsimd::batch<double>& b) {
 }
 
 /// multi_similarity_row in double lanes, with W's row written as T into `out` when given:
-/// the same extremes (exact minima and maxima), kept sets and exponents, bit for bit; a
+/// the same extremes (exact minima and maxima), kept sets and exponents, bit for bit (and
+/// the row's stats into `stats` when given); a
 /// block holding a similarity within widest_rounding(a) (>= every rounding(a, j)) of its
 /// kept-set limit goes pair by pair through the scalar row's test, on the exact similarity
 /// where its own rounding could decide it. Only the sums of exponentials add in lane order.
@@ -114,7 +115,8 @@ inline double lanes_min(const xsimd::batch<double>& b) {
 template <class T, class Classes>
 double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes& classes,
                                   const CrossSimilarities<T>& s, Index a, Index end, double* z,
-                                  GrowOnlyBuffer<double>& widened, T* out, double scale) {
+                                  GrowOnlyBuffer<double>& widened, T* out, double scale,
+                                  MultiSimilarityRowStats* stats = nullptr) {
   using Block = MultiSimilarityBlock;
   using B = typename Block::B;
   constexpr Index lanes = Block::lanes;
@@ -220,7 +222,10 @@ double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes
     for (Index j = full; j < end; ++j)
       out[j] = static_cast<T>(z[j] * (multi_similarity_positive(classes, a, j) ? pos_scale : neg_scale));
   }
-  return pos.value() / rule.alpha + neg.value() / rule.beta;
+  const double loss = pos.value() / rule.alpha + neg.value() / rule.beta;
+  if (stats != nullptr)
+    *stats = {pos_limit, neg_limit, pos.shift, pos.sum, neg.shift, neg.sum, loss};
+  return loss;
 }
 
 /// Every anchor's row in order; W's rows into `similarities` when `gradient`. Returns sum L_a.
