@@ -105,6 +105,12 @@ int main(int argc, char** argv) {
   add("semihard", ml::BatchTripletLoss<float>(0.2f, ml::Mining::semihard));
   add("all", ml::BatchTripletLoss<float>(0.2f, ml::Mining::all));
   add("lifted", ml::LiftedStructureLoss<float>(1.0f));
+  add("contrastive", ml::BatchContrastiveLoss<float>(0.0f, 1.0f));
+  add("multi-similarity", [] {
+    ml::MultiSimilarityLoss<float> loss;
+    loss.normalize = true;
+    return loss;
+  }());
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -17,7 +17,6 @@
 // rank of j decide each pair alike. No gradient is reduced.
 #include <metricloss/backend/scalar/batch_contrastive.hpp>
 #include <metricloss/backend/scalar/reference.hpp>
-#include <metricloss/backend/sharded_batch_all.hpp>
 #include <metricloss/backend/simd/batch_contrastive.hpp>
 #include <metricloss/backend/simd/cross.hpp>
 #include <metricloss/backend/simd/reference.hpp>

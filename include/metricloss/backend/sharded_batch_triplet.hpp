@@ -14,6 +14,7 @@
 // Mining::all, whose W is dense, exchanges thresholds instead (backend/sharded_batch_all.hpp).
 #include <metricloss/backend/scalar/reference.hpp>
 #include <metricloss/backend/sharded_batch_all.hpp>
+#include <metricloss/backend/simd/tuning.hpp>
 #include <metricloss/backend/simd/reference.hpp>
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/detail/batch_common.hpp>
@@ -53,7 +54,9 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
   static constexpr bool available =
       std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
 
-  static bool handles(const BatchTripletLoss<T>&, int ranks) {
+  static bool handles(const BatchTripletLoss<T>& loss, int ranks) {
+    if (loss.mining == Mining::all && std::is_same<Base, simd_tag>::value)
+      return ranks >= tuning::sharded_all_min_ranks;
     return ranks >= 2;
   }
 

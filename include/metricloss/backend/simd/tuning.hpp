@@ -34,6 +34,16 @@ struct lifted_in_double {
 /// gathering. The scalar path has no such trade-off: it exchanges statistics from 2 ranks.
 inline constexpr int sharded_lifted_min_ranks = 4;
 
+/// A sharded BatchTripletLoss with Mining::all (backend/sharded_batch_all.hpp) exchanges
+/// thresholds from this many ranks on; below it every rank runs the single-process simd path
+/// on the gathered X. A rank's n_r x N rectangle of distances costs what the single process's
+/// triangle does at W = 2, and each (row, anchor) pair is scanned twice (anchor role and
+/// candidate role). Fitted 2026-12-04 (bench_sharded, N = 4096, D = 128, float, 2 cores of an
+/// AMD EPYC with AVX-512, GCC 12, nothing else running): slowest rank / single process at
+/// W = 2 was 1.26-1.40 by thresholds, ~1.1-1.2 by gathering (the W = 1 row); at W = 4,
+/// 0.66-0.68 by thresholds. The scalar path exchanges thresholds from 2 ranks.
+inline constexpr int sharded_all_min_ranks = 4;
+
 }  // namespace tuning
 }  // namespace detail
 }  // namespace metricloss
