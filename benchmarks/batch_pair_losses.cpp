@@ -8,6 +8,9 @@
 // loss is timed warm (one call before the timed loop), as a training loop calls it.
 #include "common.hpp"
 
+#include <algorithm>
+#include <vector>
+
 using namespace mlbench;
 
 namespace {
@@ -76,6 +79,42 @@ void BM_multi_similarity(benchmark::State& state) {
   run_loss<T, Tag, ml::MultiSimilarityLoss>(state);
 }
 
+/// BatchContrastiveLoss at N = 1024, D = 128 with neg_margin at the range(2)-th percentile of
+/// the negative pairs' distances, so that about that share of them is active: the density of
+/// W, which decides between its two weight sinks (tuning::direct_weights_per_pair; refit it
+/// by building this binary with that number at 0 and at 1e9 and finding where the two rows
+/// cross). Counter `active`: the share of unordered pairs with an active hinge.
+template <class T>
+void BM_batch_contrastive_density(benchmark::State& state) {
+  const Index n = state.range(0), d = state.range(1);
+  Batch<T>& data = shape_buffers<Batch<T>>(n, d);
+  const Matrix<T>& x = data.x;
+  const Eigen::VectorXi& labels = data.labels;
+  std::vector<double> negatives;
+  Index positives = 0;
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < i; ++j) {
+      if (labels(i) == labels(j)) {
+        ++positives;
+        continue;
+      }
+      negatives.push_back((x.row(i) - x.row(j)).template cast<double>().norm());
+    }
+  const auto at = negatives.begin() + static_cast<std::ptrdiff_t>(negatives.size() * state.range(2) / 100);
+  std::nth_element(negatives.begin(), at, negatives.end());
+  ml::BatchContrastiveLoss<T> loss(T(0), static_cast<T>(*at));
+  Matrix<T>& grad = data.out;
+  loss.forward_backward(ml::simd, x, labels, grad);
+  for (auto _ : state) {
+    T value = loss.forward_backward(ml::simd, x, labels, grad);
+    benchmark::DoNotOptimize(value);
+    benchmark::ClobberMemory();
+  }
+  set_rates(state, 2.0 * n * d * sizeof(T) + n * sizeof(int), 4.0 * n * n * d);
+  state.counters["active"] = (static_cast<double>(positives) + static_cast<double>(at - negatives.begin())) /
+                             (0.5 * static_cast<double>(n) * static_cast<double>(n - 1));
+}
+
 void product_sizes(benchmark::internal::Benchmark* b) {
   for (long n : {256L, 1024L, 4096L}) b->Args({n, 128});
   b->ArgNames({"N", "D"});
@@ -89,10 +128,17 @@ void loss_sizes(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond);
 }
 
+void density_sizes(benchmark::internal::Benchmark* b) {
+  for (long percent : {1L, 3L, 6L, 9L, 12L, 15L, 20L, 30L}) b->Args({1024, 128, percent});
+  b->ArgNames({"N", "D", "negatives%"});
+  b->Unit(benchmark::kMillisecond);
+}
+
 }  // namespace
 
 BENCHMARK_TEMPLATE(BM_products, float)->Apply(product_sizes);
 BENCHMARK_TEMPLATE(BM_batch_contrastive, float, ml::simd_tag)->Apply(loss_sizes);
 BENCHMARK_TEMPLATE(BM_multi_similarity, float, ml::simd_tag)->Apply(loss_sizes);
+BENCHMARK_TEMPLATE(BM_batch_contrastive_density, float)->Apply(density_sizes);
 
 BENCHMARK_MAIN();

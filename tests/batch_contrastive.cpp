@@ -45,7 +45,14 @@ struct Expected {
   double loss = 0.0;
   Matrix<double> gq, gr;
   double gap = std::numeric_limits<double>::infinity();  // nearest hinge or zero distance
+  double active = 0.0;  // ordered pairs with an active hinge
 };
+
+/// Whether the simd path applies this batch's weights one by one (DirectWeights) rather
+/// than through the dense product: its active unordered pairs against N^2.
+bool weights_direct(const Expected& e, Index n) {
+  return e.active / 2 * ml::detail::tuning::direct_weights_per_pair <= double(n) * double(n);
+}
 
 /// API.md's formula over the ordered pairs (a in Q, j in R, j != self(a)), in double.
 template <class T>
@@ -72,6 +79,7 @@ Expected brute_force(const Options& o, const Matrix<T>& qt, const Labels& yq, co
       if (euclid) e.gap = std::min(e.gap, d);
       (positive ? pos_all : neg_all) += 1;
       if (h > 0) {
+        e.active += 1;
         (positive ? pos_sum : neg_sum) += h;
         (positive ? pos_active : neg_active) += 1;
       }
@@ -121,15 +129,19 @@ TEMPLATE_TEST_CASE("BatchContrastiveLoss matches the brute-force formula", "[bat
                    ALL_CASES) {
   using T = typename TestType::T;
   const typename TestType::Tag tag{};
+  // Both weight sinks of the simd path: 3 classes activate many pairs (dense product),
+  // n / 2 + 1 classes on spread-out rows few (weights one by one).
+  int sides[2] = {0, 0};
   for (std::uint64_t seed : {11u, 12u, 13u}) {
     for (Index n : {Index(1), Index(2), Index(13), Index(40)}) {
       for (Index d : {Index(1), Index(5), Index(19)}) {
         for (double offset : {0.0, 100.0}) {
-          CAPTURE(seed, n, d, offset);
+          for (Index classes : {Index(3), n / 2 + 1}) {
+          CAPTURE(seed, n, d, offset, classes);
           std::mt19937_64 rng(seed);
           const double spread = offset == 0.0 ? 1.0 : 0.05;
           const Matrix<T> x = uniform_matrix<T>(n, d, rng, offset - spread, offset + spread);
-          const Labels y = labels_from(random_labels(n, 3, rng));
+          const Labels y = labels_from(random_labels(n, static_cast<int>(classes), rng));
           for (const Options& o : every_option()) {
             Options scaled = o;
             if (offset != 0.0) {  // margins on the scale of the data
@@ -147,11 +159,16 @@ TEMPLATE_TEST_CASE("BatchContrastiveLoss matches the brute-force formula", "[bat
             check_gradient(g, top_diff * e.gq, Tolerance<T>::gradient, top_diff * largest(e.gq));
             CHECK(grad.padding_is(T(-7)));
             CHECK(loss.forward(tag, x, y) == static_cast<T>(l));
+            ++sides[weights_direct(e, n)];
+          }
           }
         }
       }
     }
   }
+  CAPTURE(sides[0], sides[1]);
+  CHECK(sides[0] > 100);
+  CHECK(sides[1] > 100);
 }
 
 TEMPLATE_TEST_CASE("BatchContrastiveLoss in the tie regime: hinges at exactly 0 are inactive",
@@ -163,7 +180,8 @@ TEMPLATE_TEST_CASE("BatchContrastiveLoss in the tie regime: hinges at exactly 0 
     std::mt19937_64 rng(seed);
     const Index n = 24 + Index(seed % 5), d = 3;
     const Matrix<T> x = tied_matrix<T>(n, d, rng, -2, 2, seed % 2 ? 1000.0 : 0.0);
-    const Labels y = labels_from(tied_labels(n, 3, rng));
+    // 3 classes, or 12 (fewer active pairs: at the larger margins the weights go one by one).
+    const Labels y = labels_from(tied_labels(n, seed % 3 ? 3 : 12, rng));
     // Integer margins: on the integer grid distances 1, 2 and squared distances 1..8 are
     // common, so many hinges sit at exactly 0.
     for (auto distance : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
@@ -276,6 +294,25 @@ TEMPLATE_TEST_CASE("BatchContrastiveLoss gradients match finite differences",
     CHECK(ml::testing::compare_gradients(gr, top_diff * ml::testing::numerical_gradient(fr, r)).relative() <=
           Tolerance<double>::finite_difference);
   }
+  // Few active pairs (classes of two, spread-out rows): the simd path's weights go one by one.
+  const Index m = 24;
+  const Labels pairs = labels_from({0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11});
+  for (const Options& o : every_option()) {
+    CAPTURE(o.name());
+    auto loss = o.template loss<double>();
+    Matrix<double> x;
+    for (int attempt = 0; attempt < 50; ++attempt) {
+      x = uniform_matrix<double>(m, d, rng, -4.0, 4.0);
+      if (brute_force_batch(o, x, pairs).gap > 1e-3) break;
+    }
+    CHECK(weights_direct(brute_force_batch(o, x, pairs), m));
+    Matrix<double> g(m, d);
+    loss.forward_backward(tag, x, pairs, g, 1.3);
+    const auto f = [&](const Matrix<double>& z) { return loss.forward(tag, z, pairs); };
+    CHECK(largest(g) > 0);
+    CHECK(ml::testing::compare_gradients(g, 1.3 * ml::testing::numerical_gradient(f, x)).relative() <=
+          Tolerance<double>::finite_difference);
+  }
 }
 
 TEMPLATE_TEST_CASE("BatchContrastiveLoss against reference sets", "[batch_contrastive][reference]",
@@ -343,7 +380,9 @@ TEMPLATE_TEST_CASE("BatchContrastiveLoss: scalar and simd agree", "[batch_contra
   std::mt19937_64 rng(31337);
   const Index n = 70, d = 33;
   const Matrix<T> x = uniform_matrix<T>(n, d, rng);
-  const Labels y = labels_from(random_labels(n, 5, rng));
+  for (Index classes : {Index(5), Index(35)}) {  // many active pairs, and few
+  CAPTURE(classes);
+  const Labels y = labels_from(random_labels(n, static_cast<int>(classes), rng));
   for (const Options& o : every_option()) {
     CAPTURE(o.name());
     auto loss = o.template loss<T>();
@@ -353,6 +392,7 @@ TEMPLATE_TEST_CASE("BatchContrastiveLoss: scalar and simd agree", "[batch_contra
     CHECK(relatively_close(lv, ls, Tolerance<T>::loss));
     check_gradient(gv, gs.template cast<double>(), Tolerance<T>::gradient,
                    largest(gs.template cast<double>()));
+  }
   }
 }
 

@@ -8,6 +8,7 @@
 #include <metricloss/backend/simd/cross.hpp>
 #include <metricloss/backend/simd/pairwise.hpp>
 #include <metricloss/backend/simd/reference.hpp>
+#include <metricloss/backend/simd/tuning.hpp>
 #include <metricloss/backend/simd/weight_sinks.hpp>
 #include <metricloss/backend/simd/widen.hpp>
 #include <metricloss/batch_contrastive.hpp>
@@ -99,28 +100,44 @@ void contrastive_row_lanes(const ContrastiveRule& rule, const Classes& classes,
   sums.add_to(totals, contrastive_candidates(classes, a, end));
 }
 
-/// Two sweeps of rows over the anchors (totals, then W into `sink` with the totals' scales),
-/// in lanes; `end(a)` is anchor a's candidate range, `widened` holds a row of D2 in double.
+/// The first sweep of rows over the anchors, in lanes: the totals. `end(a)` is anchor a's
+/// candidate range, `widened` holds a row of D2 in double.
+template <class Classes, class Distances, class End>
+ContrastiveTotals contrastive_totals(const ContrastiveRule& rule, const Classes& classes,
+                                     const Distances& distances, End end,
+                                     GrowOnlyBuffer<double>& widened) {
+  ContrastiveTotals totals;
+  const Index widest = distances.widest();
+  for (Index a = 0; a < classes.anchors(); ++a)
+    contrastive_row_lanes(rule, classes, distances, widened_row(distances.row(a), end(a), widened),
+                          a, end(a), distances.rounding(a, widest), totals);
+  return totals;
+}
+
+/// The second sweep: each anchor's w[j] = dL/dD2_aj for j < end(a), with the totals' scales,
+/// into `sink` (row: room for the widest range).
+template <class Classes, class Distances, class End, class Sink>
+void contrastive_weights(const ContrastiveRule& rule, const Classes& classes,
+                         const Distances& distances, End end, const ContrastiveTotals& totals,
+                         Sink& sink, double* row, GrowOnlyBuffer<double>& widened) {
+  ContrastiveTotals again;
+  const double pos = totals.pos_scale(rule), neg = totals.neg_scale(rule);
+  const Index widest = distances.widest();
+  for (Index a = 0; a < classes.anchors(); ++a) {
+    const Index e = end(a);
+    contrastive_row_lanes(rule, classes, distances, widened_row(distances.row(a), e, widened), a,
+                          e, distances.rounding(a, widest), again, row, pos, neg);
+    sink.add_row(a, row, e);
+  }
+}
+
+/// Both sweeps (the second only when the sink is enabled); returns the totals.
 template <class Classes, class Distances, class End, class Sink>
 ContrastiveTotals contrastive_sweeps(const ContrastiveRule& rule, const Classes& classes,
                                      const Distances& distances, End end, Sink& sink,
-                                     double* row, Index width, GrowOnlyBuffer<double>& widened) {
-  ContrastiveTotals totals;
-  const Index widest = distances.widest();
-  const auto values = [&](Index a) { return widened_row(distances.row(a), end(a), widened); };
-  for (Index a = 0; a < classes.anchors(); ++a)
-    contrastive_row_lanes(rule, classes, distances, values(a), a, end(a),
-                          distances.rounding(a, widest), totals);
-  if (!sink.enabled()) return totals;
-  ContrastiveTotals again;
-  const double pos = totals.pos_scale(rule), neg = totals.neg_scale(rule);
-  for (Index a = 0; a < classes.anchors(); ++a) {
-    const Index e = end(a);
-    contrastive_row_lanes(rule, classes, distances, values(a), a, e,
-                          distances.rounding(a, widest), again, row, pos, neg);
-    std::fill(row + e, row + width, 0.0);
-    sink.add_row(a, row, width);
-  }
+                                     double* row, GrowOnlyBuffer<double>& widened) {
+  const ContrastiveTotals totals = contrastive_totals(rule, classes, distances, end, widened);
+  if (sink.enabled()) contrastive_weights(rule, classes, distances, end, totals, sink, row, widened);
   return totals;
 }
 
@@ -132,15 +149,23 @@ struct Backend<BatchContrastiveLoss<T>, simd_tag> {
     auto& work = scratch_of<SimdBatchContrastiveScratch<T>>(loss);
     T value;
     if (batch_triplet_not_finite(work.classes, x, labels, grad, value)) return value;
-    work.pairwise.compute(x);
+    work.pairwise.compute_lower(x);  // the sweeps read the lower triangle only
     const ContrastiveRule rule(loss.pos_margin, loss.neg_margin, loss.distance, loss.reduction);
-    SplitWeights<T> weights;
-    if (!grad.empty()) weights = SplitWeights<T>(work, x);
-    double* row = work.weight_row.data(static_cast<std::size_t>(x.rows));
-    const ContrastiveTotals totals =
-        contrastive_sweeps(rule, work.classes, ProductSquaredDistances<T>{&work.pairwise},
-                           [](Index a) { return a; }, weights, row, x.rows, work.widened);
-    if (!grad.empty()) weights.gradient(work.pairwise, static_cast<double>(top_diff), grad);
+    const ProductSquaredDistances<T> distances{&work.pairwise};
+    const auto lower = [](Index a) { return a; };
+    const ContrastiveTotals totals = contrastive_totals(rule, work.classes, distances, lower, work.widened);
+    if (!grad.empty()) {
+      double* row = work.weight_row.data(static_cast<std::size_t>(x.rows));
+      const auto apply = [&](auto&& sink) {
+        contrastive_weights(rule, work.classes, distances, lower, totals, sink, row, work.widened);
+        sink.gradient(work.pairwise, static_cast<double>(top_diff), grad);
+      };
+      // Each nonzero weight is an active hinge; few of them go by differences.
+      const double active = totals.pos_active + totals.neg_active;
+      const double n = static_cast<double>(x.rows);
+      if (active * tuning::direct_weights_per_pair <= n * n) apply(DirectWeights<T>(work.direct_gradient, x));
+      else apply(SplitWeights<T>(work, x));
+    }
     return static_cast<T>(totals.loss(rule));
   }
 };
@@ -165,7 +190,7 @@ struct ReferenceBackend<BatchContrastiveLoss<T>, simd_tag> {
     double* row = work.weight_row.data(static_cast<std::size_t>(nr));
     const ContrastiveTotals totals = contrastive_sweeps(
         rule, work.cross_classes, CrossProductDistances<T>{&work.cross, work.cross.widest_reference()},
-        [nr](Index) { return nr; }, weights, row, nr, work.widened);
+        [nr](Index) { return nr; }, weights, row, work.widened);
     if (gradient) work.cross.gradients(top_diff, grad_q, grad_r);
     return static_cast<T>(totals.loss(rule));
   }

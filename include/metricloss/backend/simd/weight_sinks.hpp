@@ -3,8 +3,10 @@
 // them, and how each turns W into dX = 2 (diag(S 1) - S) X, S = W + W^T.
 //   SplitWeights   dense W in T for the product (PairwiseDistances::gradient_from_weights),
 //                  except near pairs, applied by differences in double;
-//   SparseWeights  a list of entries, applied by differences in double (few entries).
-// Both: enabled(), add(i, j, w), add_row(i, w, n), add_row_lanes(i, w, n) (w in T),
+//   SparseWeights  a list of entries, applied by differences in double (few entries);
+//   DirectWeights  each entry applied by differences in double as it comes (a W with few
+//                  nonzero entries, written row by row: no list, no N x N buffer).
+// All: enabled(), add(i, j, w), add_row(i, w, n), add_row_lanes(i, w, n) (w in T),
 // gradient(pairwise, scale, grad).
 #include <metricloss/backend/simd/pairwise.hpp>
 #include <metricloss/detail/buffer.hpp>
@@ -69,6 +71,16 @@ void add_cross_pair_by_differences(double* gq, double* gr, const T* q, const T* 
   }
 }
 
+/// grad = scale sum, row by row (sum: grad's rows in double, contiguous).
+template <class T>
+void write_scaled_rows(const double* sum, double scale, const MatrixView<T>& grad) {
+  for (Index i = 0; i < grad.rows; ++i) {
+    T* out = grad.row(i);
+    const double* in = sum + i * grad.cols;
+    for (Index k = 0; k < grad.cols; ++k) out[k] = static_cast<T>(scale * in[k]);
+  }
+}
+
 /// W for the product (in T), except for pairs close against their norms about the batch
 /// mean (||x_i - x_j||^2 <= ratio (n_i + n_j), the pairs whose distances PairwiseDistances
 /// recomputes): in diag(S 1) X - S X their term would cancel to rounding noise (and in
@@ -108,8 +120,10 @@ class SplitWeights {
     add_by_differences(i, j, w);
   }
 
-  /// add(i, j, w[j]) for every j: the far pairs in one branch-free pass, then the close ones.
-  void add_row(Index i, const double* w, Index) {
+  /// add(i, j, w[j]) for j < n: the far pairs in one branch-free pass, then the close ones.
+  /// Reads the distances of row i only below n (a caller with the lower triangle passes
+  /// n = i).
+  void add_row(Index i, const double* w, Index n) {
     // Restrict: the row of W, the distances and the norms never alias (and the loop
     // vectorises only if the compiler knows).
     T* __restrict row = weights_ + i * stride_;
@@ -119,13 +133,13 @@ class SplitWeights {
     // Whether any close pair has a weight: usually none, and the second pass (a branch per
     // entry) is skipped.
     int close = 0;
-    for (Index j = 0; j < n_; ++j) {
+    for (Index j = 0; j < n; ++j) {
       const bool far_pair = squared[j] > ratio * (bound + norms[j]);
       row[j] += far_pair ? static_cast<T>(w[j]) : T(0);
       close |= static_cast<int>(!far_pair & (w[j] != 0.0));
     }
     if (close == 0) return;
-    for (Index j = 0; j < n_; ++j)
+    for (Index j = 0; j < n; ++j)
       if (!far(i, j) && w[j] != 0.0) add_by_differences(i, j, w[j]);
   }
 
@@ -225,11 +239,7 @@ class SparseWeights {
     std::fill(sum, sum + n * d, 0.0);
     const WeightEntry* list = entries_->data(0);
     for (Index e = 0; e < count_; ++e) add_pair_by_differences(sum, x_, list[e].i, list[e].j, list[e].w);
-    for (Index i = 0; i < n; ++i) {
-      T* out = grad.row(i);
-      const double* in = sum + i * d;
-      for (Index k = 0; k < d; ++k) out[k] = static_cast<T>(scale * in[k]);
-    }
+    write_scaled_rows(sum, scale, grad);
   }
 
  private:
@@ -237,6 +247,43 @@ class SparseWeights {
   GrowOnlyBuffer<WeightEntry>* entries_ = nullptr;
   GrowOnlyBuffer<double>* accumulated_ = nullptr;
   Index count_ = 0;
+};
+
+/// W applied entry by entry as the rows come: 2 w (x_i - x_j) by differences of the original
+/// rows in double lanes, O(nonzero entries D). For a W whose nonzero entries are few against
+/// N^2 (batch contrastive once most hinges are inactive), where a dense sink would spend an
+/// N x N fill, a transposed pass and an (N x N)(N x D) product on zeros. Exact for close
+/// pairs too (no product to cancel in).
+template <class T>
+class DirectWeights {
+ public:
+  DirectWeights() = default;
+  /// Accumulates into `sum` (N x D doubles, zeroed here).
+  DirectWeights(GrowOnlyBuffer<double>& sum, const MatrixView<const T>& x)
+      : x_(x), sum_(sum.data(static_cast<std::size_t>(x.rows * x.cols))) {
+    std::fill(sum_, sum_ + x.rows * x.cols, 0.0);
+  }
+
+  bool enabled() const { return sum_ != nullptr; }
+
+  void add(Index i, Index j, double w) { add_pair_by_differences(sum_, x_, i, j, w); }
+  void add_row(Index i, const double* w, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (w[j] != 0.0) add(i, j, w[j]);
+  }
+  void add_row_lanes(Index i, const T* w, Index n) {
+    for (Index j = 0; j < n; ++j)
+      if (w[j] != T(0)) add(i, j, static_cast<double>(w[j]));
+  }
+
+  /// grad = scale sum over entries of 2 w (e_i - e_j)(x_i - x_j)^T, totalled in double.
+  void gradient(PairwiseDistances<T>&, double scale, const MatrixView<T>& grad) const {
+    write_scaled_rows(sum_, scale, grad);
+  }
+
+ private:
+  MatrixView<const T> x_{};
+  double* sum_ = nullptr;
 };
 
 }  // namespace detail
