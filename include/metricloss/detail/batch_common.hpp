@@ -8,7 +8,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace metricloss {
 namespace detail {
@@ -20,12 +23,29 @@ void fill_rows(const MatrixView<T>& m, T value) {
 }
 
 /// Whether every entry of x is finite (a non-finite batch gives a NaN loss and gradient).
+/// For IEEE float and double by the largest exponent field of each row, a branch-free pass
+/// the compiler vectorises (the test per entry was 2-4 % of a small batch loss).
 template <class T>
 bool all_finite(const MatrixView<const T>& x) {
-  for (Index i = 0; i < x.rows; ++i) {
-    const T* row = x.row(i);
-    for (Index j = 0; j < x.cols; ++j)
-      if (!std::isfinite(row[j])) return false;
+  if constexpr (std::numeric_limits<T>::is_iec559 && (sizeof(T) == 4 || sizeof(T) == 8)) {
+    using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    constexpr Bits exponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+    for (Index i = 0; i < x.rows; ++i) {
+      const T* row = x.row(i);
+      Bits top = 0;
+      for (Index j = 0; j < x.cols; ++j) {
+        Bits bits;
+        std::memcpy(&bits, row + j, sizeof bits);
+        top = std::max(top, static_cast<Bits>(bits & exponent));
+      }
+      if (top == exponent) return false;
+    }
+  } else {
+    for (Index i = 0; i < x.rows; ++i) {
+      const T* row = x.row(i);
+      for (Index j = 0; j < x.cols; ++j)
+        if (!std::isfinite(row[j])) return false;
+    }
   }
   return true;
 }

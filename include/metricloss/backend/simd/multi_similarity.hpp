@@ -249,7 +249,7 @@ struct Backend<MultiSimilarityLoss<T>, simd_tag> {
     auto& work = scratch_of<SimdMultiSimilarityScratch<T>>(loss);
     T value;
     if (batch_triplet_not_finite(work.batch_classes, x, labels, grad, value)) return value;
-    work.similarities.compute(x, x);
+    work.similarities.compute_symmetric(x);
     const double n = static_cast<double>(x.rows);
     const double sum = simd_multi_similarity_rows(rule_of(loss), work.batch_classes, work, x.rows,
                                                   !grad.empty(), static_cast<double>(top_diff) / n);

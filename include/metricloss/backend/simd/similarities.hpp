@@ -36,17 +36,50 @@ class CrossSimilarities {
     s_ = values;
     StridedMap<T> s(values, m, k, Eigen::OuterStride<>(stride_));
     product_into<T>(blocking_, map(q), map(r).transpose(), s);
+    finish();
+  }
+
+  /// compute(x, x) for one batch: block rows of the lower triangle (the diagonal blocks
+  /// whole), about half the product's FLOPs, then mirrored, so S is exactly symmetric.
+  void compute_symmetric(const MatrixView<const T>& x) {
+    q_ = r_ = x;
+    const Index n = x.rows;
+    stride_ = padded_stride<T>(n);
+    T* values = similarity_.data(static_cast<std::size_t>(n * stride_));
+    s_ = values;
+    const auto rows = map(x);
+    for (Index i0 = 0; i0 < n; i0 += symmetric_block) {
+      const Index h = std::min(symmetric_block, n - i0);
+      StridedMap<T> band(values + i0 * stride_, h, i0 + h, Eigen::OuterStride<>(stride_));
+      product_into<T>(blocking_, rows.middleRows(i0, h), rows.topRows(i0 + h).transpose(), band);
+    }
+    StridedMap<T> s(values, n, n, Eigen::OuterStride<>(stride_));
+    mirror_lower_triangle(s);
+    finish(true);
+  }
+
+ private:
+  /// Rows per band of compute_symmetric: the float kernel's 48-row register block
+  /// (AVX-512). Measured 2026-12-04 (bench_batch_pair_losses, multi-similarity, D = 128):
+  /// 48 and 128 rows alike, 256 (at N = 256 the whole product, mirrored) 7-35 % slower.
+  static constexpr Index symmetric_block = 48;
+
+  /// The norms (in double) and the rounding unit of the last compute; `same`: r is q.
+  void finish(bool same = false) {
+    const Index m = q_.rows, k = r_.rows;
+    const MatrixView<const T> q = q_, r = r_;
     double* norms = norms_.data(static_cast<std::size_t>(m + k));
     n_ = norms;
     widest_ = 0.0;
     for (Index i = 0; i < m + k; ++i) {
       const T* row = i < m ? q.row(i) : r.row(i - m);
-      norms[i] = std::sqrt(exact_dot(row, row, q.cols));
+      norms[i] = same && i >= m ? norms[i - m] : std::sqrt(exact_dot(row, row, q.cols));
       if (i >= m) widest_ = std::max(widest_, norms[i]);
     }
     unit_ = product_rounding_unit<T>(q.cols);
   }
 
+ public:
   const T* row(Index i) const { return s_ + i * stride_; }
   /// <q_i, r_j> in double.
   double exact(Index i, Index j) const { return exact_dot(q_.row(i), r_.row(j), q_.cols); }
