@@ -45,6 +45,7 @@ LOSS_TITLE = {"contrastive": "ContrastiveLoss", "triplet": "TripletLoss",
 # (the binary's one products benchmark) filed under each of them.
 MULTI_LOSS_BINARIES = {
     "bench_batch_pair_losses": {"BM_batch_contrastive": "batch_contrastive",
+                                "BM_batch_contrastive_density": "batch_contrastive",
                                 "BM_multi_similarity": "multi_similarity"},
 }
 # Throughput shown per loss: streaming losses by bytes, product-based losses by FLOPs.
@@ -81,9 +82,10 @@ GOALS = [
     ("reference", lambda r: True, "torch", 5.0, "≥ 5× PyTorch"),
     # Issue 17: batch contrastive and multi-similarity (default options, normalize off and on)
     # within 2x of X X^T and (N x N) X, and at least 5x faster than PML's formulas in PyTorch.
-    ("batch_contrastive", lambda r: True, "floor", 2.0, "≤ 2× products"),
+    # (Not the density rows, BM_batch_contrastive_density: they fit a tuning number.)
+    ("batch_contrastive", lambda r: "negatives%" not in r["variant"], "floor", 2.0, "≤ 2× products"),
     ("multi_similarity", lambda r: True, "floor", 2.0, "≤ 2× products"),
-    ("batch_contrastive", lambda r: True, "torch", 5.0, "≥ 5× PyTorch"),
+    ("batch_contrastive", lambda r: "negatives%" not in r["variant"], "torch", 5.0, "≥ 5× PyTorch"),
     ("multi_similarity", lambda r: True, "torch", 5.0, "≥ 5× PyTorch"),
     # Issue 16: a rank of W = 2 within 1.3/W of the single-process call (bench_sharded: its
     # "÷ floor" is the slowest rank's CPU time over the single-process call's, same X).
