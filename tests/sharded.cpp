@@ -59,7 +59,8 @@ TEST_CASE("sharded over threads: every batch loss, float, W = 1..5", "[sharded]"
 
 /// Losses whose hinges turn at integer squared distances, in both distances: batch-all with
 /// margin 1, batch contrastive with margins 4 and 5 (squared: 16 and 25, where the integer
-/// rows' squared distances crowd); multi-similarity with epsilon 0.
+/// rows' squared distances crowd) and 7 and 2 (49 and 4: few active pairs);
+/// multi-similarity with epsilon 0.
 template <class T>
 struct KinkConfigs {
   template <class F>
@@ -72,6 +73,10 @@ struct KinkConfigs {
       f("batch-all margin 1 " + kind, all);
       ml::BatchContrastiveLoss<T> pairs(T(squared ? 16 : 4), T(squared ? 25 : 5), distance);
       f("batch contrastive margins at 16 and 25 " + kind, pairs);
+      // Few active pairs: each rank applies its weights one by one, as one process does
+      // (tuning::direct_weights_per_pair), at margins that integer rows also meet exactly.
+      ml::BatchContrastiveLoss<T> few(T(squared ? 49 : 7), T(squared ? 4 : 2), distance);
+      f("batch contrastive margins at 49 and 4 " + kind, few);
     }
     // epsilon 0, normalised: a negative that duplicates an anchor's least similar positive
     // (the integer rows repeat rows across classes) sits exactly at its kept set's limit,

@@ -10,8 +10,10 @@
 //     same L on every rank;
 //  3. each rank writes W_ij for its rows i against every j with the global scales and takes
 //     its rows' gradient, 2 s sum_j W_ij (x_i - x_j) (simd: CrossDistances::gradients, near
-//     pairs by differences; scalar: loops in double). Row i's weight of pair (i, j) is
-//     W_ij + W_ji: on the simd path the triangle's one entry, on the scalar path 2 W_ij.
+//     pairs by differences, or, when the global totals count few active hinges, each
+//     nonzero weight by differences, as the single-process path decides; scalar: loops in
+//     double). Row i's weight of pair (i, j) is W_ij + W_ji: on the simd path the
+//     triangle's one entry, on the scalar path 2 W_ij.
 // Each hinge near its turn is decided on the distance by differences, bitwise symmetric, and
 // elsewhere every value within its rounding lies on the exact side: the rank of i and the
 // rank of j decide each pair alike. No gradient is reduced.
@@ -20,6 +22,8 @@
 #include <metricloss/backend/simd/batch_contrastive.hpp>
 #include <metricloss/backend/simd/cross.hpp>
 #include <metricloss/backend/simd/reference.hpp>
+#include <metricloss/backend/simd/tuning.hpp>
+#include <metricloss/backend/simd/weight_sinks.hpp>
 #include <metricloss/backend/simd/widen.hpp>
 #include <metricloss/batch_contrastive.hpp>
 #include <metricloss/detail/batch_common.hpp>
@@ -41,6 +45,7 @@ struct ShardedContrastiveScratch : BackendSlot::Contents {
   CrossDistances<T> cross;                 // simd: Q x X by the centred product
   ScalarReferenceScratch scalar;           // scalar: D2, W and a gradient row
   GrowOnlyBuffer<double> row, widened;     // simd: one row of W; one row of D2 in double
+  GrowOnlyBuffer<double> direct;           // simd: n_r x D (+ D) sums of few weights
   GrowOnlyBuffer<ContrastiveTotals> totals;  // one per rank
   GrowOnlyBuffer<std::size_t> bytes;
 };
@@ -109,15 +114,32 @@ struct ShardedBackend<BatchContrastiveLoss<T>, Base> {
       if constexpr (simd) {
         const auto distances = cross_distances_of(work);
         const Index widest = distances.widest();
-        CrossDenseWeights<T> sink{work.cross.zeroed_weights().data(), work.cross.stride()};
         double* row = work.row.data(static_cast<std::size_t>(n));
-        for (Index a = 0; a < rows; ++a) {
+        const auto weights_of = [&](Index a) {
           contrastive_row_lanes(rule, work.classes, distances,
                                 widened_row(distances.row(a), n, work.widened), a, n,
                                 distances.rounding(a, widest), again, row, pos, neg);
-          sink.add_row(a, row, n);
+        };
+        const double nn = static_cast<double>(n);
+        if ((totals.pos_active + totals.neg_active) * tuning::direct_weights_per_pair <= nn * nn) {
+          double* sum = work.direct.data(static_cast<std::size_t>((rows + 1) * d));
+          double* discard = sum + rows * d;  // X's side of each term: another rank's rows
+          std::fill(sum, sum + rows * d, 0.0);
+          for (Index a = 0; a < rows; ++a) {
+            weights_of(a);
+            for (Index j = 0; j < n; ++j)
+              if (row[j] != 0.0)
+                add_cross_pair_by_differences(sum + a * d, discard, q.row(a), batch.x.row(j), d, row[j]);
+          }
+          write_scaled_rows(sum, static_cast<double>(top_diff), grad);
+        } else {
+          CrossDenseWeights<T> sink{work.cross.zeroed_weights().data(), work.cross.stride()};
+          for (Index a = 0; a < rows; ++a) {
+            weights_of(a);
+            sink.add_row(a, row, n);
+          }
+          work.cross.gradients(top_diff, grad, MatrixView<T>{});
         }
-        work.cross.gradients(top_diff, grad, MatrixView<T>{});
       } else {
         const ExactSquaredDistances distances{work.scalar.squared.data(0), n};
         double* w = work.scalar.weights.data(static_cast<std::size_t>(rows * n));

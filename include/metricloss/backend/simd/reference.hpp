@@ -98,12 +98,8 @@ struct CrossSparseWeights {
       add_cross_pair_by_differences(nq > 0 ? sum_q + list[e].i * d : discard,
                                     nr > 0 ? sum_r + list[e].j * d : discard + d,
                                     q.row(list[e].i), r.row(list[e].j), d, list[e].w);
-    const auto write = [&](const MatrixView<T>& out, const double* in) {
-      for (Index i = 0; i < out.rows; ++i)
-        for (Index k = 0; k < d; ++k) out.row(i)[k] = static_cast<T>(scale * in[i * d + k]);
-    };
-    if (!grad_q.empty()) write(grad_q, sum_q);
-    if (!grad_r.empty()) write(grad_r, sum_r);
+    if (!grad_q.empty()) write_scaled_rows(sum_q, scale, grad_q);
+    if (!grad_r.empty()) write_scaled_rows(sum_r, scale, grad_r);
   }
 };
 
