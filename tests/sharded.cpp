@@ -112,6 +112,49 @@ TEST_CASE("sharded over threads: hinges at exactly 0 decided as in one process",
     }
 }
 
+/// Batch-hard in every form: hinge and soft margin, squared and Euclidean distances.
+template <class T>
+struct HardConfigs {
+  template <class F>
+  void operator()(F&& f) const {
+    for (ml::Distance distance : {ml::Distance::squared_euclidean, ml::Distance::euclidean})
+      for (bool soft : {false, true}) {
+        ml::BatchTripletLoss<T> hard(T(0.5), ml::Mining::hard);
+        hard.distance = distance;
+        hard.soft_margin = soft;
+        f(std::string("batch-hard") + (soft ? " soft" : " hinge") +
+              (distance == ml::Distance::squared_euclidean ? " squared" : " euclidean"),
+          hard);
+      }
+  }
+};
+
+TEST_CASE("sharded over threads: batch-hard by bands of the triangle, large batches",
+          "[sharded][ties]") {
+  // The simd path splits the triangle's rows between ranks (b_q = round(N sqrt(q / W))), so
+  // each rank's band spans several product tiles, starts mid-tile, and holds anchors of
+  // other ranks' shards as columns; integer rows tie at many hardest candidates (the lowest
+  // row must win on every rank alike), the offset makes float products round.
+  const std::vector<std::vector<Index>> big = {
+      {0, 301}, {150, 151}, {97, 0, 204}, {1, 50, 0, 120, 130}, {75, 76, 75, 75}};
+  for (const auto& shards : big)
+    for (Index d : {Index(3), Index(33)}) {
+      const int ranks = static_cast<int>(shards.size());
+      std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
+      on_threads(ranks, [&](ml::thread_rank& me, int r) {
+        auto& mine = records[static_cast<std::size_t>(r)];
+        for (bool integer : {false, true}) {
+          sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<double>{});
+          sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<float>{});
+        }
+        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<double>{}, 1000.0);
+        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<float>{}, 1000.0);
+        sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, HardConfigs<double>{});
+      });
+      for (const auto& rank_records : records) sharded::check_records(rank_records);
+    }
+}
+
 TEST_CASE("sharded over threads: a malformed call on one rank makes every rank throw",
           "[sharded][errors]") {
   for (int ranks : {1, 3}) {

@@ -12,8 +12,13 @@
 //     positive or negative of any rank's anchor), by differences in double:
 //     dL/dx_i = top_diff / count * sum 2 w (x_i - x_j). No gradient is reduced.
 // Mining::all, whose W is dense, exchanges thresholds instead (backend/sharded_batch_all.hpp).
+// Mining::hard on simd splits step 1 by the triangle instead (backend/simd/hard_band.hpp):
+// each rank computes a band of ~N^2 / (2W) pairs, not its n_r x N rectangle, and publishes
+// per row the exact extremes among the pairs it holds (32 bytes a row of its band's end);
+// each rank merges them for its own anchors and takes steps 2 and 3 as above.
 #include <metricloss/backend/scalar/reference.hpp>
 #include <metricloss/backend/sharded_batch_all.hpp>
+#include <metricloss/backend/simd/hard_band.hpp>
 #include <metricloss/backend/simd/tuning.hpp>
 #include <metricloss/backend/simd/reference.hpp>
 #include <metricloss/batch_triplet.hpp>
@@ -47,6 +52,9 @@ struct ShardedTripletScratch : BackendSlot::Contents {
   GrowOnlyBuffer<ShardTotals> totals;       // one per rank
   GrowOnlyBuffer<double> sums;              // n_r x D: this rank's gradient in double
   GrowOnlyBuffer<std::size_t> bytes;
+  LabelClasses labels;                      // simd hard: X's classes
+  HardBand<T> band;                         // simd hard: this rank's band of the triangle
+  GrowOnlyBuffer<HardExtremes> all_extremes;
 };
 
 template <class T, class Base>
@@ -78,7 +86,10 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
     CrossSparseWeights<T> sink;
     sink.entries = &work.entries;
     MiningResult mined;
-    if (rows > 0) {
+    bool banded = false;
+    if constexpr (std::is_same<Base, simd_tag>::value)
+      if (loss.mining == Mining::hard) banded = mine_hard_by_bands(loss, work, group, batch, sink, mined);
+    if (!banded && rows > 0) {
       const MatrixView<const T> q{batch.x.row(batch.first), rows, d, d};
       const VectorView<L> labels_q{batch.labels.data + batch.first, rows, 1};
       const ReferenceView<T, L> ref{batch.x, batch.labels,
@@ -136,6 +147,48 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
   }
 
  private:
+  /// Step 1 of Mining::hard by bands of the triangle: this rank's band, every rank's
+  /// extremes gathered and merged for this rank's anchors, their terms into `mined` and
+  /// `sink` (anchors as rows of X). False where the band could not be computed (on every
+  /// rank alike: they hold the same X), before any collective.
+  template <class Group, class L>
+  static bool mine_hard_by_bands(BatchTripletLoss<T>& loss, ShardedTripletScratch<T>& work,
+                                 Group& group, const ShardView<T, L>& batch,
+                                 CrossSparseWeights<T>& sink, MiningResult& mined) {
+    const Index n = batch.x.rows;
+    const int ranks = group.size(), rank = group.rank();
+    if (!work.labels.assign(batch.labels)) return false;
+    const Index start = triangle_band_start(n, ranks, rank);
+    const Index end = triangle_band_start(n, ranks, rank + 1);
+    if (!work.band.compute(batch.x, work.labels.class_of(), start, end)) return false;
+    // A rank publishes its band's rows [0, end): none when the band is empty.
+    const auto published = [&](int q) {
+      const Index b = triangle_band_start(n, ranks, q), e = triangle_band_start(n, ranks, q + 1);
+      return e > b ? e : Index(0);
+    };
+    Index total = 0;
+    for (int q = 0; q < ranks; ++q) total += published(q);
+    HardExtremes* all = work.all_extremes.data(static_cast<std::size_t>(total));
+    gather(group, work.bytes, published, static_cast<const HardExtremes*>(work.band.extremes()), all);
+    for (Index a = batch.first; a < batch.first + batch.rows; ++a) {
+      HardExtremes merged;
+      Index offset = 0;
+      for (int q = 0; q < ranks; ++q) {
+        const Index count = published(q);
+        if (a < count) merged.merge(all[offset + a]);
+        offset += count;
+      }
+      if (merged.positive_row < 0 || merged.negative_row < 0) continue;
+      const TripletTerm t = triplet_term(merged.positive, merged.negative, loss.margin,
+                                         loss.distance, loss.soft_margin);
+      mined.sum += t.loss;
+      mined.count += 1.0;
+      if (t.positive_weight != 0.0) sink.add(a, merged.positive_row, t.positive_weight);
+      if (t.negative_weight != 0.0) sink.add(a, merged.negative_row, -t.negative_weight);
+    }
+    return true;
+  }
+
   template <class L>
   static MiningResult mine(BatchTripletLoss<T>& loss, ShardedTripletScratch<T>& work,
                            const MatrixView<const T>& q, const ReferenceView<T, L>& ref,

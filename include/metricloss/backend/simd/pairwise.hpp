@@ -57,32 +57,43 @@ class PairwiseDistances {
   /// block of rows it belongs to is still in cache, in increasing i.
   template <class F>
   void compute_lower(const MatrixView<const T>& x, F&& row_done) {
+    compute_lower_rows(x, 0, x.rows, row_done);
+  }
+
+  /// Rows [first, end) of the lower triangle only (j < i; the centring, norms and exact()
+  /// over all of x): a band of the triangle, as the sharded statistics split it between
+  /// ranks. squared_row(i) is row i for i in [first, end); squared() and the gradients need
+  /// first = 0 and end = x.rows.
+  template <class F>
+  void compute_lower_rows(const MatrixView<const T>& x, Index first, Index end, F&& row_done) {
     x_ = x;
-    const Index n = x.rows, d = x.cols;
+    first_ = first;
+    const Index d = x.cols;
     centre(x);
-    stride_ = padded_stride<T>(n);
+    stride_ = padded_stride<T>(end);
     const Index stride = stride_;
-    T* squared = squared_.data(static_cast<std::size_t>(n * stride));
-    StridedMap<T> sq(squared, n, n, Eigen::OuterStride<>(stride));
+    T* squared = squared_.data(static_cast<std::size_t>((end - first) * stride));
+    StridedMap<T> sq(squared, end - first, end, Eigen::OuterStride<>(stride));
     const ConstStridedMap<T> xc = centred();
     using batch = xsimd::batch<T>;
     constexpr Index lanes = static_cast<Index>(batch::size);
-    const T* norms = norms_.data(static_cast<std::size_t>(n));
+    const T* norms = norms_.data(static_cast<std::size_t>(x.rows));
     const T ratio = static_cast<T>(recompute_ratio);
     const auto fix = [&](Index i, Index j) {
+      T& entry = squared[(i - first) * stride + j];
       const T scale = norms[i] + norms[j];
-      T value = scale - T(2) * squared[i * stride + j];
+      T value = scale - T(2) * entry;
       if (!(value > ratio * scale)) value = static_cast<T>(by_differences(i, j));
-      squared[i * stride + j] = value;
+      entry = value;
     };
     // Lower-triangular tiles of xc xc^T only: half the product's FLOPs. Each block row is
     // turned into D2 right after its tiles, while it is still in cache.
     const Index width = ProductTiles<T>::width(d), depth = ProductTiles<T>::depth(d);
-    for (Index i0 = 0; i0 < n; i0 += width) {
-      const Index mi = std::min(width, n - i0);
-      for (Index j0 = 0; j0 <= i0; j0 += width) {
-        const Index nj = std::min(width, n - j0);
-        auto tile = sq.block(i0, j0, mi, nj);
+    for (Index i0 = first; i0 < end; i0 += width) {
+      const Index mi = std::min(width, end - i0);
+      for (Index j0 = 0; j0 < i0 + mi - 1; j0 += width) {
+        const Index nj = std::min(width, end - j0);
+        auto tile = sq.block(i0 - first, j0, mi, nj);
         for (Index k0 = 0; k0 < d; k0 += depth) {
           const Index kk = std::min(depth, d - k0);
           if (k0 == 0)
@@ -94,7 +105,7 @@ class PairwiseDistances {
       // D2 = n_i + n_j - 2 g_ij on the lower triangle, row by row in batches; the rare small
       // (or zero, negative, NaN) entries are recomputed by differences.
       for (Index i = i0; i < i0 + mi; ++i) {
-        T* row = squared + i * stride;
+        T* row = squared + (i - first) * stride;
         const batch norm_i(norms[i]);
         Index j = 0;
         for (; j + lanes <= i; j += lanes) {
@@ -121,7 +132,7 @@ class PairwiseDistances {
     return StridedMap<T>(squared_.data(static_cast<std::size_t>(n * stride_)), n, n,
                          Eigen::OuterStride<>(stride_));
   }
-  const T* squared_row(Index i) { return squared_.data(0) + i * stride_; }
+  const T* squared_row(Index i) { return squared_.data(0) + (i - first_) * stride_; }
 
   /// The row stride of squared() and of the weights (padded_stride).
   Index stride() const { return stride_; }
@@ -245,6 +256,7 @@ class PairwiseDistances {
 
   MatrixView<const T> x_{};
   Index stride_ = 0;
+  Index first_ = 0;  // the first row of squared() (compute_lower_rows)
   GrowOnlyBuffer<T> centred_, squared_, weights_, norms_, row_sums_;
   AlignedBuffer<T> staging_;  // the gradient products, before they go to the caller
   GrowOnlyBuffer<double> mean_;
