@@ -55,6 +55,7 @@ struct ShardedTripletScratch : BackendSlot::Contents {
   LabelClasses labels;                      // simd hard: X's classes
   HardBand<T> band;                         // simd hard: this rank's band of the triangle
   GrowOnlyBuffer<HardExtremes> all_extremes;
+  GrowOnlyBuffer<Index> published;          // simd hard: rows of extremes from each rank
 };
 
 template <class T, class Base>
@@ -162,21 +163,22 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
     const Index end = triangle_band_start(n, ranks, rank + 1);
     if (!work.band.compute(batch.x, work.labels.class_of(), start, end)) return false;
     // A rank publishes its band's rows [0, end): none when the band is empty.
-    const auto published = [&](int q) {
-      const Index b = triangle_band_start(n, ranks, q), e = triangle_band_start(n, ranks, q + 1);
-      return e > b ? e : Index(0);
-    };
+    Index* published = work.published.data(static_cast<std::size_t>(ranks));
     Index total = 0;
-    for (int q = 0; q < ranks; ++q) total += published(q);
+    for (int q = 0; q < ranks; ++q) {
+      const Index b = triangle_band_start(n, ranks, q), e = triangle_band_start(n, ranks, q + 1);
+      published[q] = e > b ? e : Index(0);
+      total += published[q];
+    }
     HardExtremes* all = work.all_extremes.data(static_cast<std::size_t>(total));
-    gather(group, work.bytes, published, static_cast<const HardExtremes*>(work.band.extremes()), all);
+    gather(group, work.bytes, [&](int q) { return published[q]; },
+           static_cast<const HardExtremes*>(work.band.extremes()), all);
     for (Index a = batch.first; a < batch.first + batch.rows; ++a) {
       HardExtremes merged;
       Index offset = 0;
       for (int q = 0; q < ranks; ++q) {
-        const Index count = published(q);
-        if (a < count) merged.merge(all[offset + a]);
-        offset += count;
+        if (a < published[q]) merged.merge(all[offset + a]);
+        offset += published[q];
       }
       if (merged.positive_row < 0 || merged.negative_row < 0) continue;
       const TripletTerm t = triplet_term(merged.positive, merged.negative, loss.margin,

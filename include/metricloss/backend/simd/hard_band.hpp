@@ -58,13 +58,15 @@ inline Index triangle_band_start(Index n, int ranks, int q) {
 
 template <class T>
 class HardBand {
+  // Class ids as wide as T: the passes' compares and selects vectorise in one lane width.
+  using Class = typename std::conditional<sizeof(T) == 4, std::int32_t, std::int64_t>::type;
+
  public:
   /// The extremes of rows [0, end) over the pairs of rows [first, end) of X's lower
   /// triangle; class_of[i] is row i's class. False, with nothing to use, where the centred
   /// norms are too large for the product's values to stay finite (the caller mines another
   /// way): then every rank, holding the same X, returns false.
   bool compute(const MatrixView<const T>& x, const Index* class_of, Index first, Index end) {
-    using Class = typename std::conditional<sizeof(T) == 4, std::int32_t, std::int64_t>::type;
     const Index d = x.cols;
     Class* cls = classes_.data(static_cast<std::size_t>(end));
     for (Index j = 0; j < end; ++j) cls[j] = static_cast<Class>(class_of[j]);
@@ -148,7 +150,7 @@ class HardBand {
   }
 
   PairwiseDistances<T> pairwise_;
-  GrowOnlyBuffer<typename std::conditional<sizeof(T) == 4, std::int32_t, std::int64_t>::type> classes_;
+  GrowOnlyBuffer<Class> classes_;
   GrowOnlyBuffer<T> top_positive_, top_negative_, low_, high_;
   GrowOnlyBuffer<HardExtremes> extremes_;
 };
