@@ -422,6 +422,33 @@ void sharded_cases(std::vector<Row>& rows) {
                          [&] { f.forward_backward(sharded, filled(4, 3), labels, g); });
     });
   });
+  // A reference set that is not the same on every rank (queries sharded).
+  const std::string ref_bits_case = "rank 1's `r` differs from rank 0's in one entry";
+  add_case(rows, loss, ref_bits_case, [&](auto tag) {
+    on_ranks(tag, 2, ref_bits_case, [&](auto sharded, int r) {
+      Mat gq = filled(4, 3, 9.0f), gr = filled(5, 3, 9.0f);
+      Mat ref = filled(5, 3);
+      if (r == 1) ref(2, 1) += 1.0f;
+      ml::BatchTripletLoss<float> f;
+      unwritten_on_throw(gr, ref_bits_case, [&] {
+        unwritten_on_throw(gq, ref_bits_case, [&] {
+          f.forward_backward(sharded, filled(4, 3), labels, ml::reference(ref, Eigen::VectorXi::Zero(5).eval()), gq, gr);
+        });
+      });
+    });
+  });
+  const std::string ref_rows_case = "rank 1's `r` has 4 rows, rank 0's 5";
+  add_case(rows, loss, ref_rows_case, [&](auto tag) {
+    on_ranks(tag, 2, ref_rows_case, [&](auto sharded, int r) {
+      const Index n_r = r == 1 ? 4 : 5;
+      Mat gq = filled(4, 3, 9.0f);
+      ml::BatchTripletLoss<float> f;
+      unwritten_on_throw(gq, ref_rows_case, [&] {
+        f.forward_backward(sharded, filled(4, 3), labels,
+                           ml::reference(filled(n_r, 3), Eigen::VectorXi::Zero(n_r).eval()), gq, ml::skip);
+      });
+    });
+  });
   add_case(rows, "thread_group", "`thread_group(0)`", [&](auto) { ml::thread_group team(0); });
   add_case(rows, "thread_group", "`member(2)` of a group of 2", [&](auto) {
     ml::thread_group team(2);

@@ -3,9 +3,11 @@
 // layouts {7, 0, 11}, {6, 6, 6}, {1, 1, 16}, {18, 0, 0}. Every rank runs every case in the
 // same order and uses CHECK only (a REQUIRE stopping one rank would leave the others in a
 // collective; CTest's TIMEOUT guards that). Each rank reports its own failures; the process
-// exit status is that of Catch2 on every rank, and mpiexec fails if any rank does.
+// exit status is that of Catch2 on every rank, and mpiexec fails if any rank does. Reference
+// sets (tests/sharded_reference.cpp's body) on the same layouts, in double.
 #define CATCH_CONFIG_RUNNER
 #include "sharded_check.hpp"
+#include "sharded_reference_check.hpp"
 
 #include <metricloss/mpi.hpp>
 
@@ -38,6 +40,23 @@ TEST_CASE("sharded over MPI: every batch loss, double and float, 3 processes", "
     check_all_layouts<double>(group, integer);
     check_all_layouts<float>(group, integer);
   }
+}
+
+TEST_CASE("sharded over MPI: reference sets (queries sharded, R on every rank), double",
+          "[sharded][mpi][reference]") {
+  ml::mpi_group group(MPI_COMM_WORLD);
+  REQUIRE(group.size() == 3);
+  int l = 0;
+  for (bool integer : {false, true})
+    for (const auto& shards : layouts) {
+      const auto mode = static_cast<sharded::SelfMode>(l++ % 3);
+      std::vector<sharded::ReferenceRecord> records;
+      sharded::check_reference_layout<double>(group, ml::scalar.sharded(group), "scalar", shards,
+                                              5, integer, mode, records);
+      sharded::check_reference_layout<double>(group, ml::simd.sharded(group), "simd", shards, 33,
+                                              integer, mode, records);
+      sharded::check_reference_records(records);
+    }
 }
 
 TEST_CASE("sharded over MPI: a malformed call on one rank makes every rank throw",

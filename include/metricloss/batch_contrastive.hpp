@@ -31,6 +31,7 @@
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/sharded.hpp>
+#include <metricloss/detail/sharded_reference.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -153,6 +154,20 @@ class BatchContrastiveLoss {
     return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
       return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
     });
+  }
+
+  // Queries sharded over a group's ranks, R the same on every rank
+  // (detail/sharded_reference.hpp).
+  template <class Base, class Group, class X, class L, class LR, class GQ, class GR>
+  T run_reference(const sharded_tag<Base, Group>& tag, const char* method,
+                  const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
+                  const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff) {
+    static_assert(std::is_same<typename X::Scalar, T>::value,
+                  "metricloss::BatchContrastiveLoss<T>: embeddings must have scalar type T");
+    return detail::run_sharded_reference(*this, tag, "BatchContrastiveLoss", method, q, labels_q, ref,
+                                         std::forward<GQ>(grad_q), std::forward<GR>(grad_r),
+                                         top_diff,
+                                         [&](detail::Validator& check) { check_options(check); });
   }
 
   template <class Tag, class X, class L, class LR, class GQ, class GR>

@@ -62,6 +62,13 @@ struct ShardStatus {
   std::int32_t label_code;
   std::int32_t message_bytes;
   std::uint64_t options;  // OptionsHash of the loss's options and the host path
+  // A call with a reference set (detail/sharded_reference.hpp): R's rows and hash (every
+  // rank must pass the same R), and whether this rank passed a self_index. -1, 0, 0 for
+  // a batch call.
+  std::int64_t reference_rows = -1;
+  std::uint64_t reference_hash = 0;
+  std::int32_t self_given = 0;
+  std::int32_t unused = 0;
 };
 
 /// The loss's options and the host path (scalar or simd), hashed (FNV-1a over each option's
@@ -308,6 +315,17 @@ void agree(Group& group, Validator& check, ShardStatus mine, const std::string& 
                  shape_string(status[q].rows, status[q].cols) + ", on rank 0 " +
                  shape_string(status[0].rows, status[0].cols) +
                  "; every rank needs the same D (a rank without rows passes 0 x D)");
+  }
+  for (int q = 1; q < ranks; ++q) {
+    if (status[q].reference_rows != status[0].reference_rows)
+      check.fail("argument 'r' on rank " + std::to_string(q) + of + " has " +
+                 std::to_string(status[q].reference_rows) + " rows, on rank 0 " +
+                 std::to_string(status[0].reference_rows) +
+                 "; every rank needs the same reference set");
+    if (status[q].reference_hash != status[0].reference_hash)
+      check.fail("arguments 'r' and 'labels_r' on rank " + std::to_string(q) + of +
+                 " differ from rank 0's (the same shape, other bits); every rank needs the "
+                 "same reference set, bitwise");
   }
   int differs = -1;
   for (int q = 1; q < ranks && differs < 0; ++q)
