@@ -256,14 +256,14 @@ struct BatchTriplet {
       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
       double margin, int mining, int distance, bool soft_margin, bool normalize, bool want_x,
-      bool want_ref) {
+      bool want_ref, const mlpy::Group* group) {
     auto c = reference_call("BatchTripletLoss", x, labels, ref, ref_labels, self_index, want_x,
                             want_ref);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(mutex, [&] {
       return kernel.run(s, margin, mining, distance, soft_margin, normalize, c.q, c.labels_q, c.ref,
-                        c.gq, c.gr);
+                        c.gq, c.gr, group);
     });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
   }
@@ -292,13 +292,13 @@ struct Lifted {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run_reference(
       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
-      double margin, bool normalize, bool want_x, bool want_ref) {
+      double margin, bool normalize, bool want_x, bool want_ref, const mlpy::Group* group) {
     auto c = reference_call("LiftedStructureLoss", x, labels, ref, ref_labels, self_index, want_x,
                             want_ref);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(
-        mutex, [&] { return kernel.run(s, margin, normalize, c.q, c.labels_q, c.ref, c.gq, c.gr); });
+        mutex, [&] { return kernel.run(s, margin, normalize, c.q, c.labels_q, c.ref, c.gq, c.gr, group); });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
   }
 };
@@ -328,12 +328,12 @@ struct AllPairs {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run_reference(
       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
-      const Options& o, bool want_x, bool want_ref) {
+      const Options& o, bool want_x, bool want_ref, const mlpy::Group* group) {
     auto c = reference_call(name, x, labels, ref, ref_labels, self_index, want_x, want_ref);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(
-        mutex, [&] { return kernel.run(s, o, c.q, c.labels_q, c.ref, c.gq, c.gr); });
+        mutex, [&] { return kernel.run(s, o, c.q, c.labels_q, c.ref, c.gq, c.gr, group); });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
   }
 };
@@ -344,14 +344,6 @@ template <>
 const char* const BatchContrastive::name = "BatchContrastiveLoss";
 template <>
 const char* const MultiSimilarity::name = "MultiSimilarityLoss";
-
-/// A sharded call (group given) takes no reference set yet.
-void check_no_reference(const char* loss, const mlpy::Group* group,
-                        const c10::optional<at::Tensor>& ref) {
-  if (group && ref.has_value())
-    value_error(loss, "a call with 'group' (the global batch of a process group) takes no "
-                      "reference set ('ref') yet");
-}
 
 // One torch::autograd::Function per loss: forward calls the kernel once and saves the
 // gradients of the inputs autograd wants; backward only scales them (scale_saved). The batch
@@ -395,11 +387,10 @@ struct BatchTripletFunction : torch::autograd::Function<BatchTripletFunction> {
                             const c10::optional<at::Tensor>& self_index, BatchTriplet* self,
                             double margin, int64_t mining, int64_t distance, bool soft_margin,
                             bool normalize, bool want_x, bool want_ref, const mlpy::Group* group) {
-    check_no_reference("BatchTripletLoss", group, ref);
     if (ref.has_value()) {
       auto [loss, gx, gr] = self->run_reference(x, labels, *ref, ref_labels, self_index, margin,
                                                 int(mining), int(distance), soft_margin, normalize,
-                                                want_x, want_ref);
+                                                want_x, want_ref, group);
       ctx->save_for_backward({gx, gr});
       return loss;
     }
@@ -420,10 +411,9 @@ struct LiftedFunction : torch::autograd::Function<LiftedFunction> {
                             const c10::optional<at::Tensor>& self_index, Lifted* self,
                             double margin, bool normalize, bool want_x, bool want_ref,
                             const mlpy::Group* group) {
-    check_no_reference("LiftedStructureLoss", group, ref);
     if (ref.has_value()) {
       auto [loss, gx, gr] = self->run_reference(x, labels, *ref, ref_labels, self_index, margin,
-                                                normalize, want_x, want_ref);
+                                                normalize, want_x, want_ref, group);
       ctx->save_for_backward({gx, gr});
       return loss;
     }
@@ -445,10 +435,10 @@ struct AllPairsFunction : torch::autograd::Function<AllPairsFunction<Loss, Optio
                             const c10::optional<at::Tensor>& self_index, Loss* self,
                             const Options& options, bool want_x, bool want_ref,
                             const mlpy::Group* group) {
-    check_no_reference(Loss::name, group, ref);
     if (ref.has_value()) {
       auto [loss, gx, gr] =
-          self->run_reference(x, labels, *ref, ref_labels, self_index, options, want_x, want_ref);
+          self->run_reference(x, labels, *ref, ref_labels, self_index, options, want_x, want_ref,
+                              group);
       ctx->save_for_backward({gx, gr});
       return loss;
     }

@@ -84,7 +84,7 @@ class BatchTriplet {
   double run(Scalar, double margin, int mining, int distance, bool soft_margin, bool normalize,
              Rows x, Labels labels, Grad gx, const Group* group = nullptr);
   double run(Scalar, double margin, int mining, int distance, bool soft_margin, bool normalize,
-             Rows q, Labels labels_q, Reference ref, Grad gq, Grad gr);
+             Rows q, Labels labels_q, Reference ref, Grad gq, Grad gr, const Group* group = nullptr);
 
  private:
   struct Impl;
@@ -98,7 +98,7 @@ class Lifted {
   double run(Scalar, double margin, bool normalize, Rows x, Labels labels, Grad gx,
              const Group* group = nullptr);
   double run(Scalar, double margin, bool normalize, Rows q, Labels labels_q, Reference ref,
-             Grad gq, Grad gr);
+             Grad gq, Grad gr, const Group* group = nullptr);
 
  private:
   struct Impl;
@@ -119,7 +119,7 @@ class BatchContrastive {
   double run(Scalar, const BatchContrastiveOptions&, Rows x, Labels labels, Grad gx,
              const Group* group = nullptr);
   double run(Scalar, const BatchContrastiveOptions&, Rows q, Labels labels_q, Reference ref,
-             Grad gq, Grad gr);
+             Grad gq, Grad gr, const Group* group = nullptr);
 
  private:
   struct Impl;
@@ -139,7 +139,7 @@ class MultiSimilarity {
   double run(Scalar, const MultiSimilarityOptions&, Rows x, Labels labels, Grad gx,
              const Group* group = nullptr);
   double run(Scalar, const MultiSimilarityOptions&, Rows q, Labels labels_q, Reference ref,
-             Grad gq, Grad gr);
+             Grad gq, Grad gr, const Group* group = nullptr);
 
  private:
   struct Impl;

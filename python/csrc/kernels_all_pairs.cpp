@@ -37,10 +37,10 @@ double BatchContrastive::run(Scalar s, const BatchContrastiveOptions& o, Rows x,
 }
 
 double BatchContrastive::run(Scalar s, const BatchContrastiveOptions& o, Rows q, Labels labels_q,
-                             Reference ref, Grad gq, Grad gr) {
+                             Reference ref, Grad gq, Grad gr, const Group* group) {
   return impl_->run(s, o, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_reference<T>(loss, q, labels_q, ref, gq, gr);
+    return run_reference<T>(loss, q, labels_q, ref, gq, gr, group);
   });
 }
 
@@ -75,10 +75,10 @@ double MultiSimilarity::run(Scalar s, const MultiSimilarityOptions& o, Rows x, L
 }
 
 double MultiSimilarity::run(Scalar s, const MultiSimilarityOptions& o, Rows q, Labels labels_q,
-                            Reference ref, Grad gq, Grad gr) {
+                            Reference ref, Grad gq, Grad gr, const Group* group) {
   return impl_->run(s, o, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_reference<T>(loss, q, labels_q, ref, gq, gr);
+    return run_reference<T>(loss, q, labels_q, ref, gq, gr, group);
   });
 }
 

@@ -38,10 +38,10 @@ double BatchTriplet::run(Scalar s, double margin, int mining, int distance, bool
 
 double BatchTriplet::run(Scalar s, double margin, int mining, int distance, bool soft_margin,
                          bool normalize, Rows q, Labels labels_q, Reference ref, Grad gq,
-                         Grad gr) {
+                         Grad gr, const Group* group) {
   return impl_->run(s, margin, mining, distance, soft_margin, normalize, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_reference<T>(loss, q, labels_q, ref, gq, gr);
+    return run_reference<T>(loss, q, labels_q, ref, gq, gr, group);
   });
 }
 
@@ -73,10 +73,10 @@ double Lifted::run(Scalar s, double margin, bool normalize, Rows x, Labels label
 }
 
 double Lifted::run(Scalar s, double margin, bool normalize, Rows q, Labels labels_q,
-                   Reference ref, Grad gq, Grad gr) {
+                   Reference ref, Grad gq, Grad gr, const Group* group) {
   return impl_->run(s, margin, normalize, [&](auto& loss) {
     using T = typename std::decay_t<decltype(loss)>::scalar_type;
-    return run_reference<T>(loss, q, labels_q, ref, gq, gr);
+    return run_reference<T>(loss, q, labels_q, ref, gq, gr, group);
   });
 }
 

@@ -62,19 +62,6 @@ Loss& functor(std::unique_ptr<Loss>& slot) {
   return *slot;
 }
 
-/// forward_backward of the queries q against the reference set ref (either gradient skipped).
-template <class T, class Loss>
-double run_reference(Loss& loss, const Rows& q, const Labels& labels_q, const Reference& ref,
-                     const Grad& gq, const Grad& gr) {
-  return with_reference<T>(ref, [&](const auto& set) {
-    return with_grad<T>(gq, [&](auto&& grad_q) {
-      return with_grad<T>(gr, [&](auto&& grad_r) {
-        return static_cast<double>(
-            loss.forward_backward(ml::simd, map<T>(q), map(labels_q), set, grad_q, grad_r));
-      });
-    });
-  });
-}
 
 /// The group concept over a kernels.hpp Group.
 class GroupRef {
@@ -90,6 +77,26 @@ class GroupRef {
  private:
   const Group* group_;
 };
+
+/// forward_backward of the queries q against the reference set ref (either gradient skipped);
+/// with a group, q is this rank's queries and ref the same on every rank.
+template <class T, class Loss>
+double run_reference(Loss& loss, const Rows& q, const Labels& labels_q, const Reference& ref,
+                     const Grad& gq, const Grad& gr, const Group* group = nullptr) {
+  return with_reference<T>(ref, [&](const auto& set) {
+    return with_grad<T>(gq, [&](auto&& grad_q) {
+      return with_grad<T>(gr, [&](auto&& grad_r) {
+        if (group) {
+          GroupRef ranks(*group);
+          return static_cast<double>(loss.forward_backward(ml::simd.sharded(ranks), map<T>(q),
+                                                           map(labels_q), set, grad_q, grad_r));
+        }
+        return static_cast<double>(
+            loss.forward_backward(ml::simd, map<T>(q), map(labels_q), set, grad_q, grad_r));
+      });
+    });
+  });
+}
 
 /// forward_backward of one batch x, or of this rank's rows x of the global batch of `group`.
 template <class T, class Loss>

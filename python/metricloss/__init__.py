@@ -24,7 +24,9 @@ batches): ``loss_fn(q, labels_q, ref=r, ref_labels=yr, self_index=None)``. Ancho
 of q, positives and negatives the rows of r (the same dtype and D): P(a) = {j : yr[j] ==
 labels_q[a], j != self_index[a]}, Neg(a) = {j : yr[j] != labels_q[a]}. self_index (an integer
 tensor of length N_q, or None) gives the row of r that is q[a] itself, or -1. Gradients flow
-to q and to r, as each requires. The C++ layer's messages call these q, labels_q, r, labels_r.
+to q and to r, as each requires. With ``group=`` too, q is this rank's queries and r must be
+the same on every rank (metricloss.distributed). The C++ layer's messages call these q,
+labels_q, r, labels_r.
 
 Options have the C++ names and can be changed between calls (``loss_fn.margin = 0.3``).
 Malformed arguments raise TypeError (dtype) or ValueError (device, shape, strides, values),

@@ -21,7 +21,13 @@ metricloss's C++ layer computes statistics for its own rows against the gathered
 (hard and semihard batch triplets, and lifted structure from 4 ranks) or runs the whole loss on
 it (the other losses and modes); the exchanges go through this process group's all_gather, on
 CPU tensors (gloo, or MPI), padded to the longest rank's bytes since all_gather needs equal
-shapes. Reference sets (``ref=``) are not taken with a group yet.
+shapes.
+
+With a reference set, ``loss_fn(q_local, labels_local, ref=r, ref_labels=yr, self_index=s_local,
+group=group)``: the queries are sharded, r and yr must be the same on every rank, bitwise (the
+ranks compare a hash of them and all raise if one differs), and s_local gives this rank's
+queries' rows of r. Every rank gets the loss of (Q = the concatenated queries, r), its rows of
+dL/dQ and all of dL/dr (the same on every rank); each rank computes the whole loss.
 """
 import torch
 import torch.distributed as dist

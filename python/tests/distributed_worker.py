@@ -28,6 +28,17 @@ def global_batch(n):
     return x, labels
 
 
+def reference_set(x, labels):
+    """R (7 x D): rows 0, 3 and 6 of x, then four others; its labels (class 5: no query's);
+    and each query's row of R or -1."""
+    g = torch.Generator().manual_seed(8)
+    r = torch.cat([x[[0, 3, 6]], torch.randn(4, D, dtype=torch.float64, generator=g)])
+    r_labels = torch.cat([labels[[0, 3, 6]], torch.tensor([0, 1, 5, 5])])
+    self_index = torch.full((x.shape[0],), -1, dtype=torch.int64)
+    self_index[[0, 3, 6]] = torch.tensor([0, 1, 2])
+    return r, r_labels, self_index
+
+
 def cases():
     """(name, loss module) for every loss, mode and option of the batch losses."""
     out = []
@@ -69,6 +80,18 @@ def main():
         grad = x_local.grad if x_local.grad is not None else torch.zeros_like(x_local)
         second = loss_fn(x[mine], labels[mine], group=group)  # a second call: the same bits
         results[name] = (value.item(), second.item(), grad.clone())
+    # Against a reference set, the same on every rank: copies of queries 0, 3 and 6 (their
+    # self_index rows, passed by every rank for its own queries) and four other rows.
+    r, r_labels, self_index = reference_set(x, labels)
+    for name, loss_fn in cases():
+        q_local = x[mine].clone().requires_grad_()
+        ref = r.clone().requires_grad_()
+        value = loss_fn(q_local, labels[mine], ref=ref, ref_labels=r_labels,
+                        self_index=self_index[mine], group=group)
+        value.backward()
+        grad_q = q_local.grad if q_local.grad is not None else torch.zeros_like(q_local)
+        grad_r = ref.grad if ref.grad is not None else torch.zeros_like(ref)
+        results["reference " + name] = (value.item(), value.item(), grad_q.clone(), grad_r.clone())
     # A malformed call on the last rank (labels one short): every rank raises the same error.
     errors = {}
     for name, loss_fn in (("triplet", metricloss.BatchTripletLoss()),

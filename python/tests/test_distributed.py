@@ -3,7 +3,9 @@ against one process on the whole batch (float64): every loss, mode and option of
 losses; shards {7, 0, 11}, {6, 6, 6}, {18, 0, 0}. Every rank's loss within 1e-12 of the
 single-process loss and bitwise the same on all ranks (and on a second call); each rank's
 gradient rows within 1e-12 of the single-process gradient's rows; a malformed call on one
-rank raises the same ValueError, naming that rank, on every rank."""
+rank raises the same ValueError, naming that rank, on every rank. With a reference set (the
+same on every rank): L, each rank's rows of grad_q and all of grad_r bitwise equal to one
+process's."""
 import pathlib
 import socket
 import subprocess
@@ -57,7 +59,7 @@ def test_three_gloo_processes_equal_one_process(shards, tmp_path):
     x, labels = worker.global_batch(sum(shards))
     assert ranks[0]["repr"] == "metricloss.distributed.group(rank=0, size=3)"
     cases = worker.cases()
-    assert len(ranks[0]["results"]) == len(cases)
+    assert len(ranks[0]["results"]) == 2 * len(cases)  # the batch and the reference-set cases
     largest = 0.0
     for name, loss_fn in cases:
         xs = x.clone().requires_grad_()
@@ -78,6 +80,32 @@ def test_three_gloo_processes_equal_one_process(shards, tmp_path):
     assert largest > 1e-3  # the cases have gradients: zeros everywhere would pass the above
 
 
+@pytest.mark.parametrize("shards", [[7, 0, 11], [6, 6, 6], [18, 0, 0]])
+def test_reference_sets_over_three_gloo_processes_equal_one_process(shards, tmp_path):
+    """Queries sharded, R the same on every rank: L, each rank's rows of grad_q and all of
+    grad_r bitwise the one-process call's (each rank runs it on the gathered queries)."""
+    ranks = run_ranks(shards, tmp_path)
+    x, labels = worker.global_batch(sum(shards))
+    r, r_labels, self_index = worker.reference_set(x, labels)
+    largest = 0.0
+    for name, loss_fn in worker.cases():
+        q = x.clone().requires_grad_()
+        ref = r.clone().requires_grad_()
+        expected = loss_fn(q, labels, ref=ref, ref_labels=r_labels, self_index=self_index)
+        expected.backward()
+        grad_r_expected = ref.grad if ref.grad is not None else torch.zeros_like(ref)
+        first = 0
+        for k, rank in enumerate(ranks):
+            value, _, grad_q, grad_r = rank["results"]["reference " + name]
+            assert value == expected.item(), (name, k)
+            rows = q.grad[first:first + shards[k]]
+            assert torch.equal(grad_q, rows), (name, k)
+            assert torch.equal(grad_r, grad_r_expected), (name, k)
+            first += shards[k]
+        largest = max(largest, q.grad.abs().max().item(), grad_r_expected.abs().max().item())
+    assert largest > 1e-3
+
+
 def test_a_malformed_call_on_one_rank_raises_on_every_rank(tmp_path):
     ranks = run_ranks([7, 0, 11], tmp_path)
     for name in ("triplet", "lifted"):
@@ -89,7 +117,7 @@ def test_a_malformed_call_on_one_rank_raises_on_every_rank(tmp_path):
 
 def test_group_of_one_process_and_its_errors():
     """A group of one rank (gloo, in this process): the sharded call is the single-process
-    call; a reference set with a group, and a group that is not one, raise."""
+    call, with a reference set too; a group that is not one raises."""
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="not initialised"):
         metricloss.distributed.group()
@@ -105,8 +133,16 @@ def test_group_of_one_process_and_its_errors():
         loss_fn(a, labels, group=group).backward()
         loss_fn(b, labels).backward()
         assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-14)
-        with pytest.raises(ValueError, match="takes no reference set"):
-            loss_fn(x, labels, ref=x, ref_labels=labels, group=group)
+        c = x.clone().requires_grad_()
+        d = x.clone().requires_grad_()
+        self_index = torch.arange(18)
+        with_group = loss_fn(a.detach(), labels, ref=c, ref_labels=labels, self_index=self_index,
+                             group=group)
+        alone = loss_fn(b.detach(), labels, ref=d, ref_labels=labels, self_index=self_index)
+        assert with_group.item() == alone.item()
+        with_group.backward()
+        alone.backward()
+        assert torch.equal(c.grad, d.grad)
         with pytest.raises(TypeError, match="argument 'group' must be a metricloss.distributed.group"):
             loss_fn(x, labels, group=object())
     finally:
