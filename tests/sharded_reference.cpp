@@ -132,6 +132,35 @@ TEST_CASE("sharded reference sets over threads: R differing between ranks, or a 
   }
 }
 
+TEST_CASE("sharded reference sets over threads: a non-finite query on one rank gives NaN on "
+          "every rank",
+          "[sharded][reference]") {
+  const std::vector<Index> shards{5, 0, 7};
+  const sharded::GlobalBatch<double> global(shards, 4, false, 9);
+  const sharded::ReferenceOf<double> ref(global, false, 10);
+  for (int kind = 0; kind < 4; ++kind) {
+    std::vector<int> nan_everywhere(3, 0);
+    on_threads(3, [&](ml::thread_rank& me, int r) {
+      const Index first = global.first[static_cast<std::size_t>(r)];
+      const Index rows = shards[static_cast<std::size_t>(r)];
+      Matrix<double> q = global.x.middleRows(first, rows);
+      if (r == 2) q(3, 1) = std::numeric_limits<double>::infinity();
+      const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels = global.labels.segment(first, rows);
+      Matrix<double> gq(rows, 4), gr(ref.r.rows(), 4);
+      const auto set = ml::reference(ref.r, ref.labels);
+      double value = 0;
+      if (kind == 0) value = ml::BatchTripletLoss<double>(0.2, ml::Mining::hard).forward_backward(ml::simd.sharded(me), q, labels, set, gq, gr);
+      if (kind == 1) value = ml::BatchTripletLoss<double>(0.2, ml::Mining::semihard).forward_backward(ml::scalar.sharded(me), q, labels, set, gq, gr);
+      if (kind == 2) value = ml::MultiSimilarityLoss<double>().forward_backward(ml::simd.sharded(me), q, labels, set, gq, gr);
+      if (kind == 3) value = ml::LiftedStructureLoss<double>().forward_backward(ml::simd.sharded(me), q, labels, set, gq, gr);
+      nan_everywhere[static_cast<std::size_t>(r)] =
+          std::isnan(value) && gq.array().isNaN().all() && gr.array().isNaN().all();
+    });
+    CAPTURE(kind);
+    CHECK(nan_everywhere == std::vector<int>{1, 1, 1});
+  }
+}
+
 TEST_CASE("sharded reference sets over threads: a warm call allocates nothing",
           "[sharded][reference][allocation]") {
   const std::vector<Index> shards{5, 0, 7};

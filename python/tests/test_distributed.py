@@ -4,8 +4,8 @@ losses; shards {7, 0, 11}, {6, 6, 6}, {18, 0, 0}. Every rank's loss within 1e-12
 single-process loss and bitwise the same on all ranks (and on a second call); each rank's
 gradient rows within 1e-12 of the single-process gradient's rows; a malformed call on one
 rank raises the same ValueError, naming that rank, on every rank. With a reference set (the
-same on every rank): L, each rank's rows of grad_q and all of grad_r bitwise equal to one
-process's."""
+same on every rank): L, each rank's rows of grad_q and all of grad_r within 1e-12 of one
+process's, L and grad_r bitwise the same on every rank."""
 import pathlib
 import socket
 import subprocess
@@ -82,8 +82,9 @@ def test_three_gloo_processes_equal_one_process(shards, tmp_path):
 
 @pytest.mark.parametrize("shards", [[7, 0, 11], [6, 6, 6], [18, 0, 0]])
 def test_reference_sets_over_three_gloo_processes_equal_one_process(shards, tmp_path):
-    """Queries sharded, R the same on every rank: L, each rank's rows of grad_q and all of
-    grad_r bitwise the one-process call's (each rank runs it on the gathered queries)."""
+    """Queries sharded, R the same on every rank: L within 1e-12 of one process's and bitwise
+    the same on every rank, each rank's rows of grad_q and all of grad_r within 1e-12, grad_r
+    bitwise the same on every rank."""
     ranks = run_ranks(shards, tmp_path)
     x, labels = worker.global_batch(sum(shards))
     r, r_labels, self_index = worker.reference_set(x, labels)
@@ -94,13 +95,18 @@ def test_reference_sets_over_three_gloo_processes_equal_one_process(shards, tmp_
         expected = loss_fn(q, labels, ref=ref, ref_labels=r_labels, self_index=self_index)
         expected.backward()
         grad_r_expected = ref.grad if ref.grad is not None else torch.zeros_like(ref)
+        scale = 1 + max(q.grad.abs().max().item(), grad_r_expected.abs().max().item())
         first = 0
         for k, rank in enumerate(ranks):
             value, _, grad_q, grad_r = rank["results"]["reference " + name]
-            assert value == expected.item(), (name, k)
+            assert abs(value - expected.item()) <= 1e-12 * (1 + abs(expected.item())), (name, k)
+            assert value == ranks[0]["results"]["reference " + name][0], (name, k)
             rows = q.grad[first:first + shards[k]]
-            assert torch.equal(grad_q, rows), (name, k)
-            assert torch.equal(grad_r, grad_r_expected), (name, k)
+            assert grad_q.shape == rows.shape, (name, k)
+            if rows.numel():
+                assert (grad_q - rows).abs().max().item() <= 1e-12 * scale, (name, k)
+            assert (grad_r - grad_r_expected).abs().max().item() <= 1e-12 * scale, (name, k)
+            assert torch.equal(grad_r, ranks[0]["results"]["reference " + name][3]), (name, k)
             first += shards[k]
         largest = max(largest, q.grad.abs().max().item(), grad_r_expected.abs().max().item())
     assert largest > 1e-3
@@ -139,7 +145,7 @@ def test_group_of_one_process_and_its_errors():
         with_group = loss_fn(a.detach(), labels, ref=c, ref_labels=labels, self_index=self_index,
                              group=group)
         alone = loss_fn(b.detach(), labels, ref=d, ref_labels=labels, self_index=self_index)
-        assert with_group.item() == alone.item()
+        assert with_group.item() == alone.item()  # one rank: the single-process path
         with_group.backward()
         alone.backward()
         assert torch.equal(c.grad, d.grad)

@@ -24,6 +24,7 @@
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/detail/batch_common.hpp>
 #include <metricloss/detail/sharded.hpp>
+#include <metricloss/detail/sharded_reference.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -56,6 +57,8 @@ struct ShardedTripletScratch : BackendSlot::Contents {
   HardBand<T> band;                         // simd hard: this rank's band of the triangle
   GrowOnlyBuffer<HardExtremes> all_extremes;
   GrowOnlyBuffer<Index> published;          // simd hard: rows of extremes from each rank
+  AlignedBuffer<T> all_q;                   // reference sets: Q gathered (for grad_r)
+  GrowOnlyBuffer<T> send;                   // reference sets: this rank's rows made dense
 };
 
 template <class T, class Base>
@@ -147,6 +150,28 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
     return static_cast<T>(sum / count);
   }
 
+  /// This rank's anchors q against ref (work.classes assigned): their terms into `sink`
+  /// (anchors as rows of q); sum and count.
+  template <class L>
+  static MiningResult mine(BatchTripletLoss<T>& loss, ShardedTripletScratch<T>& work,
+                           const MatrixView<const T>& q, const ReferenceView<T, L>& ref,
+                           CrossSparseWeights<T>& sink) {
+    if constexpr (std::is_same<Base, simd_tag>::value) {
+      work.cross.compute(q, ref.r);
+      const CrossProductDistances<T> distances{&work.cross, work.cross.widest_reference()};
+      return work.miner.template mine<SimdMiningKernels>(loss.mining, work.classes, distances,
+                                                         loss.margin, loss.distance,
+                                                         loss.soft_margin, sink);
+    } else {
+      const Index nr = ref.r.rows;
+      double* squared = work.squared.data(static_cast<std::size_t>(q.rows * nr));
+      cross_distances(q, ref.r, false, squared);
+      return work.miner.template mine<ScalarMiningKernels>(
+          loss.mining, work.classes, ExactSquaredDistances{squared, nr}, loss.margin,
+          loss.distance, loss.soft_margin, sink);
+    }
+  }
+
  private:
   /// Step 1 of Mining::hard by bands of the triangle: this rank's band, every rank's
   /// extremes gathered and merged for this rank's anchors, their terms into `mined` and
@@ -191,24 +216,94 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
     return true;
   }
 
-  template <class L>
-  static MiningResult mine(BatchTripletLoss<T>& loss, ShardedTripletScratch<T>& work,
-                           const MatrixView<const T>& q, const ReferenceView<T, L>& ref,
-                           CrossSparseWeights<T>& sink) {
-    if constexpr (std::is_same<Base, simd_tag>::value) {
-      work.cross.compute(q, ref.r);
-      const CrossProductDistances<T> distances{&work.cross, work.cross.widest_reference()};
-      return work.miner.template mine<SimdMiningKernels>(loss.mining, work.classes, distances,
-                                                         loss.margin, loss.distance,
-                                                         loss.soft_margin, sink);
-    } else {
-      const Index nr = ref.r.rows;
-      double* squared = work.squared.data(static_cast<std::size_t>(q.rows * nr));
-      cross_distances(q, ref.r, false, squared);
-      return work.miner.template mine<ScalarMiningKernels>(
-          loss.mining, work.classes, ExactSquaredDistances{squared, nr}, loss.margin,
-          loss.distance, loss.soft_margin, sink);
+};
+
+/// BatchTripletLoss hard and semihard with a reference set (detail/sharded_reference.hpp),
+/// queries sharded, R on every rank, O(n_r N_r D) per rank:
+///  1. this rank's queries mined against R by the tag's reference-set path (selections and
+///     ties exactly the single process's: each query's terms depend on it and R only);
+///  2. every rank's (sum, count) gathered, added in rank order: L = sum / count, the same
+///     bits on every rank; a non-finite value or NaN label on any rank makes it NaN on all;
+///  3. grad_q from this rank's entries (2 w (q_i - r_j), in double). When any rank wants
+///     grad_r: Q and every rank's entries gathered, and grad_r = -sum 2 w (q_i - r_j) over all
+///     of them in global order, the single process's order: the same bits on every rank.
+template <class T, class Base>
+struct ShardedReferenceBackend<BatchTripletLoss<T>, Base> {
+  static constexpr bool available =
+      std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
+
+  static bool handles(const BatchTripletLoss<T>& loss, int ranks) {
+    return ranks >= 2 && loss.mining != Mining::all;
+  }
+
+  template <class Group, class L, class LR>
+  static T forward_backward(BatchTripletLoss<T>& loss, Base, Group& group,
+                            const ShardedQueries<T, L, LR>& s, const MatrixView<T>& grad_q,
+                            const MatrixView<T>& grad_r, T top_diff) {
+    auto& work = scratch_of<ShardedTripletScratch<T>>(loss);
+    const Index d = s.q.cols, rows = s.q.rows;
+    const int ranks = group.size();
+    // 1. This rank's queries against R.
+    const bool finite = work.classes.assign(s.labels, s.ref.labels, s.ref.self) &&
+                        all_finite(s.q) && all_finite(s.ref.r);
+    CrossSparseWeights<T> sink;
+    sink.entries = &work.entries;
+    MiningResult mined;
+    if (finite && rows > 0)
+      mined = ShardedBackend<BatchTripletLoss<T>, Base>::mine(loss, work, s.q, s.ref, sink);
+
+    // 2. Every rank's totals (entries: -1 for a rank that saw a non-finite value).
+    const ShardTotals mine_totals{mined.sum, mined.count, finite ? static_cast<double>(sink.count) : -1.0};
+    ShardTotals* totals = work.totals.data(static_cast<std::size_t>(ranks));
+    gather(group, work.bytes, [](int) { return 1; }, &mine_totals, totals);
+    double sum = 0.0, count = 0.0;
+    Index entries = 0;
+    bool all_finite_ranks = true;
+    for (int q = 0; q < ranks; ++q) {
+      sum += totals[q].sum;
+      count += totals[q].count;
+      if (totals[q].entries < 0.0) all_finite_ranks = false;
+      else entries += static_cast<Index>(totals[q].entries);
     }
+    if (!all_finite_ranks) {
+      fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
+      fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
+      return std::numeric_limits<T>::quiet_NaN();
+    }
+    const double scale = count != 0.0 ? static_cast<double>(top_diff) / count : 0.0;
+
+    // 3. grad_q from this rank's entries; grad_r from every rank's, on the gathered Q.
+    if (!grad_q.empty()) {
+      if (count == 0.0) fill_rows(grad_q, T(0));
+      else sink.gradients(work.sums, s.q, s.ref.r, scale, grad_q, MatrixView<T>{});
+    }
+    if (s.any_grad_r) {
+      T* all_q = work.all_q.data(static_cast<std::size_t>(s.n * d));
+      const T* send = s.q.data;
+      if (rows > 1 && s.q.stride != d) {
+        T* dense = work.send.data(static_cast<std::size_t>(rows * d));
+        for (Index i = 0; i < rows; ++i) std::copy(s.q.row(i), s.q.row(i) + d, dense + i * d);
+        send = dense;
+      }
+      gather_rows(group, work.bytes, s.status, send, d, all_q);
+      WeightEntry* list = work.entries.data(static_cast<std::size_t>(sink.count));
+      for (Index e = 0; e < sink.count; ++e) list[e].i += s.first;
+      WeightEntry* all = work.all_entries.data(static_cast<std::size_t>(entries));
+      gather(group, work.bytes, [&](int q) { return static_cast<Index>(totals[q].entries); },
+             static_cast<const WeightEntry*>(list), all);
+      if (!grad_r.empty()) {
+        if (count == 0.0) {
+          fill_rows(grad_r, T(0));
+        } else {
+          CrossSparseWeights<T> every;
+          every.entries = &work.all_entries;
+          every.count = entries;
+          every.gradients(work.sums, MatrixView<const T>{all_q, s.n, d, d}, s.ref.r, scale,
+                          MatrixView<T>{}, grad_r);
+        }
+      }
+    }
+    return count != 0.0 ? static_cast<T>(sum / count) : T(0);
   }
 };
 

@@ -19,6 +19,7 @@
 #include <metricloss/detail/cross_classes.hpp>
 #include <metricloss/detail/multi_similarity_math.hpp>
 #include <metricloss/detail/sharded.hpp>
+#include <metricloss/detail/sharded_reference.hpp>
 #include <metricloss/multi_similarity.hpp>
 
 #include <algorithm>
@@ -37,6 +38,8 @@ struct ShardedMultiSimilarityScratch : BackendSlot::Contents {
   GrowOnlyBuffer<double> z, widened;      // one row's exponents; one row of S in double
   GrowOnlyBuffer<MultiSimilarityRowStats> stats, all_stats;  // n_r, N
   GrowOnlyBuffer<std::size_t> bytes;
+  GrowOnlyBuffer<T> parts;                // reference sets: grad_r's part, then every rank's
+  GrowOnlyBuffer<double> totals;          // reference sets: n_r L_r of every rank
 };
 
 template <class T, class Base>
@@ -132,6 +135,65 @@ struct ShardedBackend<MultiSimilarityLoss<T>, Base> {
         out[j] += static_cast<W>(weight);
       }
     }
+  }
+};
+
+/// MultiSimilarityLoss with a reference set (detail/sharded_reference.hpp), queries sharded,
+/// R on every rank, O(n_r N_r D) per rank. L = (1/N_q) sum_a L_a, and L_a and its gradient
+/// terms depend on q_a and R only, so each rank runs the reference-set path on its queries
+/// with top_diff n_r / N_q: its rows of grad_q are final, its L_r = (1/n_r) sum of its L_a,
+/// and its grad_r is its queries' part. The ranks gather n_r L_r (added in rank order: L,
+/// the same bits on every rank) and, when any rank wants grad_r, every rank's part (N_r x D
+/// each), added in rank order in double. A non-finite value on any rank: NaN on all.
+template <class T, class Base>
+struct ShardedReferenceBackend<MultiSimilarityLoss<T>, Base> {
+  static constexpr bool available =
+      std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
+
+  static bool handles(const MultiSimilarityLoss<T>&, int ranks) { return ranks >= 2; }
+
+  template <class Group, class L, class LR>
+  static T forward_backward(MultiSimilarityLoss<T>& loss, Base base, Group& group,
+                            const ShardedQueries<T, L, LR>& s, const MatrixView<T>& grad_q,
+                            const MatrixView<T>& grad_r, T top_diff) {
+    auto& work = scratch_of<ShardedMultiSimilarityScratch<T>>(loss);
+    const Index rows = s.q.rows, nr = s.ref.r.rows, d = s.q.cols;
+    const int ranks = group.size();
+    T* part = nullptr;  // this rank's part of grad_r, then every rank's
+    if (s.any_grad_r) {
+      part = work.parts.data(static_cast<std::size_t>((ranks + 1) * nr * d));
+      std::fill(part, part + nr * d, T(0));
+    }
+    double mine = 0.0;
+    if (rows > 0) {
+      const T local_top = static_cast<T>(static_cast<double>(top_diff) * static_cast<double>(rows) /
+                                         static_cast<double>(s.n));
+      const T value = ReferenceBackend<MultiSimilarityLoss<T>, Base>::forward_backward(
+          loss, base, s.q, s.labels, s.ref, grad_q,
+          part != nullptr ? MatrixView<T>{part, nr, d, d} : MatrixView<T>{}, local_top);
+      mine = static_cast<double>(value) * static_cast<double>(rows);
+    }
+    double* totals = work.totals.data(static_cast<std::size_t>(ranks));
+    gather(group, work.bytes, [](int) { return 1; }, &mine, totals);
+    double sum = 0.0;
+    for (int q = 0; q < ranks; ++q) sum += totals[q];
+    if (sum != sum) {  // NaN on some rank: every rank sees it (no further collective)
+      fill_rows(grad_q, std::numeric_limits<T>::quiet_NaN());
+      fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
+      return std::numeric_limits<T>::quiet_NaN();
+    }
+    if (part != nullptr) {
+      T* all = part + nr * d;
+      gather(group, work.bytes, [&](int) { return nr * d; }, static_cast<const T*>(part), all);
+      if (!grad_r.empty())
+        for (Index j = 0; j < nr; ++j)
+          for (Index k = 0; k < d; ++k) {
+            double g = 0.0;
+            for (int q = 0; q < ranks; ++q) g += static_cast<double>(all[(q * nr + j) * d + k]);
+            grad_r.row(j)[k] = static_cast<T>(g);
+          }
+    }
+    return static_cast<T>(sum / static_cast<double>(s.n));
   }
 };
 

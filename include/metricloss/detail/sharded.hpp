@@ -63,12 +63,12 @@ struct ShardStatus {
   std::int32_t message_bytes;
   std::uint64_t options;  // OptionsHash of the loss's options and the host path
   // A call with a reference set (detail/sharded_reference.hpp): R's rows and hash (every
-  // rank must pass the same R), and whether this rank passed a self_index. -1, 0, 0 for
-  // a batch call.
+  // rank must pass the same R), whether this rank passed a self_index and wants grad_r.
+  // -1, 0, 0, 0 for a batch call.
   std::int64_t reference_rows = -1;
   std::uint64_t reference_hash = 0;
   std::int32_t self_given = 0;
-  std::int32_t unused = 0;
+  std::int32_t wants_grad_r = 0;
 };
 
 /// The loss's options and the host path (scalar or simd), hashed (FNV-1a over each option's

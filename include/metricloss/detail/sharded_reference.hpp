@@ -3,16 +3,19 @@
 // holds the queries q_r (n_r >= 0 rows) of Q = concat_r(q_r), and every rank passes the same
 // reference set R (its rows, labels and label type bitwise equal: the memory of a cross-batch
 // memory fed the global batch, or any replicated candidates). Each rank's self_index, if
-// any, gives its own queries' rows of R. Every rank returns the single-process loss of
-// (Q, R), bitwise; writes its rows of dL/dQ; and, when asked, all of dL/dR, the same bits on
-// every rank (each rank computes all of it: no gradient is reduced).
+// any, gives its own queries' rows of R. Every rank returns the loss of (Q, R), the same bits
+// on every rank; writes its rows of dL/dQ; and, when asked, all of dL/dR, the same bits on
+// every rank.
 //
-// A call is run_sharded's three steps (detail/sharded.hpp): the agreement, which also
-// compares R's shape and a hash of its bytes and labels across ranks; Q, its labels and
-// self indices gathered in rank order; then the loss's single-process reference path on
-// (Q, R) on every rank, O(N_q N_r D) each, exact by construction. Queries are independent
-// given R for most losses, so per-rank statistics (O(n_r N_r D)) can replace the last step
-// loss by loss, as ShardedBackend does for the batch form.
+// A call is run_sharded's steps (detail/sharded.hpp): the agreement, which also compares R's
+// shape and a hash of its bytes and labels across ranks; then either
+//  - the loss's statistics (ShardedReferenceBackend: BatchTripletLoss hard and semihard,
+//    MultiSimilarityLoss), O(n_r N_r D) per rank: each query's terms depend on it and R
+//    only, so each rank runs its own queries and the ranks exchange totals (and, for
+//    grad_r, what it needs), added in rank order; or
+//  - Q, its labels and self indices gathered in rank order and the single-process reference
+//    path on (Q, R) on every rank, O(N_q N_r D) each, bitwise the single process's (the
+//    other losses and modes: their normalisers or lifted's column sums couple the queries).
 #include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/sharded.hpp>
 #include <metricloss/reference.hpp>
@@ -72,6 +75,31 @@ std::uint64_t reference_hash(const ReferenceView<T, LR>& ref) {
 inline Index gathered_self_at(const void* all, Index a) {
   return static_cast<Index>(static_cast<const std::int64_t*>(all)[a]);
 }
+
+/// This rank's queries (under normalize: their unit rows) and R (the same on every rank;
+/// self: this rank's self_index), for a loss's statistics path.
+template <class T, class L, class LR>
+struct ShardedQueries {
+  MatrixView<const T> q;     // n_r x D, any stride
+  VectorView<L> labels;      // n_r
+  ReferenceView<T, LR> ref;  // R, its labels, this rank's self_index
+  const ShardStatus* status = nullptr;  // one per rank
+  Index first = 0;           // this rank's first query in Q
+  Index n = 0;               // N_q
+  bool any_grad_r = false;   // some rank wants grad_r: the collectives that it needs run
+};
+
+/// A loss's statistics path with a reference set on host tag Base, O(n_r N_r D) per rank:
+/// specialisations set `available` and define
+///   static bool handles(const Loss&, int ranks)
+///   static T forward_backward(Loss&, Base, Group&, const ShardedQueries<T, L, LR>&,
+///                             const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff)
+/// whose collectives depend on nothing but what every rank knows alike (the statuses, the
+/// options, R). The rest gather Q and run the single-process reference path.
+template <class Loss, class Base>
+struct ShardedReferenceBackend {
+  static constexpr bool available = false;
+};
 
 /// What a functor keeps for its sharded reference calls (in its slot).
 template <class T, class L>
@@ -139,17 +167,31 @@ typename Loss::scalar_type run_sharded_reference(
   mine.reference_rows = static_cast<std::int64_t>(ref.view.r.rows);
   mine.reference_hash = error.empty() ? reference_hash(ref.view) : 0;
   mine.self_given = ref.view.self.given() ? 1 : 0;
+  mine.wants_grad_r = gr.empty() ? 0 : 1;
   agree(group, check, mine, error, work.status, work.bytes,
         [&] { return options_text<Base>(loss); });
 
   const int ranks = group.size();
   const ShardStatus* status = work.status.data(static_cast<std::size_t>(ranks));
   Index n = 0, first = 0;
-  bool self_given = false;
+  bool self_given = false, any_grad_r = false;
   for (int s = 0; s < ranks; ++s) {
     if (s == group.rank()) first = n;
     n += static_cast<Index>(status[s].rows);
     self_given = self_given || status[s].self_given != 0;
+    any_grad_r = any_grad_r || status[s].wants_grad_r != 0;
+  }
+
+  // The loss's statistics, where it has them: this rank's queries (unit rows under
+  // normalize, chained afterwards) against R.
+  if constexpr (ShardedReferenceBackend<Loss, Base>::available) {
+    if (ShardedReferenceBackend<Loss, Base>::handles(loss, ranks))
+      return normalized(loss, tag.base, check, loss.normalize, qv, ref.view, gq, gr,
+                        [&](const auto& q_rows, const auto& r_rows) {
+        const ShardedQueries<T, Label, LR> mine_q{q_rows, lv, r_rows, status, first, n, any_grad_r};
+        return ShardedReferenceBackend<Loss, Base>::forward_backward(loss, tag.base, group, mine_q,
+                                                                     gq, gr, top_diff);
+      });
   }
 
   // 2. The global queries, their labels and self indices (-1: none), in rank order.
