@@ -13,6 +13,8 @@
 //                      allgatherv (X, labels, statuses, statistics: everything exchanged);
 //   torch_gather_bytes what a gather-everything wrapper receives (X and labels as int64).
 // The ranks' agreement and gathers run inside the timed call (as threads they are memcpy).
+// The "-memory" rows shard N = 1024 queries against a reference set of 4096 rows held by
+// every rank (a cross-batch memory), grad_r skipped.
 #include "sharded_common.hpp"
 
 #include <metricloss/thread_group.hpp>
@@ -37,11 +39,28 @@ struct Batch {
       : x(uniform<float>(n, d, 1)), grad(Matrix<float>::Zero(n, d)), labels(pk_labels(n, 8, 3)) {}
 };
 
+/// A memory of N_r rows (grad_r skipped: no gradient flows into a memory).
+struct Memory {
+  Matrix<float> r;
+  Eigen::VectorXi labels;
+  Memory(Index n, Index d) : r(uniform<float>(n, d, 5)), labels(pk_labels(n, 8, 6)) {}
+};
+
+/// The call on rank tag `tag` (simd or simd.sharded) of rows x: the batch form, or queries
+/// against `memory` when there is one.
+template <class Loss, class Tag, class X, class Y, class G>
+float call(Loss& loss, Tag tag, const X& x, const Y& labels, G&& grad, const Memory* memory) {
+  if (memory == nullptr) return loss.forward_backward(tag, x, labels, std::forward<G>(grad));
+  return loss.forward_backward(tag, x, labels, ml::reference(memory->r, memory->labels),
+                               std::forward<G>(grad), ml::skip);
+}
+
 template <class Loss>
-void run(benchmark::State& state, Loss prototype) {
+void run(benchmark::State& state, Loss prototype, Index memory_rows = 0) {
   const Index n = state.range(0), d = state.range(1);
   const int ranks = static_cast<int>(state.range(2));
   Batch& data = shape_buffers<Batch>(n, d);
+  const Memory* memory = memory_rows > 0 ? &shape_buffers<Memory>(memory_rows, d) : nullptr;
   ml::thread_group team(ranks);
   std::vector<Loss> losses(static_cast<std::size_t>(ranks), prototype);
   Loss single = prototype;
@@ -59,22 +78,22 @@ void run(benchmark::State& state, Loss prototype) {
         CountingGroup<ml::thread_rank> me(rank, received[static_cast<std::size_t>(r)]);
         const auto [first, rows] = shard(r);
         const double start = thread_cpu_seconds();
-        const float value = losses[static_cast<std::size_t>(r)].forward_backward(
-            ml::simd.sharded(me), data.x.middleRows(first, rows), data.labels.segment(first, rows),
-            data.grad.middleRows(first, rows));
+        const float value = call(losses[static_cast<std::size_t>(r)], ml::simd.sharded(me),
+                                 data.x.middleRows(first, rows), data.labels.segment(first, rows),
+                                 data.grad.middleRows(first, rows), memory);
         benchmark::DoNotOptimize(value);
         cpu[static_cast<std::size_t>(r)] = thread_cpu_seconds() - start;
       });
     for (auto& t : threads) t.join();
   };
   // Warm: every functor's scratch allocated and faulted in.
-  single.forward_backward(ml::simd, data.x, data.labels, data.grad);
+  call(single, ml::simd, data.x, data.labels, data.grad, memory);
   sharded_call();
   const double received_per_call = *std::max_element(received.begin(), received.end());
   double single_total = 0, rank_total = 0;
   for (auto _ : state) {
     const double start = thread_cpu_seconds();
-    const float value = single.forward_backward(ml::simd, data.x, data.labels, data.grad);
+    const float value = call(single, ml::simd, data.x, data.labels, data.grad, memory);
     benchmark::DoNotOptimize(value);
     const double single_cpu = thread_cpu_seconds() - start;
     sharded_call();
@@ -83,7 +102,7 @@ void run(benchmark::State& state, Loss prototype) {
     rank_total += slowest;
     state.SetIterationTime(slowest);
   }
-  set_sharded_counters(state, n, d, ranks, rank_total, single_total, received_per_call);
+  set_sharded_counters(state, n, d, ranks, rank_total, single_total, received_per_call, memory_rows);
 }
 
 }  // namespace
@@ -111,6 +130,20 @@ int main(int argc, char** argv) {
     loss.normalize = true;
     return loss;
   }());
+  // Queries sharded against a memory of 4096 rows, the same on every rank (grad_r skipped):
+  // "loss:<loss>-memory". Hard and multi-similarity by statistics; lifted gathers Q.
+  const auto add_memory = [](const char* name, auto prototype) {
+    for (long w : {1L, 2L, 4L}) {
+      const std::string full = std::string("BM_sharded/loss:") + name + "-memory/N:1024/R:4096/D:128/W:" +
+                               std::to_string(w);
+      benchmark::RegisterBenchmark(full.c_str(), [prototype](benchmark::State& state) {
+        run(state, prototype, 4096);
+      })->Args({1024, 128, w})->UseManualTime()->Unit(benchmark::kMillisecond);
+    }
+  };
+  add_memory("hard", ml::BatchTripletLoss<float>(0.2f, ml::Mining::hard));
+  add_memory("multi-similarity", ml::MultiSimilarityLoss<float>());
+  add_memory("lifted", ml::LiftedStructureLoss<float>(1.0f));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -30,14 +30,16 @@ class CountingGroup {
 /// (slowest rank's total time / the single-process call's), times_W, gathered_bytes (the
 /// busiest rank's bytes per call), torch_gather_bytes (X and int64 labels), and the rates.
 inline void set_sharded_counters(benchmark::State& state, Index n, Index d, int ranks,
-                                 double rank_total, double single_total, double received) {
+                                 double rank_total, double single_total, double received,
+                                 Index candidates = 0) {  // N_r against a reference set
+  if (candidates == 0) candidates = n;
   const double ratio = rank_total / single_total;
   state.counters["rank_over_single"] = ratio;
   state.counters["times_W"] = ratio * ranks;
   const double x_bytes = static_cast<double>(n * d) * sizeof(float);
   state.counters["gathered_bytes"] = received;
   state.counters["torch_gather_bytes"] = x_bytes + static_cast<double>(n) * 8.0;
-  set_rates(state, 2.0 * x_bytes / ranks, 4.0 * static_cast<double>(n) * n * d / ranks);
+  set_rates(state, 2.0 * x_bytes / ranks, 4.0 * static_cast<double>(n) * candidates * d / ranks);
 }
 
 }  // namespace mlbench

@@ -133,12 +133,12 @@ TEST_CASE("sharded reference sets over threads: R differing between ranks, or a 
 }
 
 TEST_CASE("sharded reference sets over threads: a non-finite query on one rank gives NaN on "
-          "every rank",
+          "every rank (hard, semihard, multi-similarity, lifted, all)",
           "[sharded][reference]") {
   const std::vector<Index> shards{5, 0, 7};
   const sharded::GlobalBatch<double> global(shards, 4, false, 9);
   const sharded::ReferenceOf<double> ref(global, false, 10);
-  for (int kind = 0; kind < 4; ++kind) {
+  for (int kind = 0; kind < 5; ++kind) {
     std::vector<int> nan_everywhere(3, 0);
     on_threads(3, [&](ml::thread_rank& me, int r) {
       const Index first = global.first[static_cast<std::size_t>(r)];
@@ -153,6 +153,7 @@ TEST_CASE("sharded reference sets over threads: a non-finite query on one rank g
       if (kind == 1) value = ml::BatchTripletLoss<double>(0.2, ml::Mining::semihard).forward_backward(ml::scalar.sharded(me), q, labels, set, gq, gr);
       if (kind == 2) value = ml::MultiSimilarityLoss<double>().forward_backward(ml::simd.sharded(me), q, labels, set, gq, gr);
       if (kind == 3) value = ml::LiftedStructureLoss<double>().forward_backward(ml::simd.sharded(me), q, labels, set, gq, gr);
+      if (kind == 4) value = ml::BatchTripletLoss<double>(0.2, ml::Mining::all).forward_backward(ml::scalar.sharded(me), q, labels, set, gq, gr);
       nan_everywhere[static_cast<std::size_t>(r)] =
           std::isnan(value) && gq.array().isNaN().all() && gr.array().isNaN().all();
     });

@@ -9,7 +9,7 @@
 //
 // A call is run_sharded's steps (detail/sharded.hpp): the agreement, which also compares R's
 // shape and a hash of its bytes and labels across ranks; then either
-//  - the loss's statistics (ShardedReferenceBackend: BatchTripletLoss hard and semihard,
+//  - the loss's statistics (ShardedReferenceBackend: BatchTripletLoss, every mining mode;
 //    MultiSimilarityLoss), O(n_r N_r D) per rank: each query's terms depend on it and R
 //    only, so each rank runs its own queries and the ranks exchange totals (and, for
 //    grad_r, what it needs), added in rank order; or
