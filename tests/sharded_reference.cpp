@@ -162,6 +162,52 @@ TEST_CASE("sharded reference sets over threads: a non-finite query on one rank g
   }
 }
 
+TEST_CASE("sharded reference sets over threads: strided queries, gradients and R give the "
+          "dense call's bits",
+          "[sharded][reference]") {
+  const std::vector<Index> shards{4, 0, 9};
+  const Index d = 7, pad = 3;
+  const sharded::GlobalBatch<float> global(shards, d, false, 21);
+  const sharded::ReferenceOf<float> ref(global, false, 22);
+  using Strided = Eigen::Map<const Matrix<float>, 0, Eigen::OuterStride<>>;
+  using StridedOut = Eigen::Map<Matrix<float>, 0, Eigen::OuterStride<>>;
+  // R with padded rows, the same on every rank.
+  Matrix<float> r_storage = Matrix<float>::Zero(ref.r.rows(), d + pad);
+  r_storage.leftCols(d) = ref.r;
+  const Strided r(r_storage.data(), ref.r.rows(), d, Eigen::OuterStride<>(d + pad));
+  std::vector<int> same(3 * 4, 0);
+  on_threads(3, [&](ml::thread_rank& me, int k) {
+    const Index first = global.first[static_cast<std::size_t>(k)];
+    const Index rows = shards[static_cast<std::size_t>(k)];
+    const Matrix<float> q = global.x.middleRows(first, rows);
+    Matrix<float> q_storage = Matrix<float>::Zero(rows, d + pad);
+    q_storage.leftCols(d) = q;
+    const Strided q_strided(q_storage.data(), rows, d, Eigen::OuterStride<>(d + pad));
+    const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> labels = global.labels.segment(first, rows);
+    int c = 0;
+    const auto compare = [&](auto loss) {
+      Matrix<float> gq(rows, d), gr(ref.r.rows(), d);
+      Matrix<float> gq_storage = Matrix<float>::Zero(rows, d + pad);
+      Matrix<float> gr_storage = Matrix<float>::Zero(ref.r.rows(), d + pad);
+      StridedOut gq_strided(gq_storage.data(), rows, d, Eigen::OuterStride<>(d + pad));
+      StridedOut gr_strided(gr_storage.data(), ref.r.rows(), d, Eigen::OuterStride<>(d + pad));
+      auto other = loss;
+      const float dense = loss.forward_backward(ml::simd.sharded(me), q, labels,
+                                                ml::reference(ref.r, ref.labels), gq, gr);
+      const float strided = other.forward_backward(ml::simd.sharded(me), q_strided, labels,
+                                                   ml::reference(r, ref.labels), gq_strided, gr_strided);
+      same[static_cast<std::size_t>(k * 4 + c++)] =
+          std::memcmp(&dense, &strided, sizeof(float)) == 0 && Matrix<float>(gq_strided) == gq &&
+          Matrix<float>(gr_strided) == gr;
+    };
+    compare(ml::BatchTripletLoss<float>(0.2f, ml::Mining::semihard));
+    compare(ml::BatchTripletLoss<float>(0.2f, ml::Mining::all));
+    compare(ml::MultiSimilarityLoss<float>());
+    compare(ml::BatchContrastiveLoss<float>(0.1f, 0.9f));  // gathers Q
+  });
+  CHECK(same == std::vector<int>(12, 1));
+}
+
 TEST_CASE("sharded reference sets over threads: a warm call allocates nothing",
           "[sharded][reference][allocation]") {
   const std::vector<Index> shards{5, 0, 7};
