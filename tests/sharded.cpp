@@ -5,25 +5,12 @@
 #include "allocation_counter.hpp"
 #include "sharded_check.hpp"
 
-#include <thread>
 
 namespace {
 
 using namespace mltest;
 using mltest::sharded::Record;
-
-/// Runs body(rank_handle, rank) on W threads of one thread_group; returns when all are done.
-template <class Body>
-void on_threads(int ranks, Body&& body) {
-  ml::thread_group team(ranks);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      ml::thread_rank me = team.member(r);
-      body(me, r);
-    });
-  for (auto& t : threads) t.join();
-}
+using mltest::sharded::on_threads;
 
 const std::vector<std::vector<Index>> layouts = {
     {18},          {0, 18},     {9, 9},          {7, 0, 11},      {6, 6, 6},

@@ -19,10 +19,24 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace mltest {
 namespace sharded {
+
+/// Runs body(rank_handle, rank) on W threads of one thread_group; returns when all are done.
+template <class Body>
+void on_threads(int ranks, Body&& body) {
+  ml::thread_group team(ranks);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      ml::thread_rank me = team.member(r);
+      body(me, r);
+    });
+  for (auto& t : threads) t.join();
+}
 
 struct Record {
   std::string what;

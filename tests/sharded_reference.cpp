@@ -7,25 +7,13 @@
 #include "allocation_counter.hpp"
 #include "sharded_reference_check.hpp"
 
-#include <thread>
 
 namespace {
 
 using namespace mltest;
 using mltest::sharded::ReferenceRecord;
 using mltest::sharded::SelfMode;
-
-template <class Body>
-void on_threads(int ranks, Body&& body) {
-  ml::thread_group team(ranks);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      ml::thread_rank me = team.member(r);
-      body(me, r);
-    });
-  for (auto& t : threads) t.join();
-}
+using mltest::sharded::on_threads;
 
 const std::vector<std::vector<Index>> layouts = {
     {18}, {9, 9}, {7, 0, 11}, {6, 6, 6}, {1, 1, 16}, {18, 0, 0}, {3, 0, 8, 7}, {1, 4, 0, 6, 7},

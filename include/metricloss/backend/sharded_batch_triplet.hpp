@@ -281,13 +281,7 @@ struct ShardedReferenceBackend<BatchTripletLoss<T>, Base> {
     }
     if (s.any_grad_r) {
       T* all_q = work.all_q.data(static_cast<std::size_t>(s.n * d));
-      const T* send = s.q.data;
-      if (rows > 1 && s.q.stride != d) {
-        T* dense = work.send.data(static_cast<std::size_t>(rows * d));
-        for (Index i = 0; i < rows; ++i) std::copy(s.q.row(i), s.q.row(i) + d, dense + i * d);
-        send = dense;
-      }
-      gather_rows(group, work.bytes, s.status, send, d, all_q);
+      gather_dense_rows(group, work.bytes, s.status, s.q, work.send, all_q);
       WeightEntry* list = work.entries.data(static_cast<std::size_t>(sink.count));
       for (Index e = 0; e < sink.count; ++e) list[e].i += s.first;
       WeightEntry* all = work.all_entries.data(static_cast<std::size_t>(entries));
@@ -377,17 +371,7 @@ struct ShardedReferenceBackend<BatchTripletLoss<T>, Base> {
       else
         cross_gradients(work.scalar, s.q, s.ref.r, dense, 2.0 * scale, grad_q, part_view);
     }
-    if (part != nullptr) {
-      T* all = part + nr * d;
-      gather(group, work.bytes, [&](int) { return nr * d; }, static_cast<const T*>(part), all);
-      if (!grad_r.empty())
-        for (Index j = 0; j < nr; ++j)
-          for (Index k = 0; k < d; ++k) {
-            double g = 0.0;
-            for (int q = 0; q < ranks; ++q) g += static_cast<double>(all[(q * nr + j) * d + k]);
-            grad_r.row(j)[k] = static_cast<T>(g);
-          }
-    }
+    if (part != nullptr) add_grad_r_parts(group, work.bytes, part, nr, d, grad_r);
     return count != 0.0 ? static_cast<T>(sum / count) : T(0);
   }
 };

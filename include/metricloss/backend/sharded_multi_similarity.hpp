@@ -182,17 +182,7 @@ struct ShardedReferenceBackend<MultiSimilarityLoss<T>, Base> {
       fill_rows(grad_r, std::numeric_limits<T>::quiet_NaN());
       return std::numeric_limits<T>::quiet_NaN();
     }
-    if (part != nullptr) {
-      T* all = part + nr * d;
-      gather(group, work.bytes, [&](int) { return nr * d; }, static_cast<const T*>(part), all);
-      if (!grad_r.empty())
-        for (Index j = 0; j < nr; ++j)
-          for (Index k = 0; k < d; ++k) {
-            double g = 0.0;
-            for (int q = 0; q < ranks; ++q) g += static_cast<double>(all[(q * nr + j) * d + k]);
-            grad_r.row(j)[k] = static_cast<T>(g);
-          }
-    }
+    if (part != nullptr) add_grad_r_parts(group, work.bytes, part, nr, d, grad_r);
     return static_cast<T>(sum / static_cast<double>(s.n));
   }
 };

@@ -252,6 +252,45 @@ void gather_rows(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardSt
   gather(group, bytes, [&](int q) { return status[q].rows * per_row; }, send, recv);
 }
 
+/// Gathers every rank's rows (D values each) in rank order into `out`; this rank's `rows`
+/// are copied dense into `dense` first when their stride is not D.
+template <class Group, class T>
+void gather_dense_rows(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardStatus* status,
+                       const MatrixView<const T>& rows, GrowOnlyBuffer<T>& dense, T* out) {
+  const Index d = rows.cols;
+  const T* send = rows.data;
+  if (rows.rows > 1 && rows.stride != d) {
+    T* packed = dense.data(static_cast<std::size_t>(rows.rows * d));
+    for (Index i = 0; i < rows.rows; ++i) std::memcpy(packed + i * d, rows.row(i), sizeof(T) * d);
+    send = packed;
+  }
+  gather_rows(group, bytes, status, send, d, out);
+}
+
+/// Gathers every rank's labels in rank order into `out` (this rank's copied into `send`).
+template <class Group, class L>
+void gather_labels(Group& group, GrowOnlyBuffer<std::size_t>& bytes, const ShardStatus* status,
+                   const VectorView<L>& labels, GrowOnlyBuffer<L>& send, L* out) {
+  L* mine = send.data(static_cast<std::size_t>(labels.size));
+  for (Index i = 0; i < labels.size; ++i) mine[i] = labels[i];
+  gather_rows(group, bytes, status, static_cast<const L*>(mine), 1, out);
+}
+
+/// Runs a rank's own checks; returns their failure's message without the function's prefix
+/// ("" when they pass), for the agreement.
+template <class Checks>
+std::string local_error(Validator& check, Checks&& checks) {
+  try {
+    checks();
+  } catch (const invalid_argument& failure) {
+    const std::string prefix = check.function() + ": ";
+    std::string error = failure.what();
+    if (error.compare(0, prefix.size(), prefix) == 0) error.erase(0, prefix.size());
+    return error.empty() ? "invalid argument" : error;
+  }
+  return std::string();
+}
+
 /// Every rank's text in rank order, each rank's length(q) known on every rank (a collective;
 /// the failing calls' messages only: it allocates).
 template <class Group, class Length>
@@ -367,9 +406,8 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
   auto& work = scratch_of<ShardedScratch<T, Label>>(loss);
 
   // 1. Every rank's own checks, then the agreement.
-  std::string error;
   MatrixView<const T> rows = xv;
-  try {
+  const std::string error = local_error(check, [&] {
     if (xv.rows > 0)
       check.embeddings("x", xv);
     else if (xv.cols < 1)
@@ -383,12 +421,7 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
     } else {
       if (loss.normalize) reject_normalize_off_host<Base>(check);
     }
-  } catch (const invalid_argument& failure) {
-    const std::string prefix = check.function() + ": ";
-    error = failure.what();
-    if (error.compare(0, prefix.size(), prefix) == 0) error.erase(0, prefix.size());
-    if (error.empty()) error = "invalid argument";
-  }
+  });
   ShardStatus mine{static_cast<std::int64_t>(xv.rows), static_cast<std::int64_t>(xv.cols),
                    error.empty() ? 1 : 0, static_cast<std::int32_t>(sizeof(T)),
                    label_code<Label>(), static_cast<std::int32_t>(error.size()),
@@ -410,18 +443,10 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
   } else {
     // 2. The global batch, in rank order.
     const Index d = xv.cols;
-    const T* send = rows.data;
-    if (rows.rows > 1 && rows.stride != d) {
-      T* dense = work.send.data(static_cast<std::size_t>(rows.rows * d));
-      for (Index i = 0; i < rows.rows; ++i) std::memcpy(dense + i * d, rows.row(i), sizeof(T) * d);
-      send = dense;
-    }
     T* all_x = work.x.data(static_cast<std::size_t>(n * d));
-    gather_rows(group, work.bytes, status, send, d, all_x);
-    Label* send_labels = work.send_labels.data(static_cast<std::size_t>(lv.size));
-    for (Index i = 0; i < lv.size; ++i) send_labels[i] = lv[i];
+    gather_dense_rows(group, work.bytes, status, rows, work.send, all_x);
     Label* all_labels = work.labels.data(static_cast<std::size_t>(n));
-    gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), 1, all_labels);
+    gather_labels(group, work.bytes, status, lv, work.send_labels, all_labels);
     const ShardView<T, Label> batch{{all_x, n, d, d}, {all_labels, n, 1}, first, xv.rows,
                                     status};
 

@@ -101,6 +101,24 @@ struct ShardedReferenceBackend {
   static constexpr bool available = false;
 };
 
+/// grad_r from every rank's part of it (N_r x D each, dense): `parts` holds this rank's part
+/// in its first N_r x D values and receives every rank's after them; grad_r (if wanted) is
+/// their sum in rank order, in double: the same bits on every rank. A collective.
+template <class Group, class T>
+void add_grad_r_parts(Group& group, GrowOnlyBuffer<std::size_t>& bytes, T* parts, Index nr,
+                      Index d, const MatrixView<T>& grad_r) {
+  T* all = parts + nr * d;
+  gather(group, bytes, [&](int) { return nr * d; }, static_cast<const T*>(parts), all);
+  if (grad_r.empty()) return;
+  const int ranks = group.size();
+  for (Index j = 0; j < nr; ++j)
+    for (Index k = 0; k < d; ++k) {
+      double g = 0.0;
+      for (int q = 0; q < ranks; ++q) g += static_cast<double>(all[(q * nr + j) * d + k]);
+      grad_r.row(j)[k] = static_cast<T>(g);
+    }
+}
+
 /// What a functor keeps for its sharded reference calls (in its slot).
 template <class T, class L>
 struct ShardedReferenceScratch : BackendSlot::Contents {
@@ -139,8 +157,7 @@ typename Loss::scalar_type run_sharded_reference(
 
   // 1. Every rank's own checks (R and self_index included; under normalize, no zero row in
   // its queries or in R), then the agreement, R's hash with it.
-  std::string error;
-  try {
+  const std::string error = local_error(check, [&] {
     if (qv.rows > 0)
       check.embeddings("q", qv);
     else if (qv.cols < 1)
@@ -154,12 +171,7 @@ typename Loss::scalar_type run_sharded_reference(
       unit.x.of(check, "q", qv);
       unit.r.of(check, "r", ref.view.r);
     }
-  } catch (const invalid_argument& failure) {
-    const std::string prefix = check.function() + ": ";
-    error = failure.what();
-    if (error.compare(0, prefix.size(), prefix) == 0) error.erase(0, prefix.size());
-    if (error.empty()) error = "invalid argument";
-  }
+  });
   ShardStatus mine{static_cast<std::int64_t>(qv.rows), static_cast<std::int64_t>(qv.cols),
                    error.empty() ? 1 : 0, static_cast<std::int32_t>(sizeof(T)),
                    label_code<Label>(), static_cast<std::int32_t>(error.size()),
@@ -196,18 +208,10 @@ typename Loss::scalar_type run_sharded_reference(
 
   // 2. The global queries, their labels and self indices (-1: none), in rank order.
   const Index d = qv.cols;
-  const T* send = qv.data;
-  if (qv.rows > 1 && qv.stride != d) {
-    T* dense = work.send.data(static_cast<std::size_t>(qv.rows * d));
-    for (Index i = 0; i < qv.rows; ++i) std::memcpy(dense + i * d, qv.row(i), sizeof(T) * d);
-    send = dense;
-  }
   T* all_q = work.q.data(static_cast<std::size_t>(n * d));
-  gather_rows(group, work.bytes, status, send, d, all_q);
-  Label* send_labels = work.send_labels.data(static_cast<std::size_t>(lv.size));
-  for (Index i = 0; i < lv.size; ++i) send_labels[i] = lv[i];
+  gather_dense_rows(group, work.bytes, status, qv, work.send, all_q);
   Label* all_labels = work.labels.data(static_cast<std::size_t>(n));
-  gather_rows(group, work.bytes, status, static_cast<const Label*>(send_labels), 1, all_labels);
+  gather_labels(group, work.bytes, status, lv, work.send_labels, all_labels);
   ReferenceView<T, LR> global_ref{ref.view.r, ref.view.labels, {}};
   if (self_given) {
     std::int64_t* send_self = work.send_self.data(static_cast<std::size_t>(qv.rows));
