@@ -142,6 +142,84 @@ TEST_CASE("sharded over threads: batch-hard by bands of the triangle, large batc
     }
 }
 
+/// The lifted loss in the forms its band path meets: margins 1 and 0.2 (few and many
+/// active positive pairs), and on unit rows (not for integer rows: some are zero).
+template <class T>
+struct LiftedConfigs {
+  bool unit_rows = true;
+  template <class F>
+  void operator()(F&& f) const {
+    f("lifted margin 1", ml::LiftedStructureLoss<T>(T(1)));
+    f("lifted margin 0.2", ml::LiftedStructureLoss<T>(T(0.2)));
+    if (!unit_rows) return;
+    ml::LiftedStructureLoss<T> unit(T(1));
+    unit.normalize = true;
+    f("lifted margin 1 normalize", unit);
+  }
+};
+
+TEST_CASE("sharded over threads: lifted by bands of the triangle, large batches",
+          "[sharded][lifted]") {
+  // The simd path splits the triangle's rows between ranks and reduces the bands' gradient
+  // parts: bands spanning several of the product's diagonal blocks (128 rows) and starting
+  // mid-block, rows of one shard in several bands, empty shards; integer rows (coincident
+  // points: zero distances, exact ties) and a common offset.
+  const std::vector<std::vector<Index>> big = {
+      {0, 301}, {150, 151}, {97, 0, 204}, {1, 50, 0, 120, 130}, {75, 76, 75, 75}};
+  for (const auto& shards : big)
+    for (Index d : {Index(3), Index(33)}) {
+      const int ranks = static_cast<int>(shards.size());
+      std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
+      on_threads(ranks, [&](ml::thread_rank& me, int r) {
+        auto& mine = records[static_cast<std::size_t>(r)];
+        for (bool integer : {false, true}) {
+          sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, LiftedConfigs<double>{!integer});
+          sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, LiftedConfigs<float>{!integer});
+        }
+        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, LiftedConfigs<double>{false}, 1000.0);
+        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, LiftedConfigs<float>{false}, 1000.0);
+      });
+      for (const auto& rank_records : records) sharded::check_records(rank_records);
+    }
+}
+
+TEST_CASE("sharded over threads: ranks mixing forward and forward_backward", "[sharded][lifted]") {
+  // Lifted by bands reduces gradient parts only when some rank asks for a gradient: a rank
+  // calling forward must still send its band's part to the ranks that do.
+  const std::vector<Index> shards = {40, 0, 97, 63};
+  const sharded::GlobalBatch<double> global(shards, 9, false, 77u);
+  ml::LiftedStructureLoss<double> single(1.0);
+  Matrix<double> reference_grad(global.x.rows(), 9);
+  const double reference = single.forward_backward(ml::simd, global.x, global.labels, reference_grad);
+  for (int forward_rank = 0; forward_rank < 4; ++forward_rank) {
+    std::vector<double> values(4), errors(4, 0.0);
+    on_threads(4, [&](ml::thread_rank& me, int r) {
+      const Index first = global.first[static_cast<std::size_t>(r)];
+      const Index rows = shards[static_cast<std::size_t>(r)];
+      const Matrix<double> x = global.x.middleRows(first, rows);
+      const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> y = global.labels.segment(first, rows);
+      ml::LiftedStructureLoss<double> loss(1.0);
+      if (r == forward_rank) {
+        values[static_cast<std::size_t>(r)] = loss.forward(ml::simd.sharded(me), x, y);
+        return;
+      }
+      Matrix<double> g(rows, 9);
+      values[static_cast<std::size_t>(r)] = loss.forward_backward(ml::simd.sharded(me), x, y, g);
+      if (rows > 0)
+        errors[static_cast<std::size_t>(r)] =
+            (g - reference_grad.middleRows(first, rows)).cwiseAbs().maxCoeff();
+    });
+    CAPTURE(forward_rank, reference);
+    for (int r = 0; r < 4; ++r) {
+      CAPTURE(r, values[static_cast<std::size_t>(r)], errors[static_cast<std::size_t>(r)]);
+      CHECK(relatively_close(values[static_cast<std::size_t>(r)], reference, Tolerance<double>::loss));
+      CHECK(errors[static_cast<std::size_t>(r)] <=
+            Tolerance<double>::gradient * reference_grad.cwiseAbs().maxCoeff());
+      CHECK(std::memcmp(&values[static_cast<std::size_t>(r)], &values[0], sizeof(double)) == 0);
+    }
+  }
+}
+
 TEST_CASE("sharded over threads: a malformed call on one rank makes every rank throw",
           "[sharded][errors]") {
   for (int ranks : {1, 3}) {
@@ -358,8 +436,8 @@ TEST_CASE("sharded over threads: a warm call allocates nothing", "[sharded][allo
 
 TEST_CASE("sharded over threads: lifted's statistics at large scales stay within the bounds",
           "[sharded][lifted]") {
-  // The statistics path (4 ranks: simd takes it from tuning::sharded_lifted_min_ranks) reads
-  // its negatives' distances from the product, without the single-process path's exact list:
+  // The statistics paths (simd: by bands; scalar: rows against X) read their negatives'
+  // distances from the product, without the single-process path's exact list:
   // measured here against the scalar path in double on the same (rounded) inputs, uniform data
   // at +-30 (norms ~ 1e5 at D = 512), 8 rows per class.
   for (const Index d : {Index(32), Index(128), Index(512)})

@@ -1,28 +1,36 @@
 #pragma once
 // LiftedStructureLoss over a group's global batch X (detail/sharded.hpp) by exchanged row
-// statistics, O(n_r N D) per rank instead of O(N^2 D) (the prototype of
+// statistics, O(N^2 D / W) per rank instead of O(N^2 D) (the prototype of
 // ../shared/design/scale-out.md, B3). With S_i = sum_{k: y_k != y_i} e^{m - D_ik},
 //   J_ij = log(S_i + S_j) + D_ij,   L = 1/(2|P|) sum_{i<j, y_i = y_j} max(J_ij, 0)^2,
 //   dL/dD_ij = max(J_ij, 0) / |P|                                (positive pairs)
 //   dL/dD_ik = -e^{m - D_ik} (c_i + c_k) / |P|,  c_i = sum_{p in P(i)} max(J_ip, 0) / (S_i + S_p)
 //                                                                (negative pairs).
-// Each rank, for its rows i against the whole of X:
-//  1. D_ik (simd: the jointly centred product, positives by exact differences; scalar: all by
-//     differences, in double) and log S_i, shifted by the nearest negative (no overflow, no
-//     underflow to log 0); publishes log S (N numbers in all);
-//  2. with every log S: J_ip of its positive pairs, c^_i = c_i S_i = sum_p J+ e^{log S_i -
-//     log(S_i + S_p)} (bounded) and l_i = sum_{p > i} J+^2; publishes (c^_i, l_i);
-//  3. L = sum of l_i in row order / (2|P|), the same bits on every rank; the gradient of its
-//     rows in every role from one weight per (i, k): e^{m - D_ik} c_i = c^_i e^{m - D_ik -
-//     log S_i}, each exponent <= 0. The weights go through the tag's product (simd:
-//     CrossDistances::gradients, near pairs by differences; scalar: loops in double). No
-//     gradient is reduced.
-// The simd path takes it from tuning::sharded_lifted_min_ranks (4) ranks on, where it beats
-// gathering everything; the scalar path from 2.
+// Two ways, both from 2 ranks on:
+//  - simd, by bands of the triangle (backend/simd/lifted_band.hpp): rank q takes the pairs of
+//    rows [b_q, b_{q+1}) of the strictly lower triangle (~N^2 / (2W) each, each unordered
+//    pair once) and publishes its rows' partial statistics, merged in rank order into log S
+//    (N numbers a band's end), then partial c^ and loss parts (2 numbers a row), and last,
+//    only when some rank asked for a gradient, its band's part of dL/dX (rows [0, b_{q+1}) x
+//    D), which each rank adds for its own rows. The one gradient reduction: a pair's weight
+//    belongs to both its rows, which a band shares with other ranks. Where the centred norms
+//    are too large for the product's values to stay finite (every rank alike), the second way.
+//  - scalar (and that fallback), each rank for its rows i against the whole of X:
+//    1. D_ik (simd: the jointly centred product, positives by exact differences; scalar: all
+//       by differences, in double) and log S_i, shifted by the nearest negative (no
+//       overflow, no underflow to log 0); publishes log S (N numbers in all);
+//    2. with every log S: J_ip of its positive pairs, c^_i = c_i S_i = sum_p J+ e^{log S_i -
+//       log(S_i + S_p)} (bounded) and l_i = sum_{p > i} J+^2; publishes (c^_i, l_i);
+//    3. L = sum of l_i in row order / (2|P|), the same bits on every rank; the gradient of
+//       its rows in every role from one weight per (i, k): e^{m - D_ik} c_i = c^_i e^{m -
+//       D_ik - log S_i}, each exponent <= 0. The weights go through the tag's product (simd:
+//       CrossDistances::gradients, near pairs by differences; scalar: loops in double). No
+//       gradient is reduced.
 #include <metricloss/backend/scalar/reference.hpp>
 #include <metricloss/backend/simd/cross.hpp>
+#include <metricloss/backend/simd/hard_band.hpp>
+#include <metricloss/backend/simd/lifted_band.hpp>
 #include <metricloss/backend/simd/multi_similarity.hpp>
-#include <metricloss/backend/simd/tuning.hpp>
 #include <metricloss/detail/batch_common.hpp>
 #include <metricloss/detail/label_classes.hpp>
 #include <metricloss/detail/lifted_structure_math.hpp>
@@ -38,12 +46,6 @@
 namespace metricloss {
 namespace detail {
 
-/// What each rank publishes after its second pass.
-struct LiftedRowTotals {
-  double scaled_coefficient = 0.0;  // c^_i = c_i S_i
-  double loss = 0.0;                // l_i
-};
-
 template <class T>
 struct ShardedLiftedScratch : BackendSlot::Contents {
   LabelClasses classes;                   // of X's labels
@@ -58,6 +60,12 @@ struct ShardedLiftedScratch : BackendSlot::Contents {
   GrowOnlyBuffer<double> log_s, log_s_all;            // n_r, N
   GrowOnlyBuffer<LiftedRowTotals> totals, totals_all;  // n_r, N
   GrowOnlyBuffer<std::size_t> bytes;
+  // By bands (simd): the band's statistics, and every band's parts of them (sum_q e_q rows).
+  LiftedBand<T> band;
+  GrowOnlyBuffer<LiftedBandSums> band_sums, sum_parts;
+  GrowOnlyBuffer<double> coefficient;  // N: c^, merged
+  GrowOnlyBuffer<T> gradient_parts;    // sum_q e_q x D
+  GrowOnlyBuffer<Index> band_offset;   // W + 1
 };
 
 template <class T, class Base>
@@ -68,10 +76,7 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
   static constexpr bool available =
       std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
 
-  static bool handles(const LiftedStructureLoss<T>&, int ranks) {
-    return std::is_same<Base, simd_tag>::value ? ranks >= tuning::sharded_lifted_min_ranks
-                                               : ranks >= 2;
-  }
+  static bool handles(const LiftedStructureLoss<T>&, int ranks) { return ranks >= 2; }
 
   template <class Group, class L>
   static T forward_backward(LiftedStructureLoss<T>& loss, Base, Group& group,
@@ -85,6 +90,13 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
     const LabelClasses& classes = work.classes;
     const double margin = static_cast<double>(loss.margin);
     const double pairs = static_cast<double>(classes.positive_pairs());
+    if constexpr (std::is_same<Base, simd_tag>::value) {
+      const int ranks = group.size();
+      const LiftedBandSums* sums =
+          work.band.sums(batch.x, classes.class_of(), triangle_band_start(n, ranks, group.rank()),
+                         triangle_band_start(n, ranks, group.rank() + 1));
+      if (sums != nullptr) return by_band(work, group, batch, sums, margin, pairs, grad, top_diff);
+    }
     const MatrixView<const T> q{rows > 0 ? batch.x.row(first) : batch.x.data, rows, d, d};
 
     // 1. Distances of this rank's rows to X, and their log S.
@@ -172,6 +184,77 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
   }
 
  private:
+  /// The simd path: the band's statistics (backend/simd/lifted_band.hpp), merged over the
+  /// ranks in rank order (the same bits on every rank), and the band's gradient parts, which
+  /// each rank adds for its own rows (in double, in rank order).
+  template <class Group, class L>
+  static T by_band(ShardedLiftedScratch<T>& work, Group& group, const ShardView<T, L>& batch,
+                   const LiftedBandSums* sums, double margin, double pairs,
+                   const MatrixView<T>& grad, T top_diff) {
+    const int ranks = group.size();
+    const Index n = batch.x.rows, d = batch.x.cols;
+    // Band q touches rows [0, e_q), e_q nondecreasing: its parts of row a sit at offset[q] + a.
+    const auto end_of = [&](int q) { return triangle_band_start(n, ranks, q + 1); };
+    Index* offset = work.band_offset.data(static_cast<std::size_t>(ranks) + 1);
+    offset[0] = 0;
+    for (int q = 0; q < ranks; ++q) offset[q + 1] = offset[q] + end_of(q);
+    const auto first_band = [&](Index a) {  // the first band that touches row a
+      int q = 0;
+      while (end_of(q) <= a) ++q;
+      return q;
+    };
+
+    // 1. log S of every row.
+    LiftedBandSums* all_sums = work.band_sums.data(static_cast<std::size_t>(offset[ranks]));
+    gather(group, work.bytes, end_of, sums, all_sums);
+    LiftedBandSums* parts = work.sum_parts.data(static_cast<std::size_t>(ranks));
+    double* log_s = work.log_s_all.data(static_cast<std::size_t>(n));
+    for (Index a = 0; a < n; ++a) {
+      int count = 0;
+      for (int q = first_band(a); q < ranks; ++q) parts[count++] = all_sums[offset[q] + a];
+      log_s[a] = lifted_merged_log_normaliser(margin, parts, count);
+    }
+
+    // 2. c^ of every row, and the loss (row by row, each row's parts in rank order).
+    const LabelClasses& classes = work.classes;
+    const LiftedRowTotals* totals = work.band.totals(log_s, [&](Index i, auto&& visit) {
+      for (const Index* p = classes.members_begin(i); p != classes.members_end(i); ++p) visit(*p);
+    });
+    LiftedRowTotals* all = work.totals_all.data(static_cast<std::size_t>(offset[ranks]));
+    gather(group, work.bytes, end_of, totals, all);
+    double* coefficient = work.coefficient.data(static_cast<std::size_t>(n));
+    double sum = 0.0;
+    for (Index a = 0; a < n; ++a) {
+      double c = 0.0;
+      for (int q = first_band(a); q < ranks; ++q) {
+        c += all[offset[q] + a].scaled_coefficient;
+        sum += all[offset[q] + a].loss;
+      }
+      coefficient[a] = c;
+    }
+    const T value = static_cast<T>(sum / (2.0 * pairs));
+
+    // 3. The gradient, only where some rank asked for it (the same choice on every rank).
+    bool wanted = false;
+    for (int q = 0; q < ranks; ++q) wanted = wanted || batch.status[q].wants_grad != 0;
+    if (!wanted) return value;
+    const T* part = work.band.gradient(log_s, coefficient, margin, pairs, top_diff);
+    T* all_parts = work.gradient_parts.data(static_cast<std::size_t>(offset[ranks] * d));
+    gather(group, work.bytes, [&](int q) { return end_of(q) * d; }, part, all_parts);
+    if (grad.empty()) return value;
+    for (Index i = 0; i < batch.rows; ++i) {
+      const Index a = batch.first + i;
+      const int q0 = first_band(a);
+      T* out = grad.row(i);
+      for (Index c = 0; c < d; ++c) {
+        double g = 0.0;
+        for (int q = q0; q < ranks; ++q) g += static_cast<double>(all_parts[(offset[q] + a) * d + c]);
+        out[c] = static_cast<T>(g);
+      }
+    }
+    return value;
+  }
+
   /// D_ik for this rank's rows q (rows first.. of x) against x, in double.
   static void distances(ShardedLiftedScratch<T>& work, const MatrixView<const T>& q,
                         const MatrixView<const T>& x, Index first, const LabelClasses& classes,

@@ -69,6 +69,11 @@ struct ShardStatus {
   std::uint64_t reference_hash = 0;
   std::int32_t self_given = 0;
   std::int32_t wants_grad_r = 0;
+  // Whether this rank asked for its rows' gradient (forward_backward with a nonempty
+  // grad_x / grad_q): a statistics path that reduces gradient parts (lifted by bands) runs
+  // that exchange only when some rank needs it, the same choice on every rank.
+  std::int32_t wants_grad = 0;
+  std::int32_t reserved = 0;  // no padding bytes in what is exchanged
 };
 
 /// The loss's options and the host path (scalar or simd), hashed (FNV-1a over each option's
@@ -426,6 +431,7 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
                    error.empty() ? 1 : 0, static_cast<std::int32_t>(sizeof(T)),
                    label_code<Label>(), static_cast<std::int32_t>(error.size()),
                    options_hash<Base>(loss)};
+  mine.wants_grad = gv.empty() ? 0 : 1;
   agree(group, check, mine, error, work.status, work.bytes,
         [&] { return options_text<Base>(loss); });
 

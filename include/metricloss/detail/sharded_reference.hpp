@@ -180,6 +180,7 @@ typename Loss::scalar_type run_sharded_reference(
   mine.reference_hash = error.empty() ? reference_hash(ref.view) : 0;
   mine.self_given = ref.view.self.given() ? 1 : 0;
   mine.wants_grad_r = gr.empty() ? 0 : 1;
+  mine.wants_grad = gq.empty() ? 0 : 1;
   agree(group, check, mine, error, work.status, work.bytes,
         [&] { return options_text<Base>(loss); });
 

@@ -23,17 +23,6 @@ struct lifted_in_double {
   static constexpr double pair_per_dim = 0.38;
 };
 
-/// A sharded LiftedStructureLoss (backend/sharded_lifted.hpp) exchanges row statistics from
-/// this many ranks on; below it every rank runs the single-process simd path on the gathered
-/// X. Per pair of its rows against X the statistics path pays two double exponentials in
-/// lanes, a square root and a division (~3.5x a pair of the single-process path, which also
-/// halves its pairs by symmetry), so it wins once n_r N < N^2 / 3.5. Fitted 2026-12-03
-/// (bench_sharded, BM_sharded_lifted, N = 1024 and 4096, D = 128, float) on 2 cores of an AMD
-/// EPYC (AVX-512, GCC 12): slowest rank / single process at W = 2 was 2.00 and 1.82 by
-/// statistics, 1.05 by gathering; at W = 4, 1.09 and 0.89 by statistics, 1.07-1.22 by
-/// gathering. The scalar path has no such trade-off: it exchanges statistics from 2 ranks.
-inline constexpr int sharded_lifted_min_ranks = 4;
-
 /// A sharded BatchTripletLoss with Mining::all (backend/sharded_batch_all.hpp) exchanges
 /// thresholds from this many ranks on; below it every rank runs the single-process simd path
 /// on the gathered X. A rank's n_r x N rectangle of distances costs what the single process's

@@ -1,0 +1,353 @@
+#pragma once
+// The lifted structured loss over a band of the lower triangle, for the sharded simd path
+// (backend/sharded_lifted.hpp). Rank q of W takes the pairs (i, j), j < i, of rows
+// [b_q, b_{q+1}) (triangle_band_start, hard_band.hpp): ~N^2 / (2W) pairs, each unordered
+// pair on exactly one rank, where a rank's own rows against X cost n_q N (at W = 2 the single
+// process's whole triangle). A pair's terms reach both its rows, so the band yields partial
+// quantities of the rows [0, e) it touches, which the ranks merge:
+//  1. per row, its nearest negative in the band and sum_k e^{nearest - D_ik} over them
+//     (LiftedBandSums): merged, log S of every row;
+//  2. per row, its positive pairs' c^ = sum_p max(J, 0) S_i / (S_i + S_p) and loss part
+//     (LiftedRowTotals);
+//  3. the band's part of dL/dX (rows [0, e) x D), from one weight per pair: the gradient is
+//     reduced over the ranks, the one sum a band cannot avoid.
+// D2 comes from PairwiseDistances' product of the centred rows (small entries recomputed by
+// differences); positive pairs' distances are exact (by differences in double). Exponentials
+// are taken in T's lanes, each exponent <= 0: row i's shifted by its nearest negative in this
+// band, so nothing overflows and no row sums to 0; sums go on in double. Pairs close against
+// their rows' norms are applied by differences, out of the product (as CrossDistances).
+#include <metricloss/backend/simd/hard_band.hpp>
+#include <metricloss/backend/simd/pairwise.hpp>
+#include <metricloss/backend/simd/products.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/lifted_structure_math.hpp>
+#include <metricloss/detail/numerics.hpp>
+#include <metricloss/detail/views.hpp>
+
+#include <xsimd/xsimd.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace metricloss {
+namespace detail {
+
+/// Row a's part of its soft-max normaliser from one band: S_a = e^{m - nearest} sum.
+struct LiftedBandSums {
+  double nearest = std::numeric_limits<double>::infinity();  // inf: no negative of a here
+  double sum = 0.0;
+};
+
+/// Row a's part of c^_a = c_a S_a and of the loss (pairs attributed to their lower row).
+struct LiftedRowTotals {
+  double scaled_coefficient = 0.0;
+  double loss = 0.0;
+};
+
+/// log S_a from every band's LiftedBandSums of row a (count of them, in rank order): the
+/// same bits on every rank.
+inline double lifted_merged_log_normaliser(double margin, const LiftedBandSums* parts,
+                                           int count) {
+  double nearest = std::numeric_limits<double>::infinity();
+  for (int q = 0; q < count; ++q) nearest = std::min(nearest, parts[q].nearest);
+  double sum = 0.0;
+  for (int q = 0; q < count; ++q)
+    if (parts[q].sum > 0.0) sum += parts[q].sum * std::exp(nearest - parts[q].nearest);
+  return lifted_log_normaliser(margin, nearest, sum);
+}
+
+template <class T>
+class LiftedBand {
+  using batch = xsimd::batch<T>;
+  static constexpr Index lanes = static_cast<Index>(batch::size);
+  // Column sums gather in lanes of T over this many rows, then in double.
+  static constexpr Index flush_rows = 64;
+
+  struct Positive {
+    Index i, j;       // j < i
+    double distance;  // exact
+  };
+
+ public:
+  /// Step 1 over rows [first, end) of x's triangle: returns the partial sums of rows
+  /// [0, end), or nullptr where the centred norms are too large for the product's values to
+  /// stay finite (every rank, holding the same x, then returns nullptr).
+  const LiftedBandSums* sums(const MatrixView<const T>& x, const Index* class_of, Index first,
+                             Index end) {
+    x_ = x;
+    first_ = first;
+    end_ = end;
+    // Class ids as T (exact below 2^24 rows in float): masks by compares in T's lanes.
+    T* cls = classes_.data(static_cast<std::size_t>(end));
+    for (Index j = 0; j < end; ++j) cls[j] = static_cast<T>(class_of[j]);
+    const T inf = std::numeric_limits<T>::infinity();
+    T* near_row = near_row_.data(static_cast<std::size_t>(end));
+    T* near_col = near_col_.data(static_cast<std::size_t>(end));
+    std::fill(near_row, near_row + end, inf);
+    std::fill(near_col, near_col + end, inf);
+    stride_ = padded_stride<T>(end);
+    T* dist = distance_.data(static_cast<std::size_t>((end - first) * stride_));
+    // Pass 1, each row while it is in cache: D and the nearest negatives, as row and column.
+    pairwise_.compute_lower_rows(x, first, end, [&](Index i) {
+      const T* sq = pairwise_.squared_row(i);
+      T* row = dist + (i - first) * stride_;
+      const T ci = cls[i];
+      batch near(inf);
+      Index j = 0;
+      for (; j + lanes <= i; j += lanes) {
+        const batch v = xsimd::sqrt(xsimd::max(batch::load_unaligned(sq + j), batch(T(0))));
+        v.store_unaligned(row + j);
+        const auto negative = batch::load_unaligned(cls + j) != batch(ci);
+        near = xsimd::select(negative, xsimd::min(near, v), near);
+        const batch column = batch::load_unaligned(near_col + j);
+        xsimd::select(negative, xsimd::min(column, v), column).store_unaligned(near_col + j);
+      }
+      T nearest = lowest(near);
+      for (; j < i; ++j) {
+        const T v = std::sqrt(std::max(sq[j], T(0)));
+        row[j] = v;
+        if (cls[j] != ci) {
+          nearest = std::min(nearest, v);
+          near_col[j] = std::min(near_col[j], v);
+        }
+      }
+      near_row[i] = nearest;
+    });
+    const T* norms = pairwise_.centred_norms();
+    T widest = T(0);
+    for (Index j = 0; j < x.rows; ++j) widest = std::max(widest, norms[j]);
+    if (!(T(4) * widest <= std::numeric_limits<T>::max())) return nullptr;
+
+    // Pass 2: e^{nearest_i - D_ij} for row i's role and e^{nearest_j - D_ij} for j's, each
+    // exponent <= 0 (floored at -1000: 0), in T's lanes, kept for the weights.
+    T* nearest = nearest_.data(static_cast<std::size_t>(end));
+    for (Index a = 0; a < end; ++a) nearest[a] = std::min(near_row[a], near_col[a]);
+    double* sum = sum_.data(static_cast<std::size_t>(end));
+    std::fill(sum, sum + end, 0.0);
+    T* column = column_.data(static_cast<std::size_t>(end));
+    std::fill(column, column + end, T(0));
+    T* e_row = shifted_row_.data(static_cast<std::size_t>((end - first) * stride_));
+    T* e_col = shifted_col_.data(static_cast<std::size_t>((end - first) * stride_));
+    const batch floor(T(-1000)), zero(T(0));
+    for (Index i = first; i < end; ++i) {
+      const T* row = dist + (i - first) * stride_;
+      T* er = e_row + (i - first) * stride_;
+      T* ec = e_col + (i - first) * stride_;
+      const T ci = cls[i];
+      const batch near_i(nearest[i]);
+      batch acc(T(0));
+      Index j = 0;
+      for (; j + lanes <= i; j += lanes) {
+        const batch v = batch::load_unaligned(row + j);
+        const auto negative = batch::load_unaligned(cls + j) != batch(ci);
+        const batch a = xsimd::select(negative, xsimd::exp(xsimd::max(near_i - v, floor)), zero);
+        const batch b = xsimd::select(
+            negative, xsimd::exp(xsimd::max(batch::load_unaligned(nearest + j) - v, floor)), zero);
+        a.store_unaligned(er + j);
+        b.store_unaligned(ec + j);
+        acc += a;
+        (batch::load_unaligned(column + j) + b).store_unaligned(column + j);
+      }
+      double row_sum = static_cast<double>(xsimd::hadd(acc));
+      for (; j < i; ++j) {
+        const bool negative = cls[j] != ci;
+        const T a = negative ? std::exp(std::max(nearest[i] - row[j], T(-1000))) : T(0);
+        const T b = negative ? std::exp(std::max(nearest[j] - row[j], T(-1000))) : T(0);
+        er[j] = a;
+        ec[j] = b;
+        row_sum += static_cast<double>(a);
+        column[j] += b;
+      }
+      sum[i] += row_sum;
+      if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end) flush(column, sum, i);
+    }
+    LiftedBandSums* out = sums_.data(static_cast<std::size_t>(end));
+    for (Index a = 0; a < end; ++a) out[a] = LiftedBandSums{static_cast<double>(nearest[a]), sum[a]};
+    return out;
+  }
+
+  /// Step 2, with every row's log S: the band's positive pairs' parts of c^ and of the loss,
+  /// rows [0, end). Keeps the pairs for step 3. members(i, visit) visits the rows of i's
+  /// class.
+  template <class Members>
+  const LiftedRowTotals* totals(const double* log_s, Members&& members) {
+    LiftedRowTotals* out = totals_.data(static_cast<std::size_t>(end_));
+    std::fill(out, out + end_, LiftedRowTotals{});
+    Index count = 0;
+    for (Index i = first_; i < end_; ++i)
+      members(i, [&](Index j) {
+        if (j < i) ++count;
+      });
+    Positive* pairs = positives_.data(static_cast<std::size_t>(count));
+    count = 0;
+    for (Index i = first_; i < end_; ++i)
+      members(i, [&](Index j) {
+        if (j >= i) return;
+        const double distance = std::sqrt(pairwise_.exact(i, j));
+        pairs[count++] = Positive{i, j, distance};
+        const LiftedPair pair = lifted_pair(log_s[i], log_s[j], distance);
+        out[i].scaled_coefficient += pair.hinge * pair.share_i;
+        out[j].scaled_coefficient += pair.hinge * pair.share_j;
+        out[j].loss += pair.hinge * pair.hinge;
+      });
+    positive_count_ = count;
+    return out;
+  }
+
+  /// Step 3: the band's part of top_diff dL/dX, rows [0, end) x D (rows D apart), from
+  /// every row's log S and c^ (merged over the ranks) and |P|.
+  const T* gradient(const double* log_s, const double* scaled_coefficient, double margin,
+                    double pairs, T top_diff) {
+    const Index first = first_, end = end_, stride = stride_, d = x_.cols;
+    const T* cls = classes_.data(0);
+    // Row a's soft-max factor against this band's shift, over |P|: e^{m - D_ak} c_a / |P| =
+    // c^_a e^{nearest_a - D_ak} e^{m - nearest_a - log S_a} / |P|, the last exponent <= 0.
+    T* factor = factor_.data(static_cast<std::size_t>(end));
+    const T* nearest = nearest_.data(0);
+    for (Index a = 0; a < end; ++a)
+      factor[a] = nearest[a] < std::numeric_limits<T>::infinity()
+                      ? static_cast<T>(-scaled_coefficient[a] *
+                                       std::exp(margin - static_cast<double>(nearest[a]) - log_s[a]) /
+                                       pairs)
+                      : T(0);
+    double* near = near_.data(static_cast<std::size_t>(end * d));
+    std::fill(near, near + end * d, 0.0);
+    double* row_sums = sum_.data(static_cast<std::size_t>(end));
+    std::fill(row_sums, row_sums + end, 0.0);
+    T* column = column_.data(static_cast<std::size_t>(end));
+    std::fill(column, column + end, T(0));
+    const T* norms = pairwise_.centred_norms();
+    const T near_ratio = static_cast<T>(Numerics<T>::near_ratio);
+    T* w = distance_.data(0);  // the weights dL/dD2 replace the distances
+    const T* e_row = shifted_row_.data(0);
+    const T* e_col = shifted_col_.data(0);
+    const batch zero(T(0)), two(T(2));
+    for (Index i = first; i < end; ++i) {
+      T* row = w + (i - first) * stride;
+      const T* er = e_row + (i - first) * stride;
+      const T* ec = e_col + (i - first) * stride;
+      const T* sq = pairwise_.squared_row(i);
+      const T ci = cls[i];
+      const batch factor_i(factor[i]), norm_i(norms[i]);
+      batch acc(T(0));
+      Index j = 0;
+      // Negatives: (factor_i er + factor_j ec) / (2 D), 0 at D = 0; positives: 0 here.
+      for (; j + lanes <= i; j += lanes) {
+        const batch v = batch::load_unaligned(row + j);
+        const auto negative = batch::load_unaligned(cls + j) != batch(ci);
+        const batch dd = factor_i * batch::load_unaligned(er + j) +
+                         batch::load_unaligned(factor + j) * batch::load_unaligned(ec + j);
+        batch weight = xsimd::select(negative && v > zero, dd / (two * v), zero);
+        const auto close = batch::load_unaligned(sq + j) <
+                               near_ratio * (norm_i + batch::load_unaligned(norms + j)) &&
+                           weight != zero;
+        if (xsimd::any(close)) {
+          alignas(64) T lane[lanes];
+          weight.store_aligned(lane);
+          for (Index k = 0; k < lanes; ++k)
+            lane[k] = apart(i, j + k, lane[k], sq[j + k], near, d);
+          weight = batch::load_aligned(lane);
+        }
+        weight.store_unaligned(row + j);
+        acc += weight;
+        (batch::load_unaligned(column + j) + weight).store_unaligned(column + j);
+      }
+      double row_sum = static_cast<double>(xsimd::hadd(acc));
+      for (; j < i; ++j) {
+        T weight = T(0);
+        if (cls[j] != ci && row[j] > T(0))
+          weight = (factor[i] * er[j] + factor[j] * ec[j]) / (T(2) * row[j]);
+        weight = apart(i, j, weight, sq[j], near, d);
+        row[j] = weight;
+        row_sum += static_cast<double>(weight);
+        column[j] += weight;
+      }
+      row_sums[i] += row_sum;
+      if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end) flush(column, row_sums, i);
+    }
+    // Positives, on their exact distances.
+    const Positive* positives = positives_.data(0);
+    for (Index p = 0; p < positive_count_; ++p) {
+      const Positive& pair = positives[p];
+      const double hinge = lifted_pair(log_s[pair.i], log_s[pair.j], pair.distance).hinge;
+      const T weight = apart(pair.i, pair.j,
+                             static_cast<T>(weight_on_squared(hinge / pairs, pair.distance)),
+                             pairwise_.squared_row(pair.i)[pair.j], near, d);
+      w[(pair.i - first) * stride + pair.j] = weight;
+      row_sums[pair.i] += static_cast<double>(weight);
+      row_sums[pair.j] += static_cast<double>(weight);
+    }
+    // out = S xc over the band's pairs, then 2 top_diff (r_a xc_a - out_a) + top_diff near_a.
+    StridedMap<T> out(gradient_.data(static_cast<std::size_t>(end * d)), end, d,
+                      Eigen::OuterStride<>(d));
+    band_product(pairwise_.centred(), w, stride, first, end, out);
+    const ConstStridedMap<T> xc = pairwise_.centred();
+    const double scale = static_cast<double>(top_diff);
+    for (Index a = 0; a < end; ++a) {
+      const double r = row_sums[a];
+      const double* n_a = near + a * d;
+      T* o = &out(a, 0);
+      const T* c = xc.data() + a * d;
+      for (Index k = 0; k < d; ++k)
+        o[k] = static_cast<T>(2.0 * scale * (r * static_cast<double>(c[k]) - static_cast<double>(o[k])) +
+                              scale * n_a[k]);
+    }
+    return gradient_.data(0);
+  }
+
+ private:
+  static T lowest(const batch& b) {
+    alignas(64) T lane[lanes];
+    b.store_aligned(lane);
+    T m = lane[0];
+    for (Index k = 1; k < lanes; ++k) m = std::min(m, lane[k]);
+    return m;
+  }
+
+  /// The column sums of rows up to i, gathered in T, added to `sums` in double.
+  static void flush(T* column, double* sums, Index i) {
+    for (Index j = 0; j <= i; ++j) {
+      sums[j] += static_cast<double>(column[j]);
+      column[j] = T(0);
+    }
+  }
+
+  /// A pair whose squared distance is small against n_i + n_j (where the product of the
+  /// centred rows would cancel) is applied by differences in double, 2 w (x_i - x_j), and
+  /// leaves the product: returns the weight the product keeps.
+  T apart(Index i, Index j, T weight, T squared, double* near, Index d) {
+    if (weight == T(0)) return weight;
+    const T* norms = pairwise_.centred_norms();
+    const double scale = static_cast<double>(norms[i]) + static_cast<double>(norms[j]);
+    if (!(static_cast<double>(squared) < Numerics<T>::near_ratio * scale)) return weight;
+    const T* a = x_.row(i);
+    const T* b = x_.row(j);
+    double* ga = near + i * d;
+    double* gb = near + j * d;
+    const double v = 2.0 * static_cast<double>(weight);
+    for (Index c = 0; c < d; ++c) {
+      const double term = v * (static_cast<double>(a[c]) - static_cast<double>(b[c]));
+      ga[c] += term;
+      gb[c] -= term;
+    }
+    return T(0);
+  }
+
+  PairwiseDistances<T> pairwise_;
+  MatrixView<const T> x_{};
+  Index first_ = 0, end_ = 0, stride_ = 0, positive_count_ = 0;
+  GrowOnlyBuffer<T> classes_, near_row_, near_col_, nearest_, column_, factor_;
+  GrowOnlyBuffer<T> distance_;                  // band: D, then the weights dL/dD2
+  GrowOnlyBuffer<T> shifted_row_, shifted_col_;  // band: e^{nearest - D} of both roles
+  GrowOnlyBuffer<double> sum_, near_;
+  GrowOnlyBuffer<LiftedBandSums> sums_;
+  GrowOnlyBuffer<LiftedRowTotals> totals_;
+  GrowOnlyBuffer<Positive> positives_;
+  GrowOnlyBuffer<T> gradient_;
+};
+
+}  // namespace detail
+}  // namespace metricloss
