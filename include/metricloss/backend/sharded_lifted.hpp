@@ -64,8 +64,11 @@ struct ShardedLiftedScratch : BackendSlot::Contents {
   LiftedBand<T> band;
   GrowOnlyBuffer<LiftedBandSums> band_sums, sum_parts;
   GrowOnlyBuffer<double> coefficient;  // N: c^, merged
-  GrowOnlyBuffer<T> gradient_parts;    // sum_q e_q x D
+  GrowOnlyBuffer<T> gradient_parts;    // every other rank's parts of rows it does not own
+  GrowOnlyBuffer<T> gradient_send;     // this rank's, packed
   GrowOnlyBuffer<Index> band_offset;   // W + 1
+  GrowOnlyBuffer<Index> own_rows;      // 3 W: each rank's own rows in its band, where its parts land
+  GrowOnlyBuffer<const T*> part_rows;  // W: one row's parts
 };
 
 template <class T, class Base>
@@ -239,16 +242,44 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
     for (int q = 0; q < ranks; ++q) wanted = wanted || batch.status[q].wants_grad != 0;
     if (!wanted) return value;
     const T* part = work.band.gradient(log_s, coefficient, margin, pairs, top_diff);
-    T* all_parts = work.gradient_parts.data(static_cast<std::size_t>(offset[ranks] * d));
-    gather(group, work.bytes, [&](int q) { return end_of(q) * d; }, part, all_parts);
+    // Rank q sends its part of the rows it does not own, [0, lo_q) and [hi_q, e_q) (its own
+    // rows [f_q, f_q + n_q) clipped to the band's end): a rank needs the others' parts of
+    // its rows only. own[3q..3q+2]: lo_q, hi_q, and where q's rows land in what every rank
+    // receives.
+    Index* own = work.own_rows.data(3 * static_cast<std::size_t>(ranks));
+    Index received = 0, at = 0;
+    for (int q = 0; q < ranks; ++q) {
+      const Index e = end_of(q), f = at;
+      at += static_cast<Index>(batch.status[q].rows);
+      own[3 * q] = std::min(f, e);
+      own[3 * q + 1] = std::min<Index>(at, e);
+      own[3 * q + 2] = received;
+      received += e - (own[3 * q + 1] - own[3 * q]);
+    }
+    const int me = group.rank();
+    const Index lo = own[3 * me], hi = own[3 * me + 1], e = end_of(me);
+    T* send = work.gradient_send.data(static_cast<std::size_t>((e - (hi - lo)) * d));
+    std::copy(part, part + lo * d, send);
+    std::copy(part + hi * d, part + e * d, send + lo * d);
+    T* all_parts = work.gradient_parts.data(static_cast<std::size_t>(received * d));
+    gather(group, work.bytes,
+           [&](int q) { return (end_of(q) - (own[3 * q + 1] - own[3 * q])) * d; },
+           static_cast<const T*>(send), all_parts);
     if (grad.empty()) return value;
+    // Each row's parts in rank order (this rank's own from `part`), added in double.
+    const T** source = work.part_rows.data(static_cast<std::size_t>(ranks));
     for (Index i = 0; i < batch.rows; ++i) {
       const Index a = batch.first + i;
-      const int q0 = first_band(a);
+      int count = 0;
+      for (int q = first_band(a); q < ranks; ++q) {
+        // a is this rank's: outside q's own rows, so in q's first or second run.
+        const Index row = a < own[3 * q] ? a : own[3 * q] + (a - own[3 * q + 1]);
+        source[count++] = q == me ? part + a * d : all_parts + (own[3 * q + 2] + row) * d;
+      }
       T* out = grad.row(i);
       for (Index c = 0; c < d; ++c) {
         double g = 0.0;
-        for (int q = q0; q < ranks; ++q) g += static_cast<double>(all_parts[(offset[q] + a) * d + c]);
+        for (int k = 0; k < count; ++k) g += static_cast<double>(source[k][c]);
         out[c] = static_cast<T>(g);
       }
     }
