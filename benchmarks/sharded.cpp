@@ -39,22 +39,6 @@ struct Batch {
       : x(uniform<float>(n, d, 1)), grad(Matrix<float>::Zero(n, d)), labels(pk_labels(n, 8, 3)) {}
 };
 
-/// A memory of N_r rows (grad_r skipped: no gradient flows into a memory).
-struct Memory {
-  Matrix<float> r;
-  Eigen::VectorXi labels;
-  Memory(Index n, Index d) : r(uniform<float>(n, d, 5)), labels(pk_labels(n, 8, 6)) {}
-};
-
-/// The call on rank tag `tag` (simd or simd.sharded) of rows x: the batch form, or queries
-/// against `memory` when there is one.
-template <class Loss, class Tag, class X, class Y, class G>
-float call(Loss& loss, Tag tag, const X& x, const Y& labels, G&& grad, const Memory* memory) {
-  if (memory == nullptr) return loss.forward_backward(tag, x, labels, std::forward<G>(grad));
-  return loss.forward_backward(tag, x, labels, ml::reference(memory->r, memory->labels),
-                               std::forward<G>(grad), ml::skip);
-}
-
 template <class Loss>
 void run(benchmark::State& state, Loss prototype, Index memory_rows = 0) {
   const Index n = state.range(0), d = state.range(1);

@@ -1,9 +1,11 @@
 #pragma once
 // Shared by bench_sharded (ranks as threads) and bench_sharded_mpi (ranks as MPI processes):
-// a group that counts the bytes it receives, and the rows' counters.
+// a group that counts the bytes it receives, the memory of the "-memory" rows, and the rows'
+// counters.
 #include "common.hpp"
 
 #include <cstddef>
+#include <utility>
 
 namespace mlbench {
 
@@ -25,6 +27,22 @@ class CountingGroup {
   Group* group_;
   double* received_;
 };
+
+/// A memory of N_r rows (grad_r skipped: no gradient flows into a memory).
+struct Memory {
+  Matrix<float> r;
+  Eigen::VectorXi labels;
+  Memory(Index n, Index d) : r(uniform<float>(n, d, 5)), labels(pk_labels(n, 8, 6)) {}
+};
+
+/// The call on rank tag `tag` (simd or simd.sharded) of rows x: the batch form, or queries
+/// against `memory` when there is one.
+template <class Loss, class Tag, class X, class Y, class G>
+float call(Loss& loss, Tag tag, const X& x, const Y& labels, G&& grad, const Memory* memory) {
+  if (memory == nullptr) return loss.forward_backward(tag, x, labels, std::forward<G>(grad));
+  return loss.forward_backward(tag, x, labels, ml::reference(memory->r, memory->labels),
+                               std::forward<G>(grad), ml::skip);
+}
 
 /// The counters of a sharded row (N x D float batch over `ranks` ranks): rank_over_single
 /// (slowest rank's total time / the single-process call's), times_W, gathered_bytes (the

@@ -10,6 +10,8 @@
 //   times_W            rank_over_single * W;
 //   gathered_bytes     bytes the busiest rank receives per call, counted at the group;
 //   torch_gather_bytes what a gather-everything wrapper receives (X and labels as int64).
+// The "-memory" rows shard N = 1024 queries against a reference set of 4096 rows that every
+// rank builds alike (a cross-batch memory), grad_r skipped, as bench_sharded's.
 // Rank 0 reports; the other ranks run the same benchmarks with their output discarded. The
 // iteration counts are fixed and random interleaving is refused: every rank must make the
 // same sequence of collectives. W = 4 on a 2-core machine is oversubscribed (OpenMPI polls
@@ -20,6 +22,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,7 +37,7 @@ double slowest(double seconds) {
 }
 
 template <class Loss>
-void run(benchmark::State& state, Loss prototype) {
+void run(benchmark::State& state, Loss prototype, Index memory_rows = 0) {
   const Index n = state.range(0), d = state.range(1);
   ml::mpi_group world(MPI_COMM_WORLD);
   double received_bytes = 0.0;
@@ -42,6 +45,9 @@ void run(benchmark::State& state, Loss prototype) {
   const int ranks = group.size(), r = group.rank();
   const Matrix<float> x = uniform<float>(n, d, 1);
   const Eigen::VectorXi labels = pk_labels(n, 8, 3);
+  std::optional<Memory> memory_data;
+  if (memory_rows > 0) memory_data.emplace(memory_rows, d);
+  const Memory* memory = memory_data ? &*memory_data : nullptr;
   Matrix<float> grad(n, d);
   const Index first = n * r / ranks, rows = n * (r + 1) / ranks - first;
   const Matrix<float> x_local = x.middleRows(first, rows);
@@ -49,27 +55,27 @@ void run(benchmark::State& state, Loss prototype) {
   Matrix<float> grad_local(rows, d);
   Loss single = prototype, sharded = prototype;
   // Warm: scratch allocated and faulted in; then the bytes of one call.
-  single.forward_backward(ml::simd, x, labels, grad);
-  sharded.forward_backward(ml::simd.sharded(group), x_local, labels_local, grad_local);
+  call(single, ml::simd, x, labels, grad, memory);
+  call(sharded, ml::simd.sharded(group), x_local, labels_local, grad_local, memory);
   received_bytes = 0.0;
-  sharded.forward_backward(ml::simd.sharded(group), x_local, labels_local, grad_local);
+  call(sharded, ml::simd.sharded(group), x_local, labels_local, grad_local, memory);
   const double received = slowest(received_bytes);  // the busiest rank's
   double single_total = 0.0, rank_total = 0.0;
   for (auto _ : state) {
     MPI_Barrier(MPI_COMM_WORLD);
     double start = MPI_Wtime();
-    benchmark::DoNotOptimize(single.forward_backward(ml::simd, x, labels, grad));
+    benchmark::DoNotOptimize(call(single, ml::simd, x, labels, grad, memory));
     const double single_seconds = slowest(MPI_Wtime() - start);
     MPI_Barrier(MPI_COMM_WORLD);
     start = MPI_Wtime();
     benchmark::DoNotOptimize(
-        sharded.forward_backward(ml::simd.sharded(group), x_local, labels_local, grad_local));
+        call(sharded, ml::simd.sharded(group), x_local, labels_local, grad_local, memory));
     const double rank_seconds = slowest(MPI_Wtime() - start);
     single_total += single_seconds;
     rank_total += rank_seconds;
     state.SetIterationTime(rank_seconds);
   }
-  set_sharded_counters(state, n, d, ranks, rank_total, single_total, received);
+  set_sharded_counters(state, n, d, ranks, rank_total, single_total, received, memory_rows);
 }
 
 }  // namespace
@@ -107,6 +113,17 @@ int main(int argc, char** argv) {
   add("semihard", ml::BatchTripletLoss<float>(0.2f, ml::Mining::semihard), 40);
   add("all", ml::BatchTripletLoss<float>(0.2f, ml::Mining::all), 20);
   add("lifted", ml::LiftedStructureLoss<float>(1.0f), 20);
+  // "loss:<loss>-memory": 1024 queries sharded against a memory of 4096 rows.
+  const auto add_memory = [&](const char* name, auto prototype) {
+    const std::string full = std::string("BM_sharded_mpi/loss:") + name +
+                             "-memory/N:1024/R:4096/D:128/W:" + std::to_string(ranks);
+    benchmark::RegisterBenchmark(full.c_str(), [prototype](benchmark::State& state) {
+      run(state, prototype, 4096);
+    })->Args({1024, 128})->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
+  };
+  add_memory("hard", ml::BatchTripletLoss<float>(0.2f, ml::Mining::hard));
+  add_memory("multi-similarity", ml::MultiSimilarityLoss<float>());
+  add_memory("lifted", ml::LiftedStructureLoss<float>(1.0f));
   benchmark::Initialize(&count, args.data());
   if (benchmark::ReportUnrecognizedArguments(count, args.data())) MPI_Abort(MPI_COMM_WORLD, 1);
   benchmark::RunSpecifiedBenchmarks();
