@@ -14,7 +14,7 @@
 // D2 comes from PairwiseDistances' product of the centred rows (small entries recomputed by
 // differences); positive pairs' distances are exact (by differences in double). Exponentials
 // are taken in T's lanes, each exponent <= 0: row i's shifted by its nearest negative in this
-// band, so nothing overflows and no row sums to 0; sums go on in double. Pairs close against
+// band, so nothing overflows and no row sums to 0; sums gather ~64 terms in T, then double. Pairs close against
 // their rows' norms are applied by differences, out of the product (as CrossDistances).
 #include <metricloss/backend/simd/hard_band.hpp>
 #include <metricloss/backend/simd/pairwise.hpp>
@@ -63,7 +63,9 @@ template <class T>
 class LiftedBand {
   using batch = xsimd::batch<T>;
   static constexpr Index lanes = static_cast<Index>(batch::size);
-  // Column sums gather in lanes of T over this many rows, then in double.
+  // Sums gather in T (a row's in lanes over this many batches, a column's over this many
+  // rows), then in double: each T partial adds at most ~64 terms.
+  static constexpr Index flush_blocks = 64;
   static constexpr Index flush_rows = 64;
 
   struct Positive {
@@ -139,6 +141,7 @@ class LiftedBand {
       const T ci = cls[i];
       const batch near_i(nearest[i]);
       batch acc(T(0));
+      double row_sum = 0.0;
       Index j = 0;
       for (; j + lanes <= i; j += lanes) {
         const batch v = batch::load_unaligned(row + j);
@@ -150,8 +153,9 @@ class LiftedBand {
         b.store_unaligned(ec + j);
         acc += a;
         (batch::load_unaligned(column + j) + b).store_unaligned(column + j);
+        if ((j / lanes) % flush_blocks == flush_blocks - 1) flush(acc, row_sum);
       }
-      double row_sum = static_cast<double>(xsimd::hadd(acc));
+      row_sum += static_cast<double>(xsimd::hadd(acc));
       for (; j < i; ++j) {
         const bool negative = cls[j] != ci;
         const T a = negative ? std::exp(std::max(nearest[i] - row[j], T(-1000))) : T(0);
@@ -233,6 +237,7 @@ class LiftedBand {
       const T ci = cls[i];
       const batch factor_i(factor[i]), norm_i(norms[i]);
       batch acc(T(0));
+      double row_sum = 0.0;
       Index j = 0;
       // Negatives: (factor_i er + factor_j ec) / (2 D), 0 at D = 0; positives: 0 here.
       for (; j + lanes <= i; j += lanes) {
@@ -254,8 +259,9 @@ class LiftedBand {
         weight.store_unaligned(row + j);
         acc += weight;
         (batch::load_unaligned(column + j) + weight).store_unaligned(column + j);
+        if ((j / lanes) % flush_blocks == flush_blocks - 1) flush(acc, row_sum);
       }
-      double row_sum = static_cast<double>(xsimd::hadd(acc));
+      row_sum += static_cast<double>(xsimd::hadd(acc));
       for (; j < i; ++j) {
         T weight = T(0);
         if (cls[j] != ci && row[j] > T(0))
@@ -305,6 +311,12 @@ class LiftedBand {
     T m = lane[0];
     for (Index k = 1; k < lanes; ++k) m = std::min(m, lane[k]);
     return m;
+  }
+
+  /// A row's lanes, added to its sum in double.
+  static void flush(batch& acc, double& sum) {
+    sum += static_cast<double>(xsimd::hadd(acc));
+    acc = batch(T(0));
   }
 
   /// The column sums of rows up to i, gathered in T, added to `sums` in double.
