@@ -17,19 +17,35 @@ const std::vector<std::vector<Index>> layouts = {
     {1, 1, 16},    {18, 0, 0},  {3, 0, 8, 7},    {1, 4, 0, 6, 7}, {2, 2, 2, 2, 2},
 };
 
-template <class T>
-void check_all_layouts(bool integer) {
-  for (const auto& shards : layouts)
-    for (Index d : {Index(5), Index(33)}) {
+/// Batches of 301 rows: each rank's band of the triangle spans several product tiles (and
+/// the lifted product's 128-row diagonal blocks), starts mid-tile, and holds rows of other
+/// ranks' shards; empty shards.
+const std::vector<std::vector<Index>> big_layouts = {
+    {0, 301}, {150, 151}, {97, 0, 204}, {1, 50, 0, 120, 130}, {75, 76, 75, 75}};
+
+/// For each layout and D: body(rank, shards, d, records) on one thread per rank, then the
+/// records asserted on this thread.
+template <class Body>
+void on_layouts(const std::vector<std::vector<Index>>& all, std::initializer_list<Index> dims,
+                Body&& body) {
+  for (const auto& shards : all)
+    for (Index d : dims) {
       const int ranks = static_cast<int>(shards.size());
       std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
       on_threads(ranks, [&](ml::thread_rank& me, int r) {
-        auto& mine = records[static_cast<std::size_t>(r)];
-        sharded::check_layout<T>(me, ml::scalar.sharded(me), "scalar", shards, d, integer, mine);
-        sharded::check_layout<T>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine);
+        body(me, shards, d, records[static_cast<std::size_t>(r)]);
       });
       for (const auto& rank_records : records) sharded::check_records(rank_records);
     }
+}
+
+template <class T>
+void check_all_layouts(bool integer) {
+  on_layouts(layouts, {5, 33}, [&](ml::thread_rank& me, const std::vector<Index>& shards, Index d,
+                                   std::vector<Record>& mine) {
+    sharded::check_layout<T>(me, ml::scalar.sharded(me), "scalar", shards, d, integer, mine);
+    sharded::check_layout<T>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine);
+  });
 }
 
 }  // namespace
@@ -81,22 +97,16 @@ TEST_CASE("sharded over threads: hinges at exactly 0 decided as in one process",
   // distances and, where D2 is a square, in distances. The ranks that meet a pair or triplet
   // from both ends must decide it alike, though their products (centred differently) round
   // differently.
-  for (const auto& shards : layouts)
-    for (Index d : {Index(5), Index(8)}) {
-      const int ranks = static_cast<int>(shards.size());
-      std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
-      on_threads(ranks, [&](ml::thread_rank& me, int r) {
-        auto& mine = records[static_cast<std::size_t>(r)];
-        sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, KinkConfigs<double>{});
-        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<double>{});
-        sharded::check_layout_of<float>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, KinkConfigs<float>{});
-        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<float>{});
-        // A common offset of 1000: similarities near 8e6 that float products round.
-        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<double>{}, 1000.0);
-        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<float>{}, 1000.0);
-      });
-      for (const auto& rank_records : records) sharded::check_records(rank_records);
-    }
+  on_layouts(layouts, {5, 8}, [&](ml::thread_rank& me, const std::vector<Index>& shards, Index d,
+                                  std::vector<Record>& mine) {
+    sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, KinkConfigs<double>{});
+    sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<double>{});
+    sharded::check_layout_of<float>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, KinkConfigs<float>{});
+    sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<float>{});
+    // A common offset of 1000: similarities near 8e6 that float products round.
+    sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<double>{}, 1000.0);
+    sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, KinkConfigs<float>{}, 1000.0);
+  });
 }
 
 /// Batch-hard in every form: hinge and soft margin, squared and Euclidean distances.
@@ -122,24 +132,16 @@ TEST_CASE("sharded over threads: batch-hard by bands of the triangle, large batc
   // each rank's band spans several product tiles, starts mid-tile, and holds anchors of
   // other ranks' shards as columns; integer rows tie at many hardest candidates (the lowest
   // row must win on every rank alike), the offset makes float products round.
-  const std::vector<std::vector<Index>> big = {
-      {0, 301}, {150, 151}, {97, 0, 204}, {1, 50, 0, 120, 130}, {75, 76, 75, 75}};
-  for (const auto& shards : big)
-    for (Index d : {Index(3), Index(33)}) {
-      const int ranks = static_cast<int>(shards.size());
-      std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
-      on_threads(ranks, [&](ml::thread_rank& me, int r) {
-        auto& mine = records[static_cast<std::size_t>(r)];
-        for (bool integer : {false, true}) {
-          sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<double>{});
-          sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<float>{});
-        }
-        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<double>{}, 1000.0);
-        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<float>{}, 1000.0);
-        sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, HardConfigs<double>{});
-      });
-      for (const auto& rank_records : records) sharded::check_records(rank_records);
+  on_layouts(big_layouts, {3, 33}, [&](ml::thread_rank& me, const std::vector<Index>& shards,
+                                       Index d, std::vector<Record>& mine) {
+    for (bool integer : {false, true}) {
+      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<double>{});
+      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<float>{});
     }
+    sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<double>{}, 1000.0);
+    sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<float>{}, 1000.0);
+    sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, HardConfigs<double>{});
+  });
 }
 
 /// The lifted loss in the forms its band path meets: margins 1 and 0.2 (few and many
@@ -164,23 +166,15 @@ TEST_CASE("sharded over threads: lifted by bands of the triangle, large batches"
   // parts: bands spanning several of the product's diagonal blocks (128 rows) and starting
   // mid-block, rows of one shard in several bands, empty shards; integer rows (coincident
   // points: zero distances, exact ties) and a common offset.
-  const std::vector<std::vector<Index>> big = {
-      {0, 301}, {150, 151}, {97, 0, 204}, {1, 50, 0, 120, 130}, {75, 76, 75, 75}};
-  for (const auto& shards : big)
-    for (Index d : {Index(3), Index(33)}) {
-      const int ranks = static_cast<int>(shards.size());
-      std::vector<std::vector<Record>> records(static_cast<std::size_t>(ranks));
-      on_threads(ranks, [&](ml::thread_rank& me, int r) {
-        auto& mine = records[static_cast<std::size_t>(r)];
-        for (bool integer : {false, true}) {
-          sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, LiftedConfigs<double>{!integer});
-          sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, LiftedConfigs<float>{!integer});
-        }
-        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, LiftedConfigs<double>{false}, 1000.0);
-        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, LiftedConfigs<float>{false}, 1000.0);
-      });
-      for (const auto& rank_records : records) sharded::check_records(rank_records);
+  on_layouts(big_layouts, {3, 33}, [&](ml::thread_rank& me, const std::vector<Index>& shards,
+                                       Index d, std::vector<Record>& mine) {
+    for (bool integer : {false, true}) {
+      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, LiftedConfigs<double>{!integer});
+      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, LiftedConfigs<float>{!integer});
     }
+    sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, LiftedConfigs<double>{false}, 1000.0);
+    sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, LiftedConfigs<float>{false}, 1000.0);
+  });
 }
 
 TEST_CASE("sharded over threads: ranks mixing forward and forward_backward", "[sharded][lifted]") {

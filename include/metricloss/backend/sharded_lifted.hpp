@@ -197,10 +197,11 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
     const int ranks = group.size();
     const Index n = batch.x.rows, d = batch.x.cols;
     // Band q touches rows [0, e_q), e_q nondecreasing: its parts of row a sit at offset[q] + a.
-    const auto end_of = [&](int q) { return triangle_band_start(n, ranks, q + 1); };
     Index* offset = work.band_offset.data(static_cast<std::size_t>(ranks) + 1);
     offset[0] = 0;
-    for (int q = 0; q < ranks; ++q) offset[q + 1] = offset[q] + end_of(q);
+    for (int q = 0; q < ranks; ++q)
+      offset[q + 1] = offset[q] + triangle_band_start(n, ranks, q + 1);
+    const auto end_of = [&](int q) { return offset[q + 1] - offset[q]; };
     const auto first_band = [&](Index a) {  // the first band that touches row a
       int q = 0;
       while (end_of(q) <= a) ++q;
