@@ -144,6 +144,40 @@ TEST_CASE("sharded over threads: batch-hard by bands of the triangle, large batc
   });
 }
 
+/// Batch-all in every form: hinge and soft margin, squared and Euclidean distances.
+template <class T>
+struct AllConfigs {
+  template <class F>
+  void operator()(F&& f) const {
+    for (ml::Distance distance : {ml::Distance::squared_euclidean, ml::Distance::euclidean})
+      for (bool soft : {false, true}) {
+        ml::BatchTripletLoss<T> all(T(0.5), ml::Mining::all, distance, soft);
+        f(std::string("batch-all") + (soft ? " soft" : " hinge") +
+              (distance == ml::Distance::squared_euclidean ? " squared" : " euclidean"),
+          all);
+      }
+  }
+};
+
+TEST_CASE("sharded over threads: batch-all by bands of the triangle, large batches",
+          "[sharded][ties]") {
+  // The simd path splits the triangle's rows between ranks and scans each band's rows and
+  // columns as anchors: 4 classes (~75 positives an anchor: the bucket sweeps) and 40 (~7:
+  // the row scans), bands across the column tiles (32) and product blocks, empty shards;
+  // integer rows put negatives exactly at kinks, the offset makes float products round.
+  on_layouts(big_layouts, {3, 33}, [&](ml::thread_rank& me, const std::vector<Index>& shards,
+                                       Index d, std::vector<Record>& mine) {
+    for (Index classes : {4, 40}) {
+      for (bool integer : {false, true}) {
+        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, AllConfigs<double>{}, 0.0, classes);
+        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, AllConfigs<float>{}, 0.0, classes);
+      }
+      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, AllConfigs<double>{}, 1000.0, classes);
+      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, AllConfigs<float>{}, 1000.0, classes);
+    }
+  });
+}
+
 /// The lifted loss in the forms its band path meets: margins 1 and 0.2 (few and many
 /// active positive pairs), and on unit rows (not for integer rows: some are zero).
 template <class T>

@@ -60,7 +60,7 @@ struct GlobalBatch {
   std::vector<Index> first;  // each rank's first row
 
   GlobalBatch(const std::vector<Index>& shards, Index d, bool integer, std::uint64_t seed,
-              double offset = 0.0) {
+              double offset = 0.0, Index classes = 4) {
     Index n = 0;
     for (Index s : shards) {
       first.push_back(n);
@@ -70,7 +70,7 @@ struct GlobalBatch {
     x = integer ? tied_matrix<T>(n, d, rng, -2, 2, offset)
                 : uniform_matrix<T>(n, d, rng, -1.5, 1.5);
     labels.resize(n);
-    for (Index i = 0; i < n; ++i) labels[i] = (i * 7) % 4;
+    for (Index i = 0; i < n; ++i) labels[i] = (i * 7) % classes;
     if (n > 0) labels[0] = 100;
     int last = -1;
     for (int r = 0; r < static_cast<int>(shards.size()); ++r)
@@ -122,9 +122,10 @@ void for_each_batch_config(F&& f) {
 template <class T, class Tag, class Group, class ForEachConfig>
 void check_layout_of(Group& group, Tag tag, const char* tag_name, const std::vector<Index>& shards,
                      Index d, bool integer, std::vector<Record>& records,
-                     ForEachConfig&& for_each_config, double offset = 0.0) {
+                     ForEachConfig&& for_each_config, double offset = 0.0, Index classes = 4) {
   const int rank = group.rank();
-  const GlobalBatch<T> global(shards, d, integer, 20261203u + static_cast<std::uint64_t>(d), offset);
+  const GlobalBatch<T> global(shards, d, integer, 20261203u + static_cast<std::uint64_t>(d), offset,
+                              classes);
   const Index first = global.first[static_cast<std::size_t>(rank)];
   const Index rows = shards[static_cast<std::size_t>(rank)];
   const Matrix<T> x = global.x.middleRows(first, rows);
@@ -133,7 +134,8 @@ void check_layout_of(Group& group, Tag tag, const char* tag_name, const std::vec
   std::string layout = "shards {";
   for (std::size_t q = 0; q < shards.size(); ++q)
     layout += std::to_string(shards[q]) + (q + 1 == shards.size() ? "}" : ", ");
-  layout += " D " + std::to_string(d) + (integer ? " integer" : " uniform") + (offset != 0.0 ? " offset " + std::to_string(offset) : std::string()) + " " + tag_name +
+  layout += " D " + std::to_string(d) + (integer ? " integer" : " uniform") + (offset != 0.0 ? " offset " + std::to_string(offset) : std::string()) +
+            (classes != 4 ? " classes " + std::to_string(classes) : std::string()) + " " + tag_name +
             " " + ml::detail::scalar_name<T>() + " rank " + std::to_string(rank);
   for_each_config([&](const std::string& name, const auto& configured) {
     auto loss = configured;  // the sharded functor

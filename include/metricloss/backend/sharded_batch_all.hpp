@@ -5,24 +5,35 @@
 //   W_ap = sum_{n: d_an < t_ap} d'(d_ap)          (hinge; soft margin: sum_n sigma(t_ap - d_an))
 //   W_an = -#{p: d_an < t_ap} d'(d_an)            (soft margin: -sum_p sigma(t_ap - d_an))
 // and row i's gradient is 2 s sum_j (W_ij + W_ji) (x_i - x_j), s = top_diff / count.
-// Each rank:
-//  1. mines its anchors against the whole of X as a reference set with self = their own
-//     rows (the reference-set path of each tag), which gives the loss's sum and count, W's
-//     rows of its anchors (the anchor role, into the tag's dense weights) and their
-//     positives' W_ap; it computes each anchor's thresholds t_ap the way the miner does;
-//  2. publishes (sum, count) and, per anchor and positive, one slot {t sorted ascending,
-//     W_ap in class order}; sums and counts are added in rank order: the same bits on every
-//     rank;
-//  3. adds W_ji for its rows i in the candidate role, from anchor j's slots: W_ji itself when
-//     i is j's positive, else from t_j and d_ij. Which thresholds d_ij lies below is decided
-//     as the miner decides it (detail/mining/all.hpp): a product value within its rounding
-//     of a kink is replaced by the exact distance by differences, which is bitwise symmetric;
-//     elsewhere any value within the rounding falls on the exact side. So anchor j's rank and
-//     row i's rank agree on every triplet, ties included, though their products differ.
-//  4. the gradient of its rows from the weights by the tag's product (simd:
-//     CrossDistances::gradients, near pairs by differences; scalar: loops in double).
-// No gradient is reduced.
+// Two ways:
+//  - simd, by bands of the triangle (backend/simd/all_band.hpp), from 2 ranks on: rank q
+//    takes the pairs of rows [b_q, b_{q+1}) (~N^2 / (2W), each unordered pair once) and
+//    publishes, per slot (anchor, positive) of the rows its band touches, the count and
+//    distance sum of the negatives below the slot's threshold (soft margin: sums of sigma
+//    and softplus); merged in rank order they give L and Z on every rank alike. Then, only
+//    when some rank asked for a gradient, each band's part of dL/dX, reduced as lifted's
+//    (backend/sharded_band.hpp). Where the centred norms are too large for the product's
+//    values to stay finite (every rank alike), the second way.
+//  - scalar (and that fallback), by thresholds; each rank:
+//    1. mines its anchors against the whole of X as a reference set with self = their own
+//       rows (the reference-set path of each tag), which gives the loss's sum and count, W's
+//       rows of its anchors (the anchor role, into the tag's dense weights) and their
+//       positives' W_ap; it computes each anchor's thresholds t_ap the way the miner does;
+//    2. publishes (sum, count) and, per anchor and positive, one slot {t sorted ascending,
+//       W_ap in class order}; sums and counts are added in rank order: the same bits on every
+//       rank;
+//    3. adds W_ji for its rows i in the candidate role, from anchor j's slots: W_ji itself when
+//       i is j's positive, else from t_j and d_ij. Which thresholds d_ij lies below is decided
+//       as the miner decides it (detail/mining/all.hpp): a product value within its rounding
+//       of a kink is replaced by the exact distance by differences, which is bitwise symmetric;
+//       elsewhere any value within the rounding falls on the exact side. So anchor j's rank and
+//       row i's rank agree on every triplet, ties included, though their products differ.
+//    4. the gradient of its rows from the weights by the tag's product (simd:
+//       CrossDistances::gradients, near pairs by differences; scalar: loops in double).
+//    No gradient is reduced.
 #include <metricloss/backend/scalar/reference.hpp>
+#include <metricloss/backend/sharded_band.hpp>
+#include <metricloss/backend/simd/all_band.hpp>
 #include <metricloss/backend/simd/reference.hpp>
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/detail/batch_common.hpp>
@@ -71,6 +82,12 @@ struct ShardedAllScratch : BackendSlot::Contents {
   GrowOnlyBuffer<Index> bucket;
   GrowOnlyBuffer<AllTotals> totals;       // one per rank
   GrowOnlyBuffer<std::size_t> bytes;
+  // By bands (simd): the band, every band's slot parts, and the merged slots.
+  AllBand<T> band;
+  TriangleBands bands;
+  GrowOnlyBuffer<AllBandSlot> band_slots, merged;
+  GrowOnlyBuffer<Index> slot_offset;      // W + 1: each band's first gathered slot
+  BandGradientParts<T> parts;
 };
 
 /// The miner's sink for this rank's anchors: W_ap of the positives into the published slots
@@ -113,10 +130,17 @@ struct ShardedBatchAll {
     const Index n = batch.x.rows, d = batch.x.cols, rows = batch.rows, first = batch.first;
     const int ranks = group.size();
     const bool gradient = !grad.empty() && rows > 0;
-
-    // The slots' layout, known to every rank from the labels alone.
     LabelClasses& global = work.global;
     global.assign(batch.labels);  // the caller has refused NaN labels
+    if constexpr (simd) {
+      if (ranks >= 2 &&
+          work.band.prepare(batch.x, global, static_cast<double>(loss.margin), loss.distance,
+                            loss.soft_margin, triangle_band_start(n, ranks, group.rank()),
+                            triangle_band_start(n, ranks, group.rank() + 1)))
+        return by_band(work, group, batch, loss.soft_margin, grad, top_diff);
+    }
+
+    // The slots' layout, known to every rank from the labels alone.
     Index* position = work.position.data(static_cast<std::size_t>(n));
     for (Index c = 0; c < global.classes(); ++c)
       for (const Index* m = global.class_begin(c); m != global.class_end(c); ++m)
@@ -184,6 +208,61 @@ struct ShardedBatchAll {
   }
 
  private:
+  /// The simd path by bands (backend/simd/all_band.hpp): every band's slot parts, merged
+  /// per slot in rank order (the same bits on every rank), give L and Z; then, where some
+  /// rank asked for it, the bands' gradient parts, which each rank adds for its own rows.
+  template <class Group, class L>
+  static T by_band(ShardedAllScratch<T>& work, Group& group, const ShardView<T, L>& batch,
+                   bool soft_margin, const MatrixView<T>& grad, T top_diff) {
+    const int ranks = group.size();
+    const Index n = batch.x.rows;
+    TriangleBands& bands = work.bands;
+    bands.assign(n, ranks);
+    AllBand<T>& band = work.band;
+    const AllBandSlot* mine = band.slots();
+    const Index* slot_first = band.slot_first();
+    // Band q's parts: the slots of rows [0, e_q), from slot_offset[q] in what is gathered.
+    Index* slot_offset = work.slot_offset.data(static_cast<std::size_t>(ranks) + 1);
+    slot_offset[0] = 0;
+    for (int q = 0; q < ranks; ++q) slot_offset[q + 1] = slot_offset[q] + slot_first[bands.end_of(q)];
+    AllBandSlot* all = work.band_slots.data(static_cast<std::size_t>(slot_offset[ranks]));
+    gather(group, work.bytes, [&](int q) { return slot_first[bands.end_of(q)]; }, mine, all);
+    AllBandSlot* merged = work.merged.data(static_cast<std::size_t>(slot_first[n]));
+    const double* t = band.slot_thresholds();
+    const LabelClasses& classes = work.global;
+    double sum = 0.0, count = 0.0;
+    for (Index a = 0; a < n; ++a) {
+      const Index f = slot_first[a], k = slot_first[a + 1] - f;
+      if (k == 0) continue;
+      for (Index s = f; s < f + k; ++s) {
+        AllBandSlot m;
+        for (int q = bands.first_band(a); q < ranks; ++q) {
+          m.count += all[slot_offset[q] + s].count;
+          m.sum += all[slot_offset[q] + s].sum;
+        }
+        merged[s] = m;
+      }
+      if (soft_margin) {
+        for (Index s = f; s < f + k; ++s) sum += merged[s].sum;
+        count += static_cast<double>(k) * static_cast<double>(classes.negatives(a));
+      } else {
+        for (Index s = f; s < f + k; ++s) {
+          sum += merged[s].count * t[s] - merged[s].sum;
+          count += merged[s].count;
+        }
+      }
+    }
+    if (count == 0.0) {
+      fill_rows(grad, T(0));
+      return T(0);
+    }
+    const T value = static_cast<T>(sum / count);
+    if (!some_rank_wants_grad(batch.status, ranks)) return value;
+    const T* part = band.gradient(merged, static_cast<double>(top_diff) / count);
+    work.parts.reduce(group, work.bytes, bands, batch, part, grad);
+    return value;
+  }
+
   /// Anchor j's published slots: its positives, when it has negatives (else it mines nothing).
   static Index slots_of(const LabelClasses& global, Index j) {
     return global.negatives(j) > 0 ? global.positives(j) : 0;

@@ -11,7 +11,8 @@
 //  3. each rank applies every entry that touches one of its rows, in every role (anchor,
 //     positive or negative of any rank's anchor), by differences in double:
 //     dL/dx_i = top_diff / count * sum 2 w (x_i - x_j). No gradient is reduced.
-// Mining::all, whose W is dense, exchanges thresholds instead (backend/sharded_batch_all.hpp).
+// Mining::all, whose W is dense, exchanges per-slot counts (simd, by bands) or thresholds
+// (scalar) instead (backend/sharded_batch_all.hpp).
 // Mining::hard on simd splits step 1 by the triangle instead (backend/simd/hard_band.hpp):
 // each rank computes a band of ~N^2 / (2W) pairs, not its n_r x N rectangle, and publishes
 // per row the exact extremes among the pairs it holds (32 bytes a row of its band's end);
@@ -19,7 +20,6 @@
 #include <metricloss/backend/scalar/reference.hpp>
 #include <metricloss/backend/sharded_batch_all.hpp>
 #include <metricloss/backend/simd/hard_band.hpp>
-#include <metricloss/backend/simd/tuning.hpp>
 #include <metricloss/backend/simd/reference.hpp>
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/detail/batch_common.hpp>
@@ -69,11 +69,7 @@ struct ShardedBackend<BatchTripletLoss<T>, Base> {
   static constexpr bool available =
       std::is_same<Base, scalar_tag>::value || std::is_same<Base, simd_tag>::value;
 
-  static bool handles(const BatchTripletLoss<T>& loss, int ranks) {
-    if (loss.mining == Mining::all && std::is_same<Base, simd_tag>::value)
-      return ranks >= tuning::sharded_all_min_ranks;
-    return ranks >= 2;
-  }
+  static bool handles(const BatchTripletLoss<T>&, int ranks) { return ranks >= 2; }
 
   template <class Group, class L>
   static T forward_backward(BatchTripletLoss<T>& loss, Base, Group& group,

@@ -27,6 +27,7 @@
 //       CrossDistances::gradients, near pairs by differences; scalar: loops in double). No
 //       gradient is reduced.
 #include <metricloss/backend/scalar/reference.hpp>
+#include <metricloss/backend/sharded_band.hpp>
 #include <metricloss/backend/simd/cross.hpp>
 #include <metricloss/backend/simd/hard_band.hpp>
 #include <metricloss/backend/simd/lifted_band.hpp>
@@ -64,11 +65,8 @@ struct ShardedLiftedScratch : BackendSlot::Contents {
   LiftedBand<T> band;
   GrowOnlyBuffer<LiftedBandSums> band_sums, sum_parts;
   GrowOnlyBuffer<double> coefficient;  // N: c^, merged
-  GrowOnlyBuffer<T> gradient_parts;    // every other rank's parts of rows it does not own
-  GrowOnlyBuffer<T> gradient_send;     // this rank's, packed
-  GrowOnlyBuffer<Index> band_offset;   // W + 1
-  GrowOnlyBuffer<Index> own_rows;      // 3 W: each rank's own rows in its band, where its parts land
-  GrowOnlyBuffer<const T*> part_rows;  // W: one row's parts
+  TriangleBands bands;
+  BandGradientParts<T> parts;
 };
 
 template <class T, class Base>
@@ -195,27 +193,19 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
                    const LiftedBandSums* sums, double margin, double pairs,
                    const MatrixView<T>& grad, T top_diff) {
     const int ranks = group.size();
-    const Index n = batch.x.rows, d = batch.x.cols;
-    // Band q touches rows [0, e_q), e_q nondecreasing: its parts of row a sit at offset[q] + a.
-    Index* offset = work.band_offset.data(static_cast<std::size_t>(ranks) + 1);
-    offset[0] = 0;
-    for (int q = 0; q < ranks; ++q)
-      offset[q + 1] = offset[q] + triangle_band_start(n, ranks, q + 1);
-    const auto end_of = [&](int q) { return offset[q + 1] - offset[q]; };
-    const auto first_band = [&](Index a) {  // the first band that touches row a
-      int q = 0;
-      while (end_of(q) <= a) ++q;
-      return q;
-    };
+    const Index n = batch.x.rows;
+    TriangleBands& bands = work.bands;
+    bands.assign(n, ranks);
+    const auto end_of = [&](int q) { return bands.end_of(q); };
 
     // 1. log S of every row.
-    LiftedBandSums* all_sums = work.band_sums.data(static_cast<std::size_t>(offset[ranks]));
+    LiftedBandSums* all_sums = work.band_sums.data(static_cast<std::size_t>(bands.total()));
     gather(group, work.bytes, end_of, sums, all_sums);
     LiftedBandSums* parts = work.sum_parts.data(static_cast<std::size_t>(ranks));
     double* log_s = work.log_s_all.data(static_cast<std::size_t>(n));
     for (Index a = 0; a < n; ++a) {
       int count = 0;
-      for (int q = first_band(a); q < ranks; ++q) parts[count++] = all_sums[offset[q] + a];
+      for (int q = bands.first_band(a); q < ranks; ++q) parts[count++] = all_sums[bands.offset(q) + a];
       log_s[a] = lifted_merged_log_normaliser(margin, parts, count);
     }
 
@@ -224,66 +214,24 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
     const LiftedRowTotals* totals = work.band.totals(log_s, [&](Index i, auto&& visit) {
       for (const Index* p = classes.members_begin(i); p != classes.members_end(i); ++p) visit(*p);
     });
-    LiftedRowTotals* all = work.totals_all.data(static_cast<std::size_t>(offset[ranks]));
+    LiftedRowTotals* all = work.totals_all.data(static_cast<std::size_t>(bands.total()));
     gather(group, work.bytes, end_of, totals, all);
     double* coefficient = work.coefficient.data(static_cast<std::size_t>(n));
     double sum = 0.0;
     for (Index a = 0; a < n; ++a) {
       double c = 0.0;
-      for (int q = first_band(a); q < ranks; ++q) {
-        c += all[offset[q] + a].scaled_coefficient;
-        sum += all[offset[q] + a].loss;
+      for (int q = bands.first_band(a); q < ranks; ++q) {
+        c += all[bands.offset(q) + a].scaled_coefficient;
+        sum += all[bands.offset(q) + a].loss;
       }
       coefficient[a] = c;
     }
     const T value = static_cast<T>(sum / (2.0 * pairs));
 
     // 3. The gradient, only where some rank asked for it (the same choice on every rank).
-    bool wanted = false;
-    for (int q = 0; q < ranks; ++q) wanted = wanted || batch.status[q].wants_grad != 0;
-    if (!wanted) return value;
+    if (!some_rank_wants_grad(batch.status, ranks)) return value;
     const T* part = work.band.gradient(log_s, coefficient, margin, pairs, top_diff);
-    // Rank q sends its part of the rows it does not own, [0, lo_q) and [hi_q, e_q) (its own
-    // rows [f_q, f_q + n_q) clipped to the band's end): a rank needs the others' parts of
-    // its rows only. own[3q..3q+2]: lo_q, hi_q, and where q's rows land in what every rank
-    // receives.
-    Index* own = work.own_rows.data(3 * static_cast<std::size_t>(ranks));
-    Index received = 0, at = 0;
-    for (int q = 0; q < ranks; ++q) {
-      const Index e = end_of(q), f = at;
-      at += static_cast<Index>(batch.status[q].rows);
-      own[3 * q] = std::min(f, e);
-      own[3 * q + 1] = std::min<Index>(at, e);
-      own[3 * q + 2] = received;
-      received += e - (own[3 * q + 1] - own[3 * q]);
-    }
-    const int me = group.rank();
-    const Index lo = own[3 * me], hi = own[3 * me + 1], e = end_of(me);
-    T* send = work.gradient_send.data(static_cast<std::size_t>((e - (hi - lo)) * d));
-    std::copy(part, part + lo * d, send);
-    std::copy(part + hi * d, part + e * d, send + lo * d);
-    T* all_parts = work.gradient_parts.data(static_cast<std::size_t>(received * d));
-    gather(group, work.bytes,
-           [&](int q) { return (end_of(q) - (own[3 * q + 1] - own[3 * q])) * d; },
-           static_cast<const T*>(send), all_parts);
-    if (grad.empty()) return value;
-    // Each row's parts in rank order (this rank's own from `part`), added in double.
-    const T** source = work.part_rows.data(static_cast<std::size_t>(ranks));
-    for (Index i = 0; i < batch.rows; ++i) {
-      const Index a = batch.first + i;
-      int count = 0;
-      for (int q = first_band(a); q < ranks; ++q) {
-        // a is this rank's: outside q's own rows, so in q's first or second run.
-        const Index row = a < own[3 * q] ? a : own[3 * q] + (a - own[3 * q + 1]);
-        source[count++] = q == me ? part + a * d : all_parts + (own[3 * q + 2] + row) * d;
-      }
-      T* out = grad.row(i);
-      for (Index c = 0; c < d; ++c) {
-        double g = 0.0;
-        for (int k = 0; k < count; ++k) g += static_cast<double>(source[k][c]);
-        out[c] = static_cast<T>(g);
-      }
-    }
+    work.parts.reduce(group, work.bytes, bands, batch, part, grad);
     return value;
   }
 

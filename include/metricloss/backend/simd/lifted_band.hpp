@@ -16,6 +16,7 @@
 // are taken in T's lanes, each exponent <= 0: row i's shifted by its nearest negative in this
 // band, so nothing overflows and no row sums to 0; sums gather ~64 terms in T, then double. Pairs close against
 // their rows' norms are applied by differences, out of the product (as CrossDistances).
+#include <metricloss/backend/simd/band_gradient.hpp>
 #include <metricloss/backend/simd/hard_band.hpp>
 #include <metricloss/backend/simd/pairwise.hpp>
 #include <metricloss/backend/simd/products.hpp>
@@ -63,10 +64,10 @@ template <class T>
 class LiftedBand {
   using batch = xsimd::batch<T>;
   static constexpr Index lanes = static_cast<Index>(batch::size);
-  // Sums gather in T (a row's in lanes over this many batches, a column's over this many
-  // rows), then in double: each T partial adds at most ~64 terms.
-  static constexpr Index flush_blocks = 64;
-  static constexpr Index flush_rows = 64;
+  // Sums gather in T, then in double (BandGradient's flushes).
+  using Gradient = BandGradient<T>;
+  static constexpr Index flush_blocks = Gradient::flush_blocks;
+  static constexpr Index flush_rows = Gradient::flush_rows;
 
   struct Positive {
     Index i, j;       // j < i
@@ -153,7 +154,7 @@ class LiftedBand {
         b.store_unaligned(ec + j);
         acc += a;
         (batch::load_unaligned(column + j) + b).store_unaligned(column + j);
-        if ((j / lanes) % flush_blocks == flush_blocks - 1) flush(acc, row_sum);
+        if ((j / lanes) % flush_blocks == flush_blocks - 1) Gradient::flush(acc, row_sum);
       }
       row_sum += static_cast<double>(xsimd::hadd(acc));
       for (; j < i; ++j) {
@@ -166,7 +167,7 @@ class LiftedBand {
         column[j] += b;
       }
       sum[i] += row_sum;
-      if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end) flush(column, sum, i);
+      if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end) Gradient::flush(column, sum, i);
     }
     LiftedBandSums* out = sums_.data(static_cast<std::size_t>(end));
     for (Index a = 0; a < end; ++a) out[a] = LiftedBandSums{static_cast<double>(nearest[a]), sum[a]};
@@ -205,7 +206,7 @@ class LiftedBand {
   /// every row's log S and c^ (merged over the ranks) and |P|.
   const T* gradient(const double* log_s, const double* scaled_coefficient, double margin,
                     double pairs, T top_diff) {
-    const Index first = first_, end = end_, stride = stride_, d = x_.cols;
+    const Index first = first_, end = end_, stride = stride_;
     const T* cls = classes_.data(0);
     // Row a's soft-max factor against this band's shift, over |P|: e^{m - D_ak} c_a / |P| =
     // c^_a e^{nearest_a - D_ak} e^{m - nearest_a - log S_a} / |P|, the last exponent <= 0.
@@ -217,14 +218,9 @@ class LiftedBand {
                                        std::exp(margin - static_cast<double>(nearest[a]) - log_s[a]) /
                                        pairs)
                       : T(0);
-    double* near = near_.data(static_cast<std::size_t>(end * d));
-    std::fill(near, near + end * d, 0.0);
-    double* row_sums = sum_.data(static_cast<std::size_t>(end));
-    std::fill(row_sums, row_sums + end, 0.0);
-    T* column = column_.data(static_cast<std::size_t>(end));
-    std::fill(column, column + end, T(0));
-    const T* norms = pairwise_.centred_norms();
-    const T near_ratio = static_cast<T>(Numerics<T>::near_ratio);
+    gradient_.begin(x_, pairwise_.centred_norms(), end);
+    double* row_sums = gradient_.row_sums();
+    T* column = gradient_.column();
     T* w = distance_.data(0);  // the weights dL/dD2 replace the distances
     const T* e_row = shifted_row_.data(0);
     const T* e_col = shifted_col_.data(0);
@@ -235,7 +231,7 @@ class LiftedBand {
       const T* ec = e_col + (i - first) * stride;
       const T* sq = pairwise_.squared_row(i);
       const T ci = cls[i];
-      const batch factor_i(factor[i]), norm_i(norms[i]);
+      const batch factor_i(factor[i]);
       batch acc(T(0));
       double row_sum = 0.0;
       Index j = 0;
@@ -245,63 +241,41 @@ class LiftedBand {
         const auto negative = batch::load_unaligned(cls + j) != batch(ci);
         const batch dd = factor_i * batch::load_unaligned(er + j) +
                          batch::load_unaligned(factor + j) * batch::load_unaligned(ec + j);
-        batch weight = xsimd::select(negative && v > zero, dd / (two * v), zero);
-        const auto close = batch::load_unaligned(sq + j) <
-                               near_ratio * (norm_i + batch::load_unaligned(norms + j)) &&
-                           weight != zero;
-        if (xsimd::any(close)) {
-          alignas(64) T lane[lanes];
-          weight.store_aligned(lane);
-          for (Index k = 0; k < lanes; ++k)
-            lane[k] = apart(i, j + k, lane[k], sq[j + k], near, d);
-          weight = batch::load_aligned(lane);
-        }
+        const batch weight =
+            gradient_.apart_lanes(i, j, xsimd::select(negative && v > zero, dd / (two * v), zero), sq);
         weight.store_unaligned(row + j);
         acc += weight;
         (batch::load_unaligned(column + j) + weight).store_unaligned(column + j);
-        if ((j / lanes) % flush_blocks == flush_blocks - 1) flush(acc, row_sum);
+        if ((j / lanes) % flush_blocks == flush_blocks - 1)
+          Gradient::flush(acc, row_sum);
       }
       row_sum += static_cast<double>(xsimd::hadd(acc));
       for (; j < i; ++j) {
         T weight = T(0);
         if (cls[j] != ci && row[j] > T(0))
           weight = (factor[i] * er[j] + factor[j] * ec[j]) / (T(2) * row[j]);
-        weight = apart(i, j, weight, sq[j], near, d);
+        weight = gradient_.apart(i, j, weight, sq[j]);
         row[j] = weight;
         row_sum += static_cast<double>(weight);
         column[j] += weight;
       }
       row_sums[i] += row_sum;
-      if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end) flush(column, row_sums, i);
+      if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end)
+        gradient_.flush_columns(i);
     }
     // Positives, on their exact distances.
     const Positive* positives = positives_.data(0);
     for (Index p = 0; p < positive_count_; ++p) {
       const Positive& pair = positives[p];
       const double hinge = lifted_pair(log_s[pair.i], log_s[pair.j], pair.distance).hinge;
-      const T weight = apart(pair.i, pair.j,
-                             static_cast<T>(weight_on_squared(hinge / pairs, pair.distance)),
-                             pairwise_.squared_row(pair.i)[pair.j], near, d);
+      const T weight = gradient_.apart(pair.i, pair.j,
+                                       static_cast<T>(weight_on_squared(hinge / pairs, pair.distance)),
+                                       pairwise_.squared_row(pair.i)[pair.j]);
       w[(pair.i - first) * stride + pair.j] = weight;
       row_sums[pair.i] += static_cast<double>(weight);
       row_sums[pair.j] += static_cast<double>(weight);
     }
-    // out = S xc over the band's pairs, then 2 top_diff (r_a xc_a - out_a) + top_diff near_a.
-    StridedMap<T> out(gradient_.data(static_cast<std::size_t>(end * d)), end, d,
-                      Eigen::OuterStride<>(d));
-    band_product(pairwise_.centred(), w, stride, first, end, out);
-    const ConstStridedMap<T> xc = pairwise_.centred();
-    const double scale = static_cast<double>(top_diff);
-    for (Index a = 0; a < end; ++a) {
-      const double r = row_sums[a];
-      const double* n_a = near + a * d;
-      T* o = &out(a, 0);
-      const T* c = xc.data() + a * d;
-      for (Index k = 0; k < d; ++k)
-        o[k] = static_cast<T>(2.0 * scale * (r * static_cast<double>(c[k]) - static_cast<double>(o[k])) +
-                              scale * n_a[k]);
-    }
-    return gradient_.data(0);
+    return gradient_.finish(pairwise_.centred(), w, stride, first, static_cast<double>(top_diff));
   }
 
  private:
@@ -313,52 +287,17 @@ class LiftedBand {
     return m;
   }
 
-  /// A row's lanes, added to its sum in double.
-  static void flush(batch& acc, double& sum) {
-    sum += static_cast<double>(xsimd::hadd(acc));
-    acc = batch(T(0));
-  }
-
-  /// The column sums of rows up to i, gathered in T, added to `sums` in double.
-  static void flush(T* column, double* sums, Index i) {
-    for (Index j = 0; j <= i; ++j) {
-      sums[j] += static_cast<double>(column[j]);
-      column[j] = T(0);
-    }
-  }
-
-  /// A pair whose squared distance is small against n_i + n_j (where the product of the
-  /// centred rows would cancel) is applied by differences in double, 2 w (x_i - x_j), and
-  /// leaves the product: returns the weight the product keeps.
-  T apart(Index i, Index j, T weight, T squared, double* near, Index d) {
-    if (weight == T(0)) return weight;
-    const T* norms = pairwise_.centred_norms();
-    const double scale = static_cast<double>(norms[i]) + static_cast<double>(norms[j]);
-    if (!(static_cast<double>(squared) < Numerics<T>::near_ratio * scale)) return weight;
-    const T* a = x_.row(i);
-    const T* b = x_.row(j);
-    double* ga = near + i * d;
-    double* gb = near + j * d;
-    const double v = 2.0 * static_cast<double>(weight);
-    for (Index c = 0; c < d; ++c) {
-      const double term = v * (static_cast<double>(a[c]) - static_cast<double>(b[c]));
-      ga[c] += term;
-      gb[c] -= term;
-    }
-    return T(0);
-  }
-
   PairwiseDistances<T> pairwise_;
   MatrixView<const T> x_{};
   Index first_ = 0, end_ = 0, stride_ = 0, positive_count_ = 0;
   GrowOnlyBuffer<T> classes_, near_row_, near_col_, nearest_, column_, factor_;
   GrowOnlyBuffer<T> distance_;                  // band: D, then the weights dL/dD2
   GrowOnlyBuffer<T> shifted_row_, shifted_col_;  // band: e^{nearest - D} of both roles
-  GrowOnlyBuffer<double> sum_, near_;
+  GrowOnlyBuffer<double> sum_;
   GrowOnlyBuffer<LiftedBandSums> sums_;
   GrowOnlyBuffer<LiftedRowTotals> totals_;
   GrowOnlyBuffer<Positive> positives_;
-  GrowOnlyBuffer<T> gradient_;
+  BandGradient<T> gradient_;
 };
 
 }  // namespace detail

@@ -23,16 +23,6 @@ struct lifted_in_double {
   static constexpr double pair_per_dim = 0.38;
 };
 
-/// A sharded BatchTripletLoss with Mining::all (backend/sharded_batch_all.hpp) exchanges
-/// thresholds from this many ranks on; below it every rank runs the single-process simd path
-/// on the gathered X. A rank's n_r x N rectangle of distances costs what the single process's
-/// triangle does at W = 2, and each (row, anchor) pair is scanned twice (anchor role and
-/// candidate role). Fitted 2026-12-04 (bench_sharded, N = 4096, D = 128, float, 2 cores of an
-/// AMD EPYC with AVX-512, GCC 12, nothing else running): slowest rank / single process at
-/// W = 2 was 1.26-1.40 by thresholds, ~1.1-1.2 by gathering (the W = 1 row); at W = 4,
-/// 0.66-0.68 by thresholds. The scalar path exchanges thresholds from 2 ranks.
-inline constexpr int sharded_all_min_ranks = 4;
-
 /// BatchContrastiveLoss (simd) applies its weights one by one by differences
 /// (DirectWeights) when its active hinges, each a nonzero weight, number at most
 /// N^2 / direct_weights_per_pair unordered pairs (8.3 % of them); otherwise densely, through
