@@ -28,6 +28,8 @@
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/detail/views.hpp>
 
+#include <xsimd/xsimd.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -100,7 +102,12 @@ class AllBand {
       scan(i, value, i, [](Index r) { return r; }, out + slot_first[i], slope);
       for (Index j = 0; j < i; ++j) row[j] = static_cast<T>(slope[j]);
     }
-    // Column j as anchor against its rows i > j, a tile of columns at a time, transposed.
+    // Column j as anchor against its rows i > j: in lanes of anchors, or a tile of columns
+    // at a time, transposed.
+    if (!soft_margin_ && widest_slots(end) <= scan_limit) {
+      columns_by_lanes(w, out);
+      return out;
+    }
     double* tile = tile_.data(static_cast<std::size_t>(column_tile * (end - first)));
     for (Index j0 = 0; j0 < end; j0 += column_tile) {
       const Index width = std::min(column_tile, end - j0);
@@ -223,6 +230,125 @@ class AllBand {
     }
   }
 
+  /// The most slots of an anchor among rows [0, end).
+  Index widest_slots(Index end) {
+    const Index* slot_first = slot_first_.data(0);
+    Index k = 0;
+    for (Index j = 0; j < end; ++j) k = std::max(k, slot_first[j + 1] - slot_first[j]);
+    return k;
+  }
+
+  /// The column role with the hinge where every anchor has at most scan_limit slots: row by
+  /// row, the entries j < i of row i side by side as candidates of anchors j, each lane
+  /// against its own anchor's thresholds (padded with -inf, which nothing lies below), with
+  /// the per-anchor counts and sums kept in lanes. In blocks of rows and chunks of columns,
+  /// so that a chunk's thresholds and sums stay in L1. No transposition.
+  void columns_by_lanes(T* w, AllBandSlot* out) {
+    using lanes = xsimd::batch<double>;
+    constexpr Index width = static_cast<Index>(lanes::size);
+    constexpr Index row_block = 64, chunk = 128;
+    const Index first = first_, end = end_, stride = pairwise_.stride();
+    const Index* slot_first = slot_first_.data(0);
+    const Index k_max = widest_slots(end);
+    if (k_max == 0) return;
+    const double inf = std::numeric_limits<double>::infinity();
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const Index padded = (end + width - 1) / width * width;
+    double* t = lane_threshold_.data(static_cast<std::size_t>(k_max * padded));
+    double* kink = lane_kink_.data(static_cast<std::size_t>(k_max * padded));
+    double* bound = lane_bound_.data(static_cast<std::size_t>(padded));
+    double* cls = lane_class_.data(static_cast<std::size_t>(padded));
+    const double* thresholds = threshold_.data(0);
+    const double* kinks = kink_.data(0);
+    const double* slack = slack_.data(0);
+    const Index* class_of = classes_->class_of();
+    bool any_bound = false;
+    // Slot s of anchor j at at(s, j): a group's k_max batches side by side (a layout by s,
+    // padded apart, put every batch of a column chunk in one cache set at N = 4096).
+    const auto at = [&](Index s, Index j) { return ((j / width) * k_max + s) * width + j % width; };
+    for (Index j = 0; j < padded; ++j) {
+      const Index f = j < end ? slot_first[j] : 0, k = j < end ? slot_first[j + 1] - f : 0;
+      for (Index s = 0; s < k_max; ++s) {
+        t[at(s, j)] = s < k ? thresholds[f + s] : -inf;
+        kink[at(s, j)] = s < k ? kinks[f + s] : nan;
+      }
+      const double rounding = j < end ? pairwise_.rounding_bound(j, widest_) : 0.0;
+      bound[j] = rounding > 0.0 ? rounding + slack[j] : -1.0;  // -1: never near
+      any_bound = any_bound || rounding > 0.0;
+      cls[j] = j < end ? static_cast<double>(class_of[j]) : -1.0;
+    }
+    double* acc = lane_sums_.data(static_cast<std::size_t>(2 * k_max * padded));
+    std::fill(acc, acc + 2 * k_max * padded, 0.0);
+    double* count_of = acc;                    // [at(s, j)]
+    double* sum_of = acc + k_max * padded;     // [at(s, j)]
+    double* value = value_.data(static_cast<std::size_t>(chunk));
+    double* slope = slope_.data(static_cast<std::size_t>(chunk));
+    const lanes zero(0.0), one(1.0), half(0.5), infinity(inf), not_a_number(nan);
+    const bool euclidean = distance_ == Distance::euclidean;
+    for (Index i0 = first; i0 < end; i0 += row_block) {
+      const Index i1 = std::min(i0 + row_block, end);
+      for (Index j0 = 0; j0 + 1 < i1; j0 += chunk)
+        for (Index i = std::max(i0, j0 + 1); i < i1; ++i) {
+          const Index j1 = std::min(j0 + chunk, i);  // row i's entries [j0, j1) in this chunk
+          const Index jn = j0 + (j1 - j0 + width - 1) / width * width;
+          const T* sq = pairwise_.squared_row(i);
+          for (Index j = j0; j < j1; ++j) value[j - j0] = static_cast<double>(sq[j]);
+          for (Index j = j1; j < jn; ++j) value[j - j0] = nan;
+          const lanes ci(static_cast<double>(class_of[i]));
+          for (Index j = j0; j < jn; j += width) {
+            const Index group = (j / width) * k_max * width;  // at(0, j)
+            lanes x = xsimd::select(lanes::load_unaligned(cls + j) == ci, not_a_number,
+                                    lanes::load_unaligned(value + (j - j0)));
+            // As mining::exact_near_kinks, for each lane's anchor: rare.
+            if (any_bound) {
+              const lanes b = lanes::load_unaligned(bound + j);
+              auto near = xsimd::abs(x - lanes::load_aligned(kink + group)) <= b;
+              for (Index s = 1; s < k_max; ++s)
+                near = near | (xsimd::abs(x - lanes::load_aligned(kink + group + s * width)) <= b);
+              if (xsimd::any(near)) {
+                alignas(64) double lane[width];
+                x.store_aligned(lane);
+                for (Index l = 0; l < width && j + l < j1; ++l) {
+                  const Index a = j + l, f = slot_first[a], k = slot_first[a + 1] - f;
+                  const double own = pairwise_.rounding_bound(a, i) + slack[a];
+                  for (Index s = 0; s < k; ++s)
+                    if (std::abs(lane[l] - kinks[f + s]) <= own) {
+                      lane[l] = pairwise_.exact(a, i);
+                      break;
+                    }
+                }
+                x = lanes::load_aligned(lane);
+              }
+            }
+            if (euclidean) x = xsimd::sqrt(x);
+            lanes count(0.0);
+            for (Index s = 0; s < k_max; ++s) {
+              const auto below = x < lanes::load_aligned(t + group + s * width);
+              const lanes hit = xsimd::select(below, one, zero);
+              double* c = count_of + group + s * width;
+              double* m = sum_of + group + s * width;
+              (lanes::load_aligned(c) + hit).store_aligned(c);
+              (lanes::load_aligned(m) + xsimd::select(below, x, zero)).store_aligned(m);
+              count += hit;
+            }
+            // -#{s: d < t_js} d'(d): 0.5 / d under Euclidean, 0 at d = 0 or NaN.
+            const lanes derivative =
+                euclidean ? half / xsimd::select(x > zero, x, infinity) : one;
+            (-count * derivative).store_unaligned(slope + (j - j0));
+          }
+          T* row = w + (i - first) * stride;
+          for (Index j = j0; j < j1; ++j) row[j] += static_cast<T>(slope[j - j0]);
+        }
+    }
+    for (Index j = 0; j < end; ++j) {
+      const Index f = slot_first[j], k = slot_first[j + 1] - f;
+      for (Index s = 0; s < k; ++s) {
+        out[f + s].count += count_of[at(s, j)];
+        out[f + s].sum += sum_of[at(s, j)];
+      }
+    }
+  }
+
   /// Anchor a over m candidates: value[r] their squared product distances (NaN: not a
   /// negative of a), global(r) their rows. Adds a's slot parts to `out` and leaves in
   /// slope[r] the candidates' weights on D2 (0 off the negatives).
@@ -307,6 +433,9 @@ class AllBand {
   GrowOnlyBuffer<Index> position_, slot_first_, rank_, order_, bucket_;
   GrowOnlyBuffer<double> threshold_, kink_, derivative_, slack_, key_;
   GrowOnlyBuffer<double> value_, slope_, tile_, packed_, active_;
+  // columns_by_lanes: per anchor lane, thresholds and kinks by slot, bounds, classes, sums.
+  AlignedBuffer<double> lane_threshold_, lane_kink_, lane_sums_;  // by at(s, j), aligned loads
+  GrowOnlyBuffer<double> lane_bound_, lane_class_;
   GrowOnlyBuffer<AllBandSlot> slots_;
   GrowOnlyBuffer<T> weights_;  // band: dL/dD2 (before top_diff / Z), both roles
 };
