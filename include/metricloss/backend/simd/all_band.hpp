@@ -16,11 +16,11 @@
 // process's miner), and a product value within its rounding of a kink is replaced by the
 // exact distance, as the miner decides it (mining::exact_near_kinks): the same triplets as
 // the single process, ties included.
-#include <metricloss/backend/scalar/rowops.hpp>
 #include <metricloss/backend/simd/band_gradient.hpp>
 #include <metricloss/backend/simd/mining_scans.hpp>
 #include <metricloss/backend/simd/pair_rowops.hpp>
 #include <metricloss/backend/simd/pairwise.hpp>
+#include <metricloss/backend/simd/softplus.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/label_classes.hpp>
 #include <metricloss/detail/mining/common.hpp>
@@ -96,6 +96,13 @@ class AllBand {
         std::fill(row, row + i, T(0));
         continue;
       }
+      if (soft_margin_) {
+        soft_scan(i, sq, i, out + slot_first[i], row, [&](T* dist) {
+          for (const Index* m = classes.members_begin(i); m != classes.members_end(i) && *m < i; ++m)
+            dist[*m] = std::numeric_limits<T>::infinity();
+        });
+        continue;
+      }
       for (Index j = 0; j < i; ++j) value[j] = static_cast<double>(sq[j]);
       for (const Index* m = classes.members_begin(i); m != classes.members_end(i) && *m < i; ++m)
         value[*m] = std::numeric_limits<double>::quiet_NaN();
@@ -108,7 +115,10 @@ class AllBand {
       columns_by_lanes(w, out);
       return out;
     }
-    double* tile = tile_.data(static_cast<std::size_t>(column_tile * (end - first)));
+    // The tile in T, +inf off the candidates (i <= j, j's class), read row by row (each row's
+    // run of the tile's columns), each column replaced by its weights and added back.
+    const T inf = std::numeric_limits<T>::infinity();
+    T* tile = tile_.data(static_cast<std::size_t>(column_tile * (end - first)));
     for (Index j0 = 0; j0 < end; j0 += column_tile) {
       const Index width = std::min(column_tile, end - j0);
       const Index lo = std::max(first, j0 + 1);  // the first row below any of the tile's columns
@@ -117,33 +127,34 @@ class AllBand {
       bool any = false;
       for (Index c = 0; c < width; ++c) any = any || slot_first[j0 + c + 1] > slot_first[j0 + c];
       if (!any) continue;
-      // In blocks of 8 rows: each write a cache line of the tile, each read a short run.
-      for (Index i0 = lo; i0 < end; i0 += 8) {
-        const Index i1 = std::min(i0 + 8, end);
-        for (Index c = 0; c < width; ++c)
-          for (Index i = i0; i < i1; ++i)
-            tile[c * rows + (i - lo)] = j0 + c < i ? static_cast<double>(pairwise_.squared_row(i)[j0 + c])
-                                                   : std::numeric_limits<double>::quiet_NaN();
+      for (Index i = lo; i < end; ++i) {
+        const T* sq = pairwise_.squared_row(i) + j0;
+        const Index below = std::min(width, i - j0);  // columns j0 + c < i
+        for (Index c = 0; c < below; ++c) tile[c * rows + (i - lo)] = sq[c];
+        for (Index c = below; c < width; ++c) tile[c * rows + (i - lo)] = inf;
       }
       for (Index c = 0; c < width; ++c) {
         const Index j = j0 + c;
-        double* column = tile + c * rows;
+        T* column = tile + c * rows;
         if (slot_first[j + 1] == slot_first[j]) {
-          std::fill(column, column + rows, 0.0);
+          std::fill(column, column + rows, T(0));
           continue;
         }
-        // j's class among the rows: not its negatives.
         const Index* m = std::lower_bound(classes.members_begin(j), classes.members_end(j), lo);
-        for (; m != classes.members_end(j) && *m < end; ++m)
-          column[*m - lo] = std::numeric_limits<double>::quiet_NaN();
-        scan(j, column, rows, [lo](Index r) { return lo + r; }, out + slot_first[j], slope);
-        std::copy(slope, slope + rows, column);
+        for (; m != classes.members_end(j) && *m < end; ++m) column[*m - lo] = inf;
+        if (soft_margin_) {
+          soft_scan(j, column, rows, out + slot_first[j], column, [](T*) {});
+          continue;
+        }
+        for (Index r = 0; r < rows; ++r)
+          value[r] = column[r] < inf ? static_cast<double>(column[r]) : std::numeric_limits<double>::quiet_NaN();
+        scan(j, value, rows, [lo](Index r) { return lo + r; }, out + slot_first[j], slope);
+        for (Index r = 0; r < rows; ++r) column[r] = static_cast<T>(slope[r]);
       }
-      for (Index i0 = lo; i0 < end; i0 += 8) {
-        const Index i1 = std::min(i0 + 8, end);
-        for (Index c = 0; c < width; ++c)
-          for (Index i = std::max(i0, j0 + c + 1); i < i1; ++i)
-            w[(i - first) * stride + j0 + c] += static_cast<T>(tile[c * rows + (i - lo)]);
+      for (Index i = lo; i < end; ++i) {
+        T* row = w + (i - first) * stride + j0;
+        const Index below = std::min(width, i - j0);
+        for (Index c = 0; c < below; ++c) row[c] += tile[c * rows + (i - lo)];
       }
     }
     return out;
@@ -349,48 +360,62 @@ class AllBand {
     }
   }
 
-  /// Anchor a over m candidates: value[r] their squared product distances (NaN: not a
-  /// negative of a), global(r) their rows. Adds a's slot parts to `out` and leaves in
+  /// Soft margin, anchor a over m candidates with product D2 `squared` (T; +inf, or set to
+  /// +inf in the distances by mark(dist): not a negative of a), as the miner's
+  /// all_soft_anchor_lanes: adds a's slot parts to `out` and writes the candidates' weights
+  /// on D2 to weight[0, m) (which may be `squared`).
+  template <class Mark>
+  void soft_scan(Index a, const T* squared, Index m, AllBandSlot* out, T* weight, Mark&& mark) {
+    const Index f = slot_first_.data(0)[a], k = slot_first_.data(0)[a + 1] - f;
+    const double* t = threshold_.data(0) + f;
+    const Index padded = SimdSoftMargin::soft_margin_padded<T>(m);
+    T* dist = soft_.data(static_cast<std::size_t>(4 * padded));
+    T* factor = dist + padded;
+    T* inverse = factor + padded;
+    T* slope = inverse + padded;
+    SimdSoftMargin::soft_margin_distances(squared, m, padded, distance_, dist);
+    mark(dist);
+    double centre = 0.0;
+    const bool factored =
+        SimdSoftMargin::soft_margin_factors(dist, padded, t[0], t[k - 1], factor, inverse, centre);
+    std::fill(slope, slope + padded, T(0));
+    for (Index s = 0; s < k; ++s) {
+      double positive_slope = 0.0;
+      out[s].sum += factored
+                        ? SimdSoftMargin::soft_margin_row_lanes<true, true>(
+                              t[s], centre, dist, factor, inverse, padded, slope, positive_slope)
+                        : SimdSoftMargin::soft_margin_row_lanes<false, true>(
+                              t[s], centre, dist, factor, inverse, padded, slope, positive_slope);
+      out[s].count += positive_slope;
+    }
+    SimdSoftMargin::soft_margin_negative_weights(slope, dist, padded, distance_);
+    std::copy(slope, slope + m, weight);
+  }
+
+  /// The hinge, anchor a over m candidates: value[r] their squared product distances (NaN:
+  /// not a negative of a), global(r) their rows. Adds a's slot parts to `out` and leaves in
   /// slope[r] the candidates' weights on D2 (0 off the negatives).
   template <class Global>
   void scan(Index a, double* value, Index m, Global&& global, AllBandSlot* out, double* slope) {
     const Index f = slot_first_.data(0)[a], k = slot_first_.data(0)[a + 1] - f;
     const double* t = threshold_.data(0) + f;
-    if (!soft_margin_) {
-      // As mining::exact_near_kinks: which side of a kink a value lies on decides its triplet.
-      const double bound = pairwise_.rounding_bound(a, widest_);
-      if (bound > 0.0) {
-        const double* kink = kink_.data(0) + f;
-        const double slack = slack_.data(0)[a];
-        SimdMiningScans::near_thresholds(value, m, kink, k, bound + slack, [&](Index r) {
-          const Index j = global(r);
-          const double own = pairwise_.rounding_bound(a, j) + slack;
-          for (Index s = 0; s < k; ++s)
-            if (std::abs(value[r] - kink[s]) <= own) {
-              value[r] = pairwise_.exact(a, j);  // rare
-              return;
-            }
-        });
-      }
+    // As mining::exact_near_kinks: which side of a kink a value lies on decides its triplet.
+    const double bound = pairwise_.rounding_bound(a, widest_);
+    if (bound > 0.0) {
+      const double* kink = kink_.data(0) + f;
+      const double slack = slack_.data(0)[a];
+      SimdMiningScans::near_thresholds(value, m, kink, k, bound + slack, [&](Index r) {
+        const Index j = global(r);
+        const double own = pairwise_.rounding_bound(a, j) + slack;
+        for (Index s = 0; s < k; ++s)
+          if (std::abs(value[r] - kink[s]) <= own) {
+            value[r] = pairwise_.exact(a, j);  // rare
+            return;
+          }
+      });
     }
     if (distance_ == Distance::euclidean) SimdPairRowOps::square_root_in_place(value, m);
-    if (soft_margin_) {
-      // softplus does not factor over the negatives: every (positive, negative) pair.
-      double* packed = packed_.data(static_cast<std::size_t>(2 * m));
-      double* sigma = packed + m;
-      Index count = 0;
-      for (Index r = 0; r < m; ++r)
-        if (value[r] == value[r]) packed[count++] = value[r];
-      std::fill(sigma, sigma + count, 0.0);
-      for (Index s = 0; s < k; ++s) {
-        double positive_slope = 0.0;
-        out[s].sum += ScalarRowOps::soft_margin_row(t[s], packed, count, sigma, positive_slope);
-        out[s].count += positive_slope;
-      }
-      Index c = 0;
-      for (Index r = 0; r < m; ++r)
-        slope[r] = value[r] == value[r] ? -sigma[c++] * distance_derivative(value[r], distance_) : 0.0;
-    } else if (k <= scan_limit) {
+    if (k <= scan_limit) {
       double* active = active_.data(static_cast<std::size_t>(2 * k));
       SimdMiningScans::below_thresholds(value, m, t, k, distance_, active, active + k, slope);
       for (Index s = 0; s < k; ++s) {
@@ -432,7 +457,8 @@ class AllBand {
   Index first_ = 0, end_ = 0, widest_ = 0;
   GrowOnlyBuffer<Index> position_, slot_first_, rank_, order_, bucket_;
   GrowOnlyBuffer<double> threshold_, kink_, derivative_, slack_, key_;
-  GrowOnlyBuffer<double> value_, slope_, tile_, packed_, active_;
+  GrowOnlyBuffer<double> value_, slope_, active_;
+  GrowOnlyBuffer<T> tile_, soft_;  // the column role's tile; soft_scan's rows
   // columns_by_lanes: per anchor lane, thresholds and kinks by slot, bounds, classes, sums.
   AlignedBuffer<double> lane_threshold_, lane_kink_, lane_sums_;  // by at(s, j), aligned loads
   GrowOnlyBuffer<double> lane_bound_, lane_class_;
