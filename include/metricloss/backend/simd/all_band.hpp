@@ -47,7 +47,8 @@ struct AllBandSlot {
 
 template <class T>
 class AllBand {
-  /// Columns of a tile of the column role: each transposed into a row of doubles.
+  /// Columns of a tile of the column role (soft margin, large classes): each transposed
+  /// into a row of T.
   static constexpr Index column_tile = 32;
 
  public:
