@@ -109,22 +109,28 @@ TEST_CASE("sharded over threads: hinges at exactly 0 decided as in one process",
   });
 }
 
-/// Batch-hard in every form: hinge and soft margin, squared and Euclidean distances.
+/// A batch triplet mining mode in every form: hinge and soft margin, squared and Euclidean
+/// distances (margin 0.5).
 template <class T>
-struct HardConfigs {
+struct TripletForms {
+  ml::Mining mining;
+  const char* name;
   template <class F>
   void operator()(F&& f) const {
     for (ml::Distance distance : {ml::Distance::squared_euclidean, ml::Distance::euclidean})
       for (bool soft : {false, true}) {
-        ml::BatchTripletLoss<T> hard(T(0.5), ml::Mining::hard);
-        hard.distance = distance;
-        hard.soft_margin = soft;
-        f(std::string("batch-hard") + (soft ? " soft" : " hinge") +
+        ml::BatchTripletLoss<T> loss(T(0.5), mining, distance, soft);
+        f(std::string(name) + (soft ? " soft" : " hinge") +
               (distance == ml::Distance::squared_euclidean ? " squared" : " euclidean"),
-          hard);
+          loss);
       }
   }
 };
+
+template <class T>
+TripletForms<T> hard_forms() { return {ml::Mining::hard, "batch-hard"}; }
+template <class T>
+TripletForms<T> all_forms() { return {ml::Mining::all, "batch-all"}; }
 
 TEST_CASE("sharded over threads: batch-hard by bands of the triangle, large batches",
           "[sharded][ties]") {
@@ -135,29 +141,14 @@ TEST_CASE("sharded over threads: batch-hard by bands of the triangle, large batc
   on_layouts(big_layouts, {3, 33}, [&](ml::thread_rank& me, const std::vector<Index>& shards,
                                        Index d, std::vector<Record>& mine) {
     for (bool integer : {false, true}) {
-      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<double>{});
-      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, HardConfigs<float>{});
+      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, hard_forms<double>());
+      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, hard_forms<float>());
     }
-    sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<double>{}, 1000.0);
-    sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, HardConfigs<float>{}, 1000.0);
-    sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, HardConfigs<double>{});
+    sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, hard_forms<double>(), 1000.0);
+    sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, hard_forms<float>(), 1000.0);
+    sharded::check_layout_of<double>(me, ml::scalar.sharded(me), "scalar", shards, d, true, mine, hard_forms<double>());
   });
 }
-
-/// Batch-all in every form: hinge and soft margin, squared and Euclidean distances.
-template <class T>
-struct AllConfigs {
-  template <class F>
-  void operator()(F&& f) const {
-    for (ml::Distance distance : {ml::Distance::squared_euclidean, ml::Distance::euclidean})
-      for (bool soft : {false, true}) {
-        ml::BatchTripletLoss<T> all(T(0.5), ml::Mining::all, distance, soft);
-        f(std::string("batch-all") + (soft ? " soft" : " hinge") +
-              (distance == ml::Distance::squared_euclidean ? " squared" : " euclidean"),
-          all);
-      }
-  }
-};
 
 TEST_CASE("sharded over threads: batch-all by bands of the triangle, large batches",
           "[sharded][ties]") {
@@ -169,11 +160,11 @@ TEST_CASE("sharded over threads: batch-all by bands of the triangle, large batch
                                        Index d, std::vector<Record>& mine) {
     for (Index classes : {4, 40}) {
       for (bool integer : {false, true}) {
-        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, AllConfigs<double>{}, 0.0, classes);
-        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, AllConfigs<float>{}, 0.0, classes);
+        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, all_forms<double>(), 0.0, classes);
+        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, all_forms<float>(), 0.0, classes);
       }
-      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, AllConfigs<double>{}, 1000.0, classes);
-      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, AllConfigs<float>{}, 1000.0, classes);
+      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, all_forms<double>(), 1000.0, classes);
+      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, all_forms<float>(), 1000.0, classes);
     }
   });
 }

@@ -234,9 +234,10 @@ struct ShardedBatchAll {
     for (Index a = 0; a < n; ++a) {
       const Index f = slot_first[a], k = slot_first[a + 1] - f;
       if (k == 0) continue;
+      const int from = bands.first_band(a);
       for (Index s = f; s < f + k; ++s) {
         AllBandSlot m;
-        for (int q = bands.first_band(a); q < ranks; ++q) {
+        for (int q = from; q < ranks; ++q) {
           m.count += all[slot_offset[q] + s].count;
           m.sum += all[slot_offset[q] + s].sum;
         }
