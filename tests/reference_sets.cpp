@@ -621,3 +621,49 @@ TEMPLATE_TEST_CASE("reference sets: simd agrees with scalar over sizes and strid
         }
       }
 }
+
+TEST_CASE("reference sets: lifted in float on simd, large sets and scales float cannot hold",
+          "[reference][lifted]") {
+  // The float path keeps its distances in float where every negative that carries weight is
+  // within lifted_tolerance; otherwise the call runs in double. Each case is checked against
+  // the brute force at API.md's float bounds:
+  //   - large sets: row sums over several lane blocks, column sums over several flushes;
+  //   - a negative close to its query (the global bound fails, each entry passes: float);
+  //   - R a cloud 1e4 away from Q (D ~ 2.6e4, float holds D to ~3e-3: in double);
+  //   - ordinary data with one far row of R (its column's weighted entries: in double).
+  struct Case {
+    const char* name;
+    Index nq, nr, d;
+    double offset;
+    bool close_negative, far_row;
+  };
+  const Case cases[] = {{"large sets", 70, 600, 19, 0.0, false, false},
+                        {"a close negative", 20, 90, 32, 0.0, true, false},
+                        {"R far from Q", 20, 90, 7, 1e4, false, false},
+                        {"one far row of R", 20, 90, 7, 0.0, false, true}};
+  std::uint64_t seed = 1800;
+  for (const Case& c : cases) {
+    CAPTURE(c.name, seed);
+    std::mt19937_64 rng(seed++);
+    const Matrix<float> q = uniform_matrix<float>(c.nq, c.d, rng);
+    Matrix<float> r = uniform_matrix<float>(c.nr, c.d, rng, c.offset - 1.0, c.offset + 1.0);
+    const CrossLabels yq = labels_of(random_labels(c.nq, 6, rng));
+    CrossLabels yr = labels_of(random_labels(c.nr, 6, rng));
+    if (c.close_negative) {  // r_0 = q_0 + 0.2 e_0, of another class
+      r.row(0) = q.row(0);
+      r(0, 0) += 0.2f;
+      yr(0) = yq(0) + 1;
+    }
+    if (c.far_row) {
+      r.row(5).setConstant(3000.0f);
+      yr(5) = yq(0) + 1;
+    }
+    ml::LiftedStructureLoss<float> loss(1.0f);
+    Matrix<float> gq(c.nq, c.d), gr(c.nr, c.d);
+    const float l = loss.forward_backward(ml::simd, q, yq, ml::reference(r, yr), gq, gr, 0.5f);
+    const CrossReference b = cross_lifted_brute_force(q.cast<double>(), yq, r.cast<double>(), yr,
+                                                      no_self(c.nq), 1.0, 0.5);
+    check_against(b, l, gq, gr, Tolerance<float>::loss, Tolerance<float>::gradient);
+    CHECK(loss.forward(ml::simd, q, yq, ml::reference(r, yr)) == l);
+  }
+}

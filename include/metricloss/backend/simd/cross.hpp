@@ -20,6 +20,7 @@
 #include <metricloss/detail/views.hpp>
 
 #include <Eigen/Core>
+#include <xsimd/xsimd.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -29,6 +30,9 @@ namespace detail {
 
 template <class T>
 class CrossDistances {
+  using batch = xsimd::batch<T>;
+  static constexpr Index width = static_cast<Index>(batch::size);
+
  public:
   /// Fills squared() for the rows of q against the rows of r (same number of columns).
   void compute(const MatrixView<const T>& q, const MatrixView<const T>& r) {
@@ -43,9 +47,20 @@ class CrossDistances {
     const T* n = norms_.data(0);
     const T* mr = n + m;
     const T ratio = static_cast<T>(Numerics<T>::recompute_ratio);
+    const batch ratio_lanes(ratio), two(T(2));
     for (Index i = 0; i < m; ++i) {
       T* row = squared + i * stride_;
-      for (Index j = 0; j < k; ++j) {
+      const batch ni(n[i]);
+      Index j = 0;
+      for (; j + width <= k; j += width) {
+        const batch scale = ni + batch::load_unaligned(mr + j);
+        const batch value = scale - two * batch::load_unaligned(row + j);
+        value.store_unaligned(row + j);
+        if (!xsimd::all(value > ratio_lanes * scale))  // rare: small, zero or NaN entries
+          for (Index lane = j; lane < j + width; ++lane)
+            if (!(row[lane] > ratio * (n[i] + mr[lane]))) row[lane] = static_cast<T>(exact(i, lane));
+      }
+      for (; j < k; ++j) {
         const T scale = n[i] + mr[j];
         const T value = scale - T(2) * row[j];
         row[j] = value > ratio * scale ? value : static_cast<T>(exact(i, j));
@@ -80,6 +95,9 @@ class CrossDistances {
            (static_cast<double>(n[i]) + static_cast<double>(n[q_.rows + j]));
   }
 
+  /// The centred rows' squared norms: Q's M, then R's K.
+  const T* centred_norms() { return norms_.data(0); }
+
   /// The row of R with the largest centred norm: rounding_bound(i, widest_reference())
   /// bounds rounding_bound(i, j) for every j.
   Index widest_reference() {
@@ -98,13 +116,19 @@ class CrossDistances {
     return w;
   }
 
+  /// M x K weights W, unset: for a caller that writes every entry.
+  StridedMap<T> weights_to_fill() {
+    return StridedMap<T>(weights_.data(static_cast<std::size_t>(q_.rows * stride_)), q_.rows, r_.rows,
+                         Eigen::OuterStride<>(stride_));
+  }
+
   /// The weights of the last zeroed_weights(), as the caller left them.
   StridedMap<T> weights() {
     return StridedMap<T>(weights_.data(0), q_.rows, r_.rows, Eigen::OuterStride<>(stride_));
   }
 
   /// grad_q = scale dQ and grad_r = scale dR (either may be empty) from W of
-  /// zeroed_weights(), which this destroys (its near pairs are taken out).
+  /// zeroed_weights() or weights_to_fill(), which this destroys (its near pairs are taken out).
   void gradients(T scale, const MatrixView<T>& grad_q, const MatrixView<T>& grad_r) {
     const Index m = q_.rows, k = r_.rows, d = q_.cols;
     T* w = weights_.data(0);
@@ -116,21 +140,45 @@ class CrossDistances {
     std::fill(row_sums, row_sums + m + k, 0.0);
     const T* n = norms_.data(0);
     const T* sq = squared_.data(0);
-    const double near_ratio = Numerics<T>::near_ratio;
-    for (Index i = 0; i < m; ++i)
-      for (Index j = 0; j < k; ++j) {
-        T& wij = w[i * stride_ + j];
-        if (wij == T(0)) continue;
-        const double scale_ij = static_cast<double>(n[i]) + static_cast<double>(n[m + j]);
-        if (static_cast<double>(sq[i * stride_ + j]) < near_ratio * scale_ij) {
-          add_difference(near_q + i * d, near_r + j * d, q_.row(i), r_.row(j), d,
-                         2.0 * static_cast<double>(wij));
-          wij = T(0);
-          continue;
+    const T near_ratio = static_cast<T>(Numerics<T>::near_ratio);  // 2^-10: exact scaling
+    // Row sums in T lanes over blocks of `block` batches, totalled in double; column sums in
+    // T lanes, flushed to double every `block` rows.
+    constexpr Index block = 32;
+    T* partial = partial_.data(static_cast<std::size_t>(k));
+    std::fill(partial, partial + k, T(0));
+    const batch zero(T(0)), near_lanes(near_ratio);
+    for (Index i = 0; i < m; ++i) {
+      T* wrow = w + i * stride_;
+      const T* sqrow = sq + i * stride_;
+      const batch ni(n[i]);
+      double row_total = 0.0;
+      Index j = 0;
+      while (j + width <= k) {
+        batch lanes(T(0));
+        for (Index b = 0; b < block && j + width <= k; ++b, j += width) {
+          batch wij = batch::load_unaligned(wrow + j);
+          const auto near = batch::load_unaligned(sqrow + j) < near_lanes * (ni + batch::load_unaligned(n + m + j));
+          if (xsimd::any(near & (wij != zero))) {  // rare: pairs the products would cancel
+            for (Index lane = j; lane < j + width; ++lane) take_out_if_near(i, lane, near_ratio, near_q, near_r);
+            wij = batch::load_unaligned(wrow + j);
+          }
+          lanes += wij;
+          (batch::load_unaligned(partial + j) + wij).store_unaligned(partial + j);
         }
-        row_sums[i] += static_cast<double>(wij);
-        column_sums[j] += static_cast<double>(wij);
+        row_total += static_cast<double>(xsimd::hadd(lanes));
       }
+      for (; j < k; ++j) {
+        take_out_if_near(i, j, near_ratio, near_q, near_r);
+        row_total += static_cast<double>(wrow[j]);
+        partial[j] += wrow[j];
+      }
+      row_sums[i] = row_total;
+      if ((i + 1) % block == 0 || i + 1 == m)
+        for (Index c = 0; c < k; ++c) {
+          column_sums[c] += static_cast<double>(partial[c]);
+          partial[c] = T(0);
+        }
+    }
     const ConstStridedMap<T> weights(w, m, k, Eigen::OuterStride<>(stride_));
     const T two_scale = T(2) * scale;
     if (!grad_q.empty()) {
@@ -168,6 +216,17 @@ class CrossDistances {
         out(i, c) = static_cast<T>(static_cast<double>(out(i, c)) +
                                    static_cast<double>(scale) * near[i * d + c]);
     }
+  }
+
+  /// W_ij, when (i, j) is a near pair (D2_ij < near_ratio (n_i + m_j)), applied by
+  /// differences into the near rows and set to 0.
+  void take_out_if_near(Index i, Index j, T near_ratio, double* near_q, double* near_r) {
+    T& wij = weights_.data(0)[i * stride_ + j];
+    const T* n = norms_.data(0);
+    if (wij == T(0) || !(squared_.data(0)[i * stride_ + j] < near_ratio * (n[i] + n[q_.rows + j]))) return;
+    const Index d = q_.cols;
+    add_difference(near_q + i * d, near_r + j * d, q_.row(i), r_.row(j), d, 2.0 * static_cast<double>(wij));
+    wij = T(0);
   }
 
   /// gq += v (a - b), gr -= v (a - b), in double.
@@ -211,6 +270,7 @@ class CrossDistances {
   MatrixView<const T> q_{}, r_{};
   Index stride_ = 0;
   GrowOnlyBuffer<T> centred_, squared_, weights_, norms_;  // norms: Q's M, then R's K
+  GrowOnlyBuffer<T> partial_;                              // K: column sums' lanes
   GrowOnlyBuffer<double> mean_, sums_, near_;
   AlignedBuffer<T> staging_;  // the gradient products, before they go to the caller
   GemmBlocking<T> blocking_;  // Eigen's packed panels of the three products
