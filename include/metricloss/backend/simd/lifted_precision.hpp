@@ -189,8 +189,10 @@ struct LiftedPrecision {
     // a product entry too short by far more than the window.
     std::fill(nearest, nearest + n, infinity);
     std::fill(column_nearest, column_nearest + n, infinity);
-    for (Index i = 1; i < n; ++i)
-      nearest[i] = Sweeps::template nearest_negative<false>(distance + i * pairwise.stride(), class_value, class_value[i], i, column_nearest);
+    for (Index i = 1; i < n; ++i) {
+      T* row = distance + i * pairwise.stride();
+      nearest[i] = Sweeps::template nearest_negative<false>(row, row, class_value, class_value[i], i, column_nearest);
+    }
     for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
     return count;
   }

@@ -78,32 +78,9 @@ struct LiftedReferencePass {
     col_nearest = w.col_nearest.data(static_cast<std::size_t>(nr));
     const T inf = std::numeric_limits<T>::infinity();
     std::fill(col_nearest, col_nearest + nr, inf);
-    for (Index a = 0; a < nq; ++a) {
-      const T* squared = w.cross.squared_row(a);
-      T* row = distance + a * stride;
-      const T own = own_value(classes.own_class(a));
-      const batch own_class(own), far(inf);
-      batch best(inf);
-      Index j = 0;
-      for (; j + width <= nr; j += width) {
-        const batch d = xsimd::sqrt(batch::load_unaligned(squared + j));
-        d.store_unaligned(row + j);
-        const batch masked = xsimd::select(batch::load_unaligned(cls + j) != own_class, d, far);
-        best = xsimd::min(best, masked);
-        xsimd::min(batch::load_unaligned(col_nearest + j), masked).store_unaligned(col_nearest + j);
-      }
-      alignas(64) T lanes[width];
-      best.store_aligned(lanes);
-      T nearest = inf;
-      for (Index lane = 0; lane < width; ++lane) nearest = std::min(nearest, lanes[lane]);
-      for (; j < nr; ++j) {
-        row[j] = std::sqrt(squared[j]);
-        if (cls[j] == own) continue;
-        nearest = std::min(nearest, row[j]);
-        col_nearest[j] = std::min(col_nearest[j], row[j]);
-      }
-      row_nearest[a] = nearest;
-    }
+    for (Index a = 0; a < nq; ++a)
+      row_nearest[a] = Sweeps::template nearest_negative<true>(
+          w.cross.squared_row(a), distance + a * stride, cls, own_value(classes.own_class(a)), nr, col_nearest);
   }
 
   /// Whether every negative that carries weight has its D in T to the tolerance (always,
@@ -177,28 +154,8 @@ struct LiftedReferencePass {
     std::fill(col_sum, col_sum + nr, 0.0);
     const T inf = std::numeric_limits<T>::infinity();
     for (Index a = 0; a < nq; ++a) {
-      const T* row = distance + a * stride;
-      const T own = own_value(classes.own_class(a));
-      const batch own_class(own), shift(row_nearest[a]), far(inf);
-      double total = 0.0;
-      Index j = 0;
-      while (j + width <= nr) {
-        batch lanes(T(0));
-        for (Index b = 0; b < block && j + width <= nr; ++b, j += width) {
-          // No negative: D = +inf, so that its exp is 0 (and its argument never positive).
-          const batch d = xsimd::select(batch::load_unaligned(cls + j) != own_class,
-                                        batch::load_unaligned(row + j), far);
-          lanes += Sweeps::clamped_exp(shift - d);
-          const batch column = Sweeps::clamped_exp(batch::load_unaligned(col_nearest + j) - d);
-          (batch::load_unaligned(partial + j) + column).store_unaligned(partial + j);
-        }
-        total += static_cast<double>(xsimd::hadd(lanes));
-      }
-      for (; j < nr; ++j) {
-        if (cls[j] == own) continue;
-        total += static_cast<double>(Sweeps::clamped_exp(row_nearest[a] - row[j]));
-        partial[j] += Sweeps::clamped_exp(col_nearest[j] - row[j]);
-      }
+      const double total = Sweeps::shifted_exp_sums(distance + a * stride, cls, own_value(classes.own_class(a)),
+                                                    row_nearest[a], col_nearest, nr, partial);
       row_sum[a] = row_nearest[a] < inf ? total : 0.0;  // no negative: the clamp's e^floor terms
       row_log[a] = lifted_log_normaliser(margin, static_cast<double>(row_nearest[a]), row_sum[a]);
       if ((a + 1) % block == 0 || a + 1 == nq)

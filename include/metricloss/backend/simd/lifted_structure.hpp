@@ -125,7 +125,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
         classes.for_each_earlier_positive(i, [&](Index k) {
           row[k] = static_cast<T>(pairwise.by_differences(k, i));
         });
-        nearest[i] = Sweeps::template nearest_negative<true>(row, class_value, class_value[i], i, column_nearest);
+        nearest[i] = Sweeps::template nearest_negative<true>(row, row, class_value, class_value[i], i, column_nearest);
       });
       for (Index i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], column_nearest[i]);
       distance = pairwise.squared().data();
@@ -167,7 +167,7 @@ struct Backend<LiftedStructureLoss<T>, simd_tag> {
       ColumnSums columns(s.column_partial, s.column_total, n);
       for (Index i = 0; i < n; ++i) {
         shifted_sum[i] = Sweeps::shifted_exp_sums(distance + i * rows, class_value, class_value[i],
-                                                  nearest, i, columns.partial);
+                                                  nearest[i], nearest, i, columns.partial);
         columns.row_done(i);
       }
       columns.finish();

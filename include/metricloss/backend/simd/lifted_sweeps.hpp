@@ -48,16 +48,17 @@ struct LiftedSweeps {
   }
 
   /// Row i's nearest negative among k < i, folding each such entry into column_nearest[k]
-  /// too (the column's part of row k's nearest). Roots: the row holds squared distances,
-  /// replaced by their roots on the way.
+  /// too (the column's part of row k's nearest). Roots: `from` holds squared distances, whose
+  /// roots go to `row` (which may be `from`); else `row` holds the distances.
   template <bool Roots>
-  static T nearest_negative(T* row, const T* class_value, T own, Index i, T* column_nearest) {
+  static T nearest_negative(const T* from, T* row, const T* class_value, T own, Index i,
+                            T* column_nearest) {
     const T infinity = std::numeric_limits<T>::infinity();
     const batch own_class(own), far(infinity);
     batch nearest(infinity);
     Index k = 0;
     for (; k + width <= i; k += width) {
-      batch dik = batch::load_unaligned(row + k);
+      batch dik = batch::load_unaligned((Roots ? from : row) + k);
       if constexpr (Roots) {
         dik = xsimd::sqrt(dik);
         dik.store_unaligned(row + k);
@@ -72,7 +73,7 @@ struct LiftedSweeps {
     T result = infinity;
     for (Index lane = 0; lane < width; ++lane) result = std::min(result, lanes[lane]);
     for (; k < i; ++k) {
-      if constexpr (Roots) row[k] = std::sqrt(row[k]);
+      if constexpr (Roots) row[k] = std::sqrt(from[k]);
       if (class_value[k] != own) {
         result = std::min(result, row[k]);
         column_nearest[k] = std::min(column_nearest[k], row[k]);
@@ -81,13 +82,14 @@ struct LiftedSweeps {
     return result;
   }
 
-  /// Row i of the lower triangle: returns sum_{k < i} exp(nearest_i - D_ik) over the
+  /// Row i of the lower triangle (count = i, row_nearest = nearest_i, column_nearest =
+  /// nearest), or of a rectangle: returns sum_{k < count} exp(row_nearest - D_ik) over the
   /// negatives (lane sums in T over blocks of `block` batches, totalled in double) and adds
-  /// exp(nearest_k - D_ik) to column_partial[k].
-  static double shifted_exp_sums(const T* row, const T* class_value, T own, const T* nearest,
-                                 Index i, T* column_partial) {
+  /// exp(column_nearest_k - D_ik) to column_partial[k].
+  static double shifted_exp_sums(const T* row, const T* class_value, T own, T row_nearest,
+                                 const T* nearest, Index i, T* column_partial) {
     constexpr Index block = 32;
-    const batch own_class(own), shift(nearest[i]), far(std::numeric_limits<T>::infinity());
+    const batch own_class(own), shift(row_nearest), far(std::numeric_limits<T>::infinity());
     double total = 0.0;
     Index k = 0;
     while (k + width <= i) {
@@ -104,7 +106,7 @@ struct LiftedSweeps {
     }
     for (; k < i; ++k) {
       if (class_value[k] == own) continue;
-      total += static_cast<double>(clamped_exp(nearest[i] - row[k]));
+      total += static_cast<double>(clamped_exp(row_nearest - row[k]));
       column_partial[k] += clamped_exp(nearest[k] - row[k]);
     }
     return total;
