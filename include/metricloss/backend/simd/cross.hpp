@@ -15,6 +15,7 @@
 // applied by differences in double, 2 W_ij (q_i - r_j), where the products would cancel.
 #include <metricloss/backend/simd/exact.hpp>
 #include <metricloss/backend/simd/products.hpp>
+#include <metricloss/backend/simd/triangle.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/views.hpp>
@@ -135,17 +136,15 @@ class CrossDistances {
     double* near_q = near_.data(static_cast<std::size_t>((m + k) * d));
     double* near_r = near_q + m * d;
     std::fill(near_q, near_q + (m + k) * d, 0.0);
-    double* row_sums = sums_.data(static_cast<std::size_t>(m + k));
-    double* column_sums = row_sums + m;
-    std::fill(row_sums, row_sums + m + k, 0.0);
+    double* row_sums = sums_.data(static_cast<std::size_t>(m));
+    ColumnSums<T> columns(partial_, column_sums_, k);
     const T* n = norms_.data(0);
     const T* sq = squared_.data(0);
     const T near_ratio = static_cast<T>(Numerics<T>::near_ratio);  // 2^-10: exact scaling
     // Row sums in T lanes over blocks of `block` batches, totalled in double; column sums in
-    // T lanes, flushed to double every `block` rows.
+    // T lanes, flushed to double every 32 rows (ColumnSums).
     constexpr Index block = 32;
-    T* partial = partial_.data(static_cast<std::size_t>(k));
-    std::fill(partial, partial + k, T(0));
+    T* partial = columns.partial;
     const batch zero(T(0)), near_lanes(near_ratio);
     for (Index i = 0; i < m; ++i) {
       T* wrow = w + i * stride_;
@@ -173,12 +172,9 @@ class CrossDistances {
         partial[j] += wrow[j];
       }
       row_sums[i] = row_total;
-      if ((i + 1) % block == 0 || i + 1 == m)
-        for (Index c = 0; c < k; ++c) {
-          column_sums[c] += static_cast<double>(partial[c]);
-          partial[c] = T(0);
-        }
+      columns.rectangle_row_done(i);
     }
+    columns.finish();
     const ConstStridedMap<T> weights(w, m, k, Eigen::OuterStride<>(stride_));
     const T two_scale = T(2) * scale;
     if (!grad_q.empty()) {
@@ -190,7 +186,7 @@ class CrossDistances {
     if (!grad_r.empty()) {
       StridedMap<T> out = staged(staging_, k, d);
       product_into<T>(blocking_, weights.transpose(), query_centred(), out);  // W^T Qc
-      finish(out, reference_centred(), column_sums, near_r, two_scale, scale);
+      finish(out, reference_centred(), columns.total, near_r, two_scale, scale);
       copy_rows(out, grad_r);
     }
   }
@@ -270,8 +266,8 @@ class CrossDistances {
   MatrixView<const T> q_{}, r_{};
   Index stride_ = 0;
   GrowOnlyBuffer<T> centred_, squared_, weights_, norms_;  // norms: Q's M, then R's K
-  GrowOnlyBuffer<T> partial_;                              // K: column sums' lanes
-  GrowOnlyBuffer<double> mean_, sums_, near_;
+  GrowOnlyBuffer<T> partial_;                              // K: ColumnSums' lanes
+  GrowOnlyBuffer<double> mean_, sums_, column_sums_, near_;  // sums_: M row sums
   AlignedBuffer<T> staging_;  // the gradient products, before they go to the caller
   GemmBlocking<T> blocking_;  // Eigen's packed panels of the three products
 };

@@ -14,6 +14,7 @@
 #include <metricloss/backend/simd/cross.hpp>
 #include <metricloss/backend/simd/exact.hpp>
 #include <metricloss/backend/simd/lifted_sweeps.hpp>
+#include <metricloss/backend/simd/triangle.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/cross_classes.hpp>
 #include <metricloss/detail/lifted_structure_math.hpp>
@@ -141,29 +142,23 @@ struct LiftedReferencePass {
   }
 
   /// Sweep 2: s = sum exp(nearest - D) over the negatives of each row (lane sums in T over
-  /// blocks, totalled in double) and of each column (T lanes, flushed to double every
-  /// `block` rows); then a = margin - nearest + log s.
+  /// blocks, totalled in double) and of each column (ColumnSums: T lanes, flushed to double
+  /// every 32 rows); then a = margin - nearest + log s.
   void normalisers() {
-    constexpr Index block = 32;
     row_sum = w.row_sum.data(static_cast<std::size_t>(nq));
-    col_sum = w.col_sum.data(static_cast<std::size_t>(nr));
     row_log = w.row_log.data(static_cast<std::size_t>(nq));
     col_log = w.col_log.data(static_cast<std::size_t>(nr));
-    T* partial = w.col_partial.data(static_cast<std::size_t>(nr));
-    std::fill(partial, partial + nr, T(0));
-    std::fill(col_sum, col_sum + nr, 0.0);
+    ColumnSums<T> columns(w.col_partial, w.col_sum, nr);
+    col_sum = columns.total;
     const T inf = std::numeric_limits<T>::infinity();
     for (Index a = 0; a < nq; ++a) {
       const double total = Sweeps::shifted_exp_sums(distance + a * stride, cls, own_value(classes.own_class(a)),
-                                                    row_nearest[a], col_nearest, nr, partial);
+                                                    row_nearest[a], col_nearest, nr, columns.partial);
       row_sum[a] = row_nearest[a] < inf ? total : 0.0;  // no negative: the clamp's e^floor terms
       row_log[a] = lifted_log_normaliser(margin, static_cast<double>(row_nearest[a]), row_sum[a]);
-      if ((a + 1) % block == 0 || a + 1 == nq)
-        for (Index k = 0; k < nr; ++k) {
-          col_sum[k] += static_cast<double>(partial[k]);
-          partial[k] = T(0);
-        }
+      columns.rectangle_row_done(a);
     }
+    columns.finish();
     for (Index j = 0; j < nr; ++j) {
       if (!(col_nearest[j] < inf)) col_sum[j] = 0.0;
       col_log[j] = lifted_log_normaliser(margin, static_cast<double>(col_nearest[j]), col_sum[j]);

@@ -83,31 +83,31 @@ struct LiftedSweeps {
   }
 
   /// Row i of the lower triangle (count = i, row_nearest = nearest_i, column_nearest =
-  /// nearest), or of a rectangle: returns sum_{k < count} exp(row_nearest - D_ik) over the
+  /// nearest), or a row of a rectangle: returns sum_{k < count} exp(row_nearest - D_ik) over the
   /// negatives (lane sums in T over blocks of `block` batches, totalled in double) and adds
   /// exp(column_nearest_k - D_ik) to column_partial[k].
   static double shifted_exp_sums(const T* row, const T* class_value, T own, T row_nearest,
-                                 const T* nearest, Index i, T* column_partial) {
+                                 const T* column_nearest, Index count, T* column_partial) {
     constexpr Index block = 32;
     const batch own_class(own), shift(row_nearest), far(std::numeric_limits<T>::infinity());
     double total = 0.0;
     Index k = 0;
-    while (k + width <= i) {
+    while (k + width <= count) {
       batch lanes(T(0));
-      for (Index b = 0; b < block && k + width <= i; ++b, k += width) {
+      for (Index b = 0; b < block && k + width <= count; ++b, k += width) {
         // No negative: D = +inf, so that its exp is 0 (and its argument never positive).
         const batch dik = xsimd::select(batch::load_unaligned(class_value + k) != own_class,
                                         batch::load_unaligned(row + k), far);
         lanes += clamped_exp(shift - dik);
-        const batch column = clamped_exp(batch::load_unaligned(nearest + k) - dik);
+        const batch column = clamped_exp(batch::load_unaligned(column_nearest + k) - dik);
         (batch::load_unaligned(column_partial + k) + column).store_unaligned(column_partial + k);
       }
       total += static_cast<double>(xsimd::hadd(lanes));
     }
-    for (; k < i; ++k) {
+    for (; k < count; ++k) {
       if (class_value[k] == own) continue;
       total += static_cast<double>(clamped_exp(row_nearest - row[k]));
-      column_partial[k] += clamped_exp(nearest[k] - row[k]);
+      column_partial[k] += clamped_exp(column_nearest[k] - row[k]);
     }
     return total;
   }

@@ -11,8 +11,8 @@
 namespace metricloss {
 namespace detail {
 
-/// Column sums over the lower triangle: lane-wise partial sums in T over blocks of
-/// `rows` rows, totalled in double.
+/// Column sums over the lower triangle (or a rectangle): lane-wise partial sums in T over
+/// blocks of `rows` rows, totalled in double.
 template <class T>
 struct ColumnSums {
   static constexpr Index rows = 32;
@@ -27,6 +27,10 @@ struct ColumnSums {
   }
   void row_done(Index i) {
     if ((i + 1) % rows == 0) flush(i);
+  }
+  /// The same for a rectangle, whose every row writes all n columns.
+  void rectangle_row_done(Index i) {
+    if ((i + 1) % rows == 0) flush(n);
   }
   void finish() { flush(n); }
   void flush(Index end) {  // rows up to `end` have written columns k < end
