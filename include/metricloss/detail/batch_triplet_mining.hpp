@@ -25,15 +25,18 @@
 //             (Kernels::Scans), for the nearest negative farther than it; O(N^2 c) but a few
 //             cycles per 8 entries. More positives: O(N^2 log c), the positives sorted by
 //             distance cut the negatives into buckets (binary search), and a suffix minimum
-//             over buckets gives every positive its nearest farther negative.
-//   all       the same two regimes with counts and sums of the negatives' distances below
+//             over buckets gives every positive its nearest farther negative. Long rows
+//             (>= 128 candidates a positive, a reference set's) look buckets up in a table
+//             of cells over the thresholds instead (mining/cells.hpp): O(N) a row.
+//   all       the same regimes with counts and sums of the negatives' distances below
 //             each threshold give, per positive, the number of active triplets and their
 //             summed hinge (sum over active n of d_ap + m - d_an), and per negative the
 //             number of positives it is active with. soft_margin: O(N^2 c), since softplus
 //             does not factor (its exp does: see SimdRowOps' lane kernels).
 //
-// The selection rules live one per file in detail/mining/ (hard, semihard, all, all_soft),
-// over the shared scratch and tie settling of detail/mining/common.hpp.
+// The selection rules live one per file in detail/mining/ (hard, semihard, semihard_cells,
+// all, all_soft), over the shared scratch and tie settling of detail/mining/common.hpp and
+// the bucket table of detail/mining/cells.hpp.
 
 #include <metricloss/detail/label_classes.hpp>
 #include <metricloss/detail/mining/all.hpp>

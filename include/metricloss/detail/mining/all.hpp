@@ -3,6 +3,7 @@
 // by every (positive, negative) pair (soft margin: mining/all_soft.hpp).
 
 #include <metricloss/detail/mining/all_soft.hpp>
+#include <metricloss/detail/mining/cells.hpp>
 #include <metricloss/detail/mining/common.hpp>
 
 #include <limits>
@@ -39,6 +40,59 @@ void exact_near_kinks(Scratch& s, const Distances& distances, Index a, double* v
         return;
       }
   });
+}
+
+/// exact_near_kinks, the square roots and bucket[j] = count_thresholds_below<true> of
+/// every row, for long rows: ThresholdCells over the kinks, widened to the rounding, give
+/// most rows their bucket by a look-up (an unmarked cell lies a cell's width, >= 2^-30 of
+/// the kinks, from every kink: no square root's rounding crosses one); the rows in marked
+/// cells are tested against their two nearest kinks (as exact_near_kinks against all),
+/// recomputed where near, and searched. False (value untouched) where cells do not pay.
+template <class Kernels, class Distances>
+bool buckets_by_cells(Scratch& s, const Distances& distances, Index a, double* value,
+                      Index* bucket, Index n, const double* thresholds, Index k,
+                      Distance distance, Index widest) {
+  const double bound = distances.rounding(a, widest);
+  const bool recompute = bound > 0.0;
+  double* kink = s.centres.data(static_cast<std::size_t>(k));
+  double largest = 0.0;
+  for (Index i = 0; i < k; ++i) {
+    const double t = thresholds[i];
+    kink[i] = distance == Distance::squared_euclidean ? t
+              : t > 0.0 ? t * t : std::numeric_limits<double>::quiet_NaN();
+    if (std::abs(kink[i]) > largest) largest = std::abs(kink[i]);
+  }
+  const double slack = largest * Numerics<double>::kink_slack;
+  ThresholdCells cells;
+  if (!cells.build(s.cells, kink, k, n, (recompute ? bound : 0.0) + slack))
+    return false;
+  Index* marked = s.near_rows.data(static_cast<std::size_t>(n));
+  Index marked_count = 0;
+  for (Index j = 0; j < n; ++j) {
+    const Index code = cells.code(value[j]);
+    bucket[j] = code - 1;
+    marked[marked_count] = j;
+    marked_count += code == 0 ? 1 : 0;
+  }
+  if (recompute) {
+    Index* near = s.exact_rows.data(static_cast<std::size_t>(n));
+    Index near_count = 0;
+    for (Index t = 0; t < marked_count; ++t) {
+      const Index j = marked[t], i = count_thresholds_below<false>(kink, k, value[j]);
+      const double own_bound = distances.rounding(a, j) + slack;
+      if ((i > 0 && std::abs(value[j] - kink[i - 1]) <= own_bound) ||
+          (i < k && std::abs(value[j] - kink[i]) <= own_bound))
+        near[near_count++] = j;
+    }
+    for (Index t = 0; t < near_count; ++t) {
+      if (t + prefetch_distance < near_count) prefetch_exact(distances, a, near[t + prefetch_distance]);
+      value[near[t]] = distances.exact(a, near[t]);
+    }
+  }
+  if (distance == Distance::euclidean) Kernels::RowOps::square_root_in_place(value, n);
+  for (Index t = 0; t < marked_count; ++t)
+    bucket[marked[t]] = count_thresholds_below<true>(thresholds, k, value[marked[t]]);
+  return true;
 }
 
 /// One anchor of Mining::all with the hinge and few positives: one scan per threshold
@@ -104,9 +158,13 @@ MiningResult all(Scratch& s, const Classes& classes, const Distances& distances,
     // Distances of the whole row (one vectorisable pass; the anchor's class is skipped),
     // exact where a product value is within its rounding of a hinge's kink.
     for (Index j = 0; j < n; ++j) value[j] = static_cast<double>(row[j]);
-    if (!soft_margin)
+    const bool by_cells = !soft_margin && k > scan_limit &&
+                          buckets_by_cells<Kernels>(s, distances, a, value, bucket, n, thresholds,
+                                                    k, distance, widest);
+    if (!by_cells && !soft_margin)
       exact_near_kinks<Kernels>(s, distances, a, value, n, thresholds, k, distance, widest);
-    if (distance == Distance::euclidean) Kernels::RowOps::square_root_in_place(value, n);
+    if (!by_cells && distance == Distance::euclidean)
+      Kernels::RowOps::square_root_in_place(value, n);
     const Index own = classes.own_class(a);
     if constexpr (!Kernels::soft_margin_lanes) {  // else taken above
       if (soft_margin) {
@@ -129,7 +187,7 @@ MiningResult all(Scratch& s, const Classes& classes, const Distances& distances,
     double* sums = s.bucket_sum.data(static_cast<std::size_t>(copies * stride));
     std::fill(counts, counts + copies * stride, 0.0);
     std::fill(sums, sums + copies * stride, 0.0);
-    count_thresholds_below<true>(thresholds, k, value, n, bucket);
+    if (!by_cells) count_thresholds_below<true>(thresholds, k, value, n, bucket);
     for (Index j = 0; j < n; ++j) {
       if (class_of[j] == own) continue;
       const Index slot = (j % copies) * stride + bucket[j];

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -105,6 +106,7 @@ struct Selection {
   Index chosen;
   double above;
   bool largest;
+  double exact = std::numeric_limits<double>::quiet_NaN();  // chosen's, where known
 };
 
 /// The miner's per-anchor scratch memory (grow-only: nothing is allocated once warm).
@@ -114,6 +116,10 @@ struct Scratch {
   GrowOnlyBuffer<double> centres;  // settle_ties: a window centre and an exact distance each
   GrowOnlyBuffer<Selection> selections;
   GrowOnlyBuffer<Index> nearest, buckets, near_rows;
+  GrowOnlyBuffer<std::int16_t> cells;  // ThresholdCells' table
+  GrowOnlyBuffer<double> limits;       // semihard_by_cells: per bucket, what a row must beat
+  GrowOnlyBuffer<Index> candidates, candidate_buckets, exact_rows;
+  GrowOnlyBuffer<unsigned char> exact_flags;  // zero between anchors
   GrowOnlyBuffer<float> lanes_float;  // all_soft_anchor_lanes: 4 rows of the distances' type
   GrowOnlyBuffer<double> lanes_double;
 
@@ -202,18 +208,26 @@ void settle_ties(Scratch& scratch, const Distances& distances, Index a, const do
   });
 }
 
-/// One mined triplet, its distances recomputed by differences.
-template <class Distances, class Weights>
-void add_triplet(MiningResult& result, Index a, Index positive, Index negative,
-                 const Distances& distances, double margin, Distance distance,
-                 bool soft_margin, Weights& weights) {
-  const TripletTerm t = triplet_term(distances.exact(a, positive), distances.exact(a, negative),
-                                     margin, distance, soft_margin);
+/// One mined triplet from its exact squared distances (by differences).
+template <class Weights>
+void add_triplet(MiningResult& result, Index a, Index positive, double ap, Index negative,
+                 double an, double margin, Distance distance, bool soft_margin,
+                 Weights& weights) {
+  const TripletTerm t = triplet_term(ap, an, margin, distance, soft_margin);
   result.sum += t.loss;
   result.count += 1.0;
   if (!weights.enabled()) return;
   if (t.positive_weight != 0.0) weights.add(a, positive, t.positive_weight);
   if (t.negative_weight != 0.0) weights.add(a, negative, -t.negative_weight);
+}
+
+/// One mined triplet, its distances recomputed by differences.
+template <class Distances, class Weights>
+void add_triplet(MiningResult& result, Index a, Index positive, Index negative,
+                 const Distances& distances, double margin, Distance distance,
+                 bool soft_margin, Weights& weights) {
+  add_triplet(result, a, positive, distances.exact(a, positive), negative,
+              distances.exact(a, negative), margin, distance, soft_margin, weights);
 }
 
 }  // namespace mining

@@ -3,6 +3,7 @@
 // by row scans (few positives) or by buckets of sorted thresholds (many).
 
 #include <metricloss/detail/mining/common.hpp>
+#include <metricloss/detail/mining/semihard_cells.hpp>
 
 #include <limits>
 
@@ -16,6 +17,7 @@ namespace mining {
 template <class Classes, class Distances>
 void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
                          const Distances& distances, double* value, Selection* chosen) {
+  if (semihard_by_cells(s, a, k, classes, distances, value, chosen)) return;
   const Index n = classes.candidates();
   const Index* class_of = classes.class_of();
   const double* thresholds = s.thresholds.data(0);
@@ -151,9 +153,13 @@ MiningResult semihard(Scratch& s, const Classes& classes, const Distances& dista
       const double tie_bound = distances.rounding(a, widest);
       if (tie_bound > 0.0) settle_ties<Kernels>(s, distances, a, value, n, chosen, k, tie_bound);
     }
-    for (Index i = 0; i < k; ++i)
-      add_triplet(result, a, positives[i].index, chosen[i].chosen, distances, margin, distance,
+    // positives[i].key is d_ap^2 by differences; the selection's own where it has one.
+    for (Index i = 0; i < k; ++i) {
+      const Index negative = chosen[i].chosen;
+      const double an = chosen[i].exact == chosen[i].exact ? chosen[i].exact : distances.exact(a, negative);
+      add_triplet(result, a, positives[i].index, positives[i].key, negative, an, margin, distance,
                   soft_margin, weights);
+    }
   }
   return result;
 }
