@@ -46,8 +46,9 @@ void exact_near_kinks(Scratch& s, const Distances& distances, Index a, double* v
 /// every row, for long rows: ThresholdCells over the kinks, widened to the rounding, give
 /// most rows their bucket by a look-up (an unmarked cell lies a cell's width, >= 2^-30 of
 /// the kinks, from every kink: no square root's rounding crosses one); the rows in marked
-/// cells are tested against their two nearest kinks (as exact_near_kinks against all),
-/// recomputed where near, and searched. False (value untouched) where cells do not pay.
+/// cells are tested against their two nearest kinks (as exact_near_kinks against all), and
+/// recomputed and counted on their distances where near. False (value untouched) where
+/// cells do not pay.
 template <class Kernels, class Distances>
 bool buckets_by_cells(Scratch& s, const Distances& distances, Index a, double* value,
                       Index* bucket, Index n, const double* thresholds, Index k,
@@ -74,24 +75,31 @@ bool buckets_by_cells(Scratch& s, const Distances& distances, Index a, double* v
     marked[marked_count] = j;
     marked_count += code == 0 ? 1 : 0;
   }
-  if (recompute) {
-    Index* near = s.exact_rows.data(static_cast<std::size_t>(n));
-    Index near_count = 0;
-    for (Index t = 0; t < marked_count; ++t) {
-      const Index j = marked[t], i = count_thresholds_below<false>(kink, k, value[j]);
-      const double own_bound = distances.rounding(a, j) + slack;
-      if ((i > 0 && std::abs(value[j] - kink[i - 1]) <= own_bound) ||
-          (i < k && std::abs(value[j] - kink[i]) <= own_bound))
-        near[near_count++] = j;
-    }
-    for (Index t = 0; t < near_count; ++t) {
+  // A marked row near no kink (by more than its rounding and kink_slack) has as many
+  // thresholds at most its distance as kinks below its squared one; a near one is
+  // recomputed (where rounded) and counted on its distance, from its cell's lower bound.
+  Index* near = s.exact_rows.data(static_cast<std::size_t>(n));
+  Index near_count = 0;
+  for (Index t = 0; t < marked_count; ++t) {
+    const Index j = marked[t];
+    const double v = value[j];
+    const Index i = count_from<false>(kink, k, cells.below(v), v);
+    const double own_bound = (recompute ? distances.rounding(a, j) : 0.0) + slack;
+    if ((i > 0 && std::abs(v - kink[i - 1]) <= own_bound) || (i < k && std::abs(v - kink[i]) <= own_bound))
+      near[near_count++] = j;
+    else
+      bucket[j] = i;
+  }
+  for (Index t = 0; t < near_count; ++t) {
+    if (recompute) {
       if (t + prefetch_distance < near_count) prefetch_exact(distances, a, near[t + prefetch_distance]);
       value[near[t]] = distances.exact(a, near[t]);
     }
+    bucket[near[t]] = cells.below(value[near[t]]);
   }
   if (distance == Distance::euclidean) Kernels::RowOps::square_root_in_place(value, n);
-  for (Index t = 0; t < marked_count; ++t)
-    bucket[marked[t]] = count_thresholds_below<true>(thresholds, k, value[marked[t]]);
+  for (Index t = 0; t < near_count; ++t)
+    bucket[near[t]] = count_from<true>(thresholds, k, bucket[near[t]], value[near[t]]);
   return true;
 }
 

@@ -19,7 +19,10 @@ namespace mining {
 
 /// code(v): 0 when v's cell is marked, else 1 + the number of thresholds below v (the same
 /// strictly or at most: no threshold lies in an unmarked cell), and for every v in an
-/// unmarked cell |v - t_i| > reach for every i (fl(v - t_i) too).
+/// unmarked cell |v - t_i| > reach for every i (fl(v - t_i) too). below(v): a number of
+/// thresholds lying below every value within reach of v's cell by more than a cell's width
+/// (the bucket of an unmarked cell; in a marked one, those of the thresholds marking it
+/// that come first): a search from there (count_from) takes a step or two.
 class ThresholdCells {
  public:
   /// Cells for t[0..k) (sorted, finite) and `reach` >= 0 over rows of n values; false (and
@@ -44,8 +47,10 @@ class ThresholdCells {
       return false;
     scale_ = 1.0 / width;
     last_ = cells - 1;
-    std::int16_t* code = storage.data(static_cast<std::size_t>(cells));
+    std::int16_t* code = storage.data(static_cast<std::size_t>(2 * cells));
+    std::int16_t* below = code + cells;
     table_ = code;
+    below_ = below;
     // Threshold i marks the cells of [t_i - reach, t_i + reach] and one on each side;
     // the unmarked cells between thresholds i - 1 and i hold bucket i (code i + 1).
     Index next = 0;
@@ -53,10 +58,13 @@ class ThresholdCells {
       const Index first = std::max(cell(t[i] - reach) - 1, next);
       const Index end = std::min(cell(t[i] + reach) + 2, cells);
       std::fill(code + next, code + first, static_cast<std::int16_t>(i + 1));
+      std::fill(below + next, below + first, static_cast<std::int16_t>(i));
       std::fill(code + first, code + end, static_cast<std::int16_t>(0));
+      std::fill(below + first, below + end, static_cast<std::int16_t>(i));
       next = std::max(next, end);
     }
     std::fill(code + next, code + cells, static_cast<std::int16_t>(k + 1));
+    std::fill(below + next, below + cells, static_cast<std::int16_t>(k));
     return true;
   }
 
@@ -67,12 +75,22 @@ class ThresholdCells {
   }
 
   Index code(double v) const { return table_[cell(v)]; }
+  Index below(double v) const { return below_[cell(v)]; }
 
  private:
   const std::int16_t* table_ = nullptr;
+  const std::int16_t* below_ = nullptr;
   double lo_ = 0.0, scale_ = 0.0;
   Index last_ = 0;
 };
+
+/// The number of sorted thresholds t[0..k) below v (strictly, or at most v), counted up
+/// from `from`, a number of them known to be below v (ThresholdCells::below).
+template <bool OrEqual>
+inline Index count_from(const double* t, Index k, Index from, double v) {
+  while (from < k && (OrEqual ? t[from] <= v : t[from] < v)) ++from;
+  return from;
+}
 
 }  // namespace mining
 }  // namespace detail

@@ -61,14 +61,14 @@ bool semihard_by_cells(Scratch& s, Index a, Index k, const Classes& classes,
     marked_count += code == 0 ? 1 : 0;
     if (value[j] <= limit[code]) visit(j, code - 1);
   }
-  // Marked rows: buckets by binary search, exact values within a row's rounding of a
+  // Marked rows: buckets counted up from the cell's lower bound, exact values within a row's rounding of a
   // threshold (their rows requested a few ahead, as R may be a memory of 10^5 rows).
   Index* bucket = s.buckets.data(static_cast<std::size_t>(n));
   Index* exact = s.exact_rows.data(static_cast<std::size_t>(n));
   unsigned char* is_exact = s.exact_flags.data(static_cast<std::size_t>(n));
   Index exact_count = 0;
   for (Index t = 0; t < marked_count; ++t) {
-    const Index j = marked[t], b = count_thresholds_below<false>(thresholds, k, value[j]);
+    const Index j = marked[t], b = count_from<false>(thresholds, k, cells.below(value[j]), value[j]);
     const double q = value[j], own_bound = ties ? distances.rounding(a, j) : 0.0;
     bucket[t] = b;
     if (ties && ((b > 0 && q - thresholds[b - 1] <= own_bound) || (b < k && thresholds[b] - q <= own_bound)))
@@ -81,7 +81,8 @@ bool semihard_by_cells(Scratch& s, Index a, Index k, const Classes& classes,
   }
   for (Index t = 0; t < marked_count; ++t) {
     const Index j = marked[t];
-    const Index b = is_exact[j] ? count_thresholds_below<false>(thresholds, k, value[j]) : bucket[t];
+    const Index b =
+        is_exact[j] ? count_from<false>(thresholds, k, cells.below(value[j]), value[j]) : bucket[t];
     if (b > 0 && value[j] <= limit[b + 1]) visit(j, b);
   }
   // Suffix minima: nearest[i + 1] becomes the nearest negative farther than positive i.
