@@ -12,6 +12,23 @@ namespace metricloss {
 namespace detail {
 namespace mining {
 
+/// The hinges' kinks as squared distances, into s.centres (a kink at t <= 0 has no
+/// negative below it: NaN), and their slack: the rounding of t^2 and of the square root
+/// later, kink_slack of the largest.
+inline const double* squared_kinks(Scratch& s, const double* thresholds, Index k,
+                                   Distance distance, double& slack) {
+  double* kink = s.centres.data(static_cast<std::size_t>(k));
+  double largest = 0.0;
+  for (Index i = 0; i < k; ++i) {
+    const double t = thresholds[i];
+    kink[i] = distance == Distance::squared_euclidean ? t
+              : t > 0.0 ? t * t : std::numeric_limits<double>::quiet_NaN();
+    if (std::abs(kink[i]) > largest) largest = std::abs(kink[i]);
+  }
+  slack = largest * Numerics<double>::kink_slack;
+  return kink;
+}
+
 /// Squared product values (value[j], within rounding(a, j) of exact) near the kink of a
 /// hinge, d_an = t_i, replaced by exact ones: which side of t_i a negative lies on decides
 /// whether its triplet counts in Z, and a hinge at exactly 0 must not.
@@ -21,17 +38,8 @@ void exact_near_kinks(Scratch& s, const Distances& distances, Index a, double* v
   using Scans = typename Kernels::Scans;
   const double bound = distances.rounding(a, widest);
   if (!(bound > 0.0)) return;
-  // The kinks as squared distances (a kink at t <= 0 has no negative below it); the
-  // rounding of t^2 and of the square root later is covered by kink_slack.
-  double* kink = s.centres.data(static_cast<std::size_t>(k));
-  double largest = 0.0;
-  for (Index i = 0; i < k; ++i) {
-    const double t = thresholds[i];
-    kink[i] = distance == Distance::squared_euclidean ? t
-              : t > 0.0 ? t * t : std::numeric_limits<double>::quiet_NaN();
-    if (std::abs(kink[i]) > largest) largest = std::abs(kink[i]);
-  }
-  const double slack = largest * Numerics<double>::kink_slack;
+  double slack = 0.0;
+  const double* kink = squared_kinks(s, thresholds, k, distance, slack);
   Scans::near_thresholds(value, n, kink, k, bound + slack, [&](Index j) {
     const double own_bound = distances.rounding(a, j) + slack;
     for (Index i = 0; i < k; ++i)
@@ -55,15 +63,8 @@ bool buckets_by_cells(Scratch& s, const Distances& distances, Index a, double* v
                       Distance distance, Index widest) {
   const double bound = distances.rounding(a, widest);
   const bool recompute = bound > 0.0;
-  double* kink = s.centres.data(static_cast<std::size_t>(k));
-  double largest = 0.0;
-  for (Index i = 0; i < k; ++i) {
-    const double t = thresholds[i];
-    kink[i] = distance == Distance::squared_euclidean ? t
-              : t > 0.0 ? t * t : std::numeric_limits<double>::quiet_NaN();
-    if (std::abs(kink[i]) > largest) largest = std::abs(kink[i]);
-  }
-  const double slack = largest * Numerics<double>::kink_slack;
+  double slack = 0.0;
+  const double* kink = squared_kinks(s, thresholds, k, distance, slack);
   ThresholdCells cells;
   if (!cells.build(s.cells, kink, k, n, (recompute ? bound : 0.0) + slack))
     return false;
