@@ -86,7 +86,7 @@ bool buckets_by_cells(Scratch& s, const Distances& distances, Index a, double* v
     const double v = value[j];
     const Index i = count_from<false>(kink, k, cells.below(v), v);
     const double own_bound = (recompute ? distances.rounding(a, j) : 0.0) + slack;
-    if ((i > 0 && std::abs(v - kink[i - 1]) <= own_bound) || (i < k && std::abs(v - kink[i]) <= own_bound))
+    if (near_neighbour(kink, k, i, v, own_bound))
       near[near_count++] = j;
     else
       bucket[j] = i;
@@ -170,10 +170,11 @@ MiningResult all(Scratch& s, const Classes& classes, const Distances& distances,
     const bool by_cells = !soft_margin && k > scan_limit &&
                           buckets_by_cells<Kernels>(s, distances, a, value, bucket, n, thresholds,
                                                     k, distance, widest);
-    if (!by_cells && !soft_margin)
-      exact_near_kinks<Kernels>(s, distances, a, value, n, thresholds, k, distance, widest);
-    if (!by_cells && distance == Distance::euclidean)
-      Kernels::RowOps::square_root_in_place(value, n);
+    if (!by_cells) {
+      if (!soft_margin)
+        exact_near_kinks<Kernels>(s, distances, a, value, n, thresholds, k, distance, widest);
+      if (distance == Distance::euclidean) Kernels::RowOps::square_root_in_place(value, n);
+    }
     const Index own = classes.own_class(a);
     if constexpr (!Kernels::soft_margin_lanes) {  // else taken above
       if (soft_margin) {

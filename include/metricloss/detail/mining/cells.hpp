@@ -2,8 +2,8 @@
 // Buckets of sorted thresholds by table look-up: the span of the thresholds cut into cells
 // of equal width, each cell knowing its bucket unless a threshold (widened by `reach`) lies
 // within one cell of it. A look-up is a subtraction, a product and a load where a binary
-// search over k thresholds is log2(k) dependent loads; the few values in a marked cell take
-// the binary search (and whatever test `reach` stands for) instead.
+// search over k thresholds is log2(k) dependent loads; the few values in a marked cell are
+// counted up from the cell's lower bound (and take whatever test `reach` stands for).
 
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/views.hpp>

@@ -72,6 +72,12 @@ inline void count_thresholds_below(const double* t, Index k, const double* value
   for (; j < n; ++j) bucket[j] = count_thresholds_below<OrEqual>(t, k, value[j]);
 }
 
+/// Whether q, in bucket b of the sorted thresholds t[0..k) (b of them below it), lies
+/// within `bound` of a neighbouring one: the only thresholds its rounding could cross.
+inline bool near_neighbour(const double* t, Index k, Index b, double q, double bound) {
+  return (b > 0 && q - t[b - 1] <= bound) || (b < k && t[b] - q <= bound);
+}
+
 /// Anchors with more positives than this take the bucket sweeps (O(N log k) per anchor);
 /// fewer, one scan of the row per positive (Kernels::Scans).
 constexpr Index scan_limit = 16;
@@ -206,6 +212,32 @@ void settle_ties(Scratch& scratch, const Distances& distances, Index a, const do
   Scans::near_thresholds(value, n, w.centre, m, w.half, [&](Index j) {
     settle_tie(distances, a, value, j, selections, m, w);
   });
+}
+
+/// Ties under rounding of a row bucketed by thresholds (bucket[j], its suffix minima
+/// nearest_value), settled on exact distances (settle_tie), the windows found through the
+/// buckets in O(1) a row, not by a scan against every selection: a negative in bucket b
+/// lies above exactly the thresholds of selections 0..b-1, whose winners' values are at
+/// most nearest_value[b] <= its own; it is in one of their windows only if in that one's.
+/// farthest_value: the farthest negative's, where a selection took it (else NaN). rows:
+/// n of scratch.
+template <class Distances>
+void settle_bucket_windows(Scratch& s, const Distances& distances, Index a, const double* value,
+                           const Index* bucket, const double* nearest_value, Index n,
+                           Selection* chosen, Index k, double bound, double farthest_value,
+                           Index* rows) {
+  TieWindows w = tie_windows(s, value, chosen, k, bound);
+  const double top = farthest_value - w.half;  // NaN: no row is at or above it
+  Index count = 0;  // the rows, in order, then settled with their rows requested ahead
+  for (Index j = 0; j < n; ++j) {
+    const Index b = bucket[j];
+    const double v = value[j];
+    if ((b > 0 && v - nearest_value[b] <= w.half) || v >= top) rows[count++] = j;
+  }
+  for (Index t = 0; t < count; ++t) {
+    if (t + prefetch_distance < count) prefetch_exact(distances, a, rows[t + prefetch_distance]);
+    settle_tie(distances, a, value, rows[t], chosen, k, w);
+  }
 }
 
 /// One mined triplet from its exact squared distances (by differences).

@@ -42,8 +42,7 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
       const double q = value[j];
       const Index b = bucket[j];
       const double bound = distances.rounding(a, j);
-      if (class_of[j] != own && ((b > 0 && q - thresholds[b - 1] <= bound) || (b < k && thresholds[b] - q <= bound)))
-        near[near_count++] = j;
+      if (class_of[j] != own && near_neighbour(thresholds, k, b, q, bound)) near[near_count++] = j;
     }
   for (Index t = 0; t < near_count; ++t) {
     if (t + prefetch_distance < near_count) prefetch_exact(distances, a, near[t + prefetch_distance]);
@@ -81,24 +80,11 @@ void semihard_by_buckets(Scratch& s, Index a, Index k, const Classes& classes,
                     : Selection{farthest, -std::numeric_limits<double>::infinity(), true};
     any_largest = any_largest || chosen[i].largest;
   }
-  // Ties under rounding, settled on exact distances (settle_ties, its windows found through
-  // the buckets in O(1) a row, not by a scan against every selection): a negative in bucket
-  // b lies above exactly the thresholds of selections 0..b-1, whose winners' values are at
-  // most nearest_value[b] <= its own; it is in one of their windows only if in that one's.
   const double bound = distances.rounding(a, distances.widest());
-  if (!(bound > 0.0)) return;
-  TieWindows w = tie_windows(s, value, chosen, k, bound);
-  const double top = farthest_value - w.half;
-  Index in_windows = 0;  // the rows, in order, then settled with their rows requested ahead
-  for (Index j = 0; j < n; ++j) {
-    const Index b = bucket[j];
-    const double v = value[j];
-    if ((b > 0 && v - nearest_value[b] <= w.half) || (any_largest && v >= top)) near[in_windows++] = j;
-  }
-  for (Index t = 0; t < in_windows; ++t) {
-    if (t + prefetch_distance < in_windows) prefetch_exact(distances, a, near[t + prefetch_distance]);
-    settle_tie(distances, a, value, near[t], chosen, k, w);
-  }
+  if (bound > 0.0)
+    settle_bucket_windows(s, distances, a, value, bucket, nearest_value, n, chosen, k, bound,
+                          any_largest ? farthest_value : std::numeric_limits<double>::quiet_NaN(),
+                          near);
 }
 
 /// l_ap = h(d_ap - d_an* + m), n* the nearest negative farther than p (else the farthest

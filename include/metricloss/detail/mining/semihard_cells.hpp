@@ -15,8 +15,8 @@ namespace mining {
 
 /// semihard_by_buckets (same contract, same selections) for long rows. Each value is looked
 /// up in ThresholdCells and compared with its bucket's running minimum plus four roundings,
-/// which few rows beat once the row is under way; the rows in marked cells take the binary
-/// search, and those near a threshold exact values, apart. Minima are kept lowest row first
+/// which few rows beat once the row is under way; the rows in marked cells are counted up
+/// from their cell's lower bound, and those near a threshold get exact values, apart. Minima are kept lowest row first
 /// whatever the order rows come in. False (value untouched) where cells do not pay.
 template <class Classes, class Distances>
 bool semihard_by_cells(Scratch& s, Index a, Index k, const Classes& classes,
@@ -61,8 +61,9 @@ bool semihard_by_cells(Scratch& s, Index a, Index k, const Classes& classes,
     marked_count += code == 0 ? 1 : 0;
     if (value[j] <= limit[code]) visit(j, code - 1);
   }
-  // Marked rows: buckets counted up from the cell's lower bound, exact values within a row's rounding of a
-  // threshold (their rows requested a few ahead, as R may be a memory of 10^5 rows).
+  // Marked rows: buckets counted up from the cell's lower bound, exact values within a
+  // row's rounding of a threshold (their rows requested a few ahead, as R may be a memory
+  // of 10^5 rows).
   Index* bucket = s.buckets.data(static_cast<std::size_t>(n));
   Index* exact = s.exact_rows.data(static_cast<std::size_t>(n));
   unsigned char* is_exact = s.exact_flags.data(static_cast<std::size_t>(n));
@@ -71,8 +72,7 @@ bool semihard_by_cells(Scratch& s, Index a, Index k, const Classes& classes,
     const Index j = marked[t], b = count_from<false>(thresholds, k, cells.below(value[j]), value[j]);
     const double q = value[j], own_bound = ties ? distances.rounding(a, j) : 0.0;
     bucket[t] = b;
-    if (ties && ((b > 0 && q - thresholds[b - 1] <= own_bound) || (b < k && thresholds[b] - q <= own_bound)))
-      exact[exact_count++] = j;
+    if (ties && near_neighbour(thresholds, k, b, q, own_bound)) exact[exact_count++] = j;
   }
   for (Index e = 0; e < exact_count; ++e) {
     if (e + prefetch_distance < exact_count) prefetch_exact(distances, a, exact[e + prefetch_distance]);
@@ -105,17 +105,9 @@ bool semihard_by_cells(Scratch& s, Index a, Index k, const Classes& classes,
     chosen[i] = nearest[i + 1] >= 0 ? Selection{nearest[i + 1], thresholds[i], false}
                                     : Selection{farthest, -inf, true};
   if (ties && any_largest) {  // rare: every row may be in the farthest's window
-    TieWindows w = tie_windows(s, value, chosen, k, bound);
     count_thresholds_below<false>(thresholds, k, value, n, bucket);
-    const double top = farthest_value - w.half;
-    Index count = 0;
-    for (Index j = 0; j < n; ++j)
-      if ((bucket[j] > 0 && value[j] - nearest_value[bucket[j]] <= w.half) || value[j] >= top)
-        candidate[count++] = j;
-    for (Index t = 0; t < count; ++t) {
-      if (t + prefetch_distance < count) prefetch_exact(distances, a, candidate[t + prefetch_distance]);
-      settle_tie(distances, a, value, candidate[t], chosen, k, w);
-    }
+    settle_bucket_windows(s, distances, a, value, bucket, nearest_value, n, chosen, k, bound,
+                          farthest_value, candidate);
   } else if (ties) {
     // Row j beats selection i's winner w only on exact distances no farther apart than
     // their roundings: value[j] - value[w] <= bound when w's value is exact (and j's not:
