@@ -7,14 +7,9 @@
 //   dL/dD_ik = -e^{m - D_ik} (c_i + c_k) / |P|,  c_i = sum_{p in P(i)} max(J_ip, 0) / (S_i + S_p)
 //                                                                (negative pairs).
 // Two ways, both from 2 ranks on:
-//  - simd, by bands of the triangle (backend/simd/lifted_band.hpp): rank q takes the pairs of
-//    rows [b_q, b_{q+1}) of the strictly lower triangle (~N^2 / (2W) each, each unordered
-//    pair once) and publishes its rows' partial statistics, merged in rank order into log S
-//    (N numbers a band's end), then partial c^ and loss parts (2 numbers a row), and last,
-//    only when some rank asked for a gradient, its band's part of dL/dX (rows [0, b_{q+1}) x
-//    D), which each rank adds for its own rows. The one gradient reduction: a pair's weight
-//    belongs to both its rows, which a band shares with other ranks. Where the centred norms
-//    are too large for the product's values to stay finite (every rank alike), the second way.
+//  - simd, by bands of the triangle (backend/sharded_lifted_bands.hpp). Where the centred
+//    norms are too large for the product's values to stay finite (every rank alike), the
+//    second way.
 //  - scalar (and that fallback), each rank for its rows i against the whole of X:
 //    1. D_ik (simd: the jointly centred product, positives by exact differences; scalar: all
 //       by differences, in double) and log S_i, shifted by the nearest negative (no
@@ -27,10 +22,9 @@
 //       CrossDistances::gradients, near pairs by differences; scalar: loops in double). No
 //       gradient is reduced.
 #include <metricloss/backend/scalar/reference.hpp>
-#include <metricloss/backend/sharded_band.hpp>
+#include <metricloss/backend/sharded_lifted_bands.hpp>
 #include <metricloss/backend/simd/cross.hpp>
 #include <metricloss/backend/simd/hard_band.hpp>
-#include <metricloss/backend/simd/lifted_band.hpp>
 #include <metricloss/backend/simd/multi_similarity.hpp>
 #include <metricloss/detail/batch_common.hpp>
 #include <metricloss/detail/label_classes.hpp>
@@ -61,12 +55,7 @@ struct ShardedLiftedScratch : BackendSlot::Contents {
   GrowOnlyBuffer<double> log_s, log_s_all;            // n_r, N
   GrowOnlyBuffer<LiftedRowTotals> totals, totals_all;  // n_r, N
   GrowOnlyBuffer<std::size_t> bytes;
-  // By bands (simd): the band's statistics, and every band's parts of them (sum_q e_q rows).
-  LiftedBand<T> band;
-  GrowOnlyBuffer<LiftedBandSums> band_sums, sum_parts;
-  GrowOnlyBuffer<double> coefficient;  // N: c^, merged
-  TriangleBands bands;
-  BandGradientParts<T> parts;
+  ShardedLiftedBands<T> by_bands;         // simd
 };
 
 template <class T, class Base>
@@ -91,13 +80,9 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
     const LabelClasses& classes = work.classes;
     const double margin = static_cast<double>(loss.margin);
     const double pairs = static_cast<double>(classes.positive_pairs());
-    if constexpr (std::is_same<Base, simd_tag>::value) {
-      const int ranks = group.size();
-      const LiftedBandSums* sums =
-          work.band.sums(batch.x, classes.class_of(), triangle_band_start(n, ranks, group.rank()),
-                         triangle_band_start(n, ranks, group.rank() + 1));
-      if (sums != nullptr) return by_band(work, group, batch, sums, margin, pairs, grad, top_diff);
-    }
+    if constexpr (std::is_same<Base, simd_tag>::value)
+      if (work.by_bands.prepare(group, batch.x, classes))
+        return work.by_bands.forward_backward(group, batch, classes, margin, pairs, grad, top_diff);
     const MatrixView<const T> q{rows > 0 ? batch.x.row(first) : batch.x.data, rows, d, d};
 
     // 1. Distances of this rank's rows to X, and their log S.
@@ -185,56 +170,6 @@ struct ShardedBackend<LiftedStructureLoss<T>, Base> {
   }
 
  private:
-  /// The simd path: the band's statistics (backend/simd/lifted_band.hpp), merged over the
-  /// ranks in rank order (the same bits on every rank), and the band's gradient parts, which
-  /// each rank adds for its own rows (in double, in rank order).
-  template <class Group, class L>
-  static T by_band(ShardedLiftedScratch<T>& work, Group& group, const ShardView<T, L>& batch,
-                   const LiftedBandSums* sums, double margin, double pairs,
-                   const MatrixView<T>& grad, T top_diff) {
-    const int ranks = group.size();
-    const Index n = batch.x.rows;
-    TriangleBands& bands = work.bands;
-    bands.assign(n, ranks);
-    const auto end_of = [&](int q) { return bands.end_of(q); };
-
-    // 1. log S of every row.
-    LiftedBandSums* all_sums = work.band_sums.data(static_cast<std::size_t>(bands.total()));
-    gather(group, work.bytes, end_of, sums, all_sums);
-    LiftedBandSums* parts = work.sum_parts.data(static_cast<std::size_t>(ranks));
-    double* log_s = work.log_s_all.data(static_cast<std::size_t>(n));
-    for (Index a = 0; a < n; ++a) {
-      int count = 0;
-      for (int q = bands.first_band(a); q < ranks; ++q) parts[count++] = all_sums[bands.offset(q) + a];
-      log_s[a] = lifted_merged_log_normaliser(margin, parts, count);
-    }
-
-    // 2. c^ of every row, and the loss (row by row, each row's parts in rank order).
-    const LabelClasses& classes = work.classes;
-    const LiftedRowTotals* totals = work.band.totals(log_s, [&](Index i, auto&& visit) {
-      for (const Index* p = classes.members_begin(i); p != classes.members_end(i); ++p) visit(*p);
-    });
-    LiftedRowTotals* all = work.totals_all.data(static_cast<std::size_t>(bands.total()));
-    gather(group, work.bytes, end_of, totals, all);
-    double* coefficient = work.coefficient.data(static_cast<std::size_t>(n));
-    double sum = 0.0;
-    for (Index a = 0; a < n; ++a) {
-      double c = 0.0;
-      for (int q = bands.first_band(a); q < ranks; ++q) {
-        c += all[bands.offset(q) + a].scaled_coefficient;
-        sum += all[bands.offset(q) + a].loss;
-      }
-      coefficient[a] = c;
-    }
-    const T value = static_cast<T>(sum / (2.0 * pairs));
-
-    // 3. The gradient, only where some rank asked for it (the same choice on every rank).
-    if (!some_rank_wants_grad(batch.status, ranks)) return value;
-    const T* part = work.band.gradient(log_s, coefficient, margin, pairs, top_diff);
-    work.parts.reduce(group, work.bytes, bands, batch, part, grad);
-    return value;
-  }
-
   /// D_ik for this rank's rows q (rows first.. of x) against x, in double.
   static void distances(ShardedLiftedScratch<T>& work, const MatrixView<const T>& q,
                         const MatrixView<const T>& x, Index first, const LabelClasses& classes,

@@ -18,6 +18,7 @@
 // their rows' norms are applied by differences, out of the product (as CrossDistances).
 #include <metricloss/backend/simd/band_gradient.hpp>
 #include <metricloss/backend/simd/hard_band.hpp>
+#include <metricloss/backend/simd/lifted_band_rows.hpp>
 #include <metricloss/backend/simd/pairwise.hpp>
 #include <metricloss/backend/simd/products.hpp>
 #include <metricloss/detail/buffer.hpp>
@@ -62,11 +63,8 @@ inline double lifted_merged_log_normaliser(double margin, const LiftedBandSums* 
 
 template <class T>
 class LiftedBand {
-  using batch = xsimd::batch<T>;
-  static constexpr Index lanes = static_cast<Index>(batch::size);
-  // Sums gather in T, then in double (BandGradient's flushes).
+  using Rows = LiftedBandRows<T>;
   using Gradient = BandGradient<T>;
-  static constexpr Index flush_blocks = Gradient::flush_blocks;
   static constexpr Index flush_rows = Gradient::flush_rows;
 
   struct Positive {
@@ -97,27 +95,7 @@ class LiftedBand {
     pairwise_.compute_lower_rows(x, first, end, [&](Index i) {
       const T* sq = pairwise_.squared_row(i);
       T* row = dist + (i - first) * stride_;
-      const T ci = cls[i];
-      batch near(inf);
-      Index j = 0;
-      for (; j + lanes <= i; j += lanes) {
-        const batch v = xsimd::sqrt(xsimd::max(batch::load_unaligned(sq + j), batch(T(0))));
-        v.store_unaligned(row + j);
-        const auto negative = batch::load_unaligned(cls + j) != batch(ci);
-        near = xsimd::select(negative, xsimd::min(near, v), near);
-        const batch column = batch::load_unaligned(near_col + j);
-        xsimd::select(negative, xsimd::min(column, v), column).store_unaligned(near_col + j);
-      }
-      T nearest = lowest(near);
-      for (; j < i; ++j) {
-        const T v = std::sqrt(std::max(sq[j], T(0)));
-        row[j] = v;
-        if (cls[j] != ci) {
-          nearest = std::min(nearest, v);
-          near_col[j] = std::min(near_col[j], v);
-        }
-      }
-      near_row[i] = nearest;
+      near_row[i] = Rows::distances(sq, i, cls, row, near_col);
     });
     const T* norms = pairwise_.centred_norms();
     T widest = T(0);
@@ -134,39 +112,11 @@ class LiftedBand {
     std::fill(column, column + end, T(0));
     T* e_row = shifted_row_.data(static_cast<std::size_t>((end - first) * stride_));
     T* e_col = shifted_col_.data(static_cast<std::size_t>((end - first) * stride_));
-    const batch floor(T(-1000)), zero(T(0));
     for (Index i = first; i < end; ++i) {
       const T* row = dist + (i - first) * stride_;
       T* er = e_row + (i - first) * stride_;
       T* ec = e_col + (i - first) * stride_;
-      const T ci = cls[i];
-      const batch near_i(nearest[i]);
-      batch acc(T(0));
-      double row_sum = 0.0;
-      Index j = 0;
-      for (; j + lanes <= i; j += lanes) {
-        const batch v = batch::load_unaligned(row + j);
-        const auto negative = batch::load_unaligned(cls + j) != batch(ci);
-        const batch a = xsimd::select(negative, xsimd::exp(xsimd::max(near_i - v, floor)), zero);
-        const batch b = xsimd::select(
-            negative, xsimd::exp(xsimd::max(batch::load_unaligned(nearest + j) - v, floor)), zero);
-        a.store_unaligned(er + j);
-        b.store_unaligned(ec + j);
-        acc += a;
-        (batch::load_unaligned(column + j) + b).store_unaligned(column + j);
-        if ((j / lanes) % flush_blocks == flush_blocks - 1) Gradient::flush(acc, row_sum);
-      }
-      row_sum += static_cast<double>(xsimd::hadd(acc));
-      for (; j < i; ++j) {
-        const bool negative = cls[j] != ci;
-        const T a = negative ? std::exp(std::max(nearest[i] - row[j], T(-1000))) : T(0);
-        const T b = negative ? std::exp(std::max(nearest[j] - row[j], T(-1000))) : T(0);
-        er[j] = a;
-        ec[j] = b;
-        row_sum += static_cast<double>(a);
-        column[j] += b;
-      }
-      sum[i] += row_sum;
+      sum[i] += Rows::shifted(row, i, cls, nearest, er, ec, column);
       if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end) Gradient::flush(column, sum, i);
     }
     LiftedBandSums* out = sums_.data(static_cast<std::size_t>(end));
@@ -224,42 +174,12 @@ class LiftedBand {
     T* w = distance_.data(0);  // the weights dL/dD2 replace the distances
     const T* e_row = shifted_row_.data(0);
     const T* e_col = shifted_col_.data(0);
-    const batch zero(T(0)), two(T(2));
     for (Index i = first; i < end; ++i) {
       T* row = w + (i - first) * stride;
       const T* er = e_row + (i - first) * stride;
       const T* ec = e_col + (i - first) * stride;
       const T* sq = pairwise_.squared_row(i);
-      const T ci = cls[i];
-      const batch factor_i(factor[i]);
-      batch acc(T(0));
-      double row_sum = 0.0;
-      Index j = 0;
-      // Negatives: (factor_i er + factor_j ec) / (2 D), 0 at D = 0; positives: 0 here.
-      for (; j + lanes <= i; j += lanes) {
-        const batch v = batch::load_unaligned(row + j);
-        const auto negative = batch::load_unaligned(cls + j) != batch(ci);
-        const batch dd = factor_i * batch::load_unaligned(er + j) +
-                         batch::load_unaligned(factor + j) * batch::load_unaligned(ec + j);
-        const batch weight =
-            gradient_.apart_lanes(i, j, xsimd::select(negative && v > zero, dd / (two * v), zero), sq);
-        weight.store_unaligned(row + j);
-        acc += weight;
-        (batch::load_unaligned(column + j) + weight).store_unaligned(column + j);
-        if ((j / lanes) % flush_blocks == flush_blocks - 1)
-          Gradient::flush(acc, row_sum);
-      }
-      row_sum += static_cast<double>(xsimd::hadd(acc));
-      for (; j < i; ++j) {
-        T weight = T(0);
-        if (cls[j] != ci && row[j] > T(0))
-          weight = (factor[i] * er[j] + factor[j] * ec[j]) / (T(2) * row[j]);
-        weight = gradient_.apart(i, j, weight, sq[j]);
-        row[j] = weight;
-        row_sum += static_cast<double>(weight);
-        column[j] += weight;
-      }
-      row_sums[i] += row_sum;
+      row_sums[i] += Rows::negative_weights(gradient_, i, cls, factor, er, ec, sq, row, column);
       if ((i - first) % flush_rows == flush_rows - 1 || i + 1 == end)
         gradient_.flush_columns(i);
     }
@@ -279,14 +199,6 @@ class LiftedBand {
   }
 
  private:
-  static T lowest(const batch& b) {
-    alignas(64) T lane[lanes];
-    b.store_aligned(lane);
-    T m = lane[0];
-    for (Index k = 1; k < lanes; ++k) m = std::min(m, lane[k]);
-    return m;
-  }
-
   PairwiseDistances<T> pairwise_;
   MatrixView<const T> x_{};
   Index first_ = 0, end_ = 0, stride_ = 0, positive_count_ = 0;
