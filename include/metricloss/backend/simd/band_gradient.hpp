@@ -7,6 +7,7 @@
 // (band_product); a pair close against its rows' centred norms, where that product would
 // cancel, is applied by differences in double instead and leaves the product.
 #include <metricloss/backend/simd/pairwise.hpp>
+#include <metricloss/backend/simd/lower_products.hpp>
 #include <metricloss/backend/simd/products.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/numerics.hpp>

@@ -13,11 +13,14 @@
 //   dQ = 2 (diag(W 1) Qc - W Rc),   dR = 2 (diag(W^T 1) Rc - W^T Qc),
 // two products. Pairs with D2_ij < near_ratio (n_i + m_j) are taken out of W first and
 // applied by differences in double, 2 W_ij (q_i - r_j), where the products would cancel.
+#include <metricloss/backend/simd/centre.hpp>
 #include <metricloss/backend/simd/exact.hpp>
+#include <metricloss/backend/simd/pair_differences.hpp>
 #include <metricloss/backend/simd/products.hpp>
 #include <metricloss/backend/simd/triangle.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/numerics.hpp>
+#include <metricloss/detail/prefetch.hpp>
 #include <metricloss/detail/views.hpp>
 
 #include <Eigen/Core>
@@ -180,13 +183,13 @@ class CrossDistances {
     if (!grad_q.empty()) {
       StridedMap<T> out = staged(staging_, m, d);
       product_into<T>(blocking_, weights, reference_centred(), out);  // W Rc
-      finish(out, query_centred(), row_sums, near_q, two_scale, scale);
+      finish_cross_gradient(out, query_centred(), row_sums, near_q, two_scale, scale);
       copy_rows(out, grad_q);
     }
     if (!grad_r.empty()) {
       StridedMap<T> out = staged(staging_, k, d);
       product_into<T>(blocking_, weights.transpose(), query_centred(), out);  // W^T Qc
-      finish(out, reference_centred(), columns.total, near_r, two_scale, scale);
+      finish_cross_gradient(out, reference_centred(), columns.total, near_r, two_scale, scale);
       copy_rows(out, grad_r);
     }
   }
@@ -201,19 +204,6 @@ class CrossDistances {
   }
 
  private:
-  /// out_i = two_scale (sums_i c_i - out_i) + scale near_i: the diagonal part, the
-  /// product's sign, and the near pairs' part.
-  static void finish(StridedMap<T>& out, const ConstStridedMap<T>& centred, const double* sums,
-                     const double* near, T two_scale, T scale) {
-    const Index d = out.cols();
-    for (Index i = 0; i < out.rows(); ++i) {
-      out.row(i) = two_scale * (static_cast<T>(sums[i]) * centred.row(i) - out.row(i));
-      for (Index c = 0; c < d; ++c)
-        out(i, c) = static_cast<T>(static_cast<double>(out(i, c)) +
-                                   static_cast<double>(scale) * near[i * d + c]);
-    }
-  }
-
   /// W_ij, when (i, j) is a near pair (D2_ij < near_ratio (n_i + m_j)), applied by
   /// differences into the near rows and set to 0.
   void take_out_if_near(Index i, Index j, T near_ratio, double* near_q, double* near_r) {
@@ -221,46 +211,17 @@ class CrossDistances {
     const T* n = norms_.data(0);
     if (wij == T(0) || !(squared_.data(0)[i * stride_ + j] < near_ratio * (n[i] + n[q_.rows + j]))) return;
     const Index d = q_.cols;
-    add_difference(near_q + i * d, near_r + j * d, q_.row(i), r_.row(j), d, 2.0 * static_cast<double>(wij));
+    add_cross_difference(near_q + i * d, near_r + j * d, q_.row(i), r_.row(j), d, 2.0 * static_cast<double>(wij));
     wij = T(0);
   }
 
-  /// gq += v (a - b), gr -= v (a - b), in double.
-  static void add_difference(double* gq, double* gr, const T* a, const T* b, Index d, double v) {
-    for (Index c = 0; c < d; ++c) {
-      const double term = v * (static_cast<double>(a[c]) - static_cast<double>(b[c]));
-      gq[c] += term;
-      gr[c] -= term;
-    }
-  }
-
-  static void prefetch_line(const char* address) {
-#if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(address, 0, 3);
-#else
-    (void)address;
-#endif
-  }
-
+  /// Q and R at one mean (of all M + K rows).
   void centre() {
     const Index m = q_.rows, k = r_.rows, d = q_.cols;
-    double* mean = mean_.data(static_cast<std::size_t>(d));
-    std::fill(mean, mean + d, 0.0);
-    const auto row_of = [&](Index i) { return i < m ? q_.row(i) : r_.row(i - m); };
-    for (Index i = 0; i < m + k; ++i)
-      for (Index c = 0; c < d; ++c) mean[c] += static_cast<double>(row_of(i)[c]);
-    for (Index c = 0; c < d; ++c) mean[c] /= static_cast<double>(m + k);
-    T* xc = centred_.data(static_cast<std::size_t>((m + k) * d));
-    T* norms = norms_.data(static_cast<std::size_t>(m + k));
-    for (Index i = 0; i < m + k; ++i) {
-      const T* row = row_of(i);
-      double norm = 0.0;
-      for (Index c = 0; c < d; ++c) {
-        xc[i * d + c] = static_cast<T>(static_cast<double>(row[c]) - mean[c]);
-        norm += static_cast<double>(xc[i * d + c]) * static_cast<double>(xc[i * d + c]);
-      }
-      norms[i] = static_cast<T>(norm);
-    }
+    centre_rows<T>([&](Index i) { return i < m ? q_.row(i) : r_.row(i - m); }, m + k, d,
+                   mean_.data(static_cast<std::size_t>(d)),
+                   centred_.data(static_cast<std::size_t>((m + k) * d)),
+                   norms_.data(static_cast<std::size_t>(m + k)));
   }
 
   MatrixView<const T> q_{}, r_{};

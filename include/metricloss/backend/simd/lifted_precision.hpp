@@ -12,6 +12,7 @@
 // share of the pairs (float, D of several hundred), the whole call runs in double instead
 // when that is cheaper (in_double_pays, backend/simd/widen.hpp).
 #include <metricloss/backend/simd/exact.hpp>
+#include <metricloss/backend/simd/lifted_recomputed.hpp>
 #include <metricloss/backend/simd/lifted_sweeps.hpp>
 #include <metricloss/backend/simd/pairwise.hpp>
 #include <metricloss/backend/simd/tuning.hpp>
@@ -29,14 +30,8 @@
 namespace metricloss {
 namespace detail {
 
-/// A negative recomputed in double (recompute_weighted): the pair (i, k), k < i, and D_ik.
-struct Recomputed {
-  Index i, k;
-  double distance;
-};
-
 template <class T>
-struct LiftedPrecision {
+struct LiftedPrecision : LiftedRecomputedList {
   using Sweeps = LiftedSweeps<T>;
   using batch = typename Sweeps::batch;
   static constexpr Index width = Sweeps::width;
@@ -197,27 +192,6 @@ struct LiftedPrecision {
     return count;
   }
 
-  /// Each row's nearest over the list too: exact_nearest_i = min(it, D_ik) for every entry.
-  static void list_nearest(const Recomputed* list, Index count, double* exact_nearest) {
-    for (Index e = 0; e < count; ++e) {
-      const Recomputed& r = list[e];
-      exact_nearest[r.i] = std::min(exact_nearest[r.i], r.distance);
-      exact_nearest[r.k] = std::min(exact_nearest[r.k], r.distance);
-    }
-  }
-
-  /// The list's part of the shifted exp-sums: sums_i += exp(exact_nearest_i - D_ik), and the
-  /// same for k, over the entries, in double.
-  static void list_exp_sums(const Recomputed* list, Index count, const double* exact_nearest,
-                            double* sums) {
-    for (Index e = 0; e < count; ++e) {
-      const Index i = list[e].i, k = list[e].k;
-      const double dik = list[e].distance;
-      sums[i] += std::exp(exact_nearest[i] - dik);
-      sums[k] += std::exp(exact_nearest[k] - dik);
-    }
-  }
-
   /// s_i from its parts: `sums` holds the T sweeps' row parts (shifted by the T nearest),
   /// `column_total` their column parts, `rescale` the list's part (shifted by exact_nearest).
   /// The T part is rescaled to the exact nearest (0 when it has no term), and `rescale`
@@ -236,14 +210,6 @@ struct LiftedPrecision {
       if (!(exact_nearest[i] < std::numeric_limits<double>::infinity()))
         sums[i] = std::numeric_limits<double>::quiet_NaN();
     }
-  }
-
-  /// An entry's S_ik = (f_i exp(nearest_i - D_ik) + f_k exp(nearest_k - D_ik)) / (2 D_ik) in
-  /// double, f = list_factor (the factors of the double sums).
-  static double list_weight(const Recomputed& r, const double* list_factor, const double* exact_nearest) {
-    const double both = list_factor[r.i] * std::exp(exact_nearest[r.i] - r.distance) +
-                        list_factor[r.k] * std::exp(exact_nearest[r.k] - r.distance);
-    return weight_on_squared(both, r.distance);
   }
 };
 

@@ -17,7 +17,9 @@
 //
 // Products run through Eigen in tiles whose packing buffers fit Eigen's stack-allocation
 // limit, so that no call allocates once the workspace is warm (backend/simd/products.hpp).
+#include <metricloss/backend/simd/centre.hpp>
 #include <metricloss/backend/simd/exact.hpp>
+#include <metricloss/backend/simd/lower_products.hpp>
 #include <metricloss/backend/simd/products.hpp>
 #include <metricloss/backend/simd/rowops.hpp>
 #include <metricloss/detail/buffer.hpp>
@@ -68,8 +70,9 @@ class PairwiseDistances {
   void compute_lower_rows(const MatrixView<const T>& x, Index first, Index end, F&& row_done) {
     x_ = x;
     first_ = first;
-    const Index d = x.cols;
-    centre(x);
+    const Index n = x.rows, d = x.cols;
+    centre_rows<T>([&](Index i) { return x.row(i); }, n, d, mean_.data(static_cast<std::size_t>(d)),
+                   centred_.data(static_cast<std::size_t>(n * d)), norms_.data(static_cast<std::size_t>(n)));
     stride_ = padded_stride<T>(end);
     const Index stride = stride_;
     T* squared = squared_.data(static_cast<std::size_t>((end - first) * stride));
@@ -216,7 +219,7 @@ class PairwiseDistances {
   }
 
   /// grad = scale * 2 (diag(r) - S) X for a symmetric S whose strictly lower triangle the
-  /// caller wrote into `w` (gradient_from_lower_weights, backend/simd/products.hpp).
+  /// caller wrote into `w` (gradient_from_lower_weights, backend/simd/lower_products.hpp).
   void gradient_from_symmetric_weights(T* w, Index stride, T scale, const T* row_sums,
                                        const MatrixView<T>& grad) {
     StridedMap<T> out = staged(staging_, x_.rows, x_.cols);
@@ -231,29 +234,6 @@ class PairwiseDistances {
   }
 
  private:
-  void centre(const MatrixView<const T>& x) {
-    const Index n = x.rows, d = x.cols;
-    double* mean = mean_.data(static_cast<std::size_t>(d));
-    std::fill(mean, mean + d, 0.0);
-    for (Index i = 0; i < n; ++i) {
-      const T* row = x.row(i);
-      for (Index j = 0; j < d; ++j) mean[j] += static_cast<double>(row[j]);
-    }
-    for (Index j = 0; j < d; ++j) mean[j] /= static_cast<double>(n);
-    T* xc = centred_.data(static_cast<std::size_t>(n * d));
-    T* norms = norms_.data(static_cast<std::size_t>(n));
-    for (Index i = 0; i < n; ++i) {
-      const T* row = x.row(i);
-      T* out = xc + i * d;
-      double norm = 0.0;
-      for (Index j = 0; j < d; ++j) {
-        out[j] = static_cast<T>(static_cast<double>(row[j]) - mean[j]);
-        norm += static_cast<double>(out[j]) * static_cast<double>(out[j]);
-      }
-      norms[i] = static_cast<T>(norm);
-    }
-  }
-
   MatrixView<const T> x_{};
   Index stride_ = 0;
   Index first_ = 0;  // the first row of squared() (compute_lower_rows)
