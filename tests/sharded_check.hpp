@@ -15,9 +15,11 @@
 #include <metricloss/metricloss.hpp>
 #include <metricloss/thread_group.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -117,6 +119,34 @@ void for_each_batch_config(F&& f) {
   });
 }
 
+/// On every rank, what rank 0's compute() returns and writes into `grads` (every rank would
+/// compute the same bits: a single-process reference done once, not once a rank, while the
+/// group's other ranks wait; the largest sharded tests spent most of their time there).
+template <class T, class Group, class Compute, class... Grads>
+T on_rank_zero(Group& group, Compute&& compute, Grads&... grads) {
+  const int ranks = group.size();
+  std::size_t total = 2;  // the value and a failure flag, then the gradients
+  for (std::size_t size : {static_cast<std::size_t>(grads.size())...}) total += size;
+  std::vector<T> packed(total, T(0)), shared(total);
+  if (group.rank() == 0) {
+    try {
+      packed[0] = compute();
+      T* at = packed.data() + 2;
+      ((at = std::copy(grads.data(), grads.data() + grads.size(), at)), ...);
+    } catch (...) {
+      packed[1] = T(1);  // every rank throws below, so no rank waits in a later exchange
+    }
+  }
+  const std::size_t bytes = sizeof(T) * total;
+  std::vector<std::size_t> counts(static_cast<std::size_t>(ranks), 0), offsets(static_cast<std::size_t>(ranks), 0);
+  counts[0] = bytes;
+  group.allgatherv(packed.data(), group.rank() == 0 ? bytes : 0, shared.data(), counts.data(), offsets.data());
+  if (shared[1] != T(0)) throw std::runtime_error("the single-process reference threw on rank 0");
+  const T* from = shared.data() + 2;
+  ((std::copy(from, from + grads.size(), grads.data()), from += grads.size()), ...);
+  return shared[0];
+}
+
 /// One rank's checks of one layout on one tag and type, for each loss that
 /// for_each_config(f) hands to f(name, loss). `shards` has group.size() entries.
 template <class T, class Tag, class Group, class ForEachConfig>
@@ -141,7 +171,9 @@ void check_layout_of(Group& group, Tag tag, const char* tag_name, const std::vec
     auto loss = configured;  // the sharded functor
     auto single = configured;
     Matrix<T> reference_grad(global.x.rows(), d);
-    const T reference = single.forward_backward(tag.base, global.x, global.labels, reference_grad, T(1.5));
+    const T reference = on_rank_zero<T>(group, [&] {
+      return single.forward_backward(tag.base, global.x, global.labels, reference_grad, T(1.5));
+    }, reference_grad);
 
     Matrix<T> grad(rows, d), again(rows, d);
     const T value = loss.forward_backward(tag, x, labels, grad, T(1.5));

@@ -118,13 +118,14 @@ void check_reference_layout(Group& group, Tag tag, const char* tag_name,
     auto loss = configured;
     auto single = configured;
     Matrix<T> single_gq(n, d), single_gr(n_r, d);
-    const T reference =
-        any ? single.forward_backward(tag.base, global.x, global.labels,
-                                      ml::reference(ref.r, ref.labels, self_all), single_gq,
-                                      single_gr, T(1.5))
-            : single.forward_backward(tag.base, global.x, global.labels,
-                                      ml::reference(ref.r, ref.labels), single_gq, single_gr,
-                                      T(1.5));
+    const T reference = on_rank_zero<T>(group, [&] {
+      return any ? single.forward_backward(tag.base, global.x, global.labels,
+                                           ml::reference(ref.r, ref.labels, self_all), single_gq,
+                                           single_gr, T(1.5))
+                 : single.forward_backward(tag.base, global.x, global.labels,
+                                           ml::reference(ref.r, ref.labels), single_gq, single_gr,
+                                           T(1.5));
+    }, single_gq, single_gr);
     Matrix<T> gq(rows, d), gq_again(rows, d), gr(n_r, d), gr_again(n_r, d);
     const auto call = [&](Matrix<T>& out_q, Matrix<T>& out_r) {
       return i_pass ? loss.forward_backward(tag, q, labels, ml::reference(ref.r, ref.labels, self_mine),
