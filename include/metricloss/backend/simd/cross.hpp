@@ -40,13 +40,6 @@ class CrossDistances {
  public:
   /// Fills squared() for the rows of q against the rows of r (same number of columns).
   void compute(const MatrixView<const T>& q, const MatrixView<const T>& r) {
-    compute(q, r, [](Index) {});
-  }
-
-  /// compute(), calling row_done(i) as soon as row i is final (in increasing i), while it is
-  /// still in cache: a sweep fused there reads it from cache rather than memory.
-  template <class RowDone>
-  void compute(const MatrixView<const T>& q, const MatrixView<const T>& r, RowDone&& row_done) {
     q_ = q;
     r_ = r;
     const Index m = q.rows, k = r.rows;
@@ -76,7 +69,6 @@ class CrossDistances {
         const T value = scale - T(2) * row[j];
         row[j] = value > ratio * scale ? value : static_cast<T>(exact(i, j));
       }
-      row_done(i);
     }
   }
 
@@ -142,14 +134,6 @@ class CrossDistances {
   /// grad_q = scale dQ and grad_r = scale dR (either may be empty) from W of
   /// zeroed_weights() or weights_to_fill(), which this destroys (its near pairs are taken out).
   void gradients(T scale, const MatrixView<T>& grad_q, const MatrixView<T>& grad_r) {
-    gradients(scale, grad_q, grad_r, [](Index, Index, Index) {});
-  }
-
-  /// gradients() on weights_to_fill() that fill(i, j0, j1) writes, row i's entries [j0, j1)
-  /// at a time (increasing i, then j0; j0 a multiple of the lanes), just before this sums
-  /// them: the loss's W sweep fused with the sums, so W is summed from cache.
-  template <class Fill>
-  void gradients(T scale, const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, Fill&& fill) {
     const Index m = q_.rows, k = r_.rows, d = q_.cols;
     T* w = weights_.data(0);
     double* near_q = near_.data(static_cast<std::size_t>((m + k) * d));
@@ -173,7 +157,6 @@ class CrossDistances {
       Index j = 0;
       while (j + width <= k) {
         batch lanes(T(0));
-        fill(i, j, std::min(j + block * width, k - (k - j) % width));
         for (Index b = 0; b < block && j + width <= k; ++b, j += width) {
           batch wij = batch::load_unaligned(wrow + j);
           const auto near = batch::load_unaligned(sqrow + j) < near_lanes * (ni + batch::load_unaligned(n + m + j));
@@ -186,7 +169,6 @@ class CrossDistances {
         }
         row_total += static_cast<double>(xsimd::hadd(lanes));
       }
-      fill(i, j, k);
       for (; j < k; ++j) {
         take_out_if_near(i, j, near_ratio, near_q, near_r);
         row_total += static_cast<double>(wrow[j]);

@@ -55,10 +55,8 @@ bool simd_lifted_reference(LiftedReferenceWork<T>& work, const CrossClasses& cla
   const bool gradient = !grad_q.empty() || !grad_r.empty();
   value = pass.pair_terms(gradient) / (2.0 * pairs);
   if (!gradient) return true;
-  T* weights = work.cross.weights_to_fill().data();
-  pass.begin_weights();
-  work.cross.gradients(static_cast<T>(top_diff / pairs), grad_q, grad_r,
-                       [&](Index a, Index j0, Index j1) { pass.fill_weights(weights, a, j0, j1); });
+  pass.weights(work.cross.weights_to_fill().data());
+  work.cross.gradients(static_cast<T>(top_diff / pairs), grad_q, grad_r);
   return true;
 }
 

@@ -14,7 +14,6 @@
 #include <metricloss/backend/simd/cross.hpp>
 #include <metricloss/backend/simd/exact.hpp>
 #include <metricloss/backend/simd/lifted_sweeps.hpp>
-#include <metricloss/backend/simd/products.hpp>
 #include <metricloss/backend/simd/triangle.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/cross_classes.hpp>
@@ -69,9 +68,10 @@ struct LiftedReferencePass {
   static T own_value(Index c) { return static_cast<T>(c); }  // -1 (no class in R) matches none
 
   /// Sweep 1: D2 by the product, D = sqrt(D2) and the nearest negative of every row
-  /// (row-wise) and column (lane-wise into col_nearest), each row as soon as it is final.
+  /// (row-wise) and column (lane-wise into col_nearest).
   void distances() {
-    stride = padded_stride<T>(nr);  // CrossDistances' stride
+    w.cross.compute(q, r);
+    stride = w.cross.stride();
     distance = w.distance.data(static_cast<std::size_t>(nq * stride));
     cls = w.candidate_class.data(static_cast<std::size_t>(nr));
     for (Index j = 0; j < nr; ++j) cls[j] = static_cast<T>(classes.class_of(j));
@@ -79,10 +79,9 @@ struct LiftedReferencePass {
     col_nearest = w.col_nearest.data(static_cast<std::size_t>(nr));
     const T inf = std::numeric_limits<T>::infinity();
     std::fill(col_nearest, col_nearest + nr, inf);
-    w.cross.compute(q, r, [&](Index a) {
+    for (Index a = 0; a < nq; ++a)
       row_nearest[a] = Sweeps::template nearest_negative<true>(
           w.cross.squared_row(a), distance + a * stride, cls, own_value(classes.own_class(a)), nr, col_nearest);
-    });
   }
 
   /// Whether every negative that carries weight has its D in T to the tolerance (always,
@@ -196,55 +195,43 @@ struct LiftedReferencePass {
         if (*p != classes.self(a)) f(a, *p);
   }
 
-  /// Sweep 3's factors, f = -c / s of each row and g of each column (in T), and the first
-  /// positive pair; then fill_weights for every row, in order.
-  void begin_weights() {
-    row_factor = w.row_factor.data(static_cast<std::size_t>(nq));
-    col_factor = w.col_factor.data(static_cast<std::size_t>(nr));
+  /// Sweep 3, every entry of W (weights_to_fill): on the negatives
+  ///   W_aj = (f_a exp(nearest_a - D) + g_j exp(nearest_j - D)) / (2 D)
+  /// (0 at D = 0), f = -c / s of the row, g of the column; the pairs' weights; 0 elsewhere.
+  void weights(T* out_weights) {
+    T* row_factor = w.row_factor.data(static_cast<std::size_t>(nq));
+    T* col_factor = w.col_factor.data(static_cast<std::size_t>(nr));
     for (Index a = 0; a < nq; ++a)
       row_factor[a] = static_cast<T>(row_share[a] != 0.0 ? -row_share[a] / row_sum[a] : 0.0);
     for (Index j = 0; j < nr; ++j)
       col_factor[j] = static_cast<T>(col_share[j] != 0.0 ? -col_share[j] / col_sum[j] : 0.0);
-    next_pair = w.pair_weight.data(0);
-  }
-
-  /// Sweep 3 over row a's entries [j0, j1) of W (out_weights, rows `stride` apart; ranges in
-  /// increasing order, j0 a multiple of the lanes): on the negatives
-  ///   W_aj = (f_a exp(nearest_a - D) + g_j exp(nearest_j - D)) / (2 D)
-  /// (0 at D = 0), on the positive pairs their weights, 0 elsewhere.
-  void fill_weights(T* out_weights, Index a, Index j0, Index j1) {
-    const T* row = distance + a * stride;
-    T* out = out_weights + a * stride;
-    const T own = own_value(classes.own_class(a));
     const T inf = std::numeric_limits<T>::infinity();
-    const batch own_class(own), shift(row_nearest[a]), factor(row_factor[a]), zero(T(0)), far(inf);
-    Index j = j0;
-    for (; j + width <= j1; j += width) {
-      const auto negative = batch::load_unaligned(cls + j) != own_class;
-      const batch d = batch::load_unaligned(row + j);
-      const batch nd = xsimd::select(negative, d, far);
-      const batch both = factor * Sweeps::clamped_exp(shift - nd) +
-                         batch::load_unaligned(col_factor + j) *
-                             Sweeps::clamped_exp(batch::load_unaligned(col_nearest + j) - nd);
-      xsimd::select(negative & (d > zero), both / (d + d), zero).store_unaligned(out + j);
+    for (Index a = 0; a < nq; ++a) {
+      const T* row = distance + a * stride;
+      T* out = out_weights + a * stride;
+      const T own = own_value(classes.own_class(a));
+      const batch own_class(own), shift(row_nearest[a]), factor(row_factor[a]), zero(T(0)), far(inf);
+      Index j = 0;
+      for (; j + width <= nr; j += width) {
+        const auto negative = batch::load_unaligned(cls + j) != own_class;
+        const batch d = batch::load_unaligned(row + j);
+        const batch nd = xsimd::select(negative, d, far);
+        const batch both = factor * Sweeps::clamped_exp(shift - nd) +
+                           batch::load_unaligned(col_factor + j) *
+                               Sweeps::clamped_exp(batch::load_unaligned(col_nearest + j) - nd);
+        xsimd::select(negative & (d > zero), both / (d + d), zero).store_unaligned(out + j);
+      }
+      for (; j < nr; ++j) {
+        const T d = row[j];
+        out[j] = cls[j] != own && d > T(0)
+                     ? (row_factor[a] * Sweeps::clamped_exp(row_nearest[a] - d) +
+                        col_factor[j] * Sweeps::clamped_exp(col_nearest[j] - d)) / (d + d)
+                     : T(0);
+      }
     }
-    for (; j < j1; ++j) {
-      const T d = row[j];
-      out[j] = cls[j] != own && d > T(0)
-                   ? (row_factor[a] * Sweeps::clamped_exp(row_nearest[a] - d) +
-                      col_factor[j] * Sweeps::clamped_exp(col_nearest[j] - d)) / (d + d)
-                   : T(0);
-    }
-    // The positive pairs in [j0, j1) (a's members ascending, as pair_terms took them).
-    if (j0 == 0) next_member = classes.members_begin(a);
-    const Index* end = classes.members_end(a);
-    for (; next_member != end && *next_member < j1; ++next_member)
-      if (*next_member != classes.self(a)) out[*next_member] = *next_pair++;
+    const T* pair_weight = w.pair_weight.data(0);
+    for_each_pair([&](Index a, Index j) { out_weights[a * stride + j] = *pair_weight++; });
   }
-
-  T *row_factor = nullptr, *col_factor = nullptr;
-  const T* next_pair = nullptr;
-  const Index* next_member = nullptr;
 };
 
 }  // namespace detail
