@@ -25,6 +25,22 @@ struct AllSlot {
   double weight = 0.0;
 };
 
+/// An anchor's slots' kinks: each threshold t as a squared distance (-inf where t <= 0 under
+/// Euclidean, which no distance lies below), as the miner forms them
+/// (mining::exact_near_kinks). Returns the anchor's slack, kink_slack of the largest |kink|.
+inline double slot_kinks(const double* t, Index k, Distance distance, double* kink) {
+  double largest = 0.0;
+  for (Index s = 0; s < k; ++s) {
+    if (distance == Distance::squared_euclidean || t[s] > 0.0) {
+      kink[s] = distance == Distance::squared_euclidean ? t[s] : t[s] * t[s];
+      largest = std::max(largest, std::abs(kink[s]));
+    } else {
+      kink[s] = -std::numeric_limits<double>::infinity();
+    }
+  }
+  return largest * Numerics<double>::kink_slack;
+}
+
 class AllCandidateRole {
   /// Anchors per tile: their columns of the distances, transposed into rows.
   static constexpr Index column_tile = 32;
@@ -38,20 +54,10 @@ class AllCandidateRole {
     double* t = thresholds_.data(static_cast<std::size_t>(total));
     double* kink = kinks_.data(static_cast<std::size_t>(total));
     double* slack = slack_.data(static_cast<std::size_t>(n));
-    for (Index j = 0; j < n; ++j) {
-      double largest = 0.0;
-      for (Index s = slot_first[j]; s < slot_first[j + 1]; ++s) {
-        t[s] = all[s].threshold;
-        const double value = distance == Distance::squared_euclidean ? t[s] : t[s] * t[s];
-        if (distance == Distance::squared_euclidean || t[s] > 0.0) {
-          kink[s] = value;
-          largest = std::max(largest, std::abs(value));
-        } else {
-          kink[s] = -std::numeric_limits<double>::infinity();
-        }
-      }
-      slack[j] = largest * Numerics<double>::kink_slack;
-    }
+    for (Index s = 0; s < total; ++s) t[s] = all[s].threshold;
+    for (Index j = 0; j < n; ++j)
+      slack[j] = slot_kinks(t + slot_first[j], slot_first[j + 1] - slot_first[j], distance,
+                            kink + slot_first[j]);
   }
 
   /// The anchors' classes and slots: `global` X's labels, slot_first[j] anchor j's first slot,

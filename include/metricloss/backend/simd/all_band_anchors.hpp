@@ -3,6 +3,7 @@
 // positives when it has negatives, sorted by threshold t_ap = d_ap + m from exact
 // distances, as the single process's miner), their kinks as squared distances, and one
 // anchor's scan over candidates, hinge or soft margin, adding to its slots' parts.
+#include <metricloss/backend/sharded_all_candidates.hpp>
 #include <metricloss/backend/simd/mining_scans.hpp>
 #include <metricloss/backend/simd/pair_rowops.hpp>
 #include <metricloss/backend/simd/pairwise.hpp>
@@ -74,19 +75,11 @@ class AllBandAnchors {
       }
       std::iota(order, order + k, Index(0));
       std::sort(order, order + k, [&](Index u, Index v) { return key[u] < key[v] || (key[u] == key[v] && u < v); });
-      double largest = 0.0;
       for (Index s = 0; s < k; ++s) {
         t[f + s] = key[order[s]];
         rank[f + order[s]] = s;
-        // The kink as a squared distance (none below a threshold t <= 0 under Euclidean).
-        if (distance_ == Distance::squared_euclidean || t[f + s] > 0.0) {
-          kink[f + s] = distance_ == Distance::squared_euclidean ? t[f + s] : t[f + s] * t[f + s];
-          largest = std::max(largest, std::abs(kink[f + s]));
-        } else {
-          kink[f + s] = -std::numeric_limits<double>::infinity();
-        }
       }
-      slack[a] = largest * Numerics<double>::kink_slack;
+      slack[a] = slot_kinks(t + f, k, distance_, kink + f);
     }
   }
 
