@@ -2,7 +2,8 @@
 // BatchContrastiveLoss's maths, shared by its backends (the formula is in
 // <metricloss/batch_contrastive.hpp>): one pair's term and its slope in D2, and one anchor's
 // sweep over its candidates, first for the totals (sums and counts of each side), then for
-// the row of W = dL/dD2 once the counts are known.
+// the row of W = dL/dD2 once the counts are known. A pair's term and the totals are
+// METRICLOSS_HOST_DEVICE: the CUDA backend (backend/cuda/batch_contrastive.cuh) calls them.
 #include <metricloss/config.hpp>
 #include <metricloss/options.hpp>
 #include <metricloss/types.hpp>
@@ -35,14 +36,14 @@ struct ContrastiveRule {
   }
 
   /// [d - pos_margin]_+ and its slope in D2 (0 at d = 0: no epsilon).
-  ContrastiveTerm positive(double d2) const {
+  METRICLOSS_HOST_DEVICE ContrastiveTerm positive(double d2) const {
     const double d = euclidean ? std::sqrt(d2) : d2;
     const double h = d - pos_margin;
     if (!(h > 0.0)) return {};
     return {h, euclidean ? (d > 0.0 ? 0.5 / d : 0.0) : 1.0};
   }
   /// [neg_margin - d]_+ and its slope in D2.
-  ContrastiveTerm negative(double d2) const {
+  METRICLOSS_HOST_DEVICE ContrastiveTerm negative(double d2) const {
     const double d = euclidean ? std::sqrt(d2) : d2;
     const double h = neg_margin - d;
     if (!(h > 0.0)) return {};
@@ -55,16 +56,16 @@ struct ContrastiveTotals {
   double pos_sum = 0.0, neg_sum = 0.0;
   double pos_active = 0.0, neg_active = 0.0, pos_pairs = 0.0, neg_pairs = 0.0;
 
-  double pos_count(const ContrastiveRule& rule) const { return rule.nonzero_mean ? pos_active : pos_pairs; }
-  double neg_count(const ContrastiveRule& rule) const { return rule.nonzero_mean ? neg_active : neg_pairs; }
+  METRICLOSS_HOST_DEVICE double pos_count(const ContrastiveRule& rule) const { return rule.nonzero_mean ? pos_active : pos_pairs; }
+  METRICLOSS_HOST_DEVICE double neg_count(const ContrastiveRule& rule) const { return rule.nonzero_mean ? neg_active : neg_pairs; }
   /// L = pos_sum / C_+ + neg_sum / C_-, a side without terms adding 0.
-  double loss(const ContrastiveRule& rule) const {
+  METRICLOSS_HOST_DEVICE double loss(const ContrastiveRule& rule) const {
     const double cp = pos_count(rule), cn = neg_count(rule);
     return (cp > 0.0 ? pos_sum / cp : 0.0) + (cn > 0.0 ? neg_sum / cn : 0.0);
   }
   /// dL/d(term) of each side: 1 / C (0 without terms).
-  double pos_scale(const ContrastiveRule& rule) const { const double c = pos_count(rule); return c > 0.0 ? 1.0 / c : 0.0; }
-  double neg_scale(const ContrastiveRule& rule) const { const double c = neg_count(rule); return c > 0.0 ? 1.0 / c : 0.0; }
+  METRICLOSS_HOST_DEVICE double pos_scale(const ContrastiveRule& rule) const { const double c = pos_count(rule); return c > 0.0 ? 1.0 / c : 0.0; }
+  METRICLOSS_HOST_DEVICE double neg_scale(const ContrastiveRule& rule) const { const double c = neg_count(rule); return c > 0.0 ? 1.0 / c : 0.0; }
 };
 
 /// One anchor's sums over some of its candidates (counts in double).
