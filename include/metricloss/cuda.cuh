@@ -27,12 +27,13 @@
 //   lifted_structure_workspace_bytes<T>(N, D)  lifted_structure_forward_backward
 //   batch_triplet_workspace_bytes<T>(N, D)     batch_triplet_forward_backward
 //   batch_contrastive_workspace_bytes<T>(N, D) batch_contrastive_forward_backward
+//   multi_similarity_workspace_bytes<T>(N, D)  multi_similarity_forward_backward
 // Each takes DeviceMatrix / DeviceVector views ({data, rows, cols, stride}), the options, the
 // gradients (data == nullptr: skipped), top_diff, a device pointer for the loss and a stream.
 //
 // Memory: contrastive and triplet need 16 KiB of workspace; the batch losses one N x N
-// matrix of T (lifted) or of T and of double (batch triplet, batch contrastive), e.g.
-// 1 GiB / 3 GiB at N = 16384 in float.
+// matrix of T (lifted) or of T and of double (batch triplet, batch contrastive,
+// multi-similarity), e.g. 1 GiB / 3 GiB at N = 16384 in float.
 //
 // Compile with --expt-relaxed-constexpr (the metricloss::cuda target adds it): Eigen and
 // the shared host/device maths need it under nvcc.
@@ -66,5 +67,8 @@
 
 #include <metricloss/batch_contrastive.hpp>
 #include <metricloss/backend/cuda/batch_contrastive.cuh>
+
+#include <metricloss/multi_similarity.hpp>
+#include <metricloss/backend/cuda/multi_similarity.cuh>
 
 #include <metricloss/backend/cuda/sharded.cuh>

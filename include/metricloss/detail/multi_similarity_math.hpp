@@ -6,6 +6,7 @@
 // The kept sets compare similarities with the side's extreme: a decision that a product
 // value within its rounding of the limit would make is made on exact similarities, and the
 // extremes themselves are exact (API.md's tie regime).
+#include <metricloss/config.hpp>
 #include <metricloss/types.hpp>
 
 #include <algorithm>
@@ -27,17 +28,17 @@ struct MultiSimilarityRule {
 
 /// log(1 + sum_k e^{z_k}) with the largest exponent (or 0) factored out, so that no exp
 /// overflows (beta = 50 makes e^{beta (S - base)} reach e^25 at S = 1, more unnormalised):
-/// 1 + sum_k e^{z_k} = e^{shift} sum.
+/// 1 + sum_k e^{z_k} = e^{shift} sum. Host and device (backend/cuda/multi_similarity.cuh).
 struct LogOnePlusSum {
   double shift = 0.0, sum = 1.0;
   bool any = false;
 
-  void start(double z_max, bool kept) {
+  METRICLOSS_HOST_DEVICE void start(double z_max, bool kept) {
     shift = std::max(0.0, z_max);
     sum = std::exp(-shift);
     any = kept;
   }
-  double value() const { return any ? shift + std::log(sum) : 0.0; }
+  METRICLOSS_HOST_DEVICE double value() const { return any ? shift + std::log(sum) : 0.0; }
 };
 
 /// What anchor a's row of W depends on besides its similarities (the sharded path publishes

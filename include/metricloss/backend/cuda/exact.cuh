@@ -6,7 +6,8 @@
 //                         both sides (ties, duplicate rows) tie exactly;
 //   exact_squared_block   the block's threads share the columns, one block_sum (every
 //                         thread gets the total): for the few distances a block needs at D
-//                         in the thousands.
+//                         in the thousands;
+// and the similarity form's exact dot product, exact_dot_thread (multi-similarity).
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/detail/views.hpp>
 
@@ -34,6 +35,24 @@ __device__ inline double exact_squared_thread(const MatrixView<const T>& x, Inde
     const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
     sum[0] = fma(diff, diff, sum[0]);
   }
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+}
+
+/// The similarity form's exact value, <x_i, x_j> with every product and sum in double (fma),
+/// four independent sums as exact_squared_thread; symmetric in i and j bit for bit.
+template <class T>
+__device__ inline double exact_dot_thread(const MatrixView<const T>& x, Index i, Index j) {
+  const T* xi = x.row(i);
+  const T* xj = x.row(j);
+  const Index d = x.cols;
+  double sum[4] = {0.0, 0.0, 0.0, 0.0};
+  Index c = 0;
+#pragma unroll 2
+  for (; c + 4 <= d; c += 4)
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      sum[u] = fma(static_cast<double>(xi[c + u]), static_cast<double>(xj[c + u]), sum[u]);
+  for (; c < d; ++c) sum[0] = fma(static_cast<double>(xi[c]), static_cast<double>(xj[c]), sum[0]);
   return (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }
 

@@ -57,6 +57,12 @@ __device__ inline double block_min(double value, double* shared) {
   return result;
 }
 
+/// Maximum over a block (exact); every thread gets it.
+template <int Threads>
+__device__ inline double block_max(double value, double* shared) {
+  return -block_min<Threads>(-value, shared);
+}
+
 /// A candidate of an arg-min / arg-max: index -1 is "none" and loses to any candidate.
 struct Candidate {
   double value;
