@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -204,6 +205,20 @@ std::vector<std::pair<std::string, std::function<void(const Batch<T>&, bool)>>> 
     cases.emplace_back("lifted m=" + std::to_string(margin), [loss](const Batch<T>& batch, bool nccl) {
       check_sharded(loss, batch, nccl);
     });
+  }
+  for (Distance distance : {Distance::euclidean, Distance::squared_euclidean})
+    for (ml::Reduction reduction : {ml::Reduction::nonzero_mean, ml::Reduction::mean}) {
+      ml::BatchContrastiveLoss<T> loss(T(0.5), T(3), distance);
+      loss.reduction = reduction;
+      const std::string name = std::string("batch_contrastive") +
+                               (distance == Distance::euclidean ? " euclidean" : " squared") +
+                               (reduction == ml::Reduction::mean ? " mean" : " nonzero_mean");
+      cases.emplace_back(name, [loss](const Batch<T>& batch, bool nccl) { check_sharded(loss, batch, nccl); });
+    }
+  for (T epsilon : {T(0.1), std::numeric_limits<T>::infinity()}) {
+    const ml::MultiSimilarityLoss<T> loss(T(2), T(10), T(0.5), epsilon);
+    cases.emplace_back("multi_similarity epsilon=" + std::to_string(epsilon),
+                       [loss](const Batch<T>& batch, bool nccl) { check_sharded(loss, batch, nccl); });
   }
   return cases;
 }
