@@ -167,32 +167,13 @@ TEMPLATE_TEST_CASE("cuda lifted structure is deterministic; core and deferred lo
         cudaErrorInvalidValue);
   if (skip_without_device()) return;
   std::mt19937_64 rng(73);
-  const DeviceStrided<T> dx(uniform_matrix<T>(n, d, rng), 0, T(0));
-  const DeviceVectorOf<float> dl(labels_of(n, 10, rng));
-  ml::LiftedStructureLoss<T> loss(T(3));
-  DeviceStrided<T> g1(Matrix<T>::Zero(n, d), 0, T(0)), g2(Matrix<T>::Zero(n, d), 0, T(0));
-  const T v1 = loss.forward_backward(ml::cuda, dx.cmap(), dl.map(), g1.map());
-  cudaStream_t stream = nullptr;
-  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  DeviceBuffer<T> device_loss(1);
-  CHECK(std::isnan(loss.forward_backward(ml::cuda.on(stream).loss_to(device_loss.data()), dx.cmap(), dl.map(), g2.map())));
-  check_cuda(cudaStreamSynchronize(stream));
-  const T v2 = device_loss.download()[0];
-  CHECK(std::memcmp(&v1, &v2, sizeof(T)) == 0);
-  CHECK(g1.dense() == g2.dense());
+  const Matrix<T> x = uniform_matrix<T>(n, d, rng);
   // The core in caller-owned workspace gives the same bits.
-  DeviceBuffer<char> workspace(bytes);
-  DeviceStrided<T> g3(Matrix<T>::Zero(n, d), 0, T(0));
-  const core::DeviceMatrix<const T> xv{dx.buffer.data(), n, d, d};
-  const core::DeviceVector<float> lv{dl.buffer.data(), n, 1};
-  const core::DeviceMatrix<T> gv{g3.buffer.data(), n, d, d};
-  CHECK(core::lifted_structure_forward_backward<T, float>(workspace.data(), bytes, xv, lv, T(3), gv, T(1),
-                                                          device_loss.data(), stream) == cudaSuccess);
-  check_cuda(cudaStreamSynchronize(stream));
-  const T v3 = device_loss.download()[0];
-  CHECK(std::memcmp(&v1, &v3, sizeof(T)) == 0);
-  CHECK(g1.dense() == g3.dense());
-  check_cuda(cudaStreamDestroy(stream));
+  check_deterministic_core(ml::LiftedStructureLoss<T>(T(3)), x, labels_of(n, 10, rng), bytes,
+                           [](void* workspace, std::size_t size, auto xv, auto lv, auto gv, T* loss, cudaStream_t s) {
+                             return core::lifted_structure_forward_backward<T, float>(workspace, size, xv, lv, T(3),
+                                                                                      gv, T(1), loss, s);
+                           });
 }
 
 TEST_CASE("cuda lifted structure rejects bad input before touching the device", "[cuda][lifted][errors]") {

@@ -186,17 +186,7 @@ TEMPLATE_TEST_CASE("cuda multi-similarity handles degenerate batches", "[cuda][m
     for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<float>(i % 4);
     check_parity(y, labels, o, 0);
   }
-  SECTION("NaN in the labels propagates") {
-    std::vector<float> labels(static_cast<std::size_t>(n), 1.0f);
-    labels[3] = std::numeric_limits<float>::quiet_NaN();
-    labels[4] = 2.0f;
-    const DeviceStrided<T> dx(x, 0, T(0));
-    DeviceStrided<T> dg(Matrix<T>::Zero(n, d), 0, T(0));
-    const DeviceVectorOf<float> dl(labels);
-    ml::MultiSimilarityLoss<T> loss = o.loss<T>();
-    CHECK(std::isnan(loss.forward_backward(ml::cuda, dx.cmap(), dl.map(), dg.map())));
-    CHECK(dg.dense().array().isNaN().all());
-  }
+  SECTION("NaN in the labels propagates") { check_nan_label_propagates(o.loss<T>(), x); }
   SECTION("a non-finite entry propagates") {
     Matrix<T> y = x;
     y(5, 2) = -std::numeric_limits<T>::infinity();
@@ -258,33 +248,12 @@ TEMPLATE_TEST_CASE("cuda multi-similarity is deterministic; core and deferred lo
                                                         no_loss, nullptr) == cudaErrorInvalidValue);
   if (skip_without_device()) return;
   std::mt19937_64 rng(47);
-  const DeviceStrided<T> dx((uniform_matrix<double>(n, d, rng) * 0.35).template cast<T>(), 0, T(0));
-  const DeviceVectorOf<std::int64_t> dl(random_labels(n, 12, rng));
-  ml::MultiSimilarityLoss<T> loss;
-  DeviceStrided<T> g1(Matrix<T>::Zero(n, d), 0, T(0)), g2(Matrix<T>::Zero(n, d), 0, T(0));
-  const T v1 = loss.forward_backward(ml::cuda, dx.cmap(), dl.map(), g1.map());
-  cudaStream_t stream = nullptr;
-  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  DeviceBuffer<T> device_loss(1);
-  CHECK(std::isnan(
-      loss.forward_backward(ml::cuda.on(stream).loss_to(device_loss.data()), dx.cmap(), dl.map(), g2.map())));
-  check_cuda(cudaStreamSynchronize(stream));
-  const T v2 = device_loss.download()[0];
-  CHECK(std::memcmp(&v1, &v2, sizeof(T)) == 0);
-  CHECK(g1.dense() == g2.dense());
-  DeviceBuffer<char> workspace(bytes);
-  DeviceStrided<T> g3(Matrix<T>::Zero(n, d), 0, T(0));
-  const core::DeviceMatrix<const T> xv{dx.buffer.data(), n, d, d};
-  const core::DeviceVector<std::int64_t> lv{dl.buffer.data(), n, 1};
-  const core::DeviceMatrix<T> gv{g3.buffer.data(), n, d, d};
-  CHECK(core::multi_similarity_forward_backward<T, std::int64_t>(workspace.data(), bytes, xv, lv, T(2), T(50),
-                                                                 T(0.5), T(0.1), gv, T(1), device_loss.data(),
-                                                                 stream) == cudaSuccess);
-  check_cuda(cudaStreamSynchronize(stream));
-  const T v3 = device_loss.download()[0];
-  CHECK(std::memcmp(&v1, &v3, sizeof(T)) == 0);
-  CHECK(g1.dense() == g3.dense());
-  check_cuda(cudaStreamDestroy(stream));
+  const Matrix<T> x = (uniform_matrix<double>(n, d, rng) * 0.35).template cast<T>();
+  check_deterministic_core(ml::MultiSimilarityLoss<T>(), x, random_labels(n, 12, rng), bytes,
+                           [](void* workspace, std::size_t size, auto xv, auto lv, auto gv, T* loss, cudaStream_t s) {
+                             return core::multi_similarity_forward_backward<T, std::int64_t>(
+                                 workspace, size, xv, lv, T(2), T(50), T(0.5), T(0.1), gv, T(1), loss, s);
+                           });
 }
 
 TEST_CASE("cuda multi-similarity rejects bad input before touching the device", "[cuda][multi_similarity][errors]") {

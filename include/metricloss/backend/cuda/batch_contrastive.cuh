@@ -158,13 +158,7 @@ cudaError_t batch_contrastive_enqueue(void* workspace, std::size_t workspace_byt
   if (error != cudaSuccess || grad.empty()) return error;
   args.weights = layout.weights;
   contrastive_rows_kernel<<<blocks, contrastive_threads, 0, stream>>>(args);
-  const auto tiles = static_cast<unsigned>((n + symmetrise_tile - 1) / symmetrise_tile);
-  symmetrise_kernel<T><<<dim3(tiles, tiles), 256, 0, stream>>>(layout.weights, n);
-  finish_weights_kernel<<<blocks, weight_threads, 0, stream>>>(layout.weights, parts.squared, n, x,
-                                                               parts.norms, parts.row_sums, parts.near);
-  error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  return enqueue_weighted_gradient(parts, n, grad, stream);
+  return enqueue_distance_weights_gradient(parts, layout.weights, x, grad, stream);
 }
 
 }  // namespace cuda

@@ -96,13 +96,7 @@ cudaError_t batch_triplet_enqueue(void* workspace, std::size_t workspace_bytes,
                                                             parts.gradient_scale);
   error = cudaGetLastError();
   if (error != cudaSuccess || !gradient) return error;
-  const auto tiles = static_cast<unsigned>((n + symmetrise_tile - 1) / symmetrise_tile);
-  symmetrise_kernel<T><<<dim3(tiles, tiles), 256, 0, stream>>>(layout.weights, n);
-  finish_weights_kernel<<<blocks, weight_threads, 0, stream>>>(layout.weights, parts.squared, n, x,
-                                                               parts.norms, parts.row_sums, parts.near);
-  error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  return enqueue_weighted_gradient(parts, n, grad, stream);
+  return enqueue_distance_weights_gradient(parts, layout.weights, x, grad, stream);
 }
 
 }  // namespace cuda

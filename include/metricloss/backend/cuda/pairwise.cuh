@@ -217,6 +217,23 @@ cudaError_t enqueue_weighted_gradient(const BatchParts<T>& parts, Index n, const
       stream);
 }
 
+/// The gradient of a loss of the distances from its W = dL/dD2 (N x N doubles, overwritten):
+/// S = W + W^T in place, S as T over D2 with near pairs by differences (finish_weights_kernel),
+/// then enqueue_weighted_gradient with the scale the loss's reduction set.
+template <class T>
+cudaError_t enqueue_distance_weights_gradient(const BatchParts<T>& parts, double* weights,
+                                              const MatrixView<const T>& x,
+                                              const MatrixView<T>& grad, cudaStream_t stream) noexcept {
+  const Index n = x.rows;
+  const auto tiles = static_cast<unsigned>((n + symmetrise_tile - 1) / symmetrise_tile);
+  symmetrise_kernel<T><<<dim3(tiles, tiles), 256, 0, stream>>>(weights, n);
+  finish_weights_kernel<<<static_cast<unsigned>(n), weight_threads, 0, stream>>>(
+      weights, parts.squared, n, x, parts.norms, parts.row_sums, parts.near);
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
+  return enqueue_weighted_gradient(parts, n, grad, stream);
+}
+
 }  // namespace cuda
 }  // namespace detail
 }  // namespace metricloss
