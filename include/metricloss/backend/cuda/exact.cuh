@@ -17,31 +17,10 @@ namespace metricloss {
 namespace detail {
 namespace cuda {
 
-template <class T>
-__device__ inline double exact_squared_thread(const MatrixView<const T>& x, Index i, Index j) {
-  const T* xi = x.row(i);
-  const T* xj = x.row(j);
-  const Index d = x.cols;
-  double sum[4] = {0.0, 0.0, 0.0, 0.0};
-  Index c = 0;
-#pragma unroll 2
-  for (; c + 4 <= d; c += 4)
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const double diff = static_cast<double>(xi[c + u]) - static_cast<double>(xj[c + u]);
-      sum[u] = fma(diff, diff, sum[u]);
-    }
-  for (; c < d; ++c) {
-    const double diff = static_cast<double>(xi[c]) - static_cast<double>(xj[c]);
-    sum[0] = fma(diff, diff, sum[0]);
-  }
-  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
-}
-
-/// The similarity form's exact value, <x_i, x_j> with every product and sum in double (fma),
-/// four independent sums as exact_squared_thread; symmetric in i and j bit for bit.
-template <class T>
-__device__ inline double exact_dot_thread(const MatrixView<const T>& x, Index i, Index j) {
+/// sum_c term(x_ic, x_jc, .) in double over four independent sums (several loads in flight),
+/// added in a fixed order: the one loop of exact_squared_thread and exact_dot_thread.
+template <class T, class Term>
+__device__ inline double four_sums(const MatrixView<const T>& x, Index i, Index j, Term term) {
   const T* xi = x.row(i);
   const T* xj = x.row(j);
   const Index d = x.cols;
@@ -51,9 +30,24 @@ __device__ inline double exact_dot_thread(const MatrixView<const T>& x, Index i,
   for (; c + 4 <= d; c += 4)
 #pragma unroll
     for (int u = 0; u < 4; ++u)
-      sum[u] = fma(static_cast<double>(xi[c + u]), static_cast<double>(xj[c + u]), sum[u]);
-  for (; c < d; ++c) sum[0] = fma(static_cast<double>(xi[c]), static_cast<double>(xj[c]), sum[0]);
+      sum[u] = term(static_cast<double>(xi[c + u]), static_cast<double>(xj[c + u]), sum[u]);
+  for (; c < d; ++c) sum[0] = term(static_cast<double>(xi[c]), static_cast<double>(xj[c]), sum[0]);
   return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+}
+
+template <class T>
+__device__ inline double exact_squared_thread(const MatrixView<const T>& x, Index i, Index j) {
+  return four_sums(x, i, j, [](double a, double b, double s) {
+    const double diff = a - b;
+    return fma(diff, diff, s);
+  });
+}
+
+/// The similarity form's exact value, <x_i, x_j> with every product and sum in double (fma);
+/// symmetric in i and j bit for bit.
+template <class T>
+__device__ inline double exact_dot_thread(const MatrixView<const T>& x, Index i, Index j) {
+  return four_sums(x, i, j, [](double a, double b, double s) { return fma(a, b, s); });
 }
 
 template <int Threads, class T>
