@@ -153,9 +153,10 @@ class BatchTripletLoss {
     check_options(check);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
-    using Path = detail::Backend<BatchTripletLoss, Tag>;
-    return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
-      return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+    return detail::normalized(*this, tag, check, normalize, xv, gv,
+                              [&](auto path, const auto& x_rows, const auto& g_rows) {
+      return detail::Backend<BatchTripletLoss, decltype(path)>::forward_backward(*this, path, x_rows, lv,
+                                                                   g_rows, top_diff);
     });
   }
 

@@ -28,12 +28,19 @@
 //   batch_triplet_workspace_bytes<T>(N, D)     batch_triplet_forward_backward
 //   batch_contrastive_workspace_bytes<T>(N, D) batch_contrastive_forward_backward
 //   multi_similarity_workspace_bytes<T>(N, D)  multi_similarity_forward_backward
+//   normalize_workspace_bytes<T>(N, D, grad)   normalize_rows, then a batch core on the unit
+//                                              rows, then normalize_chain (normalize = true)
 // Each takes DeviceMatrix / DeviceVector views ({data, rows, cols, stride}), the options, the
 // gradients (data == nullptr: skipped), top_diff, a device pointer for the loss and a stream.
 //
 // Memory: contrastive and triplet need 16 KiB of workspace; the batch losses one N x N
 // matrix of T (lifted) or of T and of double (batch triplet, batch contrastive,
 // multi-similarity), e.g. 1 GiB / 3 GiB at N = 16384 in float.
+//
+// normalize = true (the batch losses): the rows are normalised on the device and the verdict
+// on zero rows comes back with the loss; a call returning the value throws invalid_argument
+// with nothing written, loss_to(d_loss) leaves NaN at d_loss and the gradient untouched
+// (backend/cuda/normalize.cuh). Its workspace is two more N x D of T.
 //
 // Compile with --expt-relaxed-constexpr (the metricloss::cuda target adds it): Eigen and
 // the shared host/device maths need it under nvcc.
@@ -52,6 +59,7 @@
 #include <metricloss/backend/cuda/exact.cuh>
 #include <metricloss/backend/cuda/rows.cuh>
 #include <metricloss/backend/cuda/pairwise.cuh>
+#include <metricloss/backend/cuda/normalize.cuh>
 
 #include <metricloss/contrastive.hpp>
 #include <metricloss/backend/cuda/contrastive.cuh>

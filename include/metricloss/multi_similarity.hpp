@@ -151,9 +151,10 @@ class MultiSimilarityLoss {
     check_options(check);
     const auto gv = detail::gradient_view<T>(std::forward<G>(grad_x));
     check.gradient("grad_x", gv, "x", xv);
-    using Path = detail::Backend<MultiSimilarityLoss, Tag>;
-    return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
-      return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+    return detail::normalized(*this, tag, check, normalize, xv, gv,
+                              [&](auto path, const auto& x_rows, const auto& g_rows) {
+      return detail::Backend<MultiSimilarityLoss, decltype(path)>::forward_backward(*this, path, x_rows, lv,
+                                                                   g_rows, top_diff);
     });
   }
 

@@ -199,25 +199,3 @@ TEST_CASE("cuda batch triplet rejects bad input before touching the device", "[c
   CHECK(message.find("metricloss::BatchTripletLoss<float>::forward_backward") != std::string::npos);
   CHECK(message.find("'grad_x'") != std::string::npos);
 }
-
-TEST_CASE("cuda batch triplet rejects normalize = true (scalar and simd only so far)",
-          "[cuda][batch_triplet][errors][normalize]") {
-  // Rejected before the device is touched: host maps, no device needed.
-  std::mt19937_64 rng(50);
-  const Matrix<float> x = uniform_matrix<float>(4, 3, rng);
-  Matrix<float> g = Matrix<float>::Constant(4, 3, 7.0f);
-  const Matrix<float> before = g;
-  const Eigen::VectorXi labels = (Eigen::VectorXi(4) << 0, 0, 1, 1).finished();
-  ml::BatchTripletLoss<float> loss;
-  loss.normalize = true;
-  std::string message = "no exception";
-  try {
-    loss.forward_backward(ml::cuda, x, labels, g);
-  } catch (const ml::invalid_argument& e) {
-    message = e.what();
-  }
-  CAPTURE(message);
-  CHECK(message.find("metricloss::BatchTripletLoss<float>::forward_backward") != std::string::npos);
-  CHECK(message.find("'normalize'") != std::string::npos);
-  CHECK(g == before);
-}

@@ -191,25 +191,3 @@ TEST_CASE("cuda lifted structure rejects bad input before touching the device", 
   CHECK(message.find("metricloss::LiftedStructureLoss<float>::forward_backward") != std::string::npos);
   CHECK(message.find("'labels'") != std::string::npos);
 }
-
-TEST_CASE("cuda lifted structure rejects normalize = true (scalar and simd only so far)",
-          "[cuda][lifted][errors][normalize]") {
-  // Rejected before the device is touched: host maps, no device needed.
-  std::mt19937_64 rng(46);
-  const Matrix<double> x = uniform_matrix<double>(4, 3, rng);
-  Matrix<double> g = Matrix<double>::Constant(4, 3, 7.0);
-  const Matrix<double> before = g;
-  const Eigen::VectorXi labels = (Eigen::VectorXi(4) << 0, 0, 1, 1).finished();
-  ml::LiftedStructureLoss<double> loss;
-  loss.normalize = true;
-  std::string message = "no exception";
-  try {
-    loss.forward_backward(ml::cuda, x, labels, g);
-  } catch (const ml::invalid_argument& e) {
-    message = e.what();
-  }
-  CAPTURE(message);
-  CHECK(message.find("metricloss::LiftedStructureLoss<double>::forward_backward") != std::string::npos);
-  CHECK(message.find("'normalize'") != std::string::npos);
-  CHECK(g == before);
-}

@@ -287,12 +287,4 @@ TEST_CASE("cuda multi-similarity rejects bad input before touching the device", 
     CHECK(message.find("'alpha'") != std::string::npos);
     CHECK((g.array() == 7.0f).all());
   }
-  SECTION("normalize = true (scalar and simd only so far)") {
-    loss.normalize = true;
-    Matrix<float> g = Matrix<float>::Constant(4, 3, 7.0f);
-    const std::string message = message_of(loss, g);
-    CAPTURE(message);
-    CHECK(message.find("'normalize'") != std::string::npos);
-    CHECK((g.array() == 7.0f).all());
-  }
 }

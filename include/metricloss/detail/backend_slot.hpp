@@ -56,7 +56,8 @@ class BackendSlot {
 
  private:
   // Per functor: the batch and reference-set scratch of scalar and simd, cuda's, the
-  // float-in-double call and the normalised rows (detail/normalize.hpp): seven at most.
+  // float-in-double call and the normalised rows of the host and of cuda
+  // (detail/normalize.hpp, backend/cuda/normalize.cuh): eight at most.
   static constexpr std::size_t capacity = 8;
   std::unique_ptr<Contents> entries_[capacity];
 };

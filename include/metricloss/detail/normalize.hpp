@@ -8,9 +8,10 @@
 // One mechanism for every batch loss face. After every check of the call has passed, the
 // face's dispatch becomes (batch form, then reference form):
 //
-//   using Path = detail::Backend<Loss, Tag>;
-//   return detail::normalized(*this, tag, check, normalize, xv, gv, [&](const auto& x_rows) {
-//     return Path::forward_backward(*this, tag, x_rows, lv, gv, top_diff);
+//   return detail::normalized(*this, tag, check, normalize, xv, gv,
+//                             [&](auto path, const auto& x_rows, const auto& g_rows) {
+//     return detail::Backend<Loss, decltype(path)>::forward_backward(*this, path, x_rows, lv,
+//                                                                    g_rows, top_diff);
 //   });
 //
 //   using Path = detail::ReferenceBackend<Loss, Tag>;
@@ -26,7 +27,10 @@
 // norm and so a NaN in its unit row: the backend's NaN loss and NaN gradient, as without
 // normalize.
 // The unit rows live in the functor's slot (NormalizedRows): nothing is allocated once
-// warm. So far only the host tags normalise; any other tag (cuda) rejects normalize = true.
+// warm. The host tags normalise here; a device tag does where DeviceNormalize<Tag> says so
+// (backend/cuda/normalize.cuh: the loss runs on unit rows in device memory, with its
+// gradient in workspace, hence the path tag and gradient the batch form's call receives).
+// Any other tag (sharded) rejects normalize = true.
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/reference_view.hpp>
@@ -48,6 +52,27 @@ namespace detail {
 template <class Tag>
 inline constexpr bool normalizes_on_host =
     std::is_same<Tag, scalar_tag>::value || std::is_same<Tag, simd_tag>::value;
+
+/// A device tag that normalises (the batch form) specialises this with `available = true` and
+/// `static T batch(loss, tag, check, x, grad, call)`.
+template <class Tag>
+struct DeviceNormalize {
+  static constexpr bool available = false;
+};
+
+template <class Tag>
+[[noreturn]] void reject_normalize_off_host(Validator& check) {
+  static_assert(!normalizes_on_host<Tag>, "host tags normalise");
+  check.fail("option 'normalize' runs on metricloss::scalar, metricloss::simd and (the batch "
+             "form, one process) metricloss::cuda so far");
+}
+
+/// A zero row under normalize = true, on any path.
+[[noreturn]] inline void fail_zero_row(const Validator& check, const char* name, Index row, Index n,
+                                       Index d) {
+  check.fail(std::string("argument '") + name + "' has row " + std::to_string(row) + " of norm 0 ('" +
+             name + "' is " + shape_string(n, d) + "); option 'normalize' needs every row nonzero");
+}
 
 /// ||row||_2, accumulated in double: 0 only for a zero row, NaN or inf for a non-finite one.
 /// Sum of the squares in four interleaved partial sums: one chain of d dependent adds costs
@@ -90,10 +115,7 @@ struct UnitRows {
     double* norm = norms.data(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) {
       norm[i] = row_norm(x.row(i), d);
-      if (norm[i] == 0.0)
-        check.fail(std::string("argument '") + name + "' has row " + std::to_string(i) +
-                   " of norm 0 ('" + name + "' is " + shape_string(n, d) +
-                   "); option 'normalize' needs every row nonzero");
+      if (norm[i] == 0.0) fail_zero_row(check, name, i, n, d);
       // By the reciprocal (within an ulp of the quotient in double, then rounded to T): a
       // division per entry cost as much as the rest of the normalisation.
       const double inverse = 1.0 / norm[i];
@@ -133,24 +155,21 @@ struct NormalizedRows : BackendSlot::Contents {
   UnitRows<T> x, r;
 };
 
-template <class Tag>
-[[noreturn]] void reject_normalize_off_host(Validator& check) {
-  static_assert(!normalizes_on_host<Tag>, "host tags normalise");
-  check.fail("option 'normalize' runs on metricloss::scalar and metricloss::simd so far");
-}
-
-/// The batch form: call(x), or call(unit rows of x) with grad chained afterwards.
+/// The batch form: call(tag, x, grad); or call(tag, unit rows of x, grad) with grad chained
+/// afterwards in place; or, on a device tag, DeviceNormalize's own sequence.
 template <class Loss, class Tag, class T, class Call>
-auto normalized(Loss& loss, Tag, Validator& check, bool normalize, const MatrixView<const T>& x,
+auto normalized(Loss& loss, Tag tag, Validator& check, bool normalize, const MatrixView<const T>& x,
                 const MatrixView<T>& grad, Call&& call) {
-  if (!normalize) return call(x);
-  if constexpr (!normalizes_on_host<Tag>) {
-    reject_normalize_off_host<Tag>(check);
-  } else {
+  if (!normalize) return call(tag, x, grad);
+  if constexpr (normalizes_on_host<Tag>) {
     auto& unit = scratch_of<NormalizedRows<T>>(loss);
-    const auto value = call(unit.x.of(check, "x", x));
+    const auto value = call(tag, unit.x.of(check, "x", x), grad);
     unit.x.chain(x, grad);
     return value;
+  } else if constexpr (DeviceNormalize<Tag>::available) {
+    return DeviceNormalize<Tag>::batch(loss, tag, check, x, grad, call);
+  } else {
+    reject_normalize_off_host<Tag>(check);
   }
 }
 

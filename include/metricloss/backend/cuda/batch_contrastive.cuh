@@ -12,7 +12,7 @@
 //      step 2; S = W + W^T; dX = 2 top_diff ((diag(S 1) - S) xc + near) by the tiled
 //      product, near pairs by differences (batch_weights.cuh).
 // Memory: one N x N of T and one of double, as batch triplet. Deterministic: every sum has
-// a fixed order. normalize = true is rejected on this path (detail/normalize.hpp).
+// a fixed order. normalize = true wraps this path (normalize.cuh).
 #include <metricloss/backend/cuda/batch_triplet_mining.cuh>
 #include <metricloss/backend/cuda/exact.cuh>
 #include <metricloss/backend/cuda/pairwise.cuh>
@@ -173,7 +173,7 @@ std::size_t batch_contrastive_workspace_bytes(Index n, Index d) noexcept {
   return detail::cuda::BatchContrastiveLayout<T>(nullptr, n, d).carve.bytes();
 }
 
-/// BatchContrastiveLoss of API.md on device memory (normalize = false), enqueued on
+/// BatchContrastiveLoss of API.md on device memory (rows as given), enqueued on
 /// `stream`; the loss goes to `device_loss` (one T in device memory); grad.data == nullptr
 /// skips the gradient. No allocation, no synchronisation, no exception:
 /// cudaErrorInvalidValue for N or D < 1, an undeclared distance or reduction, a null

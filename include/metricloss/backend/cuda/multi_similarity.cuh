@@ -11,7 +11,7 @@
 //   3. one block: L = (1/N) sum_a L_a (NaN for non-finite data or labels);
 //   4. (gradient) dX = (W + W^T) X (similarities.cuh).
 // Memory: one N x N of T and one of double, as batch triplet. Deterministic: every sum has
-// a fixed order. normalize = true is rejected on this path (detail/normalize.hpp).
+// a fixed order. normalize = true wraps this path (normalize.cuh).
 #include <metricloss/backend/cuda/batch_triplet_mining.cuh>
 #include <metricloss/backend/cuda/exact.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
@@ -196,7 +196,7 @@ std::size_t multi_similarity_workspace_bytes(Index n, Index /*d*/) noexcept {
   return detail::cuda::MultiSimilarityLayout<T>(nullptr, n).carve.bytes();
 }
 
-/// MultiSimilarityLoss of API.md on device memory (normalize = false), enqueued on `stream`;
+/// MultiSimilarityLoss of API.md on device memory (rows as given), enqueued on `stream`;
 /// the loss goes to `device_loss` (one T in device memory); grad.data == nullptr skips the
 /// gradient. No allocation, no synchronisation, no exception: cudaErrorInvalidValue for N or
 /// D < 1, a null device_loss or too small a workspace, else the launch status. The options

@@ -159,9 +159,11 @@ class Workspace {
     return device_memory_;
   }
 
-  /// Pinned host memory for one loss value (a double, enough for any T).
+  /// Pinned host memory for a loss value and one more word (two doubles: enough for any T,
+  /// and the zero-row verdict of normalize = true).
   void* host_slot() {
-    if (!host_slot_) throw_on_error(cudaMallocHost(&host_slot_, sizeof(double)), "metricloss: cudaMallocHost");
+    if (!host_slot_)
+      throw_on_error(cudaMallocHost(&host_slot_, 2 * sizeof(double)), "metricloss: cudaMallocHost");
     return host_slot_;
   }
 
@@ -188,6 +190,12 @@ struct FunctorWorkspaces : BackendSlot::Contents {
     workspaces.push_back(std::make_unique<Workspace>(device, stream));
     return *workspaces.back();
   }
+};
+
+/// The workspaces of normalize = true (backend/cuda/normalize.cuh), beside the loss's own:
+/// the unit rows and their gradient.
+struct NormalizeWorkspaces : BackendSlot::Contents {
+  FunctorWorkspaces per_stream;
 };
 
 /// The loss at device_loss, after the stream's work so far, through the workspace's pinned
@@ -240,7 +248,9 @@ struct FunctorBackend {
 /// (cudaFree); the next call allocates again.
 template <class Loss>
 void release_cuda_workspaces(Loss& loss) {
-  detail::BackendSlotAccess::of(loss).template reset<detail::cuda::FunctorWorkspaces>();
+  auto& slot = detail::BackendSlotAccess::of(loss);
+  slot.template reset<detail::cuda::FunctorWorkspaces>();
+  slot.template reset<detail::cuda::NormalizeWorkspaces>();
 }
 
 }  // namespace metricloss
