@@ -11,12 +11,19 @@ Environment:
                       that runs it; set "x86-64-v2" or "" for a portable build)
   EIGEN3_INCLUDE_DIR  Eigen's include folder (default: /usr/include/eigen3 or /usr/local/...)
   MAX_JOBS            parallel compile jobs (torch's cpp_extension)
+  METRICLOSS_CUDA     "0": leave the CUDA path out even where torch has CUDA
+
+CUDA: where the installed torch was built with CUDA (torch.version.cuda) and a CUDA toolkit is
+found (CUDA_HOME, e.g. /usr/local/cuda), csrc/kernels_cuda.cu is compiled by nvcc and CUDA
+tensors run on metricloss::cuda; otherwise the build says so and CUDA tensors are rejected with
+a ValueError (csrc/kernels_cuda_stub.cpp).
 """
 import os
 import sys
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 here = os.path.dirname(os.path.abspath(__file__))
 include = os.path.normpath(os.path.join(here, "..", "include"))
@@ -38,21 +45,39 @@ march = os.environ.get("METRICLOSS_MARCH", "native")
 # torch 1.13's cpp_extension passes -std=c++14; the later -std=c++17 wins.
 flags = ["-std=c++17", "-O3", "-DNDEBUG", "-g0", "-fvisibility=hidden"] + ([f"-march={march}"] if march else [])
 
+sources = ["csrc/binding.cpp", "csrc/kernels_pairs.cpp", "csrc/kernels_batch.cpp",
+           "csrc/kernels_all_pairs.cpp"]
+common = dict(name="metricloss._C", include_dirs=[include, eigen_include()],
+              extra_link_args=["-s"])  # stripped: the installed module carries no symbols
+
+if os.environ.get("METRICLOSS_CUDA", "1") == "0":
+    why_not_cuda = "METRICLOSS_CUDA=0"
+elif torch.version.cuda is None:
+    why_not_cuda = f"the installed torch {torch.__version__} has no CUDA"
+elif CUDA_HOME is None:
+    why_not_cuda = "no CUDA toolkit found (set CUDA_HOME)"
+else:
+    why_not_cuda = None
+
+if why_not_cuda is None:
+    print(f"metricloss: building the CPU and CUDA paths (torch {torch.__version__}, CUDA "
+          f"{torch.version.cuda}, nvcc from {CUDA_HOME})")
+    nvcc = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
+            "-Xcudafe=--diag_suppress=20012"] + ([f"-Xcompiler=-march={march}"] if march else [])
+    extension = CUDAExtension(sources=sources + ["csrc/kernels_cuda.cu"],
+                              extra_compile_args={"cxx": flags, "nvcc": nvcc}, **common)
+else:
+    print(f"metricloss: building the CPU path only: {why_not_cuda}; CUDA tensors will be "
+          "rejected with a ValueError")
+    extension = CppExtension(sources=sources + ["csrc/kernels_cuda_stub.cpp"],
+                             extra_compile_args=flags, **common)
+
 setup(
     name="metricloss",
     version="0.1.0",
     description="Fused metric-learning losses (metricloss C++) as torch.nn.Module losses",
     packages=["metricloss"],
-    ext_modules=[
-        CppExtension(
-            name="metricloss._C",
-            sources=["csrc/binding.cpp", "csrc/kernels_pairs.cpp", "csrc/kernels_batch.cpp",
-                     "csrc/kernels_all_pairs.cpp"],
-            include_dirs=[include, eigen_include()],
-            extra_compile_args=flags,
-            extra_link_args=["-s"],  # stripped: the installed module carries no symbols
-        )
-    ],
+    ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )

@@ -1,4 +1,5 @@
-// metricloss._C: tensors in, metricloss (kernels_*.cpp) called once, loss and gradients out,
+// metricloss._C: tensors in, metricloss (kernels_*.cpp; kernels_cuda.cu for CUDA tensors)
+// called once, loss and gradients out,
 // and one torch::autograd::Function per loss around that call (the torch.nn.Module classes
 // are metricloss/__init__.py). Every check on a tensor names the argument;
 // metricloss::invalid_argument becomes ValueError with the C++ message.
@@ -7,6 +8,7 @@
 #include "kernels.hpp"
 
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -34,21 +36,42 @@ std::string strides(const at::Tensor& t) {
   return s + ")";
 }
 
-void check_cpu_strided(const std::string& loss, const char* name, const at::Tensor& t) {
+/// The CUDA device and torch's current stream on it of a call whose first input is `first`,
+/// or nullopt for a CPU call. A device this build cannot take is a ValueError naming `name`.
+/// Holds the GIL (torch.cuda.current_stream is asked in Python: no CUDA torch header here).
+c10::optional<mlpy::Device> cuda_device_of(const std::string& loss, const char* name,
+                                           const at::Tensor& first) {
+  if (!first.defined()) value_error(loss, std::string("argument '") + name + "' is undefined");
+  if (first.device().is_cpu()) return c10::nullopt;
+  if (!first.device().is_cuda() || !mlpy::cuda_built())
+    value_error(loss, std::string("argument '") + name + "' is on device " + first.device().str() +
+                          "; this build of metricloss takes CPU tensors" +
+                          (mlpy::cuda_built() ? " and CUDA tensors"
+                                              : " only (the installed PyTorch has no CUDA, or "
+                                                "the CUDA path is not built)"));
+  const int index = first.device().index();
+  const py::object stream = py::module_::import("torch.cuda").attr("current_stream")(index);
+  return mlpy::Device{index, reinterpret_cast<void*>(stream.attr("cuda_stream").cast<std::intptr_t>())};
+}
+
+/// t is defined, dense, and on the device of the call's first input `first`.
+void check_strided(const std::string& loss, const char* name, const at::Tensor& t,
+                   const at::Tensor& first) {
   if (!t.defined()) value_error(loss, std::string("argument '") + name + "' is undefined");
-  if (!t.device().is_cpu())
+  if (t.device() != first.device())
     value_error(loss, std::string("argument '") + name + "' is on device " + t.device().str() +
-                          "; this build of metricloss takes CPU tensors only (the installed "
-                          "PyTorch has no CUDA, or the CUDA path is not built)");
+                          " but the first input is on " + first.device().str() +
+                          "; every tensor of a call must be on one device");
   if (t.layout() != at::kStrided)
     value_error(loss, std::string("argument '") + name + "' must be a dense (strided) tensor");
 }
 
-/// An N x D floating embedding tensor: float32 or float64 (equal to `scalar` when given),
-/// inner stride 1, rows any stride >= D apart. Never copies.
+/// An N x D floating embedding tensor: float32 or float64 (the dtype and device of the
+/// call's first input `first`), inner stride 1, rows any stride >= D apart. Never copies.
 mlpy::Rows rows_of(const std::string& loss, const char* name, const at::Tensor& t,
-                   at::ScalarType scalar) {
-  check_cpu_strided(loss, name, t);
+                   const at::Tensor& first) {
+  check_strided(loss, name, t, first);
+  const at::ScalarType scalar = first.scalar_type();
   if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)
     throw py::type_error("metricloss." + loss + ": argument '" + name +
                          "' must be float32 or float64, got " +
@@ -72,9 +95,10 @@ mlpy::Rows rows_of(const std::string& loss, const char* name, const at::Tensor& 
   return {t.data_ptr(), n, d, stride};
 }
 
-/// int64 labels prepared by metricloss/__init__.py (any stride).
-mlpy::Labels labels_of(const std::string& loss, const char* name, const at::Tensor& t) {
-  check_cpu_strided(loss, name, t);
+/// int64 labels prepared by metricloss/__init__.py (any stride), on the device of `first`.
+mlpy::Labels labels_of(const std::string& loss, const char* name, const at::Tensor& t,
+                       const at::Tensor& first) {
+  check_strided(loss, name, t, first);
   if (t.scalar_type() != at::kLong)
     throw py::type_error("metricloss." + loss + ": argument '" + name + "' must be int64 here");
   if (t.dim() != 1)
@@ -103,14 +127,16 @@ ReferenceCall reference_call(const std::string& loss, const at::Tensor& x, const
                              const at::Tensor& ref, const c10::optional<at::Tensor>& ref_labels,
                              const c10::optional<at::Tensor>& self_index, bool want_x,
                              bool want_ref) {
-  if (!x.defined()) value_error(loss, "argument 'x' is undefined");
+  if (cuda_device_of(loss, "x", x))
+    value_error(loss, "reference sets ('ref') take CPU tensors only so far (CUDA tensors: the "
+                      "batch form)");
   if (!ref_labels.has_value()) value_error(loss, "argument 'ref' needs 'ref_labels'");
   ReferenceCall c;
-  c.q = rows_of(loss, "x", x, x.scalar_type());
-  c.labels_q = labels_of(loss, "labels", labels);
-  c.ref.r = rows_of(loss, "ref", ref, x.scalar_type());
-  c.ref.labels = labels_of(loss, "ref_labels", *ref_labels);
-  c.ref.self = self_index.has_value() ? labels_of(loss, "self_index", *self_index)
+  c.q = rows_of(loss, "x", x, x);
+  c.labels_q = labels_of(loss, "labels", labels, x);
+  c.ref.r = rows_of(loss, "ref", ref, x);
+  c.ref.labels = labels_of(loss, "ref_labels", *ref_labels, x);
+  c.ref.self = self_index.has_value() ? labels_of(loss, "self_index", *self_index, x)
                                       : mlpy::Labels{nullptr, 0, 1};
   std::tie(c.grad_q, c.gq) = grad_for(x, c.q, want_x);
   std::tie(c.grad_r, c.gr) = grad_for(ref, c.ref.r, want_ref);
@@ -144,6 +170,33 @@ at::Tensor loss_tensor(double v, const at::Tensor& like) {
   return at::scalar_tensor(v, like.options().requires_grad(false));
 }
 
+/// A call on a CUDA device: enqueue(loss pointer) enqueues the loss on torch's current stream
+/// with L written to a fresh 0-dim tensor on like's device, returned with no synchronisation
+/// (as a torch operator).
+template <class F>
+at::Tensor device_loss(std::mutex& m, const at::Tensor& like, F&& enqueue) {
+  at::Tensor out = at::empty({}, like.options().requires_grad(false));
+  call_kernel(m, [&] {
+    enqueue(out.data_ptr());
+    return 0.0;
+  });
+  return out;
+}
+
+/// On CUDA a zero row under normalize = true leaves the gradient untouched (the loss is NaN):
+/// a fresh gradient starts as NaN there, so that autograd never sees uninitialised memory.
+void nan_unless_written(const at::Tensor& grad, bool normalize) {
+  if (normalize && grad.defined()) grad.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+/// Process groups are CPU-only in the binding so far.
+void reject_cuda_group(const std::string& loss, const c10::optional<mlpy::Device>& device,
+                       const mlpy::Group* group) {
+  if (device && group)
+    value_error(loss, "process groups ('group') take CPU tensors only so far (CUDA tensors: one "
+                      "process)");
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -163,7 +216,8 @@ variable_list scale_saved(AutogradContext* ctx, const variable_list& grad_output
         "metricloss: the losses are once differentiable (backward with create_graph=True is "
         "not supported)");
   const at::Tensor& go = grad_outputs.at(0);
-  const bool one = !go.defined() || (go.numel() == 1 && go.item<double>() == 1.0);
+  // (Read on the CPU only: item() of a CUDA tensor would synchronise.)
+  const bool one = !go.defined() || (go.device().is_cpu() && go.numel() == 1 && go.item<double>() == 1.0);
   variable_list out;
   for (const at::Tensor& g : ctx->get_saved_variables())
     out.push_back(!g.defined() ? at::Tensor() : one ? g : g * go);
@@ -173,6 +227,7 @@ variable_list scale_saved(AutogradContext* ctx, const variable_list& grad_output
 
 struct Contrastive {
   mlpy::Contrastive kernel;
+  mlpy::CudaLosses cuda;  // CUDA tensors: the same loss on metricloss::cuda
   std::mutex mutex;
   int64_t gradient_calls = 0;  // calls that computed a gradient (tests: none under no_grad)
 
@@ -183,22 +238,32 @@ struct Contrastive {
                                                      double margin,
                                                      int form, bool want_a, bool want_b) {
     const std::string loss = "ContrastiveLoss";
-    if (!a.defined()) value_error(loss, "argument 'a' is undefined");
-    const auto ra = rows_of(loss, "a", a, a.scalar_type());
-    const auto rb = rows_of(loss, "b", b, a.scalar_type());
+    const auto device = cuda_device_of(loss, "a", a);
+    const auto ra = rows_of(loss, "a", a, a);
+    const auto rb = rows_of(loss, "b", b, a);
     auto [ta, ga] = grad_for(a, ra, want_a);
     auto [tb, gb] = grad_for(b, rb, want_b);
     gradient_calls += want_a || want_b;
     const auto s = scalar_of(a.scalar_type());
     double v;
     if (sim.has_value()) {
-      const auto ls = labels_of(loss, "sim", *sim);
+      const auto ls = labels_of(loss, "sim", *sim, a);
+      if (device)
+        return {device_loss(mutex, a, [&](void* out) {
+                  cuda.contrastive(s, margin, form, ra, rb, ls, ga, gb, *device, out);
+                }),
+                ta, tb};
       v = call_kernel(mutex, [&] { return kernel.run(s, margin, form, ra, rb, ls, ga, gb); });
     } else {
       if (!labels_a.has_value() || !labels_b.has_value())
         value_error(loss, "pass either 'sim' or both 'labels_a' and 'labels_b'");
-      const auto la = labels_of(loss, "labels_a", *labels_a);
-      const auto lb = labels_of(loss, "labels_b", *labels_b);
+      const auto la = labels_of(loss, "labels_a", *labels_a, a);
+      const auto lb = labels_of(loss, "labels_b", *labels_b, a);
+      if (device)
+        return {device_loss(mutex, a, [&](void* out) {
+                  cuda.contrastive(s, margin, form, ra, rb, la, lb, ga, gb, *device, out);
+                }),
+                ta, tb};
       v = call_kernel(mutex, [&] { return kernel.run(s, margin, form, ra, rb, la, lb, ga, gb); });
     }
     return {loss_tensor(v, a), ta, tb};
@@ -207,6 +272,7 @@ struct Contrastive {
 
 struct Triplet {
   mlpy::Triplet kernel;
+  mlpy::CudaLosses cuda;
   std::mutex mutex;
   int64_t gradient_calls = 0;
 
@@ -214,15 +280,20 @@ struct Triplet {
       const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
       double margin, int distance, bool want_a, bool want_p, bool want_n) {
     const std::string loss = "TripletLoss";
-    if (!anchor.defined()) value_error(loss, "argument 'anchor' is undefined");
-    const auto ra = rows_of(loss, "anchor", anchor, anchor.scalar_type());
-    const auto rp = rows_of(loss, "positive", positive, anchor.scalar_type());
-    const auto rn = rows_of(loss, "negative", negative, anchor.scalar_type());
+    const auto device = cuda_device_of(loss, "anchor", anchor);
+    const auto ra = rows_of(loss, "anchor", anchor, anchor);
+    const auto rp = rows_of(loss, "positive", positive, anchor);
+    const auto rn = rows_of(loss, "negative", negative, anchor);
     auto [ta, ga] = grad_for(anchor, ra, want_a);
     auto [tp, gp] = grad_for(positive, rp, want_p);
     auto [tn, gn] = grad_for(negative, rn, want_n);
     gradient_calls += want_a || want_p || want_n;
     const auto s = scalar_of(anchor.scalar_type());
+    if (device)
+      return {device_loss(mutex, anchor, [&](void* out) {
+                cuda.triplet(s, margin, distance, ra, rp, rn, ga, gp, gn, *device, out);
+              }),
+              ta, tp, tn};
     const double v = call_kernel(
         mutex, [&] { return kernel.run(s, margin, distance, ra, rp, rn, ga, gp, gn); });
     return {loss_tensor(v, anchor), ta, tp, tn};
@@ -231,6 +302,7 @@ struct Triplet {
 
 struct BatchTriplet {
   mlpy::BatchTriplet kernel;
+  mlpy::CudaLosses cuda;
   std::mutex mutex;
   int64_t gradient_calls = 0;
 
@@ -239,12 +311,20 @@ struct BatchTriplet {
                                          bool soft_margin, bool normalize, bool want_x,
                                          const mlpy::Group* group = nullptr) {
     const std::string loss = "BatchTripletLoss";
-    if (!x.defined()) value_error(loss, "argument 'x' is undefined");
-    const auto rx = rows_of(loss, "x", x, x.scalar_type());
-    const auto ly = labels_of(loss, "labels", labels);
+    const auto device = cuda_device_of(loss, "x", x);
+    reject_cuda_group(loss, device, group);
+    const auto rx = rows_of(loss, "x", x, x);
+    const auto ly = labels_of(loss, "labels", labels, x);
     auto [tx, gx] = grad_for(x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
+    if (device)
+      return {device_loss(mutex, x, [&](void* out) {
+                nan_unless_written(tx, normalize);
+                cuda.batch_triplet(s, margin, mining, distance, soft_margin, normalize, rx, ly, gx,
+                                   *device, out);
+              }),
+              tx};
     const double v = call_kernel(
         mutex, [&] {
           return kernel.run(s, margin, mining, distance, soft_margin, normalize, rx, ly, gx, group);
@@ -271,6 +351,7 @@ struct BatchTriplet {
 
 struct Lifted {
   mlpy::Lifted kernel;
+  mlpy::CudaLosses cuda;
   std::mutex mutex;
   int64_t gradient_calls = 0;
 
@@ -278,12 +359,20 @@ struct Lifted {
                                          double margin, bool normalize, bool want_x,
                                          const mlpy::Group* group = nullptr) {
     const std::string loss = "LiftedStructureLoss";
-    if (!x.defined()) value_error(loss, "argument 'x' is undefined");
-    const auto rx = rows_of(loss, "x", x, x.scalar_type());
-    const auto ly = labels_of(loss, "labels", labels);
+    const auto device = cuda_device_of(loss, "x", x);
+    reject_cuda_group(loss, device, group);
+    const auto rx = rows_of(loss, "x", x, x);
+    const auto ly = labels_of(loss, "labels", labels, x);
     auto [tx, gx] = grad_for(x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
+    if (device)
+      return {device_loss(mutex, x,
+                          [&](void* out) {
+                            nan_unless_written(tx, normalize);
+                            cuda.lifted(s, margin, normalize, rx, ly, gx, *device, out);
+                          }),
+              tx};
     const double v =
         call_kernel(mutex, [&] { return kernel.run(s, margin, normalize, rx, ly, gx, group); });
     return {loss_tensor(v, x), tx};
@@ -309,18 +398,27 @@ template <class Kernel, class Options>
 struct AllPairs {
   static const char* const name;
   Kernel kernel;
+  mlpy::CudaLosses cuda;
   std::mutex mutex;
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
                                          const Options& o, bool want_x,
                                          const mlpy::Group* group = nullptr) {
-    if (!x.defined()) value_error(name, "argument 'x' is undefined");
-    const auto rx = rows_of(name, "x", x, x.scalar_type());
-    const auto ly = labels_of(name, "labels", labels);
+    const auto device = cuda_device_of(name, "x", x);
+    reject_cuda_group(name, device, group);
+    const auto rx = rows_of(name, "x", x, x);
+    const auto ly = labels_of(name, "labels", labels, x);
     auto [tx, gx] = grad_for(x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
+    if (device)
+      return {device_loss(mutex, x,
+                          [&](void* out) {
+                            nan_unless_written(tx, o.normalize);
+                            run_cuda(s, o, rx, ly, gx, *device, out);
+                          }),
+              tx};
     const double v = call_kernel(mutex, [&] { return kernel.run(s, o, rx, ly, gx, group); });
     return {loss_tensor(v, x), tx};
   }
@@ -336,6 +434,10 @@ struct AllPairs {
         mutex, [&] { return kernel.run(s, o, c.q, c.labels_q, c.ref, c.gq, c.gr, group); });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
   }
+
+  /// The batch form on metricloss::cuda (CudaLosses has one entry per loss).
+  void run_cuda(mlpy::Scalar s, const Options& o, const mlpy::Rows& x, const mlpy::Labels& labels,
+                const mlpy::Grad& gx, const mlpy::Device& device, void* out);
 };
 
 using BatchContrastive = AllPairs<mlpy::BatchContrastive, mlpy::BatchContrastiveOptions>;
@@ -344,6 +446,18 @@ template <>
 const char* const BatchContrastive::name = "BatchContrastiveLoss";
 template <>
 const char* const MultiSimilarity::name = "MultiSimilarityLoss";
+template <>
+void BatchContrastive::run_cuda(mlpy::Scalar s, const mlpy::BatchContrastiveOptions& o,
+                                const mlpy::Rows& x, const mlpy::Labels& labels, const mlpy::Grad& gx,
+                                const mlpy::Device& device, void* out) {
+  cuda.batch_contrastive(s, o, x, labels, gx, device, out);
+}
+template <>
+void MultiSimilarity::run_cuda(mlpy::Scalar s, const mlpy::MultiSimilarityOptions& o,
+                               const mlpy::Rows& x, const mlpy::Labels& labels, const mlpy::Grad& gx,
+                               const mlpy::Device& device, void* out) {
+  cuda.multi_similarity(s, o, x, labels, gx, device, out);
+}
 
 // One torch::autograd::Function per loss: forward calls the kernel once and saves the
 // gradients of the inputs autograd wants; backward only scales them (scale_saved). The batch
@@ -561,6 +675,8 @@ std::unique_ptr<mlpy::Group> make_group(int rank, int size, py::function gather)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metricloss kernels (metricloss::simd) for the torch.nn.Module losses in metricloss";
   // run: the kernel call alone (benchmarks, tests); loss: through the autograd Function.
+  m.def("cuda_built", &mlpy::cuda_built,
+        "Whether this build takes CUDA tensors (built against a torch with CUDA)");
   py::class_<mlpy::Group>(m, "Group")
       .def(py::init(&make_group), py::arg("rank"), py::arg("size"), py::arg("gather"))
       .def_readonly("rank", &mlpy::Group::rank)

@@ -1,7 +1,8 @@
 // The binding's interface to metricloss: plain pointers, shapes and strides, no torch and no
 // Eigen headers. kernels_*.cpp instantiate the losses (metricloss::simd) behind it, so those
-// translation units compile without torch's headers, in parallel with binding.cpp; a CUDA
-// translation unit (a later step of issue 18) would sit behind the same kind of interface.
+// translation units compile without torch's headers, in parallel with binding.cpp;
+// kernels_cuda.cu (nvcc, no torch headers either) runs CudaLosses on metricloss::cuda, and
+// kernels_cuda_stub.cpp stands in for it where the installed torch has no CUDA.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -140,6 +141,45 @@ class MultiSimilarity {
              const Group* group = nullptr);
   double run(Scalar, const MultiSimilarityOptions&, Rows q, Labels labels_q, Reference ref,
              Grad gq, Grad gr, const Group* group = nullptr);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// Where a CUDA call runs: the device's index and torch's current stream on it (a
+/// cudaStream_t; null: the legacy default stream).
+struct Device {
+  int index = 0;
+  void* stream = nullptr;
+};
+
+/// Whether this build has the CUDA path (kernels_cuda.cu); false with kernels_cuda_stub.cpp.
+bool cuda_built();
+
+/// The batch form of every loss on device memory (metricloss::cuda.on(stream), the loss
+/// written to `loss` in device memory, one T, in stream order: no synchronisation). Every
+/// pointer in the descriptors is device memory of `device`. One object per module; its
+/// functors (and their device workspaces) are created on first use. Errors:
+/// metricloss::invalid_argument before anything is enqueued, metricloss::cuda_error.
+class CudaLosses {
+ public:
+  CudaLosses();
+  ~CudaLosses();
+  void contrastive(Scalar, double margin, int form, Rows a, Rows b, Labels sim, Grad ga, Grad gb,
+                   Device, void* loss);
+  void contrastive(Scalar, double margin, int form, Rows a, Rows b, Labels labels_a,
+                   Labels labels_b, Grad ga, Grad gb, Device, void* loss);
+  void triplet(Scalar, double margin, int distance, Rows anchor, Rows positive, Rows negative,
+               Grad ga, Grad gp, Grad gn, Device, void* loss);
+  void batch_triplet(Scalar, double margin, int mining, int distance, bool soft_margin,
+                     bool normalize, Rows x, Labels labels, Grad gx, Device, void* loss);
+  void lifted(Scalar, double margin, bool normalize, Rows x, Labels labels, Grad gx, Device,
+              void* loss);
+  void batch_contrastive(Scalar, const BatchContrastiveOptions&, Rows x, Labels labels, Grad gx,
+                         Device, void* loss);
+  void multi_similarity(Scalar, const MultiSimilarityOptions&, Rows x, Labels labels, Grad gx,
+                        Device, void* loss);
 
  private:
   struct Impl;

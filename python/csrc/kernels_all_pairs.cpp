@@ -13,12 +13,7 @@ struct BatchContrastive::Impl {
   template <class Call>
   double run(Scalar s, const BatchContrastiveOptions& o, Call&& call) {
     auto configured = [&](auto& loss) {
-      using T = typename std::decay_t<decltype(loss)>::scalar_type;
-      loss.pos_margin = static_cast<T>(o.pos_margin);
-      loss.neg_margin = static_cast<T>(o.neg_margin);
-      loss.distance = static_cast<ml::Distance>(o.distance);
-      loss.reduction = static_cast<ml::Reduction>(o.reduction);
-      loss.normalize = o.normalize;
+      configure(loss, o);
       return call(loss);
     };
     return s == Scalar::f32 ? configured(functor(f32)) : configured(functor(f64));
@@ -51,12 +46,7 @@ struct MultiSimilarity::Impl {
   template <class Call>
   double run(Scalar s, const MultiSimilarityOptions& o, Call&& call) {
     auto configured = [&](auto& loss) {
-      using T = typename std::decay_t<decltype(loss)>::scalar_type;
-      loss.alpha = static_cast<T>(o.alpha);
-      loss.beta = static_cast<T>(o.beta);
-      loss.base = static_cast<T>(o.base);
-      loss.epsilon = static_cast<T>(o.epsilon);  // +inf stays +inf
-      loss.normalize = o.normalize;
+      configure(loss, o);
       return call(loss);
     };
     return s == Scalar::f32 ? configured(functor(f32)) : configured(functor(f64));

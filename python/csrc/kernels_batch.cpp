@@ -13,12 +13,7 @@ struct BatchTriplet::Impl {
   double run(Scalar s, double margin, int mining, int distance, bool soft_margin, bool normalize,
              Call&& call) {
     auto configured = [&](auto& loss) {
-      using T = typename std::decay_t<decltype(loss)>::scalar_type;
-      loss.margin = static_cast<T>(margin);
-      loss.mining = static_cast<ml::Mining>(mining);
-      loss.distance = static_cast<ml::Distance>(distance);
-      loss.soft_margin = soft_margin;
-      loss.normalize = normalize;
+      configure(loss, margin, mining, distance, soft_margin, normalize);
       return call(loss);
     };
     return s == Scalar::f32 ? configured(functor(f32)) : configured(functor(f64));
@@ -52,9 +47,7 @@ struct Lifted::Impl {
   template <class Call>
   double run(Scalar s, double margin, bool normalize, Call&& call) {
     auto configured = [&](auto& loss) {
-      using T = typename std::decay_t<decltype(loss)>::scalar_type;
-      loss.margin = static_cast<T>(margin);
-      loss.normalize = normalize;
+      configure(loss, margin, normalize);
       return call(loss);
     };
     return s == Scalar::f32 ? configured(functor(f32)) : configured(functor(f64));

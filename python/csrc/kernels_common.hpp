@@ -55,6 +55,48 @@ decltype(auto) with_reference(const Reference& ref, F&& f) {
   return f(ml::reference(r, labels, self));
 }
 
+// The functors' options from the binding's arguments (the CPU and the CUDA kernels alike).
+template <class T>
+void configure(ml::ContrastiveLoss<T>& loss, double margin, int form) {
+  loss.margin = static_cast<T>(margin);
+  loss.form = static_cast<ml::ContrastiveForm>(form);
+}
+template <class T>
+void configure(ml::TripletLoss<T>& loss, double margin, int distance) {
+  loss.margin = static_cast<T>(margin);
+  loss.distance = static_cast<ml::Distance>(distance);
+}
+template <class T>
+void configure(ml::BatchTripletLoss<T>& loss, double margin, int mining, int distance,
+               bool soft_margin, bool normalize) {
+  loss.margin = static_cast<T>(margin);
+  loss.mining = static_cast<ml::Mining>(mining);
+  loss.distance = static_cast<ml::Distance>(distance);
+  loss.soft_margin = soft_margin;
+  loss.normalize = normalize;
+}
+template <class T>
+void configure(ml::LiftedStructureLoss<T>& loss, double margin, bool normalize) {
+  loss.margin = static_cast<T>(margin);
+  loss.normalize = normalize;
+}
+template <class T>
+void configure(ml::BatchContrastiveLoss<T>& loss, const BatchContrastiveOptions& o) {
+  loss.pos_margin = static_cast<T>(o.pos_margin);
+  loss.neg_margin = static_cast<T>(o.neg_margin);
+  loss.distance = static_cast<ml::Distance>(o.distance);
+  loss.reduction = static_cast<ml::Reduction>(o.reduction);
+  loss.normalize = o.normalize;
+}
+template <class T>
+void configure(ml::MultiSimilarityLoss<T>& loss, const MultiSimilarityOptions& o) {
+  loss.alpha = static_cast<T>(o.alpha);
+  loss.beta = static_cast<T>(o.beta);
+  loss.base = static_cast<T>(o.base);
+  loss.epsilon = static_cast<T>(o.epsilon);  // +inf stays +inf
+  loss.normalize = o.normalize;
+}
+
 /// The functor of one scalar type, created on first use.
 template <class Loss>
 Loss& functor(std::unique_ptr<Loss>& slot) {

@@ -11,8 +11,7 @@ struct Contrastive::Impl {
   double run(std::unique_ptr<ml::ContrastiveLoss<T>>& slot, double margin, int form, Grad ga,
              Grad gb, Call&& call) {
     auto& loss = functor(slot);
-    loss.margin = static_cast<T>(margin);
-    loss.form = static_cast<ml::ContrastiveForm>(form);
+    configure(loss, margin, form);
     return with_grad<T>(ga, [&](auto&& grad_a) {
       return with_grad<T>(gb, [&](auto&& grad_b) {
         return static_cast<double>(call(loss, grad_a, grad_b));
@@ -53,8 +52,7 @@ struct Triplet::Impl {
   double run(std::unique_ptr<ml::TripletLoss<T>>& slot, double margin, int distance,
              const Rows& a, const Rows& p, const Rows& n, Grad ga, Grad gp, Grad gn) {
     auto& loss = functor(slot);
-    loss.margin = static_cast<T>(margin);
-    loss.distance = static_cast<ml::Distance>(distance);
+    configure(loss, margin, distance);
     return with_grad<T>(ga, [&](auto&& grad_a) {
       return with_grad<T>(gp, [&](auto&& grad_p) {
         return with_grad<T>(gn, [&](auto&& grad_n) {

@@ -7,7 +7,10 @@ csrc/binding.cpp, so that neither pass runs Python): its forward runs metricloss
 torch.no_grad()), the gradient; backward scales that saved gradient by the incoming
 grad_output (no second pass). The losses are once differentiable. CPU tensors, float32 or
 float64; rows may be strided (any row stride >= D, inner stride 1) and are read without a
-copy. Labels: any integer, bool or floating dtype (floating labels are mapped to classes by
+copy. CUDA tensors (where the binding was built against a torch with CUDA: ``cuda_built()``)
+run the same losses on ``metricloss::cuda`` on torch's current stream, without a
+synchronisation; the batch form only (no ``ref=`` or ``group=`` yet), and with
+``normalize=True`` a zero row gives a NaN loss there instead of a ValueError. Labels: any integer, bool or floating dtype (floating labels are mapped to classes by
 equality; NaN labels are rejected).
 
     import metricloss
@@ -43,8 +46,14 @@ except ImportError as error:  # the sources (python/metricloss) rather than the 
         "./python`, and do not run Python from inside python/, where the sources shadow it") from error
 
 __all__ = ["ContrastiveLoss", "TripletLoss", "BatchTripletLoss", "LiftedStructureLoss",
-           "BatchContrastiveLoss", "MultiSimilarityLoss"]
+           "BatchContrastiveLoss", "MultiSimilarityLoss", "cuda_built"]
 __version__ = "0.1.0"
+
+def cuda_built():
+    """Whether this build of the binding takes CUDA tensors (it was built against a torch with
+    CUDA, by nvcc); False on a CPU-only torch such as Debian's."""
+    return _C.cuda_built()
+
 
 # The C++ enums' values (static_asserts in csrc/kernels_common.hpp keep them in sync).
 _FORMS = {"hadsell": 0, "legacy": 1}
@@ -64,9 +73,6 @@ def _as_label_tensor(loss, name, value):
     if value is None:
         raise TypeError(f"metricloss.{loss}: argument '{name}' is required")
     t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    if t.device.type != "cpu":
-        raise ValueError(f"metricloss.{loss}: argument '{name}' is on device {t.device}; "
-                         "this build of metricloss takes CPU tensors only")
     if t.dim() != 1:
         raise ValueError(f"metricloss.{loss}: argument '{name}' must be 1-D, got shape {tuple(t.shape)}")
     if t.is_complex():
@@ -80,6 +86,11 @@ def _labels(loss, *named):
     stride; other integer types are widened; floating labels are mapped to class indices
     jointly, so that labels_a[i] == labels_b[i] is preserved)."""
     tensors = [_as_label_tensor(loss, name, value) for name, value in named]
+    for (name, _), t in zip(named[1:], tensors[1:]):  # (the C++ layer checks them against x)
+        if t.device != tensors[0].device:
+            raise ValueError(f"metricloss.{loss}: argument '{name}' is on device {t.device} but "
+                             f"'{named[0][0]}' is on {tensors[0].device}; every tensor of a call "
+                             "must be on one device")
     if not any(t.is_floating_point() for t in tensors):
         return [t if t.dtype == torch.int64 else t.to(torch.int64) for t in tensors]
     joined = torch.cat([t.to(torch.float64) for t in tensors])

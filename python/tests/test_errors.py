@@ -39,17 +39,26 @@ def test_not_a_tensor():
 def test_wrong_device(cls):
     """A device this build does not take (meta stands in for CUDA on a CPU-only torch)."""
     x = torch.empty(8, 4, device="meta")
-    with pytest.raises(ValueError, match=r"argument 'x' is on device meta; .*CPU tensors only"):
+    with pytest.raises(ValueError, match=r"argument 'x' is on device meta; this build of metricloss takes CPU tensors"):
         cls()(x, torch.arange(8))
     with pytest.raises(ValueError, match=r"argument 'labels' is on device meta"):
         cls()(torch.randn(8, 4), torch.empty(8, dtype=torch.int64, device="meta"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device here")
-def test_cuda_tensor():
+def test_cuda_built_matches_torch():
+    """The CUDA path is built exactly where torch has CUDA (setup.py), unless left out."""
+    import os
+    if os.environ.get("METRICLOSS_CUDA", "1") != "0" and torch.version.cuda is not None:
+        pytest.skip("torch has CUDA: whether nvcc was found decides")
+    assert metricloss.cuda_built() is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or metricloss.cuda_built(),
+                    reason="needs a CUDA device and a build without the CUDA path")
+def test_cuda_tensor_without_the_cuda_path():
     x = torch.randn(8, 4, device="cuda")
-    with pytest.raises(ValueError, match=r"argument 'x' is on device cuda"):
-        metricloss.BatchTripletLoss()(x, torch.arange(8))
+    with pytest.raises(ValueError, match=r"argument 'x' is on device cuda:0; .*CPU tensors only"):
+        metricloss.BatchTripletLoss()(x, torch.arange(8, device="cuda"))
 
 
 @pytest.mark.parametrize("cls", BATCH)
