@@ -7,7 +7,7 @@
 //  - every rank's L bitwise equal to the single-process CUDA call on X = concat(x_r);
 //  - this rank's gradient rows bitwise equal to that call's rows, padding untouched;
 //  - a second call bitwise equal; forward equal to forward_backward's L;
-// and the agreement: a malformed call on one rank, normalize = true, or one rank on another
+// and the agreement: a malformed call on one rank, a zero row under normalize, or one rank on another
 // path (host memory on metricloss::scalar) make every rank throw metricloss::invalid_argument, nothing written.
 #include "device.cuh"
 
@@ -220,6 +220,19 @@ std::vector<std::pair<std::string, std::function<void(const Batch<T>&, bool)>>> 
     cases.emplace_back("multi_similarity epsilon=" + std::to_string(epsilon),
                        [loss](const Batch<T>& batch, bool nccl) { check_sharded(loss, batch, nccl); });
   }
+  // normalize = true: each rank's unit rows gathered, its gradient rows chained. Batches with
+  // a zero row (possible among the integer ones) are the errors test's.
+  auto add_normalized = [&cases](const std::string& name, auto loss) {
+    loss.normalize = true;
+    cases.emplace_back(name, [loss](const Batch<T>& batch, bool nccl) {
+      if ((batch.x.rowwise().squaredNorm().array() == T(0)).any()) return;
+      check_sharded(loss, batch, nccl);
+    });
+  };
+  add_normalized("batch_triplet semihard normalize", ml::BatchTripletLoss<T>(T(0.2), Mining::semihard));
+  add_normalized("lifted normalize", ml::LiftedStructureLoss<T>(T(1)));
+  add_normalized("batch_contrastive normalize", ml::BatchContrastiveLoss<T>(T(0.1), T(1.8)));
+  add_normalized("multi_similarity normalize", ml::MultiSimilarityLoss<T>(T(2), T(10), T(0.5), T(0.3)));
   return cases;
 }
 
@@ -258,7 +271,8 @@ TEMPLATE_TEST_CASE("cuda sharded: one NCCL rank matches the single-process cuda 
 TEST_CASE("cuda sharded: a malformed call on one rank makes every rank throw",
           "[cuda][sharded][errors]") {
   if (skip_without_device()) return;
-  // 0: rank 1's labels one short; 1: normalize = true everywhere; 2: rank 2 on metricloss::scalar.
+  // 0: rank 1's labels one short; 1: normalize = true everywhere and rank 1's row 2 zero;
+  // 2: rank 2 on metricloss::scalar.
   const int kind = GENERATE(0, 1, 2);
   CAPTURE(kind);
   const int ranks = 3;
@@ -272,7 +286,8 @@ TEST_CASE("cuda sharded: a malformed call on one rank makes every rank throw",
       try {
         check_cuda(cudaSetDevice(0));
         std::mt19937_64 rng(5);
-        const Matrix<double> host_x = uniform_matrix<double>(4, 5, rng);
+        Matrix<double> host_x = uniform_matrix<double>(4, 5, rng);
+        if (kind == 1 && r == 1) host_x.row(2).setZero();
         ml::BatchTripletLoss<double> loss(0.2, Mining::hard);
         loss.normalize = kind == 1;
         if (kind == 2 && r == 2) {
@@ -303,7 +318,7 @@ TEST_CASE("cuda sharded: a malformed call on one rank makes every rank throw",
     });
   for (auto& t : threads) t.join();
   const std::string expected = kind == 0   ? "rank 1 of 3: argument 'labels'"
-                               : kind == 1 ? "option 'normalize'"
+                               : kind == 1 ? "rank 1 of 3: argument 'x' has row 2 of norm 0"
                                            : "every rank needs the same loss options and path";
   for (int r = 0; r < ranks; ++r) {
     CAPTURE(r, messages[static_cast<std::size_t>(r)]);

@@ -29,8 +29,9 @@
 // The unit rows live in the functor's slot (NormalizedRows): nothing is allocated once
 // warm. The host tags normalise here; a device tag does where DeviceNormalize<Tag> says so
 // (backend/cuda/normalize.cuh: the loss runs on unit rows in device memory, with its
-// gradient in workspace, hence the path tag and gradient the batch form's call receives).
-// Any other tag (sharded) rejects normalize = true.
+// gradient in workspace, hence the path tag and gradient the batch form's call receives;
+// sharded calls: detail/sharded.hpp and backend/cuda/sharded.cuh). Any other tag rejects
+// normalize = true.
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/reference_view.hpp>
@@ -63,8 +64,8 @@ struct DeviceNormalize {
 template <class Tag>
 [[noreturn]] void reject_normalize_off_host(Validator& check) {
   static_assert(!normalizes_on_host<Tag>, "host tags normalise");
-  check.fail("option 'normalize' runs on metricloss::scalar, metricloss::simd and (the batch "
-             "form, one process) metricloss::cuda so far");
+  check.fail("option 'normalize' runs on metricloss::scalar, metricloss::simd and "
+             "metricloss::cuda so far");
 }
 
 /// A zero row under normalize = true, on any path.

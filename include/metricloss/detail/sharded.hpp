@@ -150,6 +150,9 @@ typename Loss::scalar_type run_sharded(Loss& loss, const sharded_tag<Base, Group
     check.gradient("grad_x", gv, "x", xv);
     if constexpr (normalizes_on_host<Base>) {
       if (loss.normalize) rows = work.unit.of(check, "x", xv);
+    } else if constexpr (DeviceNormalize<Base>::available) {
+      // The unit rows stay on the device (ShardedDevice reads them); a zero row fails here.
+      if (loss.normalize) ShardedDevice<Base>::normalize_rows(loss, tag, check, xv, !gv.empty());
     } else {
       if (loss.normalize) reject_normalize_off_host<Base>(check);
     }

@@ -11,9 +11,13 @@
 //     the same bits give every rank the same loss), this rank's rows of its gradient copied
 //     out, then the loss copied to the host: one stream synchronisation, as the plain call.
 // This is the gather-everything path (O(N^2 D) per rank); the statistics paths of
-// backend/sharded_*.hpp are host code so far. normalize = true is rejected on every rank
-// alike (the CUDA path does not normalise yet). A CUDA failure inside a collective throws
-// on the rank that saw it; the others may then wait in the group's next collective.
+// backend/sharded_*.hpp are host code so far. normalize = true: in step 1 each rank writes
+// its unit rows into device workspace (normalize.cuh's kernel) and reads the zero-row
+// verdict (a synchronisation before the agreement, so that a zero row on any rank fails on
+// every rank); step 2 gathers the unit rows, step 3 chains this rank's gradient rows. A CUDA
+// failure inside a collective throws on the rank that saw it; the others may then wait in
+// the group's next collective.
+#include <metricloss/backend/cuda/normalize.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/sharded.hpp>
@@ -22,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <optional>
 #include <type_traits>
 #include <utility>
 
@@ -119,10 +124,49 @@ struct ShardedLayout {
         loss(reinterpret_cast<T*>(carve.take<double>(1))) {}
 };
 
+/// normalize = true: this rank's unit rows and their gradient in the functor's normalize
+/// workspace of one stream (steps 1 and 3 carve the same bytes: the rows stay in place).
+template <class T>
+struct ShardedUnitRows {
+  char* memory;
+  std::size_t bytes;
+  NormalizeLayout<T> layout;
+};
+
+template <class T, class Loss>
+ShardedUnitRows<T> sharded_unit_rows(Loss& loss, cudaStream_t stream, Index rows, Index d, bool gradient) {
+  const std::size_t bytes = cuda_core::normalize_workspace_bytes<T>(rows, d, gradient);
+  Workspace& workspace = scratch_of<NormalizeWorkspaces>(loss).per_stream.for_stream(stream);
+  char* memory = static_cast<char*>(workspace.device_memory(bytes));
+  return {memory, bytes, NormalizeLayout<T>(memory, rows, d, gradient)};
+}
+
 }  // namespace cuda
 
 template <>
 struct ShardedDevice<cuda_tag> {
+  /// Step 1 with normalize = true: this rank's unit rows into device workspace; a zero row
+  /// fails through `check` (the verdict read by one synchronisation). A rank without rows
+  /// has nothing to normalise.
+  template <class Loss, class Group, class T>
+  static void normalize_rows(Loss& loss, const sharded_tag<cuda_tag, Group>& tag, Validator& check,
+                             const MatrixView<const T>& x, bool gradient) {
+    if (x.rows == 0) return;
+    const cudaStream_t stream = tag.base.stream;
+    const char* where = "metricloss: sharded normalize (cuda)";
+    const auto unit = cuda::sharded_unit_rows<T>(loss, stream, x.rows, x.cols, gradient);
+    MatrixView<T> rows, rows_grad;
+    cuda::throw_on_error(
+        cuda_core::normalize_rows<T>(unit.memory, unit.bytes, x, gradient, &rows, &rows_grad, stream), where);
+    cuda::Workspace& workspace = scratch_of<cuda::NormalizeWorkspaces>(loss).per_stream.for_stream(stream);
+    auto* verdict = static_cast<unsigned long long*>(workspace.host_slot());
+    cuda::throw_on_error(cudaMemcpyAsync(verdict, unit.layout.zero_row, sizeof(unsigned long long),
+                                         cudaMemcpyDeviceToHost, stream),
+                         where);
+    cuda::throw_on_error(cudaStreamSynchronize(stream), where);
+    if (*verdict != cuda::no_zero_row) fail_zero_row(check, "x", static_cast<Index>(*verdict), x.rows, x.cols);
+  }
+
   template <class Loss, class Group, class T, class L>
   static T run(Loss& loss, const sharded_tag<cuda_tag, Group>& tag, const MatrixView<const T>& x,
                const VectorView<L>& labels, const MatrixView<T>& grad, T top_diff,
@@ -138,11 +182,22 @@ struct ShardedDevice<cuda_tag> {
     const cuda::ShardedLayout<T, Label> parts(
         workspace.device_memory(cuda::ShardedLayout<T, Label>(nullptr, n, d, gradient).carve.bytes()),
         n, d, gradient);
+    // normalize = true: the unit rows of step 1 are gathered, and this rank's gradient rows
+    // land next to them, to be chained into grad.
+    const bool unit = loss.normalize && x.rows > 0;
+    MatrixView<const T> rows = x;
+    MatrixView<T> rows_grad = grad;
+    std::optional<cuda::ShardedUnitRows<T>> unit_rows;
+    if (unit) {
+      unit_rows = cuda::sharded_unit_rows<T>(loss, stream, x.rows, d, gradient);
+      rows = {unit_rows->layout.unit, x.rows, d, d};
+      if (gradient) rows_grad = {unit_rows->layout.unit_grad, x.rows, d, d};
+    }
 
     // 2. The global batch, in rank order (a rank without rows sends nothing).
     const std::size_t row_bytes = sizeof(T) * static_cast<std::size_t>(d);
-    cuda::gather_device_rows(group, work, bytes, status, first, x.data,
-                             cuda::pitch_of(x.rows, x.stride, sizeof(T), row_bytes), row_bytes,
+    cuda::gather_device_rows(group, work, bytes, status, first, rows.data,
+                             cuda::pitch_of(rows.rows, rows.stride, sizeof(T), row_bytes), row_bytes,
                              parts.x, stream);
     cuda::gather_device_rows(group, work, bytes, status, first, labels.data,
                              cuda::pitch_of(labels.size, labels.stride, sizeof(Label), sizeof(Label)),
@@ -155,9 +210,13 @@ struct ShardedDevice<cuda_tag> {
         loss, cuda_deferred_tag<T>(stream, parts.loss), MatrixView<const T>{parts.x, n, d, d},
         VectorView<Label>{parts.labels, n, 1}, all_grad, top_diff);
     if (gradient)
-      cuda::copy_rows(grad.data, cuda::pitch_of(grad.rows, grad.stride, sizeof(T), row_bytes),
+      cuda::copy_rows(rows_grad.data, cuda::pitch_of(rows_grad.rows, rows_grad.stride, sizeof(T), row_bytes),
                       parts.grad + static_cast<std::size_t>(first * d), row_bytes, row_bytes,
-                      grad.rows, cudaMemcpyDeviceToDevice, stream);
+                      rows_grad.rows, cudaMemcpyDeviceToDevice, stream);
+    if (unit && gradient)
+      cuda::throw_on_error(cuda_core::normalize_chain<T>(unit_rows->memory, unit_rows->bytes, x, grad,
+                                                         parts.loss, nullptr, stream),
+                           "metricloss: sharded normalize (cuda)");
     return cuda::loss_to_host(workspace, parts.loss, stream, "metricloss: sharded loss to host");
   }
 };
