@@ -182,6 +182,26 @@ cudaError_t normalize_chain(void* workspace, std::size_t workspace_bytes, const 
 namespace detail {
 namespace cuda {
 
+/// A call's unit rows and their gradient in the functor's normalize workspace of `stream`,
+/// with `extra` bytes after them. Carving the same bytes again (the sharded call's steps 1
+/// and 3) finds the rows in place.
+template <class T>
+struct UnitRowsWorkspace {
+  Workspace* workspace;
+  char* memory;
+  std::size_t bytes;  // the unit rows' part: cuda_core::normalize_workspace_bytes
+  NormalizeLayout<T> layout;
+};
+
+template <class T, class Loss>
+UnitRowsWorkspace<T> unit_rows_workspace(Loss& loss, cudaStream_t stream, Index rows, Index d,
+                                         bool gradient, std::size_t extra = 0) {
+  Workspace& workspace = scratch_of<NormalizeWorkspaces>(loss).per_stream.for_stream(stream);
+  const std::size_t bytes = cuda_core::normalize_workspace_bytes<T>(rows, d, gradient);
+  char* memory = static_cast<char*>(workspace.device_memory(bytes + extra));
+  return {&workspace, memory, bytes, NormalizeLayout<T>(memory, rows, d, gradient)};
+}
+
 /// The batch form on device memory: call(deferred tag, unit rows, their gradient) runs the
 /// loss on the unit rows with its loss in device memory; the verdict comes back with the
 /// loss (see the header comment).
@@ -189,27 +209,24 @@ template <class Loss, class T, class Call>
 T normalized_on_device(Loss& loss, cudaStream_t stream, T* deferred_loss, Validator& check,
                        const MatrixView<const T>& x, const MatrixView<T>& grad, Call&& call) {
   const char* where = "metricloss: normalize (cuda)";
-  Workspace& workspace = scratch_of<NormalizeWorkspaces>(loss).per_stream.for_stream(stream);
   const bool gradient = !grad.empty();
-  const std::size_t core = cuda_core::normalize_workspace_bytes<T>(x.rows, x.cols, gradient);
-  // After the core's part: the loss (one double's room) and the verdict's copy.
-  const std::size_t tail = aligned_bytes(sizeof(double)) + sizeof(unsigned long long);
-  char* memory = static_cast<char*>(workspace.device_memory(aligned_bytes(core) + tail));
-  T* own_loss = reinterpret_cast<T*>(memory + aligned_bytes(core));
-  auto* verdict = reinterpret_cast<unsigned long long*>(memory + aligned_bytes(core) + aligned_bytes(sizeof(double)));
+  // After the unit rows: the loss, in a double's room (bytes is a multiple of 256).
+  const auto unit = unit_rows_workspace<T>(loss, stream, x.rows, x.cols, gradient, sizeof(double));
+  T* own_loss = reinterpret_cast<T*>(unit.memory + unit.bytes);
   T* device_loss = deferred_loss ? deferred_loss : own_loss;
-  MatrixView<T> unit, unit_grad;
-  throw_on_error(cuda_core::normalize_rows<T>(memory, core, x, gradient, &unit, &unit_grad, stream), where);
-  call(cuda_deferred_tag<T>(stream, device_loss), MatrixView<const T>{unit.data, unit.rows, unit.cols, unit.stride},
-       unit_grad);
-  throw_on_error(cuda_core::normalize_chain<T>(memory, core, x, grad, device_loss,
-                                               deferred_loss ? nullptr : verdict, stream),
+  MatrixView<T> rows, rows_grad;
+  throw_on_error(cuda_core::normalize_rows<T>(unit.memory, unit.bytes, x, gradient, &rows, &rows_grad, stream),
+                 where);
+  call(cuda_deferred_tag<T>(stream, device_loss), MatrixView<const T>{rows.data, rows.rows, rows.cols, rows.stride},
+       rows_grad);
+  throw_on_error(cuda_core::normalize_chain<T>(unit.memory, unit.bytes, x, grad, device_loss, nullptr, stream),
                  where);
   if (deferred_loss) return std::numeric_limits<T>::quiet_NaN();
   // One synchronisation brings the loss and the verdict.
-  auto* host = static_cast<double*>(workspace.host_slot());
+  auto* host = static_cast<double*>(unit.workspace->host_slot());
   throw_on_error(cudaMemcpyAsync(host, own_loss, sizeof(T), cudaMemcpyDeviceToHost, stream), where);
-  throw_on_error(cudaMemcpyAsync(host + 1, verdict, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream),
+  throw_on_error(cudaMemcpyAsync(host + 1, unit.layout.zero_row, sizeof(unsigned long long),
+                                 cudaMemcpyDeviceToHost, stream),
                  where);
   throw_on_error(cudaStreamSynchronize(stream), where);
   unsigned long long zero_row = 0;

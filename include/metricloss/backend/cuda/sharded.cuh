@@ -124,23 +124,6 @@ struct ShardedLayout {
         loss(reinterpret_cast<T*>(carve.take<double>(1))) {}
 };
 
-/// normalize = true: this rank's unit rows and their gradient in the functor's normalize
-/// workspace of one stream (steps 1 and 3 carve the same bytes: the rows stay in place).
-template <class T>
-struct ShardedUnitRows {
-  char* memory;
-  std::size_t bytes;
-  NormalizeLayout<T> layout;
-};
-
-template <class T, class Loss>
-ShardedUnitRows<T> sharded_unit_rows(Loss& loss, cudaStream_t stream, Index rows, Index d, bool gradient) {
-  const std::size_t bytes = cuda_core::normalize_workspace_bytes<T>(rows, d, gradient);
-  Workspace& workspace = scratch_of<NormalizeWorkspaces>(loss).per_stream.for_stream(stream);
-  char* memory = static_cast<char*>(workspace.device_memory(bytes));
-  return {memory, bytes, NormalizeLayout<T>(memory, rows, d, gradient)};
-}
-
 }  // namespace cuda
 
 template <>
@@ -154,12 +137,11 @@ struct ShardedDevice<cuda_tag> {
     if (x.rows == 0) return;
     const cudaStream_t stream = tag.base.stream;
     const char* where = "metricloss: sharded normalize (cuda)";
-    const auto unit = cuda::sharded_unit_rows<T>(loss, stream, x.rows, x.cols, gradient);
+    const auto unit = cuda::unit_rows_workspace<T>(loss, stream, x.rows, x.cols, gradient);
     MatrixView<T> rows, rows_grad;
     cuda::throw_on_error(
         cuda_core::normalize_rows<T>(unit.memory, unit.bytes, x, gradient, &rows, &rows_grad, stream), where);
-    cuda::Workspace& workspace = scratch_of<cuda::NormalizeWorkspaces>(loss).per_stream.for_stream(stream);
-    auto* verdict = static_cast<unsigned long long*>(workspace.host_slot());
+    auto* verdict = static_cast<unsigned long long*>(unit.workspace->host_slot());
     cuda::throw_on_error(cudaMemcpyAsync(verdict, unit.layout.zero_row, sizeof(unsigned long long),
                                          cudaMemcpyDeviceToHost, stream),
                          where);
@@ -187,9 +169,9 @@ struct ShardedDevice<cuda_tag> {
     const bool unit = loss.normalize && x.rows > 0;
     MatrixView<const T> rows = x;
     MatrixView<T> rows_grad = grad;
-    std::optional<cuda::ShardedUnitRows<T>> unit_rows;
+    std::optional<cuda::UnitRowsWorkspace<T>> unit_rows;
     if (unit) {
-      unit_rows = cuda::sharded_unit_rows<T>(loss, stream, x.rows, d, gradient);
+      unit_rows = cuda::unit_rows_workspace<T>(loss, stream, x.rows, d, gradient);
       rows = {unit_rows->layout.unit, x.rows, d, d};
       if (gradient) rows_grad = {unit_rows->layout.unit_grad, x.rows, d, d};
     }
