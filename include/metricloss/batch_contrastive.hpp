@@ -188,7 +188,7 @@ class BatchContrastiveLoss {
     check_options(check);
     const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
-    detail::check_reference(check, qv, lv, ref.view, gq, gr);
+    detail::check_reference(check, qv, lv, ref.view, gq, gr, detail::normalizes_on_host<Tag>);
     using Path = detail::ReferenceBackend<BatchContrastiveLoss, Tag>;
     return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
                               [&](const auto& q_rows, const auto& r_rows) {

@@ -181,8 +181,8 @@ class BatchTripletLoss {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::BatchTripletLoss<T>: embeddings must have scalar type T");
     static_assert(detail::ReferenceBackend<BatchTripletLoss, Tag>::available,
-                  "metricloss::BatchTripletLoss: reference sets run on metricloss::scalar and "
-                  "metricloss::simd so far (the cuda path is issue 15's next step)");
+                  "metricloss::BatchTripletLoss: reference sets run on metricloss::scalar, "
+                  "metricloss::simd and metricloss::cuda (<metricloss/cuda.cuh>)");
     detail::Validator check("BatchTripletLoss", detail::scalar_name<T>(), method);
     const auto qv = detail::input_view(q);
     check.embeddings("q", qv);
@@ -191,7 +191,7 @@ class BatchTripletLoss {
     check_options(check);
     const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
-    detail::check_reference(check, qv, lv, ref.view, gq, gr);
+    detail::check_reference(check, qv, lv, ref.view, gq, gr, detail::normalizes_on_host<Tag>);
     using Path = detail::ReferenceBackend<BatchTripletLoss, Tag>;
     return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
                               [&](const auto& q_rows, const auto& r_rows) {

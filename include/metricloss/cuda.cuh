@@ -72,6 +72,8 @@
 
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/backend/cuda/batch_triplet.cuh>
+#include <metricloss/backend/cuda/reference.cuh>  // BatchTripletLoss and LiftedStructureLoss against a reference set
+#include <metricloss/backend/cuda/memory.cuh>     // DeviceCrossBatchMemory
 
 #include <metricloss/batch_contrastive.hpp>
 #include <metricloss/backend/cuda/batch_contrastive.cuh>

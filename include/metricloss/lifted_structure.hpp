@@ -188,8 +188,8 @@ class LiftedStructureLoss {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
     static_assert(detail::ReferenceBackend<LiftedStructureLoss, Tag>::available,
-                  "metricloss::LiftedStructureLoss: reference sets run on metricloss::scalar "
-                  "and metricloss::simd so far (the cuda path is issue 15's next step)");
+                  "metricloss::LiftedStructureLoss: reference sets run on metricloss::scalar, "
+                  "metricloss::simd and metricloss::cuda (<metricloss/cuda.cuh>)");
     detail::Validator check("LiftedStructureLoss", detail::scalar_name<T>(), method);
     const auto qv = detail::input_view(q);
     check.embeddings("q", qv);
@@ -198,7 +198,7 @@ class LiftedStructureLoss {
     check_options(check);
     const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
-    detail::check_reference(check, qv, lv, ref.view, gq, gr);
+    detail::check_reference(check, qv, lv, ref.view, gq, gr, detail::normalizes_on_host<Tag>);
     using Path = detail::ReferenceBackend<LiftedStructureLoss, Tag>;
     return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
                               [&](const auto& q_rows, const auto& r_rows) {

@@ -65,11 +65,13 @@ SelfIndex self_index_of(const S& self) {
 
 /// The checks of a call with a reference set: R's shape against Q's, R's labels, self_index
 /// (length N_q, entries in [-1, N_r), and a row of R with the query's label), and the two
-/// gradients' shapes and overlaps. Nothing is written before they pass.
+/// gradients' shapes and overlaps. Nothing is written before they pass. On a device tag
+/// (labels_on_host = false) the labels are device memory: the self row's label is checked
+/// by the device path, which reports it the same way (backend/cuda/reference.cuh).
 template <class T, class LQ, class LR>
 void check_reference(Validator& check, const MatrixView<const T>& q, const VectorView<LQ>& labels_q,
                      const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
-                     const MatrixView<T>& grad_r) {
+                     const MatrixView<T>& grad_r, bool labels_on_host = true) {
   check.embeddings("r", ref.r);
   if (ref.r.cols != q.cols)
     check.fail("argument 'r' has shape " + shape_string(ref.r.rows, ref.r.cols) + ", expected " +
@@ -87,7 +89,7 @@ void check_reference(Validator& check, const MatrixView<const T>& q, const Vecto
                    std::to_string(s) + ", neither -1 (none) nor a row of 'r' (0 to " +
                    std::to_string(ref.r.rows - 1) + "; 'r' is " +
                    shape_string(ref.r.rows, ref.r.cols) + ")");
-      if (s < 0) continue;
+      if (s < 0 || !labels_on_host) continue;
       using C = std::common_type_t<LQ, LR>;
       const C yq = static_cast<C>(labels_q[a]), yr = static_cast<C>(ref.labels[s]);
       if (yq == yq && yr == yr && !(yq == yr))  // NaN labels propagate as NaN instead

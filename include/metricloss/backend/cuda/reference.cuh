@@ -1,0 +1,685 @@
+#pragma once
+// Reference sets on CUDA (<metricloss/reference.hpp>): BatchTripletLoss and
+// LiftedStructureLoss of queries Q (N_q x D) against candidates R (N_r x D), the maths of the
+// scalar path (backend/scalar/reference.hpp), step by step:
+//   1. a scan of Q, R and both label vectors for non-finite values (NaN loss and gradients),
+//      and self_index (staged from the host) against the labels: a self row whose label is not
+//      the query's is the verdict, reported as normalize = true reports a zero row;
+//   2. D2_aj = ||q_a - r_j||^2 by differences in double (cross_squared_kernel, tiles through
+//      shared memory): exact, so there is nothing to centre, recompute or settle, and ties
+//      among candidates go to the lowest row of R as on the CPU;
+//   3. the loss (a block per query) writes W = dL/dD2 (N_q x N_r doubles) and its share of
+//      the sum and of the count; lifted first reduces each column's normaliser over Q;
+//   4. grad_q_a = 2 s sum_j W_aj (q_a - r_j) and grad_r_j = 2 s sum_a W_aj (r_j - q_a), by
+//      differences in double, one thread per entry (no cancellation, no near pairs).
+// Cost O(N_q N_r D) in double; memory two N_q x N_r matrices of doubles (256 x 65536: 256 MiB).
+// Batch-all and semihard walk an anchor's positives one at a time (O(N_q |P| N_r)), as the
+// batch kernels do. Every reduction has a fixed order: deterministic.
+#include <metricloss/backend/cuda/batch_triplet.cuh>
+#include <metricloss/backend/cuda/batch_triplet_mining.cuh>
+#include <metricloss/backend/cuda/reduce.cuh>
+#include <metricloss/backend/cuda/runtime.cuh>
+#include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/buffer.hpp>
+#include <metricloss/detail/lifted_structure_math.hpp>
+#include <metricloss/detail/triplet_math.hpp>
+#include <metricloss/lifted_structure.hpp>
+#include <metricloss/reference.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+namespace metricloss {
+namespace detail {
+namespace cuda {
+
+/// No bad self row: the verdict's initial value (all bits set by cudaMemsetAsync).
+constexpr unsigned long long no_bad_self = ~0ull;
+
+template <class L, class LR>
+__device__ inline bool same_label(L a, LR b) {
+  using C = std::common_type_t<L, LR>;
+  return static_cast<C>(a) == static_cast<C>(b);
+}
+
+template <class L>
+__device__ inline bool label_finite(L label) {
+  if constexpr (std::is_floating_point<L>::value) return label == label;
+  return true;
+}
+
+/// Q, R and the queries' device inputs to one call of a reference core.
+template <class T, class L, class LR>
+struct ReferenceArgs {
+  MatrixView<const T> q, r;
+  VectorView<L> labels_q;
+  VectorView<LR> labels_r;
+  const long long* self;  // N_q entries in device memory, or null (no query is in R)
+  __device__ long long self_of(Index a) const { return self ? self[a] : -1; }
+};
+
+/// The workspace of a reference core, carved in a fixed order.
+struct ReferenceLayout {
+  WorkspaceCarver carve;
+  double* squared;  // N_q x N_r: D2
+  double* weights;  // N_q x N_r: W
+  long long* self;  // N_q
+  double* anchor_sum;
+  double* anchor_count;
+  double* row_nearest;  // lifted, N_q each
+  double* row_sum;
+  double* row_log;
+  double* col_nearest;  // lifted, N_r each
+  double* col_sum;
+  double* col_log;
+  double* gradient_scale;
+  int* not_finite;
+  unsigned long long* bad_self;
+
+  ReferenceLayout(void* workspace, Index nq, Index nr) : carve(workspace) {
+    const auto uq = static_cast<std::size_t>(nq), ur = static_cast<std::size_t>(nr);
+    squared = carve.take<double>(uq * ur);
+    weights = carve.take<double>(uq * ur);
+    self = carve.take<long long>(uq);
+    anchor_sum = carve.take<double>(uq);
+    anchor_count = carve.take<double>(uq);
+    row_nearest = carve.take<double>(uq);
+    row_sum = carve.take<double>(uq);
+    row_log = carve.take<double>(uq);
+    col_nearest = carve.take<double>(ur);
+    col_sum = carve.take<double>(ur);
+    col_log = carve.take<double>(ur);
+    gradient_scale = carve.take<double>(1);
+    not_finite = carve.take<int>(1);
+    bad_self = carve.take<unsigned long long>(1);
+  }
+};
+
+constexpr int scan_threads = 256;
+
+/// Step 1: *not_finite for a non-finite entry of Q or R or a NaN label; *bad_self the lowest
+/// query whose self row is out of range or has another label.
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(scan_threads)
+    reference_scan_kernel(ReferenceArgs<T, L, LR> args, int* not_finite,
+                          unsigned long long* bad_self) {
+  const Index stride = static_cast<Index>(gridDim.x) * scan_threads;
+  const Index first = static_cast<Index>(blockIdx.x) * scan_threads + threadIdx.x;
+  const Index d = args.q.cols, nq = args.q.rows, nr = args.r.rows;
+  bool finite = true;
+  for (Index e = first; e < nq * d; e += stride) finite = finite && isfinite(static_cast<double>(args.q(e / d, e % d)));
+  for (Index e = first; e < nr * d; e += stride) finite = finite && isfinite(static_cast<double>(args.r(e / d, e % d)));
+  for (Index j = first; j < nr; j += stride) finite = finite && label_finite(args.labels_r[j]);
+  for (Index a = first; a < nq; a += stride) {
+    finite = finite && label_finite(args.labels_q[a]);
+    const long long s = args.self_of(a);
+    if (s < -1 || s >= nr) {
+      atomicMin(bad_self, static_cast<unsigned long long>(a));
+    } else if (s >= 0) {
+      const L yq = args.labels_q[a];
+      const LR yr = args.labels_r[s];
+      if (label_finite(yq) && label_finite(yr) && !same_label(yq, yr))
+        atomicMin(bad_self, static_cast<unsigned long long>(a));
+    }
+  }
+  if (!finite) atomicOr(not_finite, 1);
+}
+
+constexpr int cross_tile = 32;  // a 32 x 32 tile of D2 per block, 32 columns of D at a time
+constexpr int cross_rows_per_thread = 4;
+constexpr int cross_threads = cross_tile * cross_tile / cross_rows_per_thread;
+
+/// Step 2: D2 (N_q x N_r, stride N_r) by differences in double, k ascending.
+template <class T>
+__global__ void __launch_bounds__(cross_threads)
+    cross_squared_kernel(MatrixView<const T> q, MatrixView<const T> r, double* squared) {
+  __shared__ double q_tile[cross_tile][cross_tile + 1];
+  __shared__ double r_tile[cross_tile][cross_tile + 1];
+  const int tx = static_cast<int>(threadIdx.x) % cross_tile;
+  const int ty = static_cast<int>(threadIdx.x) / cross_tile;
+  constexpr int ty_count = cross_threads / cross_tile;
+  const Index a0 = static_cast<Index>(blockIdx.y) * cross_tile;
+  const Index j0 = static_cast<Index>(blockIdx.x) * cross_tile;
+  const Index nq = q.rows, nr = r.rows, d = q.cols;
+  double sum[cross_rows_per_thread] = {};
+  for (Index k0 = 0; k0 < d; k0 += cross_tile) {
+    for (int row = ty; row < cross_tile; row += ty_count) {
+      const Index a = a0 + row, j = j0 + row, k = k0 + tx;
+      q_tile[row][tx] = (a < nq && k < d) ? static_cast<double>(q(a, k)) : 0.0;
+      r_tile[row][tx] = (j < nr && k < d) ? static_cast<double>(r(j, k)) : 0.0;
+    }
+    __syncthreads();
+    const int width = d - k0 < cross_tile ? static_cast<int>(d - k0) : cross_tile;
+    for (int k = 0; k < width; ++k) {
+      const double rv = r_tile[tx][k];
+#pragma unroll
+      for (int i = 0; i < cross_rows_per_thread; ++i) {
+        const double diff = q_tile[ty + i * ty_count][k] - rv;
+        sum[i] = fma(diff, diff, sum[i]);
+      }
+    }
+    __syncthreads();
+  }
+  const Index j = j0 + tx;
+  if (j >= nr) return;
+#pragma unroll
+  for (int i = 0; i < cross_rows_per_thread; ++i) {
+    const Index a = a0 + ty + i * ty_count;
+    if (a < nq) squared[a * nr + j] = sum[i];
+  }
+}
+
+constexpr int reference_threads = 256;
+
+/// Step 3 of BatchTripletLoss: mining of query blockIdx.x over R, the rules of the batch
+/// kernel (batch_triplet_mining.cuh) on exact values.
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(reference_threads)
+    reference_mining_kernel(ReferenceArgs<T, L, LR> args, const double* squared, double margin,
+                            Mining mining, Distance distance, bool soft_margin, double* weights,
+                            double* anchor_sum, double* anchor_count) {
+  __shared__ double shared[reference_threads / warp_size];
+  __shared__ Candidate shared_candidates[reference_threads / warp_size];
+  __shared__ unsigned char is_positive[reference_threads];
+  const Index a = blockIdx.x, nr = args.r.rows;
+  const int tid = static_cast<int>(threadIdx.x);
+  const L label = args.labels_q[a];
+  const long long self = args.self_of(a);
+  const double* row = squared + a * nr;
+  double* w = weights ? weights + a * nr : nullptr;
+  if (w)
+    for (Index j = tid; j < nr; j += reference_threads) w[j] = 0.0;
+  const auto positive_at = [&](Index j) { return j != self && same_label(label, args.labels_r[j]); };
+  const auto negative_at = [&](Index j) { return !same_label(label, args.labels_r[j]); };
+  double positives = 0.0, negatives = 0.0;
+  for (Index j = tid; j < nr; j += reference_threads) {
+    positives += positive_at(j) ? 1.0 : 0.0;
+    negatives += negative_at(j) ? 1.0 : 0.0;
+  }
+  positives = block_sum<reference_threads>(positives, shared);
+  negatives = block_sum<reference_threads>(negatives, shared);  // a barrier: w is zeroed
+  double sum = 0.0, count = 0.0;
+  // One triplet's term; thread 0 writes its weights (block-uniform arguments).
+  const auto triplet = [&](Index p, Index n) {
+    const TripletTerm t = triplet_term(row[p], row[n], margin, distance, soft_margin);
+    if (w && tid == 0) {
+      if (t.positive_weight != 0.0) w[p] += t.positive_weight;
+      if (t.negative_weight != 0.0) w[n] -= t.negative_weight;
+    }
+    sum += t.loss;
+    count += 1.0;
+  };
+  // The nearest (Largest = false) or farthest negative with D2 above `above`.
+  const auto negative_of = [&](auto largest, double above) {
+    constexpr bool Largest = decltype(largest)::value;
+    Candidate best{0.0, -1};
+    for (Index j = tid; j < nr; j += reference_threads)
+      if (negative_at(j) && row[j] > above) best = better<Largest>(best, Candidate{row[j], static_cast<long long>(j)});
+    return block_best<Largest, reference_threads>(best, shared_candidates);
+  };
+  if (positives > 0.0 && negatives > 0.0) {
+    const double below_all = -std::numeric_limits<double>::infinity();
+    if (mining == Mining::hard) {
+      Candidate farthest_positive{0.0, -1};
+      for (Index j = tid; j < nr; j += reference_threads)
+        if (positive_at(j)) farthest_positive = better<true>(farthest_positive, Candidate{row[j], static_cast<long long>(j)});
+      farthest_positive = block_best<true, reference_threads>(farthest_positive, shared_candidates);
+      const Candidate nearest = negative_of(std::false_type{}, below_all);
+      triplet(farthest_positive.index, nearest.index);
+    } else {
+      const Candidate farthest = negative_of(std::true_type{}, below_all);
+      for (Index j0 = 0; j0 < nr; j0 += reference_threads) {  // positives in row order
+        const Index j = j0 + tid;
+        is_positive[tid] = j < nr && positive_at(j);
+        __syncthreads();
+        for (int t = 0; t < reference_threads; ++t) {
+          if (!is_positive[t]) continue;
+          const Index p = j0 + t;
+          if (mining == Mining::semihard) {
+            const Candidate farther = negative_of(std::false_type{}, row[p]);
+            triplet(p, farther.index >= 0 ? farther.index : farthest.index);
+            continue;
+          }
+          // all: every negative against positive p, t_p = d_ap + m.
+          const DistanceTerm positive = distance_from_squared(row[p], distance);
+          const double threshold = positive.value + margin;
+          double active = 0.0, hinge_sum = 0.0, slope_sum = 0.0;
+          for (Index k = tid; k < nr; k += reference_threads) {
+            if (!negative_at(k)) continue;
+            const DistanceTerm negative = distance_from_squared(row[k], distance);
+            if (!soft_margin && !(negative.value < threshold)) continue;
+            const HingeTerm h = hinge(threshold - negative.value, soft_margin);
+            active += 1.0;
+            hinge_sum += h.value;
+            slope_sum += h.slope;
+            if (w) w[k] -= h.slope * negative.derivative;  // column k: this thread's
+          }
+          active = block_sum<reference_threads>(active, shared);
+          hinge_sum = block_sum<reference_threads>(hinge_sum, shared);
+          slope_sum = block_sum<reference_threads>(slope_sum, shared);
+          sum += hinge_sum;
+          count += active;
+          if (w && tid == 0 && slope_sum != 0.0) w[p] += slope_sum * positive.derivative;
+        }
+        __syncthreads();  // is_positive is rewritten next
+      }
+    }
+  }
+  if (tid == 0) {
+    anchor_sum[a] = sum;
+    anchor_count[a] = count;
+  }
+}
+
+/// Step 3 of LiftedStructureLoss, rows: query blockIdx.x's normaliser over R's negatives,
+/// shifted by its nearest negative.
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(reference_threads)
+    lifted_row_normaliser_kernel(ReferenceArgs<T, L, LR> args, const double* squared, double margin,
+                                 double* row_nearest, double* row_sum, double* row_log) {
+  __shared__ double shared[reference_threads / warp_size];
+  const Index a = blockIdx.x, nr = args.r.rows;
+  const L label = args.labels_q[a];
+  const double* row = squared + a * nr;
+  double nearest = std::numeric_limits<double>::infinity();
+  for (Index j = threadIdx.x; j < nr; j += reference_threads)
+    if (!same_label(label, args.labels_r[j])) nearest = fmin(nearest, sqrt(row[j]));
+  nearest = block_min<reference_threads>(nearest, shared);
+  double sum = 0.0;
+  for (Index j = threadIdx.x; j < nr; j += reference_threads)
+    if (!same_label(label, args.labels_r[j])) sum += exp(nearest - sqrt(row[j]));
+  sum = block_sum<reference_threads>(sum, shared);
+  if (threadIdx.x == 0) {
+    row_nearest[a] = nearest;
+    row_sum[a] = sum;
+    row_log[a] = lifted_log_normaliser(margin, nearest, sum);
+  }
+}
+
+/// Lifted, columns: candidate j's normaliser over Q's negatives (a thread per column, Q in
+/// order: coalesced across j).
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(reference_threads)
+    lifted_column_normaliser_kernel(ReferenceArgs<T, L, LR> args, const double* squared,
+                                    double margin, double* col_nearest, double* col_sum,
+                                    double* col_log) {
+  const Index j = static_cast<Index>(blockIdx.x) * reference_threads + threadIdx.x;
+  const Index nq = args.q.rows, nr = args.r.rows;
+  if (j >= nr) return;
+  const LR label = args.labels_r[j];
+  double nearest = std::numeric_limits<double>::infinity();
+  for (Index a = 0; a < nq; ++a)
+    if (!same_label(args.labels_q[a], label)) nearest = fmin(nearest, sqrt(squared[a * nr + j]));
+  double sum = 0.0;
+  for (Index a = 0; a < nq; ++a)
+    if (!same_label(args.labels_q[a], label)) sum += exp(nearest - sqrt(squared[a * nr + j]));
+  col_nearest[j] = nearest;
+  col_sum[j] = sum;
+  col_log[j] = lifted_log_normaliser(margin, nearest, sum);
+}
+
+/// Lifted, the positive pairs of query blockIdx.x: half the squared hinges and the pair count
+/// (the finalisation gives sum / (2 |P|) and top_diff / |P|), the positive weights, and the
+/// row normaliser's negative weights -c p / (2 D).
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(reference_threads)
+    lifted_row_pairs_kernel(ReferenceArgs<T, L, LR> args, const double* squared,
+                            const double* row_nearest, const double* row_sum, const double* row_log,
+                            const double* col_log, double* weights, double* anchor_sum,
+                            double* anchor_count) {
+  __shared__ double shared[reference_threads / warp_size];
+  const Index a = blockIdx.x, nr = args.r.rows;
+  const L label = args.labels_q[a];
+  const long long self = args.self_of(a);
+  const double* row = squared + a * nr;
+  double* w = weights ? weights + a * nr : nullptr;
+  double sum = 0.0, pairs = 0.0, share = 0.0;
+  for (Index j = threadIdx.x; j < nr; j += reference_threads) {
+    if (w) w[j] = 0.0;
+    if (j == self || !same_label(label, args.labels_r[j])) continue;
+    const double distance = sqrt(row[j]);
+    const LiftedPair pair = lifted_pair(row_log[a], col_log[j], distance);
+    sum += 0.5 * pair.hinge * pair.hinge;
+    pairs += 1.0;
+    share += pair.hinge * pair.share_i;
+    if (w) w[j] = weight_on_squared(pair.hinge, distance);
+  }
+  sum = block_sum<reference_threads>(sum, shared);
+  pairs = block_sum<reference_threads>(pairs, shared);
+  share = block_sum<reference_threads>(share, shared);
+  if (threadIdx.x == 0) {
+    anchor_sum[a] = sum;
+    anchor_count[a] = pairs;
+  }
+  if (!w || share == 0.0) return;
+  const double factor = -share / row_sum[a];
+  for (Index j = threadIdx.x; j < nr; j += reference_threads) {
+    if (same_label(label, args.labels_r[j])) continue;
+    const double distance = sqrt(row[j]);
+    w[j] += lifted_negative_weight(factor, exp(row_nearest[a] - distance), distance);
+  }
+}
+
+/// Lifted, the column normaliser's negative weights of candidate j (after the row kernel):
+/// its coefficient sum over Q's positive pairs of j, then its share of each negative's weight.
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(reference_threads)
+    lifted_column_weights_kernel(ReferenceArgs<T, L, LR> args, const double* squared,
+                                 const double* row_log, const double* col_nearest,
+                                 const double* col_sum, const double* col_log, double* weights) {
+  const Index j = static_cast<Index>(blockIdx.x) * reference_threads + threadIdx.x;
+  const Index nq = args.q.rows, nr = args.r.rows;
+  if (j >= nr) return;
+  const LR label = args.labels_r[j];
+  double share = 0.0;
+  for (Index a = 0; a < nq; ++a) {
+    if (args.self_of(a) == j || !same_label(args.labels_q[a], label)) continue;
+    const LiftedPair pair = lifted_pair(row_log[a], col_log[j], sqrt(squared[a * nr + j]));
+    share += pair.hinge * pair.share_j;
+  }
+  if (share == 0.0) return;
+  const double factor = -share / col_sum[j];
+  for (Index a = 0; a < nq; ++a) {
+    if (same_label(args.labels_q[a], label)) continue;
+    const double distance = sqrt(squared[a * nr + j]);
+    weights[a * nr + j] += lifted_negative_weight(factor, exp(col_nearest[j] - distance), distance);
+  }
+}
+
+/// Step 4, grad_q: a block per (query, 256 columns), R's rows in order (W_aj read once per
+/// block, R's columns coalesced).
+template <class T>
+__global__ void __launch_bounds__(reference_threads)
+    reference_grad_q_kernel(MatrixView<const T> q, MatrixView<const T> r, const double* weights,
+                            const double* gradient_scale, const int* not_finite,
+                            const unsigned long long* bad_self, MatrixView<T> grad_q) {
+  if (*bad_self != no_bad_self) return;  // rejected: nothing is written
+  const Index a = blockIdx.x, c = static_cast<Index>(blockIdx.y) * reference_threads + threadIdx.x;
+  const Index nr = r.rows;
+  if (c >= q.cols) return;
+  const double* w = weights + a * nr;
+  const double qc = static_cast<double>(q(a, c));
+  double sum = 0.0;
+  for (Index j = 0; j < nr; ++j) {
+    const double s = w[j];
+    if (s != 0.0) sum = fma(s, qc - static_cast<double>(r(j, c)), sum);
+  }
+  grad_q(a, c) = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(2.0 * *gradient_scale * sum);
+}
+
+/// Step 4, grad_r: a block per (candidate, 256 columns), Q's rows in order.
+template <class T>
+__global__ void __launch_bounds__(reference_threads)
+    reference_grad_r_kernel(MatrixView<const T> q, MatrixView<const T> r, const double* weights,
+                            const double* gradient_scale, const int* not_finite,
+                            const unsigned long long* bad_self, MatrixView<T> grad_r) {
+  if (*bad_self != no_bad_self) return;
+  const Index j = blockIdx.x, c = static_cast<Index>(blockIdx.y) * reference_threads + threadIdx.x;
+  const Index nq = q.rows, nr = r.rows;
+  if (c >= r.cols) return;
+  const double rc = static_cast<double>(r(j, c));
+  double sum = 0.0;
+  for (Index a = 0; a < nq; ++a) {
+    const double s = weights[a * nr + j];
+    if (s != 0.0) sum = fma(s, rc - static_cast<double>(q(a, c)), sum);
+  }
+  grad_r(j, c) = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(2.0 * *gradient_scale * sum);
+}
+
+/// Step 3's end: the loss (NaN for non-finite data or a rejected self index).
+template <class T>
+__global__ void reference_reject_kernel(const unsigned long long* bad_self, T* device_loss) {
+  if (*bad_self != no_bad_self) *device_loss = static_cast<T>(nan(""));
+}
+
+/// Which loss a reference core computes.
+struct TripletReferenceOptions {
+  double margin;
+  Mining mining;
+  Distance distance;
+  bool soft_margin;
+};
+struct LiftedReferenceOptions {
+  double margin;
+};
+
+template <class T, class L, class LR, class Options>
+cudaError_t reference_enqueue(void* workspace, std::size_t workspace_bytes,
+                              const ReferenceArgs<T, L, LR>& args, const Options& options,
+                              const MatrixView<T>& grad_q, const MatrixView<T>& grad_r,
+                              double top_diff, T* device_loss, unsigned long long* verdict,
+                              cudaStream_t stream) noexcept {
+  const Index nq = args.q.rows, nr = args.r.rows, d = args.q.cols;
+  if (nq < 1 || nr < 1 || d < 1 || args.r.cols != d || device_loss == nullptr || workspace == nullptr)
+    return cudaErrorInvalidValue;
+  if ((nq + cross_tile - 1) / cross_tile > 65535) return cudaErrorInvalidValue;  // grid.y limit
+  const ReferenceLayout layout(workspace, nq, nr);
+  if (workspace_bytes < layout.carve.bytes()) return cudaErrorInvalidValue;
+  const bool gradient = !grad_q.empty() || !grad_r.empty();
+  double* weights = gradient ? layout.weights : nullptr;
+  cudaError_t error = cudaMemsetAsync(layout.not_finite, 0, sizeof(int), stream);
+  if (error == cudaSuccess) error = cudaMemsetAsync(layout.bad_self, 0xff, sizeof(unsigned long long), stream);
+  if (error != cudaSuccess) return error;
+  const Index scan_items = (nq > nr ? nq : nr) * d;
+  const auto scan_blocks = static_cast<unsigned>(
+      scan_items / scan_threads + 1 < 1024 ? scan_items / scan_threads + 1 : 1024);
+  reference_scan_kernel<<<scan_blocks, scan_threads, 0, stream>>>(args, layout.not_finite, layout.bad_self);
+  const dim3 tiles(static_cast<unsigned>((nr + cross_tile - 1) / cross_tile),
+                   static_cast<unsigned>((nq + cross_tile - 1) / cross_tile));
+  cross_squared_kernel<<<tiles, cross_threads, 0, stream>>>(args.q, args.r, layout.squared);
+  const auto queries = static_cast<unsigned>(nq);
+  const auto column_blocks = static_cast<unsigned>((nr + reference_threads - 1) / reference_threads);
+  if constexpr (std::is_same<Options, TripletReferenceOptions>::value) {
+    reference_mining_kernel<<<queries, reference_threads, 0, stream>>>(
+        args, layout.squared, options.margin, options.mining, options.distance,
+        options.soft_margin, weights, layout.anchor_sum, layout.anchor_count);
+  } else {
+    lifted_row_normaliser_kernel<<<queries, reference_threads, 0, stream>>>(
+        args, layout.squared, options.margin, layout.row_nearest, layout.row_sum, layout.row_log);
+    lifted_column_normaliser_kernel<<<column_blocks, reference_threads, 0, stream>>>(
+        args, layout.squared, options.margin, layout.col_nearest, layout.col_sum, layout.col_log);
+    lifted_row_pairs_kernel<<<queries, reference_threads, 0, stream>>>(
+        args, layout.squared, layout.row_nearest, layout.row_sum, layout.row_log, layout.col_log,
+        weights, layout.anchor_sum, layout.anchor_count);
+    if (gradient)
+      lifted_column_weights_kernel<<<column_blocks, reference_threads, 0, stream>>>(
+          args, layout.squared, layout.row_log, layout.col_nearest, layout.col_sum,
+          layout.col_log, weights);
+  }
+  batch_finalize_kernel<<<1, finalize_threads, 0, stream>>>(nq, layout.anchor_sum, layout.anchor_count,
+                                                            layout.not_finite, top_diff, device_loss,
+                                                            layout.gradient_scale);
+  reference_reject_kernel<<<1, 1, 0, stream>>>(layout.bad_self, device_loss);
+  const auto column_chunks = static_cast<unsigned>((d + reference_threads - 1) / reference_threads);
+  if (!grad_q.empty())
+    reference_grad_q_kernel<<<dim3(queries, column_chunks), reference_threads, 0, stream>>>(
+        args.q, args.r, layout.weights, layout.gradient_scale, layout.not_finite, layout.bad_self, grad_q);
+  if (!grad_r.empty())
+    reference_grad_r_kernel<<<dim3(static_cast<unsigned>(nr), column_chunks), reference_threads, 0, stream>>>(
+        args.q, args.r, layout.weights, layout.gradient_scale, layout.not_finite, layout.bad_self, grad_r);
+  error = cudaGetLastError();
+  if (error != cudaSuccess || verdict == nullptr) return error;
+  return cudaMemcpyAsync(verdict, layout.bad_self, sizeof(unsigned long long), cudaMemcpyDeviceToDevice, stream);
+}
+
+}  // namespace cuda
+}  // namespace detail
+
+namespace cuda_core {
+
+/// Device workspace (bytes) of the reference-set cores for N_q queries and N_r candidates:
+/// two N_q x N_r matrices of doubles and O(N_q + N_r) more.
+inline std::size_t reference_workspace_bytes(Index nq, Index nr) noexcept {
+  return detail::cuda::ReferenceLayout(nullptr, nq, nr).carve.bytes();
+}
+
+/// BatchTripletLoss of queries q (labels_q) against the reference set r (labels_r) on device
+/// memory, enqueued on `stream`. self_index: N_q entries in device memory (the row of r that
+/// is q_a itself, or -1), or null. grad_q / grad_r with data == nullptr are skipped. A self
+/// entry out of [-1, N_r) or whose row has another label rejects the call: NaN at
+/// device_loss, no gradient written, and the lowest such query at `verdict` (device memory,
+/// may be null; all bits set when none). No allocation, no synchronisation, no exception:
+/// cudaErrorInvalidValue for empty or mismatched shapes, N_q above 65535 tiles of 32, an undeclared mining,
+/// a null device_loss or too small a workspace, else the launch status.
+template <class T, class L, class LR>
+cudaError_t batch_triplet_reference_forward_backward(
+    void* workspace, std::size_t workspace_bytes, const DeviceMatrix<const T>& q,
+    const DeviceVector<L>& labels_q, const DeviceMatrix<const T>& r, const DeviceVector<LR>& labels_r,
+    const long long* self_index, T margin, Mining mining, Distance distance, bool soft_margin,
+    const DeviceMatrix<T>& grad_q, const DeviceMatrix<T>& grad_r, T top_diff, T* device_loss,
+    unsigned long long* verdict, cudaStream_t stream) noexcept {
+  if (mining != Mining::all && mining != Mining::hard && mining != Mining::semihard)
+    return cudaErrorInvalidValue;
+  return detail::cuda::reference_enqueue(
+      workspace, workspace_bytes, detail::cuda::ReferenceArgs<T, L, LR>{q, r, labels_q, labels_r, self_index},
+      detail::cuda::TripletReferenceOptions{static_cast<double>(margin), mining, distance, soft_margin},
+      grad_q, grad_r, static_cast<double>(top_diff), device_loss, verdict, stream);
+}
+
+/// LiftedStructureLoss of queries q against the reference set r; as above.
+template <class T, class L, class LR>
+cudaError_t lifted_structure_reference_forward_backward(
+    void* workspace, std::size_t workspace_bytes, const DeviceMatrix<const T>& q,
+    const DeviceVector<L>& labels_q, const DeviceMatrix<const T>& r, const DeviceVector<LR>& labels_r,
+    const long long* self_index, T margin, const DeviceMatrix<T>& grad_q,
+    const DeviceMatrix<T>& grad_r, T top_diff, T* device_loss, unsigned long long* verdict,
+    cudaStream_t stream) noexcept {
+  return detail::cuda::reference_enqueue(
+      workspace, workspace_bytes, detail::cuda::ReferenceArgs<T, L, LR>{q, r, labels_q, labels_r, self_index},
+      detail::cuda::LiftedReferenceOptions{static_cast<double>(margin)}, grad_q, grad_r,
+      static_cast<double>(top_diff), device_loss, verdict, stream);
+}
+
+}  // namespace cuda_core
+
+namespace detail {
+
+/// The self index staged for the device: a host copy grown only when a call needs more.
+struct CudaSelfStaging : BackendSlot::Contents {
+  GrowOnlyBuffer<long long> self;
+};
+
+/// The functor path of a reference core on both cuda tags: self_index (host memory, range
+/// checked by check_reference) is staged into the workspace; a call returning the value
+/// brings the loss and the self verdict back in one synchronisation and throws
+/// invalid_argument for a self row with another label (nothing written); loss_to(d_loss)
+/// leaves NaN there and the gradients untouched.
+template <class T, class Loss, class LR, class Core>
+T run_reference_functor_path(Loss& loss, const char* where, const char* loss_name,
+                             cudaStream_t stream, T* deferred_loss, const MatrixView<const T>& q,
+                             const ReferenceView<T, LR>& ref, Core&& core) {
+  auto& slot = BackendSlotAccess::of(loss);
+  cuda::Workspace& workspace = slot.template get<cuda::FunctorWorkspaces>().for_stream(stream);
+  const std::size_t core_bytes = cuda_core::reference_workspace_bytes(q.rows, ref.r.rows);
+  const std::size_t core_part = cuda::aligned_bytes(core_bytes);
+  char* memory = static_cast<char*>(
+      workspace.device_memory(core_part + cuda::aligned_bytes(sizeof(double)) + sizeof(unsigned long long)));
+  T* device_loss = deferred_loss ? deferred_loss : reinterpret_cast<T*>(memory + core_part);
+  auto* verdict = reinterpret_cast<unsigned long long*>(memory + core_part + cuda::aligned_bytes(sizeof(double)));
+  const long long* self = nullptr;
+  if (ref.self.given()) {
+    const cuda::ReferenceLayout layout(memory, q.rows, ref.r.rows);
+    long long* staged = slot.template get<CudaSelfStaging>().self.data(static_cast<std::size_t>(q.rows));
+    for (Index a = 0; a < q.rows; ++a) staged[a] = static_cast<long long>(ref.self[a]);
+    // Pageable memory: the copy is staged before the call returns, so the buffer is free
+    // for the next call.
+    cuda::throw_on_error(cudaMemcpyAsync(layout.self, staged, sizeof(long long) * static_cast<std::size_t>(q.rows),
+                                         cudaMemcpyHostToDevice, stream), where);
+    self = layout.self;
+  }
+  cuda::throw_on_error(core(static_cast<void*>(memory), core_bytes, self, device_loss, verdict), where);
+  if (deferred_loss) return std::numeric_limits<T>::quiet_NaN();
+  auto* host = static_cast<double*>(workspace.host_slot());
+  cuda::throw_on_error(cudaMemcpyAsync(host, device_loss, sizeof(T), cudaMemcpyDeviceToHost, stream), where);
+  cuda::throw_on_error(cudaMemcpyAsync(host + 1, verdict, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream), where);
+  cuda::throw_on_error(cudaStreamSynchronize(stream), where);
+  unsigned long long bad = 0;
+  std::memcpy(&bad, host + 1, sizeof bad);
+  if (bad != cuda::no_bad_self) {
+    const auto a = static_cast<Index>(bad);
+    Validator check(loss_name, scalar_name<T>(), "forward_backward");
+    check.fail("argument 'self_index' has self_index[" + std::to_string(a) + "] = " +
+               std::to_string(ref.self[a]) + ", but labels_r[" + std::to_string(ref.self[a]) +
+               "] differs from labels_q[" + std::to_string(a) +
+               "]: the row of 'r' that is q_a itself has q_a's label");
+  }
+  T value;
+  std::memcpy(&value, host, sizeof value);
+  return value;
+}
+
+template <class T>
+struct CudaTripletReference {
+  template <class L, class LR>
+  static T run(BatchTripletLoss<T>& loss, cudaStream_t stream, T* deferred_loss,
+               const MatrixView<const T>& q, const VectorView<L>& labels,
+               const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
+               const MatrixView<T>& grad_r, T top_diff) {
+    return run_reference_functor_path<T>(
+        loss, "metricloss::BatchTripletLoss::forward_backward (cuda, reference set)",
+        "BatchTripletLoss", stream, deferred_loss, q, ref,
+        [&](void* workspace, std::size_t bytes, const long long* self, T* device_loss,
+            unsigned long long* verdict) {
+          return cuda_core::batch_triplet_reference_forward_backward<T, L, LR>(
+              workspace, bytes, q, labels, ref.r, ref.labels, self, loss.margin, loss.mining,
+              loss.distance, loss.soft_margin, grad_q, grad_r, top_diff, device_loss, verdict, stream);
+        });
+  }
+};
+
+template <class T>
+struct CudaLiftedReference {
+  template <class L, class LR>
+  static T run(LiftedStructureLoss<T>& loss, cudaStream_t stream, T* deferred_loss,
+               const MatrixView<const T>& q, const VectorView<L>& labels,
+               const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
+               const MatrixView<T>& grad_r, T top_diff) {
+    return run_reference_functor_path<T>(
+        loss, "metricloss::LiftedStructureLoss::forward_backward (cuda, reference set)",
+        "LiftedStructureLoss", stream, deferred_loss, q, ref,
+        [&](void* workspace, std::size_t bytes, const long long* self, T* device_loss,
+            unsigned long long* verdict) {
+          return cuda_core::lifted_structure_reference_forward_backward<T, L, LR>(
+              workspace, bytes, q, labels, ref.r, ref.labels, self, loss.margin, grad_q, grad_r,
+              top_diff, device_loss, verdict, stream);
+        });
+  }
+};
+
+/// ReferenceBackend on both cuda tags (the host's tag argument becomes the stream and the
+/// deferred loss).
+template <class Impl>
+struct CudaReferenceBackend {
+  static constexpr bool available = true;
+  template <class Loss, class L, class LR, class T>
+  static T forward_backward(Loss& loss, cuda_tag tag, const MatrixView<const T>& q,
+                            const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
+                            const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
+    return Impl::run(loss, tag.stream, static_cast<T*>(nullptr), q, labels, ref, grad_q, grad_r, top_diff);
+  }
+  template <class Loss, class L, class LR, class T>
+  static T forward_backward(Loss& loss, cuda_deferred_tag<T> tag, const MatrixView<const T>& q,
+                            const VectorView<L>& labels, const ReferenceView<T, LR>& ref,
+                            const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, T top_diff) {
+    cuda::require_device_loss(tag.device_loss, "metricloss: cuda.loss_to");
+    return Impl::run(loss, tag.stream, tag.device_loss, q, labels, ref, grad_q, grad_r, top_diff);
+  }
+};
+
+template <class T>
+struct ReferenceBackend<BatchTripletLoss<T>, cuda_tag> : CudaReferenceBackend<CudaTripletReference<T>> {};
+template <class T>
+struct ReferenceBackend<BatchTripletLoss<T>, cuda_deferred_tag<T>>
+    : CudaReferenceBackend<CudaTripletReference<T>> {};
+template <class T>
+struct ReferenceBackend<LiftedStructureLoss<T>, cuda_tag> : CudaReferenceBackend<CudaLiftedReference<T>> {};
+template <class T>
+struct ReferenceBackend<LiftedStructureLoss<T>, cuda_deferred_tag<T>>
+    : CudaReferenceBackend<CudaLiftedReference<T>> {};
+
+}  // namespace detail
+}  // namespace metricloss

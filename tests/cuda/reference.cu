@@ -1,0 +1,471 @@
+// Reference sets on CUDA (issue 15): BatchTripletLoss (every mining, both distances, hinge
+// and soft margin) and LiftedStructureLoss of queries Q against candidates R, on the device:
+// the brute force of reference_sets_reference.hpp (N_q != N_r both ways, D = 1, a query in R,
+// queries with no positive, a large common offset, strided maps), the scalar path on the
+// same data (double: 1e-12), tie-heavy integer data, the reduction to the CUDA batch loss
+// (R = Q, self = identity), a permutation of R, grad_r skipped, the deferred loss and the
+// core in caller-owned workspace, NaN propagation, and bad input (a self row with another
+// label is found on the device: thrown with nothing written, or NaN at loss_to).
+#include "device.cuh"
+
+#include "../batch_triplet_reference.hpp"
+#include "../reference_sets_reference.hpp"
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+#include <vector>
+
+using namespace mltest;
+using ml::Distance;
+using ml::Mining;
+
+namespace {
+
+struct Option {
+  bool lifted;
+  Mining mining;
+  Distance distance;
+  bool soft_margin;
+  std::string name() const { return lifted ? "lifted" : name_of(mining, distance, soft_margin); }
+};
+
+std::vector<Option> every_option() {
+  std::vector<Option> out{{true, Mining::all, Distance::euclidean, false}};
+  for (Mining m : {Mining::all, Mining::hard, Mining::semihard})
+    for (Distance d : {Distance::euclidean, Distance::squared_euclidean})
+      for (bool soft : {false, true}) out.push_back({false, m, d, soft});
+  return out;
+}
+
+SelfIndices no_self(Index n) { return SelfIndices::Constant(n, -1); }
+
+/// `call` throws metricloss::invalid_argument whose message has every fragment.
+template <class Call>
+void expect_invalid_argument(Call&& call, std::initializer_list<const char*> fragments) {
+  try {
+    call();
+    FAIL("no exception");
+  } catch (const ml::invalid_argument& e) {
+    const std::string what = e.what();
+    CAPTURE(what);
+    for (const char* f : fragments) CHECK(what.find(f) != std::string::npos);
+  }
+}
+
+std::vector<std::int64_t> as_vector(const CrossLabels& y) { return {y.data(), y.data() + y.size()}; }
+
+/// Loss and both gradients of one call, back on the host.
+template <class T>
+struct Result {
+  T loss;
+  Matrix<T> grad_q, grad_r;
+};
+
+/// One call of the option's loss on `tag` (host tags: host matrices; ml::cuda: device
+/// copies with `pad` columns of padding, checked to stay untouched).
+template <class T, class Tag>
+Result<T> call(Tag tag, const Option& o, double margin, const Matrix<T>& q, const CrossLabels& yq,
+               const Matrix<T>& r, const CrossLabels& yr, const SelfIndices& self, T top_diff,
+               Index pad = 0) {
+  const Index nq = q.rows(), nr = r.rows(), d = q.cols();
+  ml::LiftedStructureLoss<T> lifted(static_cast<T>(margin));
+  ml::BatchTripletLoss<T> triplet(static_cast<T>(margin), o.mining, o.distance, o.soft_margin);
+  Result<T> out{T(0), Matrix<T>(nq, d), Matrix<T>(nr, d)};
+  if constexpr (std::is_same<Tag, ml::cuda_tag>::value) {
+    const T sentinel = T(-777);
+    const DeviceStrided<T> dq(q, pad, sentinel), dr(r, pad, sentinel);
+    DeviceStrided<T> gq(Matrix<T>::Zero(nq, d), pad, sentinel), gr(Matrix<T>::Zero(nr, d), pad, sentinel);
+    const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
+    const auto ref = ml::reference(dr.cmap(), dyr.map(), self);
+    out.loss = o.lifted ? lifted.forward_backward(tag, dq.cmap(), dyq.map(), ref, gq.map(), gr.map(), top_diff)
+                        : triplet.forward_backward(tag, dq.cmap(), dyq.map(), ref, gq.map(), gr.map(), top_diff);
+    CHECK(gq.host().padding_is(sentinel));
+    CHECK(gr.host().padding_is(sentinel));
+    out.grad_q = gq.dense();
+    out.grad_r = gr.dense();
+  } else {
+    const auto ref = ml::reference(r, yr, self);
+    out.loss = o.lifted ? lifted.forward_backward(tag, q, yq, ref, out.grad_q, out.grad_r, top_diff)
+                        : triplet.forward_backward(tag, q, yq, ref, out.grad_q, out.grad_r, top_diff);
+  }
+  return out;
+}
+
+CrossReference brute_force_of(const Option& o, double margin, const Matrix<double>& q,
+                              const CrossLabels& yq, const Matrix<double>& r, const CrossLabels& yr,
+                              const SelfIndices& self, double top_diff) {
+  return o.lifted ? cross_lifted_brute_force(q, yq, r, yr, self, margin, top_diff)
+                  : cross_triplet_brute_force(q, yq, r, yr, self, margin, o.mining, o.distance,
+                                              o.soft_margin, top_diff);
+}
+
+double largest(const Matrix<double>& a, const Matrix<double>& b) {
+  return std::max(a.size() ? a.cwiseAbs().maxCoeff() : 0.0, b.size() ? b.cwiseAbs().maxCoeff() : 0.0);
+}
+
+/// Loss and both gradients against expected ones, gradients relative to the largest entry.
+template <class T>
+void check_close(const Result<T>& got, double loss, const Matrix<double>& gq, const Matrix<double>& gr,
+                 double loss_tol, double grad_tol) {
+  CAPTURE(loss, static_cast<double>(got.loss));
+  CHECK(relatively_close(static_cast<double>(got.loss), loss, loss_tol, 1e-300));
+  const double scale = std::max(largest(gq, gr), 1e-300);
+  const Matrix<double> eq = got.grad_q.template cast<double>() - gq;
+  const Matrix<double> er = got.grad_r.template cast<double>() - gr;
+  CAPTURE(scale, largest(eq, Matrix<double>()), largest(er, Matrix<double>()));
+  CHECK(largest(eq, er) <= grad_tol * scale);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda reference sets match the brute force and the scalar path",
+                   "[cuda][reference]", float, double) {
+  if (skip_without_device()) return;
+  using T = TestType;
+  struct Shape {
+    Index nq, nr, d;
+    double offset;
+    Index pad;
+  };
+  // R larger and smaller than Q, D = 1, a large common offset, sizes past one 32-tile and
+  // one 256-thread block, D past one 32-column chunk.
+  const Shape shapes[] = {{9, 40, 5, 0.0, 0}, {33, 6, 3, 0.0, 3}, {17, 17, 1, 0.0, 0},
+                          {12, 25, 8, 100.0, 1}, {70, 300, 45, 0.0, 2}};
+  std::uint64_t seed = 21503;
+  for (const Shape& s : shapes) {
+    for (const Option& o : every_option()) {
+      CAPTURE(s.nq, s.nr, s.d, s.offset, s.pad, o.name(), seed);
+      std::mt19937_64 rng(seed++);
+      const double lo = s.offset - (s.offset > 0 ? 0.05 : 1.0), hi = s.offset + (s.offset > 0 ? 0.05 : 1.0);
+      // Labels 0..3 in R, 0..4 in Q: queries of class 4 have no positive in R.
+      const CrossLabels yq = labels_of(random_labels(s.nq, 5, rng));
+      CrossLabels yr = labels_of(random_labels(s.nr, 4, rng));
+      const double margin = o.lifted ? 1.0 : 0.05 * static_cast<double>(s.d);
+      Matrix<T> q, r;
+      SelfIndices self = no_self(s.nq);
+      for (int attempt = 0; attempt < 40; ++attempt) {  // float: decisions 1e-4 from a tie
+        q = uniform_matrix<T>(s.nq, s.d, rng, lo, hi);
+        r = uniform_matrix<T>(s.nr, s.d, rng, lo, hi);
+        if (s.nr > 4) {  // a query that is a row of R
+          r.row(2) = q.row(1);
+          yr(2) = yq(1);
+          self(1) = 2;
+        }
+        const CrossReference b = brute_force_of(o, margin, q.template cast<double>(), yq,
+                                                r.template cast<double>(), yr, self, 0.75);
+        if (std::is_same<T, double>::value || o.lifted || b.gap > 1e-4 * (s.offset > 0 ? 0.01 : 1.0)) break;
+      }
+      const T top_diff = T(0.75);
+      const Result<T> device = call(ml::cuda, o, margin, q, yq, r, yr, self, top_diff, s.pad);
+      const CrossReference b = brute_force_of(o, margin, q.template cast<double>(), yq,
+                                              r.template cast<double>(), yr, self, 0.75);
+      check_close(device, b.loss, b.grad_q, b.grad_r, Tolerance<T>::loss, Tolerance<T>::gradient);
+      // The scalar path on the same data: the same formulas, exact distances on both.
+      const Result<T> host = call(ml::scalar, o, margin, q, yq, r, yr, self, top_diff);
+      const double same = std::is_same<T, double>::value ? 1e-12 : Tolerance<T>::gradient;
+      check_close(device, static_cast<double>(host.loss), host.grad_q.template cast<double>(),
+                  host.grad_r.template cast<double>(), std::is_same<T, double>::value ? 1e-12 : Tolerance<T>::loss, same);
+    }
+  }
+}
+
+TEST_CASE("cuda reference sets follow the tie rules on integer data", "[cuda][reference][ties]") {
+  if (skip_without_device()) return;
+  // Small integers: every distance exact in float and double, many exact ties between
+  // candidates (duplicate rows, equal distances), decided by the lowest row of R.
+  for (const std::uint64_t seed : {31501u, 31502u, 31503u}) {
+    std::mt19937_64 rng(seed);
+    const Index nq = 23, nr = 57, d = 3;
+    Matrix<double> q(nq, d), r(nr, d);
+    std::uniform_int_distribution<int> value(-2, 2);
+    for (Index i = 0; i < q.size(); ++i) q.data()[i] = value(rng);
+    for (Index i = 0; i < r.size(); ++i) r.data()[i] = value(rng);
+    r.row(5) = r.row(9);
+    const CrossLabels yq = labels_of(tied_labels(nq, 3, rng)), yr = labels_of(tied_labels(nr, 3, rng));
+    for (const Option& o : every_option()) {
+      CAPTURE(seed, o.name());
+      const double margin = 1.0;
+      const CrossReference b = brute_force_of(o, margin, q, yq, r, yr, no_self(nq), 0.5);
+      const Result<double> dd = call(ml::cuda, o, margin, q, yq, r, yr, no_self(nq), 0.5);
+      check_close(dd, b.loss, b.grad_q, b.grad_r, 1e-12, 1e-12);
+      const Matrix<float> qf = q.cast<float>(), rf = r.cast<float>();
+      const Result<float> df = call(ml::cuda, o, margin, qf, yq, rf, yr, no_self(nq), 0.5f);
+      check_close(df, b.loss, b.grad_q, b.grad_r, Tolerance<float>::loss, Tolerance<float>::gradient);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("cuda reference sets with R = Q and self = identity reduce to the batch loss",
+                   "[cuda][reference]", float, double) {
+  if (skip_without_device()) return;
+  using T = TestType;
+  std::mt19937_64 rng(21504);
+  const Index n = 37, d = 6;
+  const Matrix<T> x = uniform_matrix<T>(n, d, rng);
+  const CrossLabels y = labels_of(random_labels(n, 5, rng));
+  SelfIndices self(n);
+  std::iota(self.data(), self.data() + n, std::int64_t(0));
+  const double tol = std::is_same<T, double>::value ? 1e-12 : Tolerance<T>::gradient;
+  for (const Option& o : every_option()) {
+    CAPTURE(o.name());
+    const double margin = o.lifted ? 1.0 : 0.3;
+    const Result<T> cross = call(ml::cuda, o, margin, x, y, x, y, self, T(1));
+    const DeviceStrided<T> dx(x, 0, T(0));
+    DeviceStrided<T> dg(Matrix<T>::Zero(n, d), 0, T(0));
+    const DeviceVectorOf<std::int64_t> dy(as_vector(y));
+    const T batch = o.lifted
+        ? ml::LiftedStructureLoss<T>(static_cast<T>(margin)).forward_backward(ml::cuda, dx.cmap(), dy.map(), dg.map())
+        : ml::BatchTripletLoss<T>(static_cast<T>(margin), o.mining, o.distance, o.soft_margin)
+              .forward_backward(ml::cuda, dx.cmap(), dy.map(), dg.map());
+    const Matrix<T> sum = cross.grad_q + cross.grad_r;
+    Result<T> combined{cross.loss, sum, Matrix<T>(0, d)};
+    check_close(combined, static_cast<double>(batch), dg.dense().template cast<double>(), Matrix<double>(0, d),
+                std::is_same<T, double>::value ? 1e-12 : Tolerance<T>::loss, tol);
+  }
+}
+
+TEST_CASE("cuda reference sets: permuting R and self_index permutes grad_r only", "[cuda][reference]") {
+  if (skip_without_device()) return;
+  std::mt19937_64 rng(21505);
+  const Index nq = 11, nr = 29, d = 4;
+  const Matrix<double> q = uniform_matrix<double>(nq, d, rng), r = uniform_matrix<double>(nr, d, rng);
+  const CrossLabels yq = labels_of(random_labels(nq, 4, rng)), yr = labels_of(random_labels(nr, 4, rng));
+  SelfIndices self = no_self(nq);
+  std::vector<Index> perm(static_cast<std::size_t>(nr));
+  std::iota(perm.begin(), perm.end(), Index(0));
+  std::shuffle(perm.begin(), perm.end(), rng);
+  Matrix<double> rp(nr, d);
+  CrossLabels yrp(nr);
+  for (Index i = 0; i < nr; ++i) {
+    rp.row(i) = r.row(perm[static_cast<std::size_t>(i)]);
+    yrp(i) = yr(perm[static_cast<std::size_t>(i)]);
+  }
+  for (const Option& o : every_option()) {
+    CAPTURE(o.name());
+    const Result<double> a = call(ml::cuda, o, 0.4, q, yq, r, yr, self, 1.0);
+    const Result<double> b = call(ml::cuda, o, 0.4, q, yq, rp, yrp, self, 1.0);
+    CHECK(relatively_close(b.loss, a.loss, 1e-12, 1e-300));
+    const double scale = std::max(largest(a.grad_q, a.grad_r), 1e-300);
+    CHECK((b.grad_q - a.grad_q).cwiseAbs().maxCoeff() <= 1e-12 * scale);
+    double worst = 0.0;
+    for (Index i = 0; i < nr; ++i)
+      worst = std::max(worst, (b.grad_r.row(i) - a.grad_r.row(perm[static_cast<std::size_t>(i)])).cwiseAbs().maxCoeff());
+    CHECK(worst <= 1e-12 * scale);
+  }
+}
+
+TEST_CASE("cuda reference sets: forward, grad_r skipped, the deferred loss, the core", "[cuda][reference]") {
+  if (skip_without_device()) return;
+  std::mt19937_64 rng(21506);
+  const Index nq = 10, nr = 40, d = 7;
+  const Matrix<float> q = uniform_matrix<float>(nq, d, rng), r = uniform_matrix<float>(nr, d, rng);
+  const CrossLabels yq = labels_of(random_labels(nq, 3, rng)), yr = labels_of(random_labels(nr, 3, rng));
+  const DeviceStrided<float> dq(q, 0, 0.0f), dr(r, 0, 0.0f);
+  DeviceStrided<float> gq(Matrix<float>::Zero(nq, d), 0, 0.0f), gq2(Matrix<float>::Zero(nq, d), 0, 0.0f),
+      gr(Matrix<float>::Zero(nr, d), 0, 0.0f), gr2(Matrix<float>::Zero(nr, d), 0, 0.0f);
+  const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
+  const auto ref = ml::reference(dr.cmap(), dyr.map());
+  ml::BatchTripletLoss<float> batch(0.3f, Mining::semihard);
+  ml::LiftedStructureLoss<float> lifted;
+  const float l1 = batch.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, gq.map(), gr.map());
+  CHECK(batch.forward(ml::cuda, dq.cmap(), dyq.map(), ref) == l1);
+  CHECK(batch.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, gq2.map(), ml::skip) == l1);
+  CHECK(gq2.dense() == gq.dense());
+  const float l2 = lifted.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, gq.map(), gr.map());
+  CHECK(lifted.forward(ml::cuda, dq.cmap(), dyq.map(), ref) == l2);
+  CHECK(lifted.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, ml::skip, gr2.map()) == l2);
+  CHECK(gr2.dense() == gr.dense());
+  // The deferred loss on another stream: the same bits, nothing synchronised by the call.
+  cudaStream_t stream = nullptr;
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  DeviceBuffer<float> device_loss(1);
+  DeviceStrided<float> gq3(Matrix<float>::Zero(nq, d), 0, 0.0f), gr3(Matrix<float>::Zero(nr, d), 0, 0.0f);
+  CHECK(std::isnan(lifted.forward_backward(ml::cuda.on(stream).loss_to(device_loss.data()), dq.cmap(),
+                                           dyq.map(), ref, gq3.map(), gr3.map())));
+  check_cuda(cudaStreamSynchronize(stream));
+  const float deferred = device_loss.download()[0];
+  CHECK(std::memcmp(&deferred, &l2, sizeof deferred) == 0);
+  CHECK(gr3.dense() == gr.dense());
+  // The core in caller-owned workspace.
+  const std::size_t bytes = ml::cuda_core::reference_workspace_bytes(nq, nr);
+  DeviceBuffer<char> workspace(bytes);
+  DeviceStrided<float> gq4(Matrix<float>::Zero(nq, d), 0, 0.0f);
+  CHECK(ml::cuda_core::batch_triplet_reference_forward_backward<float, std::int64_t, std::int64_t>(
+            workspace.data(), bytes, {dq.buffer.data(), nq, d, d}, {dyq.buffer.data(), nq, 1},
+            {dr.buffer.data(), nr, d, d}, {dyr.buffer.data(), nr, 1}, nullptr, 0.3f, Mining::semihard,
+            Distance::euclidean, false, {gq4.buffer.data(), nq, d, d}, {}, 1.0f, device_loss.data(),
+            nullptr, stream) == cudaSuccess);
+  check_cuda(cudaStreamSynchronize(stream));
+  const float core = device_loss.download()[0];
+  CHECK(std::memcmp(&core, &l1, sizeof core) == 0);
+  CHECK(gq4.dense() == gq.dense());
+  CHECK(ml::cuda_core::batch_triplet_reference_forward_backward<float, std::int64_t, std::int64_t>(
+            workspace.data(), bytes - 1, {dq.buffer.data(), nq, d, d}, {dyq.buffer.data(), nq, 1},
+            {dr.buffer.data(), nr, d, d}, {dyr.buffer.data(), nr, 1}, nullptr, 0.3f, Mining::semihard,
+            Distance::euclidean, false, {}, {}, 1.0f, device_loss.data(), nullptr, stream) == cudaErrorInvalidValue);
+  check_cuda(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("cuda reference sets: bad input throws and writes nothing", "[cuda][reference][errors]") {
+  if (skip_without_device()) return;
+  std::mt19937_64 rng(21507);
+  const Index nq = 4, nr = 6, d = 3;
+  const Matrix<double> q = uniform_matrix<double>(nq, d, rng), r = uniform_matrix<double>(nr, d, rng);
+  CrossLabels yq(nq), yr(nr);
+  yq << 0, 1, 0, 1;
+  yr << 0, 1, 0, 1, 2, 2;
+  const DeviceStrided<double> dq(q, 0, 0.0), dr(r, 0, 0.0);
+  DeviceStrided<double> gq(Matrix<double>::Constant(nq, d, 5.0), 0, 0.0), gr(Matrix<double>::Constant(nr, d, 5.0), 0, 0.0);
+  const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
+  ml::BatchTripletLoss<double> loss;
+  ml::LiftedStructureLoss<double> lifted;
+  const auto untouched = [&] {
+    CHECK((gq.dense().array() == 5.0).all());
+    CHECK((gr.dense().array() == 5.0).all());
+  };
+  SelfIndices self = no_self(nq);
+  self(2) = 1;  // labels_r[1] = 1, labels_q[2] = 0: found on the device
+  for (int which = 0; which < 2; ++which) {
+    const auto run = [&] {
+      const auto ref = ml::reference(dr.cmap(), dyr.map(), self);
+      if (which == 0) loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, gq.map(), gr.map());
+      else lifted.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, gq.map(), gr.map());
+    };
+    expect_invalid_argument(run, {"labels_r[1] differs from labels_q[2]",
+                                  which == 0 ? "BatchTripletLoss<double>" : "LiftedStructureLoss<double>"});
+    untouched();
+  }
+  // loss_to: NaN in device memory, the gradients untouched.
+  DeviceBuffer<double> device_loss(1);
+  CHECK(std::isnan(loss.forward_backward(ml::cuda.loss_to(device_loss.data()), dq.cmap(), dyq.map(),
+                                         ml::reference(dr.cmap(), dyr.map(), self), gq.map(), gr.map())));
+  check_cuda(cudaDeviceSynchronize());
+  CHECK(std::isnan(device_loss.download()[0]));
+  untouched();
+  // Found on the host: a self entry out of range, R of the wrong width, grad_r's shape.
+  self(2) = nr;
+  expect_invalid_argument([&] { loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map(), self),
+                                                      gq.map(), gr.map()); },
+                          {"self_index[2] = 6"});
+  const DeviceStrided<double> wide(uniform_matrix<double>(nr, d + 1, rng), 0, 0.0);
+  expect_invalid_argument([&] { loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ml::reference(wide.cmap(), dyr.map()),
+                                                      gq.map(), gr.map()); },
+                          {"expected 3 columns"});
+  DeviceStrided<double> wrong(Matrix<double>::Zero(nr + 1, d), 0, 0.0);
+  expect_invalid_argument([&] { lifted.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map()),
+                                                        gq.map(), wrong.map()); },
+                          {"'grad_r' has shape 7x3"});
+  untouched();
+}
+
+TEST_CASE("cuda reference sets: NaN labels and non-finite data give NaN", "[cuda][reference]") {
+  if (skip_without_device()) return;
+  std::mt19937_64 rng(21508);
+  Matrix<double> q = uniform_matrix<double>(4, 2, rng), r = uniform_matrix<double>(5, 2, rng);
+  CrossLabels yq(4), yr(5);
+  yq << 0, 1, 0, 1;
+  yr << 0, 1, 0, 1, 0;
+  const Option hard{false, Mining::hard, Distance::euclidean, false};
+  const Option lifted{true, Mining::all, Distance::euclidean, false};
+  r(3, 1) = std::numeric_limits<double>::infinity();
+  for (const Option& o : {hard, lifted}) {
+    const Result<double> out = call(ml::cuda, o, 0.5, q, yq, r, yr, no_self(4), 1.0);
+    CHECK(std::isnan(out.loss));
+    CHECK(out.grad_q.array().isNaN().all());
+    CHECK(out.grad_r.array().isNaN().all());
+  }
+  // A NaN label (float labels on the device).
+  r(3, 1) = 0.0;
+  const DeviceStrided<double> dq(q, 0, 0.0), dr(r, 0, 0.0);
+  DeviceStrided<double> gq(Matrix<double>::Zero(4, 2), 0, 0.0), gr(Matrix<double>::Zero(5, 2), 0, 0.0);
+  const DeviceVectorOf<float> dyq(std::vector<float>{0.0f, 1.0f, std::numeric_limits<float>::quiet_NaN(), 1.0f});
+  const DeviceVectorOf<float> dyr(std::vector<float>{0.0f, 1.0f, 0.0f, 1.0f, 0.0f});
+  CHECK(std::isnan(ml::LiftedStructureLoss<double>().forward_backward(
+      ml::cuda, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map()), gq.map(), gr.map())));
+  CHECK(gr.dense().array().isNaN().all());
+}
+
+TEST_CASE("cuda cross-batch memory: a FIFO ring on the device, as the host's", "[cuda][reference][memory]") {
+  if (skip_without_device()) return;
+  const std::uint64_t seed = 21509;
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const Index capacity = 10, d = 3;
+  for (const Index b : {Index(3), Index(4), Index(7), Index(13)}) {  // none divides 10; 13 > 10
+    CAPTURE(b);
+    ml::CrossBatchMemory<double> host(capacity, d);
+    ml::DeviceCrossBatchMemory<double> device(capacity, d);
+    CHECK(device.size() == 0);
+    for (int k = 1; k <= 9; ++k) {
+      CAPTURE(k);
+      const Matrix<double> x = uniform_matrix<double>(b, d, rng);
+      std::vector<float> y(static_cast<std::size_t>(b));  // float labels, stored as int64; label 0 too
+      for (Index i = 0; i < b; ++i) y[static_cast<std::size_t>(i)] = static_cast<float>((k * 7 + i) % 3);
+      const DeviceStrided<double> dx(x, 2, -1.0);
+      const DeviceVectorOf<float> dy(y);
+      const auto device_slots = device.enqueue(ml::cuda, dx.cmap(), dy.map());
+      const auto host_slots = host.enqueue(x, Eigen::Map<const Eigen::VectorXf>(y.data(), b));
+      REQUIRE(device.size() == std::min<Index>(k * b, capacity));
+      REQUIRE(device.size() == host.size());
+      REQUIRE(device_slots.size() == b);
+      for (Index i = 0; i < b; ++i) CHECK(device_slots[i] == host_slots[i]);
+      // The valid rows and labels, slot by slot, are the host memory's (itself checked
+      // against the last rows enqueued in reference_sets.cpp).
+      std::vector<double> rows(static_cast<std::size_t>(capacity * d));
+      std::vector<std::int64_t> labels(static_cast<std::size_t>(capacity));
+      check_cuda(cudaMemcpy(rows.data(), device.rows(), sizeof(double) * rows.size(), cudaMemcpyDeviceToHost));
+      check_cuda(cudaMemcpy(labels.data(), device.labels(), sizeof(std::int64_t) * labels.size(), cudaMemcpyDeviceToHost));
+      for (Index s = 0; s < device.size(); ++s) {
+        CAPTURE(s);
+        for (Index c = 0; c < d; ++c) CHECK(rows[static_cast<std::size_t>(s * d + c)] == host.rows()(s, c));
+        CHECK(labels[static_cast<std::size_t>(s)] == host.labels()(s));
+      }
+    }
+  }
+  CHECK_THROWS_AS(ml::DeviceCrossBatchMemory<float>(0, 4), ml::invalid_argument);
+  ml::DeviceCrossBatchMemory<float> memory(5, 3);
+  const DeviceStrided<float> wide(Matrix<float>::Zero(2, 4), 0, 0.0f);
+  const DeviceVectorOf<std::int64_t> two(std::vector<std::int64_t>{0, 1});
+  expect_invalid_argument([&] { memory.enqueue(ml::cuda, wide.cmap(), two.map()); },
+                          {"DeviceCrossBatchMemory<float>::enqueue: argument 'x' has shape 2x4, expected 3 columns"});
+  CHECK(memory.size() == 0);
+}
+
+TEST_CASE("cuda cross-batch memory: the loss against the memory equals the loss against its rows",
+          "[cuda][reference][memory]") {
+  if (skip_without_device()) return;
+  const std::uint64_t seed = 21510;
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const Index capacity = 23, d = 6, b = 8;
+  ml::CrossBatchMemory<float> host(capacity, d);
+  ml::DeviceCrossBatchMemory<float> device(capacity, d);
+  for (int k = 0; k < 5; ++k) {
+    CAPTURE(k);
+    const Matrix<float> x = uniform_matrix<float>(b, d, rng);
+    const CrossLabels y = labels_of(random_labels(b, 3, rng));
+    const DeviceStrided<float> dx(x, 0, 0.0f);
+    const DeviceVectorOf<std::int64_t> dy(as_vector(y));
+    const auto slots = device.enqueue(ml::cuda, dx.cmap(), dy.map());
+    const auto host_slots = host.enqueue(x, y);
+    for (const Option& o : every_option()) {
+      CAPTURE(o.name());
+      DeviceStrided<float> gq(Matrix<float>::Zero(b, d), 0, 0.0f);
+      Matrix<float> gq_host(b, d);
+      float l, lh;
+      if (o.lifted) {
+        ml::LiftedStructureLoss<float> loss(1.0f);
+        l = loss.forward_backward(ml::cuda, dx.cmap(), dy.map(), device.reference(slots), gq.map(), ml::skip);
+        lh = loss.forward_backward(ml::scalar, x, y, host.reference(host_slots), gq_host, ml::skip);
+      } else {
+        ml::BatchTripletLoss<float> loss(0.3f, o.mining, o.distance, o.soft_margin);
+        l = loss.forward_backward(ml::cuda, dx.cmap(), dy.map(), device.reference(slots), gq.map(), ml::skip);
+        lh = loss.forward_backward(ml::scalar, x, y, host.reference(host_slots), gq_host, ml::skip);
+      }
+      CHECK(relatively_close(l, lh, Tolerance<float>::loss, 1e-30));
+      CHECK((gq.dense() - gq_host).cwiseAbs().maxCoeff() <=
+            Tolerance<float>::gradient * std::max(gq_host.cwiseAbs().maxCoeff(), 1e-30f));
+    }
+  }
+}
