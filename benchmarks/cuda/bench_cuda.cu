@@ -197,12 +197,78 @@ void BM_cuda_triplet(benchmark::State& state) {
   set_rates(state, 6.0 * static_cast<double>(count * sizeof(T)), 8.0 * static_cast<double>(count));
 }
 
+/// The floor of a reference-set call: the two products of its shapes, Q R^T (N_q x N_r x D)
+/// and W R (N_q x D x N_r), 4 N_q N_r D flops.
+template <class T>
+void BM_cublas_reference_gemms(benchmark::State& state) {
+  if (!device_present(state)) return;
+  const int nq = static_cast<int>(state.range(0)), nr = static_cast<int>(state.range(1)),
+            d = static_cast<int>(state.range(2));
+  const Matrix<T> q = uniform<T>(nq, d, 10), r = uniform<T>(nr, d, 11);
+  DeviceArray<T> dq(q.data(), static_cast<std::size_t>(nq) * d), dr(r.data(), static_cast<std::size_t>(nr) * d);
+  DeviceArray<T> cross(static_cast<std::size_t>(nq) * nr), grad(static_cast<std::size_t>(nq) * d);
+  Stream stream;
+  cublasHandle_t handle;
+  check(cublasCreate(&handle));
+  check(cublasSetStream(handle, stream.handle));
+  const T one = T(1), zero = T(0);
+  // Row-major Q R^T (nq x nr) is column-major (nr x nq) = R Q^T; grad (nq x d) row-major is
+  // column-major R^T-shaped: grad^T (d x nq) = R^T (d x nr) W^T (nr x nq).
+  time_iterations(state, stream.handle, [&] {
+    check(gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, nr, nq, d, &one, dr.data, d, dq.data, d, &zero,
+               cross.data, nr));
+    check(gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, nq, nr, &one, dr.data, d, cross.data, nr, &zero,
+               grad.data, d));
+  });
+  check(cublasDestroy(handle));
+  const double entries = static_cast<double>(nq) * nr;
+  set_rates(state, (static_cast<double>(nq + nr) * d + 2.0 * entries + static_cast<double>(nq) * d) * sizeof(T),
+            4.0 * entries * d);
+}
+
+/// A reference-set loss end to end: queries (labels of 64 classes) against R, grad_q and
+/// grad_r (all of R's rows, as a gallery would; a memory skips grad_r).
+template <class Loss, int Mining>
+void BM_cuda_reference_loss(benchmark::State& state) {
+  using T = typename Loss::scalar_type;
+  if (!device_present(state)) return;
+  const Index nq = state.range(0), nr = state.range(1), d = state.range(2);
+  const Matrix<T> q = uniform<T>(nq, d, 12), r = uniform<T>(nr, d, 13);
+  Eigen::VectorXi yq(nq), yr(nr);
+  for (Index i = 0; i < nq; ++i) yq(i) = static_cast<int>(i % 64);
+  for (Index j = 0; j < nr; ++j) yr(j) = static_cast<int>((j * 7) % 64);
+  DeviceArray<T> dq(q.data(), static_cast<std::size_t>(nq * d)), dr(r.data(), static_cast<std::size_t>(nr * d)),
+      gq(static_cast<std::size_t>(nq * d)), gr(static_cast<std::size_t>(nr * d)), loss_value(1);
+  DeviceArray<int> dyq(yq.data(), static_cast<std::size_t>(nq)), dyr(yr.data(), static_cast<std::size_t>(nr));
+  Eigen::Map<const Matrix<T>> Q(dq.data, nq, d), R(dr.data, nr, d);
+  Eigen::Map<Matrix<T>> GQ(gq.data, nq, d), GR(gr.data, nr, d);
+  Eigen::Map<const Eigen::VectorXi> YQ(dyq.data, nq), YR(dyr.data, nr);
+  Loss loss;
+  if constexpr (Mining >= 0) loss.mining = static_cast<ml::Mining>(Mining);
+  Stream stream;
+  const auto tag = ml::cuda.on(stream.handle).loss_to(loss_value.data);
+  const auto ref = ml::reference(R, YR);
+  time_iterations(state, stream.handle, [&] { loss.forward_backward(tag, Q, YQ, ref, GQ, GR); });
+  const double entries = static_cast<double>(nq) * static_cast<double>(nr);
+  set_rates(state, 2.0 * static_cast<double>((nq + nr) * d) * sizeof(T) + 2.0 * entries * sizeof(double),
+            4.0 * entries * static_cast<double>(d));
+}
+
 void contrastive_sizes(benchmark::internal::Benchmark* b) {
   for (auto d : {32, 128, 512, 2048}) b->Args({65536, d});
   b->Args({1024, 128})->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 void lifted_sizes(benchmark::internal::Benchmark* b) {
   b->Args({1024, 128})->Args({8192, 512})->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+
+void reference_sizes(benchmark::internal::Benchmark* b) {
+  for (auto nr : {1024, 8192, 65536}) b->Args({256, nr, 128});
+  b->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+void reference_small_sizes(benchmark::internal::Benchmark* b) {
+  for (auto nr : {1024, 8192}) b->Args({256, nr, 128});
+  b->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace
@@ -218,5 +284,12 @@ BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, float)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss, ml::LiftedStructureLoss<float>)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss, ml::BatchTripletLoss<float>)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, double)->Apply(lifted_sizes);
+// Reference sets (issue 15's shapes): N_q = 256 against N_r = 1024, 8192, 65536, D = 128;
+// semihard and all walk each anchor's positives (O(N_q |P| N_r)): the two smaller sets only.
+BENCHMARK_TEMPLATE(BM_cublas_reference_gemms, float)->Apply(reference_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::BatchTripletLoss<float>, 1)->Apply(reference_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::LiftedStructureLoss<float>, -1)->Apply(reference_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::BatchTripletLoss<float>, 2)->Apply(reference_small_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::BatchTripletLoss<float>, 0)->Apply(reference_small_sizes);
 
 BENCHMARK_MAIN();

@@ -28,6 +28,8 @@
 //   batch_triplet_workspace_bytes<T>(N, D)     batch_triplet_forward_backward
 //   batch_contrastive_workspace_bytes<T>(N, D) batch_contrastive_forward_backward
 //   multi_similarity_workspace_bytes<T>(N, D)  multi_similarity_forward_backward
+//   reference_workspace_bytes(N_q, N_r)        batch_triplet_reference_forward_backward,
+//                                              lifted_structure_reference_forward_backward
 //   normalize_workspace_bytes<T>(N, D, grad)   normalize_rows, then a batch core on the unit
 //                                              rows, then normalize_chain (normalize = true)
 // Each takes DeviceMatrix / DeviceVector views ({data, rows, cols, stride}), the options, the

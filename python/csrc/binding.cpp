@@ -113,12 +113,20 @@ std::pair<at::Tensor, mlpy::Grad> grad_for(const at::Tensor& like, const mlpy::R
   return {g, mlpy::Grad{g.data_ptr(), r.rows, r.cols, r.cols}};
 }
 
+void nan_unless_written(const at::Tensor& grad, bool normalize);
+void reject_cuda_group(const std::string& loss, const c10::optional<mlpy::Device>& device,
+                       const mlpy::Group* group);
+
 /// The tensors of a call of queries x against a reference set ref, described for the kernel,
 /// with fresh gradients for those wanted. Names are metricloss/__init__.py's arguments.
+/// On CUDA tensors (`device` set) everything but self_index is on x's device; self_index is
+/// read on the host (metricloss's contract: it is bookkeeping), so a CUDA one is copied here.
 struct ReferenceCall {
+  c10::optional<mlpy::Device> device;
   mlpy::Rows q;
   mlpy::Labels labels_q;
   mlpy::Reference ref;
+  at::Tensor self_host;
   at::Tensor grad_q, grad_r;
   mlpy::Grad gq, gr;
 };
@@ -126,20 +134,27 @@ struct ReferenceCall {
 ReferenceCall reference_call(const std::string& loss, const at::Tensor& x, const at::Tensor& labels,
                              const at::Tensor& ref, const c10::optional<at::Tensor>& ref_labels,
                              const c10::optional<at::Tensor>& self_index, bool want_x,
-                             bool want_ref) {
-  if (cuda_device_of(loss, "x", x))
-    value_error(loss, "reference sets ('ref') take CPU tensors only so far (CUDA tensors: the "
-                      "batch form)");
-  if (!ref_labels.has_value()) value_error(loss, "argument 'ref' needs 'ref_labels'");
+                             bool want_ref, const mlpy::Group* group) {
   ReferenceCall c;
+  c.device = cuda_device_of(loss, "x", x);
+  reject_cuda_group(loss, c.device, group);
+  if (!ref_labels.has_value()) value_error(loss, "argument 'ref' needs 'ref_labels'");
   c.q = rows_of(loss, "x", x, x);
   c.labels_q = labels_of(loss, "labels", labels, x);
   c.ref.r = rows_of(loss, "ref", ref, x);
   c.ref.labels = labels_of(loss, "ref_labels", *ref_labels, x);
-  c.ref.self = self_index.has_value() ? labels_of(loss, "self_index", *self_index, x)
-                                      : mlpy::Labels{nullptr, 0, 1};
+  c.ref.self = mlpy::Labels{nullptr, 0, 1};
+  if (self_index.has_value()) {
+    c.self_host = c.device ? self_index->to(at::kCPU) : *self_index;
+    c.ref.self = labels_of(loss, "self_index", c.self_host, c.device ? c.self_host : x);
+  }
   std::tie(c.grad_q, c.gq) = grad_for(x, c.q, want_x);
   std::tie(c.grad_r, c.gr) = grad_for(ref, c.ref.r, want_ref);
+  // On CUDA a self row with another label leaves the gradients untouched (the loss is NaN).
+  if (c.device && self_index.has_value()) {
+    nan_unless_written(c.grad_q, true);
+    nan_unless_written(c.grad_r, true);
+  }
   return c;
 }
 
@@ -338,9 +353,17 @@ struct BatchTriplet {
       double margin, int mining, int distance, bool soft_margin, bool normalize, bool want_x,
       bool want_ref, const mlpy::Group* group) {
     auto c = reference_call("BatchTripletLoss", x, labels, ref, ref_labels, self_index, want_x,
-                            want_ref);
+                            want_ref, group);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
+    if (c.device)
+      return {device_loss(mutex, x, [&](void* out) {
+                nan_unless_written(c.grad_q, normalize);
+                nan_unless_written(c.grad_r, normalize);
+                cuda.batch_triplet(s, margin, mining, distance, soft_margin, normalize, c.q,
+                                   c.labels_q, c.ref, c.gq, c.gr, *c.device, out);
+              }),
+              c.grad_q, c.grad_r};
     const double v = call_kernel(mutex, [&] {
       return kernel.run(s, margin, mining, distance, soft_margin, normalize, c.q, c.labels_q, c.ref,
                         c.gq, c.gr, group);
@@ -383,9 +406,16 @@ struct Lifted {
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
       double margin, bool normalize, bool want_x, bool want_ref, const mlpy::Group* group) {
     auto c = reference_call("LiftedStructureLoss", x, labels, ref, ref_labels, self_index, want_x,
-                            want_ref);
+                            want_ref, group);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
+    if (c.device)
+      return {device_loss(mutex, x, [&](void* out) {
+                nan_unless_written(c.grad_q, normalize);
+                nan_unless_written(c.grad_r, normalize);
+                cuda.lifted(s, margin, normalize, c.q, c.labels_q, c.ref, c.gq, c.gr, *c.device, out);
+              }),
+              c.grad_q, c.grad_r};
     const double v = call_kernel(
         mutex, [&] { return kernel.run(s, margin, normalize, c.q, c.labels_q, c.ref, c.gq, c.gr, group); });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
@@ -427,7 +457,10 @@ struct AllPairs {
       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
       const Options& o, bool want_x, bool want_ref, const mlpy::Group* group) {
-    auto c = reference_call(name, x, labels, ref, ref_labels, self_index, want_x, want_ref);
+    auto c = reference_call(name, x, labels, ref, ref_labels, self_index, want_x, want_ref, group);
+    if (c.device)
+      value_error(name, "reference sets ('ref') on CUDA tensors: BatchTripletLoss and "
+                        "LiftedStructureLoss so far (this loss: CPU tensors, or the batch form)");
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     const double v = call_kernel(

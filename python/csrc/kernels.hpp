@@ -176,6 +176,13 @@ class CudaLosses {
                      bool normalize, Rows x, Labels labels, Grad gx, Device, void* loss);
   void lifted(Scalar, double margin, bool normalize, Rows x, Labels labels, Grad gx, Device,
               void* loss);
+  /// Against a reference set: q, labels_q, ref.r, ref.labels and the gradients on the device;
+  /// ref.self (if any) in host memory.
+  void batch_triplet(Scalar, double margin, int mining, int distance, bool soft_margin,
+                     bool normalize, Rows q, Labels labels_q, Reference ref, Grad gq, Grad gr,
+                     Device, void* loss);
+  void lifted(Scalar, double margin, bool normalize, Rows q, Labels labels_q, Reference ref,
+              Grad gq, Grad gr, Device, void* loss);
   void batch_contrastive(Scalar, const BatchContrastiveOptions&, Rows x, Labels labels, Grad gx,
                          Device, void* loss);
   void multi_similarity(Scalar, const MultiSimilarityOptions&, Rows x, Labels labels, Grad gx,

@@ -1,4 +1,5 @@
-// CudaLosses behind kernels.hpp: the batch form of every loss on metricloss::cuda, for CUDA
+// CudaLosses behind kernels.hpp: the batch form of every loss on metricloss::cuda (and the
+// reference-set form of BatchTripletLoss and LiftedStructureLoss), for CUDA
 // tensors (compiled by nvcc; no torch headers here: binding.cpp passes device pointers, the
 // device's index and torch's current stream). The loss goes to device memory (loss_to), so a
 // call never synchronises, as a torch operator; with normalize = true a zero row gives a NaN
@@ -142,6 +143,40 @@ void CudaLosses::lifted(Scalar s, double margin, bool normalize, Rows x, Labels 
                         Device device, void* loss) {
   run(impl_->lifted, s, device, loss, [&](auto& f) { configure(f, margin, normalize); },
       batch_call(x, labels, gx));
+}
+
+namespace {
+
+/// The reference-set form: forward_backward(tag, q, labels_q, reference set, grad_q or skip,
+/// grad_r or skip).
+auto reference_call(const Rows& q, const Labels& labels_q, const Reference& ref, const Grad& gq,
+                    const Grad& gr) {
+  return [&](auto& f, auto tag) {
+    using T = scalar_of<decltype(f)>;
+    with_reference<T>(ref, [&](const auto& set) {
+      return with_grad<T>(gq, [&](auto&& grad_q) {
+        return with_grad<T>(gr, [&](auto&& grad_r) {
+          return f.forward_backward(tag, map<T>(q), map(labels_q), set, grad_q, grad_r);
+        });
+      });
+    });
+  };
+}
+
+}  // namespace
+
+void CudaLosses::batch_triplet(Scalar s, double margin, int mining, int distance, bool soft_margin,
+                               bool normalize, Rows q, Labels labels_q, Reference ref, Grad gq,
+                               Grad gr, Device device, void* loss) {
+  run(impl_->batch_triplet, s, device, loss,
+      [&](auto& f) { configure(f, margin, mining, distance, soft_margin, normalize); },
+      reference_call(q, labels_q, ref, gq, gr));
+}
+
+void CudaLosses::lifted(Scalar s, double margin, bool normalize, Rows q, Labels labels_q,
+                        Reference ref, Grad gq, Grad gr, Device device, void* loss) {
+  run(impl_->lifted, s, device, loss, [&](auto& f) { configure(f, margin, normalize); },
+      reference_call(q, labels_q, ref, gq, gr));
 }
 
 void CudaLosses::batch_contrastive(Scalar s, const BatchContrastiveOptions& o, Rows x, Labels labels,

@@ -29,6 +29,13 @@ void CudaLosses::batch_triplet(Scalar, double, int, int, bool, bool, Rows, Label
   not_built();
 }
 void CudaLosses::lifted(Scalar, double, bool, Rows, Labels, Grad, Device, void*) { not_built(); }
+void CudaLosses::batch_triplet(Scalar, double, int, int, bool, bool, Rows, Labels, Reference, Grad, Grad,
+                               Device, void*) {
+  not_built();
+}
+void CudaLosses::lifted(Scalar, double, bool, Rows, Labels, Reference, Grad, Grad, Device, void*) {
+  not_built();
+}
 void CudaLosses::batch_contrastive(Scalar, const BatchContrastiveOptions&, Rows, Labels, Grad, Device, void*) {
   not_built();
 }

@@ -1,7 +1,9 @@
 """CUDA tensors (a binding built against a torch with CUDA, run where a device is): every loss's
 batch form equals the CPU call in float64, through autograd, on torch's current stream; the
 batch losses with normalize=True; a zero row under normalize gives a NaN loss and NaN gradients
-(no synchronisation to raise); mixed devices, reference sets and groups are ValueErrors."""
+(no synchronisation to raise); BatchTripletLoss and LiftedStructureLoss against a reference set
+(self_index on either device) equal the CPU call; a self row with another label gives NaN; mixed
+devices, the other losses' reference sets and groups are ValueErrors."""
 import math
 
 import pytest
@@ -86,9 +88,57 @@ def test_mixed_devices_reference_sets_and_groups_are_errors():
     x = torch.randn(8, 4, device="cuda")
     with pytest.raises(ValueError, match=r"argument 'labels' is on device cpu but the first input is on cuda:0"):
         metricloss.BatchTripletLoss()(x, torch.arange(8))
-    with pytest.raises(ValueError, match=r"reference sets \('ref'\) take CPU tensors only so far"):
-        metricloss.BatchTripletLoss()(x, torch.arange(8, device="cuda"), ref=x,
-                                      ref_labels=torch.arange(8, device="cuda"))
+    with pytest.raises(ValueError, match=r"argument 'ref' is on device cpu but the first input is on cuda:0"):
+        metricloss.BatchTripletLoss()(x, torch.arange(8, device="cuda"), ref=x.cpu(),
+                                      ref_labels=torch.arange(8))
+    with pytest.raises(ValueError, match=r"reference sets \('ref'\) on CUDA tensors: BatchTripletLoss"):
+        metricloss.MultiSimilarityLoss()(x, torch.arange(8, device="cuda"), ref=x,
+                                         ref_labels=torch.arange(8, device="cuda"))
+
+
+REFERENCE = [
+    lambda: metricloss.BatchTripletLoss(mining="hard"),
+    lambda: metricloss.BatchTripletLoss(mining="semihard", distance="squared_euclidean"),
+    lambda: metricloss.BatchTripletLoss(mining="all", soft_margin=True),
+    lambda: metricloss.LiftedStructureLoss(),
+]
+
+
+@pytest.mark.parametrize("make", REFERENCE)
+@pytest.mark.parametrize("self_on", ["none", "cpu", "cuda"])
+def test_reference_sets_match_cpu(make, self_on):
+    q = torch.randn(24, 16, dtype=torch.float64)
+    r = torch.randn(60, 16, dtype=torch.float64)
+    yq = torch.randint(0, 4, (24,))
+    yr = torch.randint(0, 4, (60,))
+    self_index = None
+    if self_on != "none":  # query 3 is row 7 of r
+        r[7] = q[3]
+        yr[7] = yq[3]
+        self_index = torch.full((24,), -1, dtype=torch.int64)
+        self_index[3] = 7
+    out = []
+    for device in ("cpu", "cuda"):
+        qd = q.to(device).requires_grad_()
+        rd = r.to(device).requires_grad_()
+        si = None if self_index is None else self_index.to("cpu" if self_on == "cpu" else device)
+        loss = make()(qd, yq.to(device), ref=rd, ref_labels=yr.to(device), self_index=si)
+        assert loss.device.type == device
+        loss.backward()
+        out.append((loss.item(), [qd.grad.cpu(), rd.grad.cpu()]))
+    assert_same(out[0], out[1])
+
+
+def test_reference_set_self_row_with_another_label_gives_nan():
+    q = torch.randn(6, 4, device="cuda", requires_grad=True)
+    r = torch.randn(9, 4, device="cuda")
+    yq = torch.tensor([0, 1, 0, 1, 0, 1], device="cuda")
+    yr = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0], device="cuda")
+    loss = metricloss.LiftedStructureLoss()(q, yq, ref=r, ref_labels=yr,
+                                             self_index=torch.tensor([1, -1, -1, -1, -1, -1]))
+    assert torch.isnan(loss).item()
+    loss.backward()
+    assert torch.isnan(q.grad).all().item()
 
 
 def test_runs_on_the_current_stream():

@@ -1,6 +1,7 @@
 // The PyTorch binding's CUDA kernels (python/csrc/kernels_cuda.cu, behind kernels.hpp: no
 // torch headers) against its CPU kernels (kernels_*.cpp) on the same data: every loss, float
-// and double, gradients wanted or skipped, the loss left in device memory. Built by CI (whose
+// and double, gradients wanted or skipped, the loss left in device memory, and the
+// reference-set form of BatchTripletLoss and LiftedStructureLoss. Built by CI (whose
 // torch has no CUDA, so the binding there is CPU-only) so that the CUDA TU always compiles;
 // run where a GPU is.
 #include "device.cuh"
@@ -97,6 +98,43 @@ TEMPLATE_TEST_CASE("the binding's CUDA kernels agree with its CPU kernels", "[cu
     cuda.lifted(s, 1.0, false, rows(dx.data(), n, d), labels(dc.data(), n), want(p.g_device.data()), device,
                 p.loss_device.data());
     p.check(v, gradient);
+  }
+  SECTION("BatchTripletLoss and LiftedStructureLoss against a reference set, self_index on the host") {
+    // Q = the first 16 rows of x, R = y with row 5 a copy of query 2 (self_index[2] = 5).
+    const Index nq = 16;
+    Matrix<T> r = y;
+    r.row(5) = x.row(2);
+    std::vector<std::int64_t> yr = other;
+    yr[5] = classes[2];
+    std::vector<std::int64_t> self(static_cast<std::size_t>(nq), -1);
+    self[2] = 5;
+    const DeviceBuffer<T> dr(std::vector<T>(r.data(), r.data() + n * d));
+    const DeviceBuffer<std::int64_t> dyr(yr);
+    const mlpy::Reference host_ref{rows(r.data(), n, d), labels(yr.data(), n), labels(self.data(), nq)};
+    const mlpy::Reference device_ref{rows(dr.data(), n, d), labels(dyr.data(), n), labels(self.data(), nq)};
+    for (int mining : {0, 1, 2}) {
+      CAPTURE(mining);
+      mlpy::BatchTriplet host;
+      Pair<T> pq(nq, d), pr(n, d);
+      const double v = host.run(s, 0.2, mining, 0, false, false, rows(x.data(), nq, d), labels(classes.data(), nq),
+                                host_ref, gradient ? grad(pq.g_host.data(), nq, d) : grad<T>(nullptr, nq, d),
+                                want(pr.g_host.data()));
+      cuda.batch_triplet(s, 0.2, mining, 0, false, false, rows(dx.data(), nq, d), labels(dc.data(), nq), device_ref,
+                         gradient ? grad(pq.g_device.data(), nq, d) : grad<T>(nullptr, nq, d),
+                         want(pr.g_device.data()), device, pq.loss_device.data());
+      pq.check(v, gradient);
+      pr.check_gradient(gradient);
+    }
+    mlpy::Lifted host;
+    Pair<T> pq(nq, d), pr(n, d);
+    const double v = host.run(s, 1.0, false, rows(x.data(), nq, d), labels(classes.data(), nq), host_ref,
+                              gradient ? grad(pq.g_host.data(), nq, d) : grad<T>(nullptr, nq, d),
+                              want(pr.g_host.data()));
+    cuda.lifted(s, 1.0, false, rows(dx.data(), nq, d), labels(dc.data(), nq), device_ref,
+                gradient ? grad(pq.g_device.data(), nq, d) : grad<T>(nullptr, nq, d), want(pr.g_device.data()),
+                device, pq.loss_device.data());
+    pq.check(v, gradient);
+    pr.check_gradient(gradient);
   }
   SECTION("BatchContrastiveLoss and MultiSimilarityLoss, normalised") {
     const mlpy::BatchContrastiveOptions bc{0.1, 1.8, 0, 0, true};

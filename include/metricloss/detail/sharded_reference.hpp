@@ -142,7 +142,8 @@ typename Loss::scalar_type run_sharded_reference(
     typename Loss::scalar_type top_diff, CheckOptions&& check_options) {
   using T = typename Loss::scalar_type;
   using Label = typename L::Scalar;
-  static_assert(ReferenceBackend<Loss, Base>::available,
+  // Host memory only: R's hash and the gathers read the inputs here.
+  static_assert(ReferenceBackend<Loss, Base>::available && normalizes_on_host<Base>,
                 "metricloss: a sharded call with a reference set runs on metricloss::scalar and "
                 "metricloss::simd so far");
   Validator check(name, scalar_name<T>(), method);

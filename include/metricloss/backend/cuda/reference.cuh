@@ -203,15 +203,17 @@ __global__ void __launch_bounds__(reference_threads)
   positives = block_sum<reference_threads>(positives, shared);
   negatives = block_sum<reference_threads>(negatives, shared);  // a barrier: w is zeroed
   double sum = 0.0, count = 0.0;
-  // One triplet's term; thread 0 writes its weights (block-uniform arguments).
+  // One triplet's term; thread 0 writes its weights (block-uniform arguments). No candidate
+  // (p or n < 0) only where every value was NaN: the loss is NaN then anyway.
   const auto triplet = [&](Index p, Index n) {
+    count += 1.0;
+    if (p < 0 || n < 0) return;
     const TripletTerm t = triplet_term(row[p], row[n], margin, distance, soft_margin);
     if (w && tid == 0) {
       if (t.positive_weight != 0.0) w[p] += t.positive_weight;
       if (t.negative_weight != 0.0) w[n] -= t.negative_weight;
     }
     sum += t.loss;
-    count += 1.0;
   };
   // The nearest (Largest = false) or farthest negative with D2 above `above`.
   const auto negative_of = [&](auto largest, double above) {
