@@ -178,8 +178,8 @@ class BatchContrastiveLoss {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::BatchContrastiveLoss<T>: embeddings must have scalar type T");
     static_assert(detail::ReferenceBackend<BatchContrastiveLoss, Tag>::available,
-                  "metricloss::BatchContrastiveLoss: reference sets run on metricloss::scalar "
-                  "and metricloss::simd");
+                  "metricloss::BatchContrastiveLoss: reference sets run on metricloss::scalar, "
+                  "metricloss::simd and metricloss::cuda (<metricloss/cuda.cuh>)");
     detail::Validator check("BatchContrastiveLoss", detail::scalar_name<T>(), method);
     const auto qv = detail::input_view(q);
     check.embeddings("q", qv);

@@ -1,5 +1,6 @@
-// Reference sets on CUDA (issue 15): BatchTripletLoss (every mining, both distances, hinge
-// and soft margin) and LiftedStructureLoss of queries Q against candidates R, on the device:
+// Reference sets on CUDA (issues 15, 17): BatchTripletLoss (every mining, both distances, hinge
+// and soft margin), LiftedStructureLoss and BatchContrastiveLoss (at the end: against the
+// scalar path, integer data, the reduction, errors) of queries Q against candidates R, on the device:
 // the brute force of reference_sets_reference.hpp (N_q != N_r both ways, D = 1, a query in R,
 // queries with no positive, a large common offset, strided maps), the scalar path on the
 // same data (double: 1e-12), tie-heavy integer data, the reduction to the CUDA batch loss
@@ -468,4 +469,128 @@ TEST_CASE("cuda cross-batch memory: the loss against the memory equals the loss 
             Tolerance<float>::gradient * std::max(gq_host.cwiseAbs().maxCoeff(), 1e-30f));
     }
   }
+}
+
+namespace {
+
+/// BatchContrastiveLoss against a reference set on `tag` (ml::cuda: device copies with `pad`
+/// columns of padding, checked untouched).
+template <class T, class Tag>
+Result<T> contrastive_call(Tag tag, ml::BatchContrastiveLoss<T> loss, const Matrix<T>& q, const CrossLabels& yq,
+                           const Matrix<T>& r, const CrossLabels& yr, const SelfIndices& self, T top_diff,
+                           Index pad = 0) {
+  const Index nq = q.rows(), nr = r.rows(), d = q.cols();
+  Result<T> out{T(0), Matrix<T>(nq, d), Matrix<T>(nr, d)};
+  if constexpr (std::is_same<Tag, ml::cuda_tag>::value) {
+    const T sentinel = T(-777);
+    const DeviceStrided<T> dq(q, pad, sentinel), dr(r, pad, sentinel);
+    DeviceStrided<T> gq(Matrix<T>::Zero(nq, d), pad, sentinel), gr(Matrix<T>::Zero(nr, d), pad, sentinel);
+    const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
+    out.loss = loss.forward_backward(tag, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map(), self), gq.map(),
+                                     gr.map(), top_diff);
+    CHECK(gq.host().padding_is(sentinel));
+    CHECK(gr.host().padding_is(sentinel));
+    out.grad_q = gq.dense();
+    out.grad_r = gr.dense();
+  } else {
+    out.loss = loss.forward_backward(tag, q, yq, ml::reference(r, yr, self), out.grad_q, out.grad_r, top_diff);
+  }
+  return out;
+}
+
+template <class T>
+std::vector<ml::BatchContrastiveLoss<T>> every_contrastive(Index d) {
+  std::vector<ml::BatchContrastiveLoss<T>> out;
+  const T scale = static_cast<T>(std::sqrt(static_cast<double>(d)) * 0.4);
+  for (Distance distance : {Distance::euclidean, Distance::squared_euclidean})
+    for (ml::Reduction reduction : {ml::Reduction::nonzero_mean, ml::Reduction::mean}) {
+      ml::BatchContrastiveLoss<T> loss(T(0.2) * scale, T(1.1) * scale, distance);
+      loss.reduction = reduction;
+      out.push_back(loss);
+    }
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda batch contrastive with a reference set matches the scalar path",
+                   "[cuda][reference][batch_contrastive]", float, double) {
+  if (skip_without_device()) return;
+  using T = TestType;
+  struct Shape {
+    Index nq, nr, d, pad;
+  };
+  const Shape shapes[] = {{9, 40, 5, 0}, {33, 6, 3, 2}, {17, 17, 1, 0}, {70, 300, 45, 1}};
+  std::uint64_t seed = 21511;
+  for (const Shape& s : shapes) {
+    for (const auto& loss : every_contrastive<T>(s.d)) {
+      CAPTURE(s.nq, s.nr, s.d, s.pad, static_cast<int>(loss.distance), static_cast<int>(loss.reduction), seed);
+      std::mt19937_64 rng(seed++);
+      const CrossLabels yq = labels_of(random_labels(s.nq, 5, rng));
+      CrossLabels yr = labels_of(random_labels(s.nr, 4, rng));
+      const Matrix<T> q = uniform_matrix<T>(s.nq, s.d, rng);
+      Matrix<T> r = uniform_matrix<T>(s.nr, s.d, rng);
+      SelfIndices self = no_self(s.nq);
+      if (s.nr > 4) {
+        r.row(2) = q.row(1);
+        yr(2) = yq(1);
+        self(1) = 2;
+      }
+      const Result<T> device = contrastive_call(ml::cuda, loss, q, yq, r, yr, self, T(0.75), s.pad);
+      // The scalar path in double on the same (rounded) data.
+      ml::BatchContrastiveLoss<double> exact(loss.pos_margin, loss.neg_margin, loss.distance);
+      exact.reduction = loss.reduction;
+      const Result<double> h = contrastive_call(ml::scalar, exact, q.template cast<double>().eval(), yq,
+                                                r.template cast<double>().eval(), yr, self, 0.75);
+      const bool is_double = std::is_same<T, double>::value;
+      check_close(device, h.loss, h.grad_q, h.grad_r, is_double ? 1e-12 : Tolerance<T>::loss,
+                  is_double ? 1e-12 : Tolerance<T>::gradient);
+    }
+  }
+}
+
+TEST_CASE("cuda batch contrastive with a reference set: integer data, the reduction, errors",
+          "[cuda][reference][batch_contrastive]") {
+  if (skip_without_device()) return;
+  std::mt19937_64 rng(21512);
+  // Integer data: hinges exactly at 0 (inactive) decided the same way on both paths.
+  const Index nq = 23, nr = 57, d = 3;
+  Matrix<double> q(nq, d), r(nr, d);
+  std::uniform_int_distribution<int> value(-2, 2);
+  for (Index i = 0; i < q.size(); ++i) q.data()[i] = value(rng);
+  for (Index i = 0; i < r.size(); ++i) r.data()[i] = value(rng);
+  const CrossLabels yq = labels_of(tied_labels(nq, 3, rng)), yr = labels_of(tied_labels(nr, 3, rng));
+  for (Distance distance : {Distance::euclidean, Distance::squared_euclidean}) {
+    CAPTURE(static_cast<int>(distance));
+    ml::BatchContrastiveLoss<double> loss(1.0, 2.0, distance);
+    const Result<double> h = contrastive_call(ml::scalar, loss, q, yq, r, yr, no_self(nq), 1.0);
+    const Result<double> dd = contrastive_call(ml::cuda, loss, q, yq, r, yr, no_self(nq), 1.0);
+    check_close(dd, h.loss, h.grad_q, h.grad_r, 1e-12, 1e-12);
+  }
+  // R = Q and self = identity: the CUDA batch loss, grad_q + grad_r its gradient.
+  const Matrix<double> x = uniform_matrix<double>(31, 5, rng);
+  const CrossLabels y = labels_of(random_labels(31, 4, rng));
+  SelfIndices self(31);
+  std::iota(self.data(), self.data() + 31, std::int64_t(0));
+  ml::BatchContrastiveLoss<double> loss(0.1, 1.2);
+  const Result<double> cross = contrastive_call(ml::cuda, loss, x, y, x, y, self, 1.0);
+  const DeviceStrided<double> dx(x, 0, 0.0);
+  DeviceStrided<double> dg(Matrix<double>::Zero(31, 5), 0, 0.0);
+  const DeviceVectorOf<std::int64_t> dy(as_vector(y));
+  const double batch = loss.forward_backward(ml::cuda, dx.cmap(), dy.map(), dg.map());
+  const Matrix<double> sum = cross.grad_q + cross.grad_r;
+  check_close(Result<double>{cross.loss, sum, Matrix<double>(0, 5)}, batch, dg.dense(), Matrix<double>(0, 5), 1e-12,
+              1e-12);
+  // A self row with another label: thrown after the synchronisation, nothing written.
+  const DeviceStrided<double> dq(q, 0, 0.0), dr(r, 0, 0.0);
+  DeviceStrided<double> gq(Matrix<double>::Constant(nq, d, 5.0), 0, 0.0);
+  const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
+  SelfIndices bad = no_self(nq);
+  Index row = 0;
+  while (yr(row) == yq(4)) ++row;
+  bad(4) = row;
+  expect_invalid_argument([&] {
+    loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map(), bad), gq.map(), ml::skip);
+  }, {"BatchContrastiveLoss<double>", "differs from labels_q[4]"});
+  CHECK((gq.dense().array() == 5.0).all());
 }

@@ -1,7 +1,7 @@
 #pragma once
-// Reference sets on CUDA (<metricloss/reference.hpp>): BatchTripletLoss and
-// LiftedStructureLoss of queries Q (N_q x D) against candidates R (N_r x D), the maths of the
-// scalar path (backend/scalar/reference.hpp), step by step:
+// Reference sets on CUDA (<metricloss/reference.hpp>): BatchTripletLoss, LiftedStructureLoss
+// and BatchContrastiveLoss of queries Q (N_q x D) against candidates R (N_r x D), the maths of
+// the scalar paths (backend/scalar/reference.hpp, batch_contrastive.hpp), step by step:
 //   1. a scan of Q, R and both label vectors for non-finite values (NaN loss and gradients),
 //      and self_index (staged from the host) against the labels: a self row whose label is not
 //      the query's is the verdict, reported as normalize = true reports a zero row;
@@ -9,7 +9,8 @@
 //      shared memory): exact, so there is nothing to centre, recompute or settle, and ties
 //      among candidates go to the lowest row of R as on the CPU;
 //   3. the loss (a block per query) writes W = dL/dD2 (N_q x N_r doubles) and its share of
-//      the sum and of the count; lifted first reduces each column's normaliser over Q;
+//      the sum and of the count; lifted first reduces each column's normaliser over Q; batch
+//      contrastive sums each side first and writes W once the counts are known;
 //   4. grad_q_a = 2 s sum_j W_aj (q_a - r_j) and grad_r_j = 2 s sum_a W_aj (r_j - q_a), by
 //      differences in double, one thread per entry (no cancellation, no near pairs).
 // Cost O(N_q N_r D) in double; memory two N_q x N_r matrices of doubles (256 x 65536: 256 MiB).
@@ -19,7 +20,9 @@
 #include <metricloss/backend/cuda/batch_triplet_mining.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
+#include <metricloss/batch_contrastive.hpp>
 #include <metricloss/batch_triplet.hpp>
+#include <metricloss/detail/batch_contrastive_math.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/lifted_structure_math.hpp>
 #include <metricloss/detail/triplet_math.hpp>
@@ -62,6 +65,9 @@ struct ReferenceArgs {
   __device__ long long self_of(Index a) const { return self ? self[a] : -1; }
 };
 
+/// BatchContrastiveLoss: an anchor's sums (ContrastiveRowSums' five, and its candidates).
+constexpr int reference_contrastive_sums = 6;
+
 /// The workspace of a reference core, carved in a fixed order.
 struct ReferenceLayout {
   WorkspaceCarver carve;
@@ -76,6 +82,8 @@ struct ReferenceLayout {
   double* col_nearest;  // lifted, N_r each
   double* col_sum;
   double* col_log;
+  double* contrastive_sums;  // N_q x reference_contrastive_sums
+  double* scales;            // batch contrastive: {pos_scale, neg_scale}
   double* gradient_scale;
   int* not_finite;
   unsigned long long* bad_self;
@@ -93,6 +101,8 @@ struct ReferenceLayout {
     col_nearest = carve.take<double>(ur);
     col_sum = carve.take<double>(ur);
     col_log = carve.take<double>(ur);
+    contrastive_sums = carve.take<double>(uq * reference_contrastive_sums);
+    scales = carve.take<double>(2);
     gradient_scale = carve.take<double>(1);
     not_finite = carve.take<int>(1);
     bad_self = carve.take<unsigned long long>(1);
@@ -392,6 +402,73 @@ __global__ void __launch_bounds__(reference_threads)
   }
 }
 
+/// Step 3 of BatchContrastiveLoss for query blockIdx.x (the rows of
+/// detail/batch_contrastive_math.hpp on exact D2): without `weights` the anchor's sums, with
+/// them its row of W = dL/dD2, each side's 1 / C from `scales`.
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(reference_threads)
+    reference_contrastive_kernel(ReferenceArgs<T, L, LR> args, const double* squared,
+                                 ContrastiveRule rule, double* anchor_sums, const double* scales,
+                                 double* weights) {
+  __shared__ double shared[reference_threads / warp_size];
+  const Index a = blockIdx.x, nr = args.r.rows;
+  const int tid = static_cast<int>(threadIdx.x);
+  const L label = args.labels_q[a];
+  const long long self = args.self_of(a);
+  const double* row = squared + a * nr;
+  double* w = weights ? weights + a * nr : nullptr;
+  const double pos_scale = w ? scales[0] : 0.0, neg_scale = w ? scales[1] : 0.0;
+  double sums[reference_contrastive_sums] = {};  // pos_sum, neg_sum, pos_active, neg_active, positives, candidates
+  for (Index j = tid; j < nr; j += reference_threads) {
+    if (j == self) {
+      if (w) w[j] = 0.0;
+      continue;
+    }
+    const bool positive = same_label(label, args.labels_r[j]);
+    const ContrastiveTerm term = positive ? rule.positive(row[j]) : rule.negative(row[j]);
+    if (w) {
+      w[j] = term.slope * (positive ? pos_scale : neg_scale);
+      continue;
+    }
+    const double active = term.value > 0.0 ? 1.0 : 0.0;
+    sums[positive ? 0 : 1] += term.value;
+    sums[positive ? 2 : 3] += active;
+    sums[4] += positive ? 1.0 : 0.0;
+    sums[5] += 1.0;
+  }
+  if (w) return;
+  for (int s = 0; s < reference_contrastive_sums; ++s) {
+    const double total = block_sum<reference_threads>(sums[s], shared);
+    if (tid == 0) anchor_sums[a * reference_contrastive_sums + s] = total;
+  }
+}
+
+/// BatchContrastiveLoss's totals over the queries (fixed order), L and each side's 1 / C; W
+/// carries those, so the gradient's scale is top_diff.
+template <class T>
+__global__ void __launch_bounds__(finalize_threads)
+    reference_contrastive_finalize_kernel(Index nq, const double* anchor_sums, ContrastiveRule rule,
+                                          const int* not_finite, double top_diff, T* device_loss,
+                                          double* scales, double* gradient_scale) {
+  __shared__ double shared[finalize_threads / warp_size];
+  double sums[reference_contrastive_sums] = {};
+  for (Index a = threadIdx.x; a < nq; a += finalize_threads)
+    for (int s = 0; s < reference_contrastive_sums; ++s) sums[s] += anchor_sums[a * reference_contrastive_sums + s];
+  for (int s = 0; s < reference_contrastive_sums; ++s) sums[s] = block_sum<finalize_threads>(sums[s], shared);
+  if (threadIdx.x != 0) return;
+  ContrastiveTotals totals;
+  totals.pos_sum = sums[0];
+  totals.neg_sum = sums[1];
+  totals.pos_active = sums[2];
+  totals.neg_active = sums[3];
+  totals.pos_pairs = sums[4];
+  totals.neg_pairs = sums[5] - sums[4];
+  *device_loss = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(totals.loss(rule));
+  scales[0] = totals.pos_scale(rule);
+  scales[1] = totals.neg_scale(rule);
+  *gradient_scale = top_diff;
+}
+
 /// Step 4, grad_q: a block per (query, 256 columns), R's rows in order (W_aj read once per
 /// block, R's columns coalesced).
 template <class T>
@@ -475,7 +552,16 @@ cudaError_t reference_enqueue(void* workspace, std::size_t workspace_bytes,
   cross_squared_kernel<<<tiles, cross_threads, 0, stream>>>(args.q, args.r, layout.squared);
   const auto queries = static_cast<unsigned>(nq);
   const auto column_blocks = static_cast<unsigned>((nr + reference_threads - 1) / reference_threads);
-  if constexpr (std::is_same<Options, TripletReferenceOptions>::value) {
+  if constexpr (std::is_same<Options, ContrastiveRule>::value) {
+    reference_contrastive_kernel<<<queries, reference_threads, 0, stream>>>(
+        args, layout.squared, options, layout.contrastive_sums, layout.scales, nullptr);
+    reference_contrastive_finalize_kernel<<<1, finalize_threads, 0, stream>>>(
+        nq, layout.contrastive_sums, options, layout.not_finite, top_diff, device_loss,
+        layout.scales, layout.gradient_scale);
+    if (gradient)
+      reference_contrastive_kernel<<<queries, reference_threads, 0, stream>>>(
+          args, layout.squared, options, layout.contrastive_sums, layout.scales, weights);
+  } else if constexpr (std::is_same<Options, TripletReferenceOptions>::value) {
     reference_mining_kernel<<<queries, reference_threads, 0, stream>>>(
         args, layout.squared, options.margin, options.mining, options.distance,
         options.soft_margin, weights, layout.anchor_sum, layout.anchor_count);
@@ -492,9 +578,10 @@ cudaError_t reference_enqueue(void* workspace, std::size_t workspace_bytes,
           args, layout.squared, layout.row_log, layout.col_nearest, layout.col_sum,
           layout.col_log, weights);
   }
-  batch_finalize_kernel<<<1, finalize_threads, 0, stream>>>(nq, layout.anchor_sum, layout.anchor_count,
-                                                            layout.not_finite, top_diff, device_loss,
-                                                            layout.gradient_scale);
+  if constexpr (!std::is_same<Options, ContrastiveRule>::value)
+    batch_finalize_kernel<<<1, finalize_threads, 0, stream>>>(nq, layout.anchor_sum, layout.anchor_count,
+                                                              layout.not_finite, top_diff, device_loss,
+                                                              layout.gradient_scale);
   reference_reject_kernel<<<1, 1, 0, stream>>>(layout.bad_self, device_loss);
   const auto column_chunks = static_cast<unsigned>((d + reference_threads - 1) / reference_threads);
   if (!grad_q.empty())
@@ -554,6 +641,23 @@ cudaError_t lifted_structure_reference_forward_backward(
       workspace, workspace_bytes, detail::cuda::ReferenceArgs<T, L, LR>{q, r, labels_q, labels_r, self_index},
       detail::cuda::LiftedReferenceOptions{static_cast<double>(margin)}, grad_q, grad_r,
       static_cast<double>(top_diff), device_loss, verdict, stream);
+}
+
+/// BatchContrastiveLoss of queries q against the reference set r; as above (cudaErrorInvalidValue
+/// also for an undeclared distance or reduction).
+template <class T, class L, class LR>
+cudaError_t batch_contrastive_reference_forward_backward(
+    void* workspace, std::size_t workspace_bytes, const DeviceMatrix<const T>& q,
+    const DeviceVector<L>& labels_q, const DeviceMatrix<const T>& r, const DeviceVector<LR>& labels_r,
+    const long long* self_index, T pos_margin, T neg_margin, Distance distance, Reduction reduction,
+    const DeviceMatrix<T>& grad_q, const DeviceMatrix<T>& grad_r, T top_diff, T* device_loss,
+    unsigned long long* verdict, cudaStream_t stream) noexcept {
+  if (distance != Distance::euclidean && distance != Distance::squared_euclidean) return cudaErrorInvalidValue;
+  if (reduction != Reduction::nonzero_mean && reduction != Reduction::mean) return cudaErrorInvalidValue;
+  return detail::cuda::reference_enqueue(
+      workspace, workspace_bytes, detail::cuda::ReferenceArgs<T, L, LR>{q, r, labels_q, labels_r, self_index},
+      detail::ContrastiveRule(static_cast<double>(pos_margin), static_cast<double>(neg_margin), distance, reduction),
+      grad_q, grad_r, static_cast<double>(top_diff), device_loss, verdict, stream);
 }
 
 }  // namespace cuda_core
@@ -652,6 +756,26 @@ struct CudaLiftedReference {
   }
 };
 
+template <class T>
+struct CudaContrastiveReference {
+  template <class L, class LR>
+  static T run(BatchContrastiveLoss<T>& loss, cudaStream_t stream, T* deferred_loss,
+               const MatrixView<const T>& q, const VectorView<L>& labels,
+               const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
+               const MatrixView<T>& grad_r, T top_diff) {
+    return run_reference_functor_path<T>(
+        loss, "metricloss::BatchContrastiveLoss::forward_backward (cuda, reference set)",
+        "BatchContrastiveLoss", stream, deferred_loss, q, ref,
+        [&](void* workspace, std::size_t bytes, const long long* self, T* device_loss,
+            unsigned long long* verdict) {
+          return cuda_core::batch_contrastive_reference_forward_backward<T, L, LR>(
+              workspace, bytes, q, labels, ref.r, ref.labels, self, loss.pos_margin,
+              loss.neg_margin, loss.distance, loss.reduction, grad_q, grad_r, top_diff,
+              device_loss, verdict, stream);
+        });
+  }
+};
+
 /// ReferenceBackend on both cuda tags (the host's tag argument becomes the stream and the
 /// deferred loss).
 template <class Impl>
@@ -682,6 +806,11 @@ struct ReferenceBackend<LiftedStructureLoss<T>, cuda_tag> : CudaReferenceBackend
 template <class T>
 struct ReferenceBackend<LiftedStructureLoss<T>, cuda_deferred_tag<T>>
     : CudaReferenceBackend<CudaLiftedReference<T>> {};
+template <class T>
+struct ReferenceBackend<BatchContrastiveLoss<T>, cuda_tag> : CudaReferenceBackend<CudaContrastiveReference<T>> {};
+template <class T>
+struct ReferenceBackend<BatchContrastiveLoss<T>, cuda_deferred_tag<T>>
+    : CudaReferenceBackend<CudaContrastiveReference<T>> {};
 
 }  // namespace detail
 }  // namespace metricloss
