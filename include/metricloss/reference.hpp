@@ -63,6 +63,15 @@ SelfIndex self_index_of(const S& self) {
   }
 }
 
+/// self_index[a] = s names a row of R whose label is not q_a's (found here on the host, or by
+/// a device path after its synchronisation).
+[[noreturn]] inline void fail_self_label(const Validator& check, Index a, Index s) {
+  check.fail("argument 'self_index' has self_index[" + std::to_string(a) + "] = " +
+             std::to_string(s) + ", but labels_r[" + std::to_string(s) +
+             "] differs from labels_q[" + std::to_string(a) +
+             "]: the row of 'r' that is q_a itself has q_a's label");
+}
+
 /// The checks of a call with a reference set: R's shape against Q's, R's labels, self_index
 /// (length N_q, entries in [-1, N_r), and a row of R with the query's label), and the two
 /// gradients' shapes and overlaps. Nothing is written before they pass. On a device tag
@@ -93,10 +102,7 @@ void check_reference(Validator& check, const MatrixView<const T>& q, const Vecto
       using C = std::common_type_t<LQ, LR>;
       const C yq = static_cast<C>(labels_q[a]), yr = static_cast<C>(ref.labels[s]);
       if (yq == yq && yr == yr && !(yq == yr))  // NaN labels propagate as NaN instead
-        check.fail("argument 'self_index' has self_index[" + std::to_string(a) + "] = " +
-                   std::to_string(s) + ", but labels_r[" + std::to_string(s) +
-                   "] differs from labels_q[" + std::to_string(a) +
-                   "]: the row of 'r' that is q_a itself has q_a's label");
+        fail_self_label(check, a, s);
     }
   }
   check.gradient("grad_q", grad_q, "q", q);

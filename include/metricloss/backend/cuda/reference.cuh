@@ -707,11 +707,7 @@ T run_reference_functor_path(Loss& loss, const char* where, const char* loss_nam
   std::memcpy(&bad, host + 1, sizeof bad);
   if (bad != cuda::no_bad_self) {
     const auto a = static_cast<Index>(bad);
-    Validator check(loss_name, scalar_name<T>(), "forward_backward");
-    check.fail("argument 'self_index' has self_index[" + std::to_string(a) + "] = " +
-               std::to_string(ref.self[a]) + ", but labels_r[" + std::to_string(ref.self[a]) +
-               "] differs from labels_q[" + std::to_string(a) +
-               "]: the row of 'r' that is q_a itself has q_a's label");
+    fail_self_label(Validator(loss_name, scalar_name<T>(), "forward_backward"), a, ref.self[a]);
   }
   T value;
   std::memcpy(&value, host, sizeof value);
