@@ -289,6 +289,8 @@ BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, double)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cublas_reference_gemms, float)->Apply(reference_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::BatchTripletLoss<float>, 1)->Apply(reference_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::LiftedStructureLoss<float>, -1)->Apply(reference_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::BatchContrastiveLoss<float>, -1)->Apply(reference_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::MultiSimilarityLoss<float>, -1)->Apply(reference_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::BatchTripletLoss<float>, 2)->Apply(reference_small_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_reference_loss, ml::BatchTripletLoss<float>, 0)->Apply(reference_small_sizes);
 

@@ -30,7 +30,8 @@
 //   multi_similarity_workspace_bytes<T>(N, D)  multi_similarity_forward_backward
 //   reference_workspace_bytes(N_q, N_r)        batch_triplet_reference_forward_backward,
 //                                              lifted_structure_reference_forward_backward,
-//                                              batch_contrastive_reference_forward_backward
+//                                              batch_contrastive_reference_forward_backward,
+//                                              multi_similarity_reference_forward_backward
 //   normalize_workspace_bytes<T>(N, D, grad)   normalize_rows, then a batch core on the unit
 //                                              rows, then normalize_chain (normalize = true)
 // Each takes DeviceMatrix / DeviceVector views ({data, rows, cols, stride}), the options, the
@@ -75,7 +76,7 @@
 
 #include <metricloss/batch_triplet.hpp>
 #include <metricloss/backend/cuda/batch_triplet.cuh>
-#include <metricloss/backend/cuda/reference.cuh>  // batch triplet, lifted, batch contrastive against a reference set
+#include <metricloss/backend/cuda/reference.cuh>  // batch triplet, lifted, batch contrastive, multi-similarity against a reference set
 #include <metricloss/backend/cuda/memory.cuh>     // DeviceCrossBatchMemory
 
 #include <metricloss/batch_contrastive.hpp>

@@ -179,8 +179,8 @@ class MultiSimilarityLoss {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T");
     static_assert(detail::ReferenceBackend<MultiSimilarityLoss, Tag>::available,
-                  "metricloss::MultiSimilarityLoss: reference sets run on metricloss::scalar "
-                  "and metricloss::simd");
+                  "metricloss::MultiSimilarityLoss: reference sets run on metricloss::scalar, "
+                  "metricloss::simd and metricloss::cuda (<metricloss/cuda.cuh>)");
     detail::Validator check("MultiSimilarityLoss", detail::scalar_name<T>(), method);
     const auto qv = detail::input_view(q);
     check.embeddings("q", qv);

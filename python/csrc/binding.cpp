@@ -458,19 +458,27 @@ struct AllPairs {
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
       const Options& o, bool want_x, bool want_ref, const mlpy::Group* group) {
     auto c = reference_call(name, x, labels, ref, ref_labels, self_index, want_x, want_ref, group);
-    if (c.device)
-      value_error(name, "reference sets ('ref') on CUDA tensors: BatchTripletLoss and "
-                        "LiftedStructureLoss so far (this loss: CPU tensors, or the batch form)");
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
+    if (c.device)
+      return {device_loss(mutex, x, [&](void* out) {
+                nan_unless_written(c.grad_q, o.normalize);
+                nan_unless_written(c.grad_r, o.normalize);
+                run_cuda(s, o, c.q, c.labels_q, c.ref, c.gq, c.gr, *c.device, out);
+              }),
+              c.grad_q, c.grad_r};
     const double v = call_kernel(
         mutex, [&] { return kernel.run(s, o, c.q, c.labels_q, c.ref, c.gq, c.gr, group); });
     return {loss_tensor(v, x), c.grad_q, c.grad_r};
   }
 
-  /// The batch form on metricloss::cuda (CudaLosses has one entry per loss).
+  /// The batch form and the reference-set form on metricloss::cuda (CudaLosses has one
+  /// entry per loss and form).
   void run_cuda(mlpy::Scalar s, const Options& o, const mlpy::Rows& x, const mlpy::Labels& labels,
                 const mlpy::Grad& gx, const mlpy::Device& device, void* out);
+  void run_cuda(mlpy::Scalar s, const Options& o, const mlpy::Rows& q, const mlpy::Labels& labels_q,
+                const mlpy::Reference& ref, const mlpy::Grad& gq, const mlpy::Grad& gr,
+                const mlpy::Device& device, void* out);
 };
 
 using BatchContrastive = AllPairs<mlpy::BatchContrastive, mlpy::BatchContrastiveOptions>;
@@ -490,6 +498,20 @@ void MultiSimilarity::run_cuda(mlpy::Scalar s, const mlpy::MultiSimilarityOption
                                const mlpy::Rows& x, const mlpy::Labels& labels, const mlpy::Grad& gx,
                                const mlpy::Device& device, void* out) {
   cuda.multi_similarity(s, o, x, labels, gx, device, out);
+}
+template <>
+void BatchContrastive::run_cuda(mlpy::Scalar s, const mlpy::BatchContrastiveOptions& o,
+                                const mlpy::Rows& q, const mlpy::Labels& labels_q,
+                                const mlpy::Reference& ref, const mlpy::Grad& gq,
+                                const mlpy::Grad& gr, const mlpy::Device& device, void* out) {
+  cuda.batch_contrastive(s, o, q, labels_q, ref, gq, gr, device, out);
+}
+template <>
+void MultiSimilarity::run_cuda(mlpy::Scalar s, const mlpy::MultiSimilarityOptions& o,
+                               const mlpy::Rows& q, const mlpy::Labels& labels_q,
+                               const mlpy::Reference& ref, const mlpy::Grad& gq,
+                               const mlpy::Grad& gr, const mlpy::Device& device, void* out) {
+  cuda.multi_similarity(s, o, q, labels_q, ref, gq, gr, device, out);
 }
 
 // One torch::autograd::Function per loss: forward calls the kernel once and saves the

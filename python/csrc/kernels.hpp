@@ -187,6 +187,10 @@ class CudaLosses {
                          Device, void* loss);
   void multi_similarity(Scalar, const MultiSimilarityOptions&, Rows x, Labels labels, Grad gx,
                         Device, void* loss);
+  void batch_contrastive(Scalar, const BatchContrastiveOptions&, Rows q, Labels labels_q,
+                         Reference ref, Grad gq, Grad gr, Device, void* loss);
+  void multi_similarity(Scalar, const MultiSimilarityOptions&, Rows q, Labels labels_q,
+                        Reference ref, Grad gq, Grad gr, Device, void* loss);
 
  private:
   struct Impl;

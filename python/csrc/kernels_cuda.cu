@@ -1,5 +1,5 @@
 // CudaLosses behind kernels.hpp: the batch form of every loss on metricloss::cuda (and the
-// reference-set form of BatchTripletLoss and LiftedStructureLoss), for CUDA
+// reference-set form of the batch losses), for CUDA
 // tensors (compiled by nvcc; no torch headers here: binding.cpp passes device pointers, the
 // device's index and torch's current stream). The loss goes to device memory (loss_to), so a
 // call never synchronises, as a torch operator; with normalize = true a zero row gives a NaN
@@ -189,6 +189,18 @@ void CudaLosses::multi_similarity(Scalar s, const MultiSimilarityOptions& o, Row
                                   Grad gx, Device device, void* loss) {
   run(impl_->multi_similarity, s, device, loss, [&](auto& f) { configure(f, o); },
       batch_call(x, labels, gx));
+}
+
+void CudaLosses::batch_contrastive(Scalar s, const BatchContrastiveOptions& o, Rows q, Labels labels_q,
+                                   Reference ref, Grad gq, Grad gr, Device device, void* loss) {
+  run(impl_->batch_contrastive, s, device, loss, [&](auto& f) { configure(f, o); },
+      reference_call(q, labels_q, ref, gq, gr));
+}
+
+void CudaLosses::multi_similarity(Scalar s, const MultiSimilarityOptions& o, Rows q, Labels labels_q,
+                                  Reference ref, Grad gq, Grad gr, Device device, void* loss) {
+  run(impl_->multi_similarity, s, device, loss, [&](auto& f) { configure(f, o); },
+      reference_call(q, labels_q, ref, gq, gr));
 }
 
 }  // namespace metricloss_python

@@ -42,5 +42,13 @@ void CudaLosses::batch_contrastive(Scalar, const BatchContrastiveOptions&, Rows,
 void CudaLosses::multi_similarity(Scalar, const MultiSimilarityOptions&, Rows, Labels, Grad, Device, void*) {
   not_built();
 }
+void CudaLosses::batch_contrastive(Scalar, const BatchContrastiveOptions&, Rows, Labels, Reference, Grad, Grad,
+                                   Device, void*) {
+  not_built();
+}
+void CudaLosses::multi_similarity(Scalar, const MultiSimilarityOptions&, Rows, Labels, Reference, Grad, Grad,
+                                  Device, void*) {
+  not_built();
+}
 
 }  // namespace metricloss_python

@@ -1,9 +1,9 @@
 """CUDA tensors (a binding built against a torch with CUDA, run where a device is): every loss's
 batch form equals the CPU call in float64, through autograd, on torch's current stream; the
 batch losses with normalize=True; a zero row under normalize gives a NaN loss and NaN gradients
-(no synchronisation to raise); BatchTripletLoss and LiftedStructureLoss against a reference set
-(self_index on either device) equal the CPU call; a self row with another label gives NaN; mixed
-devices, the other losses' reference sets and groups are ValueErrors."""
+(no synchronisation to raise); the batch losses against a reference set (self_index on either
+device) equal the CPU call; a self row with another label gives NaN; mixed devices, normalize with
+a reference set and groups are ValueErrors."""
 import math
 
 import pytest
@@ -91,9 +91,9 @@ def test_mixed_devices_reference_sets_and_groups_are_errors():
     with pytest.raises(ValueError, match=r"argument 'ref' is on device cpu but the first input is on cuda:0"):
         metricloss.BatchTripletLoss()(x, torch.arange(8, device="cuda"), ref=x.cpu(),
                                       ref_labels=torch.arange(8))
-    with pytest.raises(ValueError, match=r"reference sets \('ref'\) on CUDA tensors: BatchTripletLoss"):
-        metricloss.MultiSimilarityLoss()(x, torch.arange(8, device="cuda"), ref=x,
-                                         ref_labels=torch.arange(8, device="cuda"))
+    with pytest.raises(ValueError, match=r"option 'normalize' with a reference set runs on metricloss::scalar"):
+        metricloss.MultiSimilarityLoss(normalize=True)(x, torch.arange(8, device="cuda"), ref=x,
+                                                       ref_labels=torch.arange(8, device="cuda"))
 
 
 REFERENCE = [
@@ -101,6 +101,10 @@ REFERENCE = [
     lambda: metricloss.BatchTripletLoss(mining="semihard", distance="squared_euclidean"),
     lambda: metricloss.BatchTripletLoss(mining="all", soft_margin=True),
     lambda: metricloss.LiftedStructureLoss(),
+    lambda: metricloss.BatchContrastiveLoss(),
+    lambda: metricloss.BatchContrastiveLoss(pos_margin=0.5, neg_margin=4.0, reduction="mean"),
+    lambda: metricloss.MultiSimilarityLoss(),
+    lambda: metricloss.MultiSimilarityLoss(alpha=1.0, beta=10.0, base=0.2, epsilon=math.inf),
 ]
 
 

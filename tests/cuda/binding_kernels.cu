@@ -1,7 +1,7 @@
 // The PyTorch binding's CUDA kernels (python/csrc/kernels_cuda.cu, behind kernels.hpp: no
 // torch headers) against its CPU kernels (kernels_*.cpp) on the same data: every loss, float
 // and double, gradients wanted or skipped, the loss left in device memory, and the
-// reference-set form of BatchTripletLoss and LiftedStructureLoss. Built by CI (whose
+// reference-set form of every batch loss. Built by CI (whose
 // torch has no CUDA, so the binding there is CPU-only) so that the CUDA TU always compiles;
 // run where a GPU is.
 #include "device.cuh"
@@ -99,7 +99,7 @@ TEMPLATE_TEST_CASE("the binding's CUDA kernels agree with its CPU kernels", "[cu
                 p.loss_device.data());
     p.check(v, gradient);
   }
-  SECTION("BatchTripletLoss and LiftedStructureLoss against a reference set, self_index on the host") {
+  SECTION("every batch loss against a reference set, self_index on the host") {
     // Q = the first 16 rows of x, R = y with row 5 a copy of query 2 (self_index[2] = 5).
     const Index nq = 16;
     Matrix<T> r = y;
@@ -135,6 +135,26 @@ TEMPLATE_TEST_CASE("the binding's CUDA kernels agree with its CPU kernels", "[cu
                 device, pq.loss_device.data());
     pq.check(v, gradient);
     pr.check_gradient(gradient);
+    const mlpy::BatchContrastiveOptions bc{0.1, 1.8, 0, 1, false};
+    mlpy::BatchContrastive host_bc;
+    Pair<T> cq(nq, d), cr(n, d);
+    double w = host_bc.run(s, bc, rows(x.data(), nq, d), labels(classes.data(), nq), host_ref,
+                           gradient ? grad(cq.g_host.data(), nq, d) : grad<T>(nullptr, nq, d), want(cr.g_host.data()));
+    cuda.batch_contrastive(s, bc, rows(dx.data(), nq, d), labels(dc.data(), nq), device_ref,
+                           gradient ? grad(cq.g_device.data(), nq, d) : grad<T>(nullptr, nq, d),
+                           want(cr.g_device.data()), device, cq.loss_device.data());
+    cq.check(w, gradient);
+    cr.check_gradient(gradient);
+    const mlpy::MultiSimilarityOptions ms{2, 10, 0.5, 0.3, false};
+    mlpy::MultiSimilarity host_ms;
+    Pair<T> mq(nq, d), mr(n, d);
+    w = host_ms.run(s, ms, rows(x.data(), nq, d), labels(classes.data(), nq), host_ref,
+                    gradient ? grad(mq.g_host.data(), nq, d) : grad<T>(nullptr, nq, d), want(mr.g_host.data()));
+    cuda.multi_similarity(s, ms, rows(dx.data(), nq, d), labels(dc.data(), nq), device_ref,
+                          gradient ? grad(mq.g_device.data(), nq, d) : grad<T>(nullptr, nq, d),
+                          want(mr.g_device.data()), device, mq.loss_device.data());
+    mq.check(w, gradient);
+    mr.check_gradient(gradient);
   }
   SECTION("BatchContrastiveLoss and MultiSimilarityLoss, normalised") {
     const mlpy::BatchContrastiveOptions bc{0.1, 1.8, 0, 0, true};

@@ -1,6 +1,7 @@
 // Reference sets on CUDA (issues 15, 17): BatchTripletLoss (every mining, both distances, hinge
-// and soft margin), LiftedStructureLoss and BatchContrastiveLoss (at the end: against the
-// scalar path, integer data, the reduction, errors) of queries Q against candidates R, on the device:
+// and soft margin), LiftedStructureLoss, BatchContrastiveLoss and MultiSimilarityLoss (at the
+// end: against the scalar path and, for multi-similarity, its brute force; integer data, the
+// reduction, errors) of queries Q against candidates R, on the device:
 // the brute force of reference_sets_reference.hpp (N_q != N_r both ways, D = 1, a query in R,
 // queries with no positive, a large common offset, strided maps), the scalar path on the
 // same data (double: 1e-12), tie-heavy integer data, the reduction to the CUDA batch loss
@@ -10,6 +11,7 @@
 #include "device.cuh"
 
 #include "../batch_triplet_reference.hpp"
+#include "../multi_similarity_reference.hpp"
 #include "../reference_sets_reference.hpp"
 
 #include <algorithm>
@@ -460,12 +462,12 @@ TEST_CASE("cuda cross-batch memory: the loss against the memory equals the loss 
 
 namespace {
 
-/// BatchContrastiveLoss against a reference set on `tag` (ml::cuda: device copies with `pad`
-/// columns of padding, checked untouched).
-template <class T, class Tag>
-Result<T> contrastive_call(Tag tag, ml::BatchContrastiveLoss<T> loss, const Matrix<T>& q, const CrossLabels& yq,
-                           const Matrix<T>& r, const CrossLabels& yr, const SelfIndices& self, T top_diff,
-                           Index pad = 0) {
+/// An all-pairs loss (BatchContrastiveLoss, MultiSimilarityLoss) against a reference set on
+/// `tag` (ml::cuda: device copies with `pad` columns of padding, checked untouched).
+template <class T, class Tag, class Loss>
+Result<T> all_pairs_call(Tag tag, Loss loss, const Matrix<T>& q, const CrossLabels& yq,
+                         const Matrix<T>& r, const CrossLabels& yr, const SelfIndices& self, T top_diff,
+                         Index pad = 0) {
   const Index nq = q.rows(), nr = r.rows(), d = q.cols();
   Result<T> out{T(0), Matrix<T>(nq, d), Matrix<T>(nr, d)};
   if constexpr (std::is_same<Tag, ml::cuda_tag>::value) {
@@ -523,11 +525,11 @@ TEMPLATE_TEST_CASE("cuda batch contrastive with a reference set matches the scal
         yr(2) = yq(1);
         self(1) = 2;
       }
-      const Result<T> device = contrastive_call(ml::cuda, loss, q, yq, r, yr, self, T(0.75), s.pad);
+      const Result<T> device = all_pairs_call(ml::cuda, loss, q, yq, r, yr, self, T(0.75), s.pad);
       // The scalar path in double on the same (rounded) data.
       ml::BatchContrastiveLoss<double> exact(loss.pos_margin, loss.neg_margin, loss.distance);
       exact.reduction = loss.reduction;
-      const Result<double> h = contrastive_call(ml::scalar, exact, q.template cast<double>().eval(), yq,
+      const Result<double> h = all_pairs_call(ml::scalar, exact, q.template cast<double>().eval(), yq,
                                                 r.template cast<double>().eval(), yr, self, 0.75);
       const bool is_double = std::is_same<T, double>::value;
       check_close(device, h.loss, h.grad_q, h.grad_r, is_double ? 1e-12 : Tolerance<T>::loss,
@@ -550,8 +552,8 @@ TEST_CASE("cuda batch contrastive with a reference set: integer data, the reduct
   for (Distance distance : {Distance::euclidean, Distance::squared_euclidean}) {
     CAPTURE(static_cast<int>(distance));
     ml::BatchContrastiveLoss<double> loss(1.0, 2.0, distance);
-    const Result<double> h = contrastive_call(ml::scalar, loss, q, yq, r, yr, no_self(nq), 1.0);
-    const Result<double> dd = contrastive_call(ml::cuda, loss, q, yq, r, yr, no_self(nq), 1.0);
+    const Result<double> h = all_pairs_call(ml::scalar, loss, q, yq, r, yr, no_self(nq), 1.0);
+    const Result<double> dd = all_pairs_call(ml::cuda, loss, q, yq, r, yr, no_self(nq), 1.0);
     check_close(dd, h.loss, h.grad_q, h.grad_r, 1e-12, 1e-12);
   }
   // R = Q and self = identity: the CUDA batch loss, grad_q + grad_r its gradient.
@@ -560,7 +562,7 @@ TEST_CASE("cuda batch contrastive with a reference set: integer data, the reduct
   SelfIndices self(31);
   std::iota(self.data(), self.data() + 31, std::int64_t(0));
   ml::BatchContrastiveLoss<double> loss(0.1, 1.2);
-  const Result<double> cross = contrastive_call(ml::cuda, loss, x, y, x, y, self, 1.0);
+  const Result<double> cross = all_pairs_call(ml::cuda, loss, x, y, x, y, self, 1.0);
   const DeviceStrided<double> dx(x, 0, 0.0);
   DeviceStrided<double> dg(Matrix<double>::Zero(31, 5), 0, 0.0);
   const DeviceVectorOf<std::int64_t> dy(as_vector(y));
@@ -580,4 +582,144 @@ TEST_CASE("cuda batch contrastive with a reference set: integer data, the reduct
     loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map(), bad), gq.map(), ml::skip);
   }, {"BatchContrastiveLoss<double>", "differs from labels_q[4]"});
   CHECK((gq.dense().array() == 5.0).all());
+}
+
+TEMPLATE_TEST_CASE("cuda multi-similarity with a reference set matches the brute force and the scalar path",
+                   "[cuda][reference][multi_similarity]", float, double) {
+  if (skip_without_device()) return;
+  using T = TestType;
+  struct Shape {
+    Index nq, nr, d, pad;
+  };
+  // R larger and smaller than Q, D = 1, past one 32-tile, one 256-thread block and one
+  // 32-column chunk.
+  const Shape shapes[] = {{9, 40, 5, 0}, {33, 6, 3, 2}, {17, 17, 1, 0}, {70, 300, 45, 1}};
+  std::uint64_t seed = 21513;
+  for (const Shape& s : shapes) {
+    for (const ms_reference::Options& o : ms_reference::every_option()) {
+      CAPTURE(s.nq, s.nr, s.d, s.pad, o.name(), seed);
+      std::mt19937_64 rng(seed++);
+      // Labels 0..3 in R, 0..4 in Q: queries of class 4 have no positive in R.
+      const CrossLabels yq = labels_of(random_labels(s.nq, 5, rng));
+      CrossLabels yr = labels_of(random_labels(s.nr, 4, rng));
+      // Rows of norm about 1, as the loss is used (beta = 50 still reaches e^25).
+      const double spread = 1.7 / std::sqrt(static_cast<double>(s.d));
+      const Matrix<T> q = uniform_matrix<T>(s.nq, s.d, rng, -spread, spread);
+      Matrix<T> r = uniform_matrix<T>(s.nr, s.d, rng, -spread, spread);
+      SelfIndices self = no_self(s.nq);
+      if (s.nr > 4) {  // a query that is a row of R
+        r.row(2) = q.row(1);
+        yr(2) = yq(1);
+        self(1) = 2;
+      }
+      const Result<T> device = all_pairs_call(ml::cuda, o.template loss<T>(), q, yq, r, yr, self, T(0.75), s.pad);
+      // The brute force on the same (rounded) data: S is exact on both (double sums of
+      // products that are exact for float), so the kept sets agree and only the float
+      // output rounding differs.
+      const ms_reference::Expected e = ms_reference::brute_force(o, q, yq, r, yr, self);
+      const bool is_double = std::is_same<T, double>::value;
+      check_close(device, 0.75 * e.loss, 0.75 * e.gq, 0.75 * e.gr, is_double ? 1e-11 : Tolerance<T>::loss,
+                  is_double ? 1e-11 : Tolerance<T>::gradient);
+      const Result<double> h = all_pairs_call(ml::scalar, o.template loss<double>(), q.template cast<double>().eval(),
+                                              yq, r.template cast<double>().eval(), yr, self, 0.75);
+      check_close(device, h.loss, h.grad_q, h.grad_r, is_double ? 1e-12 : Tolerance<T>::loss,
+                  is_double ? 1e-12 : Tolerance<T>::gradient);
+    }
+  }
+}
+
+TEST_CASE("cuda multi-similarity with a reference set: ties, R = Q, the deferred loss, errors",
+          "[cuda][reference][multi_similarity]") {
+  if (skip_without_device()) return;
+  std::mt19937_64 rng(21514);
+  // Integer rows: similarities land exactly on a kept set's limit (epsilon 0 and 1), where
+  // the pair is not kept; float and double decide as the scalar path does.
+  const Index nq = 23, nr = 57, d = 3;
+  Matrix<double> q(nq, d), r(nr, d);
+  std::uniform_int_distribution<int> value(-2, 2);
+  for (Index i = 0; i < q.size(); ++i) q.data()[i] = value(rng);
+  for (Index i = 0; i < r.size(); ++i) r.data()[i] = value(rng);
+  r.row(5) = r.row(9);
+  const CrossLabels yq = labels_of(tied_labels(nq, 3, rng)), yr = labels_of(tied_labels(nr, 3, rng));
+  for (const double epsilon : {0.0, 1.0, ms_reference::inf}) {
+    CAPTURE(epsilon);
+    const ms_reference::Options o{0.5, 0.25, 1.0, epsilon};
+    const ms_reference::Expected e = ms_reference::brute_force(o, q, yq, r, yr, no_self(nq));
+    const Result<double> h = all_pairs_call(ml::scalar, o.loss<double>(), q, yq, r, yr, no_self(nq), 1.0);
+    const Result<double> dd = all_pairs_call(ml::cuda, o.loss<double>(), q, yq, r, yr, no_self(nq), 1.0);
+    check_close(dd, e.loss, e.gq, e.gr, 1e-12, 1e-12);
+    check_close(dd, h.loss, h.grad_q, h.grad_r, 1e-12, 1e-12);
+    const Matrix<float> qf = q.cast<float>(), rf = r.cast<float>();
+    const Result<float> df = all_pairs_call(ml::cuda, o.loss<float>(), qf, yq, rf, yr, no_self(nq), 1.0f);
+    check_close(df, e.loss, e.gq, e.gr, Tolerance<float>::loss, Tolerance<float>::gradient);
+  }
+  // R = Q and self = identity: the CUDA batch loss, grad_q + grad_r its gradient.
+  const Matrix<double> x = uniform_matrix<double>(31, 5, rng, -0.6, 0.6);
+  const CrossLabels y = labels_of(random_labels(31, 4, rng));
+  SelfIndices self(31);
+  std::iota(self.data(), self.data() + 31, std::int64_t(0));
+  for (const ms_reference::Options& o : ms_reference::every_option()) {
+    CAPTURE(o.name());
+    auto loss = o.loss<double>();
+    const Result<double> cross = all_pairs_call(ml::cuda, loss, x, y, x, y, self, 1.0);
+    const DeviceStrided<double> dx(x, 0, 0.0);
+    DeviceStrided<double> dg(Matrix<double>::Zero(31, 5), 0, 0.0);
+    const DeviceVectorOf<std::int64_t> dy(as_vector(y));
+    const double batch = loss.forward_backward(ml::cuda, dx.cmap(), dy.map(), dg.map());
+    const Matrix<double> sum = cross.grad_q + cross.grad_r;
+    check_close(Result<double>{cross.loss, sum, Matrix<double>(0, 5)}, batch, dg.dense(), Matrix<double>(0, 5),
+                1e-12, 1e-12);
+  }
+  // The value, forward, grad_r skipped, and the deferred loss on another stream: the same bits.
+  const Matrix<float> qf = uniform_matrix<float>(10, 7, rng, -0.5f, 0.5f), rf = uniform_matrix<float>(40, 7, rng, -0.5f, 0.5f);
+  const CrossLabels yq10 = labels_of(random_labels(10, 3, rng)), yr40 = labels_of(random_labels(40, 3, rng));
+  const DeviceStrided<float> dq(qf, 0, 0.0f), dr(rf, 0, 0.0f);
+  DeviceStrided<float> gq(Matrix<float>::Zero(10, 7), 0, 0.0f), gq2(Matrix<float>::Zero(10, 7), 0, 0.0f),
+      gr(Matrix<float>::Zero(40, 7), 0, 0.0f);
+  const DeviceVectorOf<std::int64_t> dyq(as_vector(yq10)), dyr(as_vector(yr40));
+  const auto ref = ml::reference(dr.cmap(), dyr.map());
+  ml::MultiSimilarityLoss<float> loss;
+  const float l = loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, gq.map(), gr.map());
+  CHECK(loss.forward(ml::cuda, dq.cmap(), dyq.map(), ref) == l);
+  CHECK(loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ref, gq2.map(), ml::skip) == l);
+  CHECK(gq2.dense() == gq.dense());
+  cudaStream_t stream = nullptr;
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  DeviceBuffer<float> device_loss(1);
+  DeviceStrided<float> gr3(Matrix<float>::Zero(40, 7), 0, 0.0f);
+  CHECK(std::isnan(loss.forward_backward(ml::cuda.on(stream).loss_to(device_loss.data()), dq.cmap(), dyq.map(),
+                                         ref, ml::skip, gr3.map())));
+  check_cuda(cudaStreamSynchronize(stream));
+  const float deferred = device_loss.download()[0];
+  CHECK(std::memcmp(&deferred, &l, sizeof deferred) == 0);
+  CHECK(gr3.dense() == gr.dense());
+  check_cuda(cudaStreamDestroy(stream));
+  // Non-finite data: NaN loss and gradients.
+  Matrix<double> qn = q;
+  qn(3, 1) = std::numeric_limits<double>::quiet_NaN();
+  const Result<double> nan_out = all_pairs_call(ml::cuda, ml::MultiSimilarityLoss<double>(), qn, yq, r, yr,
+                                                no_self(nq), 1.0);
+  CHECK(std::isnan(nan_out.loss));
+  CHECK(nan_out.grad_r.array().isNaN().all());
+  // A self row with another label: thrown after the synchronisation, nothing written.
+  const DeviceStrided<double> dq_bad(q, 0, 0.0), dr_bad(r, 0, 0.0);
+  DeviceStrided<double> gq_bad(Matrix<double>::Constant(nq, d, 5.0), 0, 0.0);
+  const DeviceVectorOf<std::int64_t> dyq_bad(as_vector(yq)), dyr_bad(as_vector(yr));
+  SelfIndices bad = no_self(nq);
+  Index row = 0;
+  while (yr(row) == yq(4)) ++row;
+  bad(4) = row;
+  ml::MultiSimilarityLoss<double> ms;
+  expect_invalid_message([&] {
+    ms.forward_backward(ml::cuda, dq_bad.cmap(), dyq_bad.map(), ml::reference(dr_bad.cmap(), dyr_bad.map(), bad),
+                        gq_bad.map(), ml::skip);
+  }, {"MultiSimilarityLoss<double>", "differs from labels_q[4]"});
+  CHECK((gq_bad.dense().array() == 5.0).all());
+  // normalize = true with a reference set is host-only so far: said before anything runs.
+  ms.normalize = true;
+  expect_invalid_message([&] {
+    ms.forward_backward(ml::cuda, dq_bad.cmap(), dyq_bad.map(), ml::reference(dr_bad.cmap(), dyr_bad.map()),
+                        gq_bad.map(), ml::skip);
+  }, {"MultiSimilarityLoss<double>", "option 'normalize' with a reference set runs on metricloss::scalar"});
+  CHECK((gq_bad.dense().array() == 5.0).all());
 }

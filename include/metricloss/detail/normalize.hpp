@@ -182,7 +182,8 @@ auto normalized(Loss& loss, Tag, Validator& check, bool normalize, const MatrixV
                 const MatrixView<T>& grad_r, Call&& call) {
   if (!normalize) return call(q, ref);
   if constexpr (!normalizes_on_host<Tag>) {
-    reject_normalize_off_host<Tag>(check);
+    check.fail("option 'normalize' with a reference set runs on metricloss::scalar and "
+               "metricloss::simd so far");
   } else {
     auto& unit = scratch_of<NormalizedRows<T>>(loss);
     const MatrixView<const T> unit_q = unit.x.of(check, "q", q);

@@ -1,18 +1,23 @@
 #pragma once
-// Reference sets on CUDA (<metricloss/reference.hpp>): BatchTripletLoss, LiftedStructureLoss
-// and BatchContrastiveLoss of queries Q (N_q x D) against candidates R (N_r x D), the maths of
-// the scalar paths (backend/scalar/reference.hpp, batch_contrastive.hpp), step by step:
+// Reference sets on CUDA (<metricloss/reference.hpp>): BatchTripletLoss, LiftedStructureLoss,
+// BatchContrastiveLoss and MultiSimilarityLoss of queries Q (N_q x D) against candidates R
+// (N_r x D), the maths of the scalar paths (backend/scalar/reference.hpp,
+// batch_contrastive.hpp, multi_similarity.hpp), step by step:
 //   1. a scan of Q, R and both label vectors for non-finite values (NaN loss and gradients),
 //      and self_index (staged from the host) against the labels: a self row whose label is not
 //      the query's is the verdict, reported as normalize = true reports a zero row;
-//   2. D2_aj = ||q_a - r_j||^2 by differences in double (cross_squared_kernel, tiles through
-//      shared memory): exact, so there is nothing to centre, recompute or settle, and ties
-//      among candidates go to the lowest row of R as on the CPU;
+//   2. D2_aj = ||q_a - r_j||^2 by differences in double (cross_kernel, tiles through shared
+//      memory): exact, so there is nothing to centre, recompute or settle, and ties among
+//      candidates go to the lowest row of R as on the CPU; multi-similarity takes
+//      S_aj = <q_a, r_j>, summed in double in the scalar path's order (the same values, so
+//      the same kept pairs);
 //   3. the loss (a block per query) writes W = dL/dD2 (N_q x N_r doubles) and its share of
 //      the sum and of the count; lifted first reduces each column's normaliser over Q; batch
 //      contrastive sums each side first and writes W once the counts are known;
+//      multi-similarity writes W = dL/dS;
 //   4. grad_q_a = 2 s sum_j W_aj (q_a - r_j) and grad_r_j = 2 s sum_a W_aj (r_j - q_a), by
-//      differences in double, one thread per entry (no cancellation, no near pairs).
+//      differences in double, one thread per entry (no cancellation, no near pairs);
+//      multi-similarity: grad_q_a = s sum_j W_aj r_j and grad_r_j = s sum_a W_aj q_a.
 // Cost O(N_q N_r D) in double; memory two N_q x N_r matrices of doubles (256 x 65536: 256 MiB).
 // Batch-all and semihard walk an anchor's positives one at a time (O(N_q |P| N_r)), as the
 // batch kernels do. Every reduction has a fixed order: deterministic.
@@ -25,8 +30,10 @@
 #include <metricloss/detail/batch_contrastive_math.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/lifted_structure_math.hpp>
+#include <metricloss/detail/multi_similarity_math.hpp>
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/lifted_structure.hpp>
+#include <metricloss/multi_similarity.hpp>
 #include <metricloss/reference.hpp>
 
 #include <cuda_runtime.h>
@@ -71,8 +78,8 @@ constexpr int reference_contrastive_sums = 6;
 /// The workspace of a reference core, carved in a fixed order.
 struct ReferenceLayout {
   WorkspaceCarver carve;
-  double* squared;  // N_q x N_r: D2
-  double* weights;  // N_q x N_r: W
+  double* squared;  // N_q x N_r: D2 (multi-similarity: S)
+  double* weights;  // N_q x N_r: W (multi-similarity: its exponents first, also without a gradient)
   long long* self;  // N_q
   double* anchor_sum;
   double* anchor_count;
@@ -143,10 +150,15 @@ constexpr int cross_tile = 32;  // a 32 x 32 tile of D2 per block, 32 columns of
 constexpr int cross_rows_per_thread = 4;
 constexpr int cross_threads = cross_tile * cross_tile / cross_rows_per_thread;
 
-/// Step 2: D2 (N_q x N_r, stride N_r) by differences in double, k ascending.
-template <class T>
+/// What step 2 computes for each pair.
+enum class CrossForm { squared_differences, products };
+
+/// Step 2: D2 or S (N_q x N_r, stride N_r) in double, k ascending. The products are rounded
+/// and added one at a time (no fma): float products are exact in double, so S is the scalar
+/// path's, and with it every kept-pair decision.
+template <CrossForm Form, class T>
 __global__ void __launch_bounds__(cross_threads)
-    cross_squared_kernel(MatrixView<const T> q, MatrixView<const T> r, double* squared) {
+    cross_kernel(MatrixView<const T> q, MatrixView<const T> r, double* out) {
   __shared__ double q_tile[cross_tile][cross_tile + 1];
   __shared__ double r_tile[cross_tile][cross_tile + 1];
   const int tx = static_cast<int>(threadIdx.x) % cross_tile;
@@ -168,8 +180,13 @@ __global__ void __launch_bounds__(cross_threads)
       const double rv = r_tile[tx][k];
 #pragma unroll
       for (int i = 0; i < cross_rows_per_thread; ++i) {
-        const double diff = q_tile[ty + i * ty_count][k] - rv;
-        sum[i] = fma(diff, diff, sum[i]);
+        const double qv = q_tile[ty + i * ty_count][k];
+        if constexpr (Form == CrossForm::products) {
+          sum[i] = __dadd_rn(sum[i], __dmul_rn(qv, rv));
+        } else {
+          const double diff = qv - rv;
+          sum[i] = fma(diff, diff, sum[i]);
+        }
       }
     }
     __syncthreads();
@@ -179,7 +196,7 @@ __global__ void __launch_bounds__(cross_threads)
 #pragma unroll
   for (int i = 0; i < cross_rows_per_thread; ++i) {
     const Index a = a0 + ty + i * ty_count;
-    if (a < nq) squared[a * nr + j] = sum[i];
+    if (a < nq) out[a * nr + j] = sum[i];
   }
 }
 
@@ -469,9 +486,89 @@ __global__ void __launch_bounds__(finalize_threads)
   *gradient_scale = top_diff;
 }
 
+/// Step 3 of MultiSimilarityLoss for query blockIdx.x: multi_similarity_row
+/// (detail/multi_similarity_math.hpp) on exact S (no rounding to allow for), self(a)
+/// skipped. `z` (row a of the weights) holds the exponents, then e^{z - shift}, then (with
+/// `gradient`) dL_a/dS_a; L_a and a count of 1 go to the anchor sums (L = mean over Q).
+template <class T, class L, class LR>
+__global__ void __launch_bounds__(reference_threads)
+    reference_multi_similarity_kernel(ReferenceArgs<T, L, LR> args, const double* similarity,
+                                      MultiSimilarityRule rule, double* weights, bool gradient,
+                                      double* anchor_sum, double* anchor_count) {
+  __shared__ double shared[reference_threads / warp_size];
+  constexpr double inf = INFINITY;
+  const Index a = blockIdx.x, nr = args.r.rows;
+  const int tid = static_cast<int>(threadIdx.x);
+  const L label = args.labels_q[a];
+  const long long self = args.self_of(a);
+  const double* row = similarity + a * nr;
+  double* z = weights + a * nr;
+  // The extremes: the smallest positive and the largest negative similarity.
+  double min_pos = inf, max_neg = -inf;
+  for (Index j = tid; j < nr; j += reference_threads) {
+    if (j == self) continue;
+    if (same_label(label, args.labels_r[j])) min_pos = fmin(min_pos, row[j]);
+    else max_neg = fmax(max_neg, row[j]);
+  }
+  min_pos = block_min<reference_threads>(min_pos, shared);
+  max_neg = block_max<reference_threads>(max_neg, shared);
+  // Kept: positives with S < max_neg + epsilon, negatives with S > min_pos - epsilon.
+  const double pos_limit = max_neg + rule.epsilon, neg_limit = min_pos - rule.epsilon;
+  double pos_top = -inf, neg_top = -inf;
+  for (Index j = tid; j < nr; j += reference_threads) {
+    z[j] = -inf;
+    if (j == self) continue;
+    const double v = row[j];
+    const bool positive = same_label(label, args.labels_r[j]);
+    if (!rule.keep_all && (positive ? !(v < pos_limit) : !(v > neg_limit))) continue;
+    z[j] = positive ? -rule.alpha * (v - rule.base) : rule.beta * (v - rule.base);
+    if (positive) pos_top = fmax(pos_top, z[j]);
+    else neg_top = fmax(neg_top, z[j]);
+  }
+  pos_top = block_max<reference_threads>(pos_top, shared);
+  neg_top = block_max<reference_threads>(neg_top, shared);
+  LogOnePlusSum pos, neg;
+  pos.start(pos_top, pos_top != -inf);
+  neg.start(neg_top, neg_top != -inf);
+  double pos_sum = 0.0, neg_sum = 0.0;
+  for (Index j = tid; j < nr; j += reference_threads) {
+    if (z[j] == -inf) {
+      z[j] = 0.0;
+      continue;
+    }
+    const bool positive = same_label(label, args.labels_r[j]);
+    z[j] = exp(z[j] - (positive ? pos.shift : neg.shift));
+    if (positive) pos_sum += z[j];
+    else neg_sum += z[j];
+  }
+  pos.sum += block_sum<reference_threads>(pos_sum, shared);
+  neg.sum += block_sum<reference_threads>(neg_sum, shared);
+  if (gradient) {
+    // d/dS of (1/alpha) log(1 + sum e^{-alpha (S - base)}) and (1/beta) log(1 + sum e^{beta (S - base)}).
+    const double pos_scale = -1.0 / pos.sum, neg_scale = 1.0 / neg.sum;
+    for (Index j = tid; j < nr; j += reference_threads)
+      z[j] *= same_label(label, args.labels_r[j]) ? pos_scale : neg_scale;
+  }
+  if (tid == 0) {
+    anchor_sum[a] = pos.value() / rule.alpha + neg.value() / rule.beta;
+    anchor_count[a] = 1.0;
+  }
+}
+
+/// Step 4's term of candidate (or query) `other` in column c: W (q_c - other_c) of D2's
+/// gradient (twice that, by `factor`), W other_c of S's.
+template <CrossForm Form>
+struct GradientTerm {
+  static constexpr double factor = Form == CrossForm::products ? 1.0 : 2.0;
+  __device__ static double of(double own, double other) {
+    if constexpr (Form == CrossForm::products) return other;
+    return own - other;
+  }
+};
+
 /// Step 4, grad_q: a block per (query, 256 columns), R's rows in order (W_aj read once per
 /// block, R's columns coalesced).
-template <class T>
+template <CrossForm Form, class T>
 __global__ void __launch_bounds__(reference_threads)
     reference_grad_q_kernel(MatrixView<const T> q, MatrixView<const T> r, const double* weights,
                             const double* gradient_scale, const int* not_finite,
@@ -485,13 +582,14 @@ __global__ void __launch_bounds__(reference_threads)
   double sum = 0.0;
   for (Index j = 0; j < nr; ++j) {
     const double s = w[j];
-    if (s != 0.0) sum = fma(s, qc - static_cast<double>(r(j, c)), sum);
+    if (s != 0.0) sum = fma(s, GradientTerm<Form>::of(qc, static_cast<double>(r(j, c))), sum);
   }
-  grad_q(a, c) = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(2.0 * *gradient_scale * sum);
+  grad_q(a, c) = *not_finite ? static_cast<T>(nan(""))
+                             : static_cast<T>(GradientTerm<Form>::factor * *gradient_scale * sum);
 }
 
 /// Step 4, grad_r: a block per (candidate, 256 columns), Q's rows in order.
-template <class T>
+template <CrossForm Form, class T>
 __global__ void __launch_bounds__(reference_threads)
     reference_grad_r_kernel(MatrixView<const T> q, MatrixView<const T> r, const double* weights,
                             const double* gradient_scale, const int* not_finite,
@@ -504,9 +602,10 @@ __global__ void __launch_bounds__(reference_threads)
   double sum = 0.0;
   for (Index a = 0; a < nq; ++a) {
     const double s = weights[a * nr + j];
-    if (s != 0.0) sum = fma(s, rc - static_cast<double>(q(a, c)), sum);
+    if (s != 0.0) sum = fma(s, GradientTerm<Form>::of(rc, static_cast<double>(q(a, c))), sum);
   }
-  grad_r(j, c) = *not_finite ? static_cast<T>(nan("")) : static_cast<T>(2.0 * *gradient_scale * sum);
+  grad_r(j, c) = *not_finite ? static_cast<T>(nan(""))
+                             : static_cast<T>(GradientTerm<Form>::factor * *gradient_scale * sum);
 }
 
 /// Step 3's end: the loss (NaN for non-finite data or a rejected self index).
@@ -538,6 +637,8 @@ cudaError_t reference_enqueue(void* workspace, std::size_t workspace_bytes,
   if ((nq + cross_tile - 1) / cross_tile > 65535) return cudaErrorInvalidValue;  // grid.y limit
   const ReferenceLayout layout(workspace, nq, nr);
   if (workspace_bytes < layout.carve.bytes()) return cudaErrorInvalidValue;
+  constexpr bool similarity = std::is_same<Options, MultiSimilarityRule>::value;
+  constexpr CrossForm form = similarity ? CrossForm::products : CrossForm::squared_differences;
   const bool gradient = !grad_q.empty() || !grad_r.empty();
   double* weights = gradient ? layout.weights : nullptr;
   cudaError_t error = cudaMemsetAsync(layout.not_finite, 0, sizeof(int), stream);
@@ -549,7 +650,7 @@ cudaError_t reference_enqueue(void* workspace, std::size_t workspace_bytes,
   reference_scan_kernel<<<scan_blocks, scan_threads, 0, stream>>>(args, layout.not_finite, layout.bad_self);
   const dim3 tiles(static_cast<unsigned>((nr + cross_tile - 1) / cross_tile),
                    static_cast<unsigned>((nq + cross_tile - 1) / cross_tile));
-  cross_squared_kernel<<<tiles, cross_threads, 0, stream>>>(args.q, args.r, layout.squared);
+  cross_kernel<form><<<tiles, cross_threads, 0, stream>>>(args.q, args.r, layout.squared);
   const auto queries = static_cast<unsigned>(nq);
   const auto column_blocks = static_cast<unsigned>((nr + reference_threads - 1) / reference_threads);
   if constexpr (std::is_same<Options, ContrastiveRule>::value) {
@@ -561,6 +662,9 @@ cudaError_t reference_enqueue(void* workspace, std::size_t workspace_bytes,
     if (gradient)
       reference_contrastive_kernel<<<queries, reference_threads, 0, stream>>>(
           args, layout.squared, options, layout.contrastive_sums, layout.scales, weights);
+  } else if constexpr (similarity) {
+    reference_multi_similarity_kernel<<<queries, reference_threads, 0, stream>>>(
+        args, layout.squared, options, layout.weights, gradient, layout.anchor_sum, layout.anchor_count);
   } else if constexpr (std::is_same<Options, TripletReferenceOptions>::value) {
     reference_mining_kernel<<<queries, reference_threads, 0, stream>>>(
         args, layout.squared, options.margin, options.mining, options.distance,
@@ -585,10 +689,10 @@ cudaError_t reference_enqueue(void* workspace, std::size_t workspace_bytes,
   reference_reject_kernel<<<1, 1, 0, stream>>>(layout.bad_self, device_loss);
   const auto column_chunks = static_cast<unsigned>((d + reference_threads - 1) / reference_threads);
   if (!grad_q.empty())
-    reference_grad_q_kernel<<<dim3(queries, column_chunks), reference_threads, 0, stream>>>(
+    reference_grad_q_kernel<form><<<dim3(queries, column_chunks), reference_threads, 0, stream>>>(
         args.q, args.r, layout.weights, layout.gradient_scale, layout.not_finite, layout.bad_self, grad_q);
   if (!grad_r.empty())
-    reference_grad_r_kernel<<<dim3(static_cast<unsigned>(nr), column_chunks), reference_threads, 0, stream>>>(
+    reference_grad_r_kernel<form><<<dim3(static_cast<unsigned>(nr), column_chunks), reference_threads, 0, stream>>>(
         args.q, args.r, layout.weights, layout.gradient_scale, layout.not_finite, layout.bad_self, grad_r);
   error = cudaGetLastError();
   if (error != cudaSuccess || verdict == nullptr) return error;
@@ -657,6 +761,23 @@ cudaError_t batch_contrastive_reference_forward_backward(
   return detail::cuda::reference_enqueue(
       workspace, workspace_bytes, detail::cuda::ReferenceArgs<T, L, LR>{q, r, labels_q, labels_r, self_index},
       detail::ContrastiveRule(static_cast<double>(pos_margin), static_cast<double>(neg_margin), distance, reduction),
+      grad_q, grad_r, static_cast<double>(top_diff), device_loss, verdict, stream);
+}
+
+/// MultiSimilarityLoss of queries q against the reference set r, on S = Q R^T; as above. The
+/// options are the functor's, checked by it (alpha, beta > 0 and finite; base finite; epsilon
+/// finite or +infinity).
+template <class T, class L, class LR>
+cudaError_t multi_similarity_reference_forward_backward(
+    void* workspace, std::size_t workspace_bytes, const DeviceMatrix<const T>& q,
+    const DeviceVector<L>& labels_q, const DeviceMatrix<const T>& r, const DeviceVector<LR>& labels_r,
+    const long long* self_index, T alpha, T beta, T base, T epsilon, const DeviceMatrix<T>& grad_q,
+    const DeviceMatrix<T>& grad_r, T top_diff, T* device_loss, unsigned long long* verdict,
+    cudaStream_t stream) noexcept {
+  return detail::cuda::reference_enqueue(
+      workspace, workspace_bytes, detail::cuda::ReferenceArgs<T, L, LR>{q, r, labels_q, labels_r, self_index},
+      detail::MultiSimilarityRule(static_cast<double>(alpha), static_cast<double>(beta),
+                                  static_cast<double>(base), static_cast<double>(epsilon)),
       grad_q, grad_r, static_cast<double>(top_diff), device_loss, verdict, stream);
 }
 
@@ -772,6 +893,25 @@ struct CudaContrastiveReference {
   }
 };
 
+template <class T>
+struct CudaMultiSimilarityReference {
+  template <class L, class LR>
+  static T run(MultiSimilarityLoss<T>& loss, cudaStream_t stream, T* deferred_loss,
+               const MatrixView<const T>& q, const VectorView<L>& labels,
+               const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
+               const MatrixView<T>& grad_r, T top_diff) {
+    return run_reference_functor_path<T>(
+        loss, "metricloss::MultiSimilarityLoss::forward_backward (cuda, reference set)",
+        "MultiSimilarityLoss", stream, deferred_loss, q, ref,
+        [&](void* workspace, std::size_t bytes, const long long* self, T* device_loss,
+            unsigned long long* verdict) {
+          return cuda_core::multi_similarity_reference_forward_backward<T, L, LR>(
+              workspace, bytes, q, labels, ref.r, ref.labels, self, loss.alpha, loss.beta,
+              loss.base, loss.epsilon, grad_q, grad_r, top_diff, device_loss, verdict, stream);
+        });
+  }
+};
+
 /// ReferenceBackend on both cuda tags (the host's tag argument becomes the stream and the
 /// deferred loss).
 template <class Impl>
@@ -807,6 +947,11 @@ struct ReferenceBackend<BatchContrastiveLoss<T>, cuda_tag> : CudaReferenceBacken
 template <class T>
 struct ReferenceBackend<BatchContrastiveLoss<T>, cuda_deferred_tag<T>>
     : CudaReferenceBackend<CudaContrastiveReference<T>> {};
+template <class T>
+struct ReferenceBackend<MultiSimilarityLoss<T>, cuda_tag> : CudaReferenceBackend<CudaMultiSimilarityReference<T>> {};
+template <class T>
+struct ReferenceBackend<MultiSimilarityLoss<T>, cuda_deferred_tag<T>>
+    : CudaReferenceBackend<CudaMultiSimilarityReference<T>> {};
 
 }  // namespace detail
 }  // namespace metricloss
