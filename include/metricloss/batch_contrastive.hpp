@@ -189,10 +189,11 @@ class BatchContrastiveLoss {
     const auto gq = detail::gradient_view<T>(std::forward<GQ>(grad_q));
     const auto gr = detail::gradient_view<T>(std::forward<GR>(grad_r));
     detail::check_reference(check, qv, lv, ref.view, gq, gr, detail::normalizes_on_host<Tag>);
-    using Path = detail::ReferenceBackend<BatchContrastiveLoss, Tag>;
     return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
-                              [&](const auto& q_rows, const auto& r_rows) {
-      return Path::forward_backward(*this, tag, q_rows, lv, r_rows, gq, gr, top_diff);
+                              [&](auto path, const auto& q_rows, const auto& r_rows,
+                                  const auto& gq_rows, const auto& gr_rows) {
+      return detail::ReferenceBackend<BatchContrastiveLoss, decltype(path)>::forward_backward(
+          *this, path, q_rows, lv, r_rows, gq_rows, gr_rows, top_diff);
     });
   }
 

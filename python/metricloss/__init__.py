@@ -9,8 +9,7 @@ grad_output (no second pass). The losses are once differentiable. CPU tensors, f
 float64; rows may be strided (any row stride >= D, inner stride 1) and are read without a
 copy. CUDA tensors (where the binding was built against a torch with CUDA: ``cuda_built()``)
 run the same losses on ``metricloss::cuda`` on torch's current stream, without a
-synchronisation; the batch form and ``ref=`` (no ``group=``, nor ``normalize=True`` with
-``ref=``, yet), and with
+synchronisation; the batch form and ``ref=`` (no ``group=`` yet), and with
 ``normalize=True`` a zero row gives a NaN loss there instead of a ValueError. Labels: any integer, bool or floating dtype (floating labels are mapped to classes by
 equality; NaN labels are rejected).
 

@@ -2,8 +2,8 @@
 batch form equals the CPU call in float64, through autograd, on torch's current stream; the
 batch losses with normalize=True; a zero row under normalize gives a NaN loss and NaN gradients
 (no synchronisation to raise); the batch losses against a reference set (self_index on either
-device) equal the CPU call; a self row with another label gives NaN; mixed devices, normalize with
-a reference set and groups are ValueErrors."""
+device, normalize too) equal the CPU call; a self row with another label, or a zero row of ref
+under normalize, gives NaN; mixed devices and groups are ValueErrors."""
 import math
 
 import pytest
@@ -91,9 +91,6 @@ def test_mixed_devices_reference_sets_and_groups_are_errors():
     with pytest.raises(ValueError, match=r"argument 'ref' is on device cpu but the first input is on cuda:0"):
         metricloss.BatchTripletLoss()(x, torch.arange(8, device="cuda"), ref=x.cpu(),
                                       ref_labels=torch.arange(8))
-    with pytest.raises(ValueError, match=r"option 'normalize' with a reference set runs on metricloss::scalar"):
-        metricloss.MultiSimilarityLoss(normalize=True)(x, torch.arange(8, device="cuda"), ref=x,
-                                                       ref_labels=torch.arange(8, device="cuda"))
 
 
 REFERENCE = [
@@ -105,6 +102,10 @@ REFERENCE = [
     lambda: metricloss.BatchContrastiveLoss(pos_margin=0.5, neg_margin=4.0, reduction="mean"),
     lambda: metricloss.MultiSimilarityLoss(),
     lambda: metricloss.MultiSimilarityLoss(alpha=1.0, beta=10.0, base=0.2, epsilon=math.inf),
+    lambda: metricloss.BatchTripletLoss(mining="all", normalize=True),
+    lambda: metricloss.LiftedStructureLoss(normalize=True),
+    lambda: metricloss.BatchContrastiveLoss(normalize=True),
+    lambda: metricloss.MultiSimilarityLoss(normalize=True),
 ]
 
 
@@ -143,6 +144,20 @@ def test_reference_set_self_row_with_another_label_gives_nan():
     assert torch.isnan(loss).item()
     loss.backward()
     assert torch.isnan(q.grad).all().item()
+
+
+def test_reference_set_zero_row_under_normalize_gives_nan():
+    q = torch.randn(6, 4, device="cuda", dtype=torch.float64, requires_grad=True)
+    r = torch.randn(9, 4, device="cuda", dtype=torch.float64)
+    r[5] = 0
+    r.requires_grad_(True)
+    yq = torch.tensor([0, 1, 0, 1, 0, 1], device="cuda")
+    yr = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0], device="cuda")
+    loss = metricloss.MultiSimilarityLoss(normalize=True)(q, yq, ref=r, ref_labels=yr)
+    assert torch.isnan(loss).item()
+    loss.backward()
+    assert torch.isnan(q.grad).all().item()
+    assert torch.isnan(r.grad).all().item()
 
 
 def test_runs_on_the_current_stream():

@@ -715,11 +715,149 @@ TEST_CASE("cuda multi-similarity with a reference set: ties, R = Q, the deferred
                         gq_bad.map(), ml::skip);
   }, {"MultiSimilarityLoss<double>", "differs from labels_q[4]"});
   CHECK((gq_bad.dense().array() == 5.0).all());
-  // normalize = true with a reference set is host-only so far: said before anything runs.
-  ms.normalize = true;
-  expect_invalid_message([&] {
-    ms.forward_backward(ml::cuda, dq_bad.cmap(), dyq_bad.map(), ml::reference(dr_bad.cmap(), dyr_bad.map()),
-                        gq_bad.map(), ml::skip);
-  }, {"MultiSimilarityLoss<double>", "option 'normalize' with a reference set runs on metricloss::scalar"});
-  CHECK((gq_bad.dense().array() == 5.0).all());
+}
+
+namespace {
+
+/// Every batch loss with normalize = true, as the face sets it.
+template <class T>
+struct NormalizedLosses {
+  ml::BatchTripletLoss<T> hard{T(0.3), Mining::hard}, all{T(0.2), Mining::all, Distance::squared_euclidean};
+  ml::BatchTripletLoss<T> semihard{T(0.2), Mining::semihard, Distance::euclidean, true};
+  ml::LiftedStructureLoss<T> lifted{T(1)};
+  ml::BatchContrastiveLoss<T> contrastive{T(0.1), T(1.2)};
+  ml::MultiSimilarityLoss<T> ms{};
+  NormalizedLosses() {
+    hard.normalize = all.normalize = semihard.normalize = lifted.normalize = contrastive.normalize =
+        ms.normalize = true;
+  }
+  /// f(name, loss) for each.
+  template <class F>
+  void each(F&& f) {
+    f("hard", hard);
+    f("all", all);
+    f("semihard soft", semihard);
+    f("lifted", lifted);
+    f("batch contrastive", contrastive);
+    f("multi-similarity", ms);
+  }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda reference sets with normalize = true match the scalar path",
+                   "[cuda][reference][normalize]", float, double) {
+  if (skip_without_device()) return;
+  using T = TestType;
+  struct Shape {
+    Index nq, nr, d, pad;
+    double offset;
+  };
+  // Unnormalised rows far from the sphere, a large common offset, D = 1 (every unit row is
+  // +-1: ties everywhere), R past one block.
+  const Shape shapes[] = {{9, 40, 5, 0, 0.0}, {33, 6, 3, 2, 0.0}, {12, 25, 8, 1, 50.0}, {17, 17, 1, 0, 0.0},
+                          {40, 300, 45, 1, 0.0}};
+  std::uint64_t seed = 21515;
+  for (const Shape& s : shapes) {
+    std::mt19937_64 rng(seed);
+    CAPTURE(s.nq, s.nr, s.d, s.pad, s.offset, seed);
+    ++seed;
+    const CrossLabels yq = labels_of(random_labels(s.nq, 5, rng));
+    CrossLabels yr = labels_of(random_labels(s.nr, 4, rng));
+    const Matrix<T> q = (uniform_matrix<double>(s.nq, s.d, rng, -3.0, 3.0).array() + s.offset).matrix().template cast<T>();
+    Matrix<T> r = (uniform_matrix<double>(s.nr, s.d, rng, -3.0, 3.0).array() + s.offset).matrix().template cast<T>();
+    SelfIndices self = no_self(s.nq);
+    if (s.nr > 4) {  // a query that is a row of R
+      r.row(2) = q.row(1);
+      yr(2) = yq(1);
+      self(1) = 2;
+    }
+    NormalizedLosses<T> device;
+    NormalizedLosses<T> host;
+    std::vector<std::pair<std::string, Result<T>>> got;
+    device.each([&](const char* name, auto& loss) {
+      got.emplace_back(name, all_pairs_call(ml::cuda, loss, q, yq, r, yr, self, T(0.75), s.pad));
+    });
+    std::size_t k = 0;
+    host.each([&](const char* name, auto& loss) {
+      CAPTURE(name);
+      const Result<T> h = all_pairs_call(ml::scalar, loss, q, yq, r, yr, self, T(0.75));
+      const Result<T>& dv = got[k++].second;
+      // The unit rows are the host's to within an ulp of T (the norm's order of summation):
+      // float decisions may move with them, hence the float bounds of API.md.
+      const bool is_double = std::is_same<T, double>::value;
+      check_close(dv, static_cast<double>(h.loss), h.grad_q.template cast<double>(), h.grad_r.template cast<double>(),
+                  is_double ? 1e-10 : Tolerance<T>::loss, is_double ? 1e-10 : Tolerance<T>::gradient);
+    });
+  }
+}
+
+TEST_CASE("cuda reference sets with normalize = true: zero rows, the self label, loss_to, skipped gradients",
+          "[cuda][reference][normalize][errors]") {
+  if (skip_without_device()) return;
+  std::mt19937_64 rng(21516);
+  const Index nq = 6, nr = 9, d = 4;
+  Matrix<double> q = uniform_matrix<double>(nq, d, rng), r = uniform_matrix<double>(nr, d, rng);
+  CrossLabels yq(nq), yr(nr);
+  yq << 0, 1, 0, 1, 2, 2;
+  yr << 0, 1, 0, 1, 0, 1, 2, 2, 0;
+  NormalizedLosses<double> losses;
+  losses.each([&](const char* name, auto& loss) {
+    CAPTURE(name);
+    const auto run = [&](const Matrix<double>& qm, const Matrix<double>& rm, const SelfIndices& self, auto tag,
+                         bool with_grad_r) {
+      const DeviceStrided<double> dq(qm, 1, -7.0), dr(rm, 1, -7.0);
+      DeviceStrided<double> gq(Matrix<double>::Constant(nq, d, 5.0), 1, -7.0),
+          gr(Matrix<double>::Constant(nr, d, 5.0), 1, -7.0);
+      const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
+      const auto ref = ml::reference(dr.cmap(), dyr.map(), self);
+      double value = with_grad_r ? loss.forward_backward(tag, dq.cmap(), dyq.map(), ref, gq.map(), gr.map())
+                                 : loss.forward_backward(tag, dq.cmap(), dyq.map(), ref, gq.map(), ml::skip);
+      check_cuda(cudaDeviceSynchronize());
+      CHECK(gq.host().padding_is(-7.0));
+      CHECK(gr.host().padding_is(-7.0));
+      return std::make_tuple(value, gq.dense(), gr.dense());
+    };
+    const auto untouched = [&](const Matrix<double>& g) { CHECK((g.array() == 5.0).all()); };
+    // A zero row of Q, of R, and a self row with another label: thrown, nothing written; the
+    // self label is reported first, then Q's zero row, as the host checks them.
+    Matrix<double> qz = q, rz = r;
+    qz.row(3).setZero();
+    rz.row(7).setZero();
+    SelfIndices bad = no_self(nq);
+    bad(2) = 1;  // labels_r[1] = 1, labels_q[2] = 0
+    expect_invalid_message([&] { run(qz, r, no_self(nq), ml::cuda, true); }, {"argument 'q' has row 3 of norm 0"});
+    expect_invalid_message([&] { run(q, rz, no_self(nq), ml::cuda, true); }, {"argument 'r' has row 7 of norm 0"});
+    expect_invalid_message([&] { run(qz, rz, bad, ml::cuda, true); }, {"labels_r[1] differs from labels_q[2]"});
+    expect_invalid_message([&] { run(q, rz, no_self(nq), ml::cuda, false); }, {"argument 'r' has row 7 of norm 0"});
+    // The messages are the host's.
+    expect_invalid_message([&] {
+      Matrix<double> gq(nq, d), gr(nr, d);
+      loss.forward_backward(ml::scalar, q, yq, ml::reference(rz, yr), gq, gr);
+    }, {"argument 'r' has row 7 of norm 0"});
+    // loss_to: NaN at d_loss, both gradients untouched.
+    DeviceBuffer<double> device_loss(1);
+    const auto [v1, g1q, g1r] = run(qz, r, no_self(nq), ml::cuda.loss_to(device_loss.data()), true);
+    CHECK(std::isnan(v1));
+    CHECK(std::isnan(device_loss.download()[0]));
+    untouched(g1q);
+    untouched(g1r);
+    const auto [v2, g2q, g2r] = run(q, r, bad, ml::cuda.loss_to(device_loss.data()), true);
+    CHECK(std::isnan(device_loss.download()[0]));
+    untouched(g2q);
+    untouched(g2r);
+    // Valid input: loss_to gives the value's bits; grad_r skipped leaves it and grad_q alike.
+    const auto [v3, g3q, g3r] = run(q, r, no_self(nq), ml::cuda, true);
+    const auto [v4, g4q, g4r] = run(q, r, no_self(nq), ml::cuda.loss_to(device_loss.data()), true);
+    const double deferred = device_loss.download()[0];
+    CHECK(std::memcmp(&deferred, &v3, sizeof deferred) == 0);
+    CHECK(g4q == g3q);
+    CHECK(g4r == g3r);
+    const auto [v5, g5q, g5r] = run(q, r, no_self(nq), ml::cuda, false);
+    CHECK(v5 == v3);
+    CHECK(g5q == g3q);
+    untouched(g5r);
+    (void)v2;
+    (void)v4;
+  });
 }

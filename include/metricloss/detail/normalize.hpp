@@ -14,10 +14,11 @@
 //                                                                    g_rows, top_diff);
 //   });
 //
-//   using Path = detail::ReferenceBackend<Loss, Tag>;
 //   return detail::normalized(*this, tag, check, normalize, qv, ref.view, gq, gr,
-//                             [&](const auto& q_rows, const auto& r_rows) {
-//     return Path::forward_backward(*this, tag, q_rows, lv, r_rows, gq, gr, top_diff);
+//                             [&](auto path, const auto& q_rows, const auto& r_rows,
+//                                 const auto& gq_rows, const auto& gr_rows) {
+//     return detail::ReferenceBackend<Loss, decltype(path)>::forward_backward(
+//         *this, path, q_rows, lv, r_rows, gq_rows, gr_rows, top_diff);
 //   });
 //
 // plus the member `bool normalize = false;` and `#include <metricloss/detail/normalize.hpp>`.
@@ -27,11 +28,11 @@
 // norm and so a NaN in its unit row: the backend's NaN loss and NaN gradient, as without
 // normalize.
 // The unit rows live in the functor's slot (NormalizedRows): nothing is allocated once
-// warm. The host tags normalise here; a device tag does where DeviceNormalize<Tag> says so
-// (backend/cuda/normalize.cuh: the loss runs on unit rows in device memory, with its
-// gradient in workspace, hence the path tag and gradient the batch form's call receives;
-// sharded calls: detail/sharded.hpp and backend/cuda/sharded.cuh). Any other tag rejects
-// normalize = true.
+// warm. The host tags normalise here; a device tag does where DeviceNormalize<Tag> (batch
+// form) or DeviceReferenceNormalize<Tag> (reference form) says so (backend/cuda/normalize.cuh,
+// backend/cuda/reference.cuh: the loss runs on unit rows in device memory, with its gradient
+// in workspace, hence the path tag and gradients the call receives; sharded calls:
+// detail/sharded.hpp and backend/cuda/sharded.cuh). Any other tag rejects normalize = true.
 #include <metricloss/detail/backend_slot.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/reference_view.hpp>
@@ -58,6 +59,13 @@ inline constexpr bool normalizes_on_host =
 /// `static T batch(loss, tag, check, x, grad, call)`.
 template <class Tag>
 struct DeviceNormalize {
+  static constexpr bool available = false;
+};
+
+/// The same for the reference form: `static T reference(loss, tag, check, q, ref, grad_q,
+/// grad_r, call)`.
+template <class Tag>
+struct DeviceReferenceNormalize {
   static constexpr bool available = false;
 };
 
@@ -174,25 +182,26 @@ auto normalized(Loss& loss, Tag tag, Validator& check, bool normalize, const Mat
   }
 }
 
-/// The reference form: call(q, ref), or call on the unit rows of Q and of R, with grad_q
-/// and grad_r chained afterwards.
+/// The reference form: call(tag, q, ref, grad_q, grad_r), or call on the unit rows of Q and
+/// of R, with grad_q and grad_r chained afterwards; or DeviceReferenceNormalize's sequence.
 template <class Loss, class Tag, class T, class LR, class Call>
-auto normalized(Loss& loss, Tag, Validator& check, bool normalize, const MatrixView<const T>& q,
+auto normalized(Loss& loss, Tag tag, Validator& check, bool normalize, const MatrixView<const T>& q,
                 const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
                 const MatrixView<T>& grad_r, Call&& call) {
-  if (!normalize) return call(q, ref);
-  if constexpr (!normalizes_on_host<Tag>) {
-    check.fail("option 'normalize' with a reference set runs on metricloss::scalar and "
-               "metricloss::simd so far");
-  } else {
+  if (!normalize) return call(tag, q, ref, grad_q, grad_r);
+  if constexpr (normalizes_on_host<Tag>) {
     auto& unit = scratch_of<NormalizedRows<T>>(loss);
     const MatrixView<const T> unit_q = unit.x.of(check, "q", q);
     ReferenceView<T, LR> unit_ref = ref;
     unit_ref.r = unit.r.of(check, "r", ref.r);
-    const auto value = call(unit_q, unit_ref);
+    const auto value = call(tag, unit_q, unit_ref, grad_q, grad_r);
     unit.x.chain(q, grad_q);
     unit.r.chain(ref.r, grad_r);
     return value;
+  } else if constexpr (DeviceReferenceNormalize<Tag>::available) {
+    return DeviceReferenceNormalize<Tag>::reference(loss, tag, check, q, ref, grad_q, grad_r, call);
+  } else {
+    reject_normalize_off_host<Tag>(check);
   }
 }
 

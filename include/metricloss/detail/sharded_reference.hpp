@@ -201,10 +201,11 @@ typename Loss::scalar_type run_sharded_reference(
   if constexpr (ShardedReferenceBackend<Loss, Base>::available) {
     if (ShardedReferenceBackend<Loss, Base>::handles(loss, ranks))
       return normalized(loss, tag.base, check, loss.normalize, qv, ref.view, gq, gr,
-                        [&](const auto& q_rows, const auto& r_rows) {
+                        [&](auto, const auto& q_rows, const auto& r_rows, const auto& gq_rows,
+                            const auto& gr_rows) {
         const ShardedQueries<T, Label, LR> mine_q{q_rows, lv, r_rows, status, first, n, any_grad_r};
         return ShardedReferenceBackend<Loss, Base>::forward_backward(loss, tag.base, group, mine_q,
-                                                                     gq, gr, top_diff);
+                                                                     gq_rows, gr_rows, top_diff);
       });
   }
 
@@ -230,11 +231,11 @@ typename Loss::scalar_type run_sharded_reference(
   const VectorView<Label> global_labels{all_labels, n, 1};
   MatrixView<T> all_grad{};
   if (!gq.empty()) all_grad = {work.grad.data(static_cast<std::size_t>(n * d)), n, d, d};
-  using Path = ReferenceBackend<Loss, Base>;
   const T value = normalized(loss, tag.base, check, loss.normalize, global_q, global_ref, all_grad,
-                             gr, [&](const auto& q_rows, const auto& r_rows) {
-    return Path::forward_backward(loss, tag.base, q_rows, global_labels, r_rows, all_grad, gr,
-                                  top_diff);
+                             gr, [&](auto path, const auto& q_rows, const auto& r_rows,
+                                     const auto& gq_rows, const auto& gr_rows) {
+    return ReferenceBackend<Loss, decltype(path)>::forward_backward(loss, path, q_rows, global_labels,
+                                                                    r_rows, gq_rows, gr_rows, top_diff);
   });
   for (Index i = 0; i < gq.rows && !gq.empty(); ++i)
     std::memcpy(gq.row(i), all_grad.row(first + i), sizeof(T) * d);

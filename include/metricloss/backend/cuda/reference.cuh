@@ -18,11 +18,14 @@
 //   4. grad_q_a = 2 s sum_j W_aj (q_a - r_j) and grad_r_j = 2 s sum_a W_aj (r_j - q_a), by
 //      differences in double, one thread per entry (no cancellation, no near pairs);
 //      multi-similarity: grad_q_a = s sum_j W_aj r_j and grad_r_j = s sum_a W_aj q_a.
+// normalize = true: the unit rows of Q and of R (normalize.cuh's steps) around the same core,
+// with one verdict for a self row with another label and a zero row of either set.
 // Cost O(N_q N_r D) in double; memory two N_q x N_r matrices of doubles (256 x 65536: 256 MiB).
 // Batch-all and semihard walk an anchor's positives one at a time (O(N_q |P| N_r)), as the
 // batch kernels do. Every reduction has a fixed order: deterministic.
 #include <metricloss/backend/cuda/batch_triplet.cuh>
 #include <metricloss/backend/cuda/batch_triplet_mining.cuh>
+#include <metricloss/backend/cuda/normalize.cuh>
 #include <metricloss/backend/cuda/reduce.cuh>
 #include <metricloss/backend/cuda/runtime.cuh>
 #include <metricloss/batch_contrastive.hpp>
@@ -614,6 +617,21 @@ __global__ void reference_reject_kernel(const unsigned long long* bad_self, T* d
   if (*bad_self != no_bad_self) *device_loss = static_cast<T>(nan(""));
 }
 
+/// normalize = true: the call's one verdict, in the order the host checks (a self row with
+/// another label, then a zero row of Q, then of R): the row, with the kind in the top two
+/// bits (0, 1, 2), or ~0ull for none. When there is one, both zero-row words are set to row 0
+/// so that neither chain writes a gradient.
+template <class Word>  // unsigned long long (a template, as every kernel here: no ODR issue)
+__global__ void reference_normalize_verdict_kernel(const Word* bad_self, Word* q_zero, Word* r_zero,
+                                                   Word* report) {
+  Word out = no_zero_row;
+  if (*bad_self != no_bad_self) out = *bad_self;
+  else if (*q_zero != no_zero_row) out = (1ull << 62) | *q_zero;
+  else if (*r_zero != no_zero_row) out = (2ull << 62) | *r_zero;
+  *report = out;
+  if (out != no_zero_row) *q_zero = *r_zero = 0;
+}
+
 /// Which loss a reference core computes.
 struct TripletReferenceOptions {
   double margin;
@@ -795,18 +813,37 @@ struct CudaSelfStaging : BackendSlot::Contents {
 /// brings the loss and the self verdict back in one synchronisation and throws
 /// invalid_argument for a self row with another label (nothing written); loss_to(d_loss)
 /// leaves NaN there and the gradients untouched.
+/// Where run_reference_functor_path keeps its parts in the functor's workspace for `stream`:
+/// the core's workspace, the loss (a double's room), the self verdict. The same bytes on every
+/// call of the same shape, so normalize = true finds the verdict after the call.
+struct ReferenceCallMemory {
+  cuda::Workspace* workspace;
+  char* memory;
+  std::size_t core_bytes;
+  void* loss;
+  unsigned long long* verdict;
+};
+
+inline ReferenceCallMemory reference_call_memory(BackendSlot& slot, cudaStream_t stream, Index nq, Index nr) {
+  cuda::Workspace& workspace = slot.get<cuda::FunctorWorkspaces>().for_stream(stream);
+  const std::size_t core_bytes = cuda_core::reference_workspace_bytes(nq, nr);
+  const std::size_t core_part = cuda::aligned_bytes(core_bytes), loss_part = cuda::aligned_bytes(sizeof(double));
+  char* memory = static_cast<char*>(workspace.device_memory(core_part + loss_part + sizeof(unsigned long long)));
+  return {&workspace, memory, core_bytes, memory + core_part,
+          reinterpret_cast<unsigned long long*>(memory + core_part + loss_part)};
+}
+
 template <class T, class Loss, class LR, class Core>
 T run_reference_functor_path(Loss& loss, const char* where, const char* loss_name,
                              cudaStream_t stream, T* deferred_loss, const MatrixView<const T>& q,
                              const ReferenceView<T, LR>& ref, Core&& core) {
   auto& slot = BackendSlotAccess::of(loss);
-  cuda::Workspace& workspace = slot.template get<cuda::FunctorWorkspaces>().for_stream(stream);
-  const std::size_t core_bytes = cuda_core::reference_workspace_bytes(q.rows, ref.r.rows);
-  const std::size_t core_part = cuda::aligned_bytes(core_bytes);
-  char* memory = static_cast<char*>(
-      workspace.device_memory(core_part + cuda::aligned_bytes(sizeof(double)) + sizeof(unsigned long long)));
-  T* device_loss = deferred_loss ? deferred_loss : reinterpret_cast<T*>(memory + core_part);
-  auto* verdict = reinterpret_cast<unsigned long long*>(memory + core_part + cuda::aligned_bytes(sizeof(double)));
+  const ReferenceCallMemory call = reference_call_memory(slot, stream, q.rows, ref.r.rows);
+  char* memory = call.memory;
+  const std::size_t core_bytes = call.core_bytes;
+  cuda::Workspace& workspace = *call.workspace;
+  T* device_loss = deferred_loss ? deferred_loss : static_cast<T*>(call.loss);
+  unsigned long long* verdict = call.verdict;
   const long long* self = nullptr;
   if (ref.self.given()) {
     const cuda::ReferenceLayout layout(memory, q.rows, ref.r.rows);
@@ -952,6 +989,93 @@ struct ReferenceBackend<MultiSimilarityLoss<T>, cuda_tag> : CudaReferenceBackend
 template <class T>
 struct ReferenceBackend<MultiSimilarityLoss<T>, cuda_deferred_tag<T>>
     : CudaReferenceBackend<CudaMultiSimilarityReference<T>> {};
+
+namespace cuda {
+
+/// normalize = true with a reference set on device memory: the unit rows of Q and of R
+/// (normalize.cuh's step 1 for each, R's after Q's in the normalize workspace), the loss on
+/// them through call(deferred tag, ...) with dL/dU in workspace, the one verdict
+/// (reference_normalize_verdict_kernel), then step 3 for each. The call that returns L
+/// throws the verdict's invalid_argument after its one synchronisation, nothing written;
+/// loss_to leaves NaN at d_loss and both gradients untouched.
+template <class Loss, class T, class LR, class Call>
+T normalized_reference_on_device(Loss& loss, cudaStream_t stream, T* deferred_loss, Validator& check,
+                                 const MatrixView<const T>& q, const ReferenceView<T, LR>& ref,
+                                 const MatrixView<T>& grad_q, const MatrixView<T>& grad_r, Call&& call) {
+  const char* where = "metricloss: normalize (cuda, reference set)";
+  const Index nq = q.rows, nr = ref.r.rows, d = q.cols;
+  const bool want_q = !grad_q.empty(), want_r = !grad_r.empty();
+  const std::size_t r_bytes = cuda_core::normalize_workspace_bytes<T>(nr, d, want_r);
+  const std::size_t loss_part = aligned_bytes(sizeof(double));
+  const auto unit = unit_rows_workspace<T>(loss, stream, nq, d, want_q, r_bytes + loss_part + sizeof(unsigned long long));
+  char* r_memory = unit.memory + unit.bytes;
+  T* own_loss = reinterpret_cast<T*>(r_memory + r_bytes);
+  auto* report = reinterpret_cast<unsigned long long*>(r_memory + r_bytes + loss_part);
+  T* device_loss = deferred_loss ? deferred_loss : own_loss;
+  MatrixView<T> q_rows, q_grad, r_rows, r_grad;
+  throw_on_error(cuda_core::normalize_rows<T>(unit.memory, unit.bytes, q, want_q, &q_rows, &q_grad, stream), where);
+  throw_on_error(cuda_core::normalize_rows<T>(r_memory, r_bytes, ref.r, want_r, &r_rows, &r_grad, stream), where);
+  ReferenceView<T, LR> unit_ref = ref;
+  unit_ref.r = MatrixView<const T>{r_rows.data, r_rows.rows, r_rows.cols, r_rows.stride};
+  call(cuda_deferred_tag<T>(stream, device_loss),
+       MatrixView<const T>{q_rows.data, q_rows.rows, q_rows.cols, q_rows.stride}, unit_ref, q_grad, r_grad);
+  const NormalizeLayout<T> r_layout(r_memory, nr, d, want_r);
+  reference_normalize_verdict_kernel<<<1, 1, 0, stream>>>(
+      reference_call_memory(BackendSlotAccess::of(loss), stream, nq, nr).verdict, unit.layout.zero_row,
+      r_layout.zero_row, report);
+  throw_on_error(cudaGetLastError(), where);
+  throw_on_error(cuda_core::normalize_chain<T>(unit.memory, unit.bytes, q, grad_q, device_loss, nullptr, stream),
+                 where);
+  throw_on_error(cuda_core::normalize_chain<T>(r_memory, r_bytes, ref.r, grad_r, device_loss, nullptr, stream),
+                 where);
+  if (deferred_loss) return std::numeric_limits<T>::quiet_NaN();
+  // One synchronisation brings the loss and the verdict.
+  auto* host = static_cast<double*>(unit.workspace->host_slot());
+  throw_on_error(cudaMemcpyAsync(host, own_loss, sizeof(T), cudaMemcpyDeviceToHost, stream), where);
+  throw_on_error(cudaMemcpyAsync(host + 1, report, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream),
+                 where);
+  throw_on_error(cudaStreamSynchronize(stream), where);
+  unsigned long long verdict = 0;
+  std::memcpy(&verdict, host + 1, sizeof verdict);
+  if (verdict != no_zero_row) {
+    const auto row = static_cast<Index>(verdict & ((1ull << 62) - 1));
+    const auto kind = verdict >> 62;
+    if (kind == 0) fail_self_label(check, row, ref.self[row]);
+    if (kind == 1) fail_zero_row(check, "q", row, nq, d);
+    fail_zero_row(check, "r", row, nr, d);
+  }
+  T value;
+  std::memcpy(&value, host, sizeof value);
+  return value;
+}
+
+}  // namespace cuda
+
+/// Both cuda tags normalise the reference form on the device too.
+template <>
+struct DeviceReferenceNormalize<cuda_tag> {
+  static constexpr bool available = true;
+  template <class Loss, class T, class LR, class Call>
+  static T reference(Loss& loss, cuda_tag tag, Validator& check, const MatrixView<const T>& q,
+                     const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
+                     const MatrixView<T>& grad_r, Call&& call) {
+    return cuda::normalized_reference_on_device<Loss, T>(loss, tag.stream, nullptr, check, q, ref, grad_q,
+                                                         grad_r, call);
+  }
+};
+
+template <class T>
+struct DeviceReferenceNormalize<cuda_deferred_tag<T>> {
+  static constexpr bool available = true;
+  template <class Loss, class LR, class Call>
+  static T reference(Loss& loss, cuda_deferred_tag<T> tag, Validator& check, const MatrixView<const T>& q,
+                     const ReferenceView<T, LR>& ref, const MatrixView<T>& grad_q,
+                     const MatrixView<T>& grad_r, Call&& call) {
+    cuda::require_device_loss(tag.device_loss, "metricloss: cuda.loss_to");
+    return cuda::normalized_reference_on_device<Loss, T>(loss, tag.stream, tag.device_loss, check, q, ref,
+                                                         grad_q, grad_r, call);
+  }
+};
 
 }  // namespace detail
 }  // namespace metricloss
