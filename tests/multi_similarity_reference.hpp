@@ -40,10 +40,11 @@ struct Expected {
   double gap = inf;  // nearest similarity to its kept-set limit
 };
 
-/// API.md's formula: anchors from Q, candidates j != self(a) from R, in double.
-template <class T, class Self>
-Expected brute_force(const Options& o, const Matrix<T>& qt, const Labels& yq, const Matrix<T>& rt,
-                     const Labels& yr, const Self& self) {
+/// API.md's formula: anchors from Q, candidates j != self(a) from R, in double. Labels and
+/// self: Eigen vectors (any label type compared with ==).
+template <class T, class LQ, class LR, class Self>
+Expected brute_force(const Options& o, const Matrix<T>& qt, const LQ& yq, const Matrix<T>& rt,
+                     const LR& yr, const Self& self) {
   const Matrix<double> q = qt.template cast<double>(), r = rt.template cast<double>();
   const Matrix<double> s = q * r.transpose();
   Expected e;

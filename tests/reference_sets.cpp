@@ -21,21 +21,7 @@ using ml::Mining;
 
 namespace {
 
-struct Option {
-  bool lifted;
-  Mining mining;
-  Distance distance;
-  bool soft_margin;
-  std::string name() const { return lifted ? "lifted" : name_of(mining, distance, soft_margin); }
-};
-
-std::vector<Option> every_option() {
-  std::vector<Option> out{{true, Mining::all, Distance::euclidean, false}};
-  for (Mining m : {Mining::all, Mining::hard, Mining::semihard})
-    for (Distance d : {Distance::euclidean, Distance::squared_euclidean})
-      for (bool soft : {false, true}) out.push_back({false, m, d, soft});
-  return out;
-}
+using Option = CrossOption;
 
 /// Whether `tag` runs the option's loss with reference sets (the paths land one by one).
 template <class T, class Tag>
@@ -73,18 +59,6 @@ T batch_call(Tag tag, const Option& o, double margin, const Matrix<T>& x, const 
   return loss.forward_backward(tag, x, y, g);
 }
 
-CrossReference brute_force_of(const Option& o, double margin, const Matrix<double>& q,
-                              const CrossLabels& yq, const Matrix<double>& r, const CrossLabels& yr,
-                              const SelfIndices& self, double top_diff = 1.0) {
-  return o.lifted ? cross_lifted_brute_force(q, yq, r, yr, self, margin, top_diff)
-                  : cross_triplet_brute_force(q, yq, r, yr, self, margin, o.mining, o.distance,
-                                              o.soft_margin, top_diff);
-}
-
-double largest(const Matrix<double>& a, const Matrix<double>& b) {
-  return std::max(a.size() ? a.cwiseAbs().maxCoeff() : 0.0, b.size() ? b.cwiseAbs().maxCoeff() : 0.0);
-}
-
 /// Loss and both gradients against the brute force, gradients relative to the largest
 /// entry of either.
 template <class T>
@@ -92,14 +66,12 @@ void check_against(const CrossReference& ref, T loss, const Matrix<T>& gq, const
                    double loss_tol, double grad_tol) {
   CAPTURE(ref.loss, static_cast<double>(loss));
   CHECK(relatively_close(static_cast<double>(loss), ref.loss, loss_tol, 1e-300));
-  const double scale = std::max(largest(ref.grad_q, ref.grad_r), 1e-300);
+  const double scale = std::max(largest_entry(ref.grad_q, ref.grad_r), 1e-300);
   const Matrix<double> eq = gq.template cast<double>() - ref.grad_q;
   const Matrix<double> er = gr.template cast<double>() - ref.grad_r;
-  CAPTURE(scale, largest(eq, Matrix<double>()), largest(er, Matrix<double>()));
-  CHECK(largest(eq, er) <= grad_tol * scale);
+  CAPTURE(scale, largest_entry(eq, Matrix<double>()), largest_entry(er, Matrix<double>()));
+  CHECK(largest_entry(eq, er) <= grad_tol * scale);
 }
-
-SelfIndices no_self(Index n) { return SelfIndices::Constant(n, -1); }
 
 }  // namespace
 
@@ -137,7 +109,7 @@ TEMPLATE_TEST_CASE("reference sets with R = Q and self = identity reduce to the 
     const CrossLabels y = labels_of(random_labels(n, 5, rng));
     SelfIndices self(n);
     std::iota(self.data(), self.data() + n, std::int64_t(0));
-    for (const Option& o : every_option()) {
+    for (const Option& o : every_cross_option()) {
       if (!runs<T>(tag, o)) continue;
       CAPTURE(o.name(), d);
       const double margin = o.lifted ? 1.0 : 0.3;
@@ -189,7 +161,7 @@ TEMPLATE_TEST_CASE("reference sets: permuting R (and self_index) leaves L and gr
   SelfIndices selfp = self;
   for (Index a = 0; a < nq; ++a)
     if (self(a) >= 0) selfp(a) = where[static_cast<std::size_t>(self(a))];
-  for (const Option& o : every_option()) {
+  for (const Option& o : every_cross_option()) {
     if (!runs<double>(tag, o)) continue;
     CAPTURE(o.name());
     const double margin = o.lifted ? 1.0 : 0.3;
@@ -197,7 +169,7 @@ TEMPLATE_TEST_CASE("reference sets: permuting R (and self_index) leaves L and gr
     const double l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr);
     const double lp = cross_call(tag, o, margin, q, yq, rp, yrp, selfp, gqp, grp);
     CHECK(relatively_close(lp, l, same_formula_tolerance, 1e-300));
-    const double scale = std::max(largest(gq, gr), 1e-300);
+    const double scale = std::max(largest_entry(gq, gr), 1e-300);
     CHECK((gqp - gq).cwiseAbs().maxCoeff() <= same_formula_tolerance * scale);
     double worst = 0.0;
     for (Index i = 0; i < nr; ++i)
@@ -218,7 +190,7 @@ TEMPLATE_TEST_CASE("reference sets match the brute force", "[reference]", ALL_CA
   const Shape shapes[] = {{9, 40, 5, 0.0}, {33, 6, 3, 0.0}, {17, 17, 1, 0.0}, {12, 25, 8, 100.0}};
   std::uint64_t seed = 1503;
   for (const Shape& s : shapes) {
-    for (const Option& o : every_option()) {
+    for (const Option& o : every_cross_option()) {
       if (!runs<T>(tag, o)) continue;
       CAPTURE(s.nq, s.nr, s.d, s.offset, o.name(), seed);
       std::mt19937_64 rng(seed++);
@@ -238,14 +210,14 @@ TEMPLATE_TEST_CASE("reference sets match the brute force", "[reference]", ALL_CA
           yr(2) = yq(1);
           self(1) = 2;
         }
-        const CrossReference b = brute_force_of(o, margin, q.template cast<double>(), yq,
+        const CrossReference b = cross_brute_force(o, margin, q.template cast<double>(), yq,
                                                 r.template cast<double>(), yr, self);
         if (std::is_same<T, double>::value || o.lifted || b.gap > 1e-4 * (s.offset > 0 ? 0.01 : 1.0)) break;
       }
       Matrix<T> gq(s.nq, s.d), gr(s.nr, s.d);
       const T top_diff = T(0.75);
       const T l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr, top_diff);
-      const CrossReference b = brute_force_of(o, margin, q.template cast<double>(), yq,
+      const CrossReference b = cross_brute_force(o, margin, q.template cast<double>(), yq,
                                               r.template cast<double>(), yr, self, 0.75);
       check_against(b, l, gq, gr, Tolerance<T>::loss, Tolerance<T>::gradient);
     }
@@ -258,7 +230,7 @@ TEMPLATE_TEST_CASE("reference sets: degenerate sets", "[reference]", ml::scalar_
   std::mt19937_64 rng(1504);
   const Matrix<double> q = uniform_matrix<double>(6, d, rng), r = uniform_matrix<double>(5, d, rng);
   CrossLabels yq(6), yr(5);
-  for (const Option& o : every_option()) {
+  for (const Option& o : every_cross_option()) {
     if (!runs<double>(tag, o)) continue;
     CAPTURE(o.name());
     Matrix<double> gq = Matrix<double>::Constant(6, d, 7.0), gr = Matrix<double>::Constant(5, d, 7.0);
@@ -271,12 +243,12 @@ TEMPLATE_TEST_CASE("reference sets: degenerate sets", "[reference]", ml::scalar_
     // R is one class: positives only for queries of it, no negatives for them.
     yr << 1, 1, 1, 1, 1;
     const double l = cross_call(tag, o, 0.5, q, yq, r, yr, no_self(6), gq, gr);
-    const CrossReference b = brute_force_of(o, 0.5, q, yq, r, yr, no_self(6));
+    const CrossReference b = cross_brute_force(o, 0.5, q, yq, r, yr, no_self(6));
     check_against(b, l, gq, gr, 1e-12, 1e-12);
     // Mixed: some queries without a positive, some without a negative.
     yr << 1, 1, 0, 9, 9;
     const double l2 = cross_call(tag, o, 0.5, q, yq, r, yr, no_self(6), gq, gr);
-    check_against(brute_force_of(o, 0.5, q, yq, r, yr, no_self(6)), l2, gq, gr, 1e-12, 1e-12);
+    check_against(cross_brute_force(o, 0.5, q, yq, r, yr, no_self(6)), l2, gq, gr, 1e-12, 1e-12);
     // One query, one candidate, coincident: D = 0, its own positive only through self = -1.
     Matrix<double> q1 = q.topRows(1), r1 = q.topRows(1), g1(1, d), h1(1, d);
     CrossLabels y1(1);
@@ -306,13 +278,13 @@ TEMPLATE_TEST_CASE("reference sets follow the tie rules on tie-heavy data", "[re
       yr(a) = yq(a);
       self(a) = a;
     }
-    for (const Option& o : every_option()) {
+    for (const Option& o : every_cross_option()) {
       if (!runs<double>(tag, o)) continue;
       CAPTURE(o.name());
       const double margin = 1.0;  // an integer: hinges at exactly 0
       Matrix<double> gq(nq, d), gr(nr, d);
       const double l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr);
-      check_against(brute_force_of(o, margin, q, yq, r, yr, self), l, gq, gr, 1e-10, 1e-10);
+      check_against(cross_brute_force(o, margin, q, yq, r, yr, self), l, gq, gr, 1e-10, 1e-10);
     }
   }
 }
@@ -340,13 +312,13 @@ TEMPLATE_TEST_CASE("reference sets follow the tie rules with many positives (buc
     Index fewest = nr;
     for (Index a = 0; a < nq; ++a) fewest = std::min(fewest, Index((yr.array() == yq(a)).count()));
     REQUIRE(fewest > 17);  // every query takes the bucket sweeps
-    for (const Option& o : every_option()) {
+    for (const Option& o : every_cross_option()) {
       if (!runs<double>(tag, o)) continue;
       CAPTURE(o.name());
       const double margin = 1.0;
       Matrix<double> gq(nq, d), gr(nr, d);
       const double l = cross_call(tag, o, margin, q, yq, r, yr, self, gq, gr);
-      check_against(brute_force_of(o, margin, q, yq, r, yr, self), l, gq, gr, 1e-10, 1e-10);
+      check_against(cross_brute_force(o, margin, q, yq, r, yr, self), l, gq, gr, 1e-10, 1e-10);
     }
   }
 }
@@ -362,7 +334,7 @@ TEMPLATE_TEST_CASE("reference-set gradients match finite differences", "[referen
   const CrossLabels yr = labels_of({0, 1, 2, 0, 1, 2, 0, 1, 4, 0, 2});
   SelfIndices self = no_self(nq);
   self(0) = 0;
-  for (const Option& o : every_option()) {
+  for (const Option& o : every_cross_option()) {
     if (!runs<double>(tag, o)) continue;
     CAPTURE(o.name());
     const double margin = o.lifted ? 1.0 : 0.4;
@@ -371,7 +343,7 @@ TEMPLATE_TEST_CASE("reference-set gradients match finite differences", "[referen
       q = uniform_matrix<double>(nq, d, rng);
       r = uniform_matrix<double>(nr, d, rng);
       r.row(0) = q.row(0);
-      if (brute_force_of(o, margin, q, yq, r, yr, self).gap > 1e-3) break;
+      if (cross_brute_force(o, margin, q, yq, r, yr, self).gap > 1e-3) break;
     }
     Matrix<double> gq(nq, d), gr(nr, d);
     const double top_diff = 1.3;
@@ -387,7 +359,7 @@ TEMPLATE_TEST_CASE("reference-set gradients match finite differences", "[referen
     };
     const Matrix<double> nq_grad = top_diff * ml::testing::numerical_gradient(fq, q);
     const Matrix<double> nr_grad = top_diff * ml::testing::numerical_gradient(fr, r);
-    CHECK(largest(gq, gr) > 0);
+    CHECK(largest_entry(gq, gr) > 0);
     CHECK(ml::testing::compare_gradients(gq, nq_grad).relative() <= Tolerance<double>::finite_difference);
     CHECK(ml::testing::compare_gradients(gr, nr_grad).relative() <= Tolerance<double>::finite_difference);
   }
@@ -547,7 +519,7 @@ TEST_CASE("cross-batch memory: the loss against the memory equals the loss again
         ++row;
       }
     REQUIRE(row == valid);
-    for (const Option& o : every_option()) {
+    for (const Option& o : every_cross_option()) {
       CAPTURE(o.name());
       const double margin = o.lifted ? 1.0 : 0.3;
       Matrix<float> gq(b, d), gq_explicit(b, d), gr_explicit(valid, d);
@@ -599,7 +571,7 @@ TEMPLATE_TEST_CASE("reference sets: simd agrees with scalar over sizes and strid
         const CrossLabels yq = labels_of(random_labels(nq, 3, rng)), yr = labels_of(random_labels(nr, 3, rng));
         // Strided inputs and outputs, padding filled with a sentinel.
         const Strided<T> qs(q, 3, T(-7)), rs(r, 2, T(-7));
-        for (const Option& o : every_option()) {
+        for (const Option& o : every_cross_option()) {
           if (!runs<T>(ml::simd, o)) continue;
           CAPTURE(o.name());
           ml::BatchTripletLoss<T> batch(T(0.3), o.mining, o.distance, o.soft_margin);
@@ -613,7 +585,7 @@ TEMPLATE_TEST_CASE("reference sets: simd agrees with scalar over sizes and strid
           Strided<T> gqs(Matrix<T>::Zero(nq, d), 5, T(-9)), grs(Matrix<T>::Zero(nr, d), 1, T(-9));
           const T ls = run(ml::simd, qs.cmap(), rs.cmap(), gqs.map(), grs.map());
           CHECK(relatively_close(ls, l, std::is_same<T, float>::value ? Tolerance<float>::loss : 1e-10, 1e-30));
-          const double scale = std::max(largest(gq.template cast<double>(), gr.template cast<double>()), 1e-30);
+          const double scale = std::max(largest_entry(gq.template cast<double>(), gr.template cast<double>()), 1e-30);
           CHECK((Matrix<T>(gqs.map()) - gq).template cast<double>().cwiseAbs().maxCoeff() <= tol * scale);
           CHECK((Matrix<T>(grs.map()) - gr).template cast<double>().cwiseAbs().maxCoeff() <= tol * scale);
           CHECK(gqs.padding_is(T(-9)));

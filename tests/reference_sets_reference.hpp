@@ -4,11 +4,13 @@
 // P(a) = {j in R : y_j = y_a, j != self(a)}, Neg(a) = {j in R : y_j != y_a}, ties to the
 // lowest row of R, a hinge at exactly 0 inactive. Lifted: J_aj over ordered positive pairs,
 // its normaliser summed term by term (no factorisation).
+#include "batch_triplet_reference.hpp"
 #include "support.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace mltest {
@@ -164,5 +166,40 @@ inline CrossReference cross_lifted_brute_force(const Matrix<double>& q, const Cr
   out.loss /= 2.0 * pairs;
   return out;
 }
+
+/// One reference-set loss of the brute force: lifted, or batch triplet with its options.
+struct CrossOption {
+  bool lifted;
+  ml::Mining mining;
+  ml::Distance distance;
+  bool soft_margin;
+  std::string name() const { return lifted ? "lifted" : name_of(mining, distance, soft_margin); }
+};
+
+/// Lifted, and batch triplet with every mining, distance and margin form.
+inline std::vector<CrossOption> every_cross_option() {
+  std::vector<CrossOption> out{{true, ml::Mining::all, ml::Distance::euclidean, false}};
+  for (ml::Mining m : {ml::Mining::all, ml::Mining::hard, ml::Mining::semihard})
+    for (ml::Distance d : {ml::Distance::euclidean, ml::Distance::squared_euclidean})
+      for (bool soft : {false, true}) out.push_back({false, m, d, soft});
+  return out;
+}
+
+inline CrossReference cross_brute_force(const CrossOption& o, double margin, const Matrix<double>& q,
+                                        const CrossLabels& yq, const Matrix<double>& r,
+                                        const CrossLabels& yr, const SelfIndices& self,
+                                        double top_diff = 1.0) {
+  return o.lifted ? cross_lifted_brute_force(q, yq, r, yr, self, margin, top_diff)
+                  : cross_triplet_brute_force(q, yq, r, yr, self, margin, o.mining, o.distance,
+                                              o.soft_margin, top_diff);
+}
+
+/// The largest |entry| of a and b (0 when both are empty).
+inline double largest_entry(const Matrix<double>& a, const Matrix<double>& b) {
+  return std::max(a.size() ? a.cwiseAbs().maxCoeff() : 0.0, b.size() ? b.cwiseAbs().maxCoeff() : 0.0);
+}
+
+/// No query is a row of R.
+inline SelfIndices no_self(Index n) { return SelfIndices::Constant(n, -1); }
 
 }  // namespace mltest

@@ -7,6 +7,8 @@
 // determinism with the deferred loss and the noexcept core; errors before the device.
 #include "device.cuh"
 
+#include "../multi_similarity_reference.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -18,67 +20,23 @@ using namespace mltest;
 
 namespace {
 
-constexpr double inf = std::numeric_limits<double>::infinity();
-
-struct Options {
-  double alpha = 2, beta = 50, base = 0.5, epsilon = 0.1;
-  template <class T>
-  ml::MultiSimilarityLoss<T> loss() const {
-    return ml::MultiSimilarityLoss<T>(static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(base),
-                                      static_cast<T>(epsilon));
-  }
-};
-
-std::vector<Options> every_option() {
-  return {{2, 50, 0.5, 0.1}, {2, 50, 0.5, inf}, {1, 10, 0.2, 0.5}, {3, 5, -0.1, 0.0}, {0.5, 2, 0.0, inf}};
-}
+using ms_reference::every_option;
+using ms_reference::inf;
+using ms_reference::Options;
 
 struct Expected {
   double loss = 0.0;
   Matrix<double> grad;
 };
 
-/// API.md's formula over anchors a and candidates j != a, similarities in double:
-/// kept positives S_ap < max_neg + epsilon, kept negatives S_an > min_pos - epsilon (every
-/// pair for epsilon = +inf), L = (1/N) sum_a [(1/alpha) log(1 + sum e^{-alpha (S - base)}) +
-/// (1/beta) log(1 + sum e^{beta (S - base)})], the gradient through S = X X^T, times top_diff.
+/// The batch as Q = R = X with self = identity (multi_similarity_reference.hpp's brute force
+/// of API.md's formula), grad = top_diff (grad_q + grad_r).
 template <class L>
 Expected brute_force(const Options& o, const Matrix<double>& x, const std::vector<L>& labels, double top_diff) {
-  const Matrix<double> s = x * x.transpose();
   const Index n = x.rows();
-  const auto label = [&](Index i) { return labels[static_cast<std::size_t>(i)]; };
-  Expected e;
-  e.grad = Matrix<double>::Zero(n, x.cols());
-  for (Index a = 0; a < n; ++a) {
-    double min_pos = inf, max_neg = -inf;
-    for (Index j = 0; j < n; ++j) {
-      if (j == a) continue;
-      if (label(a) == label(j)) min_pos = std::min(min_pos, s(a, j));
-      else max_neg = std::max(max_neg, s(a, j));
-    }
-    std::vector<Index> kept_p, kept_n;
-    for (Index j = 0; j < n; ++j) {
-      if (j == a) continue;
-      const bool p = label(a) == label(j);
-      const double limit = p ? max_neg + o.epsilon : min_pos - o.epsilon;
-      if (std::isinf(o.epsilon) || (p ? s(a, j) < limit : s(a, j) > limit)) (p ? kept_p : kept_n).push_back(j);
-    }
-    const auto side = [&](const std::vector<Index>& kept, double c, double sign) {
-      if (kept.empty()) return 0.0;
-      double top = 0.0;
-      for (Index j : kept) top = std::max(top, sign * c * (s(a, j) - o.base));
-      double sum = std::exp(-top);
-      for (Index j : kept) sum += std::exp(sign * c * (s(a, j) - o.base) - top);
-      for (Index j : kept) {
-        const double dlds = top_diff * sign * std::exp(sign * c * (s(a, j) - o.base) - top) / sum / double(n);
-        e.grad.row(a) += dlds * x.row(j);  // d S_aj / d x_a
-        e.grad.row(j) += dlds * x.row(a);  // d S_aj / d x_j
-      }
-      return (top + std::log(sum)) / c;
-    };
-    e.loss += (side(kept_p, o.alpha, -1.0) + side(kept_n, o.beta, 1.0)) / double(n);
-  }
-  return e;
+  const Eigen::Map<const Eigen::Matrix<L, Eigen::Dynamic, 1>> y(labels.data(), n);
+  const ms_reference::Expected e = ms_reference::brute_force(o, x, y, x, y, Eigen::VectorXi::LinSpaced(n, 0, int(n - 1)));
+  return {e.loss, top_diff * (e.gq + e.gr)};
 }
 
 /// max |got - expected| against tol times the largest expected entry (W spans e^{beta ...}:

@@ -25,23 +25,22 @@ using ml::Mining;
 
 namespace {
 
-struct Option {
-  bool lifted;
-  Mining mining;
-  Distance distance;
-  bool soft_margin;
-  std::string name() const { return lifted ? "lifted" : name_of(mining, distance, soft_margin); }
+using Option = CrossOption;
+
+/// Tie-heavy integer sets: entries in [-2, 2] (every distance and product exact in float and
+/// double, many exact ties, hinges exactly at 0), rows 5 and 9 of R equal, 3 classes in runs.
+struct IntegerSets {
+  Matrix<double> q, r;
+  CrossLabels yq, yr;
+  IntegerSets(std::mt19937_64& rng, Index nq, Index nr, Index d) : q(nq, d), r(nr, d) {
+    std::uniform_int_distribution<int> value(-2, 2);
+    for (Index i = 0; i < q.size(); ++i) q.data()[i] = value(rng);
+    for (Index i = 0; i < r.size(); ++i) r.data()[i] = value(rng);
+    r.row(5) = r.row(9);
+    yq = labels_of(tied_labels(nq, 3, rng));
+    yr = labels_of(tied_labels(nr, 3, rng));
+  }
 };
-
-std::vector<Option> every_option() {
-  std::vector<Option> out{{true, Mining::all, Distance::euclidean, false}};
-  for (Mining m : {Mining::all, Mining::hard, Mining::semihard})
-    for (Distance d : {Distance::euclidean, Distance::squared_euclidean})
-      for (bool soft : {false, true}) out.push_back({false, m, d, soft});
-  return out;
-}
-
-SelfIndices no_self(Index n) { return SelfIndices::Constant(n, -1); }
 
 std::vector<std::int64_t> as_vector(const CrossLabels& y) { return {y.data(), y.data() + y.size()}; }
 
@@ -82,29 +81,17 @@ Result<T> call(Tag tag, const Option& o, double margin, const Matrix<T>& q, cons
   return out;
 }
 
-CrossReference brute_force_of(const Option& o, double margin, const Matrix<double>& q,
-                              const CrossLabels& yq, const Matrix<double>& r, const CrossLabels& yr,
-                              const SelfIndices& self, double top_diff) {
-  return o.lifted ? cross_lifted_brute_force(q, yq, r, yr, self, margin, top_diff)
-                  : cross_triplet_brute_force(q, yq, r, yr, self, margin, o.mining, o.distance,
-                                              o.soft_margin, top_diff);
-}
-
-double largest(const Matrix<double>& a, const Matrix<double>& b) {
-  return std::max(a.size() ? a.cwiseAbs().maxCoeff() : 0.0, b.size() ? b.cwiseAbs().maxCoeff() : 0.0);
-}
-
 /// Loss and both gradients against expected ones, gradients relative to the largest entry.
 template <class T>
 void check_close(const Result<T>& got, double loss, const Matrix<double>& gq, const Matrix<double>& gr,
                  double loss_tol, double grad_tol) {
   CAPTURE(loss, static_cast<double>(got.loss));
   CHECK(relatively_close(static_cast<double>(got.loss), loss, loss_tol, 1e-300));
-  const double scale = std::max(largest(gq, gr), 1e-300);
+  const double scale = std::max(largest_entry(gq, gr), 1e-300);
   const Matrix<double> eq = got.grad_q.template cast<double>() - gq;
   const Matrix<double> er = got.grad_r.template cast<double>() - gr;
-  CAPTURE(scale, largest(eq, Matrix<double>()), largest(er, Matrix<double>()));
-  CHECK(largest(eq, er) <= grad_tol * scale);
+  CAPTURE(scale, largest_entry(eq, Matrix<double>()), largest_entry(er, Matrix<double>()));
+  CHECK(largest_entry(eq, er) <= grad_tol * scale);
 }
 
 }  // namespace
@@ -124,7 +111,7 @@ TEMPLATE_TEST_CASE("cuda reference sets match the brute force and the scalar pat
                           {12, 25, 8, 100.0, 1}, {70, 300, 45, 0.0, 2}};
   std::uint64_t seed = 21503;
   for (const Shape& s : shapes) {
-    for (const Option& o : every_option()) {
+    for (const Option& o : every_cross_option()) {
       CAPTURE(s.nq, s.nr, s.d, s.offset, s.pad, o.name(), seed);
       std::mt19937_64 rng(seed++);
       const double lo = s.offset - (s.offset > 0 ? 0.05 : 1.0), hi = s.offset + (s.offset > 0 ? 0.05 : 1.0);
@@ -142,13 +129,13 @@ TEMPLATE_TEST_CASE("cuda reference sets match the brute force and the scalar pat
           yr(2) = yq(1);
           self(1) = 2;
         }
-        const CrossReference b = brute_force_of(o, margin, q.template cast<double>(), yq,
+        const CrossReference b = cross_brute_force(o, margin, q.template cast<double>(), yq,
                                                 r.template cast<double>(), yr, self, 0.75);
         if (std::is_same<T, double>::value || o.lifted || b.gap > 1e-4 * (s.offset > 0 ? 0.01 : 1.0)) break;
       }
       const T top_diff = T(0.75);
       const Result<T> device = call(ml::cuda, o, margin, q, yq, r, yr, self, top_diff, s.pad);
-      const CrossReference b = brute_force_of(o, margin, q.template cast<double>(), yq,
+      const CrossReference b = cross_brute_force(o, margin, q.template cast<double>(), yq,
                                               r.template cast<double>(), yr, self, 0.75);
       check_close(device, b.loss, b.grad_q, b.grad_r, Tolerance<T>::loss, Tolerance<T>::gradient);
       // The scalar path on the same data: the same formulas, exact distances on both.
@@ -167,16 +154,13 @@ TEST_CASE("cuda reference sets follow the tie rules on integer data", "[cuda][re
   for (const std::uint64_t seed : {31501u, 31502u, 31503u}) {
     std::mt19937_64 rng(seed);
     const Index nq = 23, nr = 57, d = 3;
-    Matrix<double> q(nq, d), r(nr, d);
-    std::uniform_int_distribution<int> value(-2, 2);
-    for (Index i = 0; i < q.size(); ++i) q.data()[i] = value(rng);
-    for (Index i = 0; i < r.size(); ++i) r.data()[i] = value(rng);
-    r.row(5) = r.row(9);
-    const CrossLabels yq = labels_of(tied_labels(nq, 3, rng)), yr = labels_of(tied_labels(nr, 3, rng));
-    for (const Option& o : every_option()) {
+    const IntegerSets sets(rng, nq, nr, d);
+    const Matrix<double>&q = sets.q, &r = sets.r;
+    const CrossLabels &yq = sets.yq, &yr = sets.yr;
+    for (const Option& o : every_cross_option()) {
       CAPTURE(seed, o.name());
       const double margin = 1.0;
-      const CrossReference b = brute_force_of(o, margin, q, yq, r, yr, no_self(nq), 0.5);
+      const CrossReference b = cross_brute_force(o, margin, q, yq, r, yr, no_self(nq), 0.5);
       const Result<double> dd = call(ml::cuda, o, margin, q, yq, r, yr, no_self(nq), 0.5);
       check_close(dd, b.loss, b.grad_q, b.grad_r, 1e-12, 1e-12);
       const Matrix<float> qf = q.cast<float>(), rf = r.cast<float>();
@@ -197,7 +181,7 @@ TEMPLATE_TEST_CASE("cuda reference sets with R = Q and self = identity reduce to
   SelfIndices self(n);
   std::iota(self.data(), self.data() + n, std::int64_t(0));
   const double tol = std::is_same<T, double>::value ? 1e-12 : Tolerance<T>::gradient;
-  for (const Option& o : every_option()) {
+  for (const Option& o : every_cross_option()) {
     CAPTURE(o.name());
     const double margin = o.lifted ? 1.0 : 0.3;
     const Result<T> cross = call(ml::cuda, o, margin, x, y, x, y, self, T(1));
@@ -231,12 +215,12 @@ TEST_CASE("cuda reference sets: permuting R and self_index permutes grad_r only"
     rp.row(i) = r.row(perm[static_cast<std::size_t>(i)]);
     yrp(i) = yr(perm[static_cast<std::size_t>(i)]);
   }
-  for (const Option& o : every_option()) {
+  for (const Option& o : every_cross_option()) {
     CAPTURE(o.name());
     const Result<double> a = call(ml::cuda, o, 0.4, q, yq, r, yr, self, 1.0);
     const Result<double> b = call(ml::cuda, o, 0.4, q, yq, rp, yrp, self, 1.0);
     CHECK(relatively_close(b.loss, a.loss, 1e-12, 1e-300));
-    const double scale = std::max(largest(a.grad_q, a.grad_r), 1e-300);
+    const double scale = std::max(largest_entry(a.grad_q, a.grad_r), 1e-300);
     CHECK((b.grad_q - a.grad_q).cwiseAbs().maxCoeff() <= 1e-12 * scale);
     double worst = 0.0;
     for (Index i = 0; i < nr; ++i)
@@ -439,7 +423,7 @@ TEST_CASE("cuda cross-batch memory: the loss against the memory equals the loss 
     const DeviceVectorOf<std::int64_t> dy(as_vector(y));
     const auto slots = device.enqueue(ml::cuda, dx.cmap(), dy.map());
     const auto host_slots = host.enqueue(x, y);
-    for (const Option& o : every_option()) {
+    for (const Option& o : every_cross_option()) {
       CAPTURE(o.name());
       DeviceStrided<float> gq(Matrix<float>::Zero(b, d), 0, 0.0f);
       Matrix<float> gq_host(b, d);
@@ -544,11 +528,9 @@ TEST_CASE("cuda batch contrastive with a reference set: integer data, the reduct
   std::mt19937_64 rng(21512);
   // Integer data: hinges exactly at 0 (inactive) decided the same way on both paths.
   const Index nq = 23, nr = 57, d = 3;
-  Matrix<double> q(nq, d), r(nr, d);
-  std::uniform_int_distribution<int> value(-2, 2);
-  for (Index i = 0; i < q.size(); ++i) q.data()[i] = value(rng);
-  for (Index i = 0; i < r.size(); ++i) r.data()[i] = value(rng);
-  const CrossLabels yq = labels_of(tied_labels(nq, 3, rng)), yr = labels_of(tied_labels(nr, 3, rng));
+  const IntegerSets sets(rng, nq, nr, d);
+  const Matrix<double>&q = sets.q, &r = sets.r;
+  const CrossLabels &yq = sets.yq, &yr = sets.yr;
   for (Distance distance : {Distance::euclidean, Distance::squared_euclidean}) {
     CAPTURE(static_cast<int>(distance));
     ml::BatchContrastiveLoss<double> loss(1.0, 2.0, distance);
@@ -635,12 +617,9 @@ TEST_CASE("cuda multi-similarity with a reference set: ties, R = Q, the deferred
   // Integer rows: similarities land exactly on a kept set's limit (epsilon 0 and 1), where
   // the pair is not kept; float and double decide as the scalar path does.
   const Index nq = 23, nr = 57, d = 3;
-  Matrix<double> q(nq, d), r(nr, d);
-  std::uniform_int_distribution<int> value(-2, 2);
-  for (Index i = 0; i < q.size(); ++i) q.data()[i] = value(rng);
-  for (Index i = 0; i < r.size(); ++i) r.data()[i] = value(rng);
-  r.row(5) = r.row(9);
-  const CrossLabels yq = labels_of(tied_labels(nq, 3, rng)), yr = labels_of(tied_labels(nr, 3, rng));
+  const IntegerSets sets(rng, nq, nr, d);
+  const Matrix<double>&q = sets.q, &r = sets.r;
+  const CrossLabels &yq = sets.yq, &yr = sets.yr;
   for (const double epsilon : {0.0, 1.0, ms_reference::inf}) {
     CAPTURE(epsilon);
     const ms_reference::Options o{0.5, 0.25, 1.0, epsilon};
