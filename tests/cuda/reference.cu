@@ -484,6 +484,41 @@ std::vector<ml::BatchContrastiveLoss<T>> every_contrastive(Index d) {
   return out;
 }
 
+/// R = Q and self = identity: the reference call is the CUDA batch loss, and grad_q + grad_r
+/// its gradient (double, 1e-12).
+template <class Loss>
+void check_reduces_to_batch(Loss loss, const Matrix<double>& x, const CrossLabels& y) {
+  const Index n = x.rows(), d = x.cols();
+  SelfIndices self(n);
+  std::iota(self.data(), self.data() + n, std::int64_t(0));
+  const Result<double> cross = all_pairs_call(ml::cuda, loss, x, y, x, y, self, 1.0);
+  const DeviceStrided<double> dx(x, 0, 0.0);
+  DeviceStrided<double> dg(Matrix<double>::Zero(n, d), 0, 0.0);
+  const DeviceVectorOf<std::int64_t> dy(as_vector(y));
+  const double batch = loss.forward_backward(ml::cuda, dx.cmap(), dy.map(), dg.map());
+  const Matrix<double> sum = cross.grad_q + cross.grad_r;
+  check_close(Result<double>{cross.loss, sum, Matrix<double>(0, d)}, batch, dg.dense(), Matrix<double>(0, d), 1e-12,
+              1e-12);
+}
+
+/// A self row with another label (query 4 against R's first row of another class): thrown
+/// after the synchronisation, naming `name`, with grad_q untouched.
+template <class Loss>
+void check_self_label_error(Loss loss, const char* name, const Matrix<double>& q, const CrossLabels& yq,
+                            const Matrix<double>& r, const CrossLabels& yr) {
+  const DeviceStrided<double> dq(q, 0, 0.0), dr(r, 0, 0.0);
+  DeviceStrided<double> gq(Matrix<double>::Constant(q.rows(), q.cols(), 5.0), 0, 0.0);
+  const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
+  SelfIndices bad = no_self(q.rows());
+  Index row = 0;
+  while (yr(row) == yq(4)) ++row;
+  bad(4) = row;
+  expect_invalid_message([&] {
+    loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map(), bad), gq.map(), ml::skip);
+  }, {name, "differs from labels_q[4]"});
+  CHECK((gq.dense().array() == 5.0).all());
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("cuda batch contrastive with a reference set matches the scalar path",
@@ -538,32 +573,10 @@ TEST_CASE("cuda batch contrastive with a reference set: integer data, the reduct
     const Result<double> dd = all_pairs_call(ml::cuda, loss, q, yq, r, yr, no_self(nq), 1.0);
     check_close(dd, h.loss, h.grad_q, h.grad_r, 1e-12, 1e-12);
   }
-  // R = Q and self = identity: the CUDA batch loss, grad_q + grad_r its gradient.
   const Matrix<double> x = uniform_matrix<double>(31, 5, rng);
   const CrossLabels y = labels_of(random_labels(31, 4, rng));
-  SelfIndices self(31);
-  std::iota(self.data(), self.data() + 31, std::int64_t(0));
-  ml::BatchContrastiveLoss<double> loss(0.1, 1.2);
-  const Result<double> cross = all_pairs_call(ml::cuda, loss, x, y, x, y, self, 1.0);
-  const DeviceStrided<double> dx(x, 0, 0.0);
-  DeviceStrided<double> dg(Matrix<double>::Zero(31, 5), 0, 0.0);
-  const DeviceVectorOf<std::int64_t> dy(as_vector(y));
-  const double batch = loss.forward_backward(ml::cuda, dx.cmap(), dy.map(), dg.map());
-  const Matrix<double> sum = cross.grad_q + cross.grad_r;
-  check_close(Result<double>{cross.loss, sum, Matrix<double>(0, 5)}, batch, dg.dense(), Matrix<double>(0, 5), 1e-12,
-              1e-12);
-  // A self row with another label: thrown after the synchronisation, nothing written.
-  const DeviceStrided<double> dq(q, 0, 0.0), dr(r, 0, 0.0);
-  DeviceStrided<double> gq(Matrix<double>::Constant(nq, d, 5.0), 0, 0.0);
-  const DeviceVectorOf<std::int64_t> dyq(as_vector(yq)), dyr(as_vector(yr));
-  SelfIndices bad = no_self(nq);
-  Index row = 0;
-  while (yr(row) == yq(4)) ++row;
-  bad(4) = row;
-  expect_invalid_message([&] {
-    loss.forward_backward(ml::cuda, dq.cmap(), dyq.map(), ml::reference(dr.cmap(), dyr.map(), bad), gq.map(), ml::skip);
-  }, {"BatchContrastiveLoss<double>", "differs from labels_q[4]"});
-  CHECK((gq.dense().array() == 5.0).all());
+  check_reduces_to_batch(ml::BatchContrastiveLoss<double>(0.1, 1.2), x, y);
+  check_self_label_error(ml::BatchContrastiveLoss<double>(0.1, 1.2), "BatchContrastiveLoss<double>", q, yq, r, yr);
 }
 
 TEMPLATE_TEST_CASE("cuda multi-similarity with a reference set matches the brute force and the scalar path",
@@ -632,22 +645,11 @@ TEST_CASE("cuda multi-similarity with a reference set: ties, R = Q, the deferred
     const Result<float> df = all_pairs_call(ml::cuda, o.loss<float>(), qf, yq, rf, yr, no_self(nq), 1.0f);
     check_close(df, e.loss, e.gq, e.gr, Tolerance<float>::loss, Tolerance<float>::gradient);
   }
-  // R = Q and self = identity: the CUDA batch loss, grad_q + grad_r its gradient.
   const Matrix<double> x = uniform_matrix<double>(31, 5, rng, -0.6, 0.6);
   const CrossLabels y = labels_of(random_labels(31, 4, rng));
-  SelfIndices self(31);
-  std::iota(self.data(), self.data() + 31, std::int64_t(0));
   for (const ms_reference::Options& o : ms_reference::every_option()) {
     CAPTURE(o.name());
-    auto loss = o.loss<double>();
-    const Result<double> cross = all_pairs_call(ml::cuda, loss, x, y, x, y, self, 1.0);
-    const DeviceStrided<double> dx(x, 0, 0.0);
-    DeviceStrided<double> dg(Matrix<double>::Zero(31, 5), 0, 0.0);
-    const DeviceVectorOf<std::int64_t> dy(as_vector(y));
-    const double batch = loss.forward_backward(ml::cuda, dx.cmap(), dy.map(), dg.map());
-    const Matrix<double> sum = cross.grad_q + cross.grad_r;
-    check_close(Result<double>{cross.loss, sum, Matrix<double>(0, 5)}, batch, dg.dense(), Matrix<double>(0, 5),
-                1e-12, 1e-12);
+    check_reduces_to_batch(o.loss<double>(), x, y);
   }
   // The value, forward, grad_r skipped, and the deferred loss on another stream: the same bits.
   const Matrix<float> qf = uniform_matrix<float>(10, 7, rng, -0.5f, 0.5f), rf = uniform_matrix<float>(40, 7, rng, -0.5f, 0.5f);
@@ -680,20 +682,7 @@ TEST_CASE("cuda multi-similarity with a reference set: ties, R = Q, the deferred
                                                 no_self(nq), 1.0);
   CHECK(std::isnan(nan_out.loss));
   CHECK(nan_out.grad_r.array().isNaN().all());
-  // A self row with another label: thrown after the synchronisation, nothing written.
-  const DeviceStrided<double> dq_bad(q, 0, 0.0), dr_bad(r, 0, 0.0);
-  DeviceStrided<double> gq_bad(Matrix<double>::Constant(nq, d, 5.0), 0, 0.0);
-  const DeviceVectorOf<std::int64_t> dyq_bad(as_vector(yq)), dyr_bad(as_vector(yr));
-  SelfIndices bad = no_self(nq);
-  Index row = 0;
-  while (yr(row) == yq(4)) ++row;
-  bad(4) = row;
-  ml::MultiSimilarityLoss<double> ms;
-  expect_invalid_message([&] {
-    ms.forward_backward(ml::cuda, dq_bad.cmap(), dyq_bad.map(), ml::reference(dr_bad.cmap(), dyr_bad.map(), bad),
-                        gq_bad.map(), ml::skip);
-  }, {"MultiSimilarityLoss<double>", "differs from labels_q[4]"});
-  CHECK((gq_bad.dense().array() == 5.0).all());
+  check_self_label_error(ml::MultiSimilarityLoss<double>(), "MultiSimilarityLoss<double>", q, yq, r, yr);
 }
 
 namespace {
