@@ -6,12 +6,15 @@
 //   (X X^T: N x N x D, and S X: N x D x N), their compute floor.
 // Targets (issue 5): contrastive at N = 65536, D = 128 >= 80% of the copy's GB/s; lifted at
 // N = 8192, D = 512 within 2x of the two GEMMs.
+// Half inputs and gradients (issue 19, phase 1: widened into float staging): contrastive
+// against the copy of the half bytes, lifted and batch-hard against the float GEMMs.
 // Run without a device, every benchmark reports "no CUDA device" through SkipWithError.
 #include <metricloss/cuda.cuh>
 
 #include "common.hpp"
 
 #include <cublas_v2.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <string>
@@ -99,6 +102,37 @@ void BM_cuda_contrastive(benchmark::State& state) {
   set_rates(state, bytes, (backward ? 4.0 : 2.0) * static_cast<double>(count));
 }
 
+/// The values of m rounded to half, row-major.
+std::vector<__half> to_half(const Matrix<float>& m) {
+  std::vector<__half> out(static_cast<std::size_t>(m.size()));
+  for (Index i = 0; i < m.size(); ++i) out[static_cast<std::size_t>(i)] = __float2half_rn(m.data()[i]);
+  return out;
+}
+using HalfRows = Eigen::Map<ml::RowMatrix<__half>>;
+using ConstHalfRows = Eigen::Map<const ml::RowMatrix<__half>>;
+
+/// Contrastive fwd+bwd on half rows with half gradients (a float loss): the bytes it must
+/// move are half the float call's.
+void BM_cuda_contrastive_half(benchmark::State& state) {
+  if (!device_present(state)) return;
+  const Index n = state.range(0), d = state.range(1);
+  const std::vector<__half> a = to_half(uniform<float>(n, d, 1)), b = to_half(uniform<float>(n, d, 2));
+  Eigen::VectorXi sim = pk_labels(n, 2, 3).unaryExpr([](int v) { return v % 2; });
+  const std::size_t count = static_cast<std::size_t>(n * d);
+  DeviceArray<__half> da(a.data(), count), db(b.data(), count), dga(count), dgb(count);
+  DeviceArray<float> loss_value(1);
+  DeviceArray<int> dsim(sim.data(), static_cast<std::size_t>(n));
+  ConstHalfRows A(da.data, n, d), B(db.data, n, d);
+  HalfRows GA(dga.data, n, d), GB(dgb.data, n, d);
+  Eigen::Map<const Eigen::VectorXi> S(dsim.data, n);
+  ml::ContrastiveLoss<float> loss(static_cast<float>(std::sqrt(static_cast<double>(d)) * 0.8));
+  Stream stream;
+  const auto tag = ml::cuda.on(stream.handle).loss_to(loss_value.data);
+  time_iterations(state, stream.handle, [&] { loss.forward_backward(tag, A, B, S, GA, GB); });
+  set_rates(state, 4.0 * static_cast<double>(count * sizeof(__half)) + static_cast<double>(n) * sizeof(int),
+            4.0 * static_cast<double>(count));
+}
+
 /// The bandwidth floor: a device-to-device copy moving the bytes contrastive fwd+bwd moves
 /// (2 N D elements read and written), reported as read + write bytes.
 template <class T>
@@ -176,6 +210,28 @@ void BM_cuda_pairwise_loss(benchmark::State& state) {
   time_iterations(state, stream.handle, [&] { loss.forward_backward(tag, X, Y, G); });
   const double nn = static_cast<double>(n) * static_cast<double>(n);
   set_rates(state, 2.0 * static_cast<double>(n * d) * sizeof(T) + 4.0 * nn * sizeof(T),
+            4.0 * nn * static_cast<double>(d));
+}
+
+/// A pairwise loss on half rows with a half gradient, against the float GEMMs of its shape.
+template <class Loss>
+void BM_cuda_pairwise_loss_half(benchmark::State& state) {
+  if (!device_present(state)) return;
+  const Index n = state.range(0), d = state.range(1);
+  const std::vector<__half> x = to_half(uniform<float>(n, d, 5));
+  const Eigen::VectorXi labels = pk_labels(n, 4, 6);
+  DeviceArray<__half> dx(x.data(), x.size()), dg(x.size());
+  DeviceArray<float> loss_value(1);
+  DeviceArray<int> dl(labels.data(), static_cast<std::size_t>(n));
+  ConstHalfRows X(dx.data, n, d);
+  HalfRows G(dg.data, n, d);
+  Eigen::Map<const Eigen::VectorXi> Y(dl.data, n);
+  Loss loss;
+  Stream stream;
+  const auto tag = ml::cuda.on(stream.handle).loss_to(loss_value.data);
+  time_iterations(state, stream.handle, [&] { loss.forward_backward(tag, X, Y, G); });
+  const double nn = static_cast<double>(n) * static_cast<double>(n);
+  set_rates(state, 2.0 * static_cast<double>(n * d) * sizeof(__half) + 4.0 * nn * sizeof(float),
             4.0 * nn * static_cast<double>(d));
 }
 
@@ -284,6 +340,11 @@ BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, float)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss, ml::LiftedStructureLoss<float>)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss, ml::BatchTripletLoss<float>)->Apply(lifted_sizes);
 BENCHMARK_TEMPLATE(BM_cublas_pairwise_gemms, double)->Apply(lifted_sizes);
+// Half rows and gradients.
+BENCHMARK(BM_cuda_contrastive_half)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_copy_floor, __half)->Apply(contrastive_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss_half, ml::LiftedStructureLoss<float>)->Apply(lifted_sizes);
+BENCHMARK_TEMPLATE(BM_cuda_pairwise_loss_half, ml::BatchTripletLoss<float>)->Apply(lifted_sizes);
 // Reference sets (issue 15's shapes): N_q = 256 against N_r = 1024, 8192, 65536, D = 128;
 // semihard and all walk each anchor's positives (O(N_q |P| N_r)): the two smaller sets only.
 BENCHMARK_TEMPLATE(BM_cublas_reference_gemms, float)->Apply(reference_sizes);

@@ -10,6 +10,7 @@
 // No epsilon: at d_i = 0 the subgradient is exactly 0.
 #include <metricloss/detail/contrastive_math.hpp>
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/narrow.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
 #include <metricloss/exec.hpp>
@@ -122,10 +123,54 @@ class ContrastiveLoss {
   }
 
  private:
+  // Narrow (half / bfloat16) embeddings or gradients: the same call on their widened values
+  // (detail/narrow.hpp); every other call goes straight to the *_native form.
   template <class Tag, class A, class B, class S, class GA, class GB>
   T with_similarity(Tag tag, const char* method, const Eigen::MatrixBase<A>& a,
                     const Eigen::MatrixBase<B>& b, const Eigen::MatrixBase<S>& sim, GA&& grad_a,
                     GB&& grad_b, T top_diff) {
+    if constexpr (detail::any_narrow_v<A, B, GA, GB>) {
+      return detail::widened<T>(
+          *this, tag, "ContrastiveLoss", method, false,
+          [&](const auto& a_wide, const auto& b_wide, auto&& ga_wide, auto&& gb_wide) {
+            return similarity_native(tag, method, a_wide, b_wide, sim,
+                                     std::forward<decltype(ga_wide)>(ga_wide),
+                                     std::forward<decltype(gb_wide)>(gb_wide), top_diff);
+          },
+          detail::embedding_argument("a", a), detail::embedding_argument("b", b),
+          detail::gradient_argument("grad_a", std::forward<GA>(grad_a)),
+          detail::gradient_argument("grad_b", std::forward<GB>(grad_b)));
+    } else {
+      return similarity_native(tag, method, a, b, sim, std::forward<GA>(grad_a),
+                               std::forward<GB>(grad_b), top_diff);
+    }
+  }
+
+  template <class Tag, class A, class B, class L, class M, class GA, class GB>
+  T with_labels(Tag tag, const char* method, const Eigen::MatrixBase<A>& a,
+                const Eigen::MatrixBase<B>& b, const Eigen::MatrixBase<L>& labels_a,
+                const Eigen::MatrixBase<M>& labels_b, GA&& grad_a, GB&& grad_b, T top_diff) {
+    if constexpr (detail::any_narrow_v<A, B, GA, GB>) {
+      return detail::widened<T>(
+          *this, tag, "ContrastiveLoss", method, false,
+          [&](const auto& a_wide, const auto& b_wide, auto&& ga_wide, auto&& gb_wide) {
+            return labels_native(tag, method, a_wide, b_wide, labels_a, labels_b,
+                                 std::forward<decltype(ga_wide)>(ga_wide),
+                                 std::forward<decltype(gb_wide)>(gb_wide), top_diff);
+          },
+          detail::embedding_argument("a", a), detail::embedding_argument("b", b),
+          detail::gradient_argument("grad_a", std::forward<GA>(grad_a)),
+          detail::gradient_argument("grad_b", std::forward<GB>(grad_b)));
+    } else {
+      return labels_native(tag, method, a, b, labels_a, labels_b, std::forward<GA>(grad_a),
+                           std::forward<GB>(grad_b), top_diff);
+    }
+  }
+
+  template <class Tag, class A, class B, class S, class GA, class GB>
+  T similarity_native(Tag tag, const char* method, const Eigen::MatrixBase<A>& a,
+                      const Eigen::MatrixBase<B>& b, const Eigen::MatrixBase<S>& sim, GA&& grad_a,
+                      GB&& grad_b, T top_diff) {
     detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), method);
     const auto av = input(check, "a", a);
     const auto bv = input(check, "b", b);
@@ -137,9 +182,9 @@ class ContrastiveLoss {
   }
 
   template <class Tag, class A, class B, class L, class M, class GA, class GB>
-  T with_labels(Tag tag, const char* method, const Eigen::MatrixBase<A>& a,
-                const Eigen::MatrixBase<B>& b, const Eigen::MatrixBase<L>& labels_a,
-                const Eigen::MatrixBase<M>& labels_b, GA&& grad_a, GB&& grad_b, T top_diff) {
+  T labels_native(Tag tag, const char* method, const Eigen::MatrixBase<A>& a,
+                  const Eigen::MatrixBase<B>& b, const Eigen::MatrixBase<L>& labels_a,
+                  const Eigen::MatrixBase<M>& labels_b, GA&& grad_a, GB&& grad_b, T top_diff) {
     detail::Validator check("ContrastiveLoss", detail::scalar_name<T>(), method);
     const auto av = input(check, "a", a);
     const auto bv = input(check, "b", b);
@@ -159,7 +204,8 @@ class ContrastiveLoss {
   static detail::MatrixView<const T> input(detail::Validator& check, const char* name,
                                            const Eigen::MatrixBase<X>& x) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::ContrastiveLoss<T>: embeddings must have scalar type T");
+                  "metricloss::ContrastiveLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     const auto view = detail::input_view(x);
     check.embeddings(name, view);
     return view;

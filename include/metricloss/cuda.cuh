@@ -46,6 +46,10 @@
 // with nothing written, loss_to(d_loss) leaves NaN at d_loss and the gradient untouched
 // (backend/cuda/normalize.cuh). Its workspace is two more N x D of T.
 //
+// __half / __nv_bfloat16 embeddings, reference sets and gradients (backend/cuda/narrow.cuh):
+// the float call on the widened values, bitwise; a narrow gradient is the float one rounded to
+// nearest even. Their staging is one more workspace: N x D of T per narrow matrix.
+//
 // Compile with --expt-relaxed-constexpr (the metricloss::cuda target adds it): Eigen and
 // the shared host/device maths need it under nvcc.
 #if !defined(__CUDACC__)
@@ -64,6 +68,7 @@
 #include <metricloss/backend/cuda/rows.cuh>
 #include <metricloss/backend/cuda/pairwise.cuh>
 #include <metricloss/backend/cuda/normalize.cuh>
+#include <metricloss/backend/cuda/narrow.cuh>  // __half / __nv_bfloat16 embeddings and gradients
 
 #include <metricloss/contrastive.hpp>
 #include <metricloss/backend/cuda/contrastive.cuh>

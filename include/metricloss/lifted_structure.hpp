@@ -50,6 +50,7 @@
 // lifted_sweeps.hpp and lifted_precision.hpp) and backend/cuda/lifted_structure.cuh, the
 // per-pair maths in detail/lifted_structure_math.hpp (docs/design.md).
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/narrow.hpp>
 #include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/sharded.hpp>
 #include <metricloss/detail/sharded_reference.hpp>
@@ -101,21 +102,21 @@ class LiftedStructureLoss {
   ///   J_aj = log(sum_{k in R, y_k != y_a} e^{m - D_ak}
   ///              + sum_{l in Q, y_l != y_j} e^{m - D_lj}) + D_aj,
   ///   L = 1/(2|P|) sum max(J_aj, 0)^2: the second sum is a column of the same Q x R matrix.
-  template <class Tag, class X, class L, class LR,
+  template <class Tag, class X, class L, class TR, class LR,
             std::enable_if_t<detail::is_label_vector_v<L>, int> = 0>
   T forward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
-            const ReferenceSet<T, LR>& ref) {
+            const ReferenceSet<TR, LR>& ref) {
     return run_reference(tag, "forward", q, labels_q, ref, skip, skip, T(1));
   }
 
   /// The same with the gradients times top_diff written into grad_q and grad_r (either may
   /// be `metricloss::skip`).
-  template <class Tag, class X, class L, class LR, class GQ, class GR,
+  template <class Tag, class X, class L, class TR, class LR, class GQ, class GR,
             std::enable_if_t<detail::is_label_vector_v<L> && detail::is_gradient_output_v<GQ> &&
                                  detail::is_gradient_output_v<GR>,
                              int> = 0>
   T forward_backward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
-                     const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff = T(1)) {
+                     const ReferenceSet<TR, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff = T(1)) {
     return run_reference(tag, "forward_backward", q, labels_q, ref, std::forward<GQ>(grad_q),
                          std::forward<GR>(grad_r), top_diff);
   }
@@ -138,20 +139,60 @@ class LiftedStructureLoss {
 
   // The global batch of a group of ranks (detail/sharded.hpp).
   template <class Base, class Group, class X, class L, class G>
-  T run(const sharded_tag<Base, Group>& tag, const char* method, const Eigen::MatrixBase<X>& x,
-        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+  T run_sharded_native(const sharded_tag<Base, Group>& tag, const char* method,
+                       const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels,
+                       G&& grad_x, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
+                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     return detail::run_sharded(*this, tag, "LiftedStructureLoss", method, x, labels,
                                std::forward<G>(grad_x), top_diff,
                                [&](detail::Validator& check) { check_options(check); });
   }
 
+  // Narrow (half / bfloat16) embeddings, reference set or gradients: the same call on their
+  // widened values (detail/narrow.hpp); every other call goes straight to run_native
+  // (run_sharded_native on a sharded tag).
   template <class Tag, class X, class L, class G>
   T run(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& x,
         const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+    return detail::batch_call<T>(
+        *this, tag, "LiftedStructureLoss", method, x, std::forward<G>(grad_x),
+        [&](const auto& x_rows, auto&& g_rows) {
+          if constexpr (detail::is_sharded_v<Tag>)
+            return run_sharded_native(tag, method, x_rows, labels,
+                                      std::forward<decltype(g_rows)>(g_rows), top_diff);
+          else
+            return run_native(tag, method, x_rows, labels, std::forward<decltype(g_rows)>(g_rows),
+                              top_diff);
+        });
+  }
+
+  template <class Tag, class X, class L, class TR, class LR, class GQ, class GR>
+  T run_reference(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& q,
+                  const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<TR, LR>& ref,
+                  GQ&& grad_q, GR&& grad_r, T top_diff) {
+    return detail::reference_call<T>(
+        *this, tag, "LiftedStructureLoss", method, q, ref, std::forward<GQ>(grad_q),
+        std::forward<GR>(grad_r),
+        [&](const auto& q_rows, const auto& r_set, auto&& gq_rows, auto&& gr_rows) {
+          if constexpr (detail::is_sharded_v<Tag>)
+            return run_reference_sharded_native(tag, method, q_rows, labels_q, r_set,
+                                                std::forward<decltype(gq_rows)>(gq_rows),
+                                                std::forward<decltype(gr_rows)>(gr_rows), top_diff);
+          else
+            return run_reference_native(tag, method, q_rows, labels_q, r_set,
+                                        std::forward<decltype(gq_rows)>(gq_rows),
+                                        std::forward<decltype(gr_rows)>(gr_rows), top_diff);
+        });
+  }
+
+  template <class Tag, class X, class L, class G>
+  T run_native(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& x,
+               const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
+                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     detail::Validator check("LiftedStructureLoss", detail::scalar_name<T>(), method);
     const auto xv = detail::input_view(x);
     check.embeddings("x", xv);
@@ -170,11 +211,14 @@ class LiftedStructureLoss {
   // Queries sharded over a group's ranks, R the same on every rank
   // (detail/sharded_reference.hpp).
   template <class Base, class Group, class X, class L, class LR, class GQ, class GR>
-  T run_reference(const sharded_tag<Base, Group>& tag, const char* method,
-                  const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
-                  const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff) {
+  T run_reference_sharded_native(const sharded_tag<Base, Group>& tag, const char* method,
+                                 const Eigen::MatrixBase<X>& q,
+                                 const Eigen::MatrixBase<L>& labels_q,
+                                 const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r,
+                                 T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
+                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     return detail::run_sharded_reference(*this, tag, "LiftedStructureLoss", method, q, labels_q, ref,
                                          std::forward<GQ>(grad_q), std::forward<GR>(grad_r),
                                          top_diff,
@@ -182,11 +226,12 @@ class LiftedStructureLoss {
   }
 
   template <class Tag, class X, class L, class LR, class GQ, class GR>
-  T run_reference(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& q,
-                  const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<T, LR>& ref, GQ&& grad_q,
-                  GR&& grad_r, T top_diff) {
+  T run_reference_native(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& q,
+                         const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<T, LR>& ref,
+                         GQ&& grad_q, GR&& grad_r, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T");
+                  "metricloss::LiftedStructureLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     static_assert(detail::ReferenceBackend<LiftedStructureLoss, Tag>::available,
                   "metricloss::LiftedStructureLoss: reference sets run on metricloss::scalar, "
                   "metricloss::simd and metricloss::cuda (<metricloss/cuda.cuh>)");

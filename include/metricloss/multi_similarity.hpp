@@ -28,6 +28,7 @@
 // detail/multi_similarity_math.hpp, the kernels in backend/scalar/multi_similarity.hpp and
 // backend/simd/multi_similarity.hpp.
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/narrow.hpp>
 #include <metricloss/detail/normalize.hpp>
 #include <metricloss/detail/sharded.hpp>
 #include <metricloss/detail/sharded_reference.hpp>
@@ -83,21 +84,21 @@ class MultiSimilarityLoss {
   }
 
   /// Loss of the queries q against a reference set (metricloss::reference).
-  template <class Tag, class X, class L, class LR,
+  template <class Tag, class X, class L, class TR, class LR,
             std::enable_if_t<detail::is_label_vector_v<L>, int> = 0>
   T forward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
-            const ReferenceSet<T, LR>& ref) {
+            const ReferenceSet<TR, LR>& ref) {
     return run_reference(tag, "forward", q, labels_q, ref, skip, skip, T(1));
   }
 
   /// The same with the gradients times top_diff written into grad_q and grad_r (either may
   /// be `metricloss::skip`).
-  template <class Tag, class X, class L, class LR, class GQ, class GR,
+  template <class Tag, class X, class L, class TR, class LR, class GQ, class GR,
             std::enable_if_t<detail::is_label_vector_v<L> && detail::is_gradient_output_v<GQ> &&
                                  detail::is_gradient_output_v<GR>,
                              int> = 0>
   T forward_backward(Tag tag, const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
-                     const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff = T(1)) {
+                     const ReferenceSet<TR, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff = T(1)) {
     return run_reference(tag, "forward_backward", q, labels_q, ref, std::forward<GQ>(grad_q),
                          std::forward<GR>(grad_r), top_diff);
   }
@@ -127,22 +128,62 @@ class MultiSimilarityLoss {
            "finite or +infinity (keep every pair)");
   }
 
+  // Narrow (half / bfloat16) embeddings, reference set or gradients: the same call on their
+  // widened values (detail/narrow.hpp); every other call goes straight to run_native
+  // (run_sharded_native on a sharded tag).
+  template <class Tag, class X, class L, class G>
+  T run(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& x,
+        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+    return detail::batch_call<T>(
+        *this, tag, "MultiSimilarityLoss", method, x, std::forward<G>(grad_x),
+        [&](const auto& x_rows, auto&& g_rows) {
+          if constexpr (detail::is_sharded_v<Tag>)
+            return run_sharded_native(tag, method, x_rows, labels,
+                                      std::forward<decltype(g_rows)>(g_rows), top_diff);
+          else
+            return run_native(tag, method, x_rows, labels, std::forward<decltype(g_rows)>(g_rows),
+                              top_diff);
+        });
+  }
+
+  template <class Tag, class X, class L, class TR, class LR, class GQ, class GR>
+  T run_reference(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& q,
+                  const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<TR, LR>& ref,
+                  GQ&& grad_q, GR&& grad_r, T top_diff) {
+    return detail::reference_call<T>(
+        *this, tag, "MultiSimilarityLoss", method, q, ref, std::forward<GQ>(grad_q),
+        std::forward<GR>(grad_r),
+        [&](const auto& q_rows, const auto& r_set, auto&& gq_rows, auto&& gr_rows) {
+          if constexpr (detail::is_sharded_v<Tag>)
+            return run_reference_sharded_native(tag, method, q_rows, labels_q, r_set,
+                                                std::forward<decltype(gq_rows)>(gq_rows),
+                                                std::forward<decltype(gr_rows)>(gr_rows), top_diff);
+          else
+            return run_reference_native(tag, method, q_rows, labels_q, r_set,
+                                        std::forward<decltype(gq_rows)>(gq_rows),
+                                        std::forward<decltype(gr_rows)>(gr_rows), top_diff);
+        });
+  }
+
   // The global batch of a group of ranks (detail/sharded.hpp).
   template <class Base, class Group, class X, class L, class G>
-  T run(const sharded_tag<Base, Group>& tag, const char* method, const Eigen::MatrixBase<X>& x,
-        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+  T run_sharded_native(const sharded_tag<Base, Group>& tag, const char* method,
+                       const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels,
+                       G&& grad_x, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T");
+                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     return detail::run_sharded(*this, tag, "MultiSimilarityLoss", method, x, labels,
                                std::forward<G>(grad_x), top_diff,
                                [&](detail::Validator& check) { check_options(check); });
   }
 
   template <class Tag, class X, class L, class G>
-  T run(Tag tag, const char* method, const Eigen::MatrixBase<X>& x,
-        const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
+  T run_native(Tag tag, const char* method, const Eigen::MatrixBase<X>& x,
+               const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T");
+                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     detail::Validator check("MultiSimilarityLoss", detail::scalar_name<T>(), method);
     const auto xv = detail::input_view(x);
     check.embeddings("x", xv);
@@ -161,11 +202,14 @@ class MultiSimilarityLoss {
   // Queries sharded over a group's ranks, R the same on every rank
   // (detail/sharded_reference.hpp).
   template <class Base, class Group, class X, class L, class LR, class GQ, class GR>
-  T run_reference(const sharded_tag<Base, Group>& tag, const char* method,
-                  const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
-                  const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff) {
+  T run_reference_sharded_native(const sharded_tag<Base, Group>& tag, const char* method,
+                                 const Eigen::MatrixBase<X>& q,
+                                 const Eigen::MatrixBase<L>& labels_q,
+                                 const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r,
+                                 T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T");
+                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     return detail::run_sharded_reference(*this, tag, "MultiSimilarityLoss", method, q, labels_q, ref,
                                          std::forward<GQ>(grad_q), std::forward<GR>(grad_r),
                                          top_diff,
@@ -173,11 +217,12 @@ class MultiSimilarityLoss {
   }
 
   template <class Tag, class X, class L, class LR, class GQ, class GR>
-  T run_reference(Tag tag, const char* method, const Eigen::MatrixBase<X>& q,
-                  const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<T, LR>& ref, GQ&& grad_q,
-                  GR&& grad_r, T top_diff) {
+  T run_reference_native(Tag tag, const char* method, const Eigen::MatrixBase<X>& q,
+                         const Eigen::MatrixBase<L>& labels_q, const ReferenceSet<T, LR>& ref,
+                         GQ&& grad_q, GR&& grad_r, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T");
+                  "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     static_assert(detail::ReferenceBackend<MultiSimilarityLoss, Tag>::available,
                   "metricloss::MultiSimilarityLoss: reference sets run on metricloss::scalar, "
                   "metricloss::simd and metricloss::cuda (<metricloss/cuda.cuh>)");

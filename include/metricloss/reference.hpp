@@ -22,8 +22,10 @@ namespace metricloss {
 /// Candidates R with labels, and optionally which row of R each query is (see reference()).
 template <class T, class L>
 struct ReferenceSet {
-  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
-                "metricloss::ReferenceSet: R must hold float or double");
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value ||
+                    detail::is_narrow_v<T>,
+                "metricloss::ReferenceSet: R must hold float or double (or, on metricloss::cuda, "
+                "__half or __nv_bfloat16)");
   using scalar_type = T;
   using label_type = L;
   detail::ReferenceView<T, L> view;

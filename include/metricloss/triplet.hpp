@@ -11,6 +11,7 @@
 // and zero for inactive triplets (subgradient 0 at the hinge). No epsilon anywhere.
 #include <metricloss/detail/triplet_math.hpp>
 #include <metricloss/detail/backend_slot.hpp>
+#include <metricloss/detail/narrow.hpp>
 #include <metricloss/detail/numerics.hpp>
 #include <metricloss/detail/validate.hpp>
 #include <metricloss/detail/views.hpp>
@@ -133,10 +134,39 @@ class TripletLoss {
   }
 
  private:
+  // Narrow (half / bfloat16) embeddings or gradients: the same call on their widened values
+  // (detail/narrow.hpp); every other call goes straight to run_native.
   template <class Tag, class A, class P, class N, class GA, class GP, class GN>
   T run(Tag tag, const char* method, const Eigen::MatrixBase<A>& anchor,
         const Eigen::MatrixBase<P>& positive, const Eigen::MatrixBase<N>& negative,
         GA&& grad_anchor, GP&& grad_positive, GN&& grad_negative, T top_diff) {
+    if constexpr (detail::any_narrow_v<A, P, N, GA, GP, GN>) {
+      return detail::widened<T>(
+          *this, tag, "TripletLoss", method, false,
+          [&](const auto& a_wide, const auto& p_wide, const auto& n_wide, auto&& ga_wide,
+              auto&& gp_wide, auto&& gn_wide) {
+            return run_native(tag, method, a_wide, p_wide, n_wide,
+                              std::forward<decltype(ga_wide)>(ga_wide),
+                              std::forward<decltype(gp_wide)>(gp_wide),
+                              std::forward<decltype(gn_wide)>(gn_wide), top_diff);
+          },
+          detail::embedding_argument("anchor", anchor),
+          detail::embedding_argument("positive", positive),
+          detail::embedding_argument("negative", negative),
+          detail::gradient_argument("grad_anchor", std::forward<GA>(grad_anchor)),
+          detail::gradient_argument("grad_positive", std::forward<GP>(grad_positive)),
+          detail::gradient_argument("grad_negative", std::forward<GN>(grad_negative)));
+    } else {
+      return run_native(tag, method, anchor, positive, negative, std::forward<GA>(grad_anchor),
+                        std::forward<GP>(grad_positive), std::forward<GN>(grad_negative),
+                        top_diff);
+    }
+  }
+
+  template <class Tag, class A, class P, class N, class GA, class GP, class GN>
+  T run_native(Tag tag, const char* method, const Eigen::MatrixBase<A>& anchor,
+               const Eigen::MatrixBase<P>& positive, const Eigen::MatrixBase<N>& negative,
+               GA&& grad_anchor, GP&& grad_positive, GN&& grad_negative, T top_diff) {
     detail::Validator check("TripletLoss", detail::scalar_name<T>(), method);
     const auto av = input(check, "anchor", anchor);
     const auto pv = input(check, "positive", positive);
@@ -161,7 +191,8 @@ class TripletLoss {
   static detail::MatrixView<const T> input(detail::Validator& check, const char* name,
                                            const Eigen::MatrixBase<X>& x) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
-                  "metricloss::TripletLoss<T>: embeddings must have scalar type T");
+                  "metricloss::TripletLoss<T>: embeddings must have scalar type T (or, on "
+                  "metricloss::cuda, __half or __nv_bfloat16)");
     const auto view = detail::input_view(x);
     check.embeddings(name, view);
     return view;

@@ -29,6 +29,13 @@ namespace detail {
 template <class X>
 using remove_cvref_t = std::remove_cv_t<std::remove_reference_t<X>>;
 
+/// True for the narrow storage types (__half, __nv_bfloat16) that a device path widens on
+/// load; specialised by <metricloss/cuda.cuh> (backend/cuda/narrow.cuh), false elsewhere.
+template <class S>
+struct narrow_scalar : std::false_type {};
+template <class S>
+inline constexpr bool is_narrow_v = narrow_scalar<std::remove_cv_t<S>>::value;
+
 template <class X, class = void>
 struct is_eigen_dense : std::false_type {};
 template <class X>

@@ -7,11 +7,14 @@
 //  - every rank's L bitwise equal to the single-process CUDA call on X = concat(x_r);
 //  - this rank's gradient rows bitwise equal to that call's rows, padding untouched;
 //  - a second call bitwise equal; forward equal to forward_backward's L;
-// and the agreement: a malformed call on one rank, a zero row under normalize, or one rank on another
+// half rows on thread ranks give the float call's L on the widened batch and, on each rank, its
+// rows of that call's gradient rounded to half; and the agreement: a malformed call on one rank, a zero row under normalize, or one rank on another
 // path (host memory on metricloss::scalar) make every rank throw metricloss::invalid_argument, nothing written.
 #include "device.cuh"
 
 #include <metricloss/thread_group.hpp>
+
+#include <cuda_fp16.h>
 #if defined(METRICLOSS_TEST_NCCL)
 #include <metricloss/nccl.cuh>
 #endif
@@ -237,6 +240,114 @@ std::vector<std::pair<std::string, std::function<void(const Batch<T>&, bool)>>> 
 }
 
 }  // namespace
+
+using HalfRows = Eigen::Map<ml::RowMatrix<__half>, Eigen::Unaligned, Eigen::OuterStride<>>;
+using ConstHalfRows = Eigen::Map<const ml::RowMatrix<__half>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+TEST_CASE("cuda sharded: half rows on thread ranks match the float call on the widened batch",
+          "[cuda][sharded][narrow]") {
+  if (skip_without_device()) return;
+  const Batch<float> batch({7, 0, 11}, 9, 932);
+  Batch<float> wide = batch;  // the rows each rank holds, as the float call sees them
+  for (Index i = 0; i < wide.x.size(); ++i)
+    wide.x.data()[i] = __half2float(__float2half_rn(batch.x.data()[i]));
+  auto check = [&](auto options) {
+    Matrix<float> grad;
+    const float reference = single_process(options, wide, 1.5f, grad);
+    const int ranks = static_cast<int>(batch.shards.size());
+    ml::thread_group team(ranks);
+    std::vector<float> values(static_cast<std::size_t>(ranks));
+    std::vector<Index> wrong(static_cast<std::size_t>(ranks), -1);
+    std::vector<std::string> errors(static_cast<std::size_t>(ranks));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < ranks; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          ml::thread_rank me = team.member(r);
+          const auto k = static_cast<std::size_t>(r);
+          const Index n_r = batch.shards[k], first = batch.first[k], d = batch.x.cols();
+          std::vector<__half> rows(static_cast<std::size_t>(n_r * d));
+          for (Index i = 0; i < n_r; ++i)
+            for (Index c = 0; c < d; ++c)
+              rows[static_cast<std::size_t>(i * d + c)] = __float2half_rn(batch.x(first + i, c));
+          const DeviceBuffer<__half> x(rows);
+          DeviceBuffer<__half> g(rows.size());
+          const DeviceVectorOf<std::int64_t> y(Labels(batch.labels.begin() + first,
+                                                      batch.labels.begin() + first + n_r));
+          auto loss = options;
+          values[k] = loss.forward_backward(ml::cuda.sharded(me),
+                                            ConstHalfRows(x.data(), n_r, d, Eigen::OuterStride<>(d)), y.map(),
+                                            HalfRows(g.data(), n_r, d, Eigen::OuterStride<>(d)), 1.5f);
+          check_cuda(cudaDeviceSynchronize());
+          const std::vector<__half> got = g.download();
+          Index bad = 0;
+          for (Index i = 0; i < n_r; ++i)
+            for (Index c = 0; c < d; ++c) {
+              const __half want = __float2half_rn(grad(first + i, c));
+              bad += std::memcmp(&got[static_cast<std::size_t>(i * d + c)], &want, sizeof want) != 0;
+            }
+          wrong[k] = bad;
+        } catch (const std::exception& e) {
+          errors[static_cast<std::size_t>(r)] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < ranks; ++r) {
+      const auto k = static_cast<std::size_t>(r);
+      CAPTURE(r, errors[k]);
+      REQUIRE(errors[k] == "");
+      CHECK(same_bits(values[k], reference));
+      CHECK(wrong[k] == 0);
+    }
+  };
+  check(ml::BatchTripletLoss<float>(0.5f, Mining::semihard));
+  check(ml::LiftedStructureLoss<float>(1.0f));
+  ml::MultiSimilarityLoss<float> normalized(2.0f, 10.0f, 0.5f, 0.3f);
+  normalized.normalize = true;
+  check(normalized);
+
+  // Rank 2's half gradient over its own input (caught by the staging's checks, before the
+  // loss's agreement): every rank throws the same error, nothing is written.
+  ml::thread_group team(3);
+  std::vector<std::string> errors(3);
+  std::vector<int> written(3, -1);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 3; ++r)
+    threads.emplace_back([&, r] {
+      const auto k = static_cast<std::size_t>(r);
+      try {
+        ml::thread_rank me = team.member(r);
+        const Index n_r = 4, d = 5;
+        const std::vector<__half> rows(static_cast<std::size_t>(n_r * d), __float2half_rn(0.25f * float(r + 1)));
+        DeviceBuffer<__half> x(rows), g(rows);
+        const DeviceVectorOf<std::int64_t> y(Labels{0, 1, 0, 1});
+        ml::BatchTripletLoss<float> loss;
+        try {
+          loss.forward_backward(ml::cuda.sharded(me), ConstHalfRows(x.data(), n_r, d, Eigen::OuterStride<>(d)),
+                                y.map(), HalfRows(r == 2 ? x.data() : g.data(), n_r, d, Eigen::OuterStride<>(d)));
+          errors[k] = "no error";
+        } catch (const ml::invalid_argument& e) {
+          errors[k] = e.what();
+        }
+        check_cuda(cudaDeviceSynchronize());
+        const auto unchanged = [&](const DeviceBuffer<__half>& b) {
+          return std::memcmp(b.download().data(), rows.data(), rows.size() * sizeof(__half)) == 0;
+        };
+        written[k] = unchanged(x) && unchanged(g) ? 0 : 1;
+      } catch (const std::exception& e) {
+        errors[k] = std::string("unexpected: ") + e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 3; ++r) {
+    const auto k = static_cast<std::size_t>(r);
+    CAPTURE(r, errors[k]);
+    CHECK(errors[k] == errors[0]);
+    CHECK(written[k] == 0);
+  }
+  CHECK(errors[0].find("metricloss::BatchTripletLoss<float>::forward_backward: rank 2 of 3: argument "
+                       "'grad_x' overlaps argument 'x'") != std::string::npos);
+}
 
 TEMPLATE_TEST_CASE("cuda sharded: thread ranks match the single-process cuda call bitwise",
                    "[cuda][sharded]", float, double) {

@@ -126,5 +126,17 @@ void agree(Group& group, Validator& check, ShardStatus mine, const std::string& 
                "; the global batch needs N >= 1 rows");
 }
 
+/// A rank whose arguments failed before its loss's own sharded call (the half-precision
+/// staging checks the caller's memory first): it joins step 1 with its message, so that every
+/// rank throws it and no rank waits in a collective this one skipped.
+template <class Group>
+[[noreturn]] void fail_agreement(Group& group, Validator& check, const std::string& error) {
+  ShardStatus mine{0, 0, 0, 0, 0, static_cast<std::int32_t>(error.size()), 0};
+  GrowOnlyBuffer<ShardStatus> statuses;
+  GrowOnlyBuffer<std::size_t> bytes;
+  agree(group, check, mine, error, statuses, bytes, [] { return std::string(); });
+  check.fail(error);  // not reached: agree throws when a rank failed
+}
+
 }  // namespace detail
 }  // namespace metricloss

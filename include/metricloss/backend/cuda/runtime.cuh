@@ -198,6 +198,12 @@ struct NormalizeWorkspaces : BackendSlot::Contents {
   FunctorWorkspaces per_stream;
 };
 
+/// The staging of half / bfloat16 calls (backend/cuda/narrow.cuh): the widened inputs and
+/// the gradients before rounding.
+struct NarrowWorkspaces : BackendSlot::Contents {
+  FunctorWorkspaces per_stream;
+};
+
 /// The loss at device_loss, after the stream's work so far, through the workspace's pinned
 /// slot: the one synchronisation (of `stream` alone) of a call that returns it.
 template <class T>
@@ -251,6 +257,7 @@ void release_cuda_workspaces(Loss& loss) {
   auto& slot = detail::BackendSlotAccess::of(loss);
   slot.template reset<detail::cuda::FunctorWorkspaces>();
   slot.template reset<detail::cuda::NormalizeWorkspaces>();
+  slot.template reset<detail::cuda::NarrowWorkspaces>();
 }
 
 }  // namespace metricloss
