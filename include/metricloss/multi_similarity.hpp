@@ -130,19 +130,15 @@ class MultiSimilarityLoss {
 
   // Narrow (half / bfloat16) embeddings, reference set or gradients: the same call on their
   // widened values (detail/narrow.hpp); every other call goes straight to run_native
-  // (run_sharded_native on a sharded tag).
+  // (its sharded_tag overload on a sharded tag).
   template <class Tag, class X, class L, class G>
   T run(const Tag& tag, const char* method, const Eigen::MatrixBase<X>& x,
         const Eigen::MatrixBase<L>& labels, G&& grad_x, T top_diff) {
     return detail::batch_call<T>(
         *this, tag, "MultiSimilarityLoss", method, x, std::forward<G>(grad_x),
         [&](const auto& x_rows, auto&& g_rows) {
-          if constexpr (detail::is_sharded_v<Tag>)
-            return run_sharded_native(tag, method, x_rows, labels,
-                                      std::forward<decltype(g_rows)>(g_rows), top_diff);
-          else
-            return run_native(tag, method, x_rows, labels, std::forward<decltype(g_rows)>(g_rows),
-                              top_diff);
+          return run_native(tag, method, x_rows, labels, std::forward<decltype(g_rows)>(g_rows),
+                            top_diff);
         });
   }
 
@@ -154,22 +150,17 @@ class MultiSimilarityLoss {
         *this, tag, "MultiSimilarityLoss", method, q, ref, std::forward<GQ>(grad_q),
         std::forward<GR>(grad_r),
         [&](const auto& q_rows, const auto& r_set, auto&& gq_rows, auto&& gr_rows) {
-          if constexpr (detail::is_sharded_v<Tag>)
-            return run_reference_sharded_native(tag, method, q_rows, labels_q, r_set,
-                                                std::forward<decltype(gq_rows)>(gq_rows),
-                                                std::forward<decltype(gr_rows)>(gr_rows), top_diff);
-          else
-            return run_reference_native(tag, method, q_rows, labels_q, r_set,
-                                        std::forward<decltype(gq_rows)>(gq_rows),
-                                        std::forward<decltype(gr_rows)>(gr_rows), top_diff);
+          return run_reference_native(tag, method, q_rows, labels_q, r_set,
+                                      std::forward<decltype(gq_rows)>(gq_rows),
+                                      std::forward<decltype(gr_rows)>(gr_rows), top_diff);
         });
   }
 
   // The global batch of a group of ranks (detail/sharded.hpp).
   template <class Base, class Group, class X, class L, class G>
-  T run_sharded_native(const sharded_tag<Base, Group>& tag, const char* method,
-                       const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels,
-                       G&& grad_x, T top_diff) {
+  T run_native(const sharded_tag<Base, Group>& tag, const char* method,
+               const Eigen::MatrixBase<X>& x, const Eigen::MatrixBase<L>& labels, G&& grad_x,
+               T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T (or, on "
                   "metricloss::cuda, __half or __nv_bfloat16)");
@@ -202,11 +193,9 @@ class MultiSimilarityLoss {
   // Queries sharded over a group's ranks, R the same on every rank
   // (detail/sharded_reference.hpp).
   template <class Base, class Group, class X, class L, class LR, class GQ, class GR>
-  T run_reference_sharded_native(const sharded_tag<Base, Group>& tag, const char* method,
-                                 const Eigen::MatrixBase<X>& q,
-                                 const Eigen::MatrixBase<L>& labels_q,
-                                 const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r,
-                                 T top_diff) {
+  T run_reference_native(const sharded_tag<Base, Group>& tag, const char* method,
+                         const Eigen::MatrixBase<X>& q, const Eigen::MatrixBase<L>& labels_q,
+                         const ReferenceSet<T, LR>& ref, GQ&& grad_q, GR&& grad_r, T top_diff) {
     static_assert(std::is_same<typename X::Scalar, T>::value,
                   "metricloss::MultiSimilarityLoss<T>: embeddings must have scalar type T (or, on "
                   "metricloss::cuda, __half or __nv_bfloat16)");

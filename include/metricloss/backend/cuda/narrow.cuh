@@ -177,11 +177,9 @@ class NarrowStager {
         return WidenedMatrix<T>{widened(input_view(argument.value))};
       } else {
         using L = typename X::label_type;
-        ReferenceSet<T, L> set{{MatrixView<const T>{}, argument.value.view.labels,
-                                argument.value.view.self}};
         const ConstRowMap<T> r = widened(argument.value.view.r);
-        set.view.r = input_view(r);
-        return WidenedReference<T, L>{set};
+        return WidenedReference<T, L>{
+            {{input_view(r), argument.value.view.labels, argument.value.view.self}}};
       }
     } else {
       return PassedThrough<X>{argument.value};
