@@ -35,7 +35,8 @@ struct ShardedMultiSimilarityScratch : BackendSlot::Contents {
   CrossClasses classes;                   // this rank's rows against X
   CrossSimilarities<T> similarities;      // simd: Q x X by one product
   ScalarMultiSimilarityScratch scalar;    // scalar: S and W in double, a gradient row
-  GrowOnlyBuffer<double> z, widened;      // one row's exponents; one row of S in double
+  GrowOnlyBuffer<double> z;               // scalar: one row's exponents
+  MultiSimilarityRowBuffers row;          // simd: one row at a time
   GrowOnlyBuffer<MultiSimilarityRowStats> stats, all_stats;  // n_r, N
   GrowOnlyBuffer<std::size_t> bytes;
   GrowOnlyBuffer<T> parts;                // reference sets: grad_r's part, then every rank's
@@ -69,14 +70,14 @@ struct ShardedBackend<MultiSimilarityLoss<T>, Base> {
     if (rows > 0) {
       const VectorView<L> labels_q{batch.labels.data + first, rows, 1};
       work.classes.assign(labels_q, batch.labels, SelfIndex{&batch.first, rows, &shard_self_at});
-      double* z = work.z.data(static_cast<std::size_t>(n));
       if constexpr (simd) {
         work.similarities.compute(q, batch.x);
         for (Index a = 0; a < rows; ++a)
-          multi_similarity_row_lanes(rule, work.classes, work.similarities, a, n, z, work.widened,
+          multi_similarity_row_lanes(rule, work.classes, work.similarities, a, n, work.row,
                                      gradient ? work.similarities.weight_row(a) : nullptr, scale,
                                      stats + a);
       } else {
+        double* z = work.z.data(static_cast<std::size_t>(n));
         const auto entries = static_cast<std::size_t>(rows * n);
         double* s = work.scalar.similarity.data(entries);
         cross_similarities(q, batch.x, s);

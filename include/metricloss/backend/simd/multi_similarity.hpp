@@ -49,8 +49,7 @@ struct SimdMultiSimilarityScratch : BackendSlot::Contents {
   LabelClasses batch_classes;
   CrossClasses cross_classes;
   CrossSimilarities<T> similarities;
-  GrowOnlyBuffer<double> exponents;  // one anchor's kept exponents, then their exponentials
-  GrowOnlyBuffer<double> widened;    // one anchor's similarities in double (T = float)
+  MultiSimilarityRowBuffers row;  // one anchor's row at a time
 };
 
 /// Every anchor's row in order; W's rows into `similarities` when `gradient`. Returns sum L_a.
@@ -58,11 +57,10 @@ template <class T, class Classes>
 double simd_multi_similarity_rows(const MultiSimilarityRule& rule, const Classes& classes,
                                   SimdMultiSimilarityScratch<T>& work, Index candidates,
                                   bool gradient, double scale) {
-  double* z = work.exponents.data(static_cast<std::size_t>(candidates));
   double sum = 0.0;
   for (Index a = 0; a < classes.anchors(); ++a)
-    sum += multi_similarity_row_lanes(rule, classes, work.similarities, a, candidates, z,
-                                      work.widened, gradient ? work.similarities.weight_row(a) : nullptr, scale);
+    sum += multi_similarity_row_lanes(rule, classes, work.similarities, a, candidates, work.row,
+                                      gradient ? work.similarities.weight_row(a) : nullptr, scale);
   return sum;
 }
 
