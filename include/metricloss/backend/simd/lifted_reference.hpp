@@ -55,7 +55,7 @@ bool simd_lifted_reference(LiftedReferenceWork<T>& work, const CrossClasses& cla
   const bool gradient = !grad_q.empty() || !grad_r.empty();
   value = pass.pair_terms(gradient) / (2.0 * pairs);
   if (!gradient) return true;
-  pass.weights(work.cross.weights_to_fill().data());
+  pass.weights();
   work.cross.gradients(static_cast<T>(top_diff / pairs), grad_q, grad_r);
   return true;
 }

@@ -35,7 +35,6 @@ namespace detail {
 template <class T>
 struct LiftedReferenceWork {
   CrossDistances<T> cross;
-  GrowOnlyBuffer<T> distance;                       // N_q x stride: D
   GrowOnlyBuffer<T> candidate_class;                // N_r: class ids as T (masks)
   GrowOnlyBuffer<T> row_nearest, col_nearest;       // the nearest negatives, in T
   GrowOnlyBuffer<T> col_partial;                    // N_r: column sums' lanes
@@ -67,12 +66,12 @@ struct LiftedReferencePass {
 
   static T own_value(Index c) { return static_cast<T>(c); }  // -1 (no class in R) matches none
 
-  /// Sweep 1: D2 by the product, D = sqrt(D2) and the nearest negative of every row
-  /// (row-wise) and column (lane-wise into col_nearest).
+  /// Sweep 1: D2 by the product, D = sqrt(D2) (into the buffer W will take) and the nearest
+  /// negative of every row (row-wise) and column (lane-wise into col_nearest).
   void distances() {
     w.cross.compute(q, r);
     stride = w.cross.stride();
-    distance = w.distance.data(static_cast<std::size_t>(nq * stride));
+    distance = w.cross.weights_to_fill().data();  // D, until sweep 3 turns it into W in place
     cls = w.candidate_class.data(static_cast<std::size_t>(nr));
     for (Index j = 0; j < nr; ++j) cls[j] = static_cast<T>(classes.class_of(j));
     row_nearest = w.row_nearest.data(static_cast<std::size_t>(nq));
@@ -195,10 +194,13 @@ struct LiftedReferencePass {
         if (*p != classes.self(a)) f(a, *p);
   }
 
-  /// Sweep 3, every entry of W (weights_to_fill): on the negatives
+  /// Sweep 3, every entry of W over D (weights_to_fill, where distances() put D): on the
+  /// negatives
   ///   W_aj = (f_a exp(nearest_a - D) + g_j exp(nearest_j - D)) / (2 D)
   /// (0 at D = 0), f = -c / s of the row, g of the column; the pairs' weights; 0 elsewhere.
-  void weights(T* out_weights) {
+  /// One buffer for D and W: a N_q x N_r matrix less to keep and to stream through.
+  void weights() {
+    T* out_weights = distance;
     T* row_factor = w.row_factor.data(static_cast<std::size_t>(nq));
     T* col_factor = w.col_factor.data(static_cast<std::size_t>(nr));
     for (Index a = 0; a < nq; ++a)
