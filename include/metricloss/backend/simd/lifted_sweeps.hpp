@@ -85,9 +85,11 @@ struct LiftedSweeps {
   /// Row i of the lower triangle (count = i, row_nearest = nearest_i, column_nearest =
   /// nearest), or a row of a rectangle: returns sum_{k < count} exp(row_nearest - D_ik) over the
   /// negatives (lane sums in T over blocks of `block` batches, totalled in double) and adds
-  /// exp(column_nearest_k - D_ik) to column_partial[k].
+  /// exp(column_nearest_k - D_ik) to column_partial[k]. With `column_wanted`, a batch of
+  /// columns that are all 0 there skips its column part (those columns' sums stay as they were).
   static double shifted_exp_sums(const T* row, const T* class_value, T own, T row_nearest,
-                                 const T* column_nearest, Index count, T* column_partial) {
+                                 const T* column_nearest, Index count, T* column_partial,
+                                 const T* column_wanted = nullptr) {
     constexpr Index block = 32;
     const batch own_class(own), shift(row_nearest), far(std::numeric_limits<T>::infinity());
     double total = 0.0;
@@ -99,6 +101,8 @@ struct LiftedSweeps {
         const batch dik = xsimd::select(batch::load_unaligned(class_value + k) != own_class,
                                         batch::load_unaligned(row + k), far);
         lanes += clamped_exp(shift - dik);
+        if (column_wanted != nullptr && xsimd::all(batch::load_unaligned(column_wanted + k) == batch(T(0))))
+          continue;
         const batch column = clamped_exp(batch::load_unaligned(column_nearest + k) - dik);
         (batch::load_unaligned(column_partial + k) + column).store_unaligned(column_partial + k);
       }
