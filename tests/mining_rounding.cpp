@@ -9,12 +9,18 @@
 // the miner: one scan per positive (k <= 16), buckets by binary search, and the bucket
 // table of long rows (mining/cells.hpp), with and without positives beyond every negative.
 // Mining::all the same way: which triplets are active is decided on exact distances.
+// MultiSimilarityLoss's row the same way, on similarities: its kept sets are decided on exact
+// similarities, and its simd row (which predicts each side's shift from the most extreme
+// rounded similarity) must equal the scalar row bit for bit where the prediction is wrong.
 #include "support.hpp"
 
+#include <metricloss/backend/simd/multi_similarity_row.hpp>
 #include <metricloss/detail/cross_classes.hpp>
+#include <metricloss/detail/multi_similarity_math.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <utility>
 #include <vector>
@@ -209,4 +215,147 @@ TEST_CASE("all mining: exact active triplets under the stated rounding, every re
       check_all<mld::ScalarMiningKernels>(c, distance, seed);
       ++seed;
     }
+}
+
+namespace {
+
+/// Q x N similarities off the exact ones by at most rounding(a, j): CrossSimilarities'
+/// contract (backend/simd/similarities.hpp), with the rounding made large.
+struct RoundedSimilarities {
+  Index n = 0;
+  std::vector<double> approx, exact_values, bounds;
+  const double* row(Index a) const { return approx.data() + a * n; }
+  double exact(Index a, Index j) const { return exact_values[static_cast<std::size_t>(a * n + j)]; }
+  double rounding(Index, Index j) const { return bounds[static_cast<std::size_t>(j)]; }
+  double widest_rounding(Index) const { return 0.012; }
+};
+
+/// Exact similarities on a grid of 0.001 about base = 0.5; roundings of 0.004, 0.008 or
+/// 0.012 a column and errors of +-0.999 bound, 0 or uniform within it, so that the rounded
+/// order of two pairs often inverts their exact one near a kept-set limit. Rows of three
+/// kinds: positives in [0.49, 0.52] over negatives in [0.46, 0.493] (few positives kept, the
+/// smallest rounded one often not: its side's shift mispredicted), the mirror image about
+/// 0.51 for the negatives, and both in a broad overlapping band.
+struct SimilarityData {
+  std::vector<int> yq, yr;
+  RoundedSimilarities s;
+  mld::CrossClasses classes;
+  SimilarityData(Index queries, Index n, int labels, unsigned seed)
+      : yq(static_cast<std::size_t>(queries)), yr(static_cast<std::size_t>(n)) {
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<int> narrow(0, 30), broad(0, 60), label(0, labels - 1), pick(0, 9);
+    std::uniform_real_distribution<double> unit(-1.0, 1.0);
+    for (auto& y : yq) y = label(rng);
+    for (auto& y : yr) y = label(rng);
+    s.n = n;
+    for (Index j = 0; j < n; ++j) s.bounds.push_back(0.004 * static_cast<double>(1 + j % 3));
+    for (Index a = 0; a < queries; ++a)
+      for (Index j = 0; j < n; ++j) {
+        const bool positive = yr[static_cast<std::size_t>(j)] == yq[static_cast<std::size_t>(a)];
+        double e = 0.0;
+        switch (a % 3) {
+          case 0: e = positive ? 0.49 + 0.001 * narrow(rng) : 0.463 + 0.001 * narrow(rng); break;
+          case 1: e = positive ? 0.507 + 0.001 * narrow(rng) : 0.48 + 0.001 * narrow(rng); break;
+          default: e = (positive ? 0.48 : 0.46) + 0.001 * broad(rng);
+        }
+        const int r = pick(rng);
+        const double off = r < 3 ? 0.999 : r < 6 ? -0.999 : r < 7 ? 0.0 : unit(rng);
+        s.exact_values.push_back(e);
+        s.approx.push_back(e + off * s.bounds[static_cast<std::size_t>(j)]);
+      }
+    const mld::VectorView<int> q_view{yq.data(), queries, 1}, r_view{yr.data(), n, 1};
+    REQUIRE(classes.assign(q_view, r_view, mld::SelfIndex{}));
+  }
+};
+
+/// API.md's multi-similarity row by brute force: kept sets on exact similarities, exponents
+/// on the values given; L_a and w_j = scale dL_a/dS_aj.
+double expected_row(const mld::MultiSimilarityRule& rule, const SimilarityData& data, Index a,
+                    double scale, std::vector<double>& w, int& mispredicted) {
+  const RoundedSimilarities& s = data.s;
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  const auto positive = [&](Index j) {
+    return data.yr[static_cast<std::size_t>(j)] == data.yq[static_cast<std::size_t>(a)];
+  };
+  double min_pos = inf, max_neg = -inf;
+  Index most_pos = -1, most_neg = -1;  // the most extreme rounded similarity of each side
+  for (Index j = 0; j < s.n; ++j) {
+    if (positive(j)) {
+      min_pos = std::min(min_pos, s.exact(a, j));
+      if (most_pos < 0 || s.row(a)[j] < s.row(a)[most_pos]) most_pos = j;
+    } else {
+      max_neg = std::max(max_neg, s.exact(a, j));
+      if (most_neg < 0 || s.row(a)[j] > s.row(a)[most_neg]) most_neg = j;
+    }
+  }
+  const auto kept = [&](Index j) {
+    return positive(j) ? s.exact(a, j) < max_neg + rule.epsilon : s.exact(a, j) > min_pos - rule.epsilon;
+  };
+  double pos_sum = 0.0, neg_sum = 0.0, pos_top = -inf, neg_top = -inf;
+  w.assign(static_cast<std::size_t>(s.n), 0.0);
+  for (Index j = 0; j < s.n; ++j) {
+    if (!kept(j)) continue;
+    const double v = s.row(a)[j];
+    const double z = positive(j) ? -rule.alpha * (v - rule.base) : rule.beta * (v - rule.base);
+    w[static_cast<std::size_t>(j)] = std::exp(z);
+    (positive(j) ? pos_sum : neg_sum) += std::exp(z);
+    (positive(j) ? pos_top : neg_top) = std::max(positive(j) ? pos_top : neg_top, z);
+  }
+  // The case the simd row's shift prediction gets wrong: the side's most extreme rounded
+  // similarity is not kept, another is, and the shift would be > 0.
+  if (most_pos >= 0 && !kept(most_pos) && pos_top > 0.0) ++mispredicted;
+  if (most_neg >= 0 && !kept(most_neg) && neg_top > 0.0) ++mispredicted;
+  for (Index j = 0; j < s.n; ++j)
+    w[static_cast<std::size_t>(j)] *= positive(j) ? -scale / (1.0 + pos_sum) : scale / (1.0 + neg_sum);
+  return std::log1p(pos_sum) / rule.alpha + std::log1p(neg_sum) / rule.beta;
+}
+
+}  // namespace
+
+TEST_CASE("multi-similarity row: exact kept sets under the stated rounding, simd row == scalar row",
+          "[multi_similarity][mining]") {
+  unsigned seed = 291;
+  int mispredicted = 0;
+  for (const double epsilon : {0.0, 0.003})
+    for (const Index n : {Index(37), Index(300), Index(1031)})
+      for (const int labels : {2, 5}) {
+        const mld::MultiSimilarityRule rule(2.0, 50.0, 0.5, epsilon);
+        const Index queries = 40;
+        CAPTURE(epsilon, n, labels, seed);
+        const SimilarityData data(queries, n, labels, seed++);
+        mld::MultiSimilarityRowBuffers buffers;
+        std::vector<double> z(static_cast<std::size_t>(n)), w_scalar(z.size()), w_lanes(z.size()), w_want;
+        const double scale = 0.75;
+        for (Index a = 0; a < queries; ++a) {
+          CAPTURE(a);
+          mld::MultiSimilarityRowStats scalar_stats, lanes_stats;
+          const double scalar = mld::multi_similarity_row(rule, data.classes, data.s, a, n, z.data(),
+                                                          w_scalar.data(), scale, &scalar_stats);
+          const double lanes = mld::multi_similarity_row_lanes(rule, data.classes, data.s, a, n, buffers,
+                                                               w_lanes.data(), scale, &lanes_stats);
+          const double want = expected_row(rule, data, a, scale, w_want, mispredicted);
+          // The same kept sets and shifts; the exponentials (xsimd's) and their sums (in
+          // lane order) may differ from the scalar row's in the last bits.
+          REQUIRE(lanes_stats.pos_shift == scalar_stats.pos_shift);
+          REQUIRE(lanes_stats.neg_shift == scalar_stats.neg_shift);
+          REQUIRE(lanes_stats.pos_sum == Approx(scalar_stats.pos_sum).epsilon(1e-14));
+          REQUIRE(lanes_stats.neg_sum == Approx(scalar_stats.neg_sum).epsilon(1e-14));
+          REQUIRE(lanes == Approx(scalar).epsilon(1e-14));
+          for (Index j = 0; j < n; ++j) {
+            const double l = w_lanes[static_cast<std::size_t>(j)], r = w_scalar[static_cast<std::size_t>(j)];
+            CAPTURE(j, l, r);
+            REQUIRE((l == 0.0) == (r == 0.0));
+            REQUIRE(l == Approx(r).epsilon(1e-14));
+          }
+          REQUIRE(scalar == Approx(want).epsilon(1e-12));
+          for (Index j = 0; j < n; ++j) {
+            CAPTURE(j, data.s.exact(a, j), data.s.row(a)[j], w_want[static_cast<std::size_t>(j)]);
+            REQUIRE(w_scalar[static_cast<std::size_t>(j)] ==
+                    Approx(w_want[static_cast<std::size_t>(j)]).epsilon(1e-12).margin(1e-300));
+          }
+        }
+      }
+  // The data must reach the wrong prediction, or this test would not guard its repeat.
+  CAPTURE(mispredicted);
+  REQUIRE(mispredicted >= 10);
 }

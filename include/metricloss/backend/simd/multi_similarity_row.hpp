@@ -1,7 +1,7 @@
 #pragma once
 // One anchor's row of MultiSimilarityLoss in double lanes (backend/simd/multi_similarity.hpp):
-// the scalar row of detail/multi_similarity_math.hpp bit for bit, its kept sets decided on
-// exact similarities where the product's rounding could decide them.
+// the scalar row of detail/multi_similarity_math.hpp, its kept sets decided on exact
+// similarities where the product's rounding could decide them.
 #include <metricloss/backend/simd/similarities.hpp>
 #include <metricloss/detail/buffer.hpp>
 #include <metricloss/detail/multi_similarity_math.hpp>
@@ -61,11 +61,11 @@ inline double lanes_min(const xsimd::batch<double>& b) {
 }
 
 /// multi_similarity_row in double lanes, with W's row written as T into `out` when given:
-/// the same extremes (exact minima and maxima), kept sets and exponents, bit for bit (and
-/// the row's stats into `stats` when given); a
-/// block holding a similarity within widest_rounding(a) (>= every rounding(a, j)) of its
+/// the same extremes (exact minima and maxima), kept sets, exponents and shifts, bit for bit
+/// (and the row's stats into `stats` when given); a block holding a similarity within widest_rounding(a) (>= every rounding(a, j)) of its
 /// kept-set limit goes pair by pair through the scalar row's test, on the exact similarity
-/// where its own rounding could decide it. Only the sums of exponentials add in lane order.
+/// where its own rounding could decide it. The exponentials (xsimd's) and their sums (in lane
+/// order) may differ from the scalar row's in the last bits (tests/mining_rounding.cpp).
 /// Blocks whose shifted exponents are all <= -746 (e^-746 is 0 in double; not kept is -inf)
 /// skip their exponentials.
 ///
@@ -73,10 +73,11 @@ inline double lanes_min(const xsimd::batch<double>& b) {
 /// exponentials, under shifts predicted from the extremes (each side's largest exponent is
 /// its most extreme similarity's, unless that one sits within rounding of the kept-set limit;
 /// a wrong prediction repeats the pass with the right shifts, so the result never depends on
-/// it); and W. Classes are read once, in the first pass.
-template <class T, class Classes>
+/// it); and W. Classes are read once, in the first pass. Similarities: CrossSimilarities, or
+/// any type with its row(a), exact(a, j), rounding(a, j) and widest_rounding(a) (a test's).
+template <class T, class Classes, class Similarities>
 double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes& classes,
-                                  const CrossSimilarities<T>& s, Index a, Index end,
+                                  const Similarities& s, Index a, Index end,
                                   MultiSimilarityRowBuffers& buffers, T* out, double scale,
                                   MultiSimilarityRowStats* stats = nullptr) {
   using B = xsimd::batch<double>;
@@ -87,7 +88,7 @@ double multi_similarity_row_lanes(const MultiSimilarityRule& rule, const Classes
   double* side = buffers.sides.data(static_cast<std::size_t>(padded));
   double* z = buffers.z.data(static_cast<std::size_t>(padded));
   {
-    const T* row = s.row(a);  // one loop: GCC turns it into packed conversions
+    const auto* row = s.row(a);  // one loop: GCC turns it into packed conversions
     for (Index j = 0; j < end; ++j) v[j] = static_cast<double>(row[j]);
     for (Index j = end; j < padded; ++j) v[j] = 0.0;
   }
