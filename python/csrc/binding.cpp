@@ -7,13 +7,17 @@
 
 #include "kernels.hpp"
 
+#include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
+#include <new>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace mlpy = metricloss_python;
 namespace py = pybind11;
@@ -106,10 +110,81 @@ mlpy::Labels labels_of(const std::string& loss, const char* name, const at::Tens
   return {t.data_ptr<int64_t>(), t.size(0), t.size(0) <= 1 ? 1 : t.stride(0)};
 }
 
-/// A fresh contiguous gradient for `like` (never reused across calls), or undefined.
-std::pair<at::Tensor, mlpy::Grad> grad_for(const at::Tensor& like, const mlpy::Rows& r, bool want) {
+/// The memory of one loss's CPU gradient tensors, reused once a tensor is gone. torch's CPU
+/// allocator hands every free back to the system, and a gradient above glibc's mmap threshold
+/// (32 MiB: N = 65536, D = 128, float) came back page by page on every call: 18 ms a tensor
+/// on this machine, 80 % of a contrastive call. A block returns here when the last tensor on
+/// it dies (x.grad set to None, or the layer below done with it in backward), never before,
+/// and is handed out again for the same size. At most `kept` blocks wait; older ones are
+/// freed. Tensors hold the pool (shared_ptr), so they may outlive their module.
+class GradientPool : public std::enable_shared_from_this<GradientPool> {
+ public:
+  GradientPool() = default;
+  GradientPool(const GradientPool&) = delete;
+  GradientPool& operator=(const GradientPool&) = delete;
+  ~GradientPool() {
+    for (const Block& b : free_) std::free(b.data);
+  }
+
+  /// A rows x cols contiguous tensor of like's dtype on the CPU, its entries unspecified.
+  at::Tensor tensor(int64_t rows, int64_t cols, const at::Tensor& like) {
+    const auto options = like.options().requires_grad(false);
+    const std::size_t bytes = static_cast<std::size_t>(rows * cols) * like.element_size();
+    if (bytes == 0) return at::empty({rows, cols}, options);
+    void* data = take(bytes);
+    if (data == nullptr) {
+      data = std::aligned_alloc(alignment, (bytes + alignment - 1) / alignment * alignment);
+      if (data == nullptr) throw std::bad_alloc();
+    }
+    auto self = shared_from_this();
+    return at::from_blob(data, {rows, cols}, [self, bytes](void* p) { self->give(p, bytes); },
+                         options);
+  }
+
+  /// Blocks waiting to be reused (tests).
+  std::size_t waiting() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return free_.size();
+  }
+
+ private:
+  struct Block {
+    void* data;
+    std::size_t bytes;
+  };
+  static constexpr std::size_t alignment = 64, kept = 8;
+
+  void* take(std::size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.rbegin(); it != free_.rend(); ++it)
+      if (it->bytes == bytes) {
+        void* data = it->data;
+        free_.erase(std::next(it).base());
+        return data;
+      }
+    return nullptr;
+  }
+  void give(void* data, std::size_t bytes) {  // any thread: the tensor's last owner's
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back({data, bytes});
+    if (free_.size() > kept) {
+      std::free(free_.front().data);
+      free_.erase(free_.begin());
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> free_;  // oldest first
+};
+
+/// A contiguous gradient for `like` (a CPU one from `pool`: memory of an earlier call's
+/// gradient that nothing holds any more, or new), or undefined when not wanted.
+std::pair<at::Tensor, mlpy::Grad> grad_for(GradientPool& pool, const at::Tensor& like,
+                                           const mlpy::Rows& r, bool want) {
   if (!want) return {at::Tensor(), mlpy::Grad{nullptr, 0, 0, 0}};
-  at::Tensor g = at::empty({r.rows, r.cols}, like.options().requires_grad(false));
+  at::Tensor g = like.device().is_cpu()
+                     ? pool.tensor(r.rows, r.cols, like)
+                     : at::empty({r.rows, r.cols}, like.options().requires_grad(false));
   return {g, mlpy::Grad{g.data_ptr(), r.rows, r.cols, r.cols}};
 }
 
@@ -134,7 +209,7 @@ struct ReferenceCall {
 ReferenceCall reference_call(const std::string& loss, const at::Tensor& x, const at::Tensor& labels,
                              const at::Tensor& ref, const c10::optional<at::Tensor>& ref_labels,
                              const c10::optional<at::Tensor>& self_index, bool want_x,
-                             bool want_ref, const mlpy::Group* group) {
+                             bool want_ref, const mlpy::Group* group, GradientPool& pool) {
   ReferenceCall c;
   c.device = cuda_device_of(loss, "x", x);
   reject_cuda_group(loss, c.device, group);
@@ -148,8 +223,8 @@ ReferenceCall reference_call(const std::string& loss, const at::Tensor& x, const
     c.self_host = c.device ? self_index->to(at::kCPU) : *self_index;
     c.ref.self = labels_of(loss, "self_index", c.self_host, c.device ? c.self_host : x);
   }
-  std::tie(c.grad_q, c.gq) = grad_for(x, c.q, want_x);
-  std::tie(c.grad_r, c.gr) = grad_for(ref, c.ref.r, want_ref);
+  std::tie(c.grad_q, c.gq) = grad_for(pool, x, c.q, want_x);
+  std::tie(c.grad_r, c.gr) = grad_for(pool, ref, c.ref.r, want_ref);
   // On CUDA a self row with another label leaves the gradients untouched (the loss is NaN).
   if (c.device && self_index.has_value()) {
     nan_unless_written(c.grad_q, true);
@@ -244,6 +319,7 @@ struct Contrastive {
   mlpy::Contrastive kernel;
   mlpy::CudaLosses cuda;  // CUDA tensors: the same loss on metricloss::cuda
   std::mutex mutex;
+  std::shared_ptr<GradientPool> pool = std::make_shared<GradientPool>();  // CPU gradients
   int64_t gradient_calls = 0;  // calls that computed a gradient (tests: none under no_grad)
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& a, const at::Tensor& b,
@@ -256,8 +332,8 @@ struct Contrastive {
     const auto device = cuda_device_of(loss, "a", a);
     const auto ra = rows_of(loss, "a", a, a);
     const auto rb = rows_of(loss, "b", b, a);
-    auto [ta, ga] = grad_for(a, ra, want_a);
-    auto [tb, gb] = grad_for(b, rb, want_b);
+    auto [ta, ga] = grad_for(*pool, a, ra, want_a);
+    auto [tb, gb] = grad_for(*pool, b, rb, want_b);
     gradient_calls += want_a || want_b;
     const auto s = scalar_of(a.scalar_type());
     double v;
@@ -289,6 +365,7 @@ struct Triplet {
   mlpy::Triplet kernel;
   mlpy::CudaLosses cuda;
   std::mutex mutex;
+  std::shared_ptr<GradientPool> pool = std::make_shared<GradientPool>();  // CPU gradients
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
@@ -299,9 +376,9 @@ struct Triplet {
     const auto ra = rows_of(loss, "anchor", anchor, anchor);
     const auto rp = rows_of(loss, "positive", positive, anchor);
     const auto rn = rows_of(loss, "negative", negative, anchor);
-    auto [ta, ga] = grad_for(anchor, ra, want_a);
-    auto [tp, gp] = grad_for(positive, rp, want_p);
-    auto [tn, gn] = grad_for(negative, rn, want_n);
+    auto [ta, ga] = grad_for(*pool, anchor, ra, want_a);
+    auto [tp, gp] = grad_for(*pool, positive, rp, want_p);
+    auto [tn, gn] = grad_for(*pool, negative, rn, want_n);
     gradient_calls += want_a || want_p || want_n;
     const auto s = scalar_of(anchor.scalar_type());
     if (device)
@@ -319,6 +396,7 @@ struct BatchTriplet {
   mlpy::BatchTriplet kernel;
   mlpy::CudaLosses cuda;
   std::mutex mutex;
+  std::shared_ptr<GradientPool> pool = std::make_shared<GradientPool>();  // CPU gradients
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
@@ -330,7 +408,7 @@ struct BatchTriplet {
     reject_cuda_group(loss, device, group);
     const auto rx = rows_of(loss, "x", x, x);
     const auto ly = labels_of(loss, "labels", labels, x);
-    auto [tx, gx] = grad_for(x, rx, want_x);
+    auto [tx, gx] = grad_for(*pool, x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     if (device)
@@ -353,7 +431,7 @@ struct BatchTriplet {
       double margin, int mining, int distance, bool soft_margin, bool normalize, bool want_x,
       bool want_ref, const mlpy::Group* group) {
     auto c = reference_call("BatchTripletLoss", x, labels, ref, ref_labels, self_index, want_x,
-                            want_ref, group);
+                            want_ref, group, *pool);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     if (c.device)
@@ -376,6 +454,7 @@ struct Lifted {
   mlpy::Lifted kernel;
   mlpy::CudaLosses cuda;
   std::mutex mutex;
+  std::shared_ptr<GradientPool> pool = std::make_shared<GradientPool>();  // CPU gradients
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
@@ -386,7 +465,7 @@ struct Lifted {
     reject_cuda_group(loss, device, group);
     const auto rx = rows_of(loss, "x", x, x);
     const auto ly = labels_of(loss, "labels", labels, x);
-    auto [tx, gx] = grad_for(x, rx, want_x);
+    auto [tx, gx] = grad_for(*pool, x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     if (device)
@@ -406,7 +485,7 @@ struct Lifted {
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
       double margin, bool normalize, bool want_x, bool want_ref, const mlpy::Group* group) {
     auto c = reference_call("LiftedStructureLoss", x, labels, ref, ref_labels, self_index, want_x,
-                            want_ref, group);
+                            want_ref, group, *pool);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     if (c.device)
@@ -430,6 +509,7 @@ struct AllPairs {
   Kernel kernel;
   mlpy::CudaLosses cuda;
   std::mutex mutex;
+  std::shared_ptr<GradientPool> pool = std::make_shared<GradientPool>();  // CPU gradients
   int64_t gradient_calls = 0;
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor& labels,
@@ -439,7 +519,7 @@ struct AllPairs {
     reject_cuda_group(name, device, group);
     const auto rx = rows_of(name, "x", x, x);
     const auto ly = labels_of(name, "labels", labels, x);
-    auto [tx, gx] = grad_for(x, rx, want_x);
+    auto [tx, gx] = grad_for(*pool, x, rx, want_x);
     gradient_calls += want_x;
     const auto s = scalar_of(x.scalar_type());
     if (device)
@@ -457,7 +537,8 @@ struct AllPairs {
       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
       const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& self_index,
       const Options& o, bool want_x, bool want_ref, const mlpy::Group* group) {
-    auto c = reference_call(name, x, labels, ref, ref_labels, self_index, want_x, want_ref, group);
+    auto c = reference_call(name, x, labels, ref, ref_labels, self_index, want_x, want_ref, group,
+                            *pool);
     gradient_calls += want_x || want_ref;
     const auto s = scalar_of(x.scalar_type());
     if (c.device)
@@ -725,6 +806,12 @@ std::unique_ptr<mlpy::Group> make_group(int rank, int size, py::function gather)
   return group;
 }
 
+/// Gradient blocks waiting in a loss's pool for reuse (tests).
+template <class Loss>
+std::size_t pooled(Loss& self) {
+  return self.pool->waiting();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -740,12 +827,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<>())
       .def("run", &Contrastive::run)
       .def("loss", &contrastive_loss)
-      .def_readonly("gradient_calls", &Contrastive::gradient_calls);
+      .def_readonly("gradient_calls", &Contrastive::gradient_calls)
+      .def_property_readonly("pooled_gradients", &pooled<Contrastive>);
   py::class_<Triplet>(m, "Triplet")
       .def(py::init<>())
       .def("run", &Triplet::run)
       .def("loss", &triplet_loss)
-      .def_readonly("gradient_calls", &Triplet::gradient_calls);
+      .def_readonly("gradient_calls", &Triplet::gradient_calls)
+      .def_property_readonly("pooled_gradients", &pooled<Triplet>);
   py::class_<BatchTriplet>(m, "BatchTriplet")
       .def(py::init<>())
       .def("run",
@@ -755,7 +844,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            })
       .def("run_reference", &BatchTriplet::run_reference)
       .def("loss", &batch_triplet_loss)
-      .def_readonly("gradient_calls", &BatchTriplet::gradient_calls);
+      .def_readonly("gradient_calls", &BatchTriplet::gradient_calls)
+      .def_property_readonly("pooled_gradients", &pooled<BatchTriplet>);
   py::class_<Lifted>(m, "Lifted")
       .def(py::init<>())
       .def("run",
@@ -765,13 +855,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            })
       .def("run_reference", &Lifted::run_reference)
       .def("loss", &lifted_loss)
-      .def_readonly("gradient_calls", &Lifted::gradient_calls);
+      .def_readonly("gradient_calls", &Lifted::gradient_calls)
+      .def_property_readonly("pooled_gradients", &pooled<Lifted>);
   py::class_<BatchContrastive>(m, "BatchContrastive")
       .def(py::init<>())
       .def("loss", &batch_contrastive_loss)
-      .def_readonly("gradient_calls", &BatchContrastive::gradient_calls);
+      .def_readonly("gradient_calls", &BatchContrastive::gradient_calls)
+      .def_property_readonly("pooled_gradients", &pooled<BatchContrastive>);
   py::class_<MultiSimilarity>(m, "MultiSimilarity")
       .def(py::init<>())
       .def("loss", &multi_similarity_loss)
-      .def_readonly("gradient_calls", &MultiSimilarity::gradient_calls);
+      .def_readonly("gradient_calls", &MultiSimilarity::gradient_calls)
+      .def_property_readonly("pooled_gradients", &pooled<MultiSimilarity>);
 }

@@ -189,3 +189,86 @@ def test_retained_graph_and_shared_inputs(make):
     xs = x.clone().requires_grad_(True)
     (loss(xs, y) + loss(xs, y2)).backward()
     torch.testing.assert_close(xs.grad, g + grad_of(make(), x, y2), rtol=1e-15, atol=0)
+
+
+def poisoned_then_released(t):
+    """Fills t.grad with NaN and drops it, so its memory goes back to the loss's pool."""
+    t.grad.fill_(float("nan"))
+    t.grad = None
+
+
+@pytest.mark.parametrize("make", ALL_BATCH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_memory_reused_once_released(make, dtype):
+    """A CPU gradient's memory returns to its loss when the last tensor on it dies, and the
+    next call of that size gets it back, every entry rewritten (it was NaN): the same gradient
+    as a fresh module's, zero rows included."""
+    loss = make()
+    y = labels_pk(48, 4)
+    x1, x2 = torch.randn(48, 6, dtype=dtype), torch.randn(48, 6, dtype=dtype) * 3
+    x2[:8] = x2[8:16]  # coincident rows: zero distances
+    first = x1.clone().requires_grad_(True)
+    loss(first, y).backward()
+    block = first.grad.data_ptr()
+    assert loss._kernel.pooled_gradients == 0  # first.grad holds it
+    poisoned_then_released(first)
+    assert loss._kernel.pooled_gradients == 1
+    second = x2.clone().requires_grad_(True)
+    loss(second, y).backward()
+    assert second.grad.data_ptr() == block
+    assert torch.equal(second.grad, grad_of(make(), x2, y))
+
+
+def test_pair_and_triplet_gradients_reused():
+    """The same for the losses of pairs and triplets, whose zero rows (satisfied hinges) are
+    written as zeros, not skipped."""
+    n, d = 40, 5
+    a, b, c = (torch.randn(n, d, dtype=torch.float64) for _ in range(3))
+    b[:10] = a[:10]  # zero distances
+    c[10:20] = a[10:20] + 50  # satisfied hinges: zero gradient rows
+    sim = (torch.arange(n) % 3 == 0).long()
+    for loss, inputs, call in [
+        (metricloss.ContrastiveLoss(margin=2.0), (a, b), lambda l, t: l(*t, sim)),
+        (metricloss.ContrastiveLoss(form="legacy"), (a, b), lambda l, t: l(*t, sim)),
+        (metricloss.TripletLoss(margin=0.5), (a, b, c), lambda l, t: l(*t)),
+        (metricloss.TripletLoss(distance="euclidean"), (a, b, c), lambda l, t: l(*t)),
+    ]:
+        ts = [t.clone().requires_grad_(True) for t in inputs]
+        call(loss, ts).backward()
+        blocks = sorted(t.grad.data_ptr() for t in ts)
+        for t in ts:
+            poisoned_then_released(t)
+        assert loss._kernel.pooled_gradients == len(ts)
+        fresh = [t.clone().requires_grad_(True) for t in inputs]
+        call(type(loss)(**{k: getattr(loss, k) for k in vars(loss) if not k.startswith("_") and k != "training"}), fresh).backward()
+        again = [t.clone().requires_grad_(True) for t in inputs]
+        call(loss, again).backward()
+        assert sorted(t.grad.data_ptr() for t in again) == blocks
+        for g, f in zip(again, fresh):
+            assert torch.equal(g.grad, f.grad)
+
+
+def test_gradient_pool_is_bounded_and_outlives_its_module():
+    """At most 8 blocks wait (the oldest are freed); a gradient outlives its module; held
+    gradients are never handed out again; no gradient under no_grad."""
+    loss = metricloss.LiftedStructureLoss()
+    for n in range(8, 20):  # 12 sizes, each released
+        x = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+        loss(x, labels_pk(n, 4)).backward()
+        x.grad = None
+    assert loss._kernel.pooled_gradients == 8
+    held = []
+    for _ in range(3):  # held gradients: fresh memory each call, none taken back
+        x = torch.randn(19, 3, dtype=torch.float64, requires_grad=True)
+        loss(x, labels_pk(19, 4)).backward()
+        held.append(x.grad)
+    assert len({g.data_ptr() for g in held}) == 3
+    assert loss._kernel.pooled_gradients == 7  # the 19-row block was taken, then held
+    with torch.no_grad():
+        loss(torch.randn(19, 3, dtype=torch.float64), labels_pk(19, 4))
+    assert loss._kernel.pooled_gradients == 7
+    snapshot = [g.clone() for g in held]
+    del loss
+    for g, s in zip(held, snapshot):
+        assert torch.equal(g, s)
+    del held  # their blocks go back to a pool that only they kept alive
