@@ -163,8 +163,9 @@ TEMPLATE_TEST_CASE("contrastive simd agrees with scalar over sizes and strides",
                    "[contrastive][parity]", float, double) {
   using T = TestType;
   // 1000, 1100 and 2100: the SIMD rows' pipelined pass with a run-time batch count up to 8 KiB
-  // per row, and one pass per row beyond (double at 1100, both types at 2100).
-  const Index d = GENERATE(1, 3, 15, 16, 17, 255, 1000, 1100, 2100);
+  // per row, and one pass per row beyond (double at 1100, both types at 2100). 64 and 128-135:
+  // rows of exactly 16 batches (AVX2 double, AVX2 float / AVX-512 double), unrolled.
+  const Index d = GENERATE(1, 3, 15, 16, 17, 64, 128, 130, 255, 1000, 1100, 2100);
   const Index n = GENERATE(1, 2, 7, 64, 300);
   const Index pad = GENERATE(0, 5);
   const auto form = GENERATE(ContrastiveForm::hadsell, ContrastiveForm::legacy);
