@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -26,11 +27,13 @@ class LabelClasses {
         if (labels[i] != labels[i]) return false;
     }
     Index* order = grown(order_, n);
-    for (Index i = 0; i < n; ++i) order[i] = i;
-    std::sort(order, order + n, [&](Index a, Index b) {
-      const L la = labels[a], lb = labels[b];
-      return la < lb || (!(lb < la) && a < b);
-    });
+    if (!counting_sort(labels, order)) {
+      for (Index i = 0; i < n; ++i) order[i] = i;
+      std::sort(order, order + n, [&](Index a, Index b) {
+        const L la = labels[a], lb = labels[b];
+        return la < lb || (!(lb < la) && a < b);
+      });
+    }
     Index* class_of = grown(class_of_, n);
     Index* start = grown(start_, n + 1);
     classes_ = 0;
@@ -105,6 +108,41 @@ class LabelClasses {
   }
 
  private:
+  /// order = the rows sorted by (label, row), by counting, for integer labels spanning fewer
+  /// than 2N + 1024 values (class ids, as users pass them); false otherwise, with order
+  /// untouched. std::sort took 4.6 ms of a 114 ms batch-hard call on a memory of 65536 rows
+  /// (bench_reference); this takes two passes over the labels.
+  template <class L>
+  bool counting_sort(const VectorView<L>& labels, Index* order) {
+    if constexpr (!std::is_integral<L>::value) {
+      return false;
+    } else {
+      const Index n = labels.size;
+      if (n == 0) return true;
+      L lo = labels[0], hi = labels[0];
+      for (Index i = 1; i < n; ++i) {
+        lo = std::min(lo, labels[i]);
+        hi = std::max(hi, labels[i]);
+      }
+      // hi - lo, exact in 64 bits (conversion to unsigned is modulo 2^64).
+      const auto key = [&](L v) { return static_cast<std::uint64_t>(v) - static_cast<std::uint64_t>(lo); };
+      const std::uint64_t span = key(hi);
+      if (span >= static_cast<std::uint64_t>(2 * n + 1024)) return false;
+      const auto values = static_cast<Index>(span) + 1;
+      Index* next = grown(counts_, 2 * n + 1024);  // sized by N alone: warm, no allocation
+      std::fill(next, next + values, Index(0));
+      for (Index i = 0; i < n; ++i) ++next[key(labels[i])];
+      Index position = 0;  // counts to each value's first position
+      for (Index v = 0; v < values; ++v) {
+        const Index count = next[v];
+        next[v] = position;
+        position += count;
+      }
+      for (Index i = 0; i < n; ++i) order[next[key(labels[i])]++] = i;
+      return true;
+    }
+  }
+
   static Index* grown(std::vector<Index>& v, Index size) {
     if (v.size() < static_cast<std::size_t>(size)) v.resize(static_cast<std::size_t>(size));
     return v.data();
@@ -113,6 +151,7 @@ class LabelClasses {
   Index size_ = 0, classes_ = 0, positive_pairs_ = 0;
   // Rows sorted by (label, row); the class of each row; each class's first sorted position.
   std::vector<Index> order_, class_of_, start_;
+  std::vector<Index> counts_;  // counting_sort's, one per label value
 };
 
 }  // namespace detail
