@@ -11,9 +11,9 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
-#include <new>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <tuple>

@@ -33,9 +33,10 @@ labels_q, r, labels_r.
 
 Gradient memory: a loss keeps the memory of its CPU gradients once nothing holds them (x.grad
 set to None, or the layer below done with them in backward) and hands it to its next call of
-that size, at most 8 blocks a loss, freed with the loss. torch's CPU allocator returns large
-blocks to the system, and taking them back costs a page fault per 4 KiB (18 ms for a 32 MiB
-gradient on the machine the benchmarks ran on).
+that size, at most 8 blocks a loss, freed with the loss (and with the last gradient on
+them). torch's CPU allocator returns large blocks to the system, and taking them back costs a
+page fault per 4 KiB (18 ms for a 32 MiB gradient on the machine the benchmarks ran on). Such
+a gradient's storage has a fixed size: ``resize_`` to a larger shape raises.
 
 Options have the C++ names and can be changed between calls (``loss_fn.margin = 0.3``).
 Malformed arguments raise TypeError (dtype) or ValueError (device, shape, strides, values),
