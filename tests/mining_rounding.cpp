@@ -39,6 +39,14 @@ struct RoundedDistances {
   double exact(Index a, Index j) const { return exact_values[static_cast<std::size_t>(a * n + j)]; }
   double rounding(Index, Index j) const { return bounds[static_cast<std::size_t>(j)]; }
   Index widest() const { return widest_row; }
+  /// The next value: `exact`, approximated with an error of +-0.999 bound, 0 or uniform within it.
+  void add(double exact, double bound, std::mt19937_64& rng) {
+    const int r = std::uniform_int_distribution<int>(0, 9)(rng);
+    const double off = r < 7 ? (r < 3 ? 0.999 : r < 6 ? -0.999 : 0.0)
+                             : std::uniform_real_distribution<double>(-1.0, 1.0)(rng);
+    exact_values.push_back(exact);
+    approx.push_back(exact + off * bound);
+  }
 };
 
 /// The (anchor, negative) of every mined triplet, in the miner's order.
@@ -91,7 +99,6 @@ struct Data {
   Data(const Case& c, unsigned seed) : yq(static_cast<std::size_t>(c.queries)), yr(static_cast<std::size_t>(c.n)) {
     std::mt19937_64 rng(seed);
     std::uniform_int_distribution<int> grid(0, 399), label(0, static_cast<int>(c.classes) - 1), pick(0, 9);
-    std::uniform_real_distribution<double> unit(-1.0, 1.0);
     for (auto& y : yq) y = label(rng);
     for (auto& y : yr) y = label(rng);
     d.n = c.n;
@@ -101,10 +108,7 @@ struct Data {
       for (Index j = 0; j < c.n; ++j) {
         const bool positive = yr[static_cast<std::size_t>(j)] == yq[static_cast<std::size_t>(a)];
         const double e = (c.beyond && positive && pick(rng) == 0 ? 8.0 : 4.0) + 0.01 * grid(rng);
-        const int r = pick(rng);
-        const double off = r < 3 ? 0.999 : r < 6 ? -0.999 : r < 7 ? 0.0 : unit(rng);
-        d.exact_values.push_back(e);
-        d.approx.push_back(e + off * d.bounds[static_cast<std::size_t>(j)]);
+        d.add(e, d.bounds[static_cast<std::size_t>(j)], rng);
       }
     const mld::VectorView<int> q_view{yq.data(), c.queries, 1}, r_view{yr.data(), c.n, 1};
     REQUIRE(classes.assign(q_view, r_view, mld::SelfIndex{}));
@@ -221,12 +225,7 @@ namespace {
 
 /// Q x N similarities off the exact ones by at most rounding(a, j): CrossSimilarities'
 /// contract (backend/simd/similarities.hpp), with the rounding made large.
-struct RoundedSimilarities {
-  Index n = 0;
-  std::vector<double> approx, exact_values, bounds;
-  const double* row(Index a) const { return approx.data() + a * n; }
-  double exact(Index a, Index j) const { return exact_values[static_cast<std::size_t>(a * n + j)]; }
-  double rounding(Index, Index j) const { return bounds[static_cast<std::size_t>(j)]; }
+struct RoundedSimilarities : RoundedDistances {
   double widest_rounding(Index) const { return 0.012; }
 };
 
@@ -243,8 +242,7 @@ struct SimilarityData {
   SimilarityData(Index queries, Index n, int labels, unsigned seed)
       : yq(static_cast<std::size_t>(queries)), yr(static_cast<std::size_t>(n)) {
     std::mt19937_64 rng(seed);
-    std::uniform_int_distribution<int> narrow(0, 30), broad(0, 60), label(0, labels - 1), pick(0, 9);
-    std::uniform_real_distribution<double> unit(-1.0, 1.0);
+    std::uniform_int_distribution<int> narrow(0, 30), broad(0, 60), label(0, labels - 1);
     for (auto& y : yq) y = label(rng);
     for (auto& y : yr) y = label(rng);
     s.n = n;
@@ -258,10 +256,7 @@ struct SimilarityData {
           case 1: e = positive ? 0.507 + 0.001 * narrow(rng) : 0.48 + 0.001 * narrow(rng); break;
           default: e = (positive ? 0.48 : 0.46) + 0.001 * broad(rng);
         }
-        const int r = pick(rng);
-        const double off = r < 3 ? 0.999 : r < 6 ? -0.999 : r < 7 ? 0.0 : unit(rng);
-        s.exact_values.push_back(e);
-        s.approx.push_back(e + off * s.bounds[static_cast<std::size_t>(j)]);
+        s.add(e, s.bounds[static_cast<std::size_t>(j)], rng);
       }
     const mld::VectorView<int> q_view{yq.data(), queries, 1}, r_view{yr.data(), n, 1};
     REQUIRE(classes.assign(q_view, r_view, mld::SelfIndex{}));

@@ -62,9 +62,10 @@ inline double lanes_min(const xsimd::batch<double>& b) {
 
 /// multi_similarity_row in double lanes, with W's row written as T into `out` when given:
 /// the same extremes (exact minima and maxima), kept sets, exponents and shifts, bit for bit
-/// (and the row's stats into `stats` when given); a block holding a similarity within widest_rounding(a) (>= every rounding(a, j)) of its
-/// kept-set limit goes pair by pair through the scalar row's test, on the exact similarity
-/// where its own rounding could decide it. The exponentials (xsimd's) and their sums (in lane
+/// (and the row's stats into `stats` when given); a block holding a similarity within
+/// widest_rounding(a) (>= every rounding(a, j)) of its kept-set limit goes pair by pair
+/// through the scalar row's test, on the exact similarity where its own rounding could
+/// decide it. The exponentials (xsimd's) and their sums (in lane
 /// order) may differ from the scalar row's in the last bits (tests/mining_rounding.cpp).
 /// Blocks whose shifted exponents are all <= -746 (e^-746 is 0 in double; not kept is -inf)
 /// skip their exponentials.
