@@ -41,6 +41,11 @@ class PairwiseDistances {
   /// (detail/numerics.hpp).
   static constexpr double recompute_ratio = Numerics<T>::recompute_ratio;
 
+  /// Row panel height of the product's tiles that reach the diagonal (compute_lower_rows):
+  /// 16 to 48 timed alike at N = 256 and 1024, D = 128, float (AVX2, 2026-12-06), 12 % and
+  /// 5 % faster batch-hard than whole 128-row tiles; Eigen packs the (short) panels fast.
+  static constexpr Index diagonal_panel = 32;
+
   /// Fills squared() for the rows of x; the diagonal is exactly 0 and the matrix symmetric.
   void compute(const MatrixView<const T>& x) {
     compute_lower(x);
@@ -96,13 +101,21 @@ class PairwiseDistances {
       const Index mi = std::min(width, end - i0);
       for (Index j0 = 0; j0 < i0 + mi - 1; j0 += width) {
         const Index nj = std::min(width, end - j0);
-        auto tile = sq.block(i0 - first, j0, mi, nj);
-        for (Index k0 = 0; k0 < d; k0 += depth) {
-          const Index kk = std::min(depth, d - k0);
-          if (k0 == 0)
-            tile.noalias() = xc.block(i0, k0, mi, kk) * xc.block(j0, k0, nj, kk).transpose();
-          else
-            tile.noalias() += xc.block(i0, k0, mi, kk) * xc.block(j0, k0, nj, kk).transpose();
+        // A tile that reaches the diagonal goes by row panels of `step` rows, each only as
+        // wide as its last row needs: about half the tile's FLOPs, not all of them.
+        const Index step = j0 + nj > i0 ? diagonal_panel : mi;
+        for (Index r0 = i0; r0 < i0 + mi; r0 += step) {
+          const Index mr = std::min(step, i0 + mi - r0);
+          const Index nc = std::min(nj, r0 + mr - 1 - j0);
+          if (nc <= 0) continue;
+          auto tile = sq.block(r0 - first, j0, mr, nc);
+          for (Index k0 = 0; k0 < d; k0 += depth) {
+            const Index kk = std::min(depth, d - k0);
+            if (k0 == 0)
+              tile.noalias() = xc.block(r0, k0, mr, kk) * xc.block(j0, k0, nc, kk).transpose();
+            else
+              tile.noalias() += xc.block(r0, k0, mr, kk) * xc.block(j0, k0, nc, kk).transpose();
+          }
         }
       }
       // D2 = n_i + n_j - 2 g_ij on the lower triangle, row by row in batches; the rare small
