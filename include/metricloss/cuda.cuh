@@ -25,7 +25,7 @@
 //   contrastive_workspace_bytes<T>(N, D)       contrastive_forward_backward (sim or two labels)
 //   triplet_workspace_bytes<T>(N, D)           triplet_forward_backward
 //   lifted_structure_workspace_bytes<T>(N, D)  lifted_structure_forward_backward
-//   batch_triplet_workspace_bytes<T>(N, D)     batch_triplet_forward_backward
+//   batch_triplet_workspace_bytes<T>(N, D[, mining])  batch_triplet_forward_backward
 //   batch_contrastive_workspace_bytes<T>(N, D) batch_contrastive_forward_backward
 //   multi_similarity_workspace_bytes<T>(N, D)  multi_similarity_forward_backward
 //   reference_workspace_bytes(N_q, N_r)        batch_triplet_reference_forward_backward,
@@ -38,8 +38,8 @@
 // gradients (data == nullptr: skipped), top_diff, a device pointer for the loss and a stream.
 //
 // Memory: contrastive and triplet need 16 KiB of workspace; the batch losses one N x N
-// matrix of T (lifted) or of T and of double (batch triplet, batch contrastive,
-// multi-similarity), e.g. 1 GiB / 3 GiB at N = 16384 in float.
+// matrix of T (lifted, hard mining) or of T and of double (batch triplet's `all` and
+// semihard, batch contrastive, multi-similarity), e.g. 1 GiB / 3 GiB at N = 16384 in float.
 //
 // normalize = true (the batch losses): the rows are normalised on the device and the verdict
 // on zero rows comes back with the loss; a call returning the value throws invalid_argument

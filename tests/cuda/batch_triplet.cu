@@ -176,12 +176,56 @@ TEMPLATE_TEST_CASE("cuda batch triplet is deterministic; core and deferred loss"
   if (skip_without_device()) return;
   std::mt19937_64 rng(47);
   const Matrix<T> x = uniform_matrix<T>(n, d, rng);
-  check_deterministic_core(ml::BatchTripletLoss<T>(T(0.5), Mining::semihard), x, random_labels(n, 12, rng), bytes,
-                           [](void* workspace, std::size_t size, auto xv, auto lv, auto gv, T* loss, cudaStream_t s) {
-                             return core::batch_triplet_forward_backward<T, std::int64_t>(
-                                 workspace, size, xv, lv, T(0.5), Mining::semihard, Distance::euclidean, false, gv,
-                                 T(1), loss, s);
-                           });
+  const auto labels = random_labels(n, 12, rng);
+  // Each mining with exactly its own workspace (hard's sparse W is the smallest).
+  for (const Mining mining : {Mining::semihard, Mining::hard}) {
+    CAPTURE(mining_name(mining));
+    check_deterministic_core(ml::BatchTripletLoss<T>(T(0.5), mining), x, labels,
+                             core::batch_triplet_workspace_bytes<T>(n, d, mining),
+                             [mining](void* workspace, std::size_t size, auto xv, auto lv, auto gv, T* loss,
+                                      cudaStream_t s) {
+                               return core::batch_triplet_forward_backward<T, std::int64_t>(
+                                   workspace, size, xv, lv, T(0.5), mining, Distance::euclidean, false, gv, T(1),
+                                   loss, s);
+                             });
+  }
+}
+
+TEMPLATE_TEST_CASE("cuda batch triplet sizes its workspace by mining", "[cuda][batch_triplet][core]", float,
+                   double) {
+  // No device needed: the sizes, and a too-small workspace refused before anything is enqueued.
+  using T = TestType;
+  namespace core = ml::cuda_core;
+  const Index n = 300, d = 5;
+  const auto square = static_cast<std::size_t>(n * n);
+  const std::size_t hard = core::batch_triplet_workspace_bytes<T>(n, d, Mining::hard);
+  const std::size_t semihard = core::batch_triplet_workspace_bytes<T>(n, d, Mining::semihard);
+  const std::size_t all = core::batch_triplet_workspace_bytes<T>(n, d, Mining::all);
+  CAPTURE(hard, semihard, all);
+  CHECK(semihard == all);
+  CHECK(all == core::batch_triplet_workspace_bytes<T>(n, d));
+  CHECK(all >= (sizeof(T) + sizeof(double)) * square);
+  // Hard keeps D2 (N x N of T) but no N x N weights: two rows and two weights per anchor.
+  CHECK(hard >= sizeof(T) * square);
+  // all - hard: the N x N doubles less hard's 24 bytes per anchor (32 allows for alignment).
+  CHECK(all - hard >= sizeof(double) * square - 32 * static_cast<std::size_t>(n));
+  CHECK(all - hard < sizeof(double) * square);
+  // A workspace one byte short is refused with nothing enqueued (a host pointer is never read).
+  alignas(256) static char host_bytes[256];
+  T* const loss = reinterpret_cast<T*>(host_bytes);
+  const core::DeviceMatrix<const T> xv{reinterpret_cast<const T*>(host_bytes), n, d, d};
+  const core::DeviceVector<int> lv{reinterpret_cast<const int*>(host_bytes), n, 1};
+  const core::DeviceMatrix<T> gv{reinterpret_cast<T*>(host_bytes), n, d, d};
+  for (const Mining mining : {Mining::hard, Mining::semihard, Mining::all}) {
+    CAPTURE(mining_name(mining));
+    const std::size_t bytes = core::batch_triplet_workspace_bytes<T>(n, d, mining);
+    CHECK(core::batch_triplet_forward_backward<T, int>(host_bytes, bytes - 1, xv, lv, T(1), mining,
+                                                       Distance::euclidean, false, gv, T(1), loss,
+                                                       nullptr) == cudaErrorInvalidValue);
+  }
+  CHECK(core::batch_triplet_forward_backward<T, int>(host_bytes, hard, xv, lv, T(1), Mining::semihard,
+                                                     Distance::euclidean, false, gv, T(1), loss,
+                                                     nullptr) == cudaErrorInvalidValue);
 }
 
 TEST_CASE("cuda batch triplet rejects bad input before touching the device", "[cuda][batch_triplet][errors]") {

@@ -12,9 +12,15 @@
 //   3. one block: L = sum / count (0 when count = 0; NaN for non-finite data or labels);
 //   4. (gradient) S = W + W^T in place; per row, S as T over D2 with near pairs applied by
 //      differences; dX = 2 top_diff/count ((diag(S 1) - S) xc + near) by the tiled product.
-// Memory: one N x N of T and one of double (N = 16384 in float: 3 GiB). Semihard and `all`
-// loop over an anchor's positives, each a pass over its row: O(N^2 K) work for classes of
-// size K (the CPU's bucketed O(N^2 log K) is not ported). Deterministic throughout.
+//      Hard mining's W has at most two entries per anchor, so it is kept sparse (as the
+//      CPU's SparseWeights): row r of dX sums its entries by differences in double
+//      (hard_gradient_kernel), with no N x N weights, no symmetrisation and no product.
+// Memory: one N x N of T, and for `all` and semihard one N x N of double (N = 16384 in
+// float: 3 GiB; hard: 1 GiB). Semihard keeps the dense W: its entries number 2 sum_a |P(a)|,
+// up to 2 N (N - 1), and a workspace sized from N and D alone could not hold them in less.
+// Semihard and `all` loop over an anchor's positives, each a pass over its row: O(N^2 K)
+// work for classes of size K (the CPU's bucketed O(N^2 log K) is not ported).
+// Deterministic throughout.
 #include <metricloss/backend/cuda/batch_triplet_mining.cuh>
 #include <metricloss/backend/cuda/exact.cuh>
 #include <metricloss/backend/cuda/pairwise.cuh>
@@ -54,18 +60,98 @@ __global__ void __launch_bounds__(finalize_threads)
   }
 }
 
-/// The workspace: the batch parts (pairwise.cuh), W and the per-anchor sums.
+constexpr int hard_gradient_threads = 256;
+
+/// Hard mining's gradient from its sparse W: anchor a's entries are (a, rows[2a],
+/// weights[2a]) and (a, rows[2a + 1], weights[2a + 1]) (row -1: no entry), and an entry
+/// (i, j, w) adds 2 scale w (x_i - x_j) to row i and 2 scale w (x_j - x_i) to row j. Block r
+/// finds the anchors whose entries touch row r by a scan of `rows` (O(N) ints, read from L2:
+/// O(N^2) in all, as the mining's pass over D2) and adds their terms in anchor order, by
+/// differences of the original rows in double, into `sum` (row r of an N x D buffer): a fixed
+/// order, so deterministic, and exact for close pairs. NaN rows where the data were not finite.
+template <class T>
+__global__ void __launch_bounds__(hard_gradient_threads)
+    hard_gradient_kernel(MatrixView<const T> x, const int* rows, const double* weights,
+                         double* sum, const double* scale, const int* not_finite, MatrixView<T> grad) {
+  constexpr int warps = hard_gradient_threads / warp_size;
+  __shared__ int matches[hard_gradient_threads];  // 4 * (anchor - a0) + role, in anchor order
+  __shared__ int warp_counts[warps];
+  const Index r = blockIdx.x, n = x.rows, d = x.cols;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % warp_size, warp = tid / warp_size;
+  if (*not_finite != 0) {  // block-uniform
+    for (Index c = tid; c < d; c += hard_gradient_threads) grad(r, c) = static_cast<T>(nan(""));
+    return;
+  }
+  const T* xr = x.row(r);
+  double* acc = sum + r * d;  // column c is thread (c mod threads)'s alone
+  for (Index c = tid; c < d; c += hard_gradient_threads) acc[c] = 0.0;
+  enum Role { none = 0, own = 1, as_positive = 2, as_negative = 3 };
+  for (Index a0 = 0; a0 < n; a0 += hard_gradient_threads) {
+    const Index a = a0 + tid;
+    int role = none;
+    if (a < n) {
+      const int p = rows[2 * a], q = rows[2 * a + 1];
+      // An anchor's own rows differ from it and from each other: one role at most.
+      role = a == r ? (p >= 0 || q >= 0 ? own : none) : p == r ? as_positive : q == r ? as_negative : none;
+    }
+    if (!__syncthreads_or(role != none)) continue;  // most chunks: one barrier
+    const unsigned ballot = __ballot_sync(0xffffffffu, role != none);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < warps; ++w) {
+      offset += w < warp ? warp_counts[w] : 0;
+      total += warp_counts[w];
+    }
+    if (role != none) matches[offset + __popc(ballot & ((1u << lane) - 1u))] = 4 * tid + role;
+    __syncthreads();
+    for (int m = 0; m < total; ++m) {  // block-uniform
+      const Index b = a0 + matches[m] / 4;
+      const int kind = matches[m] % 4;
+      if (kind == own) {
+        const int p = rows[2 * b], q = rows[2 * b + 1];
+        const double wp = weights[2 * b], wq = weights[2 * b + 1];
+        for (Index c = tid; c < d; c += hard_gradient_threads) {
+          const double xc = static_cast<double>(xr[c]);
+          double v = acc[c];
+          if (p >= 0) v += wp * (xc - static_cast<double>(x(p, c)));
+          if (q >= 0) v += wq * (xc - static_cast<double>(x(q, c)));
+          acc[c] = v;
+        }
+      } else {
+        const double w = weights[2 * b + (kind == as_negative ? 1 : 0)];
+        const T* xb = x.row(b);
+        for (Index c = tid; c < d; c += hard_gradient_threads)
+          acc[c] += w * (static_cast<double>(xr[c]) - static_cast<double>(xb[c]));
+      }
+    }
+    __syncthreads();  // matches and warp_counts are rewritten next
+  }
+  const double factor = 2.0 * *scale;
+  for (Index c = tid; c < d; c += hard_gradient_threads) grad(r, c) = static_cast<T>(factor * acc[c]);
+}
+
+/// The workspace: the batch parts (pairwise.cuh), W (dense, or hard's two entries per anchor)
+/// and the per-anchor sums.
 template <class T>
 struct BatchTripletLayout {
   WorkspaceCarver carve;
   BatchParts<T> parts;
-  double* weights;  // N x N: W, then S
+  double* weights = nullptr;       // N x N: W, then S (all, semihard)
+  int* hard_rows = nullptr;        // 2 N: anchor a's entries' rows (hard)
+  double* hard_weights = nullptr;  // 2 N: their weights (hard)
   double* anchor_sum;
   double* anchor_count;
 
-  BatchTripletLayout(void* workspace, Index n, Index d) : carve(workspace), parts(carve, n, d) {
+  BatchTripletLayout(void* workspace, Index n, Index d, bool sparse) : carve(workspace), parts(carve, n, d) {
     const auto un = static_cast<std::size_t>(n);
-    weights = carve.take<double>(un * un);
+    if (sparse) {
+      hard_rows = carve.take<int>(2 * un);
+      hard_weights = carve.take<double>(2 * un);
+    } else {
+      weights = carve.take<double>(un * un);
+    }
     anchor_sum = carve.take<double>(un);
     anchor_count = carve.take<double>(un);
   }
@@ -80,14 +166,17 @@ cudaError_t batch_triplet_enqueue(void* workspace, std::size_t workspace_bytes,
   const Index n = x.rows;
   if (n < 1 || x.cols < 1 || device_loss == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
   if (mining != Mining::all && mining != Mining::hard && mining != Mining::semihard) return cudaErrorInvalidValue;
-  const BatchTripletLayout<T> layout(workspace, n, x.cols);
+  if (n > std::numeric_limits<int>::max()) return cudaErrorInvalidValue;  // hard's rows are int
+  const bool sparse = mining == Mining::hard;
+  const BatchTripletLayout<T> layout(workspace, n, x.cols, sparse);
   if (workspace_bytes < layout.carve.bytes()) return cudaErrorInvalidValue;
   const BatchParts<T>& parts = layout.parts;
   cudaError_t error = enqueue_batch_distances(parts, x, labels, stream);
   if (error != cudaSuccess) return error;
   const bool gradient = !grad.empty();
   const MiningArgs<T, L> args{parts.squared, parts.norms, n, x, labels, margin, mining, distance, soft_margin,
-                              gradient ? layout.weights : nullptr, layout.anchor_sum,
+                              gradient ? layout.weights : nullptr, gradient ? layout.hard_rows : nullptr,
+                              gradient ? layout.hard_weights : nullptr, layout.anchor_sum,
                               layout.anchor_count, parts.not_finite};
   const auto blocks = static_cast<unsigned>(n);
   mining_kernel<<<blocks, mining_threads, 0, stream>>>(args);
@@ -96,6 +185,11 @@ cudaError_t batch_triplet_enqueue(void* workspace, std::size_t workspace_bytes,
                                                             parts.gradient_scale);
   error = cudaGetLastError();
   if (error != cudaSuccess || !gradient) return error;
+  if (sparse) {
+    hard_gradient_kernel<T><<<blocks, hard_gradient_threads, 0, stream>>>(
+        x, layout.hard_rows, layout.hard_weights, parts.near, parts.gradient_scale, parts.not_finite, grad);
+    return cudaGetLastError();
+  }
   return enqueue_distance_weights_gradient(parts, layout.weights, x, grad, stream);
 }
 
@@ -104,11 +198,17 @@ cudaError_t batch_triplet_enqueue(void* workspace, std::size_t workspace_bytes,
 
 namespace cuda_core {
 
-/// Device workspace (bytes) of batch_triplet_forward_backward for N rows of D columns:
-/// one N x N matrix of T and one of double.
+/// Device workspace (bytes) of batch_triplet_forward_backward for N rows of D columns and
+/// the given mining: one N x N matrix of T, and for `all` and semihard one of double.
+template <class T>
+std::size_t batch_triplet_workspace_bytes(Index n, Index d, Mining mining) noexcept {
+  return detail::cuda::BatchTripletLayout<T>(nullptr, n, d, mining == Mining::hard).carve.bytes();
+}
+
+/// The workspace enough for every mining (the largest of the above).
 template <class T>
 std::size_t batch_triplet_workspace_bytes(Index n, Index d) noexcept {
-  return detail::cuda::BatchTripletLayout<T>(nullptr, n, d).carve.bytes();
+  return batch_triplet_workspace_bytes<T>(n, d, Mining::all);
 }
 
 /// BatchTripletLoss of API.md on device memory, enqueued on `stream`; the loss goes to
@@ -141,7 +241,7 @@ struct CudaBatchTripletBackend {
                const MatrixView<T>& grad, T top_diff) {
     return cuda::run_functor_path<T>(
         BackendSlotAccess::of(loss), "metricloss::BatchTripletLoss::forward_backward (cuda)", stream,
-        cuda_core::batch_triplet_workspace_bytes<T>(x.rows, x.cols), deferred_loss,
+        cuda_core::batch_triplet_workspace_bytes<T>(x.rows, x.cols, loss.mining), deferred_loss,
         [&](void* workspace, std::size_t bytes, T* device_loss) {
           return cuda_core::batch_triplet_forward_backward<T, L>(
               workspace, bytes, x, labels, loss.margin, loss.mining, loss.distance,

@@ -35,7 +35,10 @@ struct MiningArgs {
   Mining mining;
   Distance distance;
   bool soft_margin;
-  double* weights;  // N x N doubles, or null (no gradient)
+  double* weights;  // N x N doubles, or null (no gradient, or hard's sparse W)
+  // Hard mining's W, sparse (HardEntries): null without a gradient or for other minings.
+  int* hard_rows;
+  double* hard_weights;
   double* anchor_sum;
   double* anchor_count;
   int* not_finite;
@@ -120,15 +123,21 @@ __device__ inline Candidate block_nearest_farther(const MiningArgs<T, L>& args, 
   }, shared);
 }
 
+/// The term of triplet (a, p, n) with distances by differences (every thread gets it).
+template <class T, class L>
+__device__ inline TripletTerm block_triplet_term(const MiningArgs<T, L>& args, Index a, Index p,
+                                                 Index n, double* shared) {
+  const double squared_positive = exact_squared_block<mining_threads>(args.x, a, p, shared);
+  const double squared_negative = exact_squared_block<mining_threads>(args.x, a, n, shared);
+  return triplet_term(squared_positive, squared_negative, args.margin, args.distance, args.soft_margin);
+}
+
 /// One mined triplet (a, p, n) with distances by differences: its term, and (thread 0) its
 /// weights into row a of W. Returns the term's loss (on every thread).
 template <class T, class L>
 __device__ inline double mined_triplet(const MiningArgs<T, L>& args, Index a, Index p, Index n,
                                        double* shared) {
-  const double squared_positive = exact_squared_block<mining_threads>(args.x, a, p, shared);
-  const double squared_negative = exact_squared_block<mining_threads>(args.x, a, n, shared);
-  const TripletTerm t = triplet_term(squared_positive, squared_negative, args.margin,
-                                     args.distance, args.soft_margin);
+  const TripletTerm t = block_triplet_term(args, a, p, n, shared);
   if (args.weights && threadIdx.x == 0) {
     double* w = args.weights + a * args.n;
     if (t.positive_weight != 0.0) w[p] += t.positive_weight;
@@ -151,6 +160,10 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
   double* w = args.weights ? args.weights + a * n : nullptr;
   if (w)
     for (Index j = tid; j < n; j += mining_threads) w[j] = 0.0;
+  if (args.hard_rows && tid == 0) {  // no entry unless a triplet is mined below
+    args.hard_rows[2 * a] = -1;
+    args.hard_rows[2 * a + 1] = -1;
+  }
   // |P(a)| and whether Neg(a) is empty.
   double positives = 0.0, negatives = 0.0;
   for (Index j = tid; j < n; j += mining_threads) {
@@ -172,7 +185,16 @@ __global__ void __launch_bounds__(mining_threads) mining_kernel(MiningArgs<T, L>
         return j != a && args.labels[j] == label ? static_cast<double>(row[j]) : static_cast<double>(NAN);
       }, shared_candidates);
       const Candidate nearest_negative = block_negative_exact<false>(args, a, label, shared_candidates);
-      sum = mined_triplet(args, a, farthest_positive.index, nearest_negative.index, shared);
+      const Index p = farthest_positive.index, q = nearest_negative.index;
+      const TripletTerm t = block_triplet_term(args, a, p, q, shared);
+      if (tid == 0 && args.hard_rows) {
+        // A zero weight is no entry, as the dense W skips it.
+        args.hard_rows[2 * a] = t.positive_weight != 0.0 ? static_cast<int>(p) : -1;
+        args.hard_rows[2 * a + 1] = t.negative_weight != 0.0 ? static_cast<int>(q) : -1;
+        args.hard_weights[2 * a] = t.positive_weight;
+        args.hard_weights[2 * a + 1] = -t.negative_weight;
+      }
+      sum = t.loss;
       count = 1.0;
     } else {
       // The positives one at a time, in row order (a block-uniform walk).
