@@ -60,73 +60,43 @@ __global__ void __launch_bounds__(finalize_threads)
   }
 }
 
-constexpr int hard_gradient_threads = 256;
+constexpr int hard_gradient_threads = weight_threads;  // add_near_chunk's block
 
 /// Hard mining's gradient from its sparse W: anchor a's entries are (a, rows[2a],
 /// weights[2a]) and (a, rows[2a + 1], weights[2a + 1]) (row -1: no entry), and an entry
 /// (i, j, w) adds 2 scale w (x_i - x_j) to row i and 2 scale w (x_j - x_i) to row j. Block r
-/// finds the anchors whose entries touch row r by a scan of `rows` (O(N) ints, read from L2:
-/// O(N^2) in all, as the mining's pass over D2) and adds their terms in anchor order, by
-/// differences of the original rows in double, into `sum` (row r of an N x D buffer): a fixed
-/// order, so deterministic, and exact for close pairs. NaN rows where the data were not finite.
+/// adds its own two entries, then finds the other anchors whose entries name row r by a scan
+/// of `rows` (O(N) ints, read from L2: O(N^2) in all, as the mining's pass over D2) and adds
+/// theirs in anchor order (add_near_chunk), all by differences of the original rows in double,
+/// into `sum` (row r of an N x D buffer): a fixed order, so deterministic, and exact for close
+/// pairs. NaN rows where the data were not finite.
 template <class T>
 __global__ void __launch_bounds__(hard_gradient_threads)
     hard_gradient_kernel(MatrixView<const T> x, const int* rows, const double* weights,
                          double* sum, const double* scale, const int* not_finite, MatrixView<T> grad) {
-  constexpr int warps = hard_gradient_threads / warp_size;
-  __shared__ int matches[hard_gradient_threads];  // 4 * (anchor - a0) + role, in anchor order
-  __shared__ int warp_counts[warps];
+  __shared__ double shared_weights[hard_gradient_threads];
   const Index r = blockIdx.x, n = x.rows, d = x.cols;
-  const int tid = static_cast<int>(threadIdx.x), lane = tid % warp_size, warp = tid / warp_size;
+  const int tid = static_cast<int>(threadIdx.x);
   if (*not_finite != 0) {  // block-uniform
     for (Index c = tid; c < d; c += hard_gradient_threads) grad(r, c) = static_cast<T>(nan(""));
     return;
   }
   const T* xr = x.row(r);
   double* acc = sum + r * d;  // column c is thread (c mod threads)'s alone
-  for (Index c = tid; c < d; c += hard_gradient_threads) acc[c] = 0.0;
-  enum Role { none = 0, own = 1, as_positive = 2, as_negative = 3 };
+  const int p = rows[2 * r], q = rows[2 * r + 1];
+  const double wp = weights[2 * r], wq = weights[2 * r + 1];
+  for (Index c = tid; c < d; c += hard_gradient_threads) {
+    const double xc = static_cast<double>(xr[c]);
+    double v = 0.0;
+    if (p >= 0) v += wp * (xc - static_cast<double>(x(p, c)));
+    if (q >= 0) v += wq * (xc - static_cast<double>(x(q, c)));
+    acc[c] = v;
+  }
+  // An anchor's rows differ from it and from each other: at most one of them is r.
   for (Index a0 = 0; a0 < n; a0 += hard_gradient_threads) {
     const Index a = a0 + tid;
-    int role = none;
-    if (a < n) {
-      const int p = rows[2 * a], q = rows[2 * a + 1];
-      // An anchor's own rows differ from it and from each other: one role at most.
-      role = a == r ? (p >= 0 || q >= 0 ? own : none) : p == r ? as_positive : q == r ? as_negative : none;
-    }
-    if (!__syncthreads_or(role != none)) continue;  // most chunks: one barrier
-    const unsigned ballot = __ballot_sync(0xffffffffu, role != none);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int offset = 0, total = 0;
-#pragma unroll
-    for (int w = 0; w < warps; ++w) {
-      offset += w < warp ? warp_counts[w] : 0;
-      total += warp_counts[w];
-    }
-    if (role != none) matches[offset + __popc(ballot & ((1u << lane) - 1u))] = 4 * tid + role;
-    __syncthreads();
-    for (int m = 0; m < total; ++m) {  // block-uniform
-      const Index b = a0 + matches[m] / 4;
-      const int kind = matches[m] % 4;
-      if (kind == own) {
-        const int p = rows[2 * b], q = rows[2 * b + 1];
-        const double wp = weights[2 * b], wq = weights[2 * b + 1];
-        for (Index c = tid; c < d; c += hard_gradient_threads) {
-          const double xc = static_cast<double>(xr[c]);
-          double v = acc[c];
-          if (p >= 0) v += wp * (xc - static_cast<double>(x(p, c)));
-          if (q >= 0) v += wq * (xc - static_cast<double>(x(q, c)));
-          acc[c] = v;
-        }
-      } else {
-        const double w = weights[2 * b + (kind == as_negative ? 1 : 0)];
-        const T* xb = x.row(b);
-        for (Index c = tid; c < d; c += hard_gradient_threads)
-          acc[c] += w * (static_cast<double>(xr[c]) - static_cast<double>(xb[c]));
-      }
-    }
-    __syncthreads();  // matches and warp_counts are rewritten next
+    const int slot = a >= n ? -1 : rows[2 * a] == r ? 0 : rows[2 * a + 1] == r ? 1 : -1;
+    add_near_chunk(slot >= 0, slot >= 0 ? weights[2 * a + slot] : 0.0, r, a0, x, acc, shared_weights);
   }
   const double factor = 2.0 * *scale;
   for (Index c = tid; c < d; c += hard_gradient_threads) grad(r, c) = static_cast<T>(factor * acc[c]);

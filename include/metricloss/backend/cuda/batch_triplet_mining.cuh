@@ -36,7 +36,8 @@ struct MiningArgs {
   Distance distance;
   bool soft_margin;
   double* weights;  // N x N doubles, or null (no gradient, or hard's sparse W)
-  // Hard mining's W, sparse (HardEntries): null without a gradient or for other minings.
+  // Hard mining's W, two entries per anchor (batch_triplet.cuh's hard_gradient_kernel):
+  // null without a gradient or for other minings.
   int* hard_rows;
   double* hard_weights;
   double* anchor_sum;

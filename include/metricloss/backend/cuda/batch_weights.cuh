@@ -21,6 +21,7 @@ constexpr int weight_threads = 256;
 /// One chunk of row i's near pairs, in a block of weight_threads: thread t holds the weight
 /// of column k0 + t (0 when not near). Adds sum_k S_ik (x_i - x_k) to near_row (each column
 /// owned by one thread, k ascending: deterministic). Called by every thread of the block.
+/// Also adds hard mining's sparse entries (batch_triplet.cuh's hard_gradient_kernel).
 template <class T>
 __device__ inline void add_near_chunk(bool is_near, double weight, Index i, Index k0,
                                       const MatrixView<const T>& x, double* near_row,
