@@ -17,8 +17,9 @@ endif()
 option(METRICLOSS_CUDA "Build the CUDA target, tests and benchmarks" ${_metricloss_cuda_default})
 
 if(METRICLOSS_CUDA)
-  # Ampere and Hopper by default; set CMAKE_CUDA_ARCHITECTURES to override.
-  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+  # Ampere and Hopper by default; CMAKE_CUDA_ARCHITECTURES, or CMake's CUDAARCHS in the
+  # environment (scripts/test sets it), overrides.
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND "$ENV{CUDAARCHS}" STREQUAL "")
     set(CMAKE_CUDA_ARCHITECTURES 80 90)
   endif()
   enable_language(CUDA)
