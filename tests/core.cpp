@@ -141,7 +141,7 @@ TEST_CASE("label classes: rows by (label, row), counted or sorted, every label t
     check_label_classes(e);
     check_label_classes(u);
     std::vector<std::int64_t> near(a.size());  // a narrow span at int64's minimum: counted
-    for (auto& v : near) v = std::numeric_limits<std::int64_t>::min() + small(rng) + 5;
+    for (auto& v : near) v = std::numeric_limits<std::int64_t>::min() + (small(rng) + 5);
     check_label_classes(near);
     std::vector<unsigned char> bytes(a.size());
     for (auto& v : bytes) v = static_cast<unsigned char>(small(rng) + 5);

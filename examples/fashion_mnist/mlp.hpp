@@ -93,11 +93,19 @@ class BasicEmbeddingNetwork {
       gradient = &raw_gradient_;
     }
     weights2_.gradient.noalias() = hidden_.transpose() * *gradient;
-    bias2_.gradient = gradient->colwise().sum();
+    bias2_.gradient = column_sums(*gradient);
     hidden_gradient_.noalias() = *gradient * weights2_.value.transpose();
     hidden_gradient_ = (hidden_.array() > S(0)).select(hidden_gradient_, S(0));
     weights1_.gradient.noalias() = input.transpose() * hidden_gradient_;
-    bias1_.gradient = hidden_gradient_.colwise().sum();
+    bias1_.gradient = column_sums(hidden_gradient_);
+  }
+
+  /// Column sums as a row. Eigen's colwise().sum() offsets a null pointer when there are no
+  /// rows (undefined behaviour, which clang's UBSan reports: a rank with an empty shard), so
+  /// that case is the zeros it sums to.
+  static Matrix column_sums(const Matrix& m) {
+    if (m.rows() == 0) return Matrix::Zero(1, m.cols());
+    return m.colwise().sum();
   }
 
   void update(BasicAdam<S>& optimizer) {
