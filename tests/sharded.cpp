@@ -150,23 +150,34 @@ TEST_CASE("sharded over threads: batch-hard by bands of the triangle, large batc
   });
 }
 
-TEST_CASE("sharded over threads: batch-all by bands of the triangle, large batches",
-          "[sharded][ties]") {
-  // The simd path splits the triangle's rows between ranks and scans each band's rows and
-  // columns as anchors: 4 classes (~75 positives an anchor: the bucket sweeps) and 40 (~7:
-  // the row scans), bands across the column tiles (32) and product blocks, empty shards;
-  // integer rows put negatives exactly at kinks, the offset makes float products round.
+namespace {
+/// Batch-all over big_layouts with `classes` classes: simd, uniform and integer rows, and
+/// integer rows at a common offset of 1000.
+void check_batch_all_bands(Index classes) {
   on_layouts(big_layouts, {3, 33}, [&](ml::thread_rank& me, const std::vector<Index>& shards,
                                        Index d, std::vector<Record>& mine) {
-    for (Index classes : {4, 40}) {
-      for (bool integer : {false, true}) {
-        sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, all_forms<double>(), 0.0, classes);
-        sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, all_forms<float>(), 0.0, classes);
-      }
-      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, all_forms<double>(), 1000.0, classes);
-      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, all_forms<float>(), 1000.0, classes);
+    for (bool integer : {false, true}) {
+      sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, all_forms<double>(), 0.0, classes);
+      sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, integer, mine, all_forms<float>(), 0.0, classes);
     }
+    sharded::check_layout_of<double>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, all_forms<double>(), 1000.0, classes);
+    sharded::check_layout_of<float>(me, ml::simd.sharded(me), "simd", shards, d, true, mine, all_forms<float>(), 1000.0, classes);
   });
+}
+}  // namespace
+
+// The simd path splits the triangle's rows between ranks and scans each band's rows and
+// columns as anchors: bands across the column tiles (32) and product blocks, empty shards;
+// integer rows put negatives exactly at kinks, the offset makes float products round. Two
+// cases, so that ctest runs them side by side (the slowest of the suite under the sanitizers).
+TEST_CASE("sharded over threads: batch-all by bands of the triangle, large batches, 4 classes",
+          "[sharded][ties]") {
+  check_batch_all_bands(4);  // ~75 positives an anchor: the bucket sweeps
+}
+
+TEST_CASE("sharded over threads: batch-all by bands of the triangle, large batches, 40 classes",
+          "[sharded][ties]") {
+  check_batch_all_bands(40);  // ~7 positives an anchor: the row scans
 }
 
 /// The lifted loss in the forms its band path meets: margins 1 and 0.2 (few and many
